@@ -2,7 +2,6 @@
 batched augmentation that runs on whatever device the batch lives on.
 
     python data.py --dataset shapes            # class counts, sizes, augment.png
-    python data.py --dataset shapes --check    # how hard is the dataset for a small CNN?
     python data.py --bench                     # augmented images per second, CPU and CUDA
 
 Datasets: cifar10, cifar100, svhn (torchvision, downloaded into --data-dir),
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
@@ -53,7 +53,8 @@ def save_atomic(obj, path):
 
 def parse_config(config_class, description, argv=None):
     """Build a command line from a @dataclass: each field is a --flag with its
-    default, and the comment after the field is its help text."""
+    default (a field without a default is a positional argument), and the
+    comment after the field is its help text."""
     comments = {}
     for line in inspect.getsource(config_class).splitlines():
         name, _, rest = line.strip().partition(":")
@@ -63,12 +64,66 @@ def parse_config(config_class, description, argv=None):
     for field in dataclasses.fields(config_class):
         flag = "--" + field.name.replace("_", "-")
         help_text = f"{comments.get(field.name, '')} (default: {field.default})"
-        if field.type in (bool, "bool"):
+        kind = {"int": int, "float": float, "str": str, "bool": bool}.get(field.type, field.type)
+        if field.default is dataclasses.MISSING:
+            parser.add_argument(field.name, type=kind, help=comments.get(field.name))
+        elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(field.type, field.type)
             parser.add_argument(flag, type=kind, default=field.default, help=help_text)
     return config_class(**vars(parser.parse_args(argv)))
+
+
+# -----------------------------------------------------------------------------
+# Training runs shared by every stage: processes, random state, checkpoints
+
+
+def distributed_setup():
+    """(rank, world size, device); torchrun sets RANK and WORLD_SIZE."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def rng_state():
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_rng_states(world):
+    """Every rank's generators (gathered to all), so that each resumes its own random stream."""
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def load_checkpoint(path, config, free_to_change):
+    """A checkpoint of this configuration, or a one-line refusal: never
+    silently train over something else. free_to_change: config fields that
+    may differ without changing where the run ends."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise UserError(f"checkpoint {path} is unreadable ({type(error).__name__}); delete it to start over") from None
+    saved = checkpoint.get("config", {}) if isinstance(checkpoint, dict) else {}
+    changed = sorted(k for k, v in dataclasses.asdict(config).items() if k not in free_to_change and saved.get(k) != v)
+    if changed:
+        raise UserError(f"checkpoint {path} was made with other settings ({', '.join(changed)}); "
+                        "use another --out or delete it to start over")
+    return checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -475,7 +530,7 @@ def strong_augment(x, ops=3):
 
 
 # -----------------------------------------------------------------------------
-# Command line: dataset summary and preview, difficulty check, benchmark
+# Command line: dataset summary and preview, benchmark
 
 
 @dataclass
@@ -483,10 +538,7 @@ class DataConfig:
     dataset: str = "cifar10"        # cifar10 | cifar100 | svhn | shapes | path to a .pt/.npz file
     data_dir: str = "./data"        # where torchvision datasets are downloaded to
     out: str = "augment.png"        # preview grid: originals, weak views, strong views
-    labels: int = 1                 # labeled images per class, for --check
-    seed: int = 0                   # seed of the labeled split and of the augmentations
-    check: bool = False             # train a small CNN on all labels and on --labels per class
-    steps: int = 800                # training steps of each --check run (batch 64)
+    seed: int = 0                   # seed of the augmentations in the preview
     bench: bool = False             # print augmented images per second on CPU and CUDA
 
 
@@ -509,37 +561,6 @@ def save_preview(data, path, columns=10, strong_rows=3):
     grid = F.interpolate(grid, scale_factor=max(1, 64 // x.shape[-1]), mode="nearest")  # legible when small
     torchvision.utils.save_image(grid, path, nrow=len(first), padding=2, pad_value=1.0)
     print(f"saved {path}: rows are originals, weak views, {strong_rows} rows of strong views")
-
-
-def difficulty_check(data, labels, seed, steps, batch=64):
-    """Test accuracy of a small CNN trained with weak augmentation on all labels,
-    and on `labels` per class: how much a semi-supervised learner has to win."""
-    torch.manual_seed(seed)
-    for name, index in (("all labels", torch.arange(len(data.train_y))),
-                        (f"{labels} per class", labeled_split(data.train_y, labels, seed))):
-        width = 16
-        net = torch.nn.Sequential(
-            torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.BatchNorm2d(width), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(width, 2 * width, 3, padding=1), torch.nn.BatchNorm2d(2 * width), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(2 * width, 4 * width, 3, padding=1), torch.nn.BatchNorm2d(4 * width), torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4 * width, data.num_classes))
-        optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=5e-4)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
-        start = time.time()
-        for _ in range(steps):
-            pick = index[torch.randint(len(index), (batch,))]
-            x = weak_augment(data.train_x[pick]).float() / 127.5 - 1
-            loss = F.cross_entropy(net(x), data.train_y[pick])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        net.eval()
-        with torch.no_grad():
-            predictions = torch.cat([net(x.float() / 127.5 - 1).argmax(1) for x in data.test_x.split(500)])
-        accuracy = (predictions == data.test_y).float().mean().item()
-        print(f"small CNN, {name:>14}: test accuracy {100 * accuracy:5.1f}% after {steps} steps "
-              f"of batch {batch} ({time.time() - start:.0f} s)")
 
 
 def benchmark(sizes=(("cpu", 1024), ("cuda", 65536)), repeats=5):
@@ -568,10 +589,6 @@ def main():
     summarize(data)
     torch.manual_seed(config.seed)
     save_preview(data, config.out)
-    if config.check:
-        if data.test_x is None:
-            raise UserError(f"{data.name} has no test set, which --check needs")
-        difficulty_check(data, config.labels, config.seed, config.steps)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ class FixMatchConfig:
     bench: bool = False             # print steps/s of WRN-28-2 at the paper's batch and exit
 
 
+FREE_TO_CHANGE = {"data_dir", "out", "eval_every", "ckpt_every", "compile", "bench"}  # a resumed run ends the same
+
+
 # -----------------------------------------------------------------------------
 # Networks. Both take uint8 images and normalize them inside, so that a saved
 # classifier carries its own preprocessing.
@@ -242,34 +245,11 @@ def pseudo_labels(model, dataset):
 # Training
 
 
-def distributed_setup():
-    """(rank, world size, device); torchrun sets RANK and WORLD_SIZE."""
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
-
-
-def rng_state():
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["cpu"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def train(config, dataset, labeled_index, pseudo=None, progress=True):
     """FixMatch from scratch (or from config.out/ckpt.pt) to config.steps.
     pseudo: optional (uint8 images, int64 labels) that join the labeled set.
     Returns the EMA model and a dict of metrics; rank 0 writes the checkpoint."""
-    rank, world, device = distributed_setup()
+    rank, world, device = data.distributed_setup()
     if config.batch % world:
         raise data.UserError(f"--batch {config.batch} must be divisible by the {world} processes")
     if config.threshold not in ("fixmatch", "freematch"):
@@ -301,7 +281,7 @@ def train(config, dataset, labeled_index, pseudo=None, progress=True):
     step, metrics = 0, {"best_accuracy": 0.0, "history": []}
     checkpoint_path = os.path.join(config.out, "ckpt.pt")
     if os.path.exists(checkpoint_path):
-        checkpoint = load_checkpoint(checkpoint_path, config)
+        checkpoint = data.load_checkpoint(checkpoint_path, config, FREE_TO_CHANGE)
         model.load_state_dict(checkpoint["model"])
         ema_model.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -311,7 +291,7 @@ def train(config, dataset, labeled_index, pseudo=None, progress=True):
         if len(checkpoint["rng"]) != world:
             raise data.UserError(f"checkpoint {checkpoint_path} was written by {len(checkpoint['rng'])} processes; "
                                  "resume it with as many")
-        set_rng_state(checkpoint["rng"][rank])
+        data.set_rng_state(checkpoint["rng"][rank])
 
     forward = model
     if world > 1:
@@ -366,10 +346,7 @@ def train(config, dataset, labeled_index, pseudo=None, progress=True):
                           f"(best so far {100 * metrics['best_accuracy']:.2f}%, selected on the test set)")
             model.train()
         if step % config.ckpt_every == 0 or step == config.steps:
-            rngs = [rng_state()]
-            if world > 1:  # every rank's generators, so that each resumes its own batch stream
-                rngs = [None] * world
-                dist.all_gather_object(rngs, rng_state())
+            rngs = data.all_rng_states(world)
             if rank == 0:
                 data.save_atomic({"model": model.state_dict(), "ema": ema_model.state_dict(),
                                   "optimizer": optimizer.state_dict(), "step": step, "metrics": metrics,
@@ -394,23 +371,6 @@ def sample_labeled(count, real_count, total, real_fraction, device):
                       torch.randint(real_count, total, (count - real,), device=device)])
 
 
-FREE_TO_CHANGE = {"data_dir", "out", "eval_every", "ckpt_every", "compile", "bench"}  # a resumed run ends the same
-
-
-def load_checkpoint(path, config):
-    """A checkpoint of this configuration, or a one-line refusal: never
-    silently train over something else."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise data.UserError(f"checkpoint {path} is unreadable ({type(error).__name__}); delete it to start over") from None
-    saved = checkpoint.get("config", {})
-    changed = sorted(k for k, v in asdict(config).items() if k not in FREE_TO_CHANGE and saved.get(k) != v)
-    if changed:
-        raise data.UserError(f"checkpoint {path} was made with other settings ({', '.join(changed)}); "
-                             "use another --out or delete it to start over")
-    return checkpoint
-
 
 # -----------------------------------------------------------------------------
 # Command line: stage 1 alone, and the benchmark
@@ -419,7 +379,7 @@ def load_checkpoint(path, config):
 def benchmark(config, steps=35):
     """Steps/s at batch 64 + 2 x 448 on random images, augmentation included,
     timed after 5 warm-up steps."""
-    _, _, device = distributed_setup()
+    _, _, device = data.distributed_setup()
     fake = data.Dataset("random", torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8),
                         torch.randint(0, 10, (50_000,)), None, None, 10)
     config.out, config.steps = os.path.join(config.out, "bench"), steps

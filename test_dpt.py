@@ -371,8 +371,8 @@ def test_augmentations_run_on_the_batch_device():
 
 
 def test_config_flags_come_from_the_dataclass():
-    config = data.parse_config(data.DataConfig, "", ["--dataset", "shapes", "--labels", "3", "--check", "--data-dir", "d"])
-    assert config == data.DataConfig(dataset="shapes", labels=3, check=True, data_dir="d")
+    config = data.parse_config(data.DataConfig, "", ["--dataset", "shapes", "--seed", "3", "--bench", "--data-dir", "d"])
+    assert config == data.DataConfig(dataset="shapes", seed=3, bench=True, data_dir="d")
 
 
 def test_data_command_prints_class_counts_and_saves_a_preview(tmp_path):

@@ -300,6 +300,19 @@ def statistics(model, batches, keep_logits=False, progress=None):
     return stats
 
 
+def merge_statistics(parts):
+    """The statistics of the union of disjoint image sets (one per process),
+    exactly: means and covariances are turned back into sums and added."""
+    count = sum(part["count"] for part in parts)
+    total = sum(part["mu"] * part["count"] for part in parts)
+    outer = sum(part["sigma"] * (part["count"] - 1) + part["count"] * np.outer(part["mu"], part["mu"]) for part in parts)
+    mu = total / count
+    merged = {"mu": mu, "sigma": (outer - count * np.outer(mu, mu)) / (count - 1), "count": count}
+    if "logits" in parts[0]:
+        merged["logits"] = torch.cat([part["logits"] for part in parts])
+    return merged
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64.
 

@@ -212,7 +212,7 @@ def fixmatch_loss(logits_labeled, labels, logits_weak, logits_strong, lambda_u, 
 
 
 # -----------------------------------------------------------------------------
-# Evaluation and pseudo labels
+# Evaluation, pseudo labels, saved classifiers
 
 
 @torch.no_grad()
@@ -372,6 +372,24 @@ def sample_labeled(count, real_count, total, real_fraction, device):
 
 
 
+def save_classifier(model, config, metrics, path):
+    """classifier.pt: the EMA weights (normalization included), config and metrics."""
+    data.save_atomic({"model": model.state_dict(), "config": asdict(config), "metrics": metrics}, path)
+
+
+def load_classifier(path, device="cpu"):
+    """(model in eval mode, metrics) from a classifier.pt."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        weights = saved["model"]
+        model = make_classifier(saved["config"]["arch"], len(weights["fc.bias"]), torch.zeros(3), torch.ones(3))
+        model.load_state_dict(weights)  # the normalization's mean and std come with the weights
+    except Exception as error:
+        raise data.UserError(f"classifier {path} is unreadable ({type(error).__name__}); delete it to train "
+                             "it again") from None
+    return model.to(device).eval(), saved["metrics"]
+
+
 # -----------------------------------------------------------------------------
 # Command line: stage 1 alone, and the benchmark
 
@@ -419,8 +437,7 @@ def main():
     model, metrics = train(config, dataset, labeled_index, pseudo)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        data.save_atomic({"model": model.state_dict(), "config": asdict(config), "metrics": metrics},
-                         os.path.join(config.out, "classifier.pt"))
+        save_classifier(model, config, metrics, os.path.join(config.out, "classifier.pt"))
         labels = pseudo_labels(model, dataset)
         data.save_atomic(labels, os.path.join(config.out, "pseudo_labels.pt"))
         print(f"pseudo labels of {len(labels['labels'])} training images: {100 * labels['accuracy']:.2f}% correct; "

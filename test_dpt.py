@@ -667,6 +667,24 @@ def test_two_processes_under_torchrun_train_and_write_one_set_of_files(tmp_path)
     assert torch.load(tmp_path / "pseudo_labels.pt")["labels"].shape == (20_000,)
 
 
+def test_fixmatch_beats_training_on_the_labeled_images_alone_with_1_label_per_class(tmp_path):
+    """The claim of stage 1, in about a minute of CPU: 16 x 16 shapes, one
+    labeled image per class, the small CNN. Over seeds 0-2 labeled-only training
+    reached 60-67% and FixMatch 85-87% after 800 steps (margins of 19-25 points),
+    so a margin of 10 points leaves room for other threads and platforms."""
+    train_x, train_y = data.make_shapes(4000, seed=0, side=16)
+    test_x, test_y = data.make_shapes(1000, seed=1, side=16)
+    shapes16 = data.Dataset("shapes16", train_x, train_y, test_x, test_y, 10)
+    split = data.labeled_split(train_y, 1, seed=0)
+    accuracy = {}
+    for lambda_u in (0.0, 1.0):
+        config = fixmatch.FixMatchConfig(dataset="shapes", labels=1, arch="small", steps=800, batch=32, uratio=3,
+                                         lr=0.05, ema=0.99, lambda_u=lambda_u, eval_every=800, ckpt_every=800,
+                                         out=str(tmp_path / str(lambda_u)), compile=False)
+        accuracy[lambda_u] = fixmatch.train(config, shapes16, split, progress=False)[1]["accuracy"]
+    assert accuracy[1.0] >= accuracy[0.0] + 0.10, accuracy
+
+
 def test_fixmatch_refuses_generated_images_that_do_not_fit_the_dataset(tmp_path, small_shapes):
     bad = tmp_path / "samples.pt"
     torch.save({"images": random_images(4, side=16), "labels": torch.arange(4)}, bad)
@@ -677,3 +695,181 @@ def test_fixmatch_refuses_generated_images_that_do_not_fit_the_dataset(tmp_path,
         fixmatch.load_generated(str(bad), small_shapes)
     result = run_script("fixmatch.py", "--dataset", "shapes", "--pseudo-images", str(tmp_path / "missing.pt"))
     assert_one_line_error(result, "cannot read generated images")
+
+
+def test_merged_statistics_of_parts_equal_the_statistics_of_the_whole(fid_weights):
+    model = fid.load_inception(fid_weights)
+    images = random_images(12)
+    whole = fid.statistics(model, [images], keep_logits=True)
+    merged = fid.merge_statistics([fid.statistics(model, [part], keep_logits=True) for part in (images[:5], images[5:])])
+    assert merged["count"] == 12 and torch.equal(merged["logits"], whole["logits"])
+    np.testing.assert_allclose(merged["mu"], whole["mu"], rtol=1e-12, atol=1e-12)  # float64 sums, merged exactly
+    np.testing.assert_allclose(merged["sigma"], whole["sigma"], rtol=1e-9, atol=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# dpt.py: the three stages in one resumable command
+
+import signal  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+
+import dpt  # noqa: E402
+
+# The tiny preset cut down to seconds: every stage runs, none learns much.
+QUICK = ["--dataset", "shapes", "--labels", "1", "--preset", "tiny", "--ssl-steps", "12", "--stage3-steps", "12",
+         "--eval-every", "6", "--diffusion-images", "256", "--diffusion-batch", "32", "--per-class", "3",
+         "--sample-steps", "3", "--fid-reference", "24"]
+
+
+def test_every_setting_belongs_to_one_stage_or_is_free_to_change():
+    names = {field.name for field in dataclasses.fields(dpt.DPTConfig)}
+    assert set(dpt.FIELD_STAGE) | dpt.FREE_TO_CHANGE == names and not set(dpt.FIELD_STAGE) & dpt.FREE_TO_CHANGE
+    from_presets = {field.name for field in dataclasses.fields(dpt.DPTConfig) if field.default is None}
+    assert all(set(preset) == from_presets for preset in dpt.PRESETS.values())
+
+
+def test_without_cuda_or_preset_the_tiny_preset_runs_and_says_so(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = dpt.DPTConfig(ssl_steps=7)
+    dpt.resolve(config)
+    assert config.preset == "tiny" and "tiny preset" in capsys.readouterr().err
+    assert config.ssl_steps == 7 and config.arch == dpt.PRESETS["tiny"]["arch"]  # a flag beats the preset
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, fid_weights):
+    out = tmp_path_factory.mktemp("runs")
+    result = run_script("dpt.py", *QUICK, "--baseline", "--out", str(out), "--fid-weights", fid_weights)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, out / "shapes-1l-s0"
+
+
+def test_the_pipeline_leaves_every_artifact_with_its_documented_shape(quick_run):
+    _, run = quick_run
+    split = torch.load(run / "split.pt")
+    assert split["indices"].dtype == torch.int64 and len(split["indices"]) == 10 and split["size"] == 20_000
+    pseudo = torch.load(run / "pseudo_labels.pt")
+    assert pseudo["labels"].dtype == torch.int64 and pseudo["labels"].shape == (20_000,)
+    assert pseudo["confidence"].dtype == torch.float32 and 0 <= pseudo["accuracy"] <= 1
+    samples = torch.load(run / "samples.pt")
+    assert samples["images"].dtype == torch.uint8 and samples["images"].shape == (30, 3, 32, 32)
+    assert samples["labels"].dtype == torch.int64 and torch.bincount(samples["labels"]).tolist() == [3] * 10
+    for name in ("stage1/classifier.pt", "stage3/classifier.pt", "baseline/classifier.pt", "stage2/diffusion.pt",
+                 "samples.png", "fid.json", "config.json"):
+        assert (run / name).exists(), name
+    model, metrics = fixmatch.load_classifier(run / "stage3" / "classifier.pt")
+    assert model(samples["images"][:2]).shape == (2, 10) and 0 <= metrics["accuracy"] <= 1
+    assert not list(run.rglob("*.tmp*"))  # every write was renamed into place
+
+
+def test_results_json_holds_every_metric_and_the_summary_shows_stage_3_next_to_stage_1(quick_run):
+    result, run = quick_run
+    results = json.loads((run / "results.json").read_text())
+    for key in ("baseline_accuracy", "stage1_accuracy", "pseudo_label_accuracy", "stage3_accuracy"):
+        assert 0 <= results[key] <= 1, key
+    assert results["stage3_gain"] == pytest.approx(results["stage3_accuracy"] - results["stage1_accuracy"])
+    assert results["fid"] > 0 and results["inception_score"] >= 1
+    assert len(results["sample_accuracy_per_class"]) == 10
+    assert {"split", "stage1", "stage2", "sample", "stage3", "baseline", "fid"} <= set(results["wall_time_s"])
+    assert results["config"]["ssl_steps"] == 12 and results["versions"]["torch"] == torch.__version__
+    lines = result.stdout.splitlines()
+    stage1_line = next(i for i, line in enumerate(lines) if "stage 1: semi-supervised" in line)
+    assert "stage 3: with generated images" in lines[stage1_line + 2]
+
+
+def test_rerunning_a_finished_run_redoes_nothing(quick_run, fid_weights, tmp_path):
+    _, run = quick_run
+    before = {path: path.stat().st_mtime_ns for path in run.rglob("*.pt")}
+    result = run_script("dpt.py", *QUICK, "--baseline", "--out", str(run.parent), "--fid-weights", fid_weights)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {path: path.stat().st_mtime_ns for path in run.rglob("*.pt")} == before
+
+
+def test_a_changed_setting_is_refused_unless_redo_reruns_its_stage(quick_run, tmp_path):
+    run = tmp_path / "shapes-1l-s0"
+    shutil.copytree(quick_run[1], run)
+    result = run_script("dpt.py", *QUICK, "--guidance", "2", "--out", str(tmp_path), DPT_FID_WEIGHTS="/missing")
+    assert_one_line_error(result, "other settings (guidance)", "--redo sample")
+    stage2 = (run / "stage2" / "diffusion.pt").stat().st_mtime_ns
+    samples = (run / "samples.pt").stat().st_mtime_ns
+    result = run_script("dpt.py", *QUICK, "--guidance", "2", "--redo", "sample", "--out", str(tmp_path),
+                        DPT_FID_WEIGHTS="/missing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "stage2" / "diffusion.pt").stat().st_mtime_ns == stage2  # earlier stages are kept
+    assert (run / "samples.pt").stat().st_mtime_ns != samples and not (run / "fid.json").exists()
+    assert "FID skipped" in result.stderr and json.loads((run / "results.json").read_text())["fid"] is None
+
+
+def test_a_run_killed_during_stage_2_resumes_there_and_finishes(tmp_path):
+    command = [sys.executable, "dpt.py", *QUICK, "--diffusion-images", "4096", "--out", str(tmp_path)]
+    env = dict(os.environ, DPT_FID_WEIGHTS="/missing", PYTHONPATH=HERE)
+    process = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "shapes-1l-s0"
+    deadline = time.time() + 240
+    while not (run / "stage2" / "ckpt.pt").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (run / "stage2" / "ckpt.pt").exists() and not (run / "stage2" / "diffusion.pt").exists()
+    stage1 = (run / "stage1" / "classifier.pt").stat().st_mtime_ns
+    result = run_script(*command[1:], DPT_FID_WEIGHTS="/missing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "stage1" / "classifier.pt").stat().st_mtime_ns == stage1  # stage 1 was skipped
+    assert torch.load(run / "samples.pt")["images"].shape == (30, 3, 32, 32)
+    assert fixmatch.load_classifier(run / "stage3" / "classifier.pt")[1]["accuracy"] >= 0
+
+
+@pytest.mark.parametrize("case", ["labels 0", "too many labels", "unknown dataset", "unreadable file",
+                                  "malformed file", "offline", "unknown preset", "unknown redo"])
+def test_bad_input_is_one_line_and_exit_code_2_before_any_work(tmp_path, case):
+    args = {"labels 0": ["--dataset", "shapes", "--labels", "0"],
+            "too many labels": ["--dataset", "shapes", "--labels", "100000"],
+            "unknown dataset": ["--dataset", "imagenet42"],
+            "unreadable file": ["--dataset", str(tmp_path / "garbage.pt")],
+            "malformed file": ["--dataset", str(tmp_path / "floats.npz")],
+            "offline": ["--dataset", "cifar10", "--data-dir", str(tmp_path / "empty")],
+            "unknown preset": ["--dataset", "shapes", "--preset", "huge"],
+            "unknown redo": ["--dataset", "shapes", "--redo", "stage9"]}[case]
+    (tmp_path / "garbage.pt").write_bytes(b"not a tensor file")
+    np.savez(tmp_path / "floats.npz", train_x=np.zeros((4, 8, 8, 3), np.float32), train_y=np.zeros(4, np.int64))
+    result = run_script("dpt.py", *args, "--out", str(tmp_path / "runs"))
+    assert_one_line_error(result)
+    assert not list((tmp_path / "runs").rglob("*.pt")) if (tmp_path / "runs").exists() else True
+
+
+def test_a_corrupt_checkpoint_is_refused_and_kept(tmp_path):
+    checkpoint = tmp_path / "shapes-1l-s0" / "stage1" / "ckpt.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"half a checkpoint")
+    result = run_script("dpt.py", *QUICK, "--out", str(tmp_path))
+    assert_one_line_error(result, str(checkpoint), "unreadable")
+    assert checkpoint.read_bytes() == b"half a checkpoint"  # never silently trained over
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_earlier_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "artifact.pt"
+    data.save_atomic({"version": 1}, str(path))
+
+    def full_disk(obj, file):
+        file.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(data.UserError, match="No space left on device"):
+        data.save_atomic({"version": 2}, str(path))
+    monkeypatch.undo()
+    assert torch.load(path) == {"version": 1} and os.listdir(tmp_path) == ["artifact.pt"]
+
+
+def test_two_processes_under_torchrun_run_every_stage_and_write_one_set_of_artifacts(tmp_path):
+    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "dpt.py", *QUICK,
+                        "--ssl-batch", "8", "--out", str(tmp_path), DPT_FID_WEIGHTS="/missing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "shapes-1l-s0"
+    assert result.stdout.count("stage 3: with generated images") == 1  # one rank reports
+    samples = torch.load(run / "samples.pt")
+    assert torch.bincount(samples["labels"]).tolist() == [3] * 10
+    assert len(torch.load(run / "stage2" / "ckpt.pt", weights_only=False)["rng"]) == 2
+    assert json.loads((run / "results.json").read_text())["stage3_accuracy"] >= 0

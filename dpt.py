@@ -1,0 +1,410 @@
+"""Dual Pseudo Training (You et al., NeurIPS 2023) in one resumable command.
+
+    python dpt.py --labels 1                            # CIFAR-10, 1 label per class, preset for this machine
+    python dpt.py --dataset shapes --preset tiny        # the whole pipeline on a laptop CPU in minutes
+    torchrun --nproc_per_node 4 dpt.py --labels 4 --preset cifar
+    python dpt.py --labels 1 --redo stage2 --guidance 2  # rerun stage 2 and everything after it
+
+Stage 1 trains FixMatch (or FreeMatch) on a few labels per class and predicts a
+pseudo label for every training image; stage 2 trains a class-conditional
+diffusion model on all images with those labels and samples K images per class;
+stage 3 retrains the classifier from scratch with the samples joining the
+labeled set. Files in the run folder are the only link between stages (see
+README): a killed run, rerun with the same command, skips what is finished and
+resumes what was under way from its checkpoint.
+"""
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+import fid
+import fixmatch
+import sample
+import unet
+
+# -----------------------------------------------------------------------------
+# Configuration: a preset fills every field the user leaves out
+
+
+@dataclass
+class DPTConfig:
+    dataset: str = "cifar10"        # cifar10 | cifar100 | svhn | shapes | path to a .pt/.npz file
+    data_dir: str = "./data"        # where torchvision datasets are downloaded to
+    labels: int = 1                 # labeled images per class
+    seed: int = 0                   # seed of the labeled split and of every stage
+    preset: str = ""                # tiny | fast | cifar; empty: fast with CUDA, tiny without
+    out: str = "runs"               # the run lives in OUT/<dataset>-<labels>l-s<seed>
+    redo: str = ""                  # rerun this stage and all after it: stage1 | stage2 | sample | stage3 | fid
+    baseline: bool = False          # also train on the labeled images alone, for comparison
+    fid_weights: str = ""           # FID Inception weights (else $DPT_FID_WEIGHTS, the hub cache, or download)
+    compile: bool = True            # torch.compile the networks (CUDA only)
+    bf16: bool = True               # bf16 autocast (CUDA only)
+    # stages 1 and 3: the classifier
+    arch: str = None                # wrn28_2 | small
+    ssl_steps: int = None           # stage-1 optimizer steps
+    stage3_steps: int = None        # stage-3 optimizer steps
+    ssl_batch: int = None           # labeled images per step
+    uratio: int = None              # unlabeled images per labeled image
+    ssl_lr: float = None            # SGD learning rate
+    ssl_ema: float = None           # EMA of the classifier's weights
+    threshold: str = None           # fixmatch | freematch
+    tau: float = None               # FixMatch's confidence threshold
+    real_fraction: float = None     # stage 3: share of real images in a labeled batch (-1: uniform)
+    eval_every: int = None          # steps between test evaluations
+    # stage 2: the diffusion model and its samples
+    unet_arch: str = None           # unet | uvit
+    unet_size: str = None           # tiny | fast | cifar
+    diffusion_images: int = None    # training length in images
+    diffusion_batch: int = None     # images per step
+    diffusion_lr: float = None      # Adam learning rate
+    warmup: int = None              # images of learning-rate warm-up
+    ema_halflife: int = None        # half-life of the diffusion EMA, in images
+    per_class: int = None           # K: generated images per class
+    sampler: str = None             # heun | euler | dpmpp
+    sample_steps: int = None        # sampler steps (Heun: 2 N - 1 network evaluations)
+    guidance: float = None          # classifier-free guidance weight (1: none)
+    fid_reference: int = None       # training images FID compares against (0: all)
+
+
+PRESETS = {
+    # Two CPU cores, a few minutes, any dataset: small nets and short runs.
+    "tiny": dict(arch="small", ssl_steps=500, stage3_steps=500, ssl_batch=32, uratio=3, ssl_lr=0.05, ssl_ema=0.99,
+                 threshold="fixmatch", tau=0.95, real_fraction=-1.0, eval_every=250,
+                 unet_arch="unet", unet_size="tiny", diffusion_images=40_000, diffusion_batch=64, diffusion_lr=2e-3,
+                 warmup=5_000, ema_halflife=5_000, per_class=20, sampler="heun", sample_steps=18, guidance=1.0,
+                 fid_reference=1000),
+    # A few hours on one modern GPU: the paper's classifier, shorter; a smaller U-Net.
+    "fast": dict(arch="wrn28_2", ssl_steps=2 ** 17, stage3_steps=2 ** 17, ssl_batch=64, uratio=7, ssl_lr=0.03,
+                 ssl_ema=0.999, threshold="freematch", tau=0.95, real_fraction=-1.0, eval_every=5000,
+                 unet_arch="unet", unet_size="fast", diffusion_images=20_000_000, diffusion_batch=512,
+                 diffusion_lr=1e-3, warmup=2_000_000, ema_halflife=500_000, per_class=1000, sampler="heun",
+                 sample_steps=18, guidance=1.0, fid_reference=0),
+    # The paper's CIFAR-10 recipe: FreeMatch on WRN-28-2 for 2^20 steps, EDM's DDPM++ for 200M images.
+    "cifar": dict(arch="wrn28_2", ssl_steps=2 ** 20, stage3_steps=2 ** 20, ssl_batch=64, uratio=7, ssl_lr=0.03,
+                  ssl_ema=0.999, threshold="freematch", tau=0.95, real_fraction=-1.0, eval_every=5000,
+                  unet_arch="unet", unet_size="cifar", diffusion_images=200_000_000, diffusion_batch=512,
+                  diffusion_lr=1e-3, warmup=10_000_000, ema_halflife=500_000, per_class=1000, sampler="heun",
+                  sample_steps=18, guidance=1.0, fid_reference=0),
+}
+
+# The stages in order, and the config fields each one depends on. A changed field
+# can only be accepted by rerunning (--redo) its stage or an earlier one.
+STAGES = ("split", "stage1", "stage2", "sample", "stage3", "fid")
+FIELD_STAGE = {"dataset": "split", "labels": "split", "seed": "split",
+               "arch": "stage1", "ssl_batch": "stage1", "uratio": "stage1", "ssl_lr": "stage1", "ssl_ema": "stage1",
+               "tau": "stage1", "threshold": "stage1", "ssl_steps": "stage1", "bf16": "stage1",
+               "unet_arch": "stage2", "unet_size": "stage2", "diffusion_images": "stage2", "diffusion_batch": "stage2",
+               "diffusion_lr": "stage2", "warmup": "stage2", "ema_halflife": "stage2",
+               "per_class": "sample", "sampler": "sample", "sample_steps": "sample", "guidance": "sample",
+               "stage3_steps": "stage3", "real_fraction": "stage3", "fid_reference": "fid"}
+FREE_TO_CHANGE = {"data_dir", "out", "redo", "baseline", "fid_weights", "compile", "preset", "eval_every"}
+
+
+def resolve(config):
+    """Fill every field the user left out from the preset."""
+    if not config.preset:
+        config.preset = "fast" if torch.cuda.is_available() else "tiny"
+        if not torch.cuda.is_available() and dist_rank() == 0:
+            print("no CUDA device: running the tiny preset (give --preset to choose)", file=sys.stderr)
+    if config.preset not in PRESETS:
+        raise data.UserError(f"unknown --preset '{config.preset}': use one of {', '.join(PRESETS)}")
+    for name, value in PRESETS[config.preset].items():
+        if getattr(config, name) is None:
+            setattr(config, name, value)
+    if config.redo and config.redo not in STAGES[1:]:
+        raise data.UserError(f"unknown --redo '{config.redo}': use one of {', '.join(STAGES[1:])}")
+
+
+def run_folder(config):
+    name = os.path.splitext(os.path.basename(config.dataset.rstrip("/")))[0]
+    return os.path.join(config.out, f"{name}-{config.labels}l-s{config.seed}")
+
+
+def dist_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# The run folder: the file that marks each stage done, what --redo removes,
+# and refusing a folder made with other settings
+
+FINAL = {"split": "split.pt", "stage1": "pseudo_labels.pt", "stage2": "stage2/diffusion.pt",
+         "sample": "samples.pt", "stage3": "stage3/classifier.pt", "baseline": "baseline/classifier.pt",
+         "fid": "fid.json"}
+REMOVED_BY_REDO = {"stage1": ("stage1", "pseudo_labels.pt", "baseline"), "stage2": ("stage2",),
+                   "sample": ("samples.pt", "samples.png"), "stage3": ("stage3",), "fid": ("fid.json",)}
+
+
+def check_run_folder(config, run):
+    """Refuse settings that differ from the ones this run folder was made with,
+    unless --redo reruns the first stage they affect; then remove that stage's
+    files and those of every later stage."""
+    path = os.path.join(run, "config.json")
+    settings = {k: v for k, v in asdict(config).items() if k not in FREE_TO_CHANGE}
+    saved = read_json(path)
+    redo_from = STAGES.index(config.redo) if config.redo else len(STAGES)
+    if saved is not None:
+        changed = sorted(k for k, v in settings.items() if saved.get(k) != v)
+        earliest = min((STAGES.index(FIELD_STAGE[k]) for k in changed), default=len(STAGES))
+        if earliest < redo_from:
+            raise data.UserError(f"{run} was made with other settings ({', '.join(changed)}); add "
+                                 f"--redo {STAGES[max(earliest, 1)]} to rerun from the stage they change, "
+                                 "or choose another --out")
+    barrier()  # every rank has compared before rank 0 removes anything
+    if dist_rank() == 0:
+        removed = STAGES[redo_from:] if saved is not None else ()
+        for name in [name for stage in removed for name in REMOVED_BY_REDO[stage]] + ["results.json"]:
+            target = os.path.join(run, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            elif os.path.exists(target):
+                os.remove(target)
+        timings = {k: v for k, v in (read_json(os.path.join(run, "timings.json")) or {}).items() if k not in removed}
+        write_json(timings, os.path.join(run, "timings.json"))
+        write_json(settings, path)
+    barrier()
+
+
+def read_json(path):
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except (OSError, ValueError) as error:
+        raise data.UserError(f"{path} is unreadable ({type(error).__name__}); delete it, or the run "
+                             "folder to start over") from None
+
+
+def write_json(obj, path):
+    temporary = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(temporary, "w") as file:
+            json.dump(obj, file, indent=2)
+        os.replace(temporary, path)
+    except OSError as error:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise data.UserError(f"cannot write {path} ({error.strerror or error}); free some space or choose "
+                             "another --out, then run the same command again to continue") from None
+
+
+def read_artifact(path, redo):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise data.UserError(f"{path} is unreadable ({type(error).__name__}); rerun with --redo {redo}") from None
+
+
+def run_stage(run, stage, function, *args):
+    """Run one stage (it skips itself when its final file exists); add its wall
+    time to timings.json when it did work."""
+    already_done = os.path.exists(os.path.join(run, FINAL[stage]))
+    start = time.perf_counter()
+    result = function(*args)
+    if not already_done and dist_rank() == 0:
+        timings = read_json(os.path.join(run, "timings.json")) or {}
+        timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - start, 1)
+        write_json(timings, os.path.join(run, "timings.json"))
+    return result
+
+
+# -----------------------------------------------------------------------------
+# The stages. Each reads its inputs from the run folder and leaves its outputs
+# there; a stage whose final file exists is skipped, one with a ckpt.pt resumes.
+
+
+def stage_split(config, run, dataset):
+    path = os.path.join(run, FINAL["split"])
+    if not os.path.exists(path) and dist_rank() == 0:
+        index = data.labeled_split(dataset.train_y, config.labels, config.seed)
+        data.save_atomic({"indices": index, "seed": config.seed, "dataset": dataset.name,
+                          "size": len(dataset.train_y)}, path)
+    barrier()
+    return read_artifact(path, "stage1")["indices"]
+
+
+def train_classifier(config, run, name, dataset, labeled_index, steps, lambda_u=1.0, pseudo=None):
+    """Stage 1, stage 3 or the labeled-only baseline, into run/name/classifier.pt;
+    returns its metrics."""
+    out = os.path.join(run, name)
+    path = os.path.join(out, "classifier.pt")
+    if not os.path.exists(path):
+        settings = fixmatch.FixMatchConfig(
+            dataset=config.dataset, data_dir=config.data_dir, labels=config.labels, seed=config.seed, out=out,
+            arch=config.arch, steps=steps, batch=config.ssl_batch, uratio=config.uratio, lr=config.ssl_lr,
+            ema=config.ssl_ema, lambda_u=lambda_u, threshold=config.threshold, tau=config.tau,
+            real_fraction=config.real_fraction, eval_every=config.eval_every, ckpt_every=config.eval_every,
+            compile=config.compile, bf16=config.bf16)
+        model, metrics = fixmatch.train(settings, dataset, labeled_index, pseudo)
+        if dist_rank() == 0:
+            fixmatch.save_classifier(model, settings, metrics, path)
+    barrier()
+    return fixmatch.load_classifier(path)
+
+
+def stage1(config, run, dataset, labeled_index):
+    """FixMatch on the labeled split, then a pseudo label for every training image."""
+    model, metrics = train_classifier(config, run, "stage1", dataset, labeled_index, config.ssl_steps)
+    path = os.path.join(run, FINAL["stage1"])
+    if not os.path.exists(path) and dist_rank() == 0:
+        data.save_atomic(fixmatch.pseudo_labels(model, dataset), path)
+    barrier()
+    return metrics, read_artifact(path, "stage1")
+
+
+def stage2(config, run, dataset, pseudo):
+    """The class-conditional diffusion model, trained on every training image with its pseudo label."""
+    out = os.path.join(run, "stage2")
+    path = os.path.join(run, FINAL["stage2"])
+    if not os.path.exists(path):
+        settings = unet.DiffusionConfig(
+            dataset=config.dataset, data_dir=config.data_dir, labels_file=os.path.join(run, FINAL["stage1"]),
+            out=out, arch=config.unet_arch, size=config.unet_size, images=config.diffusion_images,
+            batch=config.diffusion_batch, lr=config.diffusion_lr, warmup=config.warmup,
+            ema_halflife=config.ema_halflife, seed=config.seed, compile=config.compile, bf16=config.bf16,
+            # a checkpoint every 5% of the run (at most 2M images apart), a preview grid every 10%
+            ckpt_every=min(max(config.diffusion_images // 20, 1), 2_000_000),
+            grid_every=max(config.diffusion_images // 10, 1))
+        grid = os.path.join(out, "grid.png")
+        preview = lambda model, images_seen: sample.preview_grid(model, grid, per_class=8, steps=18)
+        model, metrics = unet.train(settings, dataset.train_x, pseudo["labels"], dataset.num_classes, preview=preview)
+        if dist_rank() == 0:
+            unet.save_diffusion(model, settings, metrics, path)
+    barrier()
+
+
+def stage_sample(config, run, device, rank, world):
+    """K images per class from the diffusion model's EMA weights, split across ranks."""
+    path = os.path.join(run, FINAL["sample"])
+    if not os.path.exists(path):
+        model = unet.load_diffusion(os.path.join(run, FINAL["stage2"]), device)
+        images, labels = sample.generate(model, config.per_class, sampler=config.sampler, steps=config.sample_steps,
+                                         guidance=config.guidance, seed=config.seed, device=device, rank=rank,
+                                         world=world, bf16=config.bf16)
+        if rank == 0:
+            data.save_atomic({"images": images, "labels": labels}, path)
+            sample.save_grid(images, labels, os.path.join(run, "samples.png"))
+    barrier()
+    return read_artifact(path, "sample")
+
+
+def split_statistics(model, images, keep_logits, rank, world):
+    """Inception statistics of `images`, each rank taking every world-th image."""
+    part = fid.statistics(model, images[rank::world].split(200), keep_logits=keep_logits)
+    if world == 1:
+        return part
+    parts = [None] * world
+    dist.all_gather_object(parts, part)
+    return fid.merge_statistics(parts)
+
+
+def stage_fid(config, run, dataset, samples, device, rank, world):
+    """FID and IS of the samples against the training images; None, with a
+    notice, when the Inception weights cannot be had."""
+    path = os.path.join(run, FINAL["fid"])
+    if not os.path.exists(path):
+        try:
+            model = fid.load_inception(config.fid_weights or None, device)
+        except fid.FIDError as error:
+            if rank == 0:
+                print(f"FID skipped: {error}", file=sys.stderr)
+            return None
+        reference = dataset.train_x[:config.fid_reference or None]
+        real = split_statistics(model, reference, False, rank, world)
+        generated = split_statistics(model, samples["images"], True, rank, world)
+        if rank == 0:
+            write_json({"fid": fid.frechet_distance(generated["mu"], generated["sigma"], real["mu"], real["sigma"]),
+                        "inception_score": fid.inception_score(generated["logits"])[0],
+                        "generated_images": generated["count"], "reference_images": real["count"]}, path)
+        barrier()
+    return read_json(path)
+
+
+# -----------------------------------------------------------------------------
+# The run: every stage in order, then results.json and a summary table
+
+
+def main():
+    config = data.parse_config(DPTConfig, __doc__)
+    rank, world, device = data.distributed_setup()
+    resolve(config)
+    dataset = data.load_dataset(config.dataset, config.data_dir)
+    data.labeled_split(dataset.train_y, config.labels, config.seed)  # an impossible --labels stops before any work
+    run = run_folder(config)
+    check_run_folder(config, run)
+    if rank == 0:
+        print(f"DPT on {dataset.name}, {config.labels} labels per class, preset {config.preset}: {run}")
+
+    labeled_index = run_stage(run, "split", stage_split, config, run, dataset)
+    stage1_metrics, pseudo = run_stage(run, "stage1", stage1, config, run, dataset, labeled_index)
+    run_stage(run, "stage2", stage2, config, run, dataset, pseudo)
+    samples = run_stage(run, "sample", stage_sample, config, run, device, rank, world)
+    stage3_model, stage3_metrics = run_stage(run, "stage3", train_classifier, config, run, "stage3", dataset,
+                                             labeled_index, config.stage3_steps, 1.0,
+                                             (samples["images"], samples["labels"]))
+    baseline_metrics = None
+    if config.baseline:
+        baseline_metrics = run_stage(run, "baseline", train_classifier, config, run, "baseline", dataset,
+                                     labeled_index, config.ssl_steps, 0.0)[1]
+    fid_result = run_stage(run, "fid", stage_fid, config, run, dataset, samples, device, rank, world)
+
+    if rank == 0:
+        judged = fixmatch.predict(stage3_model, samples["images"])[0] == samples["labels"]
+        results = {
+            "dataset": dataset.name, "labels_per_class": config.labels, "seed": config.seed, "preset": config.preset,
+            "baseline_accuracy": baseline_metrics and baseline_metrics.get("accuracy"),
+            "stage1_accuracy": stage1_metrics.get("accuracy"),
+            "stage1_best_accuracy": stage1_metrics.get("best_accuracy"),  # selected on the test set
+            "pseudo_label_accuracy": pseudo.get("accuracy"),
+            "stage3_accuracy": stage3_metrics.get("accuracy"),
+            "stage3_best_accuracy": stage3_metrics.get("best_accuracy"),
+            "stage3_gain": (stage3_metrics["accuracy"] - stage1_metrics["accuracy"]
+                            if "accuracy" in stage1_metrics else None),
+            "fid": fid_result and fid_result["fid"], "inception_score": fid_result and fid_result["inception_score"],
+            "sample_accuracy_per_class": [judged[samples["labels"] == c].float().mean().item()
+                                          for c in range(dataset.num_classes)],  # judged by the stage-3 classifier
+            "wall_time_s": read_json(os.path.join(run, "timings.json")),
+            "config": asdict(config),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        }
+        write_json(results, os.path.join(run, "results.json"))
+        print_summary(results, run)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print_summary(results, run):
+    percent = lambda value: "-" if value is None else f"{100 * value:.2f}%"
+    rows = [("labeled images only (--baseline)", percent(results["baseline_accuracy"])),
+            ("stage 1: semi-supervised", percent(results["stage1_accuracy"])),
+            ("pseudo labels of the training images", percent(results["pseudo_label_accuracy"])),
+            ("stage 3: with generated images", percent(results["stage3_accuracy"])),
+            ("gain of stage 3 over stage 1", "-" if results["stage3_gain"] is None
+             else f"{100 * results['stage3_gain']:+.2f} points"),
+            ("FID of the samples", "-" if results["fid"] is None else f"{results['fid']:.2f}"),
+            ("wall time", f"{sum(results['wall_time_s'].values()) / 60:.1f} min")]
+    width = max(len(name) for name, _ in rows)
+    print("\n".join(f"  {name:<{width}}  {value}" for name, value in rows))
+    print(f"everything is in {run}: results.json, samples.png, samples.pt, pseudo_labels.pt")
+
+
+if __name__ == "__main__":
+    data.run_main(main)

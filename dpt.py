@@ -20,7 +20,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -279,11 +279,11 @@ def stage2(config, run, dataset, pseudo):
             out=out, arch=config.unet_arch, size=config.unet_size, images=config.diffusion_images,
             batch=config.diffusion_batch, lr=config.diffusion_lr, warmup=config.warmup,
             ema_halflife=config.ema_halflife, seed=config.seed, compile=config.compile, bf16=config.bf16,
-            # a checkpoint every 5% of the run (at most 2M images apart), a preview grid every 10%
+            # a checkpoint every 5% of the run (at most 2M images apart), a preview grid halfway and at the end
             ckpt_every=min(max(config.diffusion_images // 20, 1), 2_000_000),
-            grid_every=max(config.diffusion_images // 10, 1))
+            grid_every=max(config.diffusion_images // 2, 1))
         grid = os.path.join(out, "grid.png")
-        preview = lambda model, images_seen: sample.preview_grid(model, grid, per_class=8, steps=18)
+        preview = lambda model, images_seen: sample.preview_grid(model, grid, per_class=4, steps=8)
         model, metrics = unet.train(settings, dataset.train_x, pseudo["labels"], dataset.num_classes, preview=preview)
         if dist_rank() == 0:
             unet.save_diffusion(model, settings, metrics, path)

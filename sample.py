@@ -1,0 +1,263 @@
+"""Stage 2 of DPT, second half: K images per class from the class-conditional
+EDM diffusion model that unet.py trained on pseudo labels, with EDM's Heun
+sampler (Karras et al. 2022), Euler, or DPM-Solver++(2M) (Lu et al. 2022), and
+classifier-free guidance (Ho & Salimans 2022).
+
+    python sample.py runs/cifar10-1l-s0/stage2/diffusion.pt --per-class 1000 --out runs/cifar10-1l-s0
+    python sample.py CKPT --per-class 1000 --sampler dpmpp --steps 15 --guidance 1.4
+    torchrun --nproc_per_node 8 sample.py CKPT --per-class 1000    # every GPU samples a share
+    python sample.py CKPT --bench                                   # images/s of 35-evaluation Heun
+
+Writes OUT/samples.pt = {"images": uint8 [K*C, 3, H, W], "labels": int64 [K*C],
+"config"}, class by class, and OUT/samples.png with one row per class. Image i
+starts from its own noise seeded by (seed, i): the same seed gives every image
+the same noise for any batch size and any number of processes.
+"""
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+import unet
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str                 # stage 2's diffusion.pt (or ckpt.pt), written by unet.py
+    per_class: int = 1000           # K, images generated for every class
+    sampler: str = "heun"           # heun (EDM's 2nd order) | euler | dpmpp (DPM-Solver++(2M))
+    steps: int = 18                 # N noise levels from 80 to 0.002, then 0; network evaluations: heun 2N-1, euler and dpmpp N
+    guidance: float = 1.0           # w in D = D_uncond + w (D_cond - D_uncond): 1 is none, 0 unconditional
+    seed: int = 0                   # image i starts from noise seeded by (seed, i)
+    batch: int = 512                # images per network evaluation on each process (doubled when guidance is not 1)
+    out: str = "runs/samples"       # folder for samples.pt and samples.png
+    bf16: bool = True               # bf16 autocast of the network (CUDA only); the ODE state stays float64
+    bench: bool = False             # print images/s of Heun with 18 steps (35 evaluations) at --batch and exit
+
+
+SAMPLERS = ("heun", "euler", "dpmpp")
+
+
+def check(config):
+    """One-line refusals of settings that cannot sample, before the model is loaded."""
+    if config.sampler not in SAMPLERS:
+        raise data.UserError(f"unknown sampler '{config.sampler}': use one of {', '.join(SAMPLERS)}")
+    if config.steps < 2:
+        raise data.UserError(f"--steps {config.steps}: need at least 2 noise levels (sigma_max and sigma_min)")
+    for name in ("per_class", "batch"):
+        if getattr(config, name) < 1:
+            raise data.UserError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
+    if not config.guidance >= 0:
+        raise data.UserError(f"--guidance {config.guidance}: must be at least 0 (1 is no guidance, 0 unconditional)")
+    if config.seed < 0:
+        raise data.UserError(f"--seed {config.seed}: must be at least 0")
+
+
+# -----------------------------------------------------------------------------
+# Noise levels and samplers of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma,
+# EDM's choice s(t) = 1, sigma(t) = t (Karras et al. 2022, eq. 4 and Table 1).
+# A sampler takes the denoiser D(x, sigma, labels), x = sigma_0 * noise, the
+# labels and the noise levels as a list of floats (host numbers: no device
+# syncs), and returns x at sigma_N = 0. The ODE state is float64, as in EDM's
+# sampler, whatever precision the network runs in.
+
+
+def noise_levels(steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """sigma_0 = 80 > ... > sigma_{N-1} = 0.002, then sigma_N = 0 (Karras et al. 2022, eq. 5):
+    equal steps in sigma^(1/rho); rho = 7 makes them short near sigma_min, where
+    EDM found the errors matter most, and long near sigma_max."""
+    i = torch.arange(steps, dtype=torch.float64)
+    sigmas = (sigma_max ** (1 / rho) + i / (steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+
+def heun(denoise, x, labels, sigmas):
+    """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1): an Euler
+    step, then the trapezoidal correction with the slope at its end, except on
+    the last step to sigma = 0 where the slope is undefined; 2N - 1 evaluations."""
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        slope = (x - denoise(x, sigma, labels)) / sigma
+        x_next = x + (sigma_next - sigma) * slope
+        if sigma_next > 0:
+            slope_next = (x_next - denoise(x_next, sigma_next, labels)) / sigma_next
+            x_next = x + (sigma_next - sigma) * (slope + slope_next) / 2
+        x = x_next
+    return x
+
+
+def euler(denoise, x, labels, sigmas):
+    """First-order steps of the same ODE; N evaluations, the last step lands on D(x; sigma_min)."""
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        x = x + (sigma_next - sigma) * (x - denoise(x, sigma, labels)) / sigma
+    return x
+
+
+def dpmpp(denoise, x, labels, sigmas):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) with alpha = 1, lambda = -log sigma:
+        x_i = (sigma_i / sigma_{i-1}) x_{i-1} + (1 - sigma_i / sigma_{i-1}) D_i,
+        D_i = (1 + 1/(2 r)) D(x_{i-1}) - 1/(2 r) D(x_{i-2}),  r = h_{i-1} / h_i,  h_i = lambda_i - lambda_{i-1},
+    the exact solution of the ODE's linear part with the data prediction
+    extrapolated linearly in lambda. The first step has no previous D and the
+    last (h = infinity, r = 0) no usable extrapolation: both are first order,
+    the last returns D(x; sigma_min). N evaluations."""
+    previous = None
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        denoised = denoise(x, sigma, labels)
+        prediction = denoised
+        if previous is not None and sigma_next > 0:
+            r = math.log(sigmas[i - 1] / sigma) / math.log(sigma / sigma_next)
+            prediction = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * previous
+        x = (sigma_next / sigma) * x + (1 - sigma_next / sigma) * prediction
+        previous = denoised
+    return x
+
+
+# -----------------------------------------------------------------------------
+# Classifier-free guidance and generation
+
+
+def guided(model, guidance):
+    """D(x; sigma, c) of unet.EDMPrecond in float64, guided (Ho & Salimans 2022):
+    D = D(x; sigma, null) + w (D(x; sigma, c) - D(x; sigma, null)), the conditional
+    and the null-label halves in one forward of twice the batch. w = 1 is the
+    conditional model alone and skips the null half; papers that write
+    (1 + s) D_cond - s D_uncond have s = w - 1."""
+    def denoise(x, sigma, labels):
+        x, sigma = x.float(), torch.full((len(x),), sigma, device=x.device)
+        if guidance == 1:
+            return model(x, sigma, labels).double()
+        null = torch.full_like(labels, model.num_classes)
+        conditional, unconditional = model(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                                           torch.cat([labels, null])).double().chunk(2)
+        return unconditional + guidance * (conditional - unconditional)
+    return denoise
+
+
+def initial_noise(seed, index, shape):
+    """Unit Gaussian noise of each image from its own generator seeded by
+    (seed, i): numpy's PCG64 keeps all of that seed, where torch's CPU
+    generator keeps only 32 bits of its seed (so seed * 2^32 + i would repeat)."""
+    return torch.stack([torch.from_numpy(np.random.default_rng([seed, i]).standard_normal(shape)) for i in index])
+
+
+@torch.no_grad()
+def generate(model, per_class, sampler="heun", steps=18, guidance=1.0, seed=0, batch=512, device="cpu",
+             rank=0, world=1, bf16=True, progress=True):
+    """per_class images of every class, class by class: (uint8 [K*C, 3, H, W], int64 [K*C]).
+    Process `rank` of `world` samples images i = rank (mod world) and every
+    process returns all of them (all_gather)."""
+    device = torch.device(device)
+    solve = {"heun": heun, "euler": euler, "dpmpp": dpmpp}[sampler]
+    denoise = guided(model, guidance)
+    sigmas = noise_levels(steps).tolist()
+    shape = (model.channels, model.resolution, model.resolution)
+    labels = torch.arange(model.num_classes).repeat_interleave(per_class)
+    mine = torch.arange(rank, len(labels), world)
+    images = torch.empty((len(mine), *shape), dtype=torch.uint8, device=device)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=bf16 and device.type == "cuda")
+    from tqdm import tqdm
+    bar = tqdm(total=len(mine), desc=f"{sampler} {steps} steps", unit="img", disable=not progress or rank > 0)
+    for start in range(0, len(mine), batch):
+        index = mine[start:start + batch]
+        x = sigmas[0] * initial_noise(seed, index.tolist(), shape).to(device)
+        with autocast:
+            x = solve(denoise, x, labels[index].to(device), sigmas)
+        images[start:start + len(index)] = (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)  # as EDM's generate.py
+        bar.update(len(index))
+    bar.close()
+    if world > 1:
+        # Shares differ in size by at most one: pad to the same size, gather, and
+        # interleave, so that row j of rank r's share becomes image j * world + r.
+        padded = torch.zeros((math.ceil(len(labels) / world), *shape), dtype=torch.uint8, device=device)
+        padded[:len(images)] = images
+        shares = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(shares, padded)
+        images = torch.stack(shares, 1).flatten(0, 1)[:len(labels)]
+    return images.cpu(), labels
+
+
+# -----------------------------------------------------------------------------
+# Grids of samples
+
+
+def save_grid(images, labels, path, columns=16):
+    """A PNG with one row per class of its first `columns` images, upscaled to
+    at least 64 pixels so that small images are legible; written atomically."""
+    import torchvision.utils
+    rows = [images[labels == c][:columns] for c in labels.unique()]
+    width = max(len(row) for row in rows)
+    blank = torch.full((1, *images.shape[1:]), 255, dtype=torch.uint8)  # fills the rows of classes with fewer images
+    grid = torch.cat([torch.cat([row, blank.expand(width - len(row), -1, -1, -1)]) for row in rows]).float() / 255
+    grid = F.interpolate(grid, scale_factor=max(1, 64 // images.shape[-1]), mode="nearest")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    temporary = f"{path}.tmp{os.getpid()}"
+    torchvision.utils.save_image(grid, temporary, nrow=width, padding=2, pad_value=1.0, format="PNG")
+    os.replace(temporary, path)
+
+
+def preview_grid(model, path, per_class=8, steps=18):
+    """unet.py's view of training: Heun, seed 0, so successive grids show the
+    same noise turned into images by successive weights. The model is sampled
+    in eval mode and left in the mode it came in."""
+    training = model.training
+    model.eval()
+    images, labels = generate(model, per_class, "heun", steps, device=next(model.parameters()).device, progress=False)
+    model.train(training)
+    save_grid(images, labels, path)
+
+
+# -----------------------------------------------------------------------------
+# Command line: sampling and the benchmark
+
+
+def benchmark(model, config, device):
+    """Images/s of Heun with 18 steps (35 evaluations) on one batch of about
+    --batch images, timed after a warm-up batch of 2 steps."""
+    per_class = max(1, config.batch // model.num_classes)
+    run = lambda steps: generate(model, per_class, "heun", steps, config.guidance, batch=config.batch,
+                                 device=device, bf16=config.bf16, progress=False)
+    run(2)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    images, _ = run(18)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    rate = len(images) / (time.perf_counter() - start)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"heun, 35 evaluations, batch {len(images)}, guidance {config.guidance}: {rate:.1f} images/s "
+          f"({where}, bf16={config.bf16 and device.type == 'cuda'})")
+
+
+def main():
+    config = data.parse_config(SampleConfig, __doc__)
+    check(config)
+    rank, world, device = data.distributed_setup()
+    model = unet.load_diffusion(config.checkpoint, device)
+    if config.bench:
+        return benchmark(model, config, device)
+    images, labels = generate(model, config.per_class, config.sampler, config.steps, config.guidance, config.seed,
+                              config.batch, device, rank, world, config.bf16)
+    if rank == 0:
+        data.save_atomic({"images": images, "labels": labels, "config": asdict(config)},
+                         os.path.join(config.out, "samples.pt"))
+        save_grid(images, labels, os.path.join(config.out, "samples.png"))
+        evaluations = 2 * config.steps - 1 if config.sampler == "heun" else config.steps
+        print(f"saved {len(images)} images ({config.per_class} per class, {evaluations} network evaluations each) "
+              f"to {os.path.join(config.out, 'samples.pt')} and samples.png")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    data.run_main(main)

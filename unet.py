@@ -1,0 +1,577 @@
+"""Stage 2 of DPT: a class-conditional diffusion model trained on the pseudo
+labels of stage 1, in the EDM formulation (Karras et al. 2022) with a DDPM++
+U-Net (Song et al. 2021) or a U-ViT (Bao et al. 2023) as the network.
+
+    python unet.py --dataset shapes --size tiny --images 12000 --batch 64 --lr 2e-3 --warmup 5000 --ema-halflife 5000
+    python unet.py --dataset cifar10 --labels-file pseudo_labels.pt     # EDM's CIFAR-10 recipe: 200M images
+    python unet.py --bench --arch uvit                                  # images/s and MFU of every size
+
+The first command takes 6 minutes on 2 CPU cores (its samples are blobs of the
+right colours and sizes, not yet shapes); the second took EDM ~2 days on 8 V100s.
+
+Training lengths, warm-up, EMA half-life and the intervals are counted in
+images, as in EDM, so they do not change meaning with the batch size. Labels
+are dropped to a null class (index num_classes) with probability
+--label-dropout, so that one network is both conditional and unconditional and
+sample.py can guide it without a classifier (Ho & Salimans 2022).
+"""
+
+import copy
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+
+# -----------------------------------------------------------------------------
+# Configuration: EDM's CIFAR-10 recipe (Karras et al. 2022, Table 7) by default
+
+
+@dataclass
+class DiffusionConfig:
+    dataset: str = "cifar10"        # cifar10 | cifar100 | svhn | shapes | path to a .pt/.npz file
+    data_dir: str = "./data"        # where torchvision datasets are downloaded to
+    labels_file: str = ""           # pseudo_labels.pt of stage 1; "" trains on the dataset's true labels
+    out: str = "runs/diffusion"     # folder for ckpt.pt, diffusion.pt and grid.png
+    arch: str = "unet"              # unet (DDPM++) | uvit (U-ViT)
+    size: str = "cifar"             # tiny | fast | cifar: a row of SIZES
+    dropout: float = -1.0           # dropout probability; negative: the size's own (0.13 for the cifar U-Net)
+    images: int = 200_000_000       # training length, in images
+    batch: int = 512                # images per step, all processes together
+    lr: float = 1e-3                # Adam's learning rate after the warm-up
+    warmup: int = 10_000_000        # images over which the learning rate ramps up linearly from 0
+    ema_halflife: int = 500_000     # half-life of the EMA of the weights, in images
+    ema_rampup: float = 0.05        # the half-life is at most this share of the images seen so far; 0: off
+    label_dropout: float = 0.1      # share of labels replaced by the null class
+    p_mean: float = -1.2            # training noise levels: ln(sigma) ~ N(p_mean, p_std^2)
+    p_std: float = 1.2              # (EDM's log-normal)
+    seed: int = 0                   # seed of the initial weights and of training
+    grid_every: int = 10_000_000    # images between preview grids of the EMA model (0: none)
+    ckpt_every: int = 5_000_000     # images between checkpoints
+    compile: bool = True            # torch.compile the network (CUDA only)
+    bf16: bool = True               # bf16 autocast (CUDA only)
+    bench: bool = False             # print images/s and MFU of every size of --arch and exit
+
+
+FREE_TO_CHANGE = {"data_dir", "out", "grid_every", "ckpt_every", "compile", "bench"}  # a resumed run ends the same
+SIGMA_DATA = 0.5  # standard deviation of images scaled to [-1, 1] (EDM's sigma_data)
+
+# Sizes: `cifar` is EDM's DDPM++ for CIFAR-10 (55.7M parameters) and U-ViT-S/2
+# (Bao et al. 2023, 44M + the time MLP); `tiny` trains on 2 CPU cores in minutes.
+# U-Net attention is given by level (level 1 = half the image side, 16x16 at 32x32).
+SIZES = {
+    "unet": {
+        "tiny":  dict(model_channels=32,  channel_mult=(1, 2, 2), num_blocks=1, attention_levels=(2,), dropout=0.0),
+        "fast":  dict(model_channels=128, channel_mult=(1, 2, 2), num_blocks=2, attention_levels=(1,), dropout=0.1),
+        "cifar": dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attention_levels=(1,), dropout=0.13),
+    },
+    "uvit": {
+        "tiny":  dict(width=128, depth=5,  heads=4, patch=2, dropout=0.0),
+        "fast":  dict(width=384, depth=9,  heads=6, patch=2, dropout=0.0),
+        "cifar": dict(width=512, depth=13, heads=8, patch=2, dropout=0.0),
+    },
+}
+
+
+# -----------------------------------------------------------------------------
+# DDPM++ U-Net (Song et al. 2021) as configured in EDM: GroupNorm + SiLU
+# residual blocks, the noise and class embedding added inside every block,
+# single-head self-attention, a skip from every encoder block to the decoder.
+
+
+def xavier(layer, gain=1.0):
+    """DDPM++'s initialization: Xavier-uniform weights times gain, zero biases.
+    A gain of 1e-5 on the last layer of a residual branch starts it near zero."""
+    nn.init.xavier_uniform_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def group_norm(channels):
+    return nn.GroupNorm(min(32, channels // 4), channels, eps=1e-6)
+
+
+def positional_embedding(c_noise, channels):
+    """Transformer sinusoids of c_noise, frequencies 1 down to 1/10000 (DDPM++)."""
+    half = channels // 2
+    freqs = (1 / 10000) ** (torch.arange(half, device=c_noise.device, dtype=c_noise.dtype) / (half - 1))
+    angles = c_noise[:, None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], 1)
+
+
+RESAMPLE = {None: lambda x: x,
+            "down": lambda x: F.avg_pool2d(x, 2),                       # DDPM++'s [1, 1] filter
+            "up": lambda x: F.interpolate(x, scale_factor=2, mode="nearest")}
+SKIP_SCALE = math.sqrt(0.5)  # a sum of two unit-variance branches, scaled back to unit variance
+
+
+class UNetBlock(nn.Module):
+    """GroupNorm, SiLU, (resample,) 3x3 conv, + embedding, GroupNorm, SiLU,
+    dropout, 3x3 conv; added to the (resampled, projected) input; then
+    optionally single-head self-attention over all pixels, also residual."""
+
+    def __init__(self,
+                 in_channels,           # channels of the input
+                 out_channels,          # channels of the output
+                 emb_channels,          # size of the noise + class embedding
+                 resample=None,         # None | "down" (halve the side) | "up" (double it)
+                 attention=False,       # self-attention after the residual block
+                 dropout=0.0):          # dropout before the second convolution
+        super().__init__()
+        self.resample, self.attention, self.dropout = resample, attention, dropout
+        self.norm0 = group_norm(in_channels)
+        self.conv0 = xavier(nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.affine = xavier(nn.Linear(emb_channels, out_channels))
+        self.norm1 = group_norm(out_channels)
+        self.conv1 = xavier(nn.Conv2d(out_channels, out_channels, 3, padding=1), gain=1e-5)
+        self.skip = None
+        if in_channels != out_channels or resample:
+            self.skip = xavier(nn.Conv2d(in_channels, out_channels, 1))
+        if attention:
+            self.norm2 = group_norm(out_channels)
+            self.qkv = xavier(nn.Conv2d(out_channels, 3 * out_channels, 1), gain=math.sqrt(0.2))
+            self.proj = xavier(nn.Conv2d(out_channels, out_channels, 1), gain=1e-5)
+
+    def forward(self, x, emb):
+        resample = RESAMPLE[self.resample]
+        h = self.conv0(resample(F.silu(self.norm0(x))))
+        h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None]))
+        h = self.conv1(F.dropout(h, self.dropout, self.training))
+        x = (h + (self.skip(resample(x)) if self.skip is not None else x)) * SKIP_SCALE
+        if self.attention:
+            n, c, height, width = x.shape
+            q, k, v = self.qkv(self.norm2(x)).reshape(n, 3, 1, c, height * width).transpose(3, 4).unbind(1)
+            a = F.scaled_dot_product_attention(q, k, v)  # [n, 1 head, pixels, c]
+            x = (self.proj(a.transpose(2, 3).reshape(n, c, height, width)) + x) * SKIP_SCALE
+        return x
+
+
+class UNet(nn.Module):
+    """F(c_in x; c_noise, class) of EDM's `ddpmpp` with the `standard` encoder
+    and decoder: every encoder output is concatenated to one decoder block."""
+
+    def __init__(self,
+                 resolution,            # side of the (square) images; any multiple of 2^(levels-1) works
+                 channels,              # colour channels in and out
+                 num_classes,           # class labels 0..num_classes-1, and num_classes = none
+                 model_channels,        # channels of the first level, and of the noise embedding
+                 channel_mult,          # channels of each level, in units of model_channels
+                 num_blocks,            # residual blocks per level in the encoder (+1 in the decoder)
+                 attention_levels,      # levels with self-attention (0 = full resolution)
+                 dropout):              # dropout inside the residual blocks
+        super().__init__()
+        self.model_channels = model_channels
+        emb_channels = 4 * model_channels
+        # Class c adds row c to the noise embedding; the null class's row starts at
+        # zero, as EDM's dropped one-hot label (its Linear of a zero vector is the bias).
+        self.label_embedding = nn.Embedding(num_classes + 1, model_channels)
+        bound = math.sqrt(num_classes) * math.sqrt(6 / (num_classes + model_channels))  # EDM's one-hot * sqrt(C)
+        nn.init.uniform_(self.label_embedding.weight, -bound, bound)
+        nn.init.zeros_(self.label_embedding.weight[num_classes])
+        self.map_layer0 = xavier(nn.Linear(model_channels, emb_channels))
+        self.map_layer1 = xavier(nn.Linear(emb_channels, emb_channels))
+
+        block = lambda c_in, c_out, **kwargs: UNetBlock(c_in, c_out, emb_channels, dropout=dropout, **kwargs)
+        self.stem = xavier(nn.Conv2d(channels, model_channels, 3, padding=1))
+        skips, width = [model_channels], model_channels  # channels of every encoder output
+        self.encoder = nn.ModuleList()
+        for level, mult in enumerate(channel_mult):
+            if level > 0:
+                self.encoder.append(block(width, width, resample="down"))
+                skips.append(width)
+            for _ in range(num_blocks):
+                self.encoder.append(block(width, model_channels * mult, attention=level in attention_levels))
+                width = model_channels * mult
+                skips.append(width)
+        self.middle = nn.ModuleList([block(width, width, attention=True), block(width, width)])
+        self.decoder = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            if level < len(channel_mult) - 1:
+                self.decoder.append(block(width, width, resample="up"))
+            for i in range(num_blocks + 1):
+                attention = level in attention_levels and i == num_blocks
+                self.decoder.append(block(width + skips.pop(), model_channels * mult, attention=attention))
+                width = model_channels * mult
+        self.out_norm = group_norm(width)
+        self.out_conv = xavier(nn.Conv2d(width, channels, 3, padding=1), gain=1e-5)
+
+    def forward(self, x, c_noise, class_labels):
+        emb = positional_embedding(c_noise, self.model_channels) + self.label_embedding(class_labels)
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+        x = self.stem(x)
+        skips = [x]
+        for block in self.encoder:
+            x = block(x, emb)
+            skips.append(x)
+        for block in self.middle:
+            x = block(x, emb)
+        for block in self.decoder:
+            x = block(x if block.resample == "up" else torch.cat([x, skips.pop()], 1), emb)
+        return self.out_conv(F.silu(self.out_norm(x)))
+
+
+# -----------------------------------------------------------------------------
+# U-ViT (Bao et al. 2023): a ViT over 2x2 patches in which the noise level and
+# the class are tokens too, with long skips from each shallow block to its
+# mirror among the deep ones and a 3x3 convolution after the last layer.
+
+
+class UViTBlock(nn.Module):
+    """Pre-LayerNorm transformer block; a deep block first merges its long skip
+    by a linear layer on the concatenation (Bao et al. 2023, sec. 3)."""
+
+    def __init__(self, width, heads, long_skip, dropout, mlp_ratio=4):
+        super().__init__()
+        self.heads = heads
+        self.skip_linear = nn.Linear(2 * width, width) if long_skip else None
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, x, skip=None):
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], 2))
+        n, length, width = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, width)
+        x = x + self.proj(a)
+        return x + self.mlp(self.norm2(x))
+
+
+class UViT(nn.Module):
+    """F(c_in x; c_noise, class) as a U-ViT: tokens [noise, class, patches...]."""
+
+    def __init__(self,
+                 resolution,            # side of the (square) images, a multiple of patch
+                 channels,              # colour channels in and out
+                 num_classes,           # class labels 0..num_classes-1, and num_classes = none
+                 width,                 # token size
+                 depth,                 # transformer blocks: depth // 2 shallow, one middle, depth // 2 deep
+                 heads,                 # attention heads
+                 patch,                 # side of the square patches
+                 dropout):              # dropout inside the MLPs
+        super().__init__()
+        self.width, self.patch = width, patch
+        self.patch_embed = nn.Conv2d(channels, width, patch, stride=patch)
+        # An MLP on the sinusoids (U-ViT's mlp_time_embed): c_noise = ln(sigma)/4 spans only about
+        # 4 units, so most sinusoids barely move and a linear read-out of them is weak.
+        self.time_embed = nn.Sequential(nn.Linear(width, 4 * width), nn.SiLU(), nn.Linear(4 * width, width))
+        self.label_embedding = nn.Embedding(num_classes + 1, width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 2 + (resolution // patch) ** 2, width))
+        self.in_blocks = nn.ModuleList([UViTBlock(width, heads, False, dropout) for _ in range(depth // 2)])
+        self.mid_block = UViTBlock(width, heads, False, dropout)
+        self.out_blocks = nn.ModuleList([UViTBlock(width, heads, True, dropout) for _ in range(depth // 2)])
+        self.norm = nn.LayerNorm(width)
+        self.decoder_pred = nn.Linear(width, patch * patch * channels)
+        self.final_conv = nn.Conv2d(channels, channels, 3, padding=1)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for module in self.modules():  # U-ViT's (and ViT's) initialization of linear layers
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, x, c_noise, class_labels):
+        n, c, h, w = x.shape
+        patches = self.patch_embed(x).flatten(2).transpose(1, 2)
+        time_token = self.time_embed(positional_embedding(c_noise, self.width))
+        x = torch.cat([time_token[:, None], self.label_embedding(class_labels)[:, None], patches], 1) + self.pos_embed
+        skips = []
+        for block in self.in_blocks:
+            x = block(x)
+            skips.append(x)
+        x = self.mid_block(x)
+        for block in self.out_blocks:
+            x = block(x, skips.pop())
+        x = self.decoder_pred(self.norm(x))[:, 2:]  # the noise and class tokens are not pixels
+        p = self.patch  # each token's p * p * c outputs back to its patch
+        x = x.reshape(n, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+        return self.final_conv(x)
+
+
+ARCHITECTURES = {"unet": UNet, "uvit": UViT}
+
+
+# -----------------------------------------------------------------------------
+# EDM preconditioning and loss (Karras et al. 2022, Table 1 and eq. 2, 7, 8)
+
+
+class EDMPrecond(nn.Module):
+    """The denoiser D(x; sigma, class) = c_skip x + c_out F(c_in x; c_noise, class),
+    with the coefficients chosen so that F's input and training target both
+    have unit variance at every noise level (Table 1)."""
+
+    def __init__(self, net, num_classes, resolution, channels, sigma_data=SIGMA_DATA):
+        super().__init__()
+        self.net = net
+        self.num_classes, self.resolution, self.channels, self.sigma_data = num_classes, resolution, channels, sigma_data
+
+    def forward(self, x, sigma, class_labels):
+        """x: float [N, C, H, W] in [-1, 1] units, plus noise; sigma: [N] or one
+        value; class_labels: int64 [N], num_classes for none. Returns float32."""
+        x = x.float()
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).flatten().expand(len(x)).reshape(-1, 1, 1, 1)
+        c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
+        c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
+        c_in = 1 / (sigma ** 2 + self.sigma_data ** 2).sqrt()
+        c_noise = sigma.log().flatten() / 4
+        return c_skip * x + c_out * self.net(c_in * x, c_noise, class_labels).float()
+
+
+def make_diffusion(arch, size, num_classes, resolution, channels=3, dropout=None):
+    """An EDMPrecond around a fresh network of SIZES[arch][size]."""
+    if arch not in SIZES:
+        raise data.UserError(f"unknown --arch '{arch}': use one of {', '.join(SIZES)}")
+    if size not in SIZES[arch]:
+        raise data.UserError(f"unknown --size '{size}': use one of {', '.join(SIZES[arch])}")
+    shape = dict(SIZES[arch][size], **({} if dropout is None else {"dropout": dropout}))
+    multiple = shape["patch"] if arch == "uvit" else 2 ** (len(shape["channel_mult"]) - 1)
+    if resolution % multiple:
+        raise data.UserError(f"the {size} {arch} needs images whose side is a multiple of {multiple}, "
+                             f"not {resolution}")
+    return EDMPrecond(ARCHITECTURES[arch](resolution, channels, num_classes, **shape), num_classes, resolution, channels)
+
+
+def edm_loss(net, images, labels, null_class, config):
+    """EDM's training loss (eq. 8): lambda(sigma) ||D(y + n; sigma) - y||^2 with
+    ln(sigma) ~ N(P_mean, P_std^2) and lambda(sigma) = (sigma^2 + sigma_data^2) /
+    (sigma sigma_data)^2, which gives F a unit-weighted target at every sigma.
+    Labels are replaced by the null class with probability label_dropout.
+    The mean over pixels replaces EDM's sum: Adam does not see the scale."""
+    sigma = (torch.randn(len(images), 1, 1, 1, device=images.device) * config.p_std + config.p_mean).exp()
+    weight = (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
+    noise = torch.randn_like(images) * sigma
+    dropped = torch.rand(len(labels), device=labels.device) < config.label_dropout
+    denoised = net(images + noise, sigma.flatten(), torch.where(dropped, null_class, labels))
+    return (weight * (denoised - images) ** 2).mean()
+
+
+def save_diffusion(model, config, metrics, path):
+    """Stage 2's artifact: the EMA weights and what rebuilds their network."""
+    data.save_atomic({"model": model.state_dict(), "config": asdict(config), "num_classes": model.num_classes,
+                      "resolution": model.resolution, "channels": model.channels, "metrics": metrics}, path)
+
+
+def load_diffusion(path, device="cpu"):
+    """The EMA network of a diffusion.pt or of a training ckpt.pt, in eval mode."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model = make_diffusion(saved["config"]["arch"], saved["config"]["size"], saved["num_classes"],
+                               saved["resolution"], saved["channels"])
+        model.load_state_dict(saved["ema"] if "ema" in saved else saved["model"])
+    except Exception as error:
+        raise data.UserError(f"cannot read a diffusion model from {path} ({type(error).__name__}); "
+                             "expected the diffusion.pt or ckpt.pt of unet.py") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def crossed(every, before, after):
+    """Whether the count went past a multiple of `every` between before and after."""
+    return every > 0 and after // every > before // every
+
+
+def train(config, images, labels, num_classes, progress=True, preview=None):
+    """EDM training from scratch (or from config.out/ckpt.pt) to config.images.
+    images: uint8 [N, C, H, W]; labels: int64 [N]. Returns the EMA model and a
+    dict of metrics; rank 0 writes the checkpoint and calls
+    preview(ema_model, images_seen) every grid_every images."""
+    rank, world, device = data.distributed_setup()
+    if config.images < 1 or config.batch < 1:
+        raise data.UserError(f"--images {config.images} and --batch {config.batch} must be positive")
+    if config.batch % world:
+        raise data.UserError(f"--batch {config.batch} must be divisible by the {world} processes")
+    if not 0 <= config.label_dropout < 1:
+        raise data.UserError(f"--label-dropout {config.label_dropout} must be in [0, 1)")
+    on_cuda = device.type == "cuda"
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    model = make_diffusion(config.arch, config.size, num_classes, images.shape[-1], images.shape[1],
+                           None if config.dropout < 0 else config.dropout)
+    model.to(device, memory_format=torch.channels_last)
+    ema_model = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    torch.manual_seed(config.seed + 1 + rank)  # but every rank draws its own batches and noise
+    images, labels = images.to(device), labels.to(device)
+
+    images_seen, metrics = 0, {"history": []}
+    checkpoint_path = os.path.join(config.out, "ckpt.pt")
+    if os.path.exists(checkpoint_path):
+        checkpoint = data.load_checkpoint(checkpoint_path, config, FREE_TO_CHANGE)
+        model.load_state_dict(checkpoint["model"])
+        ema_model.load_state_dict(checkpoint["ema"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        images_seen, metrics = checkpoint["images_seen"], checkpoint["metrics"]
+        if len(checkpoint["rng"]) != world:
+            raise data.UserError(f"checkpoint {checkpoint_path} was written by {len(checkpoint['rng'])} processes; "
+                                 "resume it with as many")
+        data.set_rng_state(checkpoint["rng"][rank])
+
+    forward = model
+    if world > 1:
+        forward = nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_cuda else None)
+    if config.compile and on_cuda:
+        forward = torch.compile(forward)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=on_cuda and config.bf16)
+
+    per_rank = config.batch // world
+    steps_left = -(-(config.images - images_seen) // config.batch)
+    timed_from = min(5, steps_left // 2)  # speed is timed after warm-up and compilation
+    from tqdm import tqdm
+    bar = tqdm(total=config.images, initial=images_seen, desc="diffusion", disable=not progress or rank > 0,
+               unit="img", unit_scale=True)
+    model.train()
+    step, timer, loss_sum, loss_steps = 0, None, torch.zeros((), device=device), 0
+    while images_seen < config.images:
+        if step == timed_from:
+            if on_cuda:
+                torch.cuda.synchronize()
+            timer, timed_images = time.perf_counter(), images_seen
+        for group in optimizer.param_groups:  # EDM's linear warm-up
+            group["lr"] = config.lr * min(images_seen / max(config.warmup, 1e-8), 1)
+        pick = torch.randint(len(images), (per_rank,), device=device)
+        x = images[pick]
+        x = torch.where(torch.rand(per_rank, 1, 1, 1, device=device) < 0.5, x.flip(3), x)
+        x = (x.float() / 127.5 - 1).contiguous(memory_format=torch.channels_last)
+        with autocast:
+            loss = edm_loss(forward, x, labels[pick], num_classes, config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for param in model.parameters():  # as EDM: one bad batch must not poison the weights
+            torch.nan_to_num_(param.grad, nan=0, posinf=1e5, neginf=-1e5)
+        optimizer.step()
+        # EMA with a half-life in images (EDM), shorter early on so the first weights fade fast.
+        halflife = config.ema_halflife
+        if config.ema_rampup:
+            halflife = min(halflife, images_seen * config.ema_rampup)
+        beta = 0.5 ** (config.batch / max(halflife, 1e-8))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - beta)
+        images_seen += config.batch
+        step += 1
+        loss_sum += loss.detach()
+        loss_steps += 1
+
+        done = images_seen >= config.images
+        if loss_steps == 50 or done:  # reading the loss waits for the GPU: not every step
+            metrics["loss"] = (loss_sum / loss_steps).item()
+            metrics["history"].append((images_seen, metrics["loss"]))
+            loss_sum.zero_()
+            loss_steps = 0
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if preview is not None and rank == 0 and crossed(config.grid_every, images_seen - config.batch, images_seen):
+            with torch.random.fork_rng(devices=[device] if on_cuda else []):  # training draws the same numbers
+                preview(ema_model, images_seen)
+        if crossed(config.ckpt_every, images_seen - config.batch, images_seen) or done:
+            rngs = data.all_rng_states(world)
+            if rank == 0:
+                data.save_atomic({"model": model.state_dict(), "ema": ema_model.state_dict(),
+                                  "optimizer": optimizer.state_dict(), "images_seen": images_seen,
+                                  "metrics": metrics, "rng": rngs, "config": asdict(config),
+                                  "num_classes": num_classes, "resolution": images.shape[-1],
+                                  "channels": images.shape[1]}, checkpoint_path)
+        bar.update(config.batch)
+    bar.close()
+    if timer is not None:
+        if on_cuda:
+            torch.cuda.synchronize()
+        metrics["images_per_second"] = (images_seen - timed_images) / (time.perf_counter() - timer)
+    return ema_model, metrics
+
+
+# -----------------------------------------------------------------------------
+# Command line: stage 2 alone, and the benchmark
+
+# bf16 dense peak of the GPUs we time on, for the model FLOP utilisation
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def flops_per_image(model):
+    """Forward FLOPs of one image as counted by PyTorch: convolutions and matrix
+    products, attention's included (its math kernel is made of them; the fused
+    CPU kernel goes uncounted)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.zeros(1, model.channels, model.resolution, model.resolution)
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        model(x, torch.ones(1), torch.zeros(1, dtype=torch.long))
+    return counter.get_total_flops()
+
+
+def benchmark(config, steps=12):
+    """Training images/s of every size of --arch on random images (32x32, 10
+    classes), timed after the warm-up steps, and the model FLOP utilisation:
+    training costs about 3x the forward FLOPs (forward, and a backward of twice)."""
+    _, _, device = data.distributed_setup()
+    batch, steps = (config.batch, steps) if device.type == "cuda" else (4, 6)  # a CPU is 1000x slower
+    images = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (4096,))
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    peak = next((flops for gpu, flops in PEAK_FLOPS.items() if gpu in name), None)
+    for size in SIZES[config.arch]:
+        model = make_diffusion(config.arch, size, 10, 32)
+        flops = flops_per_image(model)
+        with tempfile.TemporaryDirectory() as out:
+            run = replace(config, size=size, out=out, images=batch * steps, batch=batch, warmup=batch, ckpt_every=0)
+            _, metrics = train(run, images, labels, 10, progress=False)
+        rate = metrics["images_per_second"]
+        mfu = f", MFU {100 * 3 * flops * rate / peak:.1f}%" if peak else ""
+        print(f"{config.arch} {size}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{flops / 1e9:.2f} GFLOP/image forward, batch {batch}: {rate:,.1f} images/s{mfu} "
+              f"({name}, compile={config.compile and device.type == 'cuda'}, bf16={config.bf16 and device.type == 'cuda'})")
+
+
+def load_labels(path, dataset):
+    """Stage 1's pseudo_labels.pt: int64 labels, one per training image, in 0..C-1."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise data.UserError(f"cannot read labels from {path} ({type(error).__name__}); "
+                             "expected the pseudo_labels.pt of fixmatch.py") from None
+    if not isinstance(saved, dict) or "labels" not in saved:
+        raise data.UserError(f"{path} holds no 'labels'; expected the pseudo_labels.pt of fixmatch.py")
+    labels = saved["labels"]
+    if not torch.is_tensor(labels) or labels.dtype != torch.int64 or labels.shape != dataset.train_y.shape:
+        raise data.UserError(f"{path}: labels must be int64 of shape ({len(dataset.train_y)},), one per training "
+                             f"image of {dataset.name}, not {getattr(labels, 'dtype', type(labels).__name__)} "
+                             f"{tuple(getattr(labels, 'shape', ()))}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= dataset.num_classes):
+        raise data.UserError(f"{path}: labels must lie in 0..{dataset.num_classes - 1}, "
+                             f"found {int(labels.min())}..{int(labels.max())}")
+    return labels
+
+
+def main():
+    config = data.parse_config(DiffusionConfig, __doc__)
+    if config.bench:
+        return benchmark(config)
+    dataset = data.load_dataset(config.dataset, config.data_dir)
+    labels = load_labels(config.labels_file, dataset) if config.labels_file else dataset.train_y
+    import sample  # here, not at the top: sample.py imports this file
+    grid_path = os.path.join(config.out, "grid.png")
+    preview = lambda model, images_seen: sample.preview_grid(model, grid_path, per_class=8, steps=18)
+    model, metrics = train(config, dataset.train_x, labels, dataset.num_classes, preview=preview)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        save_diffusion(model, config, metrics, os.path.join(config.out, "diffusion.pt"))
+        print(f"saved {os.path.join(config.out, 'diffusion.pt')}: final loss {metrics['loss']:.4f}, "
+              f"{metrics.get('images_per_second', float('nan')):,.0f} images/s")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    data.run_main(main)

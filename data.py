@@ -118,6 +118,33 @@ def all_rng_states(world):
     return states
 
 
+def resume(path, config, free_to_change, world, rank, model, ema_model, optimizer):
+    """Load the weights, EMA weights, optimizer and this rank's random state of
+    a checkpoint of this configuration; return the checkpoint (None if there is
+    none) for the stage's own counters."""
+    if not os.path.exists(path):
+        return None
+    checkpoint = load_checkpoint(path, config, free_to_change)
+    if len(checkpoint["rng"]) != world:
+        raise UserError(f"checkpoint {path} was written by {len(checkpoint['rng'])} processes; resume it with as many")
+    model.load_state_dict(checkpoint["model"])
+    ema_model.load_state_dict(checkpoint["ema"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    set_rng_state(checkpoint["rng"][rank])
+    return checkpoint
+
+
+def for_training(model, world, device, compile):
+    """What the training step calls: the model, under DDP when several
+    processes train it, compiled on CUDA when asked."""
+    forward = model
+    if world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if compile and device.type == "cuda":
+        forward = torch.compile(forward)
+    return forward
+
+
 def load_checkpoint(path, config, free_to_change):
     """A checkpoint of this configuration, or a one-line refusal: never
     silently train over something else. free_to_change: config fields that

@@ -280,24 +280,13 @@ def train(config, dataset, labeled_index, pseudo=None, progress=True):
 
     step, metrics = 0, {"best_accuracy": 0.0, "history": []}
     checkpoint_path = os.path.join(config.out, "ckpt.pt")
-    if os.path.exists(checkpoint_path):
-        checkpoint = data.load_checkpoint(checkpoint_path, config, FREE_TO_CHANGE)
-        model.load_state_dict(checkpoint["model"])
-        ema_model.load_state_dict(checkpoint["ema"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+    checkpoint = data.resume(checkpoint_path, config, FREE_TO_CHANGE, world, rank, model, ema_model, optimizer)
+    if checkpoint is not None:
+        step, metrics = checkpoint["step"], checkpoint["metrics"]
         if freematch is not None:
             freematch.load_state_dict(checkpoint["freematch"])
-        step, metrics = checkpoint["step"], checkpoint["metrics"]
-        if len(checkpoint["rng"]) != world:
-            raise data.UserError(f"checkpoint {checkpoint_path} was written by {len(checkpoint['rng'])} processes; "
-                                 "resume it with as many")
-        data.set_rng_state(checkpoint["rng"][rank])
 
-    forward = model
-    if world > 1:
-        forward = nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_cuda else None)
-    if config.compile and on_cuda:
-        forward = torch.compile(forward)
+    forward = data.for_training(model, world, device, config.compile)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=on_cuda and config.bf16)
 
     per_rank = config.batch // world

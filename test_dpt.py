@@ -988,7 +988,7 @@ def test_two_processes_under_torchrun_train_the_diffusion_model_and_write_one_se
     assert checkpoint["images_seen"] == 16 and len(checkpoint["rng"]) == 2  # every rank's generators, for resuming
 
 
-def test_the_command_writes_a_diffusion_pt_that_load_diffusion_reads(tmp_path):
+def test_the_command_writes_a_diffusion_pt_that_load_diffusion_and_sample_py_read(tmp_path):
     result = run_script("unet.py", "--dataset", "shapes", "--size", "tiny", "--images", "8", "--batch", "4",
                         "--grid-every", "0", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -999,6 +999,13 @@ def test_the_command_writes_a_diffusion_pt_that_load_diffusion_reads(tmp_path):
         assert isinstance(model, unet.EDMPrecond) and not model.training
         for name, value in model.state_dict().items():
             assert torch.equal(value, saved["model"][name]), name
+    # and sample.py samples from it, as a user would run the two commands
+    result = run_script("sample.py", str(tmp_path / "diffusion.pt"), "--per-class", "2", "--steps", "2",
+                        "--sampler", "dpmpp", "--out", str(tmp_path / "samples"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    samples = torch.load(tmp_path / "samples" / "samples.pt")
+    assert samples["images"].shape == (20, 3, 32, 32) and samples["labels"].tolist() == sorted(list(range(10)) * 2)
+    assert (tmp_path / "samples" / "samples.png").exists()
 
 
 def test_load_diffusion_refuses_a_file_that_is_not_a_diffusion_model(tmp_path):

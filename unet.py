@@ -408,22 +408,11 @@ def train(config, images, labels, num_classes, progress=True, preview=None):
 
     images_seen, metrics = 0, {"history": []}
     checkpoint_path = os.path.join(config.out, "ckpt.pt")
-    if os.path.exists(checkpoint_path):
-        checkpoint = data.load_checkpoint(checkpoint_path, config, FREE_TO_CHANGE)
-        model.load_state_dict(checkpoint["model"])
-        ema_model.load_state_dict(checkpoint["ema"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+    checkpoint = data.resume(checkpoint_path, config, FREE_TO_CHANGE, world, rank, model, ema_model, optimizer)
+    if checkpoint is not None:
         images_seen, metrics = checkpoint["images_seen"], checkpoint["metrics"]
-        if len(checkpoint["rng"]) != world:
-            raise data.UserError(f"checkpoint {checkpoint_path} was written by {len(checkpoint['rng'])} processes; "
-                                 "resume it with as many")
-        data.set_rng_state(checkpoint["rng"][rank])
 
-    forward = model
-    if world > 1:
-        forward = nn.parallel.DistributedDataParallel(model, device_ids=[device] if on_cuda else None)
-    if config.compile and on_cuda:
-        forward = torch.compile(forward)
+    forward = data.for_training(model, world, device, config.compile)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=on_cuda and config.bf16)
 
     per_rank = config.batch // world

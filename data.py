@@ -42,14 +42,15 @@ def run_main(main):
         sys.exit(2)
 
 
-def save_atomic(obj, path):
-    """torch.save under a temporary name, then rename: a run killed at any
-    moment leaves either the old file or the new one, never half of one."""
+def save_atomic(obj, path, writer=None):
+    """writer(obj, file) (torch.save by default) into a temporary name, then
+    rename: a run killed at any moment leaves either the old file or the new
+    one, never half of one."""
     temporary = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(temporary, "wb") as file:  # a Python file, so that a full disk raises OSError
-            torch.save(obj, file)
+            (writer or torch.save)(obj, file)
         os.replace(temporary, path)
     except OSError as error:
         if os.path.exists(temporary):
@@ -118,6 +119,22 @@ def all_rng_states(world):
     return states
 
 
+def load_checkpoint(path, config, free_to_change):
+    """A checkpoint of this configuration, or a one-line refusal: never
+    silently train over something else. free_to_change: config fields that
+    may differ without changing where the run ends."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise UserError(f"checkpoint {path} is unreadable ({type(error).__name__}); delete it to start over") from None
+    saved = checkpoint.get("config", {}) if isinstance(checkpoint, dict) else {}
+    changed = sorted(k for k, v in dataclasses.asdict(config).items() if k not in free_to_change and saved.get(k) != v)
+    if changed:
+        raise UserError(f"checkpoint {path} was made with other settings ({', '.join(changed)}); "
+                        "use another --out or delete it to start over")
+    return checkpoint
+
+
 def resume(path, config, free_to_change, world, rank, model, ema_model, optimizer):
     """Load the weights, EMA weights, optimizer and this rank's random state of
     a checkpoint of this configuration; return the checkpoint (None if there is
@@ -143,22 +160,6 @@ def for_training(model, world, device, compile):
     if compile and device.type == "cuda":
         forward = torch.compile(forward)
     return forward
-
-
-def load_checkpoint(path, config, free_to_change):
-    """A checkpoint of this configuration, or a one-line refusal: never
-    silently train over something else. free_to_change: config fields that
-    may differ without changing where the run ends."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise UserError(f"checkpoint {path} is unreadable ({type(error).__name__}); delete it to start over") from None
-    saved = checkpoint.get("config", {}) if isinstance(checkpoint, dict) else {}
-    changed = sorted(k for k, v in dataclasses.asdict(config).items() if k not in free_to_change and saved.get(k) != v)
-    if changed:
-        raise UserError(f"checkpoint {path} was made with other settings ({', '.join(changed)}); "
-                        "use another --out or delete it to start over")
-    return checkpoint
 
 
 # -----------------------------------------------------------------------------

@@ -195,17 +195,7 @@ def read_json(path):
 
 
 def write_json(obj, path):
-    temporary = f"{path}.tmp{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(temporary, "w") as file:
-            json.dump(obj, file, indent=2)
-        os.replace(temporary, path)
-    except OSError as error:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise data.UserError(f"cannot write {path} ({error.strerror or error}); free some space or choose "
-                             "another --out, then run the same command again to continue") from None
+    data.save_atomic(obj, path, writer=lambda obj, file: file.write(json.dumps(obj, indent=2).encode()))
 
 
 def read_artifact(path, redo):

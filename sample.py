@@ -199,10 +199,8 @@ def save_grid(images, labels, path, columns=16):
     blank = torch.full((1, *images.shape[1:]), 255, dtype=torch.uint8)  # fills the rows of classes with fewer images
     grid = torch.cat([torch.cat([row, blank.expand(width - len(row), -1, -1, -1)]) for row in rows]).float() / 255
     grid = F.interpolate(grid, scale_factor=max(1, 64 // images.shape[-1]), mode="nearest")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    temporary = f"{path}.tmp{os.getpid()}"
-    torchvision.utils.save_image(grid, temporary, nrow=width, padding=2, pad_value=1.0, format="PNG")
-    os.replace(temporary, path)
+    data.save_atomic(grid, path, writer=lambda grid, file: torchvision.utils.save_image(
+        grid, file, nrow=width, padding=2, pad_value=1.0, format="PNG"))
 
 
 def preview_grid(model, path, per_class=8, steps=18):

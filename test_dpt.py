@@ -231,6 +231,28 @@ def test_shapes_draw_each_class_as_its_own_shape():
     assert off_diagonal.min() > 0.05  # at least ~200 of 4096 pixels tell any two shapes apart
 
 
+def test_glyphs_are_reproducible_and_each_class_has_its_own_form():
+    x1, y1 = data.make_glyphs(600, seed=0)
+    x2, y2 = data.make_glyphs(600, seed=0)
+    assert x1.dtype == torch.uint8 and x1.shape == (600, 28, 28) and torch.equal(x1, x2) and torch.equal(y1, y2)
+    # Nearest class mean on held-out glyphs: 72% here, chance 10%; glyphs of one
+    # shared form (or ink everywhere) would leave it near chance.
+    test_x, test_y = data.make_glyphs(300, seed=1)
+    means = torch.stack([x1[y1 == c].float().mean(0) for c in range(10)]).flatten(1)
+    nearest = torch.cdist(test_x.float().flatten(1), means).argmin(1)
+    assert (nearest == test_y).float().mean() > 0.5
+
+
+def test_the_glyphs_file_loads_like_a_users_grayscale_npz(tmp_path, capsys):
+    path = str(tmp_path / "glyphs.npz")
+    data.write_glyphs(path, train=200, test=50)
+    glyphs = data.load_dataset(path)
+    assert glyphs.name == "glyphs" and glyphs.num_classes == 10 and glyphs.train_x.shape == (200, 3, 32, 32)
+    x, y = data.make_glyphs(50, seed=1)
+    assert torch.equal(glyphs.test_y, y) and torch.equal(glyphs.test_x[:, 0, 2:30, 2:30], x)  # padded, gray as RGB
+    assert torch.equal(glyphs.test_x[:, 0], glyphs.test_x[:, 2]) and "padded" in capsys.readouterr().out
+
+
 def test_split_has_exactly_the_asked_labels_per_class_and_is_reproducible():
     y = torch.randint(0, 10, (1000,), generator=torch.Generator().manual_seed(0))
     split = data.labeled_split(y, 4, seed=3)
@@ -654,12 +676,24 @@ def test_stage_3_batches_hold_the_asked_share_of_real_images():
     assert (uniform < 10).float().mean() == pytest.approx(10 / 110, abs=0.01)
 
 
-def test_stage_3_trains_with_generated_images_in_the_labeled_set(tmp_path, small_shapes):
-    split = data.labeled_split(small_shapes.train_y, 2, seed=0)
-    generated = (random_images(30), torch.arange(30) % 10)
-    model, metrics = fixmatch.train(tiny_config(tmp_path, steps=3, real_fraction=0.5), small_shapes, split,
-                                    pseudo=generated, progress=False)
-    assert 0 <= metrics["accuracy"] <= 1 and model(random_images(2)).shape == (2, 10)
+def test_stage_3_learns_the_labels_of_the_generated_images(tmp_path):
+    """Stage 3 on one real label per class plus 600 "generated" images: real
+    training images, once with their true labels and once with every label moved
+    to the next class. The classifier must follow the generated labels: right
+    labels put it far above wrong ones, whose test accuracy falls towards 0."""
+    train_x, train_y = data.make_shapes(2000, seed=0, side=16)
+    test_x, test_y = data.make_shapes(500, seed=1, side=16)
+    shapes16 = data.Dataset("shapes16", train_x, train_y, test_x, test_y, 10)
+    split = data.labeled_split(train_y, 1, seed=0)
+    accuracy = {}
+    for name, labels in (("right", train_y[:600]), ("wrong", (train_y[:600] + 1) % 10)):
+        config = fixmatch.FixMatchConfig(dataset="shapes", labels=1, arch="small", steps=150, batch=32, uratio=1,
+                                         lr=0.05, ema=0.9, lambda_u=0.0, real_fraction=-1, eval_every=150,
+                                         ckpt_every=150, out=str(tmp_path / name), compile=False)
+        accuracy[name] = fixmatch.train(config, shapes16, split, pseudo=(train_x[:600], labels),
+                                        progress=False)[1]["accuracy"]
+    assert accuracy["right"] >= accuracy["wrong"] + 0.3, accuracy
+    assert accuracy["wrong"] < 0.3, accuracy  # it learned the moved labels, not the one real label per class
 
 
 def test_two_processes_under_torchrun_train_and_write_one_set_of_files(tmp_path):
@@ -859,9 +893,18 @@ def test_the_cifar_uvit_is_u_vit_s_2_plus_its_time_mlp():
     assert sum(p.numel() for p in model.parameters()) - time_mlp == pytest.approx(44e6, rel=0.01)
 
 
+def test_a_patch_of_2_keeps_the_image_size_and_quarters_the_work():
+    # patch=2 folds each 2x2 square into channels: every level runs at half the side.
+    shape = dict(unet.SIZES["unet"]["tiny"], patch=1)
+    full = unet.EDMPrecond(unet.UNet(32, 3, 10, **shape), 10, 32, 3)
+    folded = unet.EDMPrecond(unet.UNet(32, 3, 10, **dict(shape, patch=2)), 10, 32, 3)
+    assert folded(torch.randn(2, 3, 32, 32), 1.0, torch.tensor([0, 10])).shape == (2, 3, 32, 32)
+    assert unet.flops_per_image(folded) < 0.3 * unet.flops_per_image(full)
+
+
 def test_unknown_sizes_and_unfit_resolutions_are_refused_in_one_line():
     for args, words in [(("resnet", "tiny", 10, 32), "unknown --arch"), (("unet", "huge", 10, 32), "unknown --size"),
-                        (("unet", "tiny", 10, 30), "multiple of 4"), (("uvit", "tiny", 10, 31), "multiple of 2")]:
+                        (("unet", "tiny", 10, 28), "multiple of 8"), (("uvit", "tiny", 10, 31), "multiple of 2")]:
         with pytest.raises(data.UserError, match=words) as error:
             unet.make_diffusion(*args)
         assert "\n" not in str(error.value)
@@ -1324,12 +1367,40 @@ def test_results_json_holds_every_metric_and_the_summary_shows_stage_3_next_to_s
         assert 0 <= results[key] <= 1, key
     assert results["stage3_gain"] == pytest.approx(results["stage3_accuracy"] - results["stage1_accuracy"])
     assert results["fid"] > 0 and results["inception_score"] >= 1
-    assert len(results["sample_accuracy_per_class"]) == 10
+    judge = fixmatch.load_classifier(run / "stage1" / "classifier.pt")[0]  # the stage-1 classifier, not stage 3's
+    samples = torch.load(run / "samples.pt")
+    right = fixmatch.predict(judge, samples["images"])[0] == samples["labels"]
+    assert results["sample_accuracy"] == pytest.approx(right.float().mean().item())
+    assert results["sample_accuracy_per_class"] == pytest.approx([right[c * 3:c * 3 + 3].float().mean().item()
+                                                                   for c in range(10)])
     assert {"split", "stage1", "stage2", "sample", "stage3", "baseline", "fid"} <= set(results["wall_time_s"])
     assert results["config"]["ssl_steps"] == 12 and results["versions"]["torch"] == torch.__version__
     lines = result.stdout.splitlines()
     stage1_line = next(i for i, line in enumerate(lines) if "stage 1: semi-supervised" in line)
-    assert "stage 3: with generated images" in lines[stage1_line + 2]
+    assert "generated images of the intended class" in lines[stage1_line + 2]
+    assert f"{100 * results['sample_accuracy']:.2f}%" in lines[stage1_line + 2]
+    assert "stage 3: with generated images" in lines[stage1_line + 3]
+
+
+class FirstPixelJudge(torch.nn.Module):
+    """A classifier whose answer is known: the class written in an image's first pixel."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.num_classes, self.unused = num_classes, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, images):
+        return F.one_hot(images[:, 0, 0, 0].long(), self.num_classes).float() * 10
+
+
+def test_the_judge_counts_the_generated_images_it_puts_in_their_intended_class():
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])  # class 3 has no images
+    answers = torch.tensor([0, 0, 0, 0, 1, 1, 1, 3, 0, 1, 3, 3])  # 4, 3 and 0 right of 4
+    images = torch.zeros(12, 3, 8, 8, dtype=torch.uint8)
+    images[:, 0, 0, 0] = answers
+    fidelity = dpt.sample_accuracy(FirstPixelJudge(4), images, labels, num_classes=4)
+    assert fidelity["accuracy"] == pytest.approx(7 / 12)
+    assert fidelity["per_class"] == [1.0, 0.75, 0.0, None]
 
 
 def test_rerunning_a_finished_run_redoes_nothing(quick_run, fid_weights, tmp_path):

@@ -259,13 +259,14 @@ def train_classifier(config, run, name, dataset, labeled_index, steps, lambda_u=
 
 
 def stage1(config, run, dataset, labeled_index):
-    """FixMatch on the labeled split, then a pseudo label for every training image."""
+    """FixMatch on the labeled split, then a pseudo label for every training image;
+    returns the classifier (the judge of the generated images), its metrics and the labels."""
     model, metrics = train_classifier(config, run, "stage1", dataset, labeled_index, config.ssl_steps)
     path = os.path.join(run, FINAL["stage1"])
     if not os.path.exists(path) and dist_rank() == 0:
         data.save_atomic(fixmatch.pseudo_labels(model, dataset), path)
     barrier()
-    return metrics, read_artifact(path, "stage1")
+    return model, metrics, read_artifact(path, "stage1")
 
 
 def stage2(config, run, dataset, pseudo):
@@ -353,7 +354,7 @@ def main():
         print(f"DPT on {dataset.name}, {config.labels} labels per class, preset {config.preset}: {run}")
 
     labeled_index = run_stage(run, "split", stage_split, config, run, dataset)
-    stage1_metrics, pseudo = run_stage(run, "stage1", stage1, config, run, dataset, labeled_index)
+    stage1_model, stage1_metrics, pseudo = run_stage(run, "stage1", stage1, config, run, dataset, labeled_index)
     run_stage(run, "stage2", stage2, config, run, dataset, pseudo)
     samples = run_stage(run, "sample", stage_sample, config, run, device, rank, world)
     stage3_metrics = run_stage(run, "stage3", train_classifier, config, run, "stage3", dataset, labeled_index,
@@ -367,8 +368,7 @@ def main():
     if rank == 0:
         # The judge of the generated images is the stage-1 classifier: it never saw
         # them (stage 3 trained on them, so it would grade its own homework).
-        judge = fixmatch.load_classifier(os.path.join(run, "stage1", "classifier.pt"))[0]
-        fidelity = sample_accuracy(judge, samples["images"], samples["labels"], dataset.num_classes)
+        fidelity = sample_accuracy(stage1_model, samples["images"], samples["labels"], dataset.num_classes)
         results = {
             "dataset": dataset.name, "labels_per_class": config.labels, "seed": config.seed, "preset": config.preset,
             "baseline_accuracy": baseline_metrics and baseline_metrics.get("accuracy"),

@@ -676,15 +676,21 @@ def test_stage_3_batches_hold_the_asked_share_of_real_images():
     assert (uniform < 10).float().mean() == pytest.approx(10 / 110, abs=0.01)
 
 
-def test_stage_3_learns_the_labels_of_the_generated_images(tmp_path):
+@pytest.fixture(scope="module")
+def shapes16():
+    """16 x 16 shapes: a learning test of the small CNN in about a minute of CPU."""
+    train_x, train_y = data.make_shapes(4000, seed=0, side=16)
+    test_x, test_y = data.make_shapes(1000, seed=1, side=16)
+    return data.Dataset("shapes16", train_x, train_y, test_x, test_y, 10)
+
+
+def test_stage_3_learns_the_labels_of_the_generated_images(tmp_path, shapes16):
     """Stage 3 on one real label per class plus 600 "generated" images: real
     training images, once with their true labels and once with every label moved
     to the next class. The classifier must follow the generated labels: right
     labels put it far above wrong ones, whose test accuracy falls towards 0
-    (95% against 2% here)."""
-    train_x, train_y = data.make_shapes(2000, seed=0, side=16)
-    test_x, test_y = data.make_shapes(500, seed=1, side=16)
-    shapes16 = data.Dataset("shapes16", train_x, train_y, test_x, test_y, 10)
+    (97% against 1% here)."""
+    train_x, train_y = shapes16.train_x, shapes16.train_y
     split = data.labeled_split(train_y, 1, seed=0)
     accuracy = {}
     for name, labels in (("right", train_y[:600]), ("wrong", (train_y[:600] + 1) % 10)):
@@ -708,15 +714,12 @@ def test_two_processes_under_torchrun_train_and_write_one_set_of_files(tmp_path)
     assert torch.load(tmp_path / "pseudo_labels.pt")["labels"].shape == (20_000,)
 
 
-def test_fixmatch_beats_training_on_the_labeled_images_alone_with_1_label_per_class(tmp_path):
+def test_fixmatch_beats_training_on_the_labeled_images_alone_with_1_label_per_class(tmp_path, shapes16):
     """The claim of stage 1, in about a minute of CPU: 16 x 16 shapes, one
     labeled image per class, the small CNN. Over seeds 0-2 labeled-only training
     reached 60-67% and FixMatch 85-87% after 800 steps (margins of 19-25 points),
     so a margin of 10 points leaves room for other threads and platforms."""
-    train_x, train_y = data.make_shapes(4000, seed=0, side=16)
-    test_x, test_y = data.make_shapes(1000, seed=1, side=16)
-    shapes16 = data.Dataset("shapes16", train_x, train_y, test_x, test_y, 10)
-    split = data.labeled_split(train_y, 1, seed=0)
+    split = data.labeled_split(shapes16.train_y, 1, seed=0)
     accuracy = {}
     for lambda_u in (0.0, 1.0):
         config = fixmatch.FixMatchConfig(dataset="shapes", labels=1, arch="small", steps=800, batch=32, uratio=3,

@@ -12,10 +12,12 @@ images and int64 labels; the augmentations take and return such batches.
 
 import argparse
 import dataclasses
+import fcntl
 import inspect
 import itertools
 import math
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# User errors and command lines shared by every script
+# User errors, settings checked before any work, and command lines shared by every script
 
 
 class UserError(Exception):
@@ -42,21 +44,40 @@ def run_main(main):
         sys.exit(2)
 
 
-def save_atomic(obj, path, writer=None):
-    """writer(obj, file) (torch.save by default) into a temporary name, then
-    rename: a run killed at any moment leaves either the old file or the new
-    one, never half of one."""
-    temporary = f"{path}.tmp{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(temporary, "wb") as file:  # a Python file, so that a full disk raises OSError
-            (writer or torch.save)(obj, file)
-        os.replace(temporary, path)
-    except OSError as error:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise UserError(f"cannot write {path} ({error.strerror or error}); free some space or choose another "
-                        "--out, then run the same command again to continue") from None
+# A rule is (test of a value, what a valid value is). Each script keeps the rules
+# of its own config in RULES; dpt.py checks its stages with the same rules, naming
+# the flags the user typed there (--ssl-steps where fixmatch.py has --steps).
+def one_of(*options):
+    return (lambda value: value in options), "one of " + ", ".join(options)
+
+
+def at_least(low):
+    return (lambda value: value >= low), f"at least {low}"  # NaN fails every comparison
+
+
+POSITIVE = (lambda value: 0 < value < math.inf), "a positive number"
+FINITE = (lambda value: math.isfinite(value)), "a finite number"
+FRACTION = (lambda value: 0 <= value < 1), "at least 0 and below 1"
+PROBABILITY = (lambda value: 0 <= value <= 1), "between 0 and 1"
+
+
+def flag(name, flags=None):
+    """The command-line flag of a config field: --name, or the name dpt.py gives it."""
+    return "--" + (flags or {}).get(name, name).replace("_", "-")
+
+
+def check_fields(config, rules, flags=None):
+    """Refuse the first field of config that breaks its rule, in one line naming its flag."""
+    for name, (valid, words) in rules.items():
+        value = getattr(config, name)
+        if not valid(value):
+            raise UserError(f"{flag(name, flags)} {value!r}: must be {words}")
+
+
+def check_divisible(config, world, flags=None):
+    """A batch of all processes together splits evenly across torchrun's processes."""
+    if config.batch % world:
+        raise UserError(f"{flag('batch', flags)} {config.batch}: must be divisible by the {world} processes")
 
 
 def parse_config(config_class, description, argv=None):
@@ -80,11 +101,73 @@ def parse_config(config_class, description, argv=None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
         else:
             parser.add_argument(flag, type=kind, default=field.default, help=help_text)
+
+    def refuse(message):  # argparse's own errors (a typo, "abc" for a number) in one line too
+        raise UserError(f"{message} (see --help)")
+    parser.error = refuse
     return config_class(**vars(parser.parse_args(argv)))
 
 
 # -----------------------------------------------------------------------------
-# Training runs shared by every stage: processes, random state, checkpoints
+# Run folders shared by every stage: safe writes, one writer, processes, random
+# state, checkpoints
+
+
+def save_atomic(obj, path, writer=None):
+    """writer(obj, file) (torch.save by default) into a temporary name, then
+    rename: a run killed at any moment leaves either the old file or the new
+    one, never half of one. A full disk is one line, with nothing left behind."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(temporary, "wb") as file:  # a Python file, so that a full disk raises OSError
+            (writer or torch.save)(obj, file)
+        os.replace(temporary, path)
+    except BaseException as error:  # Ctrl-C included: no temporary file survives
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        cause = error
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__  # torch.save's zip writer meets ENOSPC, then fails in its own clean-up
+        if cause is None:
+            raise
+        raise UserError(f"cannot write {path} ({cause.strerror or cause}); free some space or choose another "
+                        "--out, then run the same command again to continue") from None
+
+
+HELD_LOCKS = []  # open lock files: the kernel releases each when its process ends, SIGKILL included
+
+
+def claim_folder(folder, rank=0, world=1):
+    """Make this run the only writer of `folder` (a second run into it stops with
+    one line); rank 0 holds the lock for every rank of a torchrun job."""
+    refusal = None
+    if rank == 0:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            file = open(os.path.join(folder, "run.lock"), "a+")
+        except OSError as error:
+            raise UserError(f"cannot write {folder} ({error.strerror}); choose another --out") from None
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            refusal = (f"{folder} is in use by {file.read().strip() or 'another process'}; wait for it to end, "
+                       "or choose another --out")
+            file.close()
+        else:
+            file.truncate(0)
+            file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+            file.flush()
+            HELD_LOCKS.append(file)
+    if world > 1:
+        message = [refusal]
+        dist.broadcast_object_list(message, src=0)  # every rank stops, not rank 0 alone
+        refusal = message[0]
+    if refusal:
+        raise UserError(refusal)
+
+
 
 
 def distributed_setup():
@@ -189,8 +272,13 @@ def load_dataset(name, data_dir="./data"):
         return Dataset("shapes", train_x, train_y, test_x, test_y, len(SHAPES))
     if name.endswith((".pt", ".npz")):
         return load_file(name)
-    raise UserError(f"unknown dataset '{name}': use one of {', '.join(TORCHVISION_DATASETS)}, shapes, "
-                    "or the path of a .pt/.npz file holding train_x and train_y")
+    raise UserError(f"--dataset {name!r}: must be {DATASET[1]}")
+
+
+# The rules every script's RULES shares for --dataset, --data-dir and --out.
+DATASET = ((lambda name: name in TORCHVISION_DATASETS or name == "shapes" or name.endswith((".pt", ".npz"))),
+           f"one of {', '.join(TORCHVISION_DATASETS)}, shapes, or the path of a .pt/.npz file with train_x and train_y")
+FOLDER = (lambda path: not os.path.isfile(path)), "a folder, not a file"
 
 
 def load_torchvision(name, data_dir):
@@ -225,7 +313,7 @@ def load_file(path):
     """A .pt or .npz with train_x (uint8 N x C x H x W or N x H x W x C, C = 1 or 3),
     train_y (integers 0 .. C-1, every class present), optional test_x, test_y."""
     if not os.path.isfile(path):
-        raise UserError(f"dataset file {path} does not exist")
+        raise UserError(f"--dataset {path}: no such file")
     try:
         if path.endswith(".npz"):
             with np.load(path, allow_pickle=False) as archive:

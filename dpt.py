@@ -130,8 +130,68 @@ def resolve(config):
     for name, value in PRESETS[config.preset].items():
         if getattr(config, name) is None:
             setattr(config, name, value)
-    if config.redo and config.redo not in STAGES[1:]:
-        raise data.UserError(f"unknown --redo '{config.redo}': use one of {', '.join(STAGES[1:])}")
+
+
+# Each stage script's settings, field by field from DPTConfig's: the one mapping
+# that builds them for the stages and names dpt.py's flags when a stage script's
+# rules refuse a value (--ssl-steps, where fixmatch.py would say --steps).
+CLASSIFIER_FIELDS = {"dataset": "dataset", "data_dir": "data_dir", "labels": "labels", "seed": "seed",
+                     "arch": "arch", "batch": "ssl_batch", "uratio": "uratio", "lr": "ssl_lr", "ema": "ssl_ema",
+                     "threshold": "threshold", "tau": "tau", "real_fraction": "real_fraction",
+                     "eval_every": "eval_every", "ckpt_every": "eval_every", "compile": "compile", "bf16": "bf16"}
+DIFFUSION_FIELDS = {"dataset": "dataset", "data_dir": "data_dir", "seed": "seed", "arch": "unet_arch",
+                    "size": "unet_size", "images": "diffusion_images", "batch": "diffusion_batch",
+                    "lr": "diffusion_lr", "warmup": "warmup", "ema_halflife": "ema_halflife", "p_mean": "p_mean",
+                    "compile": "compile", "bf16": "bf16"}
+SAMPLE_FIELDS = {"per_class": "per_class", "sampler": "sampler", "steps": "sample_steps", "guidance": "guidance",
+                 "seed": "seed", "bf16": "bf16"}
+
+
+def stage_settings(config_class, config, fields, **fixed):
+    return config_class(**{name: getattr(config, ours) for name, ours in fields.items()}, **fixed)
+
+
+def classifier_settings(config, stage, out=""):
+    """fixmatch.py's settings for stage 1, stage 3 or the baseline, and the flags
+    they come from. One recipe for all three: the baseline drops the unlabeled
+    loss (lambda_u = 0), which is what makes it train on the labeled images alone."""
+    fields = dict(CLASSIFIER_FIELDS, steps="stage3_steps" if stage == "stage3" else "ssl_steps")
+    lambda_u = 0.0 if stage == "baseline" else 1.0
+    return stage_settings(fixmatch.FixMatchConfig, config, fields, out=out, lambda_u=lambda_u), fields
+
+
+def diffusion_settings(config, out="", labels_file=""):
+    """unet.py's settings for stage 2, and the flags they come from: a checkpoint
+    every 5% of the run (at most 2M images apart), a preview grid halfway and at the end."""
+    settings = stage_settings(unet.DiffusionConfig, config, DIFFUSION_FIELDS, out=out, labels_file=labels_file,
+                              ckpt_every=min(max(config.diffusion_images // 20, 1), 2_000_000),
+                              grid_every=max(config.diffusion_images // 2, 1))
+    return settings, DIFFUSION_FIELDS
+
+
+def sample_settings(config, out=""):
+    return stage_settings(sample.SampleConfig, config, SAMPLE_FIELDS, checkpoint="", out=out), SAMPLE_FIELDS
+
+
+RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "labels": data.at_least(1), "seed": data.at_least(0),
+         "out": data.FOLDER, "redo": ((lambda stage: stage in ("", *STAGES[1:])), "one of " + ", ".join(STAGES[1:])),
+         "fid_weights": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
+         "fid_reference": data.at_least(0)}
+
+
+def check(config, world, dataset=None):
+    """Refuse a bad setting of any stage in one line naming its flag, before the
+    dataset loads (and again with the dataset, before any stage runs): the rules
+    are dpt.py's own and the stage scripts', which check their own flags the same way."""
+    data.check_fields(config, RULES)
+    for stage in ("stage1", "stage3"):
+        settings, flags = classifier_settings(config, stage)
+        fixmatch.check(settings, world, flags)
+    settings, flags = diffusion_settings(config)
+    unet.check(settings, world, flags, resolution=None if dataset is None else dataset.train_x.shape[-1])
+    sample.check(*sample_settings(config))
+    if dataset is not None:
+        data.labeled_split(dataset.train_y, config.labels, config.seed)  # an impossible --labels
 
 
 def run_folder(config):
@@ -211,12 +271,12 @@ def read_artifact(path, redo):
         raise data.UserError(f"{path} is unreadable ({type(error).__name__}); rerun with --redo {redo}") from None
 
 
-def run_stage(run, stage, function, *args):
+def run_stage(run, stage, function, *args, **kwargs):
     """Run one stage (it skips itself when its final file exists); add its wall
     time to timings.json when it did work."""
     already_done = os.path.exists(os.path.join(run, FINAL[stage]))
     start = time.perf_counter()
-    result = function(*args)
+    result = function(*args, **kwargs)
     if not already_done and dist_rank() == 0:
         timings = read_json(os.path.join(run, "timings.json")) or {}
         timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - start, 1)
@@ -239,18 +299,12 @@ def stage_split(config, run, dataset):
     return read_artifact(path, "stage1")["indices"]
 
 
-def train_classifier(config, run, name, dataset, labeled_index, steps, lambda_u=1.0, pseudo=None):
-    """Stage 1, stage 3 or the labeled-only baseline, into run/name/classifier.pt;
-    returns its metrics."""
-    out = os.path.join(run, name)
-    path = os.path.join(out, "classifier.pt")
+def train_classifier(config, run, stage, dataset, labeled_index, pseudo=None):
+    """Stage 1, stage 3 or the labeled-only baseline, into run/stage/classifier.pt;
+    returns the classifier and its metrics."""
+    path = os.path.join(run, stage, "classifier.pt")
     if not os.path.exists(path):
-        settings = fixmatch.FixMatchConfig(
-            dataset=config.dataset, data_dir=config.data_dir, labels=config.labels, seed=config.seed, out=out,
-            arch=config.arch, steps=steps, batch=config.ssl_batch, uratio=config.uratio, lr=config.ssl_lr,
-            ema=config.ssl_ema, lambda_u=lambda_u, threshold=config.threshold, tau=config.tau,
-            real_fraction=config.real_fraction, eval_every=config.eval_every, ckpt_every=config.eval_every,
-            compile=config.compile, bf16=config.bf16)
+        settings, _ = classifier_settings(config, stage, out=os.path.join(run, stage))
         model, metrics = fixmatch.train(settings, dataset, labeled_index, pseudo)
         if dist_rank() == 0:
             fixmatch.save_classifier(model, settings, metrics, path)
@@ -261,7 +315,7 @@ def train_classifier(config, run, name, dataset, labeled_index, steps, lambda_u=
 def stage1(config, run, dataset, labeled_index):
     """FixMatch on the labeled split, then a pseudo label for every training image;
     returns the classifier (the judge of the generated images), its metrics and the labels."""
-    model, metrics = train_classifier(config, run, "stage1", dataset, labeled_index, config.ssl_steps)
+    model, metrics = train_classifier(config, run, "stage1", dataset, labeled_index)
     path = os.path.join(run, FINAL["stage1"])
     if not os.path.exists(path) and dist_rank() == 0:
         data.save_atomic(fixmatch.pseudo_labels(model, dataset), path)
@@ -274,15 +328,7 @@ def stage2(config, run, dataset, pseudo):
     out = os.path.join(run, "stage2")
     path = os.path.join(run, FINAL["stage2"])
     if not os.path.exists(path):
-        settings = unet.DiffusionConfig(
-            dataset=config.dataset, data_dir=config.data_dir, labels_file=os.path.join(run, FINAL["stage1"]),
-            out=out, arch=config.unet_arch, size=config.unet_size, images=config.diffusion_images,
-            batch=config.diffusion_batch, lr=config.diffusion_lr, warmup=config.warmup,
-            ema_halflife=config.ema_halflife, p_mean=config.p_mean, seed=config.seed, compile=config.compile,
-            bf16=config.bf16,
-            # a checkpoint every 5% of the run (at most 2M images apart), a preview grid halfway and at the end
-            ckpt_every=min(max(config.diffusion_images // 20, 1), 2_000_000),
-            grid_every=max(config.diffusion_images // 2, 1))
+        settings, _ = diffusion_settings(config, out=out, labels_file=os.path.join(run, FINAL["stage1"]))
         grid = os.path.join(out, "grid.png")
         preview = lambda model, images_seen: sample.preview_grid(model, grid, per_class=4, steps=8)
         model, metrics = unet.train(settings, dataset.train_x, pseudo["labels"], dataset.num_classes, preview=preview)
@@ -296,9 +342,10 @@ def stage_sample(config, run, device, rank, world):
     path = os.path.join(run, FINAL["sample"])
     if not os.path.exists(path):
         model = unet.load_diffusion(os.path.join(run, FINAL["stage2"]), device)
-        images, labels = sample.generate(model, config.per_class, sampler=config.sampler, steps=config.sample_steps,
-                                         guidance=config.guidance, seed=config.seed, device=device, rank=rank,
-                                         world=world, bf16=config.bf16)
+        settings, _ = sample_settings(config, out=run)
+        images, labels = sample.generate(model, settings.per_class, sampler=settings.sampler, steps=settings.steps,
+                                         guidance=settings.guidance, seed=settings.seed, device=device, rank=rank,
+                                         world=world, bf16=settings.bf16)
         if rank == 0:
             data.save_atomic({"images": images, "labels": labels}, path)
             sample.save_grid(images, labels, os.path.join(run, "samples.png"))
@@ -346,9 +393,11 @@ def main():
     config = data.parse_config(DPTConfig, __doc__)
     rank, world, device = data.distributed_setup()
     resolve(config)
+    check(config, world)
     dataset = data.load_dataset(config.dataset, config.data_dir)
-    data.labeled_split(dataset.train_y, config.labels, config.seed)  # an impossible --labels stops before any work
+    check(config, world, dataset)
     run = run_folder(config)
+    data.claim_folder(run, rank, world)
     check_run_folder(config, run)
     if rank == 0:
         print(f"DPT on {dataset.name}, {config.labels} labels per class, preset {config.preset}: {run}")
@@ -357,12 +406,12 @@ def main():
     stage1_model, stage1_metrics, pseudo = run_stage(run, "stage1", stage1, config, run, dataset, labeled_index)
     run_stage(run, "stage2", stage2, config, run, dataset, pseudo)
     samples = run_stage(run, "sample", stage_sample, config, run, device, rank, world)
-    stage3_metrics = run_stage(run, "stage3", train_classifier, config, run, "stage3", dataset, labeled_index,
-                               config.stage3_steps, 1.0, (samples["images"], samples["labels"]))[1]
+    _, stage3_metrics = run_stage(run, "stage3", train_classifier, config, run, "stage3", dataset, labeled_index,
+                                  pseudo=(samples["images"], samples["labels"]))
     baseline_metrics = None
     if config.baseline:
-        baseline_metrics = run_stage(run, "baseline", train_classifier, config, run, "baseline", dataset,
-                                     labeled_index, config.ssl_steps, 0.0)[1]
+        _, baseline_metrics = run_stage(run, "baseline", train_classifier, config, run, "baseline", dataset,
+                                        labeled_index)
     fid_result = run_stage(run, "fid", stage_fid, config, run, dataset, samples, device, rank, world)
 
     if rank == 0:

@@ -155,8 +155,6 @@ ARCHITECTURES = {"wrn28_2": WideResNet, "small": SmallCNN}
 
 
 def make_classifier(arch, num_classes, mean, std):
-    if arch not in ARCHITECTURES:
-        raise data.UserError(f"unknown --arch '{arch}': use one of {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[arch](num_classes, mean, std)
 
 
@@ -245,15 +243,28 @@ def pseudo_labels(model, dataset):
 # Training
 
 
+RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "labels": data.at_least(1), "seed": data.at_least(0),
+         "out": data.FOLDER, "arch": data.one_of(*ARCHITECTURES), "steps": data.at_least(1),
+         "batch": data.at_least(1), "uratio": data.at_least(1), "lr": data.POSITIVE, "momentum": data.FRACTION,
+         "weight_decay": data.at_least(0), "ema": data.FRACTION, "lambda_u": data.at_least(0),
+         "threshold": data.one_of("fixmatch", "freematch"), "tau": data.PROBABILITY, "freematch_ema": data.FRACTION,
+         "real_fraction": ((lambda value: value == -1 or 0 <= value <= 1), "-1 (uniform) or between 0 and 1"),
+         "eval_every": data.at_least(1), "ckpt_every": data.at_least(1)}
+
+
+def check(config, world=1, flags=None):
+    """Refuse a setting that cannot train, in one line, before any work. flags:
+    the name of each field's flag where it differs (dpt.py's --ssl-steps)."""
+    data.check_fields(config, RULES, flags)
+    data.check_divisible(config, world, flags)
+
+
 def train(config, dataset, labeled_index, pseudo=None, progress=True):
     """FixMatch from scratch (or from config.out/ckpt.pt) to config.steps.
     pseudo: optional (uint8 images, int64 labels) that join the labeled set.
     Returns the EMA model and a dict of metrics; rank 0 writes the checkpoint."""
     rank, world, device = data.distributed_setup()
-    if config.batch % world:
-        raise data.UserError(f"--batch {config.batch} must be divisible by the {world} processes")
-    if config.threshold not in ("fixmatch", "freematch"):
-        raise data.UserError(f"unknown --threshold '{config.threshold}': use fixmatch or freematch")
+    check(config, world)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     on_cuda = device.type == "cuda"
 
@@ -420,11 +431,13 @@ def main():
     config = data.parse_config(FixMatchConfig, __doc__)
     if config.bench:
         return benchmark(config)
+    rank, world, _ = data.distributed_setup()
+    check(config, world)
+    data.claim_folder(config.out, rank, world)
     dataset = data.load_dataset(config.dataset, config.data_dir)
     labeled_index = data.labeled_split(dataset.train_y, config.labels, config.seed)
     pseudo = load_generated(config.pseudo_images, dataset) if config.pseudo_images else None
     model, metrics = train(config, dataset, labeled_index, pseudo)
-    rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         save_classifier(model, config, metrics, os.path.join(config.out, "classifier.pt"))
         labels = pseudo_labels(model, dataset)

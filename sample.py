@@ -46,21 +46,15 @@ class SampleConfig:
 
 
 SAMPLERS = ("heun", "euler", "dpmpp")
+RULES = {"per_class": data.at_least(1), "sampler": data.one_of(*SAMPLERS),
+         "steps": ((lambda value: value >= 2), "at least 2 (the noise levels sigma_max and sigma_min)"),
+         "guidance": ((lambda value: 0 <= value < math.inf), "at least 0 (1 is no guidance, 0 unconditional)"),
+         "seed": data.at_least(0), "batch": data.at_least(1), "out": data.FOLDER}
 
 
-def check(config):
-    """One-line refusals of settings that cannot sample, before the model is loaded."""
-    if config.sampler not in SAMPLERS:
-        raise data.UserError(f"unknown sampler '{config.sampler}': use one of {', '.join(SAMPLERS)}")
-    if config.steps < 2:
-        raise data.UserError(f"--steps {config.steps}: need at least 2 noise levels (sigma_max and sigma_min)")
-    for name in ("per_class", "batch"):
-        if getattr(config, name) < 1:
-            raise data.UserError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
-    if not config.guidance >= 0:
-        raise data.UserError(f"--guidance {config.guidance}: must be at least 0 (1 is no guidance, 0 unconditional)")
-    if config.seed < 0:
-        raise data.UserError(f"--seed {config.seed}: must be at least 0")
+def check(config, flags=None):
+    """Refuse a setting that cannot sample, in one line, before the model is loaded."""
+    data.check_fields(config, RULES, flags)
 
 
 # -----------------------------------------------------------------------------
@@ -244,6 +238,7 @@ def main():
     model = unet.load_diffusion(config.checkpoint, device)
     if config.bench:
         return benchmark(model, config, device)
+    data.claim_folder(config.out, rank, world)
     images, labels = generate(model, config.per_class, config.sampler, config.steps, config.guidance, config.seed,
                               config.batch, device, rank, world, config.bf16)
     if rank == 0:

@@ -137,7 +137,7 @@ def test_missing_dataset_offline_is_one_line_and_exit_code_2_on_the_command_line
 
 
 def test_unknown_dataset_is_one_line_and_exit_code_2(tmp_path):
-    assert_one_line_error(run_script("data.py", "--dataset", "imagenet7"), "unknown dataset 'imagenet7'")
+    assert_one_line_error(run_script("data.py", "--dataset", "imagenet7"), "--dataset 'imagenet7': must be one of cifar10")
 
 
 # -----------------------------------------------------------------------------
@@ -708,7 +708,7 @@ def test_two_processes_under_torchrun_train_and_write_one_set_of_files(tmp_path)
                         "--labels", "2", "--arch", "small", "--steps", "4", "--batch", "8", "--uratio", "2",
                         "--eval-every", "4", "--ckpt-every", "2", "--threshold", "freematch", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "classifier.pt", "pseudo_labels.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "classifier.pt", "pseudo_labels.pt", "run.lock"]
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert checkpoint["step"] == 4 and len(checkpoint["rng"]) == 2  # every rank's generators, for resuming
     assert torch.load(tmp_path / "pseudo_labels.pt")["labels"].shape == (20_000,)
@@ -907,11 +907,14 @@ def test_a_patch_of_2_keeps_the_image_size_and_quarters_the_work():
 
 
 def test_unknown_sizes_and_unfit_resolutions_are_refused_in_one_line():
-    for args, words in [(("resnet", "tiny", 10, 32), "unknown --arch"), (("unet", "huge", 10, 32), "unknown --size"),
-                        (("unet", "tiny", 10, 28), "multiple of 8"), (("uvit", "tiny", 10, 31), "multiple of 2")]:
+    for changes, resolution, words in [(dict(arch="resnet"), 32, "--arch 'resnet'"),
+                                       (dict(size="huge"), 32, "--size 'huge'"),
+                                       (dict(size="tiny"), 28, "multiple of 8, not 28"),
+                                       (dict(arch="uvit", size="tiny"), 31, "multiple of 2, not 31")]:
         with pytest.raises(data.UserError, match=words) as error:
-            unet.make_diffusion(*args)
+            unet.check(unet.DiffusionConfig(**changes), resolution=resolution)
         assert "\n" not in str(error.value)
+    unet.check(unet.DiffusionConfig(size="tiny"), resolution=32)  # 32 = 4 x 8 fits
 
 
 # -----------------------------------------------------------------------------
@@ -1030,7 +1033,7 @@ def test_two_processes_under_torchrun_train_the_diffusion_model_and_write_one_se
                         "--size", "tiny", "--images", "16", "--batch", "8", "--ckpt-every", "8", "--grid-every", "0",
                         "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "diffusion.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "diffusion.pt", "run.lock"]
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert checkpoint["images_seen"] == 16 and len(checkpoint["rng"]) == 2  # every rank's generators, for resuming
 
@@ -1288,12 +1291,12 @@ def test_sample_command_saves_k_images_per_class_and_a_grid(tmp_path, monkeypatc
     assert samples["labels"].tolist() == [0, 0, 0, 1, 1, 1]
     assert samples["config"]["sampler"] == "dpmpp" and samples["config"]["guidance"] == 1.5
     assert Image.open(tmp_path / "samples.png").size == (3 * 66 + 2, 2 * 66 + 2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.png", "samples.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock", "samples.png", "samples.pt"]
 
 
 @pytest.mark.parametrize("flags, words", [
     (["--per-class", "0"], "--per-class 0"),
-    (["--sampler", "ddim"], "unknown sampler 'ddim'"),
+    (["--sampler", "ddim"], "--sampler 'ddim': must be one of heun, euler, dpmpp"),
     (["--steps", "1"], "--steps 1"),
     (["--guidance", "-1"], "--guidance -1.0"),
     (["--batch", "0"], "--batch 0"),
@@ -1305,7 +1308,7 @@ def test_sample_refuses_settings_that_cannot_sample(flags, words):
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--sampler", "ddim"], "unknown sampler 'ddim'"),
+    (["--sampler", "ddim"], "--sampler 'ddim'"),
     ([], "cannot read a diffusion model"),  # the checkpoint does not exist: unet.load_diffusion says so
 ])
 def test_sample_command_refuses_bad_input_with_one_line_and_exit_code_2(tmp_path, flags, words):

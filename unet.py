@@ -338,15 +338,7 @@ class EDMPrecond(nn.Module):
 
 def make_diffusion(arch, size, num_classes, resolution, channels=3, dropout=None):
     """An EDMPrecond around a fresh network of SIZES[arch][size]."""
-    if arch not in SIZES:
-        raise data.UserError(f"unknown --arch '{arch}': use one of {', '.join(SIZES)}")
-    if size not in SIZES[arch]:
-        raise data.UserError(f"unknown --size '{size}': use one of {', '.join(SIZES[arch])}")
     shape = dict(SIZES[arch][size], **({} if dropout is None else {"dropout": dropout}))
-    multiple = shape["patch"] if arch == "uvit" else shape.get("patch", 1) * 2 ** (len(shape["channel_mult"]) - 1)
-    if resolution % multiple:
-        raise data.UserError(f"the {size} {arch} needs images whose side is a multiple of {multiple}, "
-                             f"not {resolution}")
     return EDMPrecond(ARCHITECTURES[arch](resolution, channels, num_classes, **shape), num_classes, resolution, channels)
 
 
@@ -387,6 +379,28 @@ def load_diffusion(path, device="cpu"):
 # Training
 
 
+RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "out": data.FOLDER, "arch": data.one_of(*SIZES),
+         "size": data.one_of(*SIZES["unet"]),  # every architecture has the same size names
+         "dropout": ((lambda value: value < 1), "below 1 (negative: the size's own)"),
+         "images": data.at_least(1), "batch": data.at_least(1), "lr": data.POSITIVE, "warmup": data.at_least(0),
+         "ema_halflife": data.at_least(0), "ema_rampup": data.at_least(0), "label_dropout": data.FRACTION,
+         "p_mean": data.FINITE, "p_std": data.POSITIVE, "seed": data.at_least(0), "grid_every": data.at_least(0),
+         "ckpt_every": data.at_least(1)}
+
+
+def check(config, world=1, flags=None, resolution=None):
+    """Refuse a setting that cannot train, in one line, before any work; with
+    `resolution`, also a network that cannot take images of that side."""
+    data.check_fields(config, RULES, flags)
+    data.check_divisible(config, world, flags)
+    shape = SIZES[config.arch][config.size]
+    halvings = 0 if config.arch == "uvit" else len(shape["channel_mult"]) - 1
+    multiple = shape.get("patch", 1) * 2 ** halvings
+    if resolution is not None and resolution % multiple:
+        raise data.UserError(f"{data.flag('size', flags)} {config.size!r}: the {config.size} {config.arch} needs "
+                             f"images whose side is a multiple of {multiple}, not {resolution}; choose another size")
+
+
 def crossed(every, before, after):
     """Whether the count went past a multiple of `every` between before and after."""
     return every > 0 and after // every > before // every
@@ -398,12 +412,7 @@ def train(config, images, labels, num_classes, progress=True, preview=None):
     dict of metrics; rank 0 writes the checkpoint and calls
     preview(ema_model, images_seen) every grid_every images."""
     rank, world, device = data.distributed_setup()
-    if config.images < 1 or config.batch < 1:
-        raise data.UserError(f"--images {config.images} and --batch {config.batch} must be positive")
-    if config.batch % world:
-        raise data.UserError(f"--batch {config.batch} must be divisible by the {world} processes")
-    if not 0 <= config.label_dropout < 1:
-        raise data.UserError(f"--label-dropout {config.label_dropout} must be in [0, 1)")
+    check(config, world, resolution=images.shape[-1])
     on_cuda = device.type == "cuda"
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = make_diffusion(config.arch, config.size, num_classes, images.shape[-1], images.shape[1],
@@ -555,13 +564,15 @@ def main():
     config = data.parse_config(DiffusionConfig, __doc__)
     if config.bench:
         return benchmark(config)
+    rank, world, _ = data.distributed_setup()
+    check(config, world)
+    data.claim_folder(config.out, rank, world)
     dataset = data.load_dataset(config.dataset, config.data_dir)
     labels = load_labels(config.labels_file, dataset) if config.labels_file else dataset.train_y
     import sample  # here, not at the top: sample.py imports this file
     grid_path = os.path.join(config.out, "grid.png")
     preview = lambda model, images_seen: sample.preview_grid(model, grid_path, per_class=8, steps=18)
     model, metrics = train(config, dataset.train_x, labels, dataset.num_classes, preview=preview)
-    rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         save_diffusion(model, config, metrics, os.path.join(config.out, "diffusion.pt"))
         print(f"saved {os.path.join(config.out, 'diffusion.pt')}: final loss {metrics['loss']:.4f}, "

@@ -40,6 +40,9 @@ def run_main(main):
     try:
         main()
     except UserError as error:
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", ())):  # end a progress bar's line before ours
+            bar.close()
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

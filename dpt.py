@@ -125,8 +125,7 @@ def resolve(config):
         config.preset = "fast" if torch.cuda.is_available() else "tiny"
         if not torch.cuda.is_available() and dist_rank() == 0:
             print("no CUDA device: running the tiny preset (give --preset to choose)", file=sys.stderr)
-    if config.preset not in PRESETS:
-        raise data.UserError(f"unknown --preset '{config.preset}': use one of {', '.join(PRESETS)}")
+    data.check_fields(config, {"preset": data.one_of(*PRESETS)})
     for name, value in PRESETS[config.preset].items():
         if getattr(config, name) is None:
             setattr(config, name, value)

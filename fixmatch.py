@@ -15,6 +15,7 @@ images joining the labeled set (--pseudo-images samples.pt).
 
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -294,6 +295,8 @@ def train(config, dataset, labeled_index, pseudo=None, progress=True):
     checkpoint = data.resume(checkpoint_path, config, FREE_TO_CHANGE, world, rank, model, ema_model, optimizer)
     if checkpoint is not None:
         step, metrics = checkpoint["step"], checkpoint["metrics"]
+        if rank == 0 and progress:
+            print(f"resuming {checkpoint_path} at step {step:,} of {config.steps:,}", file=sys.stderr)
         if freematch is not None:
             freematch.load_state_dict(checkpoint["freematch"])
 
@@ -433,10 +436,10 @@ def main():
         return benchmark(config)
     rank, world, _ = data.distributed_setup()
     check(config, world)
-    data.claim_folder(config.out, rank, world)
     dataset = data.load_dataset(config.dataset, config.data_dir)
     labeled_index = data.labeled_split(dataset.train_y, config.labels, config.seed)
     pseudo = load_generated(config.pseudo_images, dataset) if config.pseudo_images else None
+    data.claim_folder(config.out, rank, world)  # after the input is read: bad input writes nothing
     model, metrics = train(config, dataset, labeled_index, pseudo)
     if rank == 0:
         save_classifier(model, config, metrics, os.path.join(config.out, "classifier.pt"))

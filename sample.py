@@ -238,7 +238,7 @@ def main():
     model = unet.load_diffusion(config.checkpoint, device)
     if config.bench:
         return benchmark(model, config, device)
-    data.claim_folder(config.out, rank, world)
+    data.claim_folder(config.out, rank, world)  # after the input is read: bad input writes nothing
     images, labels = generate(model, config.per_class, config.sampler, config.steps, config.guidance, config.seed,
                               config.batch, device, rank, world, config.bf16)
     if rank == 0:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -737,7 +738,8 @@ def test_fixmatch_refuses_generated_images_that_do_not_fit_the_dataset(tmp_path,
     torch.save({"images": random_images(4), "labels": torch.arange(4) + 8}, bad)
     with pytest.raises(data.UserError, match="labels must be int64 in 0..9"):
         fixmatch.load_generated(str(bad), small_shapes)
-    result = run_script("fixmatch.py", "--dataset", "shapes", "--pseudo-images", str(tmp_path / "missing.pt"))
+    result = run_script("fixmatch.py", "--dataset", "shapes", "--pseudo-images", str(tmp_path / "missing.pt"),
+                        "--out", str(tmp_path / "out"))
     assert_one_line_error(result, "cannot read generated images")
 
 
@@ -1312,7 +1314,9 @@ def test_sample_refuses_settings_that_cannot_sample(flags, words):
     ([], "cannot read a diffusion model"),  # the checkpoint does not exist: unet.load_diffusion says so
 ])
 def test_sample_command_refuses_bad_input_with_one_line_and_exit_code_2(tmp_path, flags, words):
-    assert_one_line_error(run_script("sample.py", str(tmp_path / "diffusion.pt"), *flags), words)
+    assert_one_line_error(run_script("sample.py", str(tmp_path / "diffusion.pt"), *flags, "--out", str(tmp_path / "out")),
+                          words)
+    assert not (tmp_path / "out").exists()  # bad input writes nothing
 
 
 # -----------------------------------------------------------------------------
@@ -1433,23 +1437,115 @@ def test_a_changed_setting_is_refused_unless_redo_reruns_its_stage(quick_run, tm
     assert "FID skipped" in result.stderr and json.loads((run / "results.json").read_text())["fid"] is None
 
 
-def test_a_run_killed_during_stage_2_resumes_there_and_finishes(tmp_path):
-    command = [sys.executable, "dpt.py", *QUICK, "--diffusion-images", "1024", "--out", str(tmp_path)]
+def start_run(*args, stderr=subprocess.DEVNULL):
+    """dpt.py in the background, as a user would start it in a terminal."""
     env = dict(os.environ, DPT_FID_WEIGHTS="/missing", PYTHONPATH=HERE)
-    process = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    run = tmp_path / "shapes-1l-s0"
-    deadline = time.time() + 240
-    while not (run / "stage2" / "ckpt.pt").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    return subprocess.Popen([sys.executable, "dpt.py", *args], cwd=HERE, env=env, stdout=subprocess.DEVNULL,
+                            stderr=stderr)
+
+
+def kill_when(process, path, timeout=240):
+    """SIGKILL the process the moment `path` appears (a checkpoint: mid-stage)."""
+    deadline = time.time() + timeout
+    while not path.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert (run / "stage2" / "ckpt.pt").exists() and not (run / "stage2" / "diffusion.pt").exists()
-    stage1 = (run / "stage1" / "classifier.pt").stat().st_mtime_ns
-    result = run_script(*command[1:], DPT_FID_WEIGHTS="/missing")
+    assert path.exists(), f"{path} never appeared"
+
+
+def test_a_run_killed_inside_stage_1_and_inside_stage_2_resumes_each_to_an_uninterrupted_runs_results(
+        quick_run, tmp_path):
+    # A checkpoint every 3 steps (--eval-every is free to change), so a kill at the
+    # first leaves 9 of stage 1's 12 steps to resume; stage 2 saves one every step.
+    command = [*QUICK, "--eval-every", "3", "--out", str(tmp_path)]
+    run = tmp_path / "shapes-1l-s0"
+    kill_when(start_run(*command), run / "stage1" / "ckpt.pt")
+    assert not (run / "stage1" / "classifier.pt").exists()
+    stage1_step = torch.load(run / "stage1" / "ckpt.pt", weights_only=False)["step"]
+    with open(tmp_path / "stderr", "w") as stderr:
+        kill_when(start_run(*command, stderr=stderr), run / "stage2" / "ckpt.pt")
+    assert not (run / "stage2" / "diffusion.pt").exists()
+    assert f"resuming {run / 'stage1' / 'ckpt.pt'} at step {stage1_step} of 12" in (tmp_path / "stderr").read_text()
+    stage2_images = torch.load(run / "stage2" / "ckpt.pt")["images_seen"]
+    result = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (run / "stage1" / "classifier.pt").stat().st_mtime_ns == stage1  # stage 1 was skipped
-    assert torch.load(run / "samples.pt")["images"].shape == (30, 3, 32, 32)
-    assert fixmatch.load_classifier(run / "stage3" / "classifier.pt")[1]["accuracy"] >= 0
+    assert f"resuming {run / 'stage2' / 'ckpt.pt'} at {stage2_images} of 256 images" in result.stderr
+    reference = quick_run[1]  # the same settings, never killed
+    for name in ("pseudo_labels.pt", "samples.pt"):
+        ours, theirs = torch.load(run / name), torch.load(reference / name)
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs if torch.is_tensor(theirs[k])), name
+    for name in ("stage1/classifier.pt", "stage2/diffusion.pt", "stage3/classifier.pt"):
+        ours, theirs = torch.load(run / name, weights_only=False), torch.load(reference / name, weights_only=False)
+        assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in theirs["model"]), name
+
+
+def test_a_second_run_into_the_folder_of_a_live_one_stops_at_once_naming_it(tmp_path):
+    command = [*QUICK, "--ssl-steps", "3000", "--out", str(tmp_path)]  # the first outlives the second's start
+    run = tmp_path / "shapes-1l-s0"
+    first = start_run(*command)
+    try:
+        while first.poll() is None and f"process {first.pid} " not in read_or_empty(run / "run.lock"):
+            time.sleep(0.05)
+        second = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+        assert_one_line_error(second, str(run), f"process {first.pid} ")
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
+
+
+def read_or_empty(path):
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.parametrize("script", ["fixmatch.py", "unet.py", "sample.py"])
+def test_a_stage_script_refuses_a_held_out_folder_and_the_lock_dies_with_its_holder(tmp_path, script):
+    holder = subprocess.Popen([sys.executable, "-c", "import data, sys, time; data.claim_folder(sys.argv[1]); "
+                               "print('held', flush=True); time.sleep(120)", str(tmp_path)],
+                              cwd=HERE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    diffusion = str(tmp_path / "diffusion.pt")  # a real stage-2 artifact for sample.py to read
+    unet.save_diffusion(unet.make_diffusion("unet", "tiny", 2, 8), unet.DiffusionConfig(size="tiny"), {}, diffusion)
+    args = {"fixmatch.py": ["--dataset", "shapes"], "unet.py": ["--dataset", "shapes"], "sample.py": [diffusion]}[script]
+    assert_one_line_error(run_script(script, *args, "--out", str(tmp_path)), f"process {holder.pid} ")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    data.claim_folder(str(tmp_path))  # free again: the kernel dropped the lock with its holder
+    data.HELD_LOCKS.pop().close()
+
+
+# One bad value of every DPTConfig field. Booleans take no value, so "--flag=yes" is theirs.
+A_FILE = os.path.join(HERE, "dpt.py")
+BAD_SETTINGS = {
+    "dataset": "imagenet42", "data_dir": A_FILE, "labels": "0", "seed": "-1", "preset": "huge", "out": A_FILE,
+    "redo": "stage9", "baseline": None, "fid_weights": "/missing/inception.pth", "compile": None, "bf16": None,
+    "arch": "vgg", "ssl_steps": "0", "stage3_steps": "0", "ssl_batch": "0", "uratio": "0", "ssl_lr": "0",
+    "ssl_ema": "1", "threshold": "adaptive", "tau": "1.5", "real_fraction": "2", "eval_every": "0",
+    "unet_arch": "resnet", "unet_size": "huge", "diffusion_images": "0", "diffusion_batch": "0",
+    "diffusion_lr": "-1", "warmup": "-1", "ema_halflife": "-1", "p_mean": "nan", "per_class": "0",
+    "sampler": "ddim", "sample_steps": "1", "guidance": "-1", "fid_reference": "-1"}
+
+
+def test_bad_settings_cover_every_field_of_the_config():
+    assert set(BAD_SETTINGS) == {field.name for field in dataclasses.fields(dpt.DPTConfig)}
+
+
+@pytest.mark.parametrize("name", BAD_SETTINGS)
+def test_every_setting_with_a_bad_value_is_refused_in_one_line_naming_its_flag_before_any_work(
+        name, tmp_path, monkeypatch, capsys):
+    flag = "--" + name.replace("_", "-")
+    value = BAD_SETTINGS[name]
+    argv = [f"{flag}=yes"] if value is None else [flag, value]
+    monkeypatch.chdir(tmp_path)  # where ./data and a default --out would land
+    monkeypatch.setattr(sys, "argv", ["dpt.py", "--dataset", "shapes", "--preset", "tiny", "--out", "runs", *argv])
+    monkeypatch.setattr(data, "load_dataset", lambda *args: pytest.fail("the dataset loaded before the check"))
+    with pytest.raises(SystemExit) as exit:
+        data.run_main(dpt.main)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(lines) == 1, lines
+    assert re.search(f"(error: |argument ){flag}[ /=]", lines[0]), lines[0]  # the flag the user typed, not a stage's
+    assert os.listdir(tmp_path) == []  # nothing written
 
 
 @pytest.mark.parametrize("case", ["labels 0", "too many labels", "unknown dataset", "unreadable file",
@@ -1480,6 +1576,7 @@ def test_a_corrupt_checkpoint_is_refused_and_kept(tmp_path):
 
 
 def test_a_full_disk_is_one_line_and_leaves_the_earlier_file_whole(tmp_path, monkeypatch):
+    """Wherever mount is refused, the tests below skip; this one still checks the path."""
     path = tmp_path / "artifact.pt"
     data.save_atomic({"version": 1}, str(path))
 
@@ -1491,6 +1588,65 @@ def test_a_full_disk_is_one_line_and_leaves_the_earlier_file_whole(tmp_path, mon
         data.save_atomic({"version": 2}, str(path))
     monkeypatch.undo()
     assert torch.load(path) == {"version": 1} and os.listdir(tmp_path) == ["artifact.pt"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real filesystem of 1 MiB (a tmpfs), and a function that resizes it; skips
+    where mount is refused (it needs root)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+
+    def mount(size, *options):
+        return subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([*options, f"size={size}"]), "tmpfs",
+                               str(folder)], capture_output=True).returncode == 0
+    if not mount("1m"):
+        pytest.skip("mount refused: a real small filesystem needs root")
+    yield folder, lambda size: mount(size, "remount")
+    subprocess.run(["umount", str(folder)])
+
+
+def write_big(kind, path):
+    """Over 1 MiB written by each writer a run uses."""
+    noise = torch.randint(0, 256, (600, 3, 32, 32), dtype=torch.uint8)  # random pixels do not compress
+    if kind == "checkpoint":
+        data.save_atomic({"weights": noise}, path)
+    elif kind == "json":
+        dpt.write_json({"history": noise.flatten()[:400_000].tolist()}, path)
+    elif kind == "png":
+        sample.save_grid(noise, torch.arange(600) // 6, path)  # 100 rows of 6
+    else:
+        data.write_glyphs(path, train=2000, test=200)
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "json", "png", "npz"])
+def test_a_real_full_disk_at_any_write_is_one_line_and_leaves_the_earlier_file_whole(small_disk, kind):
+    disk, _ = small_disk
+    path = str(disk / f"artifact.{kind}")
+    data.save_atomic({"version": 1}, path)
+    with pytest.raises(data.UserError, match="No space left on device") as error:
+        write_big(kind, path)
+    assert "\n" not in str(error.value) and path in str(error.value)
+    assert torch.load(path) == {"version": 1} and os.listdir(disk) == [f"artifact.{kind}"]  # no temporary file
+
+
+def test_a_run_that_fills_a_real_disk_stops_in_one_line_and_resumes_once_space_is_freed(small_disk):
+    disk, resize = small_disk
+    assert resize("30m")  # holds stage 2's first 20 MB checkpoint, not a second one beside it
+    command = [*QUICK, "--out", str(disk)]
+    result = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == result.stderr.splitlines()[-1:], result.stderr  # after the progress bars, one line
+    assert errors[0].startswith("error: cannot write") and "No space left on device" in errors[0]
+    run = disk / "shapes-1l-s0"
+    assert not list(disk.rglob("*.tmp*"))
+    checkpoint = torch.load(run / "stage2" / "ckpt.pt")  # the previous checkpoint, whole
+    assert resize("80m")
+    result = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming {run / 'stage2' / 'ckpt.pt'} at {checkpoint['images_seen']} of" in result.stderr
+    assert (run / "results.json").exists()
 
 
 def test_two_processes_under_torchrun_run_every_stage_and_write_one_set_of_artifacts(tmp_path):

@@ -20,6 +20,7 @@ sample.py can guide it without a classifier (Ho & Salimans 2022).
 import copy
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -428,6 +429,8 @@ def train(config, images, labels, num_classes, progress=True, preview=None):
     checkpoint = data.resume(checkpoint_path, config, FREE_TO_CHANGE, world, rank, model, ema_model, optimizer)
     if checkpoint is not None:
         images_seen, metrics = checkpoint["images_seen"], checkpoint["metrics"]
+        if rank == 0 and progress:
+            print(f"resuming {checkpoint_path} at {images_seen:,} of {config.images:,} images", file=sys.stderr)
 
     forward = data.for_training(model, world, device, config.compile)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=on_cuda and config.bf16)
@@ -566,9 +569,9 @@ def main():
         return benchmark(config)
     rank, world, _ = data.distributed_setup()
     check(config, world)
-    data.claim_folder(config.out, rank, world)
     dataset = data.load_dataset(config.dataset, config.data_dir)
     labels = load_labels(config.labels_file, dataset) if config.labels_file else dataset.train_y
+    data.claim_folder(config.out, rank, world)  # after the input is read: bad input writes nothing
     import sample  # here, not at the top: sample.py imports this file
     grid_path = os.path.join(config.out, "grid.png")
     preview = lambda model, images_seen: sample.preview_grid(model, grid_path, per_class=8, steps=18)

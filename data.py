@@ -149,20 +149,18 @@ def claim_folder(folder, rank=0, world=1):
         try:
             os.makedirs(folder, exist_ok=True)
             file = open(os.path.join(folder, "run.lock"), "a+")
-        except OSError as error:
-            raise UserError(f"cannot write {folder} ({error.strerror}); choose another --out") from None
-        try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            file.truncate(0)
+            file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+            file.flush()
+            HELD_LOCKS.append(file)
         except BlockingIOError:
             file.seek(0)
             refusal = (f"{folder} is in use by {file.read().strip() or 'another process'}; wait for it to end, "
                        "or choose another --out")
             file.close()
-        else:
-            file.truncate(0)
-            file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-            file.flush()
-            HELD_LOCKS.append(file)
+        except OSError as error:
+            refusal = f"cannot write {folder} ({error.strerror or error}); choose another --out"
     if world > 1:
         message = [refusal]
         dist.broadcast_object_list(message, src=0)  # every rank stops, not rank 0 alone

@@ -6,6 +6,7 @@ Datasets and weights are never downloaded: tests write small files in the
 exact on-disk formats and run the real loading code on them.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -22,6 +23,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
@@ -636,6 +638,33 @@ def test_freematch_threshold_update_matches_a_hand_computation():
     assert mask.tolist() == [p.max().item() >= expected[p.argmax()] for p in probs]
 
 
+def test_freematch_masks_the_images_below_their_class_threshold_and_only_those():
+    state = fixmatch.FreeMatchThreshold(2, decay=0.0, device="cpu")  # decay 0: the thresholds of this batch
+    probs = torch.tensor([[0.95, 0.05], [0.6, 0.4], [0.3, 0.7], [0.45, 0.55]])
+    # global: mean confidence (0.95 + 0.6 + 0.7 + 0.55) / 4 = 0.7; class p = (0.575, 0.425)
+    # class thresholds: 0.7 * (1, 0.425 / 0.575) = (0.7, 0.5174)
+    logits_strong = torch.randn(4, 2)
+    loss, mask, pseudo = fixmatch.fixmatch_loss(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), probs.log(),
+                                                logits_strong, lambda_u=1.0, freematch=state)
+    assert mask.tolist() == [True, False, True, True] and pseudo.tolist() == [0, 0, 1, 1]
+    counted = F.cross_entropy(logits_strong, pseudo, reduction="none") * mask
+    assert loss.item() == pytest.approx(math.log(2) + counted.mean().item(), rel=1e-5)
+
+
+def test_freematch_averages_its_statistics_over_processes(monkeypatch):
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4]])
+    alone = fixmatch.FreeMatchThreshold(3, decay=0.5, device="cpu")
+    alone.update(probs)
+    # Two processes that saw the same batch: all_reduce sums them; the mean must not change.
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor: tensor.mul_(2))
+    shared = fixmatch.FreeMatchThreshold(3, decay=0.5, device="cpu")
+    shared.update(probs)
+    assert torch.allclose(shared.class_thresholds(), alone.class_thresholds())
+    assert torch.allclose(shared.global_tau, alone.global_tau)
+
+
 def tiny_config(tmp_path, **changes):
     settings = dict(dataset="shapes", labels=2, arch="small", steps=6, batch=8, uratio=2, ema=0.9,
                     eval_every=3, ckpt_every=3, out=str(tmp_path), compile=False)
@@ -670,6 +699,44 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_pa
     resumed, _ = fixmatch.train(tiny_config(tmp_path / "killed", threshold="freematch", freematch_ema=0.5), small_shapes, split, progress=False)
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+    thresholds = [torch.load(tmp_path / run / "ckpt.pt", weights_only=False)["freematch"] for run in ("whole", "killed")]
+    assert all(torch.equal(thresholds[0][k], thresholds[1][k]) for k in thresholds[0])  # FreeMatch's state resumed too
+
+
+def test_weight_decay_reaches_convolution_and_linear_weights_but_not_bn_or_biases():
+    model = fixmatch.make_classifier("wrn28_2", 10, [0.5] * 3, [0.25] * 3)
+    optimizer = fixmatch.make_optimizer(model, fixmatch.FixMatchConfig())
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert len(decay_of) == len(list(model.parameters()))
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            decayed = isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and name == "weight"
+            assert decay_of[id(param)] == (5e-4 if decayed else 0.0), (type(module).__name__, name)
+
+
+def recorded_saves(monkeypatch):
+    """Every object save_atomic writes, as it was at that moment."""
+    saves, real_save = [], data.save_atomic
+    monkeypatch.setattr(data, "save_atomic", lambda obj, path, **kw: (saves.append(copy.deepcopy(obj)),
+                                                                      real_save(obj, path, **kw)))
+    return saves
+
+
+def test_fixmatch_steps_follow_the_cosine_schedule_and_the_ema_keeps_bn_statistics(tmp_path, small_shapes,
+                                                                                    monkeypatch):
+    saves = recorded_saves(monkeypatch)
+    config = tiny_config(tmp_path, steps=2, ckpt_every=1, eval_every=2, ema=0.9)
+    fixmatch.train(config, small_shapes, data.labeled_split(small_shapes.train_y, 2, seed=0), progress=False)
+    first, second = saves
+    assert (first["step"], second["step"]) == (1, 2)
+    for name, value in second["ema"].items():
+        if name.endswith(("running_mean", "running_var", "num_batches_tracked")):  # copied, not averaged
+            assert torch.equal(value, second["model"][name]) and not torch.equal(value, first["ema"][name]), name
+        elif not name.startswith("normalize."):
+            assert not torch.equal(second["model"][name], first["ema"][name]), name
+            assert torch.allclose(value, 0.9 * first["ema"][name] + 0.1 * second["model"][name], atol=1e-6), name
+    # lr_k = lr cos(7 pi k / 16 K) (Sohn et al. 2020): the second step (k = 1 of K = 2) ran at
+    assert second["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.03 * math.cos(7 * math.pi / 32))
 
 
 def test_a_checkpoint_of_other_settings_or_a_corrupt_one_is_refused(tmp_path, small_shapes):
@@ -999,6 +1066,24 @@ def test_a_killed_diffusion_run_resumes_to_the_same_weights_as_an_uninterrupted_
     last_whole, last_resumed = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("whole", "killed"))
     for name, a in last_whole["model"].items():
         assert torch.equal(a, last_resumed["model"][name]), name
+
+
+def test_diffusion_steps_warm_up_linearly_and_the_ema_has_the_asked_half_life(tmp_path, monkeypatch):
+    saves = recorded_saves(monkeypatch)
+    images, labels = shapes_16(32)
+    config = diffusion_config(tmp_path, images=16, batch=8, warmup=32, ema_halflife=16, ema_rampup=0.0,
+                              ckpt_every=8)
+    unet.train(config, images, labels, 10, progress=False)
+    first, second = saves
+    assert (first["images_seen"], second["images_seen"]) == (8, 16)
+    beta = 0.5 ** (8 / 16)  # a batch of 8 is half a half-life
+    for name, value in second["ema"].items():
+        if value.is_floating_point() and not torch.equal(second["model"][name], first["ema"][name]):
+            assert torch.allclose(value, beta * first["ema"][name] + (1 - beta) * second["model"][name],
+                                  atol=1e-6), name
+    assert sum(not torch.equal(second["model"][k], first["ema"][k]) for k in second["ema"]) > 10  # it trained
+    # EDM's warm-up: lr min(images seen / warmup, 1); the second step began at 8 images of 32
+    assert second["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 8 / 32)
 
 
 def test_previews_come_every_grid_every_images_and_do_not_change_training(tmp_path):

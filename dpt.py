@@ -359,7 +359,12 @@ def split_statistics(model, images, keep_logits, rank, world):
         return part
     parts = [None] * world
     dist.all_gather_object(parts, part)
-    return fid.merge_statistics(parts)
+    merged = fid.merge_statistics(parts)
+    if keep_logits:  # back in image order: the Inception Score must not depend on the number of processes
+        merged["logits"] = torch.empty_like(merged["logits"])
+        for rank_part, part in enumerate(parts):
+            merged["logits"][rank_part::world] = part["logits"]
+    return merged
 
 
 def stage_fid(config, run, dataset, samples, device, rank, world):

@@ -792,15 +792,43 @@ def test_stage_3_learns_the_labels_of_the_generated_images(tmp_path, shapes16):
     assert accuracy["wrong"] < 0.3, accuracy  # it learned the moved labels, not the one real label per class
 
 
-def test_two_processes_under_torchrun_train_and_write_one_set_of_files(tmp_path):
-    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "fixmatch.py", "--dataset", "shapes",
-                        "--labels", "2", "--arch", "small", "--steps", "4", "--batch", "8", "--uratio", "2",
-                        "--eval-every", "4", "--ckpt-every", "2", "--threshold", "freematch", "--out", str(tmp_path))
+# fixmatch.py whose processes all stop, as if killed, once its step-2 checkpoint is written:
+# the second gathering of the generators' states comes at step 4, after that write.
+STOP_AFTER_FIRST_CHECKPOINT = """
+import os, sys
+import data, fixmatch
+gathered = []
+real_gather = data.all_rng_states
+def gather_or_stop(world):
+    gathered.append(world)
+    if len(gathered) == 2:
+        os._exit(0)
+    return real_gather(world)
+data.all_rng_states = gather_or_stop
+data.run_main(fixmatch.main)
+"""
+
+
+def test_two_processes_under_torchrun_train_write_one_set_of_files_and_resume_each_its_own_stream(tmp_path):
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    args = ["--dataset", "shapes", "--labels", "2", "--arch", "small", "--steps", "4", "--batch", "8", "--uratio",
+            "2", "--eval-every", "4", "--ckpt-every", "2", "--threshold", "freematch"]
+    result = run_script(*torchrun, "fixmatch.py", *args, "--out", str(tmp_path / "whole"))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "classifier.pt", "pseudo_labels.pt", "run.lock"]
-    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert sorted(os.listdir(tmp_path / "whole")) == ["ckpt.pt", "classifier.pt", "pseudo_labels.pt", "run.lock"]
+    checkpoint = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=False)
     assert checkpoint["step"] == 4 and len(checkpoint["rng"]) == 2  # every rank's generators, for resuming
-    assert torch.load(tmp_path / "pseudo_labels.pt")["labels"].shape == (20_000,)
+    assert torch.load(tmp_path / "whole" / "pseudo_labels.pt")["labels"].shape == (20_000,)
+    # Killed after step 2, then resumed: each rank must draw on from its own stream.
+    (tmp_path / "stop.py").write_text(STOP_AFTER_FIRST_CHECKPOINT)
+    result = run_script(*torchrun, str(tmp_path / "stop.py"), *args, "--out", str(tmp_path / "resumed"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=False)["step"] == 2
+    result = run_script(*torchrun, "fixmatch.py", *args, "--out", str(tmp_path / "resumed"))
+    assert result.returncode == 0 and "at step 2 of 4" in result.stderr, result.stderr[-2000:]
+    whole, resumed = (torch.load(tmp_path / run / "classifier.pt", weights_only=False)["model"]
+                      for run in ("whole", "resumed"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
 def test_fixmatch_beats_training_on_the_labeled_images_alone_with_1_label_per_class(tmp_path, shapes16):
@@ -1546,6 +1574,32 @@ def test_results_json_holds_every_metric_and_the_summary_shows_stage_3_next_to_s
     assert "stage 3: with generated images" in lines[stage1_line + 3]
 
 
+def test_stage_2_trains_on_the_pseudo_labels_and_stage_3_on_the_generated_images(tmp_path, monkeypatch):
+    trained_on = {}
+    real_unet_train, real_fixmatch_train = unet.train, fixmatch.train
+
+    def unet_train(settings, images, labels, num_classes, **kwargs):
+        trained_on["stage2"] = labels
+        return real_unet_train(settings, images, labels, num_classes, **kwargs)
+
+    def fixmatch_train(settings, dataset, labeled_index, pseudo=None, **kwargs):
+        trained_on[os.path.basename(settings.out)] = pseudo
+        return real_fixmatch_train(settings, dataset, labeled_index, pseudo, **kwargs)
+    monkeypatch.setattr(unet, "train", unet_train)
+    monkeypatch.setattr(fixmatch, "train", fixmatch_train)
+    monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--out", str(tmp_path)])
+    monkeypatch.setenv("DPT_FID_WEIGHTS", "/missing")
+    data.run_main(dpt.main)
+    data.HELD_LOCKS.pop().close()
+    run = tmp_path / "shapes-1l-s0"
+    pseudo = torch.load(run / "pseudo_labels.pt")["labels"]
+    assert torch.equal(trained_on["stage2"].cpu(), pseudo) and (pseudo != data.load_dataset("shapes").train_y).any()
+    samples = torch.load(run / "samples.pt")
+    assert trained_on["stage1"] is None
+    assert torch.equal(trained_on["stage3"][0], samples["images"]) and torch.equal(trained_on["stage3"][1],
+                                                                                   samples["labels"])
+
+
 class FirstPixelJudge(torch.nn.Module):
     """A classifier whose answer is known: the class written in an image's first pixel."""
 
@@ -1803,10 +1857,10 @@ def test_a_run_that_fills_a_real_disk_stops_in_one_line_and_resumes_once_space_i
     assert (run / "results.json").exists()
 
 
-def test_two_processes_under_torchrun_run_every_stage_and_write_one_set_of_artifacts(tmp_path):
+def test_two_processes_under_torchrun_run_every_stage_and_write_one_set_of_artifacts(tmp_path, fid_weights):
     result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "dpt.py", *QUICK,
                         "--ssl-batch", "8", "--diffusion-images", "128", "--out", str(tmp_path),
-                        DPT_FID_WEIGHTS="/missing")
+                        "--fid-weights", fid_weights)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "shapes-1l-s0"
     assert result.stdout.count("stage 3: with generated images") == 1  # one rank reports
@@ -1814,3 +1868,11 @@ def test_two_processes_under_torchrun_run_every_stage_and_write_one_set_of_artif
     assert torch.bincount(samples["labels"]).tolist() == [3] * 10
     assert len(torch.load(run / "stage2" / "ckpt.pt", weights_only=False)["rng"]) == 2
     assert json.loads((run / "results.json").read_text())["stage3_accuracy"] >= 0
+    # FID and IS split across the two processes equal those of one process on all the images
+    inception = fid.load_inception(fid_weights)
+    real = fid.statistics(inception, data.load_dataset("shapes").train_x[:24].split(200))
+    generated = fid.statistics(inception, samples["images"].split(200), keep_logits=True)
+    saved = json.loads((run / "fid.json").read_text())
+    assert saved["fid"] == pytest.approx(fid.frechet_distance(generated["mu"], generated["sigma"], real["mu"],
+                                                              real["sigma"]), rel=1e-6)
+    assert saved["inception_score"] == pytest.approx(fid.inception_score(generated["logits"])[0], rel=1e-6)

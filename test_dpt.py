@@ -970,6 +970,21 @@ def test_label_dropout_replaces_the_asked_share_of_labels_by_the_null_class():
     assert (seen[0] == 10).float().mean().item() == pytest.approx(0.2, abs=0.01)
 
 
+def test_training_drops_labels_to_the_null_class_the_sampler_uses(tmp_path, monkeypatch):
+    seen, forward = [], unet.EDMPrecond.forward
+    monkeypatch.setattr(unet.EDMPrecond, "forward", lambda self, x, sigma, labels: (
+        seen.append((labels, self.num_classes)), forward(self, x, sigma, labels))[1])
+    images, labels = shapes_16(64)
+    unet.train(diffusion_config(tmp_path, images=128, batch=64, label_dropout=0.5), images, labels, 10,
+               progress=False)
+    dropped = torch.cat([labels == null for labels, null in seen])
+    assert all(null == 10 for _, null in seen) and dropped.float().mean().item() == pytest.approx(0.5, abs=0.1)
+    # guidance's unconditional half asks the same null class
+    seen.clear()
+    sample.generate(unet.make_diffusion("unet", "tiny", 10, 16), 1, steps=2, guidance=2.0, progress=False)
+    assert all((labels[len(labels) // 2:] == null).all() for labels, null in seen)
+
+
 # -----------------------------------------------------------------------------
 # Networks
 
@@ -1201,6 +1216,18 @@ def test_the_command_writes_a_diffusion_pt_that_load_diffusion_and_sample_py_rea
     samples = torch.load(tmp_path / "samples" / "samples.pt")
     assert samples["images"].shape == (20, 3, 32, 32) and samples["labels"].tolist() == sorted(list(range(10)) * 2)
     assert (tmp_path / "samples" / "samples.png").exists()
+
+
+def test_sample_py_guides_a_saved_model_by_the_asked_weight(tmp_path, monkeypatch):
+    model = randomized(unet.make_diffusion("unet", "tiny", 3, 8)).eval()  # labels matter in a random network
+    unet.save_diffusion(model, unet.DiffusionConfig(size="tiny"), {}, str(tmp_path / "diffusion.pt"))
+    monkeypatch.setattr(sys, "argv", ["sample.py", str(tmp_path / "diffusion.pt"), "--per-class", "2", "--steps", "4",
+                                      "--sampler", "heun", "--guidance", "3", "--out", str(tmp_path / "samples")])
+    sample.main()
+    data.HELD_LOCKS.pop().close()
+    images = torch.load(tmp_path / "samples" / "samples.pt")["images"]
+    guided, unguided = (sample.generate(model, 2, steps=4, guidance=w, progress=False)[0] for w in (3.0, 1.0))
+    assert torch.equal(images, guided) and not torch.equal(guided, unguided)
 
 
 def test_load_diffusion_refuses_a_file_that_is_not_a_diffusion_model(tmp_path):

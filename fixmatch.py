@@ -260,6 +260,15 @@ def check(config, world=1, flags=None):
     data.check_divisible(config, world, flags)
 
 
+def make_optimizer(model, config):
+    """SGD with Nesterov momentum, weight decay on convolution and linear weights
+    only: BN's scales and shifts and every bias are not pulled towards 0 (FixMatch)."""
+    decay, no_decay = [p for p in model.parameters() if p.ndim > 1], [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}],
+                           lr=config.lr, momentum=config.momentum, nesterov=True)
+
+
 def train(config, dataset, labeled_index, pseudo=None, progress=True):
     """FixMatch from scratch (or from config.out/ckpt.pt) to config.steps.
     pseudo: optional (uint8 images, int64 labels) that join the labeled set.
@@ -283,10 +292,7 @@ def train(config, dataset, labeled_index, pseudo=None, progress=True):
     ema_model = make_classifier(config.arch, dataset.num_classes, mean, std).to(device, memory_format=torch.channels_last)
     ema_model.load_state_dict(model.state_dict())
     ema_model.requires_grad_(False)
-    decay, no_decay = [p for p in model.parameters() if p.ndim > 1], [p for p in model.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=config.lr, momentum=config.momentum, nesterov=True)
+    optimizer = make_optimizer(model, config)
     freematch = FreeMatchThreshold(dataset.num_classes, config.freematch_ema, device) if config.threshold == "freematch" else None
     torch.manual_seed(config.seed + 1 + rank)  # but every rank draws its own batches
 

@@ -1200,7 +1200,7 @@ def test_a_labels_file_of_the_wrong_length_is_one_line_and_exit_code_2_on_the_co
     torch.save({"labels": torch.zeros(5, dtype=torch.long)}, tmp_path / "pseudo_labels.pt")
     result = run_script("unet.py", "--dataset", SHAPES_FILE, "--labels-file", str(tmp_path / "pseudo_labels.pt"),
                         "--out", str(tmp_path))
-    assert_one_line_error(result, "shape (20000,)")
+    assert_one_line_error(result, "shape (2000,)")
 
 
 def test_two_processes_under_torchrun_train_the_diffusion_model_and_write_one_set_of_files(tmp_path):

@@ -93,10 +93,11 @@ def parse_config(config_class, description, argv=None):
         if "#" in rest and name.isidentifier():
             comments[name] = rest.split("#", 1)[1].strip()
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in dataclasses.fields(config_class):
+    fields = dataclasses.fields(config_class)
+    unset = "from the preset" if "preset" in {field.name for field in fields} else "unset"
+    for field in fields:
         flag = "--" + field.name.replace("_", "-")
-        default = "from the preset" if field.default is None else field.default
-        help_text = f"{comments.get(field.name, '')} (default: {default})"
+        help_text = f"{comments.get(field.name, '')} (default: {unset if field.default is None else field.default})"
         kind = {"int": int, "float": float, "str": str, "bool": bool}.get(field.type, field.type)
         if field.default is dataclasses.MISSING:
             parser.add_argument(field.name, type=kind, help=comments.get(field.name))
@@ -235,13 +236,19 @@ def resume(path, config, free_to_change, world, rank, model, ema_model, optimize
     return checkpoint
 
 
+def on_cuda_unless_set(flag, device):
+    """compile and bf16 as set, else on with CUDA only: on 2 CPU cores neither
+    pays for the tiny networks (README, "Speed")."""
+    return device.type == "cuda" if flag is None else flag
+
+
 def for_training(model, world, device, compile):
     """What the training step calls: the model, under DDP when several
-    processes train it, compiled on CUDA when asked."""
+    processes train it, compiled when asked."""
     forward = model
     if world > 1:
         forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if compile and device.type == "cuda":
+    if compile:
         forward = torch.compile(forward)
     return forward
 

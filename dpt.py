@@ -47,8 +47,8 @@ class DPTConfig:
     redo: str = ""                  # rerun this stage and all after it: stage1 | stage2 | sample | stage3 | fid
     baseline: bool = False          # also train on the labeled images alone, for comparison
     fid_weights: str = ""           # FID Inception weights (else $DPT_FID_WEIGHTS, the hub cache, or download)
-    compile: bool = True            # torch.compile the networks (CUDA only)
-    bf16: bool = True               # bf16 autocast (CUDA only)
+    compile: bool = None            # torch.compile the networks
+    bf16: bool = None               # bf16 autocast
     # stages 1 and 3: the classifier
     arch: str = None                # wrn28_2 | small
     ssl_steps: int = None           # stage-1 optimizer steps
@@ -86,24 +86,28 @@ PRESETS = {
     # generated images carry stage 1's confusions; a quarter real lost on glyphs).
     # 1,000 classifier steps: after 600, stage 1 ranged from 61% to 91% over seeds,
     # and a stage 1 that has not settled gives stage 2 labels too wrong to help.
-    # README, "Results", measures each of these levers.
+    # README, "Results", measures each of these levers. Eager fp32: on 2 CPU cores
+    # compile only breaks even (13 s to compile) and neither pays for the U-Net
+    # (README, "Speed").
     "tiny": dict(arch="small", ssl_steps=1000, stage3_steps=1000, ssl_batch=32, uratio=3, ssl_lr=0.05, ssl_ema=0.99,
                  threshold="fixmatch", tau=0.95, real_fraction=0.5, eval_every=500,
                  unet_arch="unet", unet_size="tiny", diffusion_images=80_000, diffusion_batch=32, diffusion_lr=2e-3,
                  warmup=1_000, ema_halflife=4_000, p_mean=0.0, per_class=50, sampler="dpmpp", sample_steps=10,
-                 guidance=3.0, fid_reference=1000),
+                 guidance=3.0, fid_reference=1000, compile=False, bf16=False),
     # A few hours on one modern GPU: the paper's classifier, shorter; a smaller U-Net.
     "fast": dict(arch="wrn28_2", ssl_steps=2 ** 17, stage3_steps=2 ** 17, ssl_batch=64, uratio=7, ssl_lr=0.03,
                  ssl_ema=0.999, threshold="freematch", tau=0.95, real_fraction=-1.0, eval_every=5000,
                  unet_arch="unet", unet_size="fast", diffusion_images=20_000_000, diffusion_batch=512,
                  diffusion_lr=1e-3, warmup=2_000_000, ema_halflife=500_000, p_mean=-1.2,
-                 per_class=1000, sampler="heun", sample_steps=18, guidance=1.0, fid_reference=0),
+                 per_class=1000, sampler="heun", sample_steps=18, guidance=1.0, fid_reference=0, compile=True,
+                 bf16=True),
     # The paper's CIFAR-10 recipe: FreeMatch on WRN-28-2 for 2^20 steps, EDM's DDPM++ for 200M images.
     "cifar": dict(arch="wrn28_2", ssl_steps=2 ** 20, stage3_steps=2 ** 20, ssl_batch=64, uratio=7, ssl_lr=0.03,
                   ssl_ema=0.999, threshold="freematch", tau=0.95, real_fraction=-1.0, eval_every=5000,
                   unet_arch="unet", unet_size="cifar", diffusion_images=200_000_000, diffusion_batch=512,
                   diffusion_lr=1e-3, warmup=10_000_000, ema_halflife=500_000, p_mean=-1.2,
-                  per_class=1000, sampler="heun", sample_steps=18, guidance=1.0, fid_reference=0),
+                  per_class=1000, sampler="heun", sample_steps=18, guidance=1.0, fid_reference=0, compile=True,
+                  bf16=True),
 }
 
 # The stages in order, and the config fields each one depends on. A changed field

@@ -53,8 +53,8 @@ class FixMatchConfig:
     real_fraction: float = -1.0     # stage 3: share of real images in a labeled batch (-1: uniform over all)
     eval_every: int = 5000          # steps between test evaluations of the EMA model
     ckpt_every: int = 5000          # steps between checkpoints
-    compile: bool = True            # torch.compile the network (CUDA only)
-    bf16: bool = True               # bf16 autocast (CUDA only)
+    compile: bool = None            # torch.compile the network (unset: with CUDA only)
+    bf16: bool = None               # bf16 autocast (unset: with CUDA only)
     bench: bool = False             # print steps/s of WRN-28-2 at the paper's batch and exit
 
 
@@ -306,8 +306,8 @@ def train(config, dataset, labeled_index, pseudo=None, progress=True):
         if freematch is not None:
             freematch.load_state_dict(checkpoint["freematch"])
 
-    forward = data.for_training(model, world, device, config.compile)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=on_cuda and config.bf16)
+    forward = data.for_training(model, world, device, data.on_cuda_unless_set(config.compile, device))
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=data.on_cuda_unless_set(config.bf16, device))
 
     per_rank = config.batch // world
     from tqdm import tqdm
@@ -415,8 +415,8 @@ def benchmark(config, steps=35):
     _, metrics = train(config, fake, torch.arange(640), progress=False)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"{config.arch}, batch {config.batch} + 2 x {config.batch * config.uratio}: "
-          f"{metrics['steps_per_second']:.2f} steps/s ({where}, compile={config.compile and device.type == 'cuda'}, "
-          f"bf16={config.bf16 and device.type == 'cuda'})")
+          f"{metrics['steps_per_second']:.2f} steps/s ({where}, "
+          f"compile={data.on_cuda_unless_set(config.compile, device)}, bf16={data.on_cuda_unless_set(config.bf16, device)})")
 
 
 def load_generated(path, dataset):

@@ -41,7 +41,7 @@ class SampleConfig:
     seed: int = 0                   # image i starts from noise seeded by (seed, i)
     batch: int = 512                # images per network evaluation on each process (doubled when guidance is not 1)
     out: str = "runs/samples"       # folder for samples.pt and samples.png
-    bf16: bool = True               # bf16 autocast of the network (CUDA only); the ODE state stays float64
+    bf16: bool = None               # bf16 autocast of the network (unset: with CUDA only); the ODE state stays float64
     bench: bool = False             # print images/s of Heun with 18 steps (35 evaluations) at --batch and exit
 
 
@@ -146,7 +146,7 @@ def initial_noise(seed, index, shape):
 
 @torch.no_grad()
 def generate(model, per_class, sampler="heun", steps=18, guidance=1.0, seed=0, batch=512, device="cpu",
-             rank=0, world=1, bf16=True, progress=True):
+             rank=0, world=1, bf16=None, progress=True):
     """per_class images of every class, class by class: (uint8 [K*C, 3, H, W], int64 [K*C]).
     Process `rank` of `world` samples images i = rank (mod world) and every
     process returns all of them (all_gather)."""
@@ -158,7 +158,7 @@ def generate(model, per_class, sampler="heun", steps=18, guidance=1.0, seed=0, b
     labels = torch.arange(model.num_classes).repeat_interleave(per_class)
     mine = torch.arange(rank, len(labels), world)
     images = torch.empty((len(mine), *shape), dtype=torch.uint8, device=device)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=bf16 and device.type == "cuda")
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=data.on_cuda_unless_set(bf16, device))
     from tqdm import tqdm
     bar = tqdm(total=len(mine), desc=f"{sampler} {steps} steps", unit="img", disable=not progress or rank > 0)
     for start in range(0, len(mine), batch):
@@ -228,7 +228,7 @@ def benchmark(model, config, device):
     rate = len(images) / (time.perf_counter() - start)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"heun, 35 evaluations, batch {len(images)}, guidance {config.guidance}: {rate:.1f} images/s "
-          f"({where}, bf16={config.bf16 and device.type == 'cuda'})")
+          f"({where}, bf16={data.on_cuda_unless_set(config.bf16, device)})")
 
 
 def main():

@@ -1102,6 +1102,84 @@ def test_training_lowers_the_loss_on_unseen_shapes(tmp_path):
     assert after < 0.75 * before
 
 
+# -----------------------------------------------------------------------------
+# The GPU path on a CPU: torch.compile and bf16 autocast run the same code there
+
+
+def train_briefly(kind, arch, tmp_path, **speed):
+    """Three training steps of a stage's real loop on 16x16 shapes; (EMA model, metrics, model's last weights)."""
+    images, labels = shapes_16(64)
+    if kind == "classifier":
+        dataset = data.Dataset("shapes16", images, labels, images[:16], labels[:16], 10)
+        config = tiny_config(tmp_path, arch=arch, steps=3, ckpt_every=3, eval_every=3, **speed)
+        ema, metrics = fixmatch.train(config, dataset, data.labeled_split(labels, 2, seed=0), progress=False)
+    else:  # the noise levels, labels and learning rate (warm-up) change at every step
+        config = diffusion_config(tmp_path, arch=arch, images=24, batch=8, ckpt_every=24, **speed)
+        ema, metrics = unet.train(config, images, labels, 10, progress=False)
+    return ema, metrics, torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
+
+
+NETWORKS = [("classifier", "small"), ("classifier", "wrn28_2"), ("diffusion", "unet"), ("diffusion", "uvit")]
+
+
+@pytest.mark.parametrize("kind, arch", NETWORKS, ids=[arch for _, arch in NETWORKS])
+def test_compile_traces_each_training_network_whole_once_and_matches_eager(kind, arch, tmp_path, monkeypatch):
+    # fullgraph: a graph break is an error; error_on_recompile: so is a second
+    # compilation over steps where the batch, labels, noise levels and lr change.
+    # aot_eager traces forward and backward as inductor would, without generating code.
+    real_compile, compiled_models = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled_models.append(model) or real_compile(
+        model, backend="aot_eager", fullgraph=True))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _, _, compiled = train_briefly(kind, arch, tmp_path / "compiled", compile=True, bf16=False)
+    assert len(compiled_models) == 1 and torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    _, _, eager = train_briefly(kind, arch, tmp_path / "eager", compile=False, bf16=False)
+    for name in eager:
+        assert torch.allclose(compiled[name].float(), eager[name].float(), atol=1e-5, rtol=1e-4), name
+
+
+def test_compile_with_inductor_generates_cpu_code_that_trains_as_eager_does(tmp_path):
+    # One network only: inductor's first compilation of the U-Net takes 86 s on 2 cores.
+    kind, arch = NETWORKS[0]
+    torch._dynamo.reset()
+    _, _, compiled = train_briefly(kind, arch, tmp_path / "compiled", compile=True, bf16=False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    _, _, eager = train_briefly(kind, arch, tmp_path / "eager", compile=False, bf16=False)
+    for name in eager:  # fused kernels sum in another order: float32 round-off, not exact equality
+        assert torch.allclose(compiled[name].float(), eager[name].float(), atol=1e-4, rtol=1e-3), name
+
+
+@pytest.mark.parametrize("kind, arch", NETWORKS, ids=[arch for _, arch in NETWORKS])
+def test_bf16_autocast_trains_every_network_on_cpu_close_to_float32(kind, arch, tmp_path):
+    ema, metrics, weights = train_briefly(kind, arch, tmp_path / "bf16", compile=False, bf16=True)
+    _, metrics32, weights32 = train_briefly(kind, arch, tmp_path / "fp32", compile=False, bf16=False)
+    for name, value in weights.items():  # the weights stay float32 (autocast casts copies) and finite
+        assert value.dtype == weights32[name].dtype and value.isfinite().all(), name
+    floats = [name for name, value in weights.items() if value.is_floating_point()]
+    distance = sum((weights[name] - weights32[name]).norm() ** 2 for name in floats).sqrt()
+    assert 0 < distance <= 0.01 * sum(weights32[name].norm() ** 2 for name in floats).sqrt()  # bf16 ran, within 1%
+    if kind == "diffusion":  # the mean EDM loss of three steps, within 2% of float32's
+        assert metrics["loss"] == pytest.approx(metrics32["loss"], rel=0.02)
+    else:  # the test accuracy of the EMA model after three steps
+        assert abs(metrics["accuracy"] - metrics32["accuracy"]) <= 0.125
+
+
+def test_under_bf16_autocast_losses_pseudo_labels_preconditioning_and_the_ode_stay_float(monkeypatch):
+    with torch.autocast("cpu", torch.bfloat16):
+        logits = torch.randn(6, 10).bfloat16()
+        loss, mask, pseudo = fixmatch.fixmatch_loss(logits[:2], torch.tensor([1, 2]), logits[2:4], logits[4:],
+                                                    lambda_u=1.0, tau=0.0)
+        assert loss.dtype == torch.float32  # softmax and cross-entropy in float32 on bf16 logits
+        model = randomized(unet.make_diffusion("unet", "tiny", 10, 16))
+        inner = []
+        model.net.register_forward_hook(lambda module, args, out: inner.append(out.dtype))
+        denoised = model(torch.randn(2, 3, 16, 16), torch.tensor([0.5, 20.0]), torch.tensor([1, 10]))
+        assert inner == [torch.bfloat16] and denoised.dtype == torch.float32  # the network in bf16, c_skip x in fp32
+        ode = sample.guided(model, 2.0)(torch.randn(2, 3, 16, 16, dtype=torch.float64), 3.0, torch.tensor([1, 2]))
+        assert ode.dtype == torch.float64  # the sampler's state
+
+
 def test_a_killed_diffusion_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path, monkeypatch):
     images, labels = shapes_16(64)
     whole, _ = unet.train(diffusion_config(tmp_path / "whole"), images, labels, 10, progress=False)

@@ -57,8 +57,8 @@ class DiffusionConfig:
     seed: int = 0                   # seed of the initial weights and of training
     grid_every: int = 10_000_000    # images between preview grids of the EMA model (0: none)
     ckpt_every: int = 5_000_000     # images between checkpoints
-    compile: bool = True            # torch.compile the network (CUDA only)
-    bf16: bool = True               # bf16 autocast (CUDA only)
+    compile: bool = None            # torch.compile the network (unset: with CUDA only)
+    bf16: bool = None               # bf16 autocast (unset: with CUDA only)
     bench: bool = False             # print images/s and MFU of every size of --arch and exit
 
 
@@ -432,8 +432,8 @@ def train(config, images, labels, num_classes, progress=True, preview=None):
         if rank == 0 and progress:
             print(f"resuming {checkpoint_path} at {images_seen:,} of {config.images:,} images", file=sys.stderr)
 
-    forward = data.for_training(model, world, device, config.compile)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=on_cuda and config.bf16)
+    forward = data.for_training(model, world, device, data.on_cuda_unless_set(config.compile, device))
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=data.on_cuda_unless_set(config.bf16, device))
 
     per_rank = config.batch // world
     steps_left = -(-(config.images - images_seen) // config.batch)
@@ -540,7 +540,8 @@ def benchmark(config, steps=12):
         mfu = f", MFU {100 * 3 * flops * rate / peak:.1f}%" if peak else ""
         print(f"{config.arch} {size}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{flops / 1e9:.2f} GFLOP/image forward, batch {batch}: {rate:,.1f} images/s{mfu} "
-              f"({name}, compile={config.compile and device.type == 'cuda'}, bf16={config.bf16 and device.type == 'cuda'})")
+              f"({name}, compile={data.on_cuda_unless_set(config.compile, device)}, "
+              f"bf16={data.on_cuda_unless_set(config.bf16, device)})")
 
 
 def load_labels(path, dataset):

@@ -260,11 +260,12 @@ def for_inference(model, device):
 
 @contextlib.contextmanager
 def full_fp32():
-    """TF32 off for convolutions and matrix products: the features are defined in fp32."""
+    """TF32 and any caller's autocast off: the features are defined in fp32."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        yield
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 

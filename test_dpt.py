@@ -563,6 +563,15 @@ def test_inception_score_of_images_in_class_order_is_that_of_the_same_images_shu
     assert 9.0 < mean <= 10 and mean == pytest.approx(fid.inception_score(shuffled)[0], abs=0.3)
 
 
+def test_fid_features_stay_float32_inside_a_callers_bf16_autocast(fid_weights):
+    model = fid.load_inception(fid_weights)
+    images = random_images(4).split(2)
+    with torch.autocast("cpu", torch.bfloat16):
+        inside = fid.statistics(model, images)
+    outside = fid.statistics(model, images)
+    assert np.array_equal(inside["mu"], outside["mu"]) and np.array_equal(inside["sigma"], outside["sigma"])
+
+
 def test_cached_statistics_are_computed_once(fid_weights, tmp_path):
     path = str(tmp_path / "train.npz")
     first = fid.cached_statistics(fid.load_inception(fid_weights), path, random_images(4))

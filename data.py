@@ -762,22 +762,26 @@ def save_preview(data, path, columns=10, strong_rows=3):
     print(f"saved {path}: rows are originals, weak views, {strong_rows} rows of strong views")
 
 
-def benchmark(sizes=(("cpu", 1024), ("cuda", 65536)), repeats=5):
-    devices = [(d, n) for d, n in sizes if d == "cpu" or torch.cuda.is_available()]
-    for device, n in devices:
-        x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
+def augmentation_rate(augment, n, device, repeats=5):
+    """Images/s of augment on a batch of n random 32x32 images on device, after a warm-up batch."""
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
+    augment(x)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        augment(x)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return repeats * n / (time.perf_counter() - start)
+
+
+def benchmark(sizes=(("cpu", 1024), ("cuda", 65536))):
+    for device, n in [(d, n) for d, n in sizes if d == "cpu" or torch.cuda.is_available()]:
+        label = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
         for name, augment in (("weak", weak_augment), ("strong", strong_augment)):
-            augment(x)  # warm-up
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(repeats):
-                augment(x)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            rate = repeats * n / (time.perf_counter() - start)
-            label = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-            print(f"{name:>6} augmentation, 32x32, batch {n}, {label}: {rate:,.0f} images/s")
+            print(f"{name:>6} augmentation, 32x32, batch {n}, {label}: "
+                  f"{augmentation_rate(augment, n, device):,.0f} images/s")
 
 
 def main():

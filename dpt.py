@@ -47,6 +47,7 @@ class DPTConfig:
     redo: str = ""                  # rerun this stage and all after it: stage1 | stage2 | sample | stage3 | fid
     baseline: bool = False          # also train on the labeled images alone, for comparison
     fid_weights: str = ""           # FID Inception weights (else $DPT_FID_WEIGHTS, the hub cache, or download)
+    bench: bool = False             # print every stage's speed on this device and the presets' projected time, and exit
     compile: bool = None            # torch.compile the networks
     bf16: bool = None               # bf16 autocast
     # stages 1 and 3: the classifier
@@ -120,7 +121,7 @@ FIELD_STAGE = {"dataset": "split", "labels": "split", "seed": "split",
                "diffusion_lr": "stage2", "warmup": "stage2", "ema_halflife": "stage2", "p_mean": "stage2",
                "per_class": "sample", "sampler": "sample", "sample_steps": "sample", "guidance": "sample",
                "stage3_steps": "stage3", "real_fraction": "stage3", "fid_reference": "fid"}
-FREE_TO_CHANGE = {"data_dir", "out", "redo", "baseline", "fid_weights", "compile", "preset", "eval_every"}
+FREE_TO_CHANGE = {"data_dir", "out", "redo", "baseline", "fid_weights", "compile", "preset", "eval_every", "bench"}
 
 
 def resolve(config):
@@ -400,8 +401,11 @@ def stage_fid(config, run, dataset, samples, device, rank, world):
 def main():
     config = data.parse_config(DPTConfig, __doc__)
     rank, world, device = data.distributed_setup()
+    asked = config.arch, config.unet_size  # before the preset fills them in
     resolve(config)
     check(config, world)
+    if config.bench:
+        return bench(config, device, arch=asked[0] or "wrn28_2", size=asked[1] or "cifar")
     dataset = data.load_dataset(config.dataset, config.data_dir)
     check(config, world, dataset)
     run = run_folder(config)
@@ -448,6 +452,85 @@ def main():
         print_summary(results, run)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# The benchmark: each stage's speed, and what the GPU presets would take here
+
+
+def bench(config, device, arch, size):
+    """One row per stage with this device's settings (compile and bf16: the
+    flags, else on with CUDA only) beside the same code eager in fp32, as the
+    official code runs (TorchSSL and EDM); then the fast and cifar presets'
+    projected wall time from the measured rates. A CPU runs small batches and
+    few steps (each row's size is printed); rates are per image, so they project.
+    The networks are the paper's (WRN-28-2, the cifar size) unless --arch and
+    --unet-size ask for others."""
+    on_cuda = device.type == "cuda"
+    fast = (data.on_cuda_unless_set(config.compile, device), data.on_cuda_unless_set(config.bf16, device))
+    ssl_batch, diffusion_batch, steps = (64, 128, 12) if on_cuda else (4, 2, 3)
+
+    def measure(run, settings):
+        """(rate, peak device memory in GiB or None) of run(compile, bf16)."""
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        rate = run(*settings)
+        return rate, torch.cuda.max_memory_allocated() / 2 ** 30 if on_cuda else None
+
+    classifier = lambda compile, bf16: fixmatch.training_rate(fixmatch.FixMatchConfig(
+        arch=arch, batch=ssl_batch, uratio=7, compile=compile, bf16=bf16), steps=steps + 5)
+    diffusion = lambda arch: lambda compile, bf16: unet.training_rate(unet.DiffusionConfig(
+        arch=arch, size=size, batch=diffusion_batch, compile=compile, bf16=bf16), steps=steps + 2)
+    model = unet.make_diffusion("unet", size, 10, 32).to(device).eval()
+    heun = lambda compile, bf16: sample.heun_rate(model, 1 if not on_cuda else 100, device, bf16=bf16,
+                                                  steps=18 if on_cuda else 2)
+    inception = fid.for_inference(fid.FIDInception(), device)
+    images = torch.randint(0, 256, (100 if on_cuda else 8, 3, 32, 32), dtype=torch.uint8, device=device)
+    features = lambda compile, bf16: fid.feature_rates({"ours": lambda: inception(images)}, len(images),
+                                                       device.type, repeats=3)["ours"]
+    augment = lambda compile, bf16: data.augmentation_rate(lambda x: data.strong_augment(data.weak_augment(x)),
+                                                           65536 if on_cuda else 1024, device.type)
+    per_step = ssl_batch * (1 + 2 * 7)  # images through the classifier per step
+    # (row, what it runs, unit, whether compile and bf16 apply to it)
+    rows = [("augmentation, weak + strong", augment, "images/s", False),
+            (f"FixMatch {arch}, {ssl_batch} + 2 x {7 * ssl_batch}", classifier, "steps/s", True),
+            (f"U-Net {size} training, batch {diffusion_batch}", diffusion("unet"), "images/s", True),
+            (f"U-ViT {size} training, batch {diffusion_batch}", diffusion("uvit"), "images/s", True),
+            (f"Heun, 35 evaluations, U-Net {size}", heun, "images/s", True),
+            ("FID features (always eager fp32)", features, "images/s", False)]
+    where = torch.cuda.get_device_name() if on_cuda else f"cpu, {torch.get_num_threads()} threads"
+    print(f"{where}: compile={fast[0]}, bf16={fast[1]}, beside eager fp32")
+    print(f"  {'stage':<40} {'rate':>10} {'eager fp32':>10} {'ratio':>6}  {'unit':<9} peak memory")
+    measured = []
+    for name, run, unit, optimizable in rows:
+        rate, memory = measure(run, fast)
+        baseline = measure(run, (False, False))[0] if optimizable and fast != (False, False) else rate
+        measured.append(rate)
+        print(f"  {name:<40} {rate:>10,.1f} {baseline:>10,.1f} {rate / baseline:>5.2f}x  {unit:<9} "
+              f"{'-' if memory is None else f'{memory:.1f} GiB'}")
+    rate = dict(zip(("augment", "classifier", "unet", "uvit", "heun", "fid"), measured))
+    for name in ("unet", "uvit"):
+        mfu = unet.flop_utilisation(unet.make_diffusion(name, size, 10, 32), rate[name], device)
+        if mfu is not None:
+            print(f"  {name} {size}: model FLOP utilisation {100 * mfu:.1f}% of the bf16 peak")
+
+    # Projection: every stage's work at its measured rate; a preset's U-Net of
+    # another size than the one measured is scaled by forward FLOPs.
+    if arch != "wrn28_2":
+        return print("the presets' projected time needs the classifier they train: leave out --arch")
+    flops = unet.flops_per_image(unet.make_diffusion("unet", size, 10, 32))
+    paper_steps_per_second = rate["classifier"] * per_step / (64 * 15)  # at 64 + 2 x 448 images a step
+    for preset in ("fast", "cifar"):
+        settings = DPTConfig(preset=preset)
+        resolve(settings)
+        scale = flops / unet.flops_per_image(unet.make_diffusion(settings.unet_arch, settings.unet_size, 10, 32))
+        evaluations = 2 * settings.sample_steps - 1
+        seconds = {"stages 1 and 3": (settings.ssl_steps + settings.stage3_steps) / paper_steps_per_second,
+                   "stage 2": settings.diffusion_images / (rate["unet"] * scale),
+                   "sampling": settings.per_class * 10 * evaluations / 35 / (rate["heun"] * scale),
+                   "FID": 60_000 / rate["fid"]}
+        print(f"{preset} preset here: {sum(seconds.values()) / 3600:,.1f} h (" +
+              ", ".join(f"{stage} {time / 3600:,.1f} h" for stage, time in seconds.items()) + ")")
 
 
 def sample_accuracy(judge, images, labels, num_classes):

@@ -426,9 +426,7 @@ def stats_of(path, model_for, batch_size, keep_logits=False):
 
 def benchmark(batch_size, repeats=5):
     """Feature extraction in images/s on random weights (speed does not depend
-    on them), ours and, when it is installed, pytorch-fid's, on the same device,
-    taking turns; the best of `repeats` batches, since a shared machine only
-    ever slows a run down."""
+    on them), ours and, when it is installed, pytorch-fid's, on the same device."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     where = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     x = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
@@ -443,19 +441,27 @@ def benchmark(batch_size, repeats=5):
         print("pytorch-fid is not installed: pip install pytorch-fid to compare")
     ours = for_inference(ours, device)
     candidates["ours"] = lambda: ours(x)
+    rates = feature_rates(candidates, batch_size, device, repeats)
+    for name, rate in rates.items():
+        print(f"{name:>12}: {rate:8.1f} images/s (32x32 inputs, batch {batch_size}, {where})")
+    if len(rates) == 2:
+        print(f"speed-up: {rates['ours'] / rates['pytorch-fid']:.2f}x")
+
+
+def feature_rates(candidates, batch_size, device, repeats=5):
+    """Images/s of each candidate feature extractor on one batch, taking turns;
+    the best of `repeats` rounds after a warm-up round, since a shared machine
+    only ever slows a run down."""
     best = dict.fromkeys(candidates, float("inf"))
     with torch.inference_mode(), full_fp32():
-        for repeat in range(repeats + 1):  # the first round is warm-up
+        for repeat in range(repeats + 1):
             for name, run in candidates.items():
                 start = time.perf_counter()
                 run()
                 if device == "cuda":
                     torch.cuda.synchronize()
                 best[name] = min(best[name], time.perf_counter() - start) if repeat else best[name]
-    for name, seconds in best.items():
-        print(f"{name:>12}: {batch_size / seconds:8.1f} images/s (32x32 inputs, batch {batch_size}, {where})")
-    if len(best) == 2:
-        print(f"speed-up: {best['pytorch-fid'] / best['ours']:.2f}x")
+    return {name: batch_size / seconds for name, seconds in best.items()}
 
 
 def main(argv=None):

@@ -1636,6 +1636,22 @@ def test_the_cifar_preset_gives_each_stage_the_papers_recipe():
     assert unet.SIZES["unet"]["cifar"]["dropout"] == 0.13
 
 
+def test_bench_prints_every_stage_beside_eager_fp32_and_the_presets_projected_time():
+    result = run_script("dpt.py", "--bench", "--unet-size", "tiny")  # WRN-28-2 at small batches, the tiny U-Net
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    rows = {name: line for name in ("augmentation", "FixMatch wrn28_2", "U-Net tiny training", "U-ViT tiny training",
+                                    "Heun, 35 evaluations", "FID features") for line in lines if name in line}
+    assert len(rows) == 6, result.stdout
+    for line in rows.values():  # rate, eager fp32 rate, ratio: on a CPU both are eager fp32
+        rate, eager, ratio = re.search(r"([\d,.]+)\s+([\d,.]+)\s+([\d.]+)x", line).groups()
+        assert float(rate.replace(",", "")) > 0 and rate == eager and ratio == "1.00", line
+    for preset in ("fast", "cifar"):
+        line = next(line for line in lines if line.startswith(f"{preset} preset here:"))
+        total, *stages = (float(hours.replace(",", "")) for hours in re.findall(r"([\d,.]+) h", line))
+        assert len(stages) == 4 and total == pytest.approx(sum(stages), abs=0.2), line
+
+
 def test_without_cuda_or_preset_the_tiny_preset_runs_and_says_so(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config = dpt.DPTConfig(ssl_steps=7)

@@ -520,27 +520,39 @@ def flops_per_image(model):
     return counter.get_total_flops()
 
 
-def benchmark(config, steps=12):
-    """Training images/s of every size of --arch on random images (32x32, 10
-    classes), timed after the warm-up steps, and the model FLOP utilisation:
-    training costs about 3x the forward FLOPs (forward, and a backward of twice)."""
-    _, _, device = data.distributed_setup()
-    batch, steps = (config.batch, steps) if device.type == "cuda" else (4, 6)  # a CPU is 1000x slower
+def training_rate(config, steps=12):
+    """Training images/s of config's network at config.batch on random 32x32
+    images of 10 classes, timed after the warm-up steps (in a temporary folder)."""
     images = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (4096,))
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    with tempfile.TemporaryDirectory() as out:
+        run = replace(config, out=out, images=config.batch * steps, warmup=config.batch,
+                      ckpt_every=config.batch * steps, grid_every=0)
+        return train(run, images, labels, 10, progress=False)[1]["images_per_second"]
+
+
+def flop_utilisation(model, rate, device):
+    """The share of the GPU's bf16 peak that training at `rate` images/s uses:
+    training costs about 3x the forward FLOPs (forward, and a backward of twice).
+    None where the peak is unknown (a CPU)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((flops for gpu, flops in PEAK_FLOPS.items() if gpu in name), None)
+    return peak and 3 * flops_per_image(model) * rate / peak
+
+
+def benchmark(config, steps=12):
+    """Training images/s and model FLOP utilisation of every size of --arch."""
+    _, _, device = data.distributed_setup()
+    batch, steps = (config.batch, steps) if device.type == "cuda" else (4, 6)  # a CPU is 1000x slower
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     for size in SIZES[config.arch]:
         model = make_diffusion(config.arch, size, 10, 32)
-        flops = flops_per_image(model)
-        with tempfile.TemporaryDirectory() as out:
-            run = replace(config, size=size, out=out, images=batch * steps, batch=batch, warmup=batch, ckpt_every=0)
-            _, metrics = train(run, images, labels, 10, progress=False)
-        rate = metrics["images_per_second"]
-        mfu = f", MFU {100 * 3 * flops * rate / peak:.1f}%" if peak else ""
+        rate = training_rate(replace(config, size=size, batch=batch), steps)
+        mfu = flop_utilisation(model, rate, device)
         print(f"{config.arch} {size}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"{flops / 1e9:.2f} GFLOP/image forward, batch {batch}: {rate:,.1f} images/s{mfu} "
-              f"({name}, compile={data.on_cuda_unless_set(config.compile, device)}, "
+              f"{flops_per_image(model) / 1e9:.2f} GFLOP/image forward, batch {batch}: {rate:,.1f} images/s"
+              f"{'' if mfu is None else f', MFU {100 * mfu:.1f}%'} ({name}, "
+              f"compile={data.on_cuda_unless_set(config.compile, device)}, "
               f"bf16={data.on_cuda_unless_set(config.bf16, device)})")
 
 

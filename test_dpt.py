@@ -1871,7 +1871,8 @@ def test_a_stage_script_refuses_a_held_out_folder_and_the_lock_dies_with_its_hol
 A_FILE = os.path.join(HERE, "dpt.py")
 BAD_SETTINGS = {
     "dataset": "imagenet42", "data_dir": A_FILE, "labels": "0", "seed": "-1", "preset": "huge", "out": A_FILE,
-    "redo": "stage9", "baseline": None, "fid_weights": "/missing/inception.pth", "compile": None, "bf16": None,
+    "redo": "stage9", "baseline": None, "fid_weights": "/missing/inception.pth", "bench": None, "compile": None,
+    "bf16": None,
     "arch": "vgg", "ssl_steps": "0", "stage3_steps": "0", "ssl_batch": "0", "uratio": "0", "ssl_lr": "0",
     "ssl_ema": "1", "threshold": "adaptive", "tau": "1.5", "real_fraction": "2", "eval_every": "0",
     "unet_arch": "resnet", "unet_size": "huge", "diffusion_images": "0", "diffusion_batch": "0",

@@ -71,6 +71,8 @@ class DPTConfig:
     warmup: int = None              # images of learning-rate warm-up
     ema_halflife: int = None        # half-life of the diffusion EMA, in images
     p_mean: float = None            # training noise levels ln(sigma) ~ N(p_mean, 1.2^2) (EDM: -1.2)
+    label_dropout: float = None     # share of training labels replaced by the null class (for guidance)
+    augment: float = None           # EDM's augmentation probability (its CIFAR-10 recipe: 0.12); 0: x-flips only
     per_class: int = None           # K: generated images per class
     sampler: str = None             # heun | euler | dpmpp
     sample_steps: int = None        # sampler steps (Heun: 2 N - 1 network evaluations)
@@ -93,20 +95,22 @@ PRESETS = {
     "tiny": dict(arch="small", ssl_steps=1000, stage3_steps=1000, ssl_batch=32, uratio=3, ssl_lr=0.05, ssl_ema=0.99,
                  threshold="fixmatch", tau=0.95, real_fraction=0.5, eval_every=500,
                  unet_arch="unet", unet_size="tiny", diffusion_images=80_000, diffusion_batch=32, diffusion_lr=2e-3,
-                 warmup=1_000, ema_halflife=4_000, p_mean=0.0, per_class=50, sampler="dpmpp", sample_steps=10,
-                 guidance=3.0, fid_reference=1000, compile=False, bf16=False),
+                 warmup=1_000, ema_halflife=4_000, p_mean=0.0, label_dropout=0.1, augment=0.0, per_class=50,
+                 sampler="dpmpp", sample_steps=10, guidance=3.0, fid_reference=1000, compile=False, bf16=False),
     # A few hours on one modern GPU: the paper's classifier, shorter; a smaller U-Net.
     "fast": dict(arch="wrn28_2", ssl_steps=2 ** 17, stage3_steps=2 ** 17, ssl_batch=64, uratio=7, ssl_lr=0.03,
                  ssl_ema=0.999, threshold="freematch", tau=0.95, real_fraction=-1.0, eval_every=5000,
                  unet_arch="unet", unet_size="fast", diffusion_images=20_000_000, diffusion_batch=512,
-                 diffusion_lr=1e-3, warmup=2_000_000, ema_halflife=500_000, p_mean=-1.2,
+                 diffusion_lr=1e-3, warmup=2_000_000, ema_halflife=500_000, p_mean=-1.2, label_dropout=0.0,
+                 augment=0.0,
                  per_class=1000, sampler="heun", sample_steps=18, guidance=1.0, fid_reference=0, compile=True,
                  bf16=True),
     # The paper's CIFAR-10 recipe: FreeMatch on WRN-28-2 for 2^20 steps, EDM's DDPM++ for 200M images.
     "cifar": dict(arch="wrn28_2", ssl_steps=2 ** 20, stage3_steps=2 ** 20, ssl_batch=64, uratio=7, ssl_lr=0.03,
                   ssl_ema=0.999, threshold="freematch", tau=0.95, real_fraction=-1.0, eval_every=5000,
                   unet_arch="unet", unet_size="cifar", diffusion_images=200_000_000, diffusion_batch=512,
-                  diffusion_lr=1e-3, warmup=10_000_000, ema_halflife=500_000, p_mean=-1.2,
+                  diffusion_lr=1e-3, warmup=10_000_000, ema_halflife=500_000, p_mean=-1.2, label_dropout=0.0,
+                  augment=0.12,
                   per_class=1000, sampler="heun", sample_steps=18, guidance=1.0, fid_reference=0, compile=True,
                   bf16=True),
 }
@@ -119,6 +123,7 @@ FIELD_STAGE = {"dataset": "split", "labels": "split", "seed": "split",
                "tau": "stage1", "threshold": "stage1", "ssl_steps": "stage1", "bf16": "stage1",
                "unet_arch": "stage2", "unet_size": "stage2", "diffusion_images": "stage2", "diffusion_batch": "stage2",
                "diffusion_lr": "stage2", "warmup": "stage2", "ema_halflife": "stage2", "p_mean": "stage2",
+               "label_dropout": "stage2", "augment": "stage2",
                "per_class": "sample", "sampler": "sample", "sample_steps": "sample", "guidance": "sample",
                "stage3_steps": "stage3", "real_fraction": "stage3", "fid_reference": "fid"}
 FREE_TO_CHANGE = {"data_dir", "out", "redo", "baseline", "fid_weights", "compile", "preset", "eval_every", "bench"}
@@ -146,7 +151,7 @@ CLASSIFIER_FIELDS = {"dataset": "dataset", "data_dir": "data_dir", "labels": "la
 DIFFUSION_FIELDS = {"dataset": "dataset", "data_dir": "data_dir", "seed": "seed", "arch": "unet_arch",
                     "size": "unet_size", "images": "diffusion_images", "batch": "diffusion_batch",
                     "lr": "diffusion_lr", "warmup": "warmup", "ema_halflife": "ema_halflife", "p_mean": "p_mean",
-                    "compile": "compile", "bf16": "bf16"}
+                    "label_dropout": "label_dropout", "augment": "augment", "compile": "compile", "bf16": "bf16"}
 SAMPLE_FIELDS = {"per_class": "per_class", "sampler": "sampler", "steps": "sample_steps", "guidance": "guidance",
                  "seed": "seed", "bf16": "bf16"}
 

@@ -906,7 +906,7 @@ def shapes_16(n, seed=0):
 
 def diffusion_config(out, **changes):
     settings = dict(dataset="shapes", out=str(out), size="tiny", images=24, batch=4, lr=1e-3, warmup=8,
-                    ema_halflife=8, ckpt_every=12, grid_every=0, compile=False)
+                    ema_halflife=8, ckpt_every=12, grid_every=0, compile=False, augment=0.0)
     settings.update(changes)
     return unet.DiffusionConfig(**settings)
 
@@ -987,7 +987,7 @@ def test_the_edm_loss_is_lambda_weighted_squared_error_at_log_normal_sigmas():
 
 def test_label_dropout_replaces_the_asked_share_of_labels_by_the_null_class():
     seen = []
-    record = lambda x, sigma, labels: seen.append(labels) or torch.zeros_like(x)
+    record = lambda x, sigma, labels, augment_labels: seen.append(labels) or torch.zeros_like(x)
     torch.manual_seed(0)
     unet.edm_loss(record, torch.zeros(20_000, 1, 1, 1), torch.full((20_000,), 3), 10, unet.DiffusionConfig(label_dropout=0.2))
     assert set(seen[0].tolist()) == {3, 10}
@@ -996,7 +996,7 @@ def test_label_dropout_replaces_the_asked_share_of_labels_by_the_null_class():
 
 def test_training_drops_labels_to_the_null_class_the_sampler_uses(tmp_path, monkeypatch):
     seen, forward = [], unet.EDMPrecond.forward
-    monkeypatch.setattr(unet.EDMPrecond, "forward", lambda self, x, sigma, labels: (
+    monkeypatch.setattr(unet.EDMPrecond, "forward", lambda self, x, sigma, labels, augment_labels=None: (
         seen.append((labels, self.num_classes)), forward(self, x, sigma, labels))[1])
     images, labels = shapes_16(64)
     unet.train(diffusion_config(tmp_path, images=128, batch=64, label_dropout=0.5), images, labels, 10,
@@ -1081,6 +1081,85 @@ def test_unknown_sizes_and_unfit_resolutions_are_refused_in_one_line():
             unet.check(unet.DiffusionConfig(**changes), resolution=resolution)
         assert "\n" not in str(error.value)
     unet.check(unet.DiffusionConfig(size="tiny"), resolution=32)  # 32 = 4 x 8 fits
+
+
+# -----------------------------------------------------------------------------
+# EDM's augmentation
+
+
+def smooth_image(side=32):
+    """A test image that is a known function of position, and that function."""
+    f = lambda x, y: torch.sin(0.3 * x + 0.1 * y) + torch.cos(0.2 * y)
+    ys, xs = torch.meshgrid(torch.arange(side) - (side - 1) / 2, torch.arange(side) - (side - 1) / 2, indexing="ij")
+    return f(xs, ys)[None, None], f, xs, ys
+
+
+def rotation(angle):
+    angle = torch.as_tensor(angle)
+    return torch.tensor([[angle.cos(), -angle.sin()], [angle.sin(), angle.cos()]])
+
+
+@pytest.mark.parametrize("name, matrix, shift", [
+    ("rotation by 0.5 rad", rotation(0.5), (0.0, 0.0)),
+    ("isotropic scaling by 2^0.3", torch.eye(2) * 2 ** -0.3, (0.0, 0.0)),
+    ("anisotropic scaling along 30 degrees", rotation(-0.52) @ torch.diag(torch.tensor([0.8, 1.25])) @ rotation(0.52),
+     (0.0, 0.0)),
+    ("translation by (2.5, -1.5)", torch.eye(2), (2.5, -1.5)),
+])
+def test_each_geometric_op_matches_its_closed_form_on_a_smooth_image(name, matrix, shift):
+    image, f, xs, ys = smooth_image()
+    out = unet.warp(image, matrix[None], torch.tensor([shift]))
+    source = torch.stack([xs - shift[0], ys - shift[1]], -1) @ matrix.T  # output q reads the input at M (q - t)
+    error = (out[0, 0] - f(source[..., 0], source[..., 1])).abs()[8:-8, 8:-8]  # away from the reflected border
+    assert error.max() < 0.03, name  # the 2 x 2 sub-pixel average blurs a function of amplitude 2 that little
+
+
+def test_augmentation_at_p_0_is_the_identity_and_labels_are_zero_where_nothing_was_applied():
+    torch.manual_seed(0)
+    images = torch.randn(300, 3, 16, 16)
+    same, labels = unet.augment(images, 0.0)
+    assert torch.equal(same, images) and not labels.any() and labels.shape == (300, unet.AUGMENT_DIM)
+    out, labels = unet.augment(images, 0.2)
+    plain = ~labels.any(1)
+    assert torch.equal(out[plain], images[plain]) and (out[~plain] != images[~plain]).flatten(1).any(1).all()
+    # x-flips are drawn for every image (EDM: xflip=1e8), the others with p = 0.2 each
+    assert labels[:, 0].mean().item() == pytest.approx(0.5, abs=0.1)
+    assert (labels[:, 2] != 0).float().mean().item() == pytest.approx(0.2, abs=0.06)
+
+
+def test_each_augmented_image_is_the_transform_its_labels_describe():
+    torch.manual_seed(1)
+    images = torch.randn(64, 3, 16, 16)
+    out, labels = unet.augment(images, 0.5)
+    xflip, yflip, scale, cos, sin, aniso_x, aniso_y, tx, ty = labels.T
+    flipped = torch.where(xflip.view(-1, 1, 1, 1) > 0, images.flip(3), images)
+    flipped = torch.where(yflip.view(-1, 1, 1, 1) > 0, flipped.flip(2), flipped)
+    angle = torch.atan2(sin, cos + 1)
+    # The anisotropy label (w cos r, w sin r) is also (-w) at r + pi, a stretch along the other
+    # axis (EDM's labels share this): an image must be one of the two readings.
+    readings = []
+    for sign in (1, -1):
+        aniso, axis = sign * torch.hypot(aniso_x, aniso_y), torch.atan2(sign * aniso_y, sign * aniso_x)
+        matrix = torch.stack([(torch.eye(2) * 2 ** (-0.2 * s)) @ rotation(a) @ rotation(-r)
+                              @ torch.diag(torch.stack([2 ** (-0.2 * w), 2 ** (0.2 * w)])) @ rotation(r)
+                              for s, a, r, w in zip(scale, angle, axis, aniso)])
+        readings.append(unet.warp(flipped, matrix, torch.stack([tx, ty], 1) * 0.125 * 16))
+    moved = labels[:, 2:].any(1)
+    assert moved.sum() > 30 and torch.equal(out[~moved], flipped[~moved])
+    for i in moved.nonzero().flatten():
+        assert any(torch.allclose(out[i], reading[i], atol=1e-4) for reading in readings), i
+
+
+def test_the_cifar_unet_told_of_augmentation_has_edms_parameter_count():
+    # EDM's ddpmpp with augment_dim 9 adds map_augment, Linear(9, 128) without bias: 55,734,147 + 1,152.
+    model = unet.make_diffusion("unet", "cifar", 10, 32, augment_dim=unet.AUGMENT_DIM)
+    assert sum(p.numel() for p in model.parameters()) == 55_735_299
+    # and it is told: the same noisy image with other augment labels gives another output
+    model = randomized(unet.make_diffusion("unet", "tiny", 10, 16, augment_dim=unet.AUGMENT_DIM))
+    x, sigma, label = torch.randn(1, 3, 16, 16), torch.tensor([1.0]), torch.tensor([2])
+    plain = model(x, sigma, label, torch.zeros(1, unet.AUGMENT_DIM))
+    assert torch.equal(plain, model(x, sigma, label))  # zero labels are no labels (sampling)
+    assert not torch.allclose(plain, model(x, sigma, label, torch.ones(1, unet.AUGMENT_DIM)))
 
 
 # -----------------------------------------------------------------------------
@@ -1189,9 +1268,10 @@ def test_under_bf16_autocast_losses_pseudo_labels_preconditioning_and_the_ode_st
         assert ode.dtype == torch.float64  # the sampler's state
 
 
-def test_a_killed_diffusion_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("augment", [0.0, 0.5])
+def test_a_killed_diffusion_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path, monkeypatch, augment):
     images, labels = shapes_16(64)
-    whole, _ = unet.train(diffusion_config(tmp_path / "whole"), images, labels, 10, progress=False)
+    whole, _ = unet.train(diffusion_config(tmp_path / "whole", augment=augment), images, labels, 10, progress=False)
 
     saves, real_save = [], data.save_atomic
 
@@ -1202,10 +1282,11 @@ def test_a_killed_diffusion_run_resumes_to_the_same_weights_as_an_uninterrupted_
 
     monkeypatch.setattr(data, "save_atomic", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        unet.train(diffusion_config(tmp_path / "killed"), images, labels, 10, progress=False)
+        unet.train(diffusion_config(tmp_path / "killed", augment=augment), images, labels, 10, progress=False)
     monkeypatch.setattr(data, "save_atomic", real_save)
     assert torch.load(saves[0], weights_only=True)["images_seen"] == 12
-    resumed, _ = unet.train(diffusion_config(tmp_path / "killed"), images, labels, 10, progress=False)
+    resumed, _ = unet.train(diffusion_config(tmp_path / "killed", augment=augment), images, labels, 10,
+                            progress=False)
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     last_whole, last_resumed = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("whole", "killed"))
@@ -1612,13 +1693,15 @@ def test_every_setting_belongs_to_one_stage_or_is_free_to_change():
 # DPT's official CIFAR-10 code: FreeMatch in TorchSSL (WRN-28-2, 2^20 steps, batch 64 + 7 x 64,
 # SGD Nesterov 0.03 with momentum 0.9 and weight decay 5e-4, EMA 0.999), then EDM's
 # ddpmpp (Karras et al. 2022, Table 7: 200 Mimg, batch 512, Adam 1e-3 warmed up over
-# 10 Mimg, EMA half-life 0.5 Mimg, dropout 0.13, P_mean -1.2, P_std 1.2), sampled by
-# Heun with 18 steps (35 evaluations), 1,000 images per class.
+# 10 Mimg, EMA half-life 0.5 Mimg, dropout 0.13, P_mean -1.2, P_std 1.2; its
+# augmentation at p = 0.12 and no label dropout), sampled by Heun with 18 steps
+# (35 evaluations), 1,000 images per class.
 PAPER_CIFAR10 = {
     "classifier": dict(arch="wrn28_2", steps=2 ** 20, batch=64, uratio=7, lr=0.03, momentum=0.9, weight_decay=5e-4,
                        ema=0.999, threshold="freematch", lambda_u=1.0),
     "diffusion": dict(arch="unet", size="cifar", images=200_000_000, batch=512, lr=1e-3, warmup=10_000_000,
-                      ema_halflife=500_000, p_mean=-1.2, p_std=1.2),
+                      ema_halflife=500_000, ema_rampup=0.05, p_mean=-1.2, p_std=1.2, augment=0.12,
+                      label_dropout=0.0),
     "sample": dict(sampler="heun", steps=18, per_class=1000, guidance=1.0),
 }
 
@@ -1634,6 +1717,8 @@ def test_the_cifar_preset_gives_each_stage_the_papers_recipe():
                              (sampling, "sample")]:
         assert {k: getattr(settings, k) for k in PAPER_CIFAR10[recipe]} == PAPER_CIFAR10[recipe], recipe
     assert unet.SIZES["unet"]["cifar"]["dropout"] == 0.13
+    model = fixmatch.make_classifier(stage1.arch, 10, [0.5] * 3, [0.25] * 3)
+    assert {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.001}
 
 
 def test_bench_prints_every_stage_beside_eager_fp32_and_the_presets_projected_time():
@@ -1876,7 +1961,8 @@ BAD_SETTINGS = {
     "arch": "vgg", "ssl_steps": "0", "stage3_steps": "0", "ssl_batch": "0", "uratio": "0", "ssl_lr": "0",
     "ssl_ema": "1", "threshold": "adaptive", "tau": "1.5", "real_fraction": "2", "eval_every": "0",
     "unet_arch": "resnet", "unet_size": "huge", "diffusion_images": "0", "diffusion_batch": "0",
-    "diffusion_lr": "-1", "warmup": "-1", "ema_halflife": "-1", "p_mean": "nan", "per_class": "0",
+    "diffusion_lr": "-1", "warmup": "-1", "ema_halflife": "-1", "p_mean": "nan", "label_dropout": "1",
+    "augment": "1.5", "per_class": "0",
     "sampler": "ddim", "sample_steps": "1", "guidance": "-1", "fid_reference": "-1"}
 
 

@@ -51,7 +51,8 @@ class DiffusionConfig:
     warmup: int = 10_000_000        # images over which the learning rate ramps up linearly from 0
     ema_halflife: int = 500_000     # half-life of the EMA of the weights, in images
     ema_rampup: float = 0.05        # the half-life is at most this share of the images seen so far; 0: off
-    label_dropout: float = 0.1      # share of labels replaced by the null class
+    label_dropout: float = 0.0      # share of labels replaced by the null class (for classifier-free guidance)
+    augment: float = 0.12           # EDM's augmentation probability; 0: horizontal flips only
     p_mean: float = -1.2            # training noise levels: ln(sigma) ~ N(p_mean, p_std^2)
     p_std: float = 1.2              # (EDM's log-normal)
     seed: int = 0                   # seed of the initial weights and of training
@@ -171,7 +172,8 @@ class UNet(nn.Module):
                  num_blocks,            # residual blocks per level in the encoder (+1 in the decoder)
                  attention_levels,      # levels with self-attention (0 = the first level)
                  dropout,               # dropout inside the residual blocks
-                 patch=1):              # the first level works on patch x patch pixels folded into channels
+                 patch=1,               # the first level works on patch x patch pixels folded into channels
+                 augment_dim=0):        # size of the augmentation labels it is told (0: none)
         super().__init__()
         self.model_channels, self.patch = model_channels, patch
         emb_channels = 4 * model_channels
@@ -181,6 +183,8 @@ class UNet(nn.Module):
         bound = math.sqrt(num_classes) * math.sqrt(6 / (num_classes + model_channels))  # EDM's one-hot * sqrt(C)
         nn.init.uniform_(self.label_embedding.weight, -bound, bound)
         nn.init.zeros_(self.label_embedding.weight[num_classes])
+        # EDM's map_augment: what the augmentation did, added to the noise embedding (zero at sampling).
+        self.augment_embedding = nn.Linear(augment_dim, model_channels, bias=False) if augment_dim else None
         self.map_layer0 = xavier(nn.Linear(model_channels, emb_channels))
         self.map_layer1 = xavier(nn.Linear(emb_channels, emb_channels))
 
@@ -211,8 +215,10 @@ class UNet(nn.Module):
         self.out_norm = group_norm(width)
         self.out_conv = xavier(nn.Conv2d(width, channels * patch ** 2, 3, padding=1), gain=1e-5)
 
-    def forward(self, x, c_noise, class_labels):
+    def forward(self, x, c_noise, class_labels, augment_labels=None):
         emb = positional_embedding(c_noise, self.model_channels) + self.label_embedding(class_labels)
+        if self.augment_embedding is not None and augment_labels is not None:
+            emb = emb + self.augment_embedding(augment_labels)
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
         x = self.stem(F.pixel_unshuffle(x, self.patch))
         skips = [x]
@@ -268,7 +274,8 @@ class UViT(nn.Module):
                  depth,                 # transformer blocks: depth // 2 shallow, one middle, depth // 2 deep
                  heads,                 # attention heads
                  patch,                 # side of the square patches
-                 dropout):              # dropout inside the MLPs
+                 dropout,               # dropout inside the MLPs
+                 augment_dim=0):        # size of the augmentation labels it is told (0: none)
         super().__init__()
         self.width, self.patch = width, patch
         self.patch_embed = nn.Conv2d(channels, width, patch, stride=patch)
@@ -276,6 +283,7 @@ class UViT(nn.Module):
         # 4 units, so most sinusoids barely move and a linear read-out of them is weak.
         self.time_embed = nn.Sequential(nn.Linear(width, 4 * width), nn.SiLU(), nn.Linear(4 * width, width))
         self.label_embedding = nn.Embedding(num_classes + 1, width)
+        self.augment_embedding = nn.Linear(augment_dim, width, bias=False) if augment_dim else None  # into the noise token
         self.pos_embed = nn.Parameter(torch.zeros(1, 2 + (resolution // patch) ** 2, width))
         self.in_blocks = nn.ModuleList([UViTBlock(width, heads, False, dropout) for _ in range(depth // 2)])
         self.mid_block = UViTBlock(width, heads, False, dropout)
@@ -290,10 +298,12 @@ class UViT(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-    def forward(self, x, c_noise, class_labels):
+    def forward(self, x, c_noise, class_labels, augment_labels=None):
         n, c, h, w = x.shape
         patches = self.patch_embed(x).flatten(2).transpose(1, 2)
         time_token = self.time_embed(positional_embedding(c_noise, self.width))
+        if self.augment_embedding is not None and augment_labels is not None:
+            time_token = time_token + self.augment_embedding(augment_labels)
         x = torch.cat([time_token[:, None], self.label_embedding(class_labels)[:, None], patches], 1) + self.pos_embed
         skips = []
         for block in self.in_blocks:
@@ -325,35 +335,37 @@ class EDMPrecond(nn.Module):
         self.net = net
         self.num_classes, self.resolution, self.channels, self.sigma_data = num_classes, resolution, channels, sigma_data
 
-    def forward(self, x, sigma, class_labels):
+    def forward(self, x, sigma, class_labels, augment_labels=None):
         """x: float [N, C, H, W] in [-1, 1] units, plus noise; sigma: [N] or one
-        value; class_labels: int64 [N], num_classes for none. Returns float32."""
+        value; class_labels: int64 [N], num_classes for none; augment_labels:
+        [N, AUGMENT_DIM] in training with augmentation, else None. Returns float32."""
         x = x.float()
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).flatten().expand(len(x)).reshape(-1, 1, 1, 1)
         c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
         c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
         c_in = 1 / (sigma ** 2 + self.sigma_data ** 2).sqrt()
         c_noise = sigma.log().flatten() / 4
-        return c_skip * x + c_out * self.net(c_in * x, c_noise, class_labels).float()
+        return c_skip * x + c_out * self.net(c_in * x, c_noise, class_labels, augment_labels).float()
 
 
-def make_diffusion(arch, size, num_classes, resolution, channels=3, dropout=None):
+def make_diffusion(arch, size, num_classes, resolution, channels=3, dropout=None, augment_dim=0):
     """An EDMPrecond around a fresh network of SIZES[arch][size]."""
-    shape = dict(SIZES[arch][size], **({} if dropout is None else {"dropout": dropout}))
+    shape = dict(SIZES[arch][size], augment_dim=augment_dim, **({} if dropout is None else {"dropout": dropout}))
     return EDMPrecond(ARCHITECTURES[arch](resolution, channels, num_classes, **shape), num_classes, resolution, channels)
 
 
-def edm_loss(net, images, labels, null_class, config):
+def edm_loss(net, images, labels, null_class, config, augment_labels=None):
     """EDM's training loss (eq. 8): lambda(sigma) ||D(y + n; sigma) - y||^2 with
     ln(sigma) ~ N(P_mean, P_std^2) and lambda(sigma) = (sigma^2 + sigma_data^2) /
     (sigma sigma_data)^2, which gives F a unit-weighted target at every sigma.
-    Labels are replaced by the null class with probability label_dropout.
-    The mean over pixels replaces EDM's sum: Adam does not see the scale."""
+    Labels are replaced by the null class with probability label_dropout; the
+    network is told augment_labels, what augmentation made `images` (EDM's
+    loss.py does the same). The mean over pixels replaces EDM's sum: Adam does not see the scale."""
     sigma = (torch.randn(len(images), 1, 1, 1, device=images.device) * config.p_std + config.p_mean).exp()
     weight = (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
     noise = torch.randn_like(images) * sigma
     dropped = torch.rand(len(labels), device=labels.device) < config.label_dropout
-    denoised = net(images + noise, sigma.flatten(), torch.where(dropped, null_class, labels))
+    denoised = net(images + noise, sigma.flatten(), torch.where(dropped, null_class, labels), augment_labels)
     return (weight * (denoised - images) ** 2).mean()
 
 
@@ -368,12 +380,71 @@ def load_diffusion(path, device="cpu"):
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         model = make_diffusion(saved["config"]["arch"], saved["config"]["size"], saved["num_classes"],
-                               saved["resolution"], saved["channels"])
+                               saved["resolution"], saved["channels"],
+                               augment_dim=AUGMENT_DIM if saved["config"].get("augment") else 0)
         model.load_state_dict(saved["ema"] if "ema" in saved else saved["model"])
     except Exception as error:
         raise data.UserError(f"cannot read a diffusion model from {path} ({type(error).__name__}); "
                              "expected the diffusion.pt or ckpt.pt of unet.py") from None
     return model.to(device).eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# EDM's augmentation (Karras et al. 2022, Appendix C.4, after ADA, Karras et al.
+# 2020): each training image draws its own transformation and the network is told
+# what was drawn, so it learns the plain images as the zero-labels case instead
+# of leaking augmented images into its samples (sampling passes no labels).
+
+AUGMENT_DIM = 9  # x-flip, y-flip, scale, rotation (cos - 1, sin), anisotropy (2), translation (2)
+
+
+def augment(images, p, scale_std=0.2, aniso_std=0.2, translate_std=0.125):
+    """EDM's CIFAR-10 pipeline (its train.py: xflip=1e8, yflip, scale, rotate_frac,
+    aniso, translate_frac at p) on float images [N, C, H, W]: an x-flip drawn for
+    every image when p > 0, and each of the others with probability p: y-flip,
+    scaling by 2^(0.2 n), rotation by a uniform angle, scaling by 2^(0.2 n) and
+    2^(-0.2 n) along a random axis (half the time, else the x axis), translation
+    by 0.125 n of the side; n ~ N(0, 1) each. Returns the images and the labels
+    [N, AUGMENT_DIM], zero wherever nothing was applied."""
+    n, device = len(images), images.device
+    drawn = lambda: (torch.rand(n, device=device) < p).float()  # whether image i gets this op
+    xflip = torch.randint(2, (n,), device=device).float() * (p > 0)
+    yflip = torch.randint(2, (n,), device=device).float() * drawn()
+    images = torch.where(xflip.view(-1, 1, 1, 1) > 0, images.flip(3), images)
+    images = torch.where(yflip.view(-1, 1, 1, 1) > 0, images.flip(2), images)
+    scale = torch.randn(n, device=device) * drawn()
+    angle = (torch.rand(n, device=device) * 2 - 1) * math.pi * drawn()
+    aniso = torch.randn(n, device=device) * drawn()
+    axis = (torch.rand(n, device=device) * 2 - 1) * math.pi * (torch.rand(n, device=device) < 0.5)
+    shift = torch.randn(n, 2, device=device) * drawn()[:, None]
+    # Each output pixel q reads the input at M (q - t), in pixels about the centre (EDM's G_inv):
+    # M = scale^-1 . rotation . aniso^-1 and t the translation.
+    rotation = lambda a: torch.stack([a.cos(), -a.sin(), a.sin(), a.cos()], 1).view(n, 2, 2)
+    diagonal = lambda x, y: torch.diag_embed(torch.stack([x, y], 1))
+    matrix = (diagonal(*[2 ** (-scale_std * scale)] * 2) @ rotation(angle) @ rotation(-axis)
+              @ diagonal(2 ** (-aniso_std * aniso), 2 ** (aniso_std * aniso)) @ rotation(axis))
+    moved = (scale != 0) | (angle != 0) | (aniso != 0) | (shift != 0).any(1)
+    warped = warp(images, matrix, shift * translate_std * images.shape[-1])
+    images = torch.where(moved.view(-1, 1, 1, 1), warped, images)
+    labels = torch.stack([xflip, yflip, scale, angle.cos() - 1, angle.sin(), aniso * axis.cos(), aniso * axis.sin(),
+                          shift[:, 0], shift[:, 1]], 1)
+    return images, labels
+
+
+def warp(images, matrix, shift):
+    """Output pixel q = input at matrix (q - shift) (pixels, about the image
+    centre), bilinear, reflected at the border, and averaged over the 2 x 2
+    sub-pixels of q so that minification does not alias (EDM filters with 2x
+    wavelet up- and down-sampling to the same end)."""
+    n, _, h, w = images.shape
+    # sub-pixel centres at +-1/4 pixel, in pixels about the image centre
+    ys = (torch.arange(2 * h, device=images.device) + 0.5) / 2 - h / 2
+    xs = (torch.arange(2 * w, device=images.device) + 0.5) / 2 - w / 2
+    q = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).view(1, -1, 2) - shift[:, None, :]
+    p = q @ matrix.transpose(1, 2)  # [N, 4HW, (x, y)]
+    grid = (p / torch.tensor([w / 2, h / 2], device=images.device)).view(n, 2 * h, 2 * w, 2)  # align_corners=False
+    sampled = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return F.avg_pool2d(sampled, 2)
 
 
 # -----------------------------------------------------------------------------
@@ -385,6 +456,7 @@ RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "out": data.FOLDER, "
          "dropout": ((lambda value: value < 1), "below 1 (negative: the size's own)"),
          "images": data.at_least(1), "batch": data.at_least(1), "lr": data.POSITIVE, "warmup": data.at_least(0),
          "ema_halflife": data.at_least(0), "ema_rampup": data.at_least(0), "label_dropout": data.FRACTION,
+         "augment": data.PROBABILITY,
          "p_mean": data.FINITE, "p_std": data.POSITIVE, "seed": data.at_least(0), "grid_every": data.at_least(0),
          "ckpt_every": data.at_least(1)}
 
@@ -417,7 +489,7 @@ def train(config, images, labels, num_classes, progress=True, preview=None):
     on_cuda = device.type == "cuda"
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = make_diffusion(config.arch, config.size, num_classes, images.shape[-1], images.shape[1],
-                           None if config.dropout < 0 else config.dropout)
+                           None if config.dropout < 0 else config.dropout, AUGMENT_DIM if config.augment else 0)
     model.to(device, memory_format=torch.channels_last)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
@@ -451,11 +523,14 @@ def train(config, images, labels, num_classes, progress=True, preview=None):
         for group in optimizer.param_groups:  # EDM's linear warm-up
             group["lr"] = config.lr * min(images_seen / max(config.warmup, 1e-8), 1)
         pick = torch.randint(len(images), (per_rank,), device=device)
-        x = images[pick]
-        x = torch.where(torch.rand(per_rank, 1, 1, 1, device=device) < 0.5, x.flip(3), x)
-        x = (x.float() / 127.5 - 1).contiguous(memory_format=torch.channels_last)
+        x = images[pick].float() / 127.5 - 1
+        if config.augment:
+            x, augment_labels = augment(x, config.augment)
+        else:  # horizontal flips, which a network need not be told of
+            x, augment_labels = torch.where(torch.rand(per_rank, 1, 1, 1, device=device) < 0.5, x.flip(3), x), None
+        x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
-            loss = edm_loss(forward, x, labels[pick], num_classes, config)
+            loss = edm_loss(forward, x, labels[pick], num_classes, config, augment_labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for param in model.parameters():  # as EDM: one bad batch must not poison the weights

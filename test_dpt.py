@@ -994,19 +994,22 @@ def test_label_dropout_replaces_the_asked_share_of_labels_by_the_null_class():
     assert (seen[0] == 10).float().mean().item() == pytest.approx(0.2, abs=0.01)
 
 
-def test_training_drops_labels_to_the_null_class_the_sampler_uses(tmp_path, monkeypatch):
-    seen, forward = [], unet.EDMPrecond.forward
+def test_training_drops_labels_to_the_null_class_the_sampler_uses_and_tells_the_augmentation(tmp_path, monkeypatch):
+    seen, told, forward = [], [], unet.EDMPrecond.forward
     monkeypatch.setattr(unet.EDMPrecond, "forward", lambda self, x, sigma, labels, augment_labels=None: (
-        seen.append((labels, self.num_classes)), forward(self, x, sigma, labels))[1])
+        seen.append((labels, self.num_classes)), told.append(augment_labels),
+        forward(self, x, sigma, labels, augment_labels))[2])
     images, labels = shapes_16(64)
-    unet.train(diffusion_config(tmp_path, images=128, batch=64, label_dropout=0.5), images, labels, 10,
+    unet.train(diffusion_config(tmp_path, images=128, batch=64, label_dropout=0.5, augment=0.5), images, labels, 10,
                progress=False)
     dropped = torch.cat([labels == null for labels, null in seen])
     assert all(null == 10 for _, null in seen) and dropped.float().mean().item() == pytest.approx(0.5, abs=0.1)
-    # guidance's unconditional half asks the same null class
+    assert all(labels.shape == (64, unet.AUGMENT_DIM) and labels[:, 2:].any() for labels in told)
+    # guidance's unconditional half asks the same null class, and sampling tells no augmentation
     seen.clear()
+    told.clear()
     sample.generate(unet.make_diffusion("unet", "tiny", 10, 16), 1, steps=2, guidance=2.0, progress=False)
-    assert all((labels[len(labels) // 2:] == null).all() for labels, null in seen)
+    assert all((labels[len(labels) // 2:] == null).all() for labels, null in seen) and told == [None] * len(told)
 
 
 # -----------------------------------------------------------------------------

@@ -247,7 +247,8 @@ def for_training(model, world, device, compile):
     processes train it, compiled when asked."""
     forward = model
     if world > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        forward = torch.nn.parallel.DistributedDataParallel(model,
+                                                            device_ids=[device] if device.type == "cuda" else None)
     if compile:
         forward = torch.compile(forward)
     return forward
@@ -349,7 +350,8 @@ def load_file(path):
         if x is not None and len(x) != len(y):
             raise UserError(f"{path}: {key}_x holds {len(x)} images but {key}_y {len(y)} labels")
     if test_x is not None and test_x.shape[1:] != train_x.shape[1:]:
-        raise UserError(f"{path}: test images are {tuple(test_x.shape[1:])} but train images {tuple(train_x.shape[1:])}")
+        raise UserError(f"{path}: test images are {tuple(test_x.shape[1:])} but train images "
+                        f"{tuple(train_x.shape[1:])}")
     num_classes = int(train_y.max()) + 1
     missing = sorted(set(range(num_classes)) - set(train_y.unique().tolist()))
     if missing:
@@ -666,7 +668,8 @@ def affine_warp(x, angle, shear_x, shear_y, translate_x, translate_y):
 
 PIXEL_OPS = {"autocontrast": autocontrast, "equalize": equalize, "brightness": brightness, "color": color,
              "contrast": contrast, "sharpness": sharpness, "posterize": posterize, "solarize": solarize}
-GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")  # affine_warp's arguments, last in RANDAUGMENT
+# affine_warp's arguments, last in RANDAUGMENT
+GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 
 
 def randaugment_step(x):

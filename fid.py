@@ -24,10 +24,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               "pt_inception-2015-12-05-6726825d.pth")
 WEIGHTS_ENV = "DPT_FID_WEIGHTS"  # a path to the weights, used when --weights is not given
 
 
+# fid.py stands alone (copy it into another project): it repeats the little it
+# needs of data.py, this error and a write under a temporary name.
 class FIDError(Exception):
     """Bad input or missing weights: printed as one line on stderr, exit code 2."""
 
@@ -279,7 +282,8 @@ def statistics(model, batches, keep_logits=False, progress=None):
     batches, accumulated as sums so that no feature is kept; with keep_logits,
     also the logits for the Inception Score."""
     device = next(model.parameters()).device
-    count, total, outer, logits = 0, torch.zeros(2048, dtype=torch.float64), torch.zeros(2048, 2048, dtype=torch.float64), []
+    count, logits = 0, []
+    total, outer = torch.zeros(2048, dtype=torch.float64), torch.zeros(2048, 2048, dtype=torch.float64)
     with torch.inference_mode(), full_fp32():
         for batch in batches:
             features, batch_logits = model(batch.to(device))
@@ -306,7 +310,8 @@ def merge_statistics(parts):
     exactly: means and covariances are turned back into sums and added."""
     count = sum(part["count"] for part in parts)
     total = sum(part["mu"] * part["count"] for part in parts)
-    outer = sum(part["sigma"] * (part["count"] - 1) + part["count"] * np.outer(part["mu"], part["mu"]) for part in parts)
+    outer = sum(part["sigma"] * (part["count"] - 1) + part["count"] * np.outer(part["mu"], part["mu"])
+                for part in parts)
     mu = total / count
     merged = {"mu": mu, "sigma": (outer - count * np.outer(mu, mu)) / (count - 1), "count": count}
     if "logits" in parts[0]:
@@ -324,7 +329,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     singular covariances (fewer images than 2048), and several times faster."""
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise FIDError(f"statistics do not match: mu {mu1.shape} and {mu2.shape}, sigma {sigma1.shape} and {sigma2.shape}")
+        raise FIDError(f"statistics do not match: mu {mu1.shape} and {mu2.shape}, "
+                       f"sigma {sigma1.shape} and {sigma2.shape}")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
         raise FIDError("statistics hold NaN or infinity")
     eigenvalues, eigenvectors = np.linalg.eigh(sigma1)
@@ -355,21 +361,13 @@ def save_stats(stats, path):
     os.replace(temporary, path)
 
 
-def cached_statistics(model, path, images, batch_size=200):
-    """Statistics of a fixed image set (a training set), computed once and kept in `path`."""
-    if os.path.isfile(path):
-        return read_stats(path)
-    stats = statistics(model, images.split(batch_size))
-    save_stats(stats, path)
-    return stats
-
-
 def read_stats(path):
     try:
         with np.load(path) as archive:
             return {"mu": archive["mu"], "sigma": archive["sigma"]}
     except Exception as error:
-        raise FIDError(f"cannot read statistics {path} ({type(error).__name__}); expected an .npz with mu and sigma") from None
+        raise FIDError(f"cannot read statistics {path} ({type(error).__name__}); "
+                       "expected an .npz with mu and sigma") from None
 
 
 # -----------------------------------------------------------------------------
@@ -467,9 +465,11 @@ def feature_rates(candidates, batch_size, device, repeats=5):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*", help="folder of images, .pt of uint8 images, or .npz of statistics")
-    parser.add_argument("--is", dest="inception_score", action="store_true", help="also print the Inception Score of the first input")
+    parser.add_argument("--is", dest="inception_score", action="store_true",
+                        help="also print the Inception Score of the first input")
     parser.add_argument("--save-stats", metavar="OUT.npz", help="write the statistics of the one input (mu, sigma)")
-    parser.add_argument("--weights", help=f"path of pt_inception-2015-12-05-6726825d.pth (default: ${WEIGHTS_ENV}, then the torch hub cache)")
+    parser.add_argument("--weights", help="path of pt_inception-2015-12-05-6726825d.pth "
+                                          f"(default: ${WEIGHTS_ENV}, then the torch hub cache)")
     parser.add_argument("--batch-size", type=int, default=200, help="images per forward pass")
     parser.add_argument("--bench", action="store_true", help="print feature-extraction images/s and exit")
     args = parser.parse_args(argv)
@@ -477,7 +477,8 @@ def main(argv=None):
         return benchmark(args.batch_size)
     expected = 1 if args.save_stats else 2
     if len(args.inputs) != expected:
-        raise FIDError(f"give {expected} input{'s' if expected > 1 else ''}: " + ("python fid.py A --save-stats OUT.npz" if args.save_stats else "python fid.py A B"))
+        usage = "python fid.py A --save-stats OUT.npz" if args.save_stats else "python fid.py A B"
+        raise FIDError(f"give {expected} input{'s' if expected > 1 else ''}: {usage}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = None
 

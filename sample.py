@@ -45,8 +45,7 @@ class SampleConfig:
     bench: bool = False             # print images/s of Heun with 18 steps (35 evaluations) at --batch and exit
 
 
-SAMPLERS = ("heun", "euler", "dpmpp")
-RULES = {"per_class": data.at_least(1), "sampler": data.one_of(*SAMPLERS),
+RULES = {"per_class": data.at_least(1), "sampler": ((lambda name: name in SAMPLERS), "one of heun, euler, dpmpp"),
          "steps": ((lambda value: value >= 2), "at least 2 (the noise levels sigma_max and sigma_min)"),
          "guidance": ((lambda value: 0 <= value < math.inf), "at least 0 (1 is no guidance, 0 unconditional)"),
          "seed": data.at_least(0), "batch": data.at_least(1), "out": data.FOLDER}
@@ -59,7 +58,9 @@ def check(config, flags=None):
 
 # -----------------------------------------------------------------------------
 # Noise levels and samplers of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma,
-# EDM's choice s(t) = 1, sigma(t) = t (Karras et al. 2022, eq. 4 and Table 1).
+# EDM's choice s(t) = 1, sigma(t) = t (Karras et al. 2022, eq. 4 and Table 1). The slope
+# comes from the score identity grad log p(x; sigma) = (D(x; sigma) - x) / sigma^2 (EDM eq. 3)
+# put into dx/dsigma = -sigma grad log p(x; sigma) (eq. 1 with sigma(t) = t).
 # A sampler takes the denoiser D(x, sigma, labels), x = sigma_0 * noise, the
 # labels and the noise levels as a list of floats (host numbers: no device
 # syncs), and returns x at sigma_N = 0. The ODE state is float64, as in EDM's
@@ -80,11 +81,11 @@ def heun(denoise, x, labels, sigmas):
     step, then the trapezoidal correction with the slope at its end, except on
     the last step to sigma = 0 where the slope is undefined; 2N - 1 evaluations."""
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        slope = (x - denoise(x, sigma, labels)) / sigma
-        x_next = x + (sigma_next - sigma) * slope
+        d_i = (x - denoise(x, sigma, labels)) / sigma  # Algorithm 1, line 5
+        x_next = x + (sigma_next - sigma) * d_i
         if sigma_next > 0:
-            slope_next = (x_next - denoise(x_next, sigma_next, labels)) / sigma_next
-            x_next = x + (sigma_next - sigma) * (slope + slope_next) / 2
+            d_prime_i = (x_next - denoise(x_next, sigma_next, labels)) / sigma_next  # line 7
+            x_next = x + (sigma_next - sigma) * (d_i + d_prime_i) / 2  # line 8
         x = x_next
     return x
 
@@ -114,6 +115,9 @@ def dpmpp(denoise, x, labels, sigmas):
         x = (sigma_next / sigma) * x + (1 - sigma_next / sigma) * prediction
         previous = denoised
     return x
+
+
+SAMPLERS = {"heun": heun, "euler": euler, "dpmpp": dpmpp}
 
 
 # -----------------------------------------------------------------------------
@@ -151,7 +155,7 @@ def generate(model, per_class, sampler="heun", steps=18, guidance=1.0, seed=0, b
     Process `rank` of `world` samples images i = rank (mod world) and every
     process returns all of them (all_gather)."""
     device = torch.device(device)
-    solve = {"heun": heun, "euler": euler, "dpmpp": dpmpp}[sampler]
+    solve = SAMPLERS[sampler]
     denoise = guided(model, guidance)
     sigmas = noise_levels(steps).tolist()
     shape = (model.channels, model.resolution, model.resolution)

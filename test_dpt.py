@@ -572,14 +572,6 @@ def test_fid_features_stay_float32_inside_a_callers_bf16_autocast(fid_weights):
     assert np.array_equal(inside["mu"], outside["mu"]) and np.array_equal(inside["sigma"], outside["sigma"])
 
 
-def test_cached_statistics_are_computed_once(fid_weights, tmp_path):
-    path = str(tmp_path / "train.npz")
-    first = fid.cached_statistics(fid.load_inception(fid_weights), path, random_images(4))
-    never_called = lambda batch: pytest.fail("the cache was not used")
-    second = fid.cached_statistics(never_called, path, random_images(4))
-    np.testing.assert_array_equal(first["sigma"], second["sigma"])
-
-
 def test_fid_command_saves_stats_and_reads_them_back_with_samples_pt(fid_weights, tmp_path, capsys):
     samples = tmp_path / "samples.pt"
     torch.save({"images": random_images(6), "labels": torch.arange(6)}, samples)

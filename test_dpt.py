@@ -924,7 +924,7 @@ class Recorder(torch.nn.Module):
         super().__init__()
         self.value = value
 
-    def forward(self, x, c_noise, class_labels):
+    def forward(self, x, c_noise, class_labels, augment_labels=None):
         self.x, self.c_noise, self.class_labels = x, c_noise, class_labels
         return torch.full_like(x, self.value)
 
@@ -961,7 +961,7 @@ def test_the_denoiser_returns_its_input_as_sigma_goes_to_0():
 def test_the_edm_loss_is_lambda_weighted_squared_error_at_log_normal_sigmas():
     seen = {}
 
-    def zero_denoiser(x, sigma, labels):  # records what the loss feeds it; the images are all 1
+    def zero_denoiser(x, sigma, labels, augment_labels=None):  # records what the loss feeds it; the images are all 1
         seen["sigma"], seen["noise"] = sigma.double(), (x - 1).flatten().double()
         return torch.zeros_like(x)
 

@@ -64,13 +64,13 @@ class DiffusionConfig:
 
 
 FREE_TO_CHANGE = {"data_dir", "out", "grid_every", "ckpt_every", "compile", "bench"}  # a resumed run ends the same
-SIGMA_DATA = 0.5  # standard deviation of images scaled to [-1, 1] (EDM's sigma_data)
 
 # Sizes: `cifar` is EDM's DDPM++ for CIFAR-10 (55.7M parameters) and U-ViT-S/2
 # (Bao et al. 2023, 44M + the time MLP); `tiny` trains on 2 CPU cores in minutes:
 # its U-Net folds 2x2 pixels into channels (patch=2), so its levels run at 16, 8 and
 # 4 pixels a side on 32x32 images, at 3.5x the images/s of patch=1 on 2 CPU cores.
-# U-Net attention is given by level (level 1 = half the side of level 0, 16x16 at 32x32).
+# U-Net attention is given by level (level 1 = half the side of level 0, 16x16 at 32x32), where
+# EDM names resolutions (attn_resolutions=[16]): the same layers at 32x32, and any size works.
 SIZES = {
     "unet": {
         "tiny":  dict(model_channels=32,  channel_mult=(1, 2, 2), num_blocks=1, attention_levels=(2,), dropout=0.0,
@@ -84,6 +84,110 @@ SIZES = {
         "cifar": dict(width=512, depth=13, heads=8, patch=2, dropout=0.0),
     },
 }
+
+
+# -----------------------------------------------------------------------------
+# EDM's formulation (Karras et al. 2022): the denoiser's preconditioning (Table 1,
+# eq. 7) and the training loss (eq. 2, 8). Everything else in this file is a
+# network F inside it, or the loop that trains it.
+
+SIGMA_DATA = 0.5  # standard deviation of images scaled to [-1, 1] (EDM's sigma_data)
+
+
+class EDMPrecond(nn.Module):
+    """The denoiser D(x; sigma, class) = c_skip x + c_out F(c_in x; c_noise, class),
+    with the coefficients chosen so that F's input and training target both
+    have unit variance at every noise level (Table 1)."""
+
+    def __init__(self, net, num_classes, resolution, channels):
+        super().__init__()
+        self.net = net
+        self.num_classes, self.resolution, self.channels, self.sigma_data = num_classes, resolution, channels, SIGMA_DATA
+
+    def forward(self, x, sigma, class_labels, augment_labels=None):
+        """x: float [N, C, H, W] in [-1, 1] units, plus noise; sigma: [N] or one
+        value; class_labels: int64 [N], num_classes for none; augment_labels:
+        [N, AUGMENT_DIM] in training with augmentation, else None. Returns float32."""
+        x = x.float()
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).flatten().expand(len(x)).reshape(-1, 1, 1, 1)
+        c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
+        c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
+        c_in = 1 / (sigma ** 2 + self.sigma_data ** 2).sqrt()
+        c_noise = sigma.log().flatten() / 4
+        return c_skip * x + c_out * self.net(c_in * x, c_noise, class_labels, augment_labels).float()
+
+
+def edm_loss(net, images, labels, null_class, config, augment_labels=None):
+    """EDM's training loss (eq. 8): lambda(sigma) ||D(y + n; sigma) - y||^2 with
+    ln(sigma) ~ N(P_mean, P_std^2) and lambda(sigma) = (sigma^2 + sigma_data^2) /
+    (sigma sigma_data)^2, which gives F a unit-weighted target at every sigma.
+    Labels are replaced by the null class with probability label_dropout; the
+    network is told augment_labels, what augmentation made `images` (EDM's
+    loss.py does the same). The mean over pixels replaces EDM's sum: Adam does not see the scale."""
+    sigma = (torch.randn(len(images), 1, 1, 1, device=images.device) * config.p_std + config.p_mean).exp()
+    weight = (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
+    noise = torch.randn_like(images) * sigma
+    dropped = torch.rand(len(labels), device=labels.device) < config.label_dropout
+    denoised = net(images + noise, sigma.flatten(), torch.where(dropped, null_class, labels), augment_labels)
+    return (weight * (denoised - images) ** 2).mean()
+
+
+# -----------------------------------------------------------------------------
+# EDM's augmentation (Karras et al. 2022, Appendix C.4, after ADA, Karras et al.
+# 2020): each training image draws its own transformation and the network is told
+# what was drawn, so it learns the plain images as the zero-labels case instead
+# of leaking augmented images into its samples (sampling passes no labels).
+
+AUGMENT_DIM = 9  # x-flip, y-flip, scale, rotation (cos - 1, sin), anisotropy (2), translation (2)
+
+
+def augment(images, p, scale_std=0.2, aniso_std=0.2, translate_std=0.125):
+    """EDM's CIFAR-10 pipeline (its train.py: xflip=1e8, yflip, scale, rotate_frac,
+    aniso, translate_frac at p) on float images [N, C, H, W]: an x-flip drawn for
+    every image when p > 0, and each of the others with probability p: y-flip,
+    scaling by 2^(0.2 n), rotation by a uniform angle, scaling by 2^(0.2 n) and
+    2^(-0.2 n) along a random axis (half the time, else the x axis), translation
+    by 0.125 n of the side; n ~ N(0, 1) each. Returns the images and the labels
+    [N, AUGMENT_DIM], zero wherever nothing was applied."""
+    n, device = len(images), images.device
+    drawn = lambda: (torch.rand(n, device=device) < p).float()  # whether image i gets this op
+    xflip = torch.randint(2, (n,), device=device).float() * (p > 0)
+    yflip = torch.randint(2, (n,), device=device).float() * drawn()
+    images = torch.where(xflip.view(-1, 1, 1, 1) > 0, images.flip(3), images)
+    images = torch.where(yflip.view(-1, 1, 1, 1) > 0, images.flip(2), images)
+    scale = torch.randn(n, device=device) * drawn()
+    angle = (torch.rand(n, device=device) * 2 - 1) * math.pi * drawn()
+    aniso = torch.randn(n, device=device) * drawn()
+    axis = (torch.rand(n, device=device) * 2 - 1) * math.pi * (torch.rand(n, device=device) < 0.5)
+    shift = torch.randn(n, 2, device=device) * drawn()[:, None]
+    # Each output pixel q reads the input at M (q - t), in pixels about the centre (EDM's G_inv):
+    # M = scale^-1 . rotation . aniso^-1 and t the translation.
+    rotation = lambda a: torch.stack([a.cos(), -a.sin(), a.sin(), a.cos()], 1).view(n, 2, 2)
+    diagonal = lambda x, y: torch.diag_embed(torch.stack([x, y], 1))
+    matrix = (diagonal(*[2 ** (-scale_std * scale)] * 2) @ rotation(angle) @ rotation(-axis)
+              @ diagonal(2 ** (-aniso_std * aniso), 2 ** (aniso_std * aniso)) @ rotation(axis))
+    moved = (scale != 0) | (angle != 0) | (aniso != 0) | (shift != 0).any(1)
+    warped = warp(images, matrix, shift * translate_std * images.shape[-1])
+    images = torch.where(moved.view(-1, 1, 1, 1), warped, images)
+    labels = torch.stack([xflip, yflip, scale, angle.cos() - 1, angle.sin(), aniso * axis.cos(), aniso * axis.sin(),
+                          shift[:, 0], shift[:, 1]], 1)
+    return images, labels
+
+
+def warp(images, matrix, shift):
+    """Output pixel q = input at matrix (q - shift) (pixels, about the image
+    centre), bilinear, reflected at the border, and averaged over the 2 x 2
+    sub-pixels of q so that minification does not alias (EDM filters with 2x
+    wavelet up- and down-sampling to the same end)."""
+    n, _, h, w = images.shape
+    # sub-pixel centres at +-1/4 pixel, in pixels about the image centre
+    ys = (torch.arange(2 * h, device=images.device) + 0.5) / 2 - h / 2
+    xs = (torch.arange(2 * w, device=images.device) + 0.5) / 2 - w / 2
+    q = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).view(1, -1, 2) - shift[:, None, :]
+    p = q @ matrix.transpose(1, 2)  # [N, 4HW, (x, y)]
+    grid = (p / torch.tensor([w / 2, h / 2], device=images.device)).view(n, 2 * h, 2 * w, 2)  # align_corners=False
+    sampled = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return F.avg_pool2d(sampled, 2)
 
 
 # -----------------------------------------------------------------------------
@@ -109,7 +213,7 @@ def positional_embedding(c_noise, channels):
     half = channels // 2
     freqs = (1 / 10000) ** (torch.arange(half, device=c_noise.device, dtype=c_noise.dtype) / (half - 1))
     angles = c_noise[:, None] * freqs
-    return torch.cat([angles.sin(), angles.cos()], 1)
+    return torch.cat([angles.sin(), angles.cos()], 1)  # EDM concatenates cos first: a permutation, same network
 
 
 RESAMPLE = {None: lambda x: x,
@@ -322,51 +426,13 @@ ARCHITECTURES = {"unet": UNet, "uvit": UViT}
 
 
 # -----------------------------------------------------------------------------
-# EDM preconditioning and loss (Karras et al. 2022, Table 1 and eq. 2, 7, 8)
-
-
-class EDMPrecond(nn.Module):
-    """The denoiser D(x; sigma, class) = c_skip x + c_out F(c_in x; c_noise, class),
-    with the coefficients chosen so that F's input and training target both
-    have unit variance at every noise level (Table 1)."""
-
-    def __init__(self, net, num_classes, resolution, channels, sigma_data=SIGMA_DATA):
-        super().__init__()
-        self.net = net
-        self.num_classes, self.resolution, self.channels, self.sigma_data = num_classes, resolution, channels, sigma_data
-
-    def forward(self, x, sigma, class_labels, augment_labels=None):
-        """x: float [N, C, H, W] in [-1, 1] units, plus noise; sigma: [N] or one
-        value; class_labels: int64 [N], num_classes for none; augment_labels:
-        [N, AUGMENT_DIM] in training with augmentation, else None. Returns float32."""
-        x = x.float()
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).flatten().expand(len(x)).reshape(-1, 1, 1, 1)
-        c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
-        c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
-        c_in = 1 / (sigma ** 2 + self.sigma_data ** 2).sqrt()
-        c_noise = sigma.log().flatten() / 4
-        return c_skip * x + c_out * self.net(c_in * x, c_noise, class_labels, augment_labels).float()
+# A diffusion model: built from SIZES, saved as stage 2's artifact, loaded back
 
 
 def make_diffusion(arch, size, num_classes, resolution, channels=3, dropout=None, augment_dim=0):
     """An EDMPrecond around a fresh network of SIZES[arch][size]."""
     shape = dict(SIZES[arch][size], augment_dim=augment_dim, **({} if dropout is None else {"dropout": dropout}))
     return EDMPrecond(ARCHITECTURES[arch](resolution, channels, num_classes, **shape), num_classes, resolution, channels)
-
-
-def edm_loss(net, images, labels, null_class, config, augment_labels=None):
-    """EDM's training loss (eq. 8): lambda(sigma) ||D(y + n; sigma) - y||^2 with
-    ln(sigma) ~ N(P_mean, P_std^2) and lambda(sigma) = (sigma^2 + sigma_data^2) /
-    (sigma sigma_data)^2, which gives F a unit-weighted target at every sigma.
-    Labels are replaced by the null class with probability label_dropout; the
-    network is told augment_labels, what augmentation made `images` (EDM's
-    loss.py does the same). The mean over pixels replaces EDM's sum: Adam does not see the scale."""
-    sigma = (torch.randn(len(images), 1, 1, 1, device=images.device) * config.p_std + config.p_mean).exp()
-    weight = (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
-    noise = torch.randn_like(images) * sigma
-    dropped = torch.rand(len(labels), device=labels.device) < config.label_dropout
-    denoised = net(images + noise, sigma.flatten(), torch.where(dropped, null_class, labels), augment_labels)
-    return (weight * (denoised - images) ** 2).mean()
 
 
 def save_diffusion(model, config, metrics, path):
@@ -387,64 +453,6 @@ def load_diffusion(path, device="cpu"):
         raise data.UserError(f"cannot read a diffusion model from {path} ({type(error).__name__}); "
                              "expected the diffusion.pt or ckpt.pt of unet.py") from None
     return model.to(device).eval().requires_grad_(False)
-
-
-# -----------------------------------------------------------------------------
-# EDM's augmentation (Karras et al. 2022, Appendix C.4, after ADA, Karras et al.
-# 2020): each training image draws its own transformation and the network is told
-# what was drawn, so it learns the plain images as the zero-labels case instead
-# of leaking augmented images into its samples (sampling passes no labels).
-
-AUGMENT_DIM = 9  # x-flip, y-flip, scale, rotation (cos - 1, sin), anisotropy (2), translation (2)
-
-
-def augment(images, p, scale_std=0.2, aniso_std=0.2, translate_std=0.125):
-    """EDM's CIFAR-10 pipeline (its train.py: xflip=1e8, yflip, scale, rotate_frac,
-    aniso, translate_frac at p) on float images [N, C, H, W]: an x-flip drawn for
-    every image when p > 0, and each of the others with probability p: y-flip,
-    scaling by 2^(0.2 n), rotation by a uniform angle, scaling by 2^(0.2 n) and
-    2^(-0.2 n) along a random axis (half the time, else the x axis), translation
-    by 0.125 n of the side; n ~ N(0, 1) each. Returns the images and the labels
-    [N, AUGMENT_DIM], zero wherever nothing was applied."""
-    n, device = len(images), images.device
-    drawn = lambda: (torch.rand(n, device=device) < p).float()  # whether image i gets this op
-    xflip = torch.randint(2, (n,), device=device).float() * (p > 0)
-    yflip = torch.randint(2, (n,), device=device).float() * drawn()
-    images = torch.where(xflip.view(-1, 1, 1, 1) > 0, images.flip(3), images)
-    images = torch.where(yflip.view(-1, 1, 1, 1) > 0, images.flip(2), images)
-    scale = torch.randn(n, device=device) * drawn()
-    angle = (torch.rand(n, device=device) * 2 - 1) * math.pi * drawn()
-    aniso = torch.randn(n, device=device) * drawn()
-    axis = (torch.rand(n, device=device) * 2 - 1) * math.pi * (torch.rand(n, device=device) < 0.5)
-    shift = torch.randn(n, 2, device=device) * drawn()[:, None]
-    # Each output pixel q reads the input at M (q - t), in pixels about the centre (EDM's G_inv):
-    # M = scale^-1 . rotation . aniso^-1 and t the translation.
-    rotation = lambda a: torch.stack([a.cos(), -a.sin(), a.sin(), a.cos()], 1).view(n, 2, 2)
-    diagonal = lambda x, y: torch.diag_embed(torch.stack([x, y], 1))
-    matrix = (diagonal(*[2 ** (-scale_std * scale)] * 2) @ rotation(angle) @ rotation(-axis)
-              @ diagonal(2 ** (-aniso_std * aniso), 2 ** (aniso_std * aniso)) @ rotation(axis))
-    moved = (scale != 0) | (angle != 0) | (aniso != 0) | (shift != 0).any(1)
-    warped = warp(images, matrix, shift * translate_std * images.shape[-1])
-    images = torch.where(moved.view(-1, 1, 1, 1), warped, images)
-    labels = torch.stack([xflip, yflip, scale, angle.cos() - 1, angle.sin(), aniso * axis.cos(), aniso * axis.sin(),
-                          shift[:, 0], shift[:, 1]], 1)
-    return images, labels
-
-
-def warp(images, matrix, shift):
-    """Output pixel q = input at matrix (q - shift) (pixels, about the image
-    centre), bilinear, reflected at the border, and averaged over the 2 x 2
-    sub-pixels of q so that minification does not alias (EDM filters with 2x
-    wavelet up- and down-sampling to the same end)."""
-    n, _, h, w = images.shape
-    # sub-pixel centres at +-1/4 pixel, in pixels about the image centre
-    ys = (torch.arange(2 * h, device=images.device) + 0.5) / 2 - h / 2
-    xs = (torch.arange(2 * w, device=images.device) + 0.5) / 2 - w / 2
-    q = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).view(1, -1, 2) - shift[:, None, :]
-    p = q @ matrix.transpose(1, 2)  # [N, 4HW, (x, y)]
-    grid = (p / torch.tensor([w / 2, h / 2], device=images.device)).view(n, 2 * h, 2 * w, 2)  # align_corners=False
-    sampled = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    return F.avg_pool2d(sampled, 2)
 
 
 # -----------------------------------------------------------------------------

@@ -36,7 +36,8 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Run a script's main(); a UserError ends it with one line and exit code 2."""
+    """Run a script's main(); a UserError ends it with one line and exit code 2.
+    Under torchrun, the process group ends with the script."""
     try:
         main()
     except UserError as error:
@@ -45,6 +46,9 @@ def run_main(main):
             bar.close()
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # A rule is (test of a value, what a valid value is). Each script keeps the rules
@@ -234,6 +238,12 @@ def resume(path, config, free_to_change, world, rank, model, ema_model, optimize
     optimizer.load_state_dict(checkpoint["optimizer"])
     set_rng_state(checkpoint["rng"][rank])
     return checkpoint
+
+
+def device_name(device):
+    """What a benchmark ran on, for its printout and results.json."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
 
 
 def on_cuda_unless_set(flag, device):
@@ -781,7 +791,7 @@ def augmentation_rate(augment, n, device, repeats=5):
 
 def benchmark(sizes=(("cpu", 1024), ("cuda", 65536))):
     for device, n in [(d, n) for d, n in sizes if d == "cpu" or torch.cuda.is_available()]:
-        label = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+        label = device_name(device)
         for name, augment in (("weak", weak_augment), ("strong", strong_augment)):
             print(f"{name:>6} augmentation, 32x32, batch {n}, {label}: "
                   f"{augmentation_rate(augment, n, device):,.0f} images/s")

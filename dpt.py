@@ -451,12 +451,10 @@ def main():
             "wall_time_s": read_json(os.path.join(run, "timings.json")),
             "config": asdict(config),
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+            "device": data.device_name(device),
         }
         write_json(results, os.path.join(run, "results.json"))
         print_summary(results, run)
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
@@ -503,7 +501,7 @@ def bench(config, device, arch, size):
             (f"U-ViT {size} training, batch {diffusion_batch}", diffusion("uvit"), "images/s", True),
             (f"Heun, 35 evaluations, U-Net {size}", heun, "images/s", True),
             ("FID features (always eager fp32)", features, "images/s", False)]
-    where = torch.cuda.get_device_name() if on_cuda else f"cpu, {torch.get_num_threads()} threads"
+    where = data.device_name(device)
     print(f"{where}: compile={fast[0]}, bf16={fast[1]}, beside eager fp32")
     print(f"  {'stage':<40} {'rate':>10} {'eager fp32':>10} {'ratio':>6}  {'unit':<9} peak memory")
     measured = []

@@ -418,7 +418,7 @@ def benchmark(config):
     """Steps/s at --batch + 2 x --batch * --uratio (64 + 2 x 448 by default)."""
     _, _, device = data.distributed_setup()
     rate = training_rate(config)
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    where = data.device_name(device)
     print(f"{config.arch}, batch {config.batch} + 2 x {config.batch * config.uratio}: "
           f"{rate:.2f} steps/s ({where}, "
           f"compile={data.on_cuda_unless_set(config.compile, device)}, bf16={data.on_cuda_unless_set(config.bf16, device)})")
@@ -458,8 +458,6 @@ def main():
         data.save_atomic(labels, os.path.join(config.out, "pseudo_labels.pt"))
         print(f"pseudo labels of {len(labels['labels'])} training images: {100 * labels['accuracy']:.2f}% correct; "
               f"test accuracy {100 * metrics.get('accuracy', float('nan')):.2f}%")
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

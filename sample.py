@@ -236,7 +236,7 @@ def benchmark(model, config, device):
     """Images/s of Heun with 18 steps (35 evaluations) on one batch of about --batch images."""
     per_class = max(1, config.batch // model.num_classes)
     rate = heun_rate(model, per_class, device, config.guidance, config.bf16, batch=config.batch)
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    where = data.device_name(device)
     print(f"heun, 35 evaluations, batch {per_class * model.num_classes}, guidance {config.guidance}: "
           f"{rate:.1f} images/s ({where}, bf16={data.on_cuda_unless_set(config.bf16, device)})")
 
@@ -258,8 +258,6 @@ def main():
         evaluations = 2 * config.steps - 1 if config.sampler == "heun" else config.steps
         print(f"saved {len(images)} images ({config.per_class} per class, {evaluations} network evaluations each) "
               f"to {os.path.join(config.out, 'samples.pt')} and samples.png")
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -618,7 +617,7 @@ def flop_utilisation(model, rate, device):
     """The share of the GPU's bf16 peak that training at `rate` images/s uses:
     training costs about 3x the forward FLOPs (forward, and a backward of twice).
     None where the peak is unknown (a CPU)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = data.device_name(device)
     peak = next((flops for gpu, flops in PEAK_FLOPS.items() if gpu in name), None)
     return peak and 3 * flops_per_image(model) * rate / peak
 
@@ -627,7 +626,7 @@ def benchmark(config, steps=12):
     """Training images/s and model FLOP utilisation of every size of --arch."""
     _, _, device = data.distributed_setup()
     batch, steps = (config.batch, steps) if device.type == "cuda" else (4, 6)  # a CPU is 1000x slower
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    name = data.device_name(device)
     for size in SIZES[config.arch]:
         model = make_diffusion(config.arch, size, 10, 32)
         rate = training_rate(replace(config, size=size, batch=batch), steps)
@@ -676,8 +675,6 @@ def main():
         save_diffusion(model, config, metrics, os.path.join(config.out, "diffusion.pt"))
         print(f"saved {os.path.join(config.out, 'diffusion.pt')}: final loss {metrics['loss']:.4f}, "
               f"{metrics.get('images_per_second', float('nan')):,.0f} images/s")
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -763,15 +763,21 @@ def summarize(data):
             print(f"  {split}: {len(y)} images, per class {shown}")
 
 
+def save_image_rows(rows, path):
+    """Rows of equally many uint8 images as one PNG, each image upscaled to at
+    least 64 pixels so that small images are legible; written atomically."""
+    import torchvision.utils
+    grid = torch.cat(rows).float() / 255
+    grid = F.interpolate(grid, scale_factor=max(1, 64 // grid.shape[-1]), mode="nearest")
+    save_atomic(grid, path, writer=lambda grid, file: torchvision.utils.save_image(
+        grid, file, nrow=len(rows[0]), padding=2, pad_value=1.0, format="PNG"))
+
+
 def save_preview(data, path, columns=10, strong_rows=3):
     """Rows: one image of each of the first classes, its weak view, its strong views."""
-    import torchvision.utils
     first = [int((data.train_y == c).nonzero()[0]) for c in range(min(columns, data.num_classes))]
     x = data.train_x[first]
-    rows = [x, weak_augment(x)] + [strong_augment(x) for _ in range(strong_rows)]
-    grid = torch.cat(rows).float() / 255
-    grid = F.interpolate(grid, scale_factor=max(1, 64 // x.shape[-1]), mode="nearest")  # legible when small
-    torchvision.utils.save_image(grid, path, nrow=len(first), padding=2, pad_value=1.0)
+    save_image_rows([x, weak_augment(x)] + [strong_augment(x) for _ in range(strong_rows)], path)
     print(f"saved {path}: rows are originals, weak views, {strong_rows} rows of strong views")
 
 

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import data
 import unet
@@ -189,16 +188,11 @@ def generate(model, per_class, sampler="heun", steps=18, guidance=1.0, seed=0, b
 
 
 def save_grid(images, labels, path, columns=16):
-    """A PNG with one row per class of its first `columns` images, upscaled to
-    at least 64 pixels so that small images are legible; written atomically."""
-    import torchvision.utils
+    """A PNG with one row per class of its first `columns` images (data.save_image_rows)."""
     rows = [images[labels == c][:columns] for c in labels.unique()]
     width = max(len(row) for row in rows)
     blank = torch.full((1, *images.shape[1:]), 255, dtype=torch.uint8)  # fills the rows of classes with fewer images
-    grid = torch.cat([torch.cat([row, blank.expand(width - len(row), -1, -1, -1)]) for row in rows]).float() / 255
-    grid = F.interpolate(grid, scale_factor=max(1, 64 // images.shape[-1]), mode="nearest")
-    data.save_atomic(grid, path, writer=lambda grid, file: torchvision.utils.save_image(
-        grid, file, nrow=width, padding=2, pad_value=1.0, format="PNG"))
+    data.save_image_rows([torch.cat([row, blank.expand(width - len(row), -1, -1, -1)]) for row in rows], path)
 
 
 def preview_grid(model, path, per_class=8, steps=18):

@@ -156,7 +156,7 @@ SAMPLE_FIELDS = {"per_class": "per_class", "sampler": "sampler", "steps": "sampl
                  "seed": "seed", "bf16": "bf16"}
 
 
-def stage_settings(config_class, config, fields, **fixed):
+def settings_from(config_class, config, fields, **fixed):
     return config_class(**{name: getattr(config, ours) for name, ours in fields.items()}, **fixed)
 
 
@@ -166,20 +166,20 @@ def classifier_settings(config, stage, out=""):
     loss (lambda_u = 0), which is what makes it train on the labeled images alone."""
     fields = dict(CLASSIFIER_FIELDS, steps="stage3_steps" if stage == "stage3" else "ssl_steps")
     lambda_u = 0.0 if stage == "baseline" else 1.0
-    return stage_settings(fixmatch.FixMatchConfig, config, fields, out=out, lambda_u=lambda_u), fields
+    return settings_from(fixmatch.FixMatchConfig, config, fields, out=out, lambda_u=lambda_u), fields
 
 
 def diffusion_settings(config, out="", labels_file=""):
     """unet.py's settings for stage 2, and the flags they come from: a checkpoint
     every 5% of the run (at most 2M images apart), a preview grid halfway and at the end."""
-    settings = stage_settings(unet.DiffusionConfig, config, DIFFUSION_FIELDS, out=out, labels_file=labels_file,
+    settings = settings_from(unet.DiffusionConfig, config, DIFFUSION_FIELDS, out=out, labels_file=labels_file,
                               ckpt_every=min(max(config.diffusion_images // 20, 1), 2_000_000),
                               grid_every=max(config.diffusion_images // 2, 1))
     return settings, DIFFUSION_FIELDS
 
 
 def sample_settings(config, out=""):
-    return stage_settings(sample.SampleConfig, config, SAMPLE_FIELDS, checkpoint="", out=out), SAMPLE_FIELDS
+    return settings_from(sample.SampleConfig, config, SAMPLE_FIELDS, checkpoint="", out=out), SAMPLE_FIELDS
 
 
 RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "labels": data.at_least(1), "seed": data.at_least(0),
@@ -308,7 +308,7 @@ def stage_split(config, run, dataset):
     return read_artifact(path, "stage1")["indices"]
 
 
-def train_classifier(config, run, stage, dataset, labeled_index, pseudo=None):
+def stage_classifier(config, run, stage, dataset, labeled_index, pseudo=None):
     """Stage 1, stage 3 or the labeled-only baseline, into run/stage/classifier.pt;
     returns the classifier and its metrics."""
     path = os.path.join(run, stage, "classifier.pt")
@@ -321,10 +321,10 @@ def train_classifier(config, run, stage, dataset, labeled_index, pseudo=None):
     return fixmatch.load_classifier(path)
 
 
-def stage1(config, run, dataset, labeled_index):
+def stage_1(config, run, dataset, labeled_index):
     """FixMatch on the labeled split, then a pseudo label for every training image;
     returns the classifier (the judge of the generated images), its metrics and the labels."""
-    model, metrics = train_classifier(config, run, "stage1", dataset, labeled_index)
+    model, metrics = stage_classifier(config, run, "stage1", dataset, labeled_index)
     path = os.path.join(run, FINAL["stage1"])
     if not os.path.exists(path) and dist_rank() == 0:
         data.save_atomic(fixmatch.pseudo_labels(model, dataset), path)
@@ -332,7 +332,7 @@ def stage1(config, run, dataset, labeled_index):
     return model, metrics, read_artifact(path, "stage1")
 
 
-def stage2(config, run, dataset, pseudo):
+def stage_2(config, run, dataset, pseudo):
     """The class-conditional diffusion model, trained on every training image with its pseudo label."""
     out = os.path.join(run, "stage2")
     path = os.path.join(run, FINAL["stage2"])
@@ -420,14 +420,14 @@ def main():
         print(f"DPT on {dataset.name}, {config.labels} labels per class, preset {config.preset}: {run}")
 
     labeled_index = run_stage(run, "split", stage_split, config, run, dataset)
-    stage1_model, stage1_metrics, pseudo = run_stage(run, "stage1", stage1, config, run, dataset, labeled_index)
-    run_stage(run, "stage2", stage2, config, run, dataset, pseudo)
+    stage1_model, stage1_metrics, pseudo = run_stage(run, "stage1", stage_1, config, run, dataset, labeled_index)
+    run_stage(run, "stage2", stage_2, config, run, dataset, pseudo)
     samples = run_stage(run, "sample", stage_sample, config, run, device, rank, world)
-    _, stage3_metrics = run_stage(run, "stage3", train_classifier, config, run, "stage3", dataset, labeled_index,
+    _, stage3_metrics = run_stage(run, "stage3", stage_classifier, config, run, "stage3", dataset, labeled_index,
                                   pseudo=(samples["images"], samples["labels"]))
     baseline_metrics = None
     if config.baseline:
-        _, baseline_metrics = run_stage(run, "baseline", train_classifier, config, run, "baseline", dataset,
+        _, baseline_metrics = run_stage(run, "baseline", stage_classifier, config, run, "baseline", dataset,
                                         labeled_index)
     fid_result = run_stage(run, "fid", stage_fid, config, run, dataset, samples, device, rank, world)
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import data
 
 # -----------------------------------------------------------------------------
-# Configuration: the paper's CIFAR-10 schedule by default
+# Configuration: FixMatch's CIFAR-10 schedule by default (DPT's paper: --threshold freematch)
 
 
 @dataclass

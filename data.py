@@ -1,5 +1,7 @@
 """Data for every DPT stage: datasets as uint8 tensors, the labeled split, and
-batched augmentation that runs on whatever device the batch lives on.
+batched augmentation that runs on whatever device the batch lives on; then
+what every script shares (one-line user errors, settings rules, command lines,
+safe writes, one writer per run folder, checkpoints); the command line last.
 
     python data.py --dataset shapes            # class counts, sizes, augment.png
     python data.py --bench                     # augmented images per second, CPU and CUDA
@@ -26,243 +28,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-# -----------------------------------------------------------------------------
-# User errors, settings checked before any work, and command lines shared by every script
-
-
-class UserError(Exception):
-    """A mistake the user can fix: printed as one line on stderr, exit code 2."""
-
-
-def run_main(main):
-    """Run a script's main(); a UserError ends it with one line and exit code 2.
-    Under torchrun, the process group ends with the script."""
-    try:
-        main()
-    except UserError as error:
-        from tqdm import tqdm
-        for bar in list(getattr(tqdm, "_instances", ())):  # end a progress bar's line before ours
-            bar.close()
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# A rule is (test of a value, what a valid value is). Each script keeps the rules
-# of its own config in RULES; dpt.py checks its stages with the same rules, naming
-# the flags the user typed there (--ssl-steps where fixmatch.py has --steps).
-def one_of(*options):
-    return (lambda value: value in options), "one of " + ", ".join(options)
-
-
-def at_least(low):
-    return (lambda value: value >= low), f"at least {low}"  # NaN fails every comparison
-
-
-POSITIVE = (lambda value: 0 < value < math.inf), "a positive number"
-FINITE = (lambda value: math.isfinite(value)), "a finite number"
-FRACTION = (lambda value: 0 <= value < 1), "at least 0 and below 1"
-PROBABILITY = (lambda value: 0 <= value <= 1), "between 0 and 1"
-
-
-def flag(name, flags=None):
-    """The command-line flag of a config field: --name, or the name dpt.py gives it."""
-    return "--" + (flags or {}).get(name, name).replace("_", "-")
-
-
-def check_fields(config, rules, flags=None):
-    """Refuse the first field of config that breaks its rule, in one line naming its flag."""
-    for name, (valid, words) in rules.items():
-        value = getattr(config, name)
-        if not valid(value):
-            raise UserError(f"{flag(name, flags)} {value!r}: must be {words}")
-
-
-def check_divisible(config, world, flags=None):
-    """A batch of all processes together splits evenly across torchrun's processes."""
-    if config.batch % world:
-        raise UserError(f"{flag('batch', flags)} {config.batch}: must be divisible by the {world} processes")
-
-
-def parse_config(config_class, description, argv=None):
-    """Build a command line from a @dataclass: each field is a --flag with its
-    default (a field without a default is a positional argument), and the
-    comment after the field is its help text."""
-    comments = {}
-    for line in inspect.getsource(config_class).splitlines():
-        name, _, rest = line.strip().partition(":")
-        if "#" in rest and name.isidentifier():
-            comments[name] = rest.split("#", 1)[1].strip()
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    fields = dataclasses.fields(config_class)
-    unset = "from the preset" if "preset" in {field.name for field in fields} else "unset"
-    for field in fields:
-        flag = "--" + field.name.replace("_", "-")
-        help_text = f"{comments.get(field.name, '')} (default: {unset if field.default is None else field.default})"
-        kind = {"int": int, "float": float, "str": str, "bool": bool}.get(field.type, field.type)
-        if field.default is dataclasses.MISSING:
-            parser.add_argument(field.name, type=kind, help=comments.get(field.name))
-        elif kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
-        else:
-            parser.add_argument(flag, type=kind, default=field.default, help=help_text)
-
-    def refuse(message):  # argparse's own errors (a typo, "abc" for a number) in one line too
-        raise UserError(f"{message} (see --help)")
-    parser.error = refuse
-    return config_class(**vars(parser.parse_args(argv)))
-
-
-# -----------------------------------------------------------------------------
-# Run folders shared by every stage: safe writes, one writer, processes, random
-# state, checkpoints
-
-
-def save_atomic(obj, path, writer=None):
-    """writer(obj, file) (torch.save by default) into a temporary name, then
-    rename: a run killed at any moment leaves either the old file or the new
-    one, never half of one. A full disk is one line, with nothing left behind."""
-    temporary = f"{path}.tmp{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(temporary, "wb") as file:  # a Python file, so that a full disk raises OSError
-            (writer or torch.save)(obj, file)
-        os.replace(temporary, path)
-    except BaseException as error:  # Ctrl-C included: no temporary file survives
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        cause = error
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__context__  # torch.save's zip writer meets ENOSPC, then fails in its own clean-up
-        if cause is None:
-            raise
-        raise UserError(f"cannot write {path} ({cause.strerror or cause}); free some space or choose another "
-                        "--out, then run the same command again to continue") from None
-
-
-HELD_LOCKS = []  # open lock files: the kernel releases each when its process ends, SIGKILL included
-
-
-def claim_folder(folder, rank=0, world=1):
-    """Make this run the only writer of `folder` (a second run into it stops with
-    one line); rank 0 holds the lock for every rank of a torchrun job."""
-    refusal = None
-    if rank == 0:
-        try:
-            os.makedirs(folder, exist_ok=True)
-            file = open(os.path.join(folder, "run.lock"), "a+")
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            file.truncate(0)
-            file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-            file.flush()
-            HELD_LOCKS.append(file)
-        except BlockingIOError:
-            file.seek(0)
-            refusal = (f"{folder} is in use by {file.read().strip() or 'another process'}; wait for it to end, "
-                       "or choose another --out")
-            file.close()
-        except OSError as error:
-            refusal = f"cannot write {folder} ({error.strerror or error}); choose another --out"
-    if world > 1:
-        message = [refusal]
-        dist.broadcast_object_list(message, src=0)  # every rank stops, not rank 0 alone
-        refusal = message[0]
-    if refusal:
-        raise UserError(refusal)
-
-
-
-
-def distributed_setup():
-    """(rank, world size, device); torchrun sets RANK and WORLD_SIZE."""
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
-
-
-def rng_state():
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["cpu"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def all_rng_states(world):
-    """Every rank's generators (gathered to all), so that each resumes its own random stream."""
-    if world == 1:
-        return [rng_state()]
-    states = [None] * world
-    dist.all_gather_object(states, rng_state())
-    return states
-
-
-def load_checkpoint(path, config, free_to_change):
-    """A checkpoint of this configuration, or a one-line refusal: never
-    silently train over something else. free_to_change: config fields that
-    may differ without changing where the run ends."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise UserError(f"checkpoint {path} is unreadable ({type(error).__name__}); delete it to start over") from None
-    saved = checkpoint.get("config", {}) if isinstance(checkpoint, dict) else {}
-    changed = sorted(k for k, v in dataclasses.asdict(config).items() if k not in free_to_change and saved.get(k) != v)
-    if changed:
-        raise UserError(f"checkpoint {path} was made with other settings ({', '.join(changed)}); "
-                        "use another --out or delete it to start over")
-    return checkpoint
-
-
-def resume(path, config, free_to_change, world, rank, model, ema_model, optimizer):
-    """Load the weights, EMA weights, optimizer and this rank's random state of
-    a checkpoint of this configuration; return the checkpoint (None if there is
-    none) for the stage's own counters."""
-    if not os.path.exists(path):
-        return None
-    checkpoint = load_checkpoint(path, config, free_to_change)
-    if len(checkpoint["rng"]) != world:
-        raise UserError(f"checkpoint {path} was written by {len(checkpoint['rng'])} processes; resume it with as many")
-    model.load_state_dict(checkpoint["model"])
-    ema_model.load_state_dict(checkpoint["ema"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    set_rng_state(checkpoint["rng"][rank])
-    return checkpoint
-
-
-def device_name(device):
-    """What a benchmark ran on, for its printout and results.json."""
-    device = torch.device(device)
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-
-
-def on_cuda_unless_set(flag, device):
-    """compile and bf16 as set, else on with CUDA only: on 2 CPU cores neither
-    pays for the tiny networks (README, "Speed")."""
-    return device.type == "cuda" if flag is None else flag
-
-
-def for_training(model, world, device, compile):
-    """What the training step calls: the model, under DDP when several
-    processes train it, compiled when asked."""
-    forward = model
-    if world > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(model,
-                                                            device_ids=[device] if device.type == "cuda" else None)
-    if compile:
-        forward = torch.compile(forward)
-    return forward
-
 
 # -----------------------------------------------------------------------------
 # Datasets
@@ -388,7 +153,7 @@ def file_images(x, path, key):
         x = x.permute(0, 3, 1, 2)
     x = x.expand(-1, 3, -1, -1).contiguous()  # grayscale becomes RGB
     side = x.shape[-1]
-    padded = -(-side // 8) * 8  # every network halves the image three times
+    padded = -(-side // 8) * 8  # 8 fits every network size: the tiny U-Net folds 2x2 pixels and halves twice
     if padded != side:
         print(f"{path}: {key} padded with zeros from {side}x{side} to {padded}x{padded} (a multiple of 8)")
         before = (padded - side) // 2
@@ -738,6 +503,244 @@ def strong_augment(x, ops=3):
     for _ in range(ops):
         x = randaugment_step(x)
     return (cutout(x) * 255).round().to(torch.uint8)
+
+
+# -----------------------------------------------------------------------------
+# What every script shares, part 1: user errors, settings checked before any work,
+# and command lines built from dataclasses
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line on stderr, exit code 2."""
+
+
+def run_main(main):
+    """Run a script's main(); a UserError ends it with one line and exit code 2.
+    Under torchrun, the process group ends with the script."""
+    try:
+        main()
+    except UserError as error:
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", ())):  # end a progress bar's line before ours
+            bar.close()
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# A rule is (test of a value, what a valid value is). Each script keeps the rules
+# of its own config in RULES; dpt.py checks its stages with the same rules, naming
+# the flags the user typed there (--ssl-steps where fixmatch.py has --steps).
+def one_of(*options):
+    return (lambda value: value in options), "one of " + ", ".join(options)
+
+
+def at_least(low):
+    return (lambda value: value >= low), f"at least {low}"  # NaN fails every comparison
+
+
+POSITIVE = (lambda value: 0 < value < math.inf), "a positive number"
+FINITE = (lambda value: math.isfinite(value)), "a finite number"
+FRACTION = (lambda value: 0 <= value < 1), "at least 0 and below 1"
+PROBABILITY = (lambda value: 0 <= value <= 1), "between 0 and 1"
+
+
+def flag(name, flags=None):
+    """The command-line flag of a config field: --name, or the name dpt.py gives it."""
+    return "--" + (flags or {}).get(name, name).replace("_", "-")
+
+
+def check_fields(config, rules, flags=None):
+    """Refuse the first field of config that breaks its rule, in one line naming its flag."""
+    for name, (valid, words) in rules.items():
+        value = getattr(config, name)
+        if not valid(value):
+            raise UserError(f"{flag(name, flags)} {value!r}: must be {words}")
+
+
+def check_divisible(config, world, flags=None):
+    """A batch of all processes together splits evenly across torchrun's processes."""
+    if config.batch % world:
+        raise UserError(f"{flag('batch', flags)} {config.batch}: must be divisible by the {world} processes")
+
+
+def parse_config(config_class, description, argv=None):
+    """Build a command line from a @dataclass: each field is a --flag with its
+    default (a field without a default is a positional argument), and the
+    comment after the field is its help text."""
+    comments = {}
+    for line in inspect.getsource(config_class).splitlines():
+        name, _, rest = line.strip().partition(":")
+        if "#" in rest and name.isidentifier():
+            comments[name] = rest.split("#", 1)[1].strip()
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fields = dataclasses.fields(config_class)
+    unset = "from the preset" if "preset" in {field.name for field in fields} else "unset"
+    for field in fields:
+        flag = "--" + field.name.replace("_", "-")
+        help_text = f"{comments.get(field.name, '')} (default: {unset if field.default is None else field.default})"
+        kind = {"int": int, "float": float, "str": str, "bool": bool}.get(field.type, field.type)
+        if field.default is dataclasses.MISSING:
+            parser.add_argument(field.name, type=kind, help=comments.get(field.name))
+        elif kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=field.default, help=help_text)
+
+    def refuse(message):  # argparse's own errors (a typo, "abc" for a number) in one line too
+        raise UserError(f"{message} (see --help)")
+    parser.error = refuse
+    return config_class(**vars(parser.parse_args(argv)))
+
+
+# -----------------------------------------------------------------------------
+# What every script shares, part 2: run folders (safe writes, one writer),
+# processes, random state, checkpoints
+
+
+def save_atomic(obj, path, writer=None):
+    """writer(obj, file) (torch.save by default) into a temporary name, then
+    rename: a run killed at any moment leaves either the old file or the new
+    one, never half of one. A full disk is one line, with nothing left behind."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(temporary, "wb") as file:  # a Python file, so that a full disk raises OSError
+            (writer or torch.save)(obj, file)
+        os.replace(temporary, path)
+    except BaseException as error:  # Ctrl-C included: no temporary file survives
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        cause = error
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__  # torch.save's zip writer meets ENOSPC, then fails in its own clean-up
+        if cause is None:
+            raise
+        raise UserError(f"cannot write {path} ({cause.strerror or cause}); free some space or choose another "
+                        "--out, then run the same command again to continue") from None
+
+
+HELD_LOCKS = []  # open lock files: the kernel releases each when its process ends, SIGKILL included
+
+
+def claim_folder(folder, rank=0, world=1):
+    """Make this run the only writer of `folder` (a second run into it stops with
+    one line); rank 0 holds the lock for every rank of a torchrun job."""
+    refusal = None
+    if rank == 0:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            file = open(os.path.join(folder, "run.lock"), "a+")
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            file.truncate(0)
+            file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+            file.flush()
+            HELD_LOCKS.append(file)
+        except BlockingIOError:
+            file.seek(0)
+            refusal = (f"{folder} is in use by {file.read().strip() or 'another process'}; wait for it to end, "
+                       "or choose another --out")
+            file.close()
+        except OSError as error:
+            refusal = f"cannot write {folder} ({error.strerror or error}); choose another --out"
+    if world > 1:
+        message = [refusal]
+        dist.broadcast_object_list(message, src=0)  # every rank stops, not rank 0 alone
+        refusal = message[0]
+    if refusal:
+        raise UserError(refusal)
+
+
+
+
+def distributed_setup():
+    """(rank, world size, device); torchrun sets RANK and WORLD_SIZE."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def rng_state():
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_rng_states(world):
+    """Every rank's generators (gathered to all), so that each resumes its own random stream."""
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def load_checkpoint(path, config, free_to_change):
+    """A checkpoint of this configuration, or a one-line refusal: never
+    silently train over something else. free_to_change: config fields that
+    may differ without changing where the run ends."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise UserError(f"checkpoint {path} is unreadable ({type(error).__name__}); delete it to start over") from None
+    saved = checkpoint.get("config", {}) if isinstance(checkpoint, dict) else {}
+    changed = sorted(k for k, v in dataclasses.asdict(config).items() if k not in free_to_change and saved.get(k) != v)
+    if changed:
+        raise UserError(f"checkpoint {path} was made with other settings ({', '.join(changed)}); "
+                        "use another --out or delete it to start over")
+    return checkpoint
+
+
+def resume(path, config, free_to_change, world, rank, model, ema_model, optimizer):
+    """Load the weights, EMA weights, optimizer and this rank's random state of
+    a checkpoint of this configuration; return the checkpoint (None if there is
+    none) for the stage's own counters."""
+    if not os.path.exists(path):
+        return None
+    checkpoint = load_checkpoint(path, config, free_to_change)
+    if len(checkpoint["rng"]) != world:
+        raise UserError(f"checkpoint {path} was written by {len(checkpoint['rng'])} processes; resume it with as many")
+    model.load_state_dict(checkpoint["model"])
+    ema_model.load_state_dict(checkpoint["ema"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    set_rng_state(checkpoint["rng"][rank])
+    return checkpoint
+
+
+def device_name(device):
+    """What a benchmark ran on, for its printout and results.json."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+
+
+def on_cuda_unless_set(flag, device):
+    """compile and bf16 as set, else on with CUDA only: on 2 CPU cores neither
+    pays for the tiny networks (README, "Speed")."""
+    return device.type == "cuda" if flag is None else flag
+
+
+def for_training(model, world, device, compile):
+    """What the training step calls: the model, under DDP when several
+    processes train it, compiled when asked."""
+    forward = model
+    if world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(model,
+                                                            device_ids=[device] if device.type == "cuda" else None)
+    if compile:
+        forward = torch.compile(forward)
+    return forward
 
 
 # -----------------------------------------------------------------------------

@@ -444,10 +444,11 @@ def load_diffusion(path, device="cpu"):
     """The EMA network of a diffusion.pt or of a training ckpt.pt, in eval mode."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
+        weights = saved["ema"] if "ema" in saved else saved["model"]
+        told = any("augment_embedding" in name for name in weights)  # trained with augmentation labels
         model = make_diffusion(saved["config"]["arch"], saved["config"]["size"], saved["num_classes"],
-                               saved["resolution"], saved["channels"],
-                               augment_dim=AUGMENT_DIM if saved["config"].get("augment") else 0)
-        model.load_state_dict(saved["ema"] if "ema" in saved else saved["model"])
+                               saved["resolution"], saved["channels"], augment_dim=AUGMENT_DIM if told else 0)
+        model.load_state_dict(weights)
     except Exception as error:
         raise data.UserError(f"cannot read a diffusion model from {path} ({type(error).__name__}); "
                              "expected the diffusion.pt or ckpt.pt of unet.py") from None

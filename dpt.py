@@ -462,15 +462,15 @@ def main():
 
 
 def bench(config, device, arch, size):
-    """One row per stage with this device's settings (compile and bf16: the
-    flags, else on with CUDA only) beside the same code eager in fp32, as the
+    """One row per stage with this run's settings (compile and bf16 as the
+    preset or the flags set them) beside the same code eager in fp32, as the
     official code runs (TorchSSL and EDM); then the fast and cifar presets'
     projected wall time from the measured rates. A CPU runs small batches and
     few steps (each row's size is printed); rates are per image, so they project.
     The networks are the paper's (WRN-28-2, the cifar size) unless --arch and
     --unet-size ask for others."""
     on_cuda = device.type == "cuda"
-    fast = (data.on_cuda_unless_set(config.compile, device), data.on_cuda_unless_set(config.bf16, device))
+    fast = (config.compile, config.bf16)  # filled in by the preset
     ssl_batch, diffusion_batch, steps = (64, 128, 12) if on_cuda else (4, 2, 3)
 
     def measure(run, settings):

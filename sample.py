@@ -44,17 +44,6 @@ class SampleConfig:
     bench: bool = False             # print images/s of Heun with 18 steps (35 evaluations) at --batch and exit
 
 
-RULES = {"per_class": data.at_least(1), "sampler": ((lambda name: name in SAMPLERS), "one of heun, euler, dpmpp"),
-         "steps": ((lambda value: value >= 2), "at least 2 (the noise levels sigma_max and sigma_min)"),
-         "guidance": ((lambda value: 0 <= value < math.inf), "at least 0 (1 is no guidance, 0 unconditional)"),
-         "seed": data.at_least(0), "batch": data.at_least(1), "out": data.FOLDER}
-
-
-def check(config, flags=None):
-    """Refuse a setting that cannot sample, in one line, before the model is loaded."""
-    data.check_fields(config, RULES, flags)
-
-
 # -----------------------------------------------------------------------------
 # Noise levels and samplers of the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma,
 # EDM's choice s(t) = 1, sigma(t) = t (Karras et al. 2022, eq. 4 and Table 1). The slope
@@ -117,6 +106,17 @@ def dpmpp(denoise, x, labels, sigmas):
 
 
 SAMPLERS = {"heun": heun, "euler": euler, "dpmpp": dpmpp}
+
+
+RULES = {"per_class": data.at_least(1), "sampler": data.one_of(*SAMPLERS),
+         "steps": ((lambda value: value >= 2), "at least 2 (the noise levels sigma_max and sigma_min)"),
+         "guidance": ((lambda value: 0 <= value < math.inf), "at least 0 (1 is no guidance, 0 unconditional)"),
+         "seed": data.at_least(0), "batch": data.at_least(1), "out": data.FOLDER}
+
+
+def check(config, flags=None):
+    """Refuse a setting that cannot sample, in one line, before the model is loaded."""
+    data.check_fields(config, RULES, flags)
 
 
 # -----------------------------------------------------------------------------

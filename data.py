@@ -41,6 +41,7 @@ class Dataset:
     test_x: torch.Tensor | None  # uint8 [M, 3, H, W], or None when the source has no test set
     test_y: torch.Tensor | None  # int64 [M]
     num_classes: int
+    classes: tuple = ()          # class names, where the source has them
 
 
 TORCHVISION_DATASETS = ("cifar10", "cifar100", "svhn")
@@ -53,7 +54,7 @@ def load_dataset(name, data_dir="./data"):
     if name == "shapes":
         train_x, train_y = make_shapes(20_000, seed=0)
         test_x, test_y = make_shapes(2_000, seed=1)
-        return Dataset("shapes", train_x, train_y, test_x, test_y, len(SHAPES))
+        return Dataset("shapes", train_x, train_y, test_x, test_y, len(SHAPES), SHAPES)
     if name.endswith((".pt", ".npz")):
         return load_file(name)
     raise UserError(f"--dataset {name!r}: must be {DATASET[1]}")
@@ -89,24 +90,26 @@ def load_torchvision(name, data_dir):
     else:
         images = lambda split: torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous()
         labels = lambda split: torch.tensor(split.targets, dtype=torch.long)
-    num_classes = 100 if name == "cifar100" else 10
-    return Dataset(name, images(train), labels(train), images(test), labels(test), num_classes)
+    classes = tuple(map(str, range(10))) if name == "svhn" else tuple(train.classes)  # SVHN: digits, 0 as 0
+    return Dataset(name, images(train), labels(train), images(test), labels(test), len(classes), classes)
 
 
 def load_file(path):
     """A .pt or .npz with train_x (uint8 N x C x H x W or N x H x W x C, C = 1 or 3),
-    train_y (integers 0 .. C-1, every class present), optional test_x, test_y."""
+    train_y (integers 0 .. C-1, every class present), optional test_x, test_y,
+    and optional classes (C names, for the report)."""
     if not os.path.isfile(path):
         raise UserError(f"--dataset {path}: no such file")
     try:
         if path.endswith(".npz"):
             with np.load(path, allow_pickle=False) as archive:
-                arrays = {key: torch.from_numpy(archive[key]) for key in archive.files}
+                arrays = {key: archive[key] for key in archive.files}
         else:
             arrays = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(arrays, dict):
                 raise UserError(f"{path} holds a {type(arrays).__name__}, not a dict with train_x and train_y")
-            arrays = {key: torch.as_tensor(value) for key, value in arrays.items()}
+        classes = tuple(str(name) for name in arrays.pop("classes", ()))
+        arrays = {key: torch.as_tensor(value) for key, value in arrays.items()}
     except UserError:
         raise
     except Exception as error:
@@ -134,8 +137,10 @@ def load_file(path):
                         "with every class present")
     if test_y is not None and int(test_y.max()) >= num_classes:
         raise UserError(f"{path}: test_y holds label {int(test_y.max())} but train_y only 0..{num_classes - 1}")
+    if classes and len(classes) != num_classes:
+        raise UserError(f"{path}: classes names {len(classes)} classes but train_y has {num_classes}")
     name = os.path.splitext(os.path.basename(path))[0]
-    return Dataset(name, train_x, train_y, test_x, test_y, num_classes)
+    return Dataset(name, train_x, train_y, test_x, test_y, num_classes, classes)
 
 
 def file_images(x, path, key):
@@ -302,7 +307,8 @@ def write_glyphs(path, train=20_000, test=2_000):
     """The glyphs dataset as a .npz that load_dataset reads like any user's file."""
     (train_x, train_y), (test_x, test_y) = make_glyphs(train, seed=0), make_glyphs(test, seed=1)
     save_atomic({"train_x": train_x.numpy(), "train_y": train_y.numpy(), "test_x": test_x.numpy(),
-                 "test_y": test_y.numpy()}, path, writer=lambda arrays, file: np.savez(file, **arrays))
+                 "test_y": test_y.numpy(), "classes": np.array([str(digit) for digit in range(len(GLYPHS))])},
+                path, writer=lambda arrays, file: np.savez(file, **arrays))
 
 
 # -----------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Dual Pseudo Training (You et al., NeurIPS 2023) in one resumable command.
 
-    python dpt.py --labels 1                            # CIFAR-10, 1 label per class, preset for this machine
-    python dpt.py --dataset shapes --preset tiny        # the whole pipeline on a laptop CPU in minutes
+    python dpt.py --labels 1                             # CIFAR-10, 1 label per class, preset for this machine
+    python dpt.py --dataset shapes --preset tiny         # the whole pipeline on a laptop CPU in minutes
     torchrun --nproc_per_node 4 dpt.py --labels 4 --preset cifar
-    python dpt.py --labels 1 --redo stage2 --guidance 2  # rerun stage 2 and everything after it
+    python dpt.py --labels 1 --redo sample --sample-guidance 2  # sample again, then stage 3 and FID
 
 Stage 1 trains FixMatch (or FreeMatch) on a few labels per class and predicts a
 pseudo label for every training image; stage 2 trains a class-conditional
@@ -14,12 +14,17 @@ README): a killed run, rerun with the same command, skips what is finished and
 resumes what was under way from its checkpoint.
 """
 
+import base64
+import html
 import json
+import math
 import os
 import platform
 import shutil
+import struct
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -47,39 +52,67 @@ class DPTConfig:
     redo: str = ""                  # rerun this stage and all after it: stage1 | stage2 | sample | stage3 | fid
     baseline: bool = False          # also train on the labeled images alone, for comparison
     fid_weights: str = ""           # FID Inception weights (else $DPT_FID_WEIGHTS, the hub cache, or download)
+    fid_reference: int = None       # training images FID compares against (0: all)
     bench: bool = False             # print every stage's speed on this device and the presets' projected time, and exit
-    compile: bool = None            # torch.compile the networks
-    bf16: bool = None               # bf16 autocast
-    # stages 1 and 3: the classifier
-    arch: str = None                # wrn28_2 | small
+    report: str = ""                # (re)write RUN/report.html from a finished run folder RUN, and exit
+    compile: bool = None            # torch.compile the networks (unset: the preset's, else with CUDA only)
+    bf16: bool = None               # bf16 autocast (unset: the preset's, else with CUDA only)
+    # Each field below is a stage script's flag under its stage's prefix: --ssl-lr is
+    # fixmatch.py's --lr, --diffusion-warmup unet.py's --warmup. Unset, it is the
+    # preset's, else the stage script's default, which is the paper's recipe.
+    # stages 1 and 3: the classifier (fixmatch.py)
+    ssl_arch: str = None            # wrn28_2 | small
     ssl_steps: int = None           # stage-1 optimizer steps
-    stage3_steps: int = None        # stage-3 optimizer steps
     ssl_batch: int = None           # labeled images per step
-    uratio: int = None              # unlabeled images per labeled image
+    ssl_uratio: int = None          # unlabeled images per labeled image
     ssl_lr: float = None            # SGD learning rate
     ssl_ema: float = None           # EMA of the classifier's weights
-    threshold: str = None           # fixmatch | freematch
-    tau: float = None               # FixMatch's confidence threshold
-    real_fraction: float = None     # stage 3: share of real images in a labeled batch (-1: uniform)
-    eval_every: int = None          # steps between test evaluations
-    # stage 2: the diffusion model and its samples
-    unet_arch: str = None           # unet | uvit
-    unet_size: str = None           # tiny | fast | cifar
+    ssl_threshold: str = None       # fixmatch | freematch
+    ssl_tau: float = None           # FixMatch's confidence threshold
+    ssl_eval_every: int = None      # steps between test evaluations (and checkpoints)
+    stage3_steps: int = None        # stage-3 optimizer steps
+    stage3_real_fraction: float = None  # share of real images in a stage-3 labeled batch (-1: uniform)
+    # stage 2: the diffusion model (unet.py)
+    diffusion_arch: str = None      # unet | uvit
+    diffusion_size: str = None      # tiny | fast | cifar
     diffusion_images: int = None    # training length in images
     diffusion_batch: int = None     # images per step
     diffusion_lr: float = None      # Adam learning rate
-    warmup: int = None              # images of learning-rate warm-up
-    ema_halflife: int = None        # half-life of the diffusion EMA, in images
-    p_mean: float = None            # training noise levels ln(sigma) ~ N(p_mean, 1.2^2) (EDM: -1.2)
-    label_dropout: float = None     # share of training labels replaced by the null class (for guidance)
-    augment: float = None           # EDM's augmentation probability (its CIFAR-10 recipe: 0.12); 0: x-flips only
-    per_class: int = None           # K: generated images per class
-    sampler: str = None             # heun | euler | dpmpp
-    sample_steps: int = None        # sampler steps (Heun: 2 N - 1 network evaluations)
-    guidance: float = None          # classifier-free guidance weight (1: none)
-    fid_reference: int = None       # training images FID compares against (0: all)
+    diffusion_warmup: int = None    # images of learning-rate warm-up
+    diffusion_ema_halflife: int = None  # half-life of the EMA of the weights, in images
+    diffusion_p_mean: float = None  # training noise levels ln(sigma) ~ N(p_mean, 1.2^2) (EDM: -1.2)
+    diffusion_label_dropout: float = None  # share of training labels replaced by the null class (for guidance)
+    diffusion_augment: float = None  # EDM's augmentation probability (its CIFAR-10 recipe: 0.12); 0: x-flips only
+    # sampling (sample.py)
+    sample_per_class: int = None    # K: generated images per class
+    sample_solver: str = None       # heun | euler | dpmpp (sample.py's --sampler)
+    sample_steps: int = None        # solver steps (Heun: 2 N - 1 network evaluations)
+    sample_guidance: float = None   # classifier-free guidance weight (1: none)
 
 
+# Each stage script's settings, field by field from DPTConfig's: the mappings
+# that build them for the stages, fill what neither the user nor the preset set
+# from the stage scripts' defaults, and name dpt.py's flags when a stage script's
+# rules refuse a value (--ssl-steps, where fixmatch.py would say --steps).
+def prefixed(prefix, *names):
+    return {name: prefix + name for name in names}
+
+
+CLASSIFIER_FIELDS = {**prefixed("", "dataset", "data_dir", "labels", "seed", "compile", "bf16"),
+                     **prefixed("ssl_", "arch", "steps", "batch", "uratio", "lr", "ema", "threshold", "tau",
+                                "eval_every"),
+                     "ckpt_every": "ssl_eval_every", "real_fraction": "stage3_real_fraction"}
+STAGE3_FIELDS = dict(CLASSIFIER_FIELDS, steps="stage3_steps")
+DIFFUSION_FIELDS = {**prefixed("", "dataset", "data_dir", "seed", "compile", "bf16"),
+                    **prefixed("diffusion_", "arch", "size", "images", "batch", "lr", "warmup", "ema_halflife",
+                               "p_mean", "label_dropout", "augment")}
+SAMPLE_FIELDS = {**prefixed("", "seed", "bf16"), **prefixed("sample_", "per_class", "solver", "steps", "guidance")}
+STAGE_SCRIPTS = ((fixmatch.FixMatchConfig, CLASSIFIER_FIELDS), (fixmatch.FixMatchConfig, STAGE3_FIELDS),
+                 (unet.DiffusionConfig, DIFFUSION_FIELDS), (sample.SampleConfig, SAMPLE_FIELDS))
+
+# Presets name only what they change from the stage scripts' defaults, which are
+# the paper's recipe (FixMatch on WRN-28-2 for 2^20 steps, EDM's DDPM++ for 200M
+# images, Heun with 35 evaluations); DPT's classifier is FreeMatch.
 PRESETS = {
     # Two CPU cores, under 10 minutes, any dataset, and DPT must show. The tiny U-Net
     # folds 2x2 pixels into channels (3.5x the images/s) and sees 80,000 images at
@@ -92,79 +125,54 @@ PRESETS = {
     # README, "Results", measures each of these levers. Eager fp32: on 2 CPU cores
     # compile only breaks even (13 s to compile) and neither pays for the U-Net
     # (README, "Speed").
-    "tiny": dict(arch="small", ssl_steps=1000, stage3_steps=1000, ssl_batch=32, uratio=3, ssl_lr=0.05, ssl_ema=0.99,
-                 threshold="fixmatch", tau=0.95, real_fraction=0.5, eval_every=500,
-                 unet_arch="unet", unet_size="tiny", diffusion_images=80_000, diffusion_batch=32, diffusion_lr=2e-3,
-                 warmup=1_000, ema_halflife=4_000, p_mean=0.0, label_dropout=0.1, augment=0.0, per_class=50,
-                 sampler="dpmpp", sample_steps=10, guidance=3.0, fid_reference=1000, compile=False, bf16=False),
+    "tiny": dict(ssl_arch="small", ssl_steps=1000, ssl_batch=32, ssl_uratio=3, ssl_lr=0.05, ssl_ema=0.99,
+                 ssl_eval_every=100, stage3_steps=1000, stage3_real_fraction=0.5,
+                 diffusion_size="tiny", diffusion_images=80_000, diffusion_batch=32, diffusion_lr=2e-3,
+                 diffusion_warmup=1_000, diffusion_ema_halflife=4_000, diffusion_p_mean=0.0,
+                 diffusion_label_dropout=0.1, diffusion_augment=0.0,
+                 sample_per_class=50, sample_solver="dpmpp", sample_steps=10, sample_guidance=3.0,
+                 fid_reference=1000, compile=False, bf16=False),
     # A few hours on one modern GPU: the paper's classifier, shorter; a smaller U-Net.
-    "fast": dict(arch="wrn28_2", ssl_steps=2 ** 17, stage3_steps=2 ** 17, ssl_batch=64, uratio=7, ssl_lr=0.03,
-                 ssl_ema=0.999, threshold="freematch", tau=0.95, real_fraction=-1.0, eval_every=5000,
-                 unet_arch="unet", unet_size="fast", diffusion_images=20_000_000, diffusion_batch=512,
-                 diffusion_lr=1e-3, warmup=2_000_000, ema_halflife=500_000, p_mean=-1.2, label_dropout=0.0,
-                 augment=0.0,
-                 per_class=1000, sampler="heun", sample_steps=18, guidance=1.0, fid_reference=0, compile=True,
-                 bf16=True),
-    # The paper's CIFAR-10 recipe: FreeMatch on WRN-28-2 for 2^20 steps, EDM's DDPM++ for 200M images.
-    "cifar": dict(arch="wrn28_2", ssl_steps=2 ** 20, stage3_steps=2 ** 20, ssl_batch=64, uratio=7, ssl_lr=0.03,
-                  ssl_ema=0.999, threshold="freematch", tau=0.95, real_fraction=-1.0, eval_every=5000,
-                  unet_arch="unet", unet_size="cifar", diffusion_images=200_000_000, diffusion_batch=512,
-                  diffusion_lr=1e-3, warmup=10_000_000, ema_halflife=500_000, p_mean=-1.2, label_dropout=0.0,
-                  augment=0.12,
-                  per_class=1000, sampler="heun", sample_steps=18, guidance=1.0, fid_reference=0, compile=True,
-                  bf16=True),
+    "fast": dict(ssl_threshold="freematch", ssl_steps=2 ** 17, stage3_steps=2 ** 17, diffusion_size="fast",
+                 diffusion_images=20_000_000, diffusion_warmup=2_000_000, diffusion_augment=0.0),
+    # The paper's CIFAR-10 recipe.
+    "cifar": dict(ssl_threshold="freematch"),
 }
-
-# The stages in order, and the config fields each one depends on. A changed field
-# can only be accepted by rerunning (--redo) its stage or an earlier one.
-STAGES = ("split", "stage1", "stage2", "sample", "stage3", "fid")
-FIELD_STAGE = {"dataset": "split", "labels": "split", "seed": "split",
-               "arch": "stage1", "ssl_batch": "stage1", "uratio": "stage1", "ssl_lr": "stage1", "ssl_ema": "stage1",
-               "tau": "stage1", "threshold": "stage1", "ssl_steps": "stage1", "bf16": "stage1",
-               "unet_arch": "stage2", "unet_size": "stage2", "diffusion_images": "stage2", "diffusion_batch": "stage2",
-               "diffusion_lr": "stage2", "warmup": "stage2", "ema_halflife": "stage2", "p_mean": "stage2",
-               "label_dropout": "stage2", "augment": "stage2",
-               "per_class": "sample", "sampler": "sample", "sample_steps": "sample", "guidance": "sample",
-               "stage3_steps": "stage3", "real_fraction": "stage3", "fid_reference": "fid"}
-FREE_TO_CHANGE = {"data_dir", "out", "redo", "baseline", "fid_weights", "compile", "preset", "eval_every", "bench"}
 
 
 def resolve(config):
-    """Fill every field the user left out from the preset."""
+    """Fill every field the user left out: from the preset, else from the stage
+    script's default; compile and bf16 as the stage scripts do (with CUDA only)
+    and FID against every training image."""
     if not config.preset:
         config.preset = "fast" if torch.cuda.is_available() else "tiny"
         if not torch.cuda.is_available() and dist_rank() == 0:
             print("no CUDA device: running the tiny preset (give --preset to choose)", file=sys.stderr)
     data.check_fields(config, {"preset": data.one_of(*PRESETS)})
-    for name, value in PRESETS[config.preset].items():
+    defaults = dict(compile=torch.cuda.is_available(), bf16=torch.cuda.is_available(), fid_reference=0)
+    defaults.update({ours: getattr(stage_config, name) for stage_config, fields in STAGE_SCRIPTS
+                     for name, ours in fields.items() if ours.startswith(("ssl_", "stage3_", "diffusion_", "sample_"))})
+    for name, value in {**defaults, **PRESETS[config.preset]}.items():
         if getattr(config, name) is None:
             setattr(config, name, value)
 
 
-# Each stage script's settings, field by field from DPTConfig's: the one mapping
-# that builds them for the stages and names dpt.py's flags when a stage script's
-# rules refuse a value (--ssl-steps, where fixmatch.py would say --steps).
-CLASSIFIER_FIELDS = {"dataset": "dataset", "data_dir": "data_dir", "labels": "labels", "seed": "seed",
-                     "arch": "arch", "batch": "ssl_batch", "uratio": "uratio", "lr": "ssl_lr", "ema": "ssl_ema",
-                     "threshold": "threshold", "tau": "tau", "real_fraction": "real_fraction",
-                     "eval_every": "eval_every", "ckpt_every": "eval_every", "compile": "compile", "bf16": "bf16"}
-DIFFUSION_FIELDS = {"dataset": "dataset", "data_dir": "data_dir", "seed": "seed", "arch": "unet_arch",
-                    "size": "unet_size", "images": "diffusion_images", "batch": "diffusion_batch",
-                    "lr": "diffusion_lr", "warmup": "warmup", "ema_halflife": "ema_halflife", "p_mean": "p_mean",
-                    "label_dropout": "label_dropout", "augment": "augment", "compile": "compile", "bf16": "bf16"}
-SAMPLE_FIELDS = {"per_class": "per_class", "sampler": "sampler", "steps": "sample_steps", "guidance": "guidance",
-                 "seed": "seed", "bf16": "bf16"}
-
-
-def settings_from(config_class, config, fields, **fixed):
-    return config_class(**{name: getattr(config, ours) for name, ours in fields.items()}, **fixed)
+# The stages in order, and the config fields each one depends on. A changed field
+# can only be accepted by rerunning (--redo) its stage or an earlier one.
+STAGES = ("split", "stage1", "stage2", "sample", "stage3", "fid")
+FREE_TO_CHANGE = {"data_dir", "out", "redo", "baseline", "fid_weights", "compile", "preset", "ssl_eval_every", "bench",
+                  "report"}
+PREFIX_STAGE = {"ssl_": "stage1", "stage3_": "stage3", "diffusion_": "stage2", "sample_": "sample"}
+FIELD_STAGE = {"dataset": "split", "labels": "split", "seed": "split", "bf16": "stage1", "fid_reference": "fid",
+               **{name: stage for name in asdict(DPTConfig()) for prefix, stage in PREFIX_STAGE.items()
+                  if name.startswith(prefix) and name not in FREE_TO_CHANGE}}
 
 
 def classifier_settings(config, stage, out=""):
     """fixmatch.py's settings for stage 1, stage 3 or the baseline, and the flags
     they come from. One recipe for all three: the baseline drops the unlabeled
     loss (lambda_u = 0), which is what makes it train on the labeled images alone."""
-    fields = dict(CLASSIFIER_FIELDS, steps="stage3_steps" if stage == "stage3" else "ssl_steps")
+    fields = STAGE3_FIELDS if stage == "stage3" else CLASSIFIER_FIELDS
     lambda_u = 0.0 if stage == "baseline" else 1.0
     return settings_from(fixmatch.FixMatchConfig, config, fields, out=out, lambda_u=lambda_u), fields
 
@@ -180,6 +188,10 @@ def diffusion_settings(config, out="", labels_file=""):
 
 def sample_settings(config, out=""):
     return settings_from(sample.SampleConfig, config, SAMPLE_FIELDS, checkpoint="", out=out), SAMPLE_FIELDS
+
+
+def settings_from(config_class, config, fields, **fixed):
+    return config_class(**{name: getattr(config, ours) for name, ours in fields.items()}, **fixed)
 
 
 RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "labels": data.at_least(1), "seed": data.at_least(0),
@@ -236,6 +248,10 @@ def check_run_folder(config, run):
     settings = {k: v for k, v in asdict(config).items() if k not in FREE_TO_CHANGE}
     saved = read_json(path)
     redo_from = STAGES.index(config.redo) if config.redo else len(STAGES)
+    if saved is not None and set(saved) != set(settings):  # made before a flag was renamed
+        raise data.UserError(f"{run} was made by another version of dpt.py (its settings are named "
+                             f"{', '.join(sorted(set(saved) ^ set(settings)))}); start over with another "
+                             "--out, or delete the folder")
     if saved is not None:
         changed = sorted(k for k, v in settings.items() if saved.get(k) != v)
         earliest = min((STAGES.index(FIELD_STAGE[k]) for k in changed), default=len(STAGES))
@@ -273,9 +289,9 @@ def write_json(obj, path):
     data.save_atomic(obj, path, writer=lambda obj, file: file.write(json.dumps(obj, indent=2).encode()))
 
 
-def read_artifact(path, redo):
+def read_artifact(path, redo, mmap=False):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:
         raise data.UserError(f"{path} is unreadable ({type(error).__name__}); rerun with --redo {redo}") from None
 
@@ -352,7 +368,7 @@ def stage_sample(config, run, device, rank, world):
     if not os.path.exists(path):
         model = unet.load_diffusion(os.path.join(run, FINAL["stage2"]), device)
         settings, _ = sample_settings(config, out=run)
-        images, labels = sample.generate(model, settings.per_class, sampler=settings.sampler, steps=settings.steps,
+        images, labels = sample.generate(model, settings.per_class, solver=settings.solver, steps=settings.steps,
                                          guidance=settings.guidance, seed=settings.seed, device=device, rank=rank,
                                          world=world, bf16=settings.bf16)
         if rank == 0:
@@ -405,8 +421,10 @@ def stage_fid(config, run, dataset, samples, device, rank, world):
 
 def main():
     config = data.parse_config(DPTConfig, __doc__)
+    if config.report:
+        return print(f"wrote {write_report(config.report)}")
     rank, world, device = data.distributed_setup()
-    asked = config.arch, config.unet_size  # before the preset fills them in
+    asked = config.ssl_arch, config.diffusion_size  # before the preset fills them in
     resolve(config)
     check(config, world)
     if config.bench:
@@ -437,6 +455,7 @@ def main():
         fidelity = sample_accuracy(stage1_model, samples["images"], samples["labels"], dataset.num_classes)
         results = {
             "dataset": dataset.name, "labels_per_class": config.labels, "seed": config.seed, "preset": config.preset,
+            "classes": list(dataset.classes) or None,
             "baseline_accuracy": baseline_metrics and baseline_metrics.get("accuracy"),
             "stage1_accuracy": stage1_metrics.get("accuracy"),
             "stage1_best_accuracy": stage1_metrics.get("best_accuracy"),  # selected on the test set
@@ -454,7 +473,11 @@ def main():
             "device": data.device_name(device),
         }
         write_json(results, os.path.join(run, "results.json"))
-        print_summary(results, run)
+        write_report(run)
+        rows = summary_rows(results)
+        width = max(len(what) for what, _ in rows)
+        print("\n".join(f"  {what:<{width}}  {value}" for what, value in rows))
+        print(f"everything is in {run}: report.html (open it in a browser), results.json, samples.png, samples.pt")
 
 
 # -----------------------------------------------------------------------------
@@ -467,8 +490,8 @@ def bench(config, device, arch, size):
     official code runs (TorchSSL and EDM); then the fast and cifar presets'
     projected wall time from the measured rates. A CPU runs small batches and
     few steps (each row's size is printed); rates are per image, so they project.
-    The networks are the paper's (WRN-28-2, the cifar size) unless --arch and
-    --unet-size ask for others."""
+    The networks are the paper's (WRN-28-2, the cifar size) unless --ssl-arch
+    and --diffusion-size ask for others."""
     on_cuda = device.type == "cuda"
     fast = (config.compile, config.bf16)  # filled in by the preset
     ssl_batch, diffusion_batch, steps = (64, 128, 12) if on_cuda else (4, 2, 3)
@@ -520,17 +543,18 @@ def bench(config, device, arch, size):
     # Projection: every stage's work at its measured rate; a preset's U-Net of
     # another size than the one measured is scaled by forward FLOPs.
     if arch != "wrn28_2":
-        return print("the presets' projected time needs the classifier they train: leave out --arch")
+        return print("the presets' projected time needs the classifier they train: leave out --ssl-arch")
     flops = unet.flops_per_image(unet.make_diffusion("unet", size, 10, 32))
     paper_steps_per_second = rate["classifier"] * per_step / (64 * 15)  # at 64 + 2 x 448 images a step
     for preset in ("fast", "cifar"):
         settings = DPTConfig(preset=preset)
         resolve(settings)
-        scale = flops / unet.flops_per_image(unet.make_diffusion(settings.unet_arch, settings.unet_size, 10, 32))
+        network = unet.make_diffusion(settings.diffusion_arch, settings.diffusion_size, 10, 32)
+        scale = flops / unet.flops_per_image(network)
         evaluations = 2 * settings.sample_steps - 1
         seconds = {"stages 1 and 3": (settings.ssl_steps + settings.stage3_steps) / paper_steps_per_second,
                    "stage 2": settings.diffusion_images / (rate["unet"] * scale),
-                   "sampling": settings.per_class * 10 * evaluations / 35 / (rate["heun"] * scale),
+                   "sampling": settings.sample_per_class * 10 * evaluations / 35 / (rate["heun"] * scale),
                    "FID": 60_000 / rate["fid"]}
         print(f"{preset} preset here: {sum(seconds.values()) / 3600:,.1f} h (" +
               ", ".join(f"{stage} {time / 3600:,.1f} h" for stage, time in seconds.items()) + ")")
@@ -545,7 +569,8 @@ def sample_accuracy(judge, images, labels, num_classes):
     return {"accuracy": right.float().mean().item(), "per_class": per_class}
 
 
-def print_summary(results, run):
+def summary_rows(results):
+    """(what, value) rows of the summary that the command prints and the report shows."""
     percent = lambda value: "-" if value is None else f"{100 * value:.2f}%"
     rows = [("labeled images only (--baseline)", percent(results["baseline_accuracy"])),
             ("stage 1: semi-supervised", percent(results["stage1_accuracy"])),
@@ -556,9 +581,174 @@ def print_summary(results, run):
              else f"{100 * results['stage3_gain']:+.2f} points"),
             ("FID of the samples", "-" if results["fid"] is None else f"{results['fid']:.2f}"),
             ("wall time", f"{sum(results['wall_time_s'].values()) / 60:.1f} min")]
-    width = max(len(name) for name, _ in rows)
-    print("\n".join(f"  {name:<{width}}  {value}" for name, value in rows))
-    print(f"everything is in {run}: results.json, samples.png, samples.pt, pseudo_labels.pt")
+    if results["baseline_accuracy"] is not None and results["stage3_accuracy"] is not None:
+        gain = results["stage3_accuracy"] - results["baseline_accuracy"]
+        rows.insert(6, ("gain of stage 3 over the labeled images only", f"{100 * gain:+.2f} points"))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# The report: report.html, one page a person can look at, self-contained (no
+# script, no network, the images inline), built from results.json and the run
+# folder's files alone, so `python dpt.py --report RUN` redraws an old run.
+
+COLOURS = {"stage 1": "#1f77b4", "stage 3": "#d62728", "baseline": "#7f7f7f", "loss": "#2ca02c"}
+
+
+def write_report(run):
+    path = os.path.join(run, "report.html")
+    data.save_atomic(build_report(run), path, writer=lambda page, file: file.write(page.encode()))
+    return path
+
+
+def build_report(run):
+    """The page, as a string, from the files of a finished run."""
+    results = read_json(os.path.join(run, "results.json"))
+    if results is None:
+        raise data.UserError(f"--report {run}: no results.json there; give a finished run folder, or finish "
+                             "the run first (its command resumes it)")
+    load = lambda name, redo: read_artifact(os.path.join(run, name), redo, mmap=True)
+    accuracy = [(name, [(step, 100 * value) for step, value in load(f"{stage}/classifier.pt", stage)["metrics"]
+                        ["history"]]) for name, stage in (("stage 1", "stage1"), ("stage 3", "stage3"),
+                                                          ("baseline", "baseline"))
+                if os.path.exists(os.path.join(run, stage, "classifier.pt"))]
+    loss = [("loss", thin(load("stage2/diffusion.pt", "stage2")["metrics"]["history"], 400))]
+    samples = load("samples.pt", "sample")
+    names = results.get("classes") or [f"class {c}" for c in range(len(results["sample_accuracy_per_class"]))]
+    labels = results["labels_per_class"]
+    title = (f"DPT on {results['dataset']}, {labels} label{'s' * (labels != 1)} per class, seed {results['seed']}, "
+             f"preset {results['preset']}")
+    summary = "".join(f"<tr><th>{html.escape(what)}</th><td>{html.escape(value)}</td></tr>"
+                      for what, value in summary_rows(results))
+    grid = "".join(
+        f'<tr><th>{html.escape(str(name))}</th><td><img alt="{html.escape(str(name))}" src="data:image/png;base64,'
+        f'{png_row(samples["images"][samples["labels"] == c][:10])}"></td><td class="judge">'
+        + ("-" if share is None else f'<span class="track"><span style="width:{100 * share:.1f}%"></span></span>'
+                                    f'{100 * share:.0f}%')
+        + "</td></tr>" for c, (name, share) in enumerate(zip(names, results["sample_accuracy_per_class"])))
+    timings = results["wall_time_s"]
+    details = json.dumps({"device": results["device"], "versions": results["versions"],
+                          "config": results["config"]}, indent=2)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
+body {{ font: 15px/1.4 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222 }}
+table {{ border-collapse: collapse }} th, td {{ padding: 2px 10px; text-align: left }}
+.verdict {{ font-size: 18px }} .summary th {{ font-weight: normal }}
+.summary td {{ font-weight: bold; text-align: right }}
+.plots {{ display: flex; flex-wrap: wrap; gap: 2em }}
+.grid img {{ height: 48px; image-rendering: pixelated; display: block }}
+.judge {{ font-size: 13px; white-space: nowrap }} pre {{ background: #f4f4f4; padding: 1em; overflow: auto }}
+.track {{ display: inline-block; width: 120px; height: 12px; background: #e8e8e8; margin-right: 6px }}
+.track span {{ display: block; height: 100%; background: #1f77b4 }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p class="verdict">{verdict(results)}</p>
+<table class="summary">{summary}</table>
+<h2>Training</h2>
+<div class="plots">
+{svg_plot(accuracy, "optimizer step", "test accuracy (%)")}
+{svg_plot(loss, "images seen", "diffusion loss")}
+</div>
+<h2>Generated images, one row per class</h2>
+<p>Beside each row: the share of that class's generated images that the stage-1 classifier (which never saw
+them) puts in the class they were generated for.</p>
+<table class="grid">{grid}</table>
+<h2>Wall time</h2>
+{svg_bars(timings)}
+<details><summary>device, versions and the full config</summary><pre>{html.escape(details, quote=False)}</pre>
+</details>
+</body></html>
+"""
+
+
+def verdict(results):
+    """One sentence: did this run show DPT's claim, stage 3 above stage 1?"""
+    gain = results["stage3_gain"]
+    if gain is None:
+        return "No test set: the gain of stage 3 over stage 1 cannot be measured."
+    if gain > 0:
+        return f"DPT worked: stage 3 is {100 * gain:.2f} points above stage 1."
+    return f"Stage 3 is {-100 * gain:.2f} points below stage 1: this run does not show DPT's gain."
+
+
+def thin(points, most):
+    """At most `most` evenly spaced points of a long history, the last one kept."""
+    step = -(-len(points) // most)
+    return points[::step] + ([points[-1]] if (len(points) - 1) % step else [])
+
+
+def png_row(images):
+    """uint8 images [N, 3, H, W] side by side as a base64 PNG, written with zlib
+    alone: 8-bit RGB rows, each led by filter byte 0 (PNG spec, section 11)."""
+    pixels = torch.cat(list(images), dim=2).permute(1, 2, 0).numpy()  # H x N*W x 3
+    height, width, _ = pixels.shape
+    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body
+                                + struct.pack(">I", zlib.crc32(kind + body)))
+    rows = b"".join(b"\0" + row.tobytes() for row in pixels)
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+    return base64.b64encode(png).decode()
+
+
+def ticks(low, high, count=5):
+    """Round tick values covering [low, high] (steps of 1, 2 or 5 times a power of ten)."""
+    raw = (high - low) / count
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+    return [k * step for k in range(math.ceil(low / step), math.floor(high / step) + 1)]
+
+
+def short(value):
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:g}{suffix}"
+    return f"{value:g}"
+
+
+def svg_plot(series, x_label, y_label, width=500, height=280):
+    """Lines of (x, y) points as inline SVG, with ticked axes, their labels and a
+    legend; every point is a vertex (and a dot, where there are few)."""
+    points = [point for _, line in series for point in line]
+    if not points:
+        return f"<p>no {y_label} recorded</p>"
+    (x_low, x_high), (y_low, y_high) = ((min(v), max(v)) for v in zip(*points))
+    margin = 0.05 * (y_high - y_low) or 1  # a flat line is drawn across the middle
+    x_low, x_high, y_low, y_high = min(x_low, 0), max(x_high, 1), y_low - margin, y_high + margin
+    left, right, top, bottom = 60, 110, 10, 45
+    to_x = lambda x: left + (x - x_low) / (x_high - x_low) * (width - left - right)
+    to_y = lambda y: height - bottom - (y - y_low) / (y_high - y_low) * (height - top - bottom)
+    svg = [f'<svg width="{width}" height="{height}" font-size="12" role="img" aria-label="{y_label}">',
+           f'<path d="M{left},{top}V{height - bottom}H{width - right}" stroke="#444" fill="none"/>']
+    for x in ticks(x_low, x_high):
+        svg.append(f'<text x="{to_x(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{short(x)}</text>')
+    for y in ticks(y_low, y_high):
+        svg.append(f'<text x="{left - 6}" y="{to_y(y) + 4:.1f}" text-anchor="end">{short(y)}</text>'
+                   f'<path d="M{left},{to_y(y):.1f}H{width - right}" stroke="#eee"/>')
+    svg.append(f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">{x_label}</text>'
+               f'<text transform="translate(14,{(top + height - bottom) / 2}) rotate(-90)" '
+               f'text-anchor="middle">{y_label}</text>')
+    for row, (name, line) in enumerate(series):
+        colour = COLOURS[name]
+        vertices = " ".join(f"{to_x(x):.1f},{to_y(y):.1f}" for x, y in line)
+        svg.append(f'<polyline data-series="{name}" points="{vertices}" fill="none" stroke="{colour}" '
+                   'stroke-width="2"/>')
+        if len(line) <= 20:
+            svg += [f'<circle cx="{to_x(x):.1f}" cy="{to_y(y):.1f}" r="3" fill="{colour}"/>' for x, y in line]
+        svg.append(f'<text x="{width - right + 10}" y="{top + 12 + 16 * row}" fill="{colour}">{name}</text>')
+    return "\n".join(svg + ["</svg>"])
+
+
+def svg_bars(seconds, width=600):
+    """Wall time per stage, one horizontal bar each, as inline SVG."""
+    longest = max(seconds.values(), default=0) or 1
+    svg = [f'<svg width="{width}" height="{22 * len(seconds) + 4}" font-size="12" role="img" aria-label="wall time">']
+    for row, (stage, time_s) in enumerate(seconds.items()):
+        y = 22 * row + 2
+        length = (width - 220) * time_s / longest
+        svg.append(f'<text x="70" y="{y + 14}" text-anchor="end">{stage}</text>'
+                   f'<rect data-stage="{stage}" x="80" y="{y}" width="{length:.1f}" height="16" fill="#1f77b4"/>'
+                   f'<text x="{86 + length:.1f}" y="{y + 14}">'
+                   + (f"{time_s:.0f} s" if time_s < 60 else f"{time_s / 60:.1f} min") + "</text>")
+    return "\n".join(svg + ["</svg>"])
 
 
 if __name__ == "__main__":

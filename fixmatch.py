@@ -290,11 +290,13 @@ def train(config, dataset, labeled_index, pseudo=None, progress=True):
     mean = dataset.train_x[:10000].float().mean((0, 2, 3)) / 255
     std = dataset.train_x[:10000].float().std((0, 2, 3)) / 255
     model = make_classifier(config.arch, dataset.num_classes, mean, std).to(device, memory_format=torch.channels_last)
-    ema_model = make_classifier(config.arch, dataset.num_classes, mean, std).to(device, memory_format=torch.channels_last)
+    ema_model = (make_classifier(config.arch, dataset.num_classes, mean, std)
+                 .to(device, memory_format=torch.channels_last))
     ema_model.load_state_dict(model.state_dict())
     ema_model.requires_grad_(False)
     optimizer = make_optimizer(model, config)
-    freematch = FreeMatchThreshold(dataset.num_classes, config.freematch_ema, device) if config.threshold == "freematch" else None
+    freematch = (FreeMatchThreshold(dataset.num_classes, config.freematch_ema, device)
+                 if config.threshold == "freematch" else None)
     torch.manual_seed(config.seed + 1 + rank)  # but every rank draws its own batches
 
     step, metrics = 0, {"best_accuracy": 0.0, "history": []}
@@ -421,7 +423,8 @@ def benchmark(config):
     where = data.device_name(device)
     print(f"{config.arch}, batch {config.batch} + 2 x {config.batch * config.uratio}: "
           f"{rate:.2f} steps/s ({where}, "
-          f"compile={data.on_cuda_unless_set(config.compile, device)}, bf16={data.on_cuda_unless_set(config.bf16, device)})")
+          f"compile={data.on_cuda_unless_set(config.compile, device)}, "
+          f"bf16={data.on_cuda_unless_set(config.bf16, device)})")
 
 
 def load_generated(path, dataset):

@@ -4,7 +4,7 @@ sampler (Karras et al. 2022), Euler, or DPM-Solver++(2M) (Lu et al. 2022), and
 classifier-free guidance (Ho & Salimans 2022).
 
     python sample.py runs/cifar10-1l-s0/stage2/diffusion.pt --per-class 1000 --out runs/cifar10-1l-s0
-    python sample.py CKPT --per-class 1000 --sampler dpmpp --steps 15 --guidance 1.4
+    python sample.py CKPT --per-class 1000 --solver dpmpp --steps 15 --guidance 1.4
     torchrun --nproc_per_node 8 sample.py CKPT --per-class 1000    # every GPU samples a share
     python sample.py CKPT --bench                                   # images/s of 35-evaluation Heun
 
@@ -34,8 +34,8 @@ import unet
 class SampleConfig:
     checkpoint: str                 # stage 2's diffusion.pt (or ckpt.pt), written by unet.py
     per_class: int = 1000           # K, images generated for every class
-    sampler: str = "heun"           # heun (EDM's 2nd order) | euler | dpmpp (DPM-Solver++(2M))
-    steps: int = 18                 # N noise levels from 80 to 0.002, then 0; network evaluations: heun 2N-1, euler and dpmpp N
+    solver: str = "heun"            # heun (EDM's 2nd order) | euler | dpmpp (DPM-Solver++(2M))
+    steps: int = 18                 # N noise levels from 80 to 0.002, then 0; evaluations: heun 2N-1, euler and dpmpp N
     guidance: float = 1.0           # w in D = D_uncond + w (D_cond - D_uncond): 1 is none, 0 unconditional
     seed: int = 0                   # image i starts from noise seeded by (seed, i)
     batch: int = 512                # images per network evaluation on each process (doubled when guidance is not 1)
@@ -105,10 +105,10 @@ def dpmpp(denoise, x, labels, sigmas):
     return x
 
 
-SAMPLERS = {"heun": heun, "euler": euler, "dpmpp": dpmpp}
+SOLVERS = {"heun": heun, "euler": euler, "dpmpp": dpmpp}
 
 
-RULES = {"per_class": data.at_least(1), "sampler": data.one_of(*SAMPLERS),
+RULES = {"per_class": data.at_least(1), "solver": data.one_of(*SOLVERS),
          "steps": ((lambda value: value >= 2), "at least 2 (the noise levels sigma_max and sigma_min)"),
          "guidance": ((lambda value: 0 <= value < math.inf), "at least 0 (1 is no guidance, 0 unconditional)"),
          "seed": data.at_least(0), "batch": data.at_least(1), "out": data.FOLDER}
@@ -148,13 +148,13 @@ def initial_noise(seed, index, shape):
 
 
 @torch.no_grad()
-def generate(model, per_class, sampler="heun", steps=18, guidance=1.0, seed=0, batch=512, device="cpu",
+def generate(model, per_class, solver="heun", steps=18, guidance=1.0, seed=0, batch=512, device="cpu",
              rank=0, world=1, bf16=None, progress=True):
     """per_class images of every class, class by class: (uint8 [K*C, 3, H, W], int64 [K*C]).
     Process `rank` of `world` samples images i = rank (mod world) and every
     process returns all of them (all_gather)."""
     device = torch.device(device)
-    solve = SAMPLERS[sampler]
+    solve = SOLVERS[solver]
     denoise = guided(model, guidance)
     sigmas = noise_levels(steps).tolist()
     shape = (model.channels, model.resolution, model.resolution)
@@ -163,7 +163,7 @@ def generate(model, per_class, sampler="heun", steps=18, guidance=1.0, seed=0, b
     images = torch.empty((len(mine), *shape), dtype=torch.uint8, device=device)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=data.on_cuda_unless_set(bf16, device))
     from tqdm import tqdm
-    bar = tqdm(total=len(mine), desc=f"{sampler} {steps} steps", unit="img", disable=not progress or rank > 0)
+    bar = tqdm(total=len(mine), desc=f"{solver} {steps} steps", unit="img", disable=not progress or rank > 0)
     for start in range(0, len(mine), batch):
         index = mine[start:start + batch]
         x = sigmas[0] * initial_noise(seed, index.tolist(), shape).to(device)
@@ -243,13 +243,13 @@ def main():
     if config.bench:
         return benchmark(model, config, device)
     data.claim_folder(config.out, rank, world)  # after the input is read: bad input writes nothing
-    images, labels = generate(model, config.per_class, config.sampler, config.steps, config.guidance, config.seed,
+    images, labels = generate(model, config.per_class, config.solver, config.steps, config.guidance, config.seed,
                               config.batch, device, rank, world, config.bf16)
     if rank == 0:
         data.save_atomic({"images": images, "labels": labels, "config": asdict(config)},
                          os.path.join(config.out, "samples.pt"))
         save_grid(images, labels, os.path.join(config.out, "samples.png"))
-        evaluations = 2 * config.steps - 1 if config.sampler == "heun" else config.steps
+        evaluations = 2 * config.steps - 1 if config.solver == "heun" else config.steps
         print(f"saved {len(images)} images ({config.per_class} per class, {evaluations} network evaluations each) "
               f"to {os.path.join(config.out, 'samples.pt')} and samples.png")
 

@@ -6,8 +6,11 @@ Datasets and weights are never downloaded: tests write small files in the
 exact on-disk formats and run the real loading code on them.
 """
 
+import base64
 import copy
 import dataclasses
+import html
+import io
 import json
 import math
 import os
@@ -61,7 +64,8 @@ SHAPES_FILE = os.path.join(tempfile.mkdtemp(prefix="dpt-tests-"), "shapes.pt")
 def shapes_file():
     train_x, train_y = data.make_shapes(2000, seed=0)
     test_x, test_y = data.make_shapes(500, seed=1)
-    torch.save({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}, SHAPES_FILE)
+    torch.save({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y,
+                "classes": list(data.SHAPES)}, SHAPES_FILE)
     yield SHAPES_FILE
     shutil.rmtree(os.path.dirname(SHAPES_FILE))
 
@@ -95,9 +99,12 @@ def write_cifar(root, name, per_file=20):
     (3072 = 3 x 32 x 32, channel-major) and label lists. Returns what was written."""
     rng = np.random.RandomState(0)
     if name == "cifar10":
-        folder, files, label_key, meta = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "labels", ("batches.meta", "label_names")
+        folder, files, label_key, meta = ("cifar-10-batches-py",
+                                          [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+                                          "labels", ("batches.meta", "label_names"))
     else:
-        folder, files, label_key, meta = "cifar-100-python", ["train", "test"], "fine_labels", ("meta", "fine_label_names")
+        folder, files, label_key, meta = ("cifar-100-python", ["train", "test"], "fine_labels",
+                                          ("meta", "fine_label_names"))
     classes = 10 if name == "cifar10" else 100
     os.makedirs(os.path.join(root, folder))
     written = {}
@@ -124,6 +131,7 @@ def test_cifar_loads_images_and_labels_from_the_pickled_batches(tmp_path, skip_m
     test_file = "test_batch" if name == "cifar10" else "test"
     assert torch.equal(dataset.test_x, torch.from_numpy(written[test_file][0].reshape(-1, 3, 32, 32)))
     assert dataset.test_y.dtype == torch.int64 and dataset.num_classes == (10 if name == "cifar10" else 100)
+    assert dataset.classes == tuple(f"class{i}" for i in range(dataset.num_classes))  # from the meta file
 
 
 def test_svhn_loads_the_mat_files_and_maps_label_10_to_digit_0(tmp_path, skip_md5):
@@ -155,7 +163,8 @@ def test_missing_dataset_offline_is_one_line_and_exit_code_2_on_the_command_line
 
 
 def test_unknown_dataset_is_one_line_and_exit_code_2(tmp_path):
-    assert_one_line_error(run_script("data.py", "--dataset", "imagenet7"), "--dataset 'imagenet7': must be one of cifar10")
+    assert_one_line_error(run_script("data.py", "--dataset", "imagenet7"),
+                          "--dataset 'imagenet7': must be one of cifar10")
 
 
 # -----------------------------------------------------------------------------
@@ -178,6 +187,11 @@ def test_file_in_channels_first_pt_and_channels_last_npz_gives_the_same_dataset(
     assert torch.equal(from_pt.train_x, x) and torch.equal(from_npz.train_x, x)
     assert torch.equal(from_pt.test_x, x[:4]) and from_npz.test_x is None
     assert from_pt.num_classes == from_npz.num_classes == 3 and from_npz.train_y.dtype == torch.int64
+    assert from_pt.classes == from_npz.classes == ()
+    names = ["cat", "dog", "owl"]  # class names are optional: a list in a .pt, an array of strings in a .npz
+    named_pt = data.load_dataset(save_arrays(tmp_path / "b.pt", train_x=x, train_y=y, classes=names))
+    named_npz = data.load_dataset(save_arrays(tmp_path / "b.npz", train_x=x, train_y=y, classes=np.array(names)))
+    assert named_pt.classes == named_npz.classes == tuple(names) and torch.equal(named_npz.train_x, x)
 
 
 def test_file_grayscale_becomes_rgb_and_odd_sides_are_zero_padded_to_a_multiple_of_8(tmp_path, capsys):
@@ -193,17 +207,26 @@ def test_file_grayscale_becomes_rgb_and_odd_sides_are_zero_padded_to_a_multiple_
 BAD_FILES = {
     "no train_y":        (dict(train_x=torch.zeros(4, 3, 8, 8, dtype=torch.uint8)), "needs train_x and train_y"),
     "float images":      (dict(train_x=torch.rand(4, 3, 8, 8), train_y=torch.arange(4)), "must be uint8"),
-    "float labels":      (dict(train_x=torch.zeros(4, 3, 8, 8, dtype=torch.uint8), train_y=torch.zeros(4)), "integer class labels"),
-    "not square":        (dict(train_x=torch.zeros(4, 3, 8, 6, dtype=torch.uint8), train_y=torch.arange(4)), "square images"),
-    "5 channels":        (dict(train_x=torch.zeros(4, 5, 8, 8, dtype=torch.uint8), train_y=torch.arange(4)), "C = 1 or 3"),
-    "count mismatch":    (dict(train_x=torch.zeros(4, 3, 8, 8, dtype=torch.uint8), train_y=torch.arange(3)), "4 images but train_y 3"),
-    "negative label":    (dict(train_x=torch.zeros(4, 3, 8, 8, dtype=torch.uint8), train_y=torch.tensor([0, 1, -1, 1])), "negative label"),
-    "missing class":     (dict(train_x=torch.zeros(4, 3, 8, 8, dtype=torch.uint8), train_y=torch.tensor([0, 2, 2, 0])), "no training images"),
+    "float labels":      (dict(train_x=torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
+                               train_y=torch.zeros(4)), "integer class labels"),
+    "not square":        (dict(train_x=torch.zeros(4, 3, 8, 6, dtype=torch.uint8),
+                               train_y=torch.arange(4)), "square images"),
+    "5 channels":        (dict(train_x=torch.zeros(4, 5, 8, 8, dtype=torch.uint8),
+                               train_y=torch.arange(4)), "C = 1 or 3"),
+    "count mismatch":    (dict(train_x=torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
+                               train_y=torch.arange(3)), "4 images but train_y 3"),
+    "negative label":    (dict(train_x=torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
+                               train_y=torch.tensor([0, 1, -1, 1])), "negative label"),
+    "missing class":     (dict(train_x=torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
+                               train_y=torch.tensor([0, 2, 2, 0])), "no training images"),
     "test label range":  (dict(train_x=torch.zeros(4, 3, 8, 8, dtype=torch.uint8), train_y=torch.tensor([0, 1, 0, 1]),
-                               test_x=torch.zeros(2, 3, 8, 8, dtype=torch.uint8), test_y=torch.tensor([0, 2])), "test_y holds label 2"),
+                               test_x=torch.zeros(2, 3, 8, 8, dtype=torch.uint8), test_y=torch.tensor([0, 2])),
+                          "test_y holds label 2"),
     "not a dict":        (None, "not a dict"),
     "test_x alone":      (dict(train_x=torch.zeros(4, 3, 8, 8, dtype=torch.uint8), train_y=torch.arange(4),
                                test_x=torch.zeros(2, 3, 8, 8, dtype=torch.uint8)), "only one of test_x and test_y"),
+    "class names":       (dict(train_x=torch.zeros(4, 3, 8, 8, dtype=torch.uint8), train_y=torch.arange(4),
+                               classes=["a", "b"]), "classes names 2 classes but train_y has 4"),
 }
 
 
@@ -266,6 +289,7 @@ def test_the_glyphs_file_loads_like_a_users_grayscale_npz(tmp_path, capsys):
     data.write_glyphs(path, train=200, test=50)
     glyphs = data.load_dataset(path)
     assert glyphs.name == "glyphs" and glyphs.num_classes == 10 and glyphs.train_x.shape == (200, 3, 32, 32)
+    assert glyphs.classes == tuple("0123456789")
     x, y = data.make_glyphs(50, seed=1)
     assert torch.equal(glyphs.test_y, y) and torch.equal(glyphs.test_x[:, 0, 2:30, 2:30], x)  # padded, gray as RGB
     assert torch.equal(glyphs.test_x[:, 0], glyphs.test_x[:, 2]) and "padded" in capsys.readouterr().out
@@ -313,7 +337,8 @@ def test_weak_view_is_the_image_flipped_or_not_and_shifted_by_at_most_4_pixels()
         # Away from the border no reflection is involved: the centre of the view
         # must be exactly the centre of the (flipped) image moved by (dy, dx).
         matches = [(flip, dy, dx) for flip in (False, True) for dy in range(-4, 5) for dx in range(-4, 5)
-                   if torch.equal(view[:, 4:-4, 4:-4], (original.flip(2) if flip else original)[:, 4 + dy:28 + dy, 4 + dx:28 + dx])]
+                   if torch.equal(view[:, 4:-4, 4:-4],
+                                  (original.flip(2) if flip else original)[:, 4 + dy:28 + dy, 4 + dx:28 + dx])]
         assert len(matches) == 1
         seen.add(matches[0])
     assert len(seen) > 20 and {flip for flip, _, _ in seen} == {False, True}  # every image draws its own
@@ -361,7 +386,8 @@ def test_randaugment_pixel_op_matches_pil(name, magnitude, pil_op, tolerance):
     ours = data.PIXEL_OPS[name](x.float() / 255, torch.tensor(float(magnitude or 0)))
     ours = (ours * 255).round().to(torch.uint8)
     for image, our_image in zip(x, ours):
-        reference = torch.from_numpy(np.array(pil_op(Image.fromarray(image.permute(1, 2, 0).numpy()), magnitude))).permute(2, 0, 1)
+        reference = (torch.from_numpy(np.array(pil_op(Image.fromarray(image.permute(1, 2, 0).numpy()), magnitude)))
+                     .permute(2, 0, 1))
         assert (our_image.int() - reference.int()).abs().max() <= tolerance
 
 
@@ -428,7 +454,8 @@ def test_augmentations_run_on_the_batch_device():
 
 
 def test_config_flags_come_from_the_dataclass():
-    config = data.parse_config(data.DataConfig, "", ["--dataset", "shapes", "--seed", "3", "--bench", "--data-dir", "d"])
+    config = data.parse_config(data.DataConfig, "",
+                               ["--dataset", "shapes", "--seed", "3", "--bench", "--data-dir", "d"])
     assert config == data.DataConfig(dataset="shapes", seed=3, bench=True, data_dir="d")
 
 
@@ -508,7 +535,8 @@ def test_frechet_distance_matches_pytorch_fid_on_random_gaussians(pytorch_fid):
     rng = np.random.RandomState(0)
     dims = 64
     a, b = rng.randn(dims, dims), rng.randn(dims, dims)
-    mu1, mu2, sigma1, sigma2 = rng.randn(dims), rng.randn(dims), a @ a.T + 0.1 * np.eye(dims), b @ b.T + 0.1 * np.eye(dims)
+    mu1, mu2, sigma1, sigma2 = (rng.randn(dims), rng.randn(dims),
+                                a @ a.T + 0.1 * np.eye(dims), b @ b.T + 0.1 * np.eye(dims))
     theirs = pytorch_fid.calculate_frechet_distance(mu1, sigma1, mu2, sigma2)
     assert abs(fid.frechet_distance(mu1, sigma1, mu2, sigma2) - theirs) <= 1e-6 * theirs
 
@@ -544,7 +572,8 @@ def test_fid_of_a_set_with_itself_is_zero(fid_weights):
     # 8 images give a covariance of rank 7: the square roots of its ~2040 zero
     # eigenvalues, each a round-off of order 1e-16 of the largest, add up to
     # about 1e-4 of the trace. With more images than 2048 this term vanishes.
-    assert abs(fid.frechet_distance(stats["mu"], stats["sigma"], stats["mu"], stats["sigma"])) < 1e-3 * np.trace(stats["sigma"])
+    assert (abs(fid.frechet_distance(stats["mu"], stats["sigma"], stats["mu"], stats["sigma"]))
+            < 1e-3 * np.trace(stats["sigma"]))
 
 
 def test_inception_score_is_the_number_of_classes_used_evenly_and_1_for_one_class():
@@ -630,11 +659,14 @@ def test_fixmatch_loss_counts_only_confident_unlabeled_images():
     logits_labeled, labels = torch.randn(4, 10), torch.randint(10, (4,))
     logits_weak, logits_strong = torch.randn(6, 10), torch.randn(6, 10)
     logits_weak[:2, 3] = 10.0  # two images are sure of class 3 (p > 0.99); the rest are not (p < 0.95)
-    loss, mask, pseudo = fixmatch.fixmatch_loss(logits_labeled, labels, logits_weak, logits_strong, lambda_u=2.0, tau=0.95)
+    loss, mask, pseudo = fixmatch.fixmatch_loss(logits_labeled, labels, logits_weak, logits_strong,
+                                                lambda_u=2.0, tau=0.95)
     assert mask.tolist() == [True, True, False, False, False, False] and pseudo[:2].tolist() == [3, 3]
-    expected = F.cross_entropy(logits_labeled, labels) + 2.0 * F.cross_entropy(logits_strong[:2], pseudo[:2], reduction="sum") / 6
+    expected = (F.cross_entropy(logits_labeled, labels)
+                + 2.0 * F.cross_entropy(logits_strong[:2], pseudo[:2], reduction="sum") / 6)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    loss_tau_1, mask_tau_1, _ = fixmatch.fixmatch_loss(logits_labeled, labels, logits_weak, logits_strong, lambda_u=2.0, tau=1.0)
+    loss_tau_1, mask_tau_1, _ = fixmatch.fixmatch_loss(logits_labeled, labels, logits_weak, logits_strong,
+                                                       lambda_u=2.0, tau=1.0)
     assert not mask_tau_1.any() and loss_tau_1.item() == pytest.approx(F.cross_entropy(logits_labeled, labels).item())
 
 
@@ -697,7 +729,8 @@ def small_shapes():
 
 def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path, small_shapes, monkeypatch):
     split = data.labeled_split(small_shapes.train_y, 2, seed=0)
-    whole, _ = fixmatch.train(tiny_config(tmp_path / "whole", threshold="freematch", freematch_ema=0.5), small_shapes, split, progress=False)
+    whole, _ = fixmatch.train(tiny_config(tmp_path / "whole", threshold="freematch", freematch_ema=0.5),
+                              small_shapes, split, progress=False)
 
     saves = []
     real_save = data.save_atomic
@@ -709,13 +742,16 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_pa
 
     monkeypatch.setattr(data, "save_atomic", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        fixmatch.train(tiny_config(tmp_path / "killed", threshold="freematch", freematch_ema=0.5), small_shapes, split, progress=False)
+        fixmatch.train(tiny_config(tmp_path / "killed", threshold="freematch", freematch_ema=0.5),
+                       small_shapes, split, progress=False)
     monkeypatch.setattr(data, "save_atomic", real_save)
     assert torch.load(saves[0], weights_only=False)["step"] == 3
-    resumed, _ = fixmatch.train(tiny_config(tmp_path / "killed", threshold="freematch", freematch_ema=0.5), small_shapes, split, progress=False)
+    resumed, _ = fixmatch.train(tiny_config(tmp_path / "killed", threshold="freematch", freematch_ema=0.5),
+                                small_shapes, split, progress=False)
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
-    thresholds = [torch.load(tmp_path / run / "ckpt.pt", weights_only=False)["freematch"] for run in ("whole", "killed")]
+    thresholds = [torch.load(tmp_path / run / "ckpt.pt", weights_only=False)["freematch"]
+                  for run in ("whole", "killed")]
     assert all(torch.equal(thresholds[0][k], thresholds[1][k]) for k in thresholds[0])  # FreeMatch's state resumed too
 
 
@@ -769,7 +805,8 @@ def test_predict_gives_a_label_and_confidence_for_every_training_image(small_sha
     model = fixmatch.make_classifier("small", 10, [0.5] * 3, [0.25] * 3)
     result = fixmatch.pseudo_labels(model, small_shapes)
     assert result["labels"].dtype == torch.int64 and result["labels"].shape == (400,)
-    assert result["confidence"].dtype == torch.float32 and ((result["confidence"] > 0) & (result["confidence"] <= 1)).all()
+    assert (result["confidence"].dtype == torch.float32
+            and ((result["confidence"] > 0) & (result["confidence"] <= 1)).all())
     assert 0 <= result["accuracy"] <= 1
 
 
@@ -879,7 +916,8 @@ def test_merged_statistics_of_parts_equal_the_statistics_of_the_whole(fid_weight
     model = fid.load_inception(fid_weights)
     images = random_images(12)
     whole = fid.statistics(model, [images[:5], images[5:]], keep_logits=True)  # the same batches: the same features
-    merged = fid.merge_statistics([fid.statistics(model, [part], keep_logits=True) for part in (images[:5], images[5:])])
+    merged = fid.merge_statistics([fid.statistics(model, [part], keep_logits=True)
+                                   for part in (images[:5], images[5:])])
     assert merged["count"] == 12 and torch.equal(merged["logits"], whole["logits"])
     np.testing.assert_allclose(merged["mu"], whole["mu"], rtol=1e-12, atol=1e-12)  # float64 sums, merged exactly
     np.testing.assert_allclose(merged["sigma"], whole["sigma"], rtol=1e-9, atol=1e-12)
@@ -981,7 +1019,8 @@ def test_label_dropout_replaces_the_asked_share_of_labels_by_the_null_class():
     seen = []
     record = lambda x, sigma, labels, augment_labels: seen.append(labels) or torch.zeros_like(x)
     torch.manual_seed(0)
-    unet.edm_loss(record, torch.zeros(20_000, 1, 1, 1), torch.full((20_000,), 3), 10, unet.DiffusionConfig(label_dropout=0.2))
+    unet.edm_loss(record, torch.zeros(20_000, 1, 1, 1), torch.full((20_000,), 3), 10,
+                  unet.DiffusionConfig(label_dropout=0.2))
     assert set(seen[0].tolist()) == {3, 10}
     assert (seen[0] == 10).float().mean().item() == pytest.approx(0.2, abs=0.01)
 
@@ -1284,7 +1323,8 @@ def test_a_killed_diffusion_run_resumes_to_the_same_weights_as_an_uninterrupted_
                             progress=False)
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
-    last_whole, last_resumed = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("whole", "killed"))
+    last_whole, last_resumed = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True)
+                                for run in ("whole", "killed"))
     for name, a in last_whole["model"].items():
         assert torch.equal(a, last_resumed["model"][name]), name
 
@@ -1381,7 +1421,8 @@ def test_the_command_writes_a_diffusion_pt_that_load_diffusion_and_sample_py_rea
                         "--grid-every", "0", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     saved = torch.load(tmp_path / "diffusion.pt", weights_only=True)
-    assert saved["config"]["size"] == "tiny" and (saved["num_classes"], saved["resolution"], saved["channels"]) == (10, 32, 3)
+    assert (saved["config"]["size"] == "tiny"
+            and (saved["num_classes"], saved["resolution"], saved["channels"]) == (10, 32, 3))
     for path in ("diffusion.pt", "ckpt.pt"):  # the final EMA weights, from either file
         model = unet.load_diffusion(str(tmp_path / path))
         assert isinstance(model, unet.EDMPrecond) and not model.training
@@ -1389,7 +1430,7 @@ def test_the_command_writes_a_diffusion_pt_that_load_diffusion_and_sample_py_rea
             assert torch.equal(value, saved["model"][name]), name
     # and sample.py samples from it, as a user would run the two commands
     result = run_script("sample.py", str(tmp_path / "diffusion.pt"), "--per-class", "2", "--steps", "2",
-                        "--sampler", "dpmpp", "--out", str(tmp_path / "samples"))
+                        "--solver", "dpmpp", "--out", str(tmp_path / "samples"))
     assert result.returncode == 0, result.stderr[-2000:]
     samples = torch.load(tmp_path / "samples" / "samples.pt")
     assert samples["images"].shape == (20, 3, 32, 32) and samples["labels"].tolist() == sorted(list(range(10)) * 2)
@@ -1400,7 +1441,7 @@ def test_sample_py_guides_a_saved_model_by_the_asked_weight(tmp_path, monkeypatc
     model = randomized(unet.make_diffusion("unet", "tiny", 3, 8)).eval()  # labels matter in a random network
     unet.save_diffusion(model, unet.DiffusionConfig(size="tiny"), {}, str(tmp_path / "diffusion.pt"))
     monkeypatch.setattr(sys, "argv", ["sample.py", str(tmp_path / "diffusion.pt"), "--per-class", "2", "--steps", "4",
-                                      "--sampler", "heun", "--guidance", "3", "--out", str(tmp_path / "samples")])
+                                      "--solver", "heun", "--guidance", "3", "--out", str(tmp_path / "samples")])
     sample.main()
     data.HELD_LOCKS.pop().close()
     images = torch.load(tmp_path / "samples" / "samples.pt")["images"]
@@ -1633,20 +1674,20 @@ def test_preview_grid_has_one_row_per_class_and_leaves_the_model_in_training_mod
 
 def test_sample_command_saves_k_images_per_class_and_a_grid(tmp_path, monkeypatch):
     monkeypatch.setattr(sample.unet, "load_diffusion", lambda path, device: GaussianClasses())
-    monkeypatch.setattr(sys, "argv", ["sample.py", "diffusion.pt", "--per-class", "3", "--sampler", "dpmpp",
+    monkeypatch.setattr(sys, "argv", ["sample.py", "diffusion.pt", "--per-class", "3", "--solver", "dpmpp",
                                       "--steps", "5", "--guidance", "1.5", "--out", str(tmp_path)])
     sample.main()
     samples = torch.load(tmp_path / "samples.pt", weights_only=True)
     assert samples["images"].shape == (6, 3, 4, 4) and samples["images"].dtype == torch.uint8
     assert samples["labels"].tolist() == [0, 0, 0, 1, 1, 1]
-    assert samples["config"]["sampler"] == "dpmpp" and samples["config"]["guidance"] == 1.5
+    assert samples["config"]["solver"] == "dpmpp" and samples["config"]["guidance"] == 1.5
     assert Image.open(tmp_path / "samples.png").size == (3 * 66 + 2, 2 * 66 + 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock", "samples.png", "samples.pt"]
 
 
 @pytest.mark.parametrize("flags, words", [
     (["--per-class", "0"], "--per-class 0"),
-    (["--sampler", "ddim"], "--sampler 'ddim': must be one of heun, euler, dpmpp"),
+    (["--solver", "ddim"], "--solver 'ddim': must be one of heun, euler, dpmpp"),
     (["--steps", "1"], "--steps 1"),
     (["--guidance", "-1"], "--guidance -1.0"),
     (["--batch", "0"], "--batch 0"),
@@ -1658,12 +1699,12 @@ def test_sample_refuses_settings_that_cannot_sample(flags, words):
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--sampler", "ddim"], "--sampler 'ddim'"),
+    (["--solver", "ddim"], "--solver 'ddim'"),
     ([], "cannot read a diffusion model"),  # the checkpoint does not exist: unet.load_diffusion says so
 ])
 def test_sample_command_refuses_bad_input_with_one_line_and_exit_code_2(tmp_path, flags, words):
-    assert_one_line_error(run_script("sample.py", str(tmp_path / "diffusion.pt"), *flags, "--out", str(tmp_path / "out")),
-                          words)
+    assert_one_line_error(run_script("sample.py", str(tmp_path / "diffusion.pt"), *flags,
+                                     "--out", str(tmp_path / "out")), words)
     assert not (tmp_path / "out").exists()  # bad input writes nothing
 
 
@@ -1674,15 +1715,41 @@ import dpt  # noqa: E402
 
 # The tiny preset cut down to seconds: every stage runs, none learns much.
 QUICK = ["--dataset", SHAPES_FILE, "--labels", "1", "--preset", "tiny", "--ssl-steps", "12", "--stage3-steps", "12",
-         "--eval-every", "6", "--diffusion-images", "256", "--diffusion-batch", "32", "--per-class", "3",
+         "--ssl-eval-every", "6", "--diffusion-images", "256", "--diffusion-batch", "32", "--sample-per-class", "3",
          "--sample-steps", "3", "--fid-reference", "24"]
 
 
 def test_every_setting_belongs_to_one_stage_or_is_free_to_change():
     names = {field.name for field in dataclasses.fields(dpt.DPTConfig)}
     assert set(dpt.FIELD_STAGE) | dpt.FREE_TO_CHANGE == names and not set(dpt.FIELD_STAGE) & dpt.FREE_TO_CHANGE
-    from_presets = {field.name for field in dataclasses.fields(dpt.DPTConfig) if field.default is None}
-    assert all(set(preset) == from_presets for preset in dpt.PRESETS.values())
+
+
+def test_presets_name_only_what_they_change_and_every_setting_is_filled():
+    defaults = {ours: getattr(stage_config, name) for stage_config, fields in dpt.STAGE_SCRIPTS
+                for name, ours in fields.items()}  # compile and bf16: None, with CUDA only
+    for name, preset in dpt.PRESETS.items():
+        assert all(defaults.get(field, "no stage default") != value for field, value in preset.items()), name
+        config = dpt.DPTConfig(preset=name)
+        dpt.resolve(config)
+        assert None not in dataclasses.asdict(config).values(), name
+        assert {field: getattr(config, field) for field in preset} == preset, name
+    # A stage script's flag is dpt.py's under the stage's prefix (--ssl-lr is fixmatch.py's --lr).
+    for fields in (dpt.CLASSIFIER_FIELDS, dpt.DIFFUSION_FIELDS, dpt.SAMPLE_FIELDS):
+        assert all(ours.endswith(name) for name, ours in fields.items() if name != "ckpt_every"), fields
+
+
+def test_a_run_folder_made_before_a_flag_was_renamed_is_refused_not_misread(tmp_path):
+    run = tmp_path / "shapes-1l-s0"
+    run.mkdir()
+    config = dpt.DPTConfig(dataset="shapes", out=str(tmp_path), preset="tiny")
+    dpt.resolve(config)
+    old = {("arch" if name == "ssl_arch" else name): value for name, value in dataclasses.asdict(config).items()
+           if name not in dpt.FREE_TO_CHANGE}
+    (run / "config.json").write_text(json.dumps(old))
+    (run / "split.pt").write_text("kept")
+    with pytest.raises(data.UserError, match="another version of dpt.py .*arch, ssl_arch.*another --out"):
+        dpt.check_run_folder(config, str(run))
+    assert (run / "split.pt").read_text() == "kept"  # nothing was removed
 
 
 # DPT's official CIFAR-10 code: FreeMatch in TorchSSL (WRN-28-2, 2^20 steps, batch 64 + 7 x 64,
@@ -1697,7 +1764,7 @@ PAPER_CIFAR10 = {
     "diffusion": dict(arch="unet", size="cifar", images=200_000_000, batch=512, lr=1e-3, warmup=10_000_000,
                       ema_halflife=500_000, ema_rampup=0.05, p_mean=-1.2, p_std=1.2, augment=0.12,
                       label_dropout=0.0),
-    "sample": dict(sampler="heun", steps=18, per_class=1000, guidance=1.0),
+    "sample": dict(solver="heun", steps=18, per_class=1000, guidance=1.0),
 }
 
 
@@ -1717,7 +1784,7 @@ def test_the_cifar_preset_gives_each_stage_the_papers_recipe():
 
 
 def test_bench_prints_every_stage_beside_eager_fp32_and_the_presets_projected_time():
-    result = run_script("dpt.py", "--bench", "--unet-size", "tiny")  # WRN-28-2 at small batches, the tiny U-Net
+    result = run_script("dpt.py", "--bench", "--diffusion-size", "tiny")  # WRN-28-2 at small batches, the tiny U-Net
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     rows = {name: line for name in ("augmentation", "FixMatch wrn28_2", "U-Net tiny training", "U-ViT tiny training",
@@ -1737,7 +1804,7 @@ def test_without_cuda_or_preset_the_tiny_preset_runs_and_says_so(capsys, monkeyp
     config = dpt.DPTConfig(ssl_steps=7)
     dpt.resolve(config)
     assert config.preset == "tiny" and "tiny preset" in capsys.readouterr().err
-    assert config.ssl_steps == 7 and config.arch == dpt.PRESETS["tiny"]["arch"]  # a flag beats the preset
+    assert config.ssl_steps == 7 and config.ssl_arch == dpt.PRESETS["tiny"]["ssl_arch"]  # a flag beats the preset
 
 
 @pytest.fixture(scope="module")
@@ -1782,8 +1849,11 @@ def test_results_json_holds_every_metric_and_the_summary_shows_stage_3_next_to_s
     assert (results["fid"], results["inception_score"]) == (fid_json["fid"], fid_json["inception_score"])
     assert results["wall_time_s"] == json.loads((run / "timings.json").read_text())
     given = {flag[2:].replace("-", "_"): value for flag, value in zip(QUICK[::2], QUICK[1::2])}
+    given.update(out=str(run.parent), baseline="True", fid_weights=results["config"]["fid_weights"])  # quick_run's
+    resolved = dpt.DPTConfig(preset="tiny")
+    dpt.resolve(resolved)
     for name, value in results["config"].items():  # the flags given, the preset's values for the rest
-        assert str(value) == given[name] if name in given else value == dpt.PRESETS["tiny"].get(name, value), name
+        assert str(value) == given[name] if name in given else value == getattr(resolved, name), name
     judge = fixmatch.load_classifier(run / "stage1" / "classifier.pt")[0]  # the stage-1 classifier, not stage 3's
     samples = torch.load(run / "samples.pt")
     right = fixmatch.predict(judge, samples["images"])[0] == samples["labels"]
@@ -1791,12 +1861,119 @@ def test_results_json_holds_every_metric_and_the_summary_shows_stage_3_next_to_s
     assert results["sample_accuracy_per_class"] == pytest.approx([right[c * 3:c * 3 + 3].float().mean().item()
                                                                    for c in range(10)])
     assert {"split", "stage1", "stage2", "sample", "stage3", "baseline", "fid"} <= set(results["wall_time_s"])
-    assert results["versions"]["torch"] == torch.__version__
+    assert results["versions"]["torch"] == torch.__version__ and results["classes"] == list(data.SHAPES)
     lines = result.stdout.splitlines()
     stage1_line = next(i for i, line in enumerate(lines) if "stage 1: semi-supervised" in line)
     assert "generated images of the intended class" in lines[stage1_line + 2]
     assert f"{100 * results['sample_accuracy']:.2f}%" in lines[stage1_line + 2]
     assert "stage 3: with generated images" in lines[stage1_line + 3]
+
+
+def vertices(page, series):
+    """The (x, y) vertices of one line of the report's plots."""
+    points = re.search(f'<polyline data-series="{series}" points="([^"]+)"', page).group(1)
+    return np.array([[float(v) for v in point.split(",")] for point in points.split()])
+
+
+def assert_affine(values, coordinates, increasing):
+    """Plotted coordinates are one affine map of the values (to the 0.1 pixel they are written with)."""
+    if np.ptp(values) == 0:  # equal values, one coordinate
+        assert np.ptp(coordinates) < 0.1
+        return
+    slope, offset = np.polyfit(values, coordinates, 1)
+    assert (slope > 0) == increasing and np.abs(slope * values + offset - coordinates).max() < 0.1
+
+
+def test_a_plot_places_every_point_by_one_affine_map_and_ticks_its_axes():
+    series = [("stage 1", [(0, 50.0), (100, 70.0), (250, 65.0)]), ("stage 3", [(0, 60.0), (250, 90.0)])]
+    page = dpt.svg_plot(series, "optimizer step", "test accuracy (%)")
+    drawn = np.concatenate([vertices(page, "stage 1"), vertices(page, "stage 3")])
+    values = np.array([point for _, line in series for point in line])
+    assert_affine(values[:, 0], drawn[:, 0], increasing=True)
+    assert_affine(values[:, 1], drawn[:, 1], increasing=False)  # SVG's y grows downwards
+    labels = re.findall(r'<text x="([\d.]+)" y="([\d.]+)" text-anchor="(middle|end)">([^<]+)</text>', page)
+    x_ticks = {float(text.replace("k", "e3")): float(x) for x, _, anchor, text in labels if anchor == "middle"
+               and text[0].isdigit()}
+    y_ticks = {float(text): float(y) - 4 for _, y, anchor, text in labels if anchor == "end"}
+    assert {0, 100, 200} <= set(x_ticks) and {50, 60, 70, 80, 90} <= set(y_ticks)
+    assert_affine(np.array([*values[:, 0], *x_ticks]), np.array([*drawn[:, 0], *x_ticks.values()]), True)
+    assert_affine(np.array([*values[:, 1], *y_ticks]), np.array([*drawn[:, 1], *y_ticks.values()]), False)
+    assert "optimizer step" in page and "test accuracy (%)" in page
+    flat = vertices(dpt.svg_plot([("loss", [(5, 1.0), (9, 1.0)])], "images seen", "loss"), "loss")
+    assert flat[:, 1].tolist() == [122.5, 122.5]  # equal values: across the middle of the plot
+
+
+def assert_summary_shows(page, results):
+    table = dict(re.findall(r"<tr><th>([^<]+)</th><td>([^<]+)</td></tr>", page))
+    number = lambda what: float(re.match(r"[-+\d.]+", table[what]).group())
+    for what, value in [("labeled images only (--baseline)", results["baseline_accuracy"]),
+                        ("stage 1: semi-supervised", results["stage1_accuracy"]),
+                        ("pseudo labels of the training images", results["pseudo_label_accuracy"]),
+                        ("generated images of the intended class", results["sample_accuracy"]),
+                        ("stage 3: with generated images", results["stage3_accuracy"]),
+                        ("gain of stage 3 over stage 1", results["stage3_gain"]),
+                        ("gain of stage 3 over the labeled images only",
+                         results["stage3_accuracy"] - results["baseline_accuracy"])]:
+        assert number(what) == pytest.approx(100 * value, abs=0.006), what
+    assert number("FID of the samples") == pytest.approx(results["fid"], abs=0.006)
+
+
+def test_report_html_shows_the_run_that_results_json_and_the_run_folder_hold(quick_run, tmp_path):
+    _, run = quick_run
+    page = (run / "report.html").read_text()
+    results = json.loads((run / "results.json").read_text())
+    assert len(page.encode()) < 1_000_000
+    assert not re.search(r"<script|<link|https?://|src=\"(?!data:)|url\(", page)  # nothing outside the file
+    # The summary table: every number is results.json's (also with numbers that all differ).
+    assert_summary_shows(page, results)
+    copy = tmp_path / run.name
+    shutil.copytree(run, copy)
+    distinct = dict(results, baseline_accuracy=0.25, stage1_accuracy=0.5, pseudo_label_accuracy=0.6,
+                    sample_accuracy=0.55, stage3_accuracy=0.75, stage3_gain=0.25, fid=12.34)
+    (copy / "results.json").write_text(json.dumps(distinct))
+    assert_summary_shows(dpt.build_report(str(copy)), distinct)
+    # Accuracy against step: every evaluation of the three classifiers on one pair of axes.
+    steps, accuracies, xs, ys = [], [], [], []
+    for series, stage in (("stage 1", "stage1"), ("stage 3", "stage3"), ("baseline", "baseline")):
+        history = np.array(fixmatch.load_classifier(run / stage / "classifier.pt")[1]["history"])
+        drawn = vertices(page, series)
+        assert len(drawn) == len(history) == 2, series
+        steps, accuracies = steps + list(history[:, 0]), accuracies + list(history[:, 1])
+        xs, ys = xs + list(drawn[:, 0]), ys + list(drawn[:, 1])
+    assert_affine(np.array(steps), np.array(xs), increasing=True)
+    assert_affine(np.array(accuracies), np.array(ys), increasing=False)  # SVG's y grows downwards
+    loss = np.array(torch.load(run / "stage2" / "diffusion.pt")["metrics"]["history"])
+    assert len(vertices(page, "loss")) == len(loss) > 0
+    # The grid: a row of the class's own generated images, named, with the judge's share beside it.
+    samples = torch.load(run / "samples.pt")
+    rows = re.findall(r'<tr><th>([^<]+)</th><td><img alt="[^"]*" src="data:image/png;base64,([^"]+)"></td>'
+                      r'<td class="judge">(.*?)</td></tr>', page)
+    assert [name for name, _, _ in rows] == list(data.SHAPES)
+    for c, (_, png, judge) in enumerate(rows):
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB"))  # PIL reads our PNG
+        assert np.array_equal(image, torch.cat(list(samples["images"][samples["labels"] == c]), dim=2)
+                              .permute(1, 2, 0).numpy())
+        share = results["sample_accuracy_per_class"][c]
+        assert f"width:{100 * share:.1f}%" in judge and judge.endswith(f"{100 * share:.0f}%")
+    # Wall time: one bar per stage, as long as its share of the longest.
+    bars = dict(re.findall(r'<rect data-stage="([^"]+)" x="80" y="[\d.]+" width="([\d.]+)"', page))
+    longest = max(results["wall_time_s"].values())
+    assert {stage: float(width) for stage, width in bars.items()} == pytest.approx(
+        {stage: 380 * seconds / longest for stage, seconds in results["wall_time_s"].items()}, abs=0.06)
+    assert "<details>" in page and html.escape(json.dumps(results["config"]["dataset"]), quote=False) in page
+
+
+def test_report_flag_redraws_the_page_of_a_finished_run_without_training(quick_run, tmp_path):
+    _, run = quick_run
+    copy = tmp_path / run.name
+    shutil.copytree(run, copy)
+    (copy / "report.html").unlink()
+    before = {path: path.stat().st_mtime_ns for path in copy.rglob("*")}
+    result = run_script("dpt.py", "--report", str(copy))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (copy / "report.html").read_text() == (run / "report.html").read_text()
+    assert {path: path.stat().st_mtime_ns for path in copy.rglob("*") if path.name != "report.html"} == before
+    assert_one_line_error(run_script("dpt.py", "--report", str(tmp_path / "nothing")), "no results.json there")
 
 
 def test_stage_2_trains_on_the_pseudo_labels_and_stage_3_on_the_generated_images(tmp_path, monkeypatch):
@@ -1857,11 +2034,11 @@ def test_rerunning_a_finished_run_redoes_nothing(quick_run, fid_weights, tmp_pat
 def test_a_changed_setting_is_refused_unless_redo_reruns_its_stage(quick_run, tmp_path):
     run = tmp_path / "shapes-1l-s0"
     shutil.copytree(quick_run[1], run)
-    result = run_script("dpt.py", *QUICK, "--guidance", "2", "--out", str(tmp_path), DPT_FID_WEIGHTS="/missing")
-    assert_one_line_error(result, "other settings (guidance)", "--redo sample")
+    result = run_script("dpt.py", *QUICK, "--sample-guidance", "2", "--out", str(tmp_path), DPT_FID_WEIGHTS="/missing")
+    assert_one_line_error(result, "other settings (sample_guidance)", "--redo sample")
     stage2 = (run / "stage2" / "diffusion.pt").stat().st_mtime_ns
     samples = (run / "samples.pt").stat().st_mtime_ns
-    result = run_script("dpt.py", *QUICK, "--guidance", "2", "--redo", "sample", "--out", str(tmp_path),
+    result = run_script("dpt.py", *QUICK, "--sample-guidance", "2", "--redo", "sample", "--out", str(tmp_path),
                         DPT_FID_WEIGHTS="/missing")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "stage2" / "diffusion.pt").stat().st_mtime_ns == stage2  # earlier stages are kept
@@ -1888,9 +2065,9 @@ def kill_when(process, path, timeout=240):
 
 def test_a_run_killed_inside_stage_1_and_inside_stage_2_resumes_each_to_an_uninterrupted_runs_results(
         quick_run, tmp_path):
-    # A checkpoint every 3 steps (--eval-every is free to change), so a kill at the
+    # A checkpoint every 3 steps (--ssl-eval-every is free to change), so a kill at the
     # first leaves 9 of stage 1's 12 steps to resume; stage 2 saves one every step.
-    command = [*QUICK, "--eval-every", "3", "--out", str(tmp_path)]
+    command = [*QUICK, "--ssl-eval-every", "3", "--out", str(tmp_path)]
     run = tmp_path / "shapes-1l-s0"
     kill_when(start_run(*command), run / "stage1" / "ckpt.pt")
     assert not (run / "stage1" / "classifier.pt").exists()
@@ -1939,7 +2116,8 @@ def test_a_stage_script_refuses_a_held_out_folder_and_the_lock_dies_with_its_hol
     assert holder.stdout.readline() == "held\n"
     diffusion = str(tmp_path / "diffusion.pt")  # a real stage-2 artifact for sample.py to read
     unet.save_diffusion(unet.make_diffusion("unet", "tiny", 2, 8), unet.DiffusionConfig(size="tiny"), {}, diffusion)
-    args = {"fixmatch.py": ["--dataset", SHAPES_FILE], "unet.py": ["--dataset", SHAPES_FILE], "sample.py": [diffusion]}[script]
+    args = {"fixmatch.py": ["--dataset", SHAPES_FILE], "unet.py": ["--dataset", SHAPES_FILE],
+            "sample.py": [diffusion]}[script]
     assert_one_line_error(run_script(script, *args, "--out", str(tmp_path)), f"process {holder.pid} ")
     holder.send_signal(signal.SIGKILL)
     holder.wait()
@@ -1952,13 +2130,14 @@ A_FILE = os.path.join(HERE, "dpt.py")
 BAD_SETTINGS = {
     "dataset": "imagenet42", "data_dir": A_FILE, "labels": "0", "seed": "-1", "preset": "huge", "out": A_FILE,
     "redo": "stage9", "baseline": None, "fid_weights": "/missing/inception.pth", "bench": None, "compile": None,
-    "bf16": None,
-    "arch": "vgg", "ssl_steps": "0", "stage3_steps": "0", "ssl_batch": "0", "uratio": "0", "ssl_lr": "0",
-    "ssl_ema": "1", "threshold": "adaptive", "tau": "1.5", "real_fraction": "2", "eval_every": "0",
-    "unet_arch": "resnet", "unet_size": "huge", "diffusion_images": "0", "diffusion_batch": "0",
-    "diffusion_lr": "-1", "warmup": "-1", "ema_halflife": "-1", "p_mean": "nan", "label_dropout": "1",
-    "augment": "1.5", "per_class": "0",
-    "sampler": "ddim", "sample_steps": "1", "guidance": "-1", "fid_reference": "-1"}
+    "bf16": None, "report": "/missing/run",
+    "ssl_arch": "vgg", "ssl_steps": "0", "stage3_steps": "0", "ssl_batch": "0", "ssl_uratio": "0", "ssl_lr": "0",
+    "ssl_ema": "1", "ssl_threshold": "adaptive", "ssl_tau": "1.5", "stage3_real_fraction": "2",
+    "ssl_eval_every": "0", "diffusion_arch": "resnet", "diffusion_size": "huge", "diffusion_images": "0",
+    "diffusion_batch": "0", "diffusion_lr": "-1", "diffusion_warmup": "-1", "diffusion_ema_halflife": "-1",
+    "diffusion_p_mean": "nan", "diffusion_label_dropout": "1", "diffusion_augment": "1.5",
+    "sample_per_class": "0", "sample_solver": "ddim", "sample_steps": "1", "sample_guidance": "-1",
+    "fid_reference": "-1"}
 
 
 def test_bad_settings_cover_every_field_of_the_config():
@@ -1983,7 +2162,7 @@ def test_every_setting_with_a_bad_value_is_refused_in_one_line_naming_its_flag_b
 
 
 @pytest.mark.parametrize("case", ["labels 0", "too many labels", "unknown dataset", "unreadable file",
-                                  "malformed file", "offline", "unknown preset", "unknown redo", "unknown sampler"])
+                                  "malformed file", "offline", "unknown preset", "unknown redo", "unknown solver"])
 def test_bad_input_is_one_line_and_exit_code_2_before_any_work(tmp_path, case):
     args = {"labels 0": ["--dataset", SHAPES_FILE, "--labels", "0"],
             "too many labels": ["--dataset", SHAPES_FILE, "--labels", "100000"],
@@ -1993,7 +2172,7 @@ def test_bad_input_is_one_line_and_exit_code_2_before_any_work(tmp_path, case):
             "offline": ["--dataset", "cifar10", "--data-dir", str(tmp_path / "empty")],
             "unknown preset": ["--dataset", SHAPES_FILE, "--preset", "huge"],
             "unknown redo": ["--dataset", SHAPES_FILE, "--redo", "stage9"],
-            "unknown sampler": ["--dataset", SHAPES_FILE, "--sampler", "ddim"]}[case]
+            "unknown solver": ["--dataset", SHAPES_FILE, "--sample-solver", "ddim"]}[case]
     (tmp_path / "garbage.pt").write_bytes(b"not a tensor file")
     np.savez(tmp_path / "floats.npz", train_x=np.zeros((4, 8, 8, 3), np.float32), train_y=np.zeros(4, np.int64))
     result = run_script("dpt.py", "--preset", "tiny", *args, "--out", str(tmp_path / "runs"))

@@ -1,8 +1,9 @@
-"""Stage 2 of DPT: a class-conditional diffusion model trained on the pseudo
+r"""Stage 2 of DPT: a class-conditional diffusion model trained on the pseudo
 labels of stage 1, in the EDM formulation (Karras et al. 2022) with a DDPM++
 U-Net (Song et al. 2021) or a U-ViT (Bao et al. 2023) as the network.
 
-    python unet.py --dataset shapes --size tiny --images 80000 --batch 32 --lr 2e-3 --warmup 1000 --ema-halflife 4000 --p-mean 0
+    python unet.py --dataset shapes --size tiny --images 80000 --batch 32 --lr 2e-3 --warmup 1000 \
+        --ema-halflife 4000 --p-mean 0
     python unet.py --dataset cifar10 --labels-file pseudo_labels.pt     # EDM's CIFAR-10 recipe: 200M images
     python unet.py --bench --arch uvit                                  # images/s and MFU of every size
 
@@ -101,14 +102,16 @@ class EDMPrecond(nn.Module):
     def __init__(self, net, num_classes, resolution, channels):
         super().__init__()
         self.net = net
-        self.num_classes, self.resolution, self.channels, self.sigma_data = num_classes, resolution, channels, SIGMA_DATA
+        (self.num_classes, self.resolution, self.channels,
+         self.sigma_data) = num_classes, resolution, channels, SIGMA_DATA
 
     def forward(self, x, sigma, class_labels, augment_labels=None):
         """x: float [N, C, H, W] in [-1, 1] units, plus noise; sigma: [N] or one
         value; class_labels: int64 [N], num_classes for none; augment_labels:
         [N, AUGMENT_DIM] in training with augmentation, else None. Returns float32."""
         x = x.float()
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).flatten().expand(len(x)).reshape(-1, 1, 1, 1)
+        sigma = (torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+                 .flatten().expand(len(x)).reshape(-1, 1, 1, 1))
         c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
         c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
         c_in = 1 / (sigma ** 2 + self.sigma_data ** 2).sqrt()
@@ -386,7 +389,8 @@ class UViT(nn.Module):
         # 4 units, so most sinusoids barely move and a linear read-out of them is weak.
         self.time_embed = nn.Sequential(nn.Linear(width, 4 * width), nn.SiLU(), nn.Linear(4 * width, width))
         self.label_embedding = nn.Embedding(num_classes + 1, width)
-        self.augment_embedding = nn.Linear(augment_dim, width, bias=False) if augment_dim else None  # into the noise token
+        # the augmentation labels are added into the noise token
+        self.augment_embedding = nn.Linear(augment_dim, width, bias=False) if augment_dim else None
         self.pos_embed = nn.Parameter(torch.zeros(1, 2 + (resolution // patch) ** 2, width))
         self.in_blocks = nn.ModuleList([UViTBlock(width, heads, False, dropout) for _ in range(depth // 2)])
         self.mid_block = UViTBlock(width, heads, False, dropout)
@@ -431,7 +435,8 @@ ARCHITECTURES = {"unet": UNet, "uvit": UViT}
 def make_diffusion(arch, size, num_classes, resolution, channels=3, dropout=None, augment_dim=0):
     """An EDMPrecond around a fresh network of SIZES[arch][size]."""
     shape = dict(SIZES[arch][size], augment_dim=augment_dim, **({} if dropout is None else {"dropout": dropout}))
-    return EDMPrecond(ARCHITECTURES[arch](resolution, channels, num_classes, **shape), num_classes, resolution, channels)
+    return EDMPrecond(ARCHITECTURES[arch](resolution, channels, num_classes, **shape),
+                      num_classes, resolution, channels)
 
 
 def save_diffusion(model, config, metrics, path):

@@ -85,7 +85,7 @@ class DPTConfig:
     diffusion_augment: float = None  # EDM's augmentation probability (its CIFAR-10 recipe: 0.12); 0: x-flips only
     # sampling (sample.py)
     sample_per_class: int = None    # K: generated images per class
-    sample_solver: str = None       # heun | euler | dpmpp (sample.py's --sampler)
+    sample_solver: str = None       # heun | euler | dpmpp
     sample_steps: int = None        # solver steps (Heun: 2 N - 1 network evaluations)
     sample_guidance: float = None   # classifier-free guidance weight (1: none)
 
@@ -96,6 +96,9 @@ class DPTConfig:
 # rules refuse a value (--ssl-steps, where fixmatch.py would say --steps).
 def prefixed(prefix, *names):
     return {name: prefix + name for name in names}
+
+
+PREFIX_STAGE = {"ssl_": "stage1", "stage3_": "stage3", "diffusion_": "stage2", "sample_": "sample"}
 
 
 CLASSIFIER_FIELDS = {**prefixed("", "dataset", "data_dir", "labels", "seed", "compile", "bf16"),
@@ -151,7 +154,7 @@ def resolve(config):
     data.check_fields(config, {"preset": data.one_of(*PRESETS)})
     defaults = dict(compile=torch.cuda.is_available(), bf16=torch.cuda.is_available(), fid_reference=0)
     defaults.update({ours: getattr(stage_config, name) for stage_config, fields in STAGE_SCRIPTS
-                     for name, ours in fields.items() if ours.startswith(("ssl_", "stage3_", "diffusion_", "sample_"))})
+                     for name, ours in fields.items() if ours.startswith(tuple(PREFIX_STAGE))})
     for name, value in {**defaults, **PRESETS[config.preset]}.items():
         if getattr(config, name) is None:
             setattr(config, name, value)
@@ -162,7 +165,6 @@ def resolve(config):
 STAGES = ("split", "stage1", "stage2", "sample", "stage3", "fid")
 FREE_TO_CHANGE = {"data_dir", "out", "redo", "baseline", "fid_weights", "compile", "preset", "ssl_eval_every", "bench",
                   "report"}
-PREFIX_STAGE = {"ssl_": "stage1", "stage3_": "stage3", "diffusion_": "stage2", "sample_": "sample"}
 FIELD_STAGE = {"dataset": "split", "labels": "split", "seed": "split", "bf16": "stage1", "fid_reference": "fid",
                **{name: stage for name in asdict(DPTConfig()) for prefix, stage in PREFIX_STAGE.items()
                   if name.startswith(prefix) and name not in FREE_TO_CHANGE}}

@@ -2044,6 +2044,8 @@ def test_a_changed_setting_is_refused_unless_redo_reruns_its_stage(quick_run, tm
     assert (run / "stage2" / "diffusion.pt").stat().st_mtime_ns == stage2  # earlier stages are kept
     assert (run / "samples.pt").stat().st_mtime_ns != samples and not (run / "fid.json").exists()
     assert "FID skipped" in result.stderr and json.loads((run / "results.json").read_text())["fid"] is None
+    report = (run / "report.html").read_text()  # rewritten: the new guidance, no FID
+    assert '"sample_guidance": 2.0' in report and "<th>FID of the samples</th><td>-</td>" in report
 
 
 def start_run(*args, stderr=subprocess.DEVNULL):

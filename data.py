@@ -585,7 +585,7 @@ def parse_config(config_class, description, argv=None):
             comments[name] = rest.split("#", 1)[1].strip()
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     fields = dataclasses.fields(config_class)
-    unset = "from the preset" if "preset" in {field.name for field in fields} else "unset"
+    unset = "the preset's, else the stage script's" if "preset" in {field.name for field in fields} else "unset"
     for field in fields:
         flag = "--" + field.name.replace("_", "-")
         help_text = f"{comments.get(field.name, '')} (default: {unset if field.default is None else field.default})"

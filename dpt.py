@@ -495,7 +495,7 @@ def bench(config, device, arch, size):
     The networks are the paper's (WRN-28-2, the cifar size) unless --ssl-arch
     and --diffusion-size ask for others."""
     on_cuda = device.type == "cuda"
-    fast = (config.compile, config.bf16)  # filled in by the preset
+    fast = (config.compile, config.bf16)  # as resolve() filled them: the preset's, else with CUDA only
     ssl_batch, diffusion_batch, steps = (64, 128, 12) if on_cuda else (4, 2, 3)
 
     def measure(run, settings):
@@ -574,18 +574,18 @@ def sample_accuracy(judge, images, labels, num_classes):
 def summary_rows(results):
     """(what, value) rows of the summary that the command prints and the report shows."""
     percent = lambda value: "-" if value is None else f"{100 * value:.2f}%"
+    points = lambda gain: "-" if gain is None else f"{100 * gain:+.2f} points"
     rows = [("labeled images only (--baseline)", percent(results["baseline_accuracy"])),
             ("stage 1: semi-supervised", percent(results["stage1_accuracy"])),
             ("pseudo labels of the training images", percent(results["pseudo_label_accuracy"])),
             ("generated images of the intended class", percent(results["sample_accuracy"]) + " (stage-1 judge)"),
             ("stage 3: with generated images", percent(results["stage3_accuracy"])),
-            ("gain of stage 3 over stage 1", "-" if results["stage3_gain"] is None
-             else f"{100 * results['stage3_gain']:+.2f} points"),
-            ("FID of the samples", "-" if results["fid"] is None else f"{results['fid']:.2f}"),
-            ("wall time", f"{sum(results['wall_time_s'].values()) / 60:.1f} min")]
+            ("gain of stage 3 over stage 1", points(results["stage3_gain"]))]
     if results["baseline_accuracy"] is not None and results["stage3_accuracy"] is not None:
-        gain = results["stage3_accuracy"] - results["baseline_accuracy"]
-        rows.insert(6, ("gain of stage 3 over the labeled images only", f"{100 * gain:+.2f} points"))
+        rows.append(("gain of stage 3 over the labeled images only",
+                     points(results["stage3_accuracy"] - results["baseline_accuracy"])))
+    rows += [("FID of the samples", "-" if results["fid"] is None else f"{results['fid']:.2f}"),
+             ("wall time", f"{sum(results['wall_time_s'].values()) / 60:.1f} min")]
     return rows
 
 

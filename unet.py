@@ -102,8 +102,8 @@ class EDMPrecond(nn.Module):
     def __init__(self, net, num_classes, resolution, channels):
         super().__init__()
         self.net = net
-        (self.num_classes, self.resolution, self.channels,
-         self.sigma_data) = num_classes, resolution, channels, SIGMA_DATA
+        self.num_classes, self.resolution, self.channels = num_classes, resolution, channels
+        self.sigma_data = SIGMA_DATA
 
     def forward(self, x, sigma, class_labels, augment_labels=None):
         """x: float [N, C, H, W] in [-1, 1] units, plus noise; sigma: [N] or one

@@ -633,14 +633,23 @@ def save_atomic(obj, path, writer=None):
 HELD_LOCKS = []  # open lock files: the kernel releases each when its process ends, SIGKILL included
 
 
-def claim_folder(folder, rank=0, world=1):
+def claim_folder(folder, rank=0, world=1, wait=False):
     """Make this run the only writer of `folder` (a second run into it stops with
-    one line); rank 0 holds the lock for every rank of a torchrun job."""
-    refusal = None
+    one line, or with wait=True waits for the first to let go); rank 0 holds the
+    lock for every rank of a torchrun job. Returns the lock (None on other ranks)."""
+    refusal = file = None
     if rank == 0:
         try:
             os.makedirs(folder, exist_ok=True)
             file = open(os.path.join(folder, "run.lock"), "a+")
+            if wait:
+                try:
+                    fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    file.seek(0)
+                    print(f"waiting for {file.read().strip() or 'another process'} to finish {folder}",
+                          file=sys.stderr)
+                    fcntl.flock(file, fcntl.LOCK_EX)
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             file.truncate(0)
             file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
@@ -659,6 +668,14 @@ def claim_folder(folder, rank=0, world=1):
         refusal = message[0]
     if refusal:
         raise UserError(refusal)
+    return file
+
+
+def release_folder(lock):
+    """Let another run claim the folder of claim_folder's lock."""
+    if lock is not None:
+        HELD_LOCKS.remove(lock)
+        lock.close()
 
 
 

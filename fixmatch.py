@@ -42,10 +42,12 @@ class FixMatchConfig:
     steps: int = 2 ** 20            # optimizer steps
     batch: int = 64                 # labeled images per step (all ranks together)
     uratio: int = 7                 # unlabeled images per labeled image
-    lr: float = 0.03                # SGD learning rate, decayed as cos(7 pi k / 16 K)
+    lr: float = 0.03                # SGD learning rate, decayed as cos(lr_cosine pi k / K) over K steps
+    lr_cosine: float = 7 / 16       # FixMatch's 7/16 ends at 0.2 lr; 1/2 ends at 0, so the weights settle
     momentum: float = 0.9           # Nesterov momentum
     weight_decay: float = 5e-4      # on convolution and linear weights, not on BN or biases
     ema: float = 0.999              # EMA of the weights, the model that is evaluated and saved
+    precise_bn: int = 0             # training images the EMA model's BN statistics are measured on (0: copied)
     lambda_u: float = 1.0           # weight of the unlabeled loss
     threshold: str = "fixmatch"     # fixmatch (fixed tau) | freematch (self-adaptive)
     tau: float = 0.95               # FixMatch's confidence threshold
@@ -200,6 +202,8 @@ def fixmatch_loss(logits_labeled, labels, logits_weak, logits_strong, lambda_u, 
     the weak view is confident: p >= tau, or p >= FreeMatch's class threshold.
     Returns the loss, the mask and the pseudo labels."""
     supervised = F.cross_entropy(logits_labeled.float(), labels)
+    if len(logits_weak) == 0:  # no unlabeled images: supervised training
+        return supervised, torch.zeros(0, dtype=torch.bool, device=labels.device), labels[:0]
     probs = logits_weak.detach().float().softmax(1)
     confidence, pseudo = probs.max(1)
     if freematch is None:
@@ -241,14 +245,39 @@ def pseudo_labels(model, dataset):
             "accuracy": (labels == dataset.train_y).float().mean().item()}
 
 
+@torch.no_grad()
+def precise_batch_norm(model, images, count, batch=512):
+    """PreciseBN (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", sec. 3):
+    the EMA model's BN statistics measured on `count` training images without
+    augmentation. Copied from the trained model instead (FixMatch), they follow
+    the last few batches of raw weights, strong views included, and the test
+    accuracy of a short run swings by points between evaluations. The images are
+    a fixed draw, so every rank computes the same statistics and no random
+    stream moves."""
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:count]
+    norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average: every batch counts the same
+    model.train()
+    for chunk in images[pick.to(images.device)].split(batch):
+        model(chunk.contiguous(memory_format=torch.channels_last))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.eval()
+
+
 # -----------------------------------------------------------------------------
 # Training
 
 
 RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "labels": data.at_least(1), "seed": data.at_least(0),
          "out": data.FOLDER, "arch": data.one_of(*ARCHITECTURES), "steps": data.at_least(1),
-         "batch": data.at_least(1), "uratio": data.at_least(1), "lr": data.POSITIVE, "momentum": data.FRACTION,
-         "weight_decay": data.at_least(0), "ema": data.FRACTION, "lambda_u": data.at_least(0),
+         "batch": data.at_least(1), "uratio": data.at_least(1), "lr": data.POSITIVE,
+         "lr_cosine": ((lambda value: 0 <= value <= 0.5), "between 0 and 0.5"), "momentum": data.FRACTION,
+         "weight_decay": data.at_least(0), "ema": data.FRACTION,
+         "precise_bn": data.at_least(0), "lambda_u": data.at_least(0),
          "threshold": data.one_of("fixmatch", "freematch"), "tau": data.PROBABILITY, "freematch_ema": data.FRACTION,
          "real_fraction": ((lambda value: value == -1 or 0 <= value <= 1), "-1 (uniform) or between 0 and 1"),
          "eval_every": data.at_least(1), "ckpt_every": data.at_least(1)}
@@ -313,6 +342,8 @@ def train(config, dataset, labeled_index, pseudo=None, progress=True):
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=data.on_cuda_unless_set(config.bf16, device))
 
     per_rank = config.batch // world
+    # Without the unlabeled loss (the labeled-only baseline, dpt.py's oracle) no unlabeled image is drawn.
+    unlabeled_per_rank = per_rank * config.uratio if config.lambda_u else 0
     from tqdm import tqdm
     bar = tqdm(total=config.steps, initial=step, desc="fixmatch", disable=not progress or rank > 0, unit="step")
     model.train()
@@ -323,9 +354,9 @@ def train(config, dataset, labeled_index, pseudo=None, progress=True):
                 torch.cuda.synchronize()
             timer = time.perf_counter()
         for group in optimizer.param_groups:  # FixMatch's cosine decay, eq. in Sohn et al. 2020, sec. 3
-            group["lr"] = config.lr * math.cos(7 * math.pi * step / (16 * config.steps))
+            group["lr"] = config.lr * math.cos(config.lr_cosine * math.pi * step / config.steps)
         labeled_pick = sample_labeled(per_rank, real_count, len(labeled_x), config.real_fraction, device)
-        unlabeled_pick = torch.randint(len(train_x), (per_rank * config.uratio,), device=device)
+        unlabeled_pick = torch.randint(len(train_x), (unlabeled_per_rank,), device=device)
         unlabeled = train_x[unlabeled_pick]
         inputs = torch.cat([data.weak_augment(labeled_x[labeled_pick]), data.weak_augment(unlabeled),
                             data.strong_augment(unlabeled)]).contiguous(memory_format=torch.channels_last)
@@ -337,18 +368,20 @@ def train(config, dataset, labeled_index, pseudo=None, progress=True):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        with torch.no_grad():  # EMA of the weights; BN statistics are copied
+        with torch.no_grad():  # EMA of the weights; BN statistics are copied (and measured before evaluation)
             ema_params, params = list(ema_model.parameters()), list(model.parameters())
             torch._foreach_lerp_(ema_params, params, 1 - config.ema)
             for ema_buffer, buffer in zip(ema_model.buffers(), model.buffers()):
                 ema_buffer.copy_(buffer)
         step += 1
 
-        if step % 50 == 0 or step == config.steps:
+        if (step % 50 == 0 or step == config.steps) and unlabeled_per_rank:
             correct = ((pseudo_y == unlabeled_y[unlabeled_pick]) & mask).sum() / mask.sum().clamp_min(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", mask=f"{mask.float().mean().item():.2f}",
                             pseudo_acc=f"{correct.item():.2f}")
         if (step % config.eval_every == 0 or step == config.steps) and dataset.test_x is not None:
+            if config.precise_bn:
+                precise_batch_norm(ema_model, train_x, config.precise_bn)
             test_accuracy = accuracy(ema_model, dataset.test_x, dataset.test_y)
             metrics["accuracy"] = test_accuracy
             metrics["best_accuracy"] = max(metrics["best_accuracy"], test_accuracy)
@@ -370,6 +403,8 @@ def train(config, dataset, labeled_index, pseudo=None, progress=True):
         if on_cuda:
             torch.cuda.synchronize()
         metrics["steps_per_second"] = (step - first_step - 5) / (time.perf_counter() - timer)
+    if config.precise_bn:  # the saved model's statistics, with or without a test set
+        precise_batch_norm(ema_model, train_x, config.precise_bn)
     return ema_model, metrics
 
 

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import pathlib
 import pickle
 import re
 import shutil
@@ -789,6 +790,42 @@ def test_fixmatch_steps_follow_the_cosine_schedule_and_the_ema_keeps_bn_statisti
             assert torch.allclose(value, 0.9 * first["ema"][name] + 0.1 * second["model"][name], atol=1e-6), name
     # lr_k = lr cos(7 pi k / 16 K) (Sohn et al. 2020): the second step (k = 1 of K = 2) ran at
     assert second["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.03 * math.cos(7 * math.pi / 32))
+
+
+def test_precise_bn_measures_the_ema_models_statistics_on_clean_training_images(tmp_path, small_shapes):
+    config = tiny_config(tmp_path, steps=4, precise_bn=64, lr_cosine=0.5)
+    model, _ = fixmatch.train(config, small_shapes, data.labeled_split(small_shapes.train_y, 2, seed=0),
+                              progress=False)
+    # The first BN's statistics are the mean and (unbiased) variance of the first convolution's
+    # outputs over the 64 images of the fixed draw, not the trained model's running averages.
+    pick = torch.randperm(400, generator=torch.Generator().manual_seed(0))[:64]
+    with torch.no_grad():
+        features = model.features[0](model.normalize(small_shapes.train_x[pick]))
+    norm = model.features[1]
+    assert torch.allclose(norm.running_mean, features.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(norm.running_var, features.transpose(0, 1).flatten(1).var(1), rtol=1e-4)
+    assert norm.momentum == 0.1 and not model.training  # as it was, and ready to evaluate
+
+
+def test_the_learning_rate_decays_to_zero_with_lr_cosine_one_half(tmp_path, small_shapes, monkeypatch):
+    saves = recorded_saves(monkeypatch)
+    config = tiny_config(tmp_path, steps=4, ckpt_every=1, eval_every=4, lr_cosine=0.5)
+    fixmatch.train(config, small_shapes, data.labeled_split(small_shapes.train_y, 2, seed=0), progress=False)
+    lrs = [save["optimizer"]["param_groups"][0]["lr"] for save in saves]  # steps k = 0 .. 3 of K = 4
+    assert lrs == pytest.approx([0.03 * math.cos(math.pi * k / 8) for k in range(4)])
+
+
+def test_without_the_unlabeled_loss_no_unlabeled_image_is_drawn_or_augmented(tmp_path, small_shapes, monkeypatch):
+    augmented = []
+    real_strong = data.strong_augment
+    monkeypatch.setattr(data, "strong_augment", lambda x: (augmented.append(len(x)), real_strong(x))[1])
+    config = tiny_config(tmp_path, steps=3, lambda_u=0.0)
+    _, metrics = fixmatch.train(config, small_shapes, data.labeled_split(small_shapes.train_y, 2, seed=0),
+                                progress=False)
+    assert sum(augmented) == 0 and 0 <= metrics["accuracy"] <= 1
+    fixmatch.train(tiny_config(tmp_path / "fixmatch", steps=1), small_shapes,
+                   data.labeled_split(small_shapes.train_y, 2, seed=0), progress=False)
+    assert augmented[3:] == [8 * 2]  # FixMatch draws uratio unlabeled images per labeled one
 
 
 def test_a_checkpoint_of_other_settings_or_a_corrupt_one_is_refused(tmp_path, small_shapes):
@@ -1715,7 +1752,7 @@ import dpt  # noqa: E402
 
 # The tiny preset cut down to seconds: every stage runs, none learns much.
 QUICK = ["--dataset", SHAPES_FILE, "--labels", "1", "--preset", "tiny", "--ssl-steps", "12", "--stage3-steps", "12",
-         "--ssl-eval-every", "6", "--diffusion-images", "256", "--diffusion-batch", "32", "--sample-per-class", "3",
+         "--ssl-eval-every", "4", "--diffusion-images", "256", "--diffusion-batch", "32", "--sample-per-class", "3",
          "--sample-steps", "3", "--fid-reference", "24"]
 
 
@@ -1864,9 +1901,11 @@ def test_results_json_holds_every_metric_and_the_summary_shows_stage_3_next_to_s
     assert results["versions"]["torch"] == torch.__version__ and results["classes"] == list(data.SHAPES)
     lines = result.stdout.splitlines()
     stage1_line = next(i for i, line in enumerate(lines) if "stage 1: semi-supervised" in line)
-    assert "generated images of the intended class" in lines[stage1_line + 2]
+    assert "generated images of the intended class, stage-1 judge" in lines[stage1_line + 2]
     assert f"{100 * results['sample_accuracy']:.2f}%" in lines[stage1_line + 2]
-    assert "stage 3: with generated images" in lines[stage1_line + 3]
+    assert "generated images of the intended class, oracle judge" in lines[stage1_line + 3]
+    assert f"{100 * results['oracle_sample_accuracy']:.2f}%" in lines[stage1_line + 3]
+    assert "stage 3: with generated images" in lines[stage1_line + 4]
 
 
 def vertices(page, series):
@@ -1909,7 +1948,11 @@ def assert_summary_shows(page, results):
     for what, value in [("labeled images only (--baseline)", results["baseline_accuracy"]),
                         ("stage 1: semi-supervised", results["stage1_accuracy"]),
                         ("pseudo labels of the training images", results["pseudo_label_accuracy"]),
-                        ("generated images of the intended class", results["sample_accuracy"]),
+                        ("generated images of the intended class, stage-1 judge", results["sample_accuracy"]),
+                        ("generated images of the intended class, oracle judge", results["oracle_sample_accuracy"]),
+                        ("oracle (every true label): test accuracy", results["oracle_accuracy"]),
+                        ("stage 1: moved over its last 3 evaluations", results["stage1_last_moves"]),
+                        ("stage 3: moved over its last 3 evaluations", results["stage3_last_moves"]),
                         ("stage 3: with generated images", results["stage3_accuracy"]),
                         ("gain of stage 3 over stage 1", results["stage3_gain"]),
                         ("gain of stage 3 over the labeled images only",
@@ -1929,7 +1972,8 @@ def test_report_html_shows_the_run_that_results_json_and_the_run_folder_hold(qui
     copy = tmp_path / run.name
     shutil.copytree(run, copy)
     distinct = dict(results, baseline_accuracy=0.25, stage1_accuracy=0.5, pseudo_label_accuracy=0.6,
-                    sample_accuracy=0.55, stage3_accuracy=0.75, stage3_gain=0.25, fid=12.34)
+                    sample_accuracy=0.55, oracle_sample_accuracy=0.45, oracle_accuracy=0.95, stage1_last_moves=0.015,
+                    stage3_last_moves=0.005, stage3_accuracy=0.75, stage3_gain=0.25, fid=12.34)
     (copy / "results.json").write_text(json.dumps(distinct))
     assert_summary_shows(dpt.build_report(str(copy)), distinct)
     # Accuracy against step: every evaluation of the three classifiers on one pair of axes.
@@ -1937,24 +1981,25 @@ def test_report_html_shows_the_run_that_results_json_and_the_run_folder_hold(qui
     for series, stage in (("stage 1", "stage1"), ("stage 3", "stage3"), ("baseline", "baseline")):
         history = np.array(fixmatch.load_classifier(run / stage / "classifier.pt")[1]["history"])
         drawn = vertices(page, series)
-        assert len(drawn) == len(history) == 2, series
+        assert len(drawn) == len(history) == 3, series
         steps, accuracies = steps + list(history[:, 0]), accuracies + list(history[:, 1])
         xs, ys = xs + list(drawn[:, 0]), ys + list(drawn[:, 1])
     assert_affine(np.array(steps), np.array(xs), increasing=True)
     assert_affine(np.array(accuracies), np.array(ys), increasing=False)  # SVG's y grows downwards
     loss = np.array(torch.load(run / "stage2" / "diffusion.pt")["metrics"]["history"])
     assert len(vertices(page, "loss")) == len(loss) > 0
-    # The grid: a row of the class's own generated images, named, with the judge's share beside it.
+    # The grid: a row of the class's own generated images, named, with both judges' shares beside it.
     samples = torch.load(run / "samples.pt")
     rows = re.findall(r'<tr><th>([^<]+)</th><td><img alt="[^"]*" src="data:image/png;base64,([^"]+)"></td>'
-                      r'<td class="judge">(.*?)</td></tr>', page)
-    assert [name for name, _, _ in rows] == list(data.SHAPES)
-    for c, (_, png, judge) in enumerate(rows):
+                      r'<td class="judge">(.*?)</td><td class="judge">(.*?)</td></tr>', page)
+    assert [name for name, _, _, _ in rows] == list(data.SHAPES)
+    for c, (_, png, *judges) in enumerate(rows):
         image = np.asarray(Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB"))  # PIL reads our PNG
         assert np.array_equal(image, torch.cat(list(samples["images"][samples["labels"] == c]), dim=2)
                               .permute(1, 2, 0).numpy())
-        share = results["sample_accuracy_per_class"][c]
-        assert f"width:{100 * share:.1f}%" in judge and judge.endswith(f"{100 * share:.0f}%")
+        for judge, field in zip(judges, ("sample_accuracy_per_class", "oracle_sample_accuracy_per_class")):
+            share = results[field][c]
+            assert f"width:{100 * share:.1f}%" in judge and judge.endswith(f"{100 * share:.0f}%")
     # Wall time: one bar per stage, as long as its share of the longest.
     bars = dict(re.findall(r'<rect data-stage="([^"]+)" x="80" y="[\d.]+" width="([\d.]+)"', page))
     longest = max(results["wall_time_s"].values())
@@ -1986,13 +2031,15 @@ def test_stage_2_trains_on_the_pseudo_labels_and_stage_3_on_the_generated_images
 
     def fixmatch_train(settings, dataset, labeled_index, pseudo=None, **kwargs):
         trained_on[os.path.basename(settings.out)] = pseudo
+        calls.append((settings, labeled_index))
         return real_fixmatch_train(settings, dataset, labeled_index, pseudo, **kwargs)
+    calls = []
     monkeypatch.setattr(unet, "train", unet_train)
     monkeypatch.setattr(fixmatch, "train", fixmatch_train)
     monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--out", str(tmp_path)])
     monkeypatch.setenv("DPT_FID_WEIGHTS", "/missing")
     data.run_main(dpt.main)
-    data.HELD_LOCKS.pop().close()
+    assert not data.HELD_LOCKS  # a finished run lets go of its folders: a library user may run again
     run = tmp_path / "shapes-1l-s0"
     pseudo = torch.load(run / "pseudo_labels.pt")["labels"]
     assert torch.equal(trained_on["stage2"].cpu(), pseudo) and (pseudo != data.load_dataset(SHAPES_FILE).train_y).any()
@@ -2000,6 +2047,97 @@ def test_stage_2_trains_on_the_pseudo_labels_and_stage_3_on_the_generated_images
     assert trained_on["stage1"] is None
     assert torch.equal(trained_on["stage3"][0], samples["images"]) and torch.equal(trained_on["stage3"][1],
                                                                                    samples["labels"])
+    # The oracle: every training image with its true label, no unlabeled loss, seed 0, in OUT/oracle; trained
+    # after DPT's own stages, which therefore cannot have used it.
+    oracle, labeled = calls[-1]
+    assert [os.path.basename(settings.out) for settings, _ in calls[:-1]] == ["stage1", "stage3"]
+    assert os.path.dirname(oracle.out) == str(tmp_path / "oracle") and oracle.seed == dpt.ORACLE_SEED
+    assert torch.equal(labeled, torch.arange(2000)) and oracle.lambda_u == 0 and trained_on[os.path.basename(
+        oracle.out)] is None
+
+
+def test_the_oracle_is_trained_once_per_dataset_and_changes_nothing_that_dpt_makes(quick_run, fid_weights,
+                                                                                   tmp_path):
+    result, run = quick_run
+    results = json.loads((run / "results.json").read_text())
+    oracle_path = pathlib.Path(results["oracle"])
+    assert oracle_path.parent.parent == run.parent / "oracle"
+    oracle, metrics = fixmatch.load_classifier(oracle_path)
+    shapes = data.load_dataset(SHAPES_FILE)
+    assert results["oracle_accuracy"] == metrics["accuracy"] == pytest.approx(
+        fixmatch.accuracy(oracle, shapes.test_x, shapes.test_y))
+    samples = torch.load(run / "samples.pt")
+    right = fixmatch.predict(oracle, samples["images"])[0] == samples["labels"]
+    assert results["oracle_sample_accuracy"] == pytest.approx(right.float().mean().item())
+    assert results["oracle_sample_accuracy_per_class"] == pytest.approx(
+        [right[samples["labels"] == c].float().mean().item() for c in range(10)])
+    # A later run on the same dataset reuses the cached oracle, whatever it holds: here one with
+    # random weights and a made-up accuracy. Everything DPT makes is the same as with the real one.
+    cached = tmp_path / "oracle" / oracle_path.parent.name / "classifier.pt"
+    random_judge = fixmatch.make_classifier("small", 10, [0.5] * 3, [0.25] * 3).eval()
+    fixmatch.save_classifier(random_judge, fixmatch.FixMatchConfig(arch="small"), {"accuracy": 0.123, "history": []},
+                             str(cached))
+    before = cached.stat().st_mtime_ns
+    again = run_script("dpt.py", *QUICK, "--baseline", "--out", str(tmp_path), "--fid-weights", fid_weights)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert cached.stat().st_mtime_ns == before and "training the oracle" not in again.stderr
+    rerun = json.loads((tmp_path / run.name / "results.json").read_text())
+    assert rerun["oracle_accuracy"] == 0.123 and rerun["oracle_sample_accuracy"] == pytest.approx(
+        (fixmatch.predict(random_judge, samples["images"])[0] == samples["labels"]).float().mean().item())
+    for name in ("pseudo_labels.pt", "samples.pt", "stage3/classifier.pt"):
+        first, second = torch.load(run / name), torch.load(tmp_path / run.name / name)
+        first, second = (first.get("model", first), second.get("model", second))
+        assert all(torch.equal(first[key], second[key]) for key in first if torch.is_tensor(first[key])), name
+    assert (rerun["stage1_accuracy"], rerun["stage3_accuracy"]) == (results["stage1_accuracy"],
+                                                                     results["stage3_accuracy"])
+
+
+def test_seeds_runs_one_folder_per_seed_resumes_them_and_summarizes_their_results(quick_run, fid_weights, tmp_path):
+    shutil.copytree(quick_run[1], tmp_path / "shapes-1l-s0")  # seed 0 is finished already
+    shutil.copytree(quick_run[1].parent / "oracle", tmp_path / "oracle")
+    finished = {path: path.stat().st_mtime_ns for path in (tmp_path / "shapes-1l-s0").rglob("*.pt")}
+    command = ["dpt.py", *QUICK, "--baseline", "--seeds", "0-1", "--out", str(tmp_path), "--fid-weights", fid_weights]
+    result = run_script(*command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "shapes-1l-s0").rglob("*.pt")} == finished
+    summary = json.loads((tmp_path / "shapes-1l-seeds0-1.json").read_text())
+    runs = [json.loads((tmp_path / f"shapes-1l-s{seed}" / "results.json").read_text()) for seed in (0, 1)]
+    assert [row["seed"] for row in summary["runs"]] == [0, 1] and runs[1]["seed"] == 1
+    assert runs[0]["stage1_accuracy"] != runs[1]["stage1_accuracy"]  # two different runs
+    for _, field, _ in dpt.SWEEP_COLUMNS:
+        values = ([sum(r["wall_time_s"].values()) / 60 for r in runs] if field == "minutes"
+                  else [r[field] for r in runs])
+        assert [row[field] for row in summary["runs"]] == pytest.approx(values), field
+        assert summary["mean"][field] == pytest.approx(np.mean(values)), field
+        assert summary["std"][field] == pytest.approx(np.std(values, ddof=1)), field
+    gains = [r["stage3_gain"] for r in runs]
+    assert summary["stage3_above_stage1"] == f"{sum(g > 0 for g in gains)} of 2"
+    assert "mean ± std" in result.stdout and f"{100 * np.mean(gains):.2f} ± " in result.stdout
+    page = (tmp_path / "shapes-1l-seeds0-1.html").read_text()
+    assert 'href="shapes-1l-s0/report.html"' in page and 'href="shapes-1l-s1/report.html"' in page
+    assert f"{100 * summary['mean']['oracle_sample_accuracy']:.2f}" in page
+    # The same command again trains nothing and writes the same summary.
+    everything = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.pt")}
+    again = run_script(*command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.pt")} == everything
+    assert json.loads((tmp_path / "shapes-1l-seeds0-1.json").read_text()) == summary
+
+
+@pytest.mark.parametrize("seeds", ["3-1", "x", "1,1", "-2"])
+def test_seeds_that_are_not_a_range_or_a_list_are_refused_before_any_work(tmp_path, seeds):
+    assert_one_line_error(run_script("dpt.py", *QUICK, "--seeds", seeds, "--out", str(tmp_path)), "--seeds")
+    assert not list(tmp_path.iterdir())
+
+
+def test_last_moves_is_how_far_the_last_three_evaluations_spread(quick_run):
+    assert dpt.last_moves([(1, 0.5), (2, 0.9), (3, 0.92), (4, 0.91)]) == pytest.approx(0.02)
+    assert dpt.last_moves([(1, 0.5), (2, 0.9)]) is None
+    results = json.loads((quick_run[1] / "results.json").read_text())
+    for stage in ("stage1", "stage3"):  # QUICK evaluates 3 times: the check runs on a short run
+        history = fixmatch.load_classifier(quick_run[1] / stage / "classifier.pt")[1]["history"]
+        accuracies = [accuracy for _, accuracy in history]
+        assert len(history) == 3 and results[f"{stage}_last_moves"] == max(accuracies) - min(accuracies)
 
 
 class FirstPixelJudge(torch.nn.Module):

@@ -607,7 +607,8 @@ def sweep_table(summary):
     header = ["seed"] + [heading for heading, _, _ in SWEEP_COLUMNS]
     rows = [[str(row["seed"])] + [show(row[field], percent) for _, field, percent in SWEEP_COLUMNS]
             for row in summary["runs"]]
-    rows.append(["mean ± std"] + [show(summary["mean"][field], percent) + " ± " + show(summary["std"][field], percent)
+    spread = lambda std, percent: "" if std is None else " ± " + show(std, percent)  # one seed has no spread
+    rows.append(["mean ± std"] + [show(summary["mean"][field], percent) + spread(summary["std"][field], percent)
                                   for _, field, percent in SWEEP_COLUMNS])
     return [header] + rows
 
@@ -624,9 +625,13 @@ def write_sweep(config, dataset, runs):
     cells = lambda row, tag: "".join(f"<{tag}>{html.escape(cell)}</{tag}>" for cell in row)
     links = [f'<a href="{html.escape(os.path.relpath(row["run"], config.out))}/report.html">{row["seed"]}</a>'
              for row in summary["runs"]]
+    lines = [(name, [(row["seed"], 100 * row[field]) for row in summary["runs"] if row[field] is not None])
+             for name, field in (("stage 1", "stage1_accuracy"), ("stage 3", "stage3_accuracy"),
+                                 ("baseline", "baseline_accuracy"))]
     body = (f"<table class=\"sweep\"><tr>{cells(table[0], 'th')}</tr>"
             + "".join(f"<tr><td>{link}</td>{cells(row[1:], 'td')}</tr>" for link, row in zip(links, table[1:]))
             + f"<tr><th>{table[-1][0]}</th>{cells(table[-1][1:], 'th')}</tr></table>"
+            + svg_plot([(name, line) for name, line in lines if line], "seed", "test accuracy (%)")
             + f"<p>Stage 3 above stage 1 in {summary['stage3_above_stage1']} runs. Accuracies on the test set in %, "
             "the gain in points (stage 3 minus stage 1, seed by seed), standard deviation over seeds. The stage-1 "
             "judge is the share of generated images the stage-1 classifier puts in their intended class, the "
@@ -825,7 +830,7 @@ table {{ border-collapse: collapse }} th, td {{ padding: 2px 10px; text-align: l
 .judge {{ font-size: 13px; white-space: nowrap }} pre {{ background: #f4f4f4; padding: 1em; overflow: auto }}
 .track {{ display: inline-block; width: 120px; height: 12px; background: #e8e8e8; margin-right: 6px }}
 .track span {{ display: block; height: 100%; background: #1f77b4 }}
-.sweep td, .sweep th {{ text-align: right }}
+.sweep td, .sweep th {{ text-align: right; white-space: nowrap }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 {body}

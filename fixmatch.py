@@ -192,8 +192,9 @@ class FreeMatchThreshold:
     def state_dict(self):
         return {"global_tau": self.global_tau, "class_p": self.class_p}
 
-    def load_state_dict(self, state):
-        self.global_tau, self.class_p = state["global_tau"], state["class_p"]
+    def load_state_dict(self, state):  # checkpoints load on the CPU: back to the training device
+        self.global_tau = state["global_tau"].to(self.global_tau.device)
+        self.class_p = state["class_p"].to(self.class_p.device)
 
 
 def fixmatch_loss(logits_labeled, labels, logits_weak, logits_strong, lambda_u, tau=None, freematch=None):

@@ -700,6 +700,17 @@ def test_freematch_masks_the_images_below_their_class_threshold_and_only_those()
     assert loss.item() == pytest.approx(math.log(2) + counted.mean().item(), rel=1e-5)
 
 
+def test_freematch_state_loaded_from_a_cpu_checkpoint_moves_to_the_training_device():
+    # The meta device stands in for CUDA: a checkpoint loads on the CPU, training runs elsewhere.
+    saved = fixmatch.FreeMatchThreshold(10, 0.999, "cpu")
+    saved.update(torch.full((4, 10), 0.1))
+    threshold = fixmatch.FreeMatchThreshold(10, 0.999, "meta")
+    threshold.load_state_dict(saved.state_dict())
+    assert {value.device.type for value in threshold.state_dict().values()} == {"meta"}
+    threshold.update(torch.full((4, 10), 0.1, device="meta"))  # mixing devices here raised before
+    assert threshold.class_thresholds().device.type == "meta"
+
+
 def test_freematch_averages_its_statistics_over_processes(monkeypatch):
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4]])
     alone = fixmatch.FreeMatchThreshold(3, decay=0.5, device="cpu")

@@ -221,6 +221,12 @@ def check(config, world, dataset=None):
     sample.check(*sample_settings(config))
     if dataset is not None:
         data.labeled_split(dataset.train_y, config.labels, config.seed)  # an impossible --labels
+        # FID's covariances need 2 images on every process, of the reference and of the samples.
+        reference = min(config.fid_reference or len(dataset.train_y), len(dataset.train_y))
+        if reference < 2 * world or config.sample_per_class * dataset.num_classes < 2 * world:
+            raise data.UserError(f"--fid-reference {config.fid_reference} and --sample-per-class "
+                                 f"{config.sample_per_class} give a process fewer than 2 images to compute FID "
+                                 f"with; give at least {2 * world} reference and generated images")
 
 
 def run_folder(config):
@@ -416,10 +422,17 @@ def stage_fid(config, run, dataset, samples, device, rank, world):
         real = split_statistics(model, reference, False, rank, world)
         generated = split_statistics(model, samples["images"], True, rank, world)
         if rank == 0:
-            write_json({"fid": fid.frechet_distance(generated["mu"], generated["sigma"], real["mu"], real["sigma"]),
-                        "inception_score": fid.inception_score(generated["logits"])[0],
-                        "generated_images": generated["count"], "reference_images": real["count"]}, path)
+            try:  # e.g. samples whose statistics hold NaN: the run still ends with its results
+                score = fid.frechet_distance(generated["mu"], generated["sigma"], real["mu"], real["sigma"])
+            except fid.FIDError as error:
+                print(f"FID skipped: {error}", file=sys.stderr)
+                score = None
+            if score is not None:
+                write_json({"fid": score, "inception_score": fid.inception_score(generated["logits"])[0],
+                            "generated_images": generated["count"], "reference_images": real["count"]}, path)
         barrier()
+        if not os.path.exists(path):
+            return None
     return read_json(path)
 
 

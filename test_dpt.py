@@ -2288,7 +2288,7 @@ BAD_SETTINGS = {
     "diffusion_batch": "0", "diffusion_lr": "-1", "diffusion_warmup": "-1", "diffusion_ema_halflife": "-1",
     "diffusion_p_mean": "nan", "diffusion_label_dropout": "1", "diffusion_augment": "1.5",
     "sample_per_class": "0", "sample_solver": "ddim", "sample_steps": "1", "sample_guidance": "-1",
-    "fid_reference": "-1"}
+    "fid_reference": "-1", "seeds": "3-1", "ssl_lr_cosine": "0.7", "ssl_precise_bn": "-1"}
 
 
 def test_bad_settings_cover_every_field_of_the_config():
@@ -2313,7 +2313,8 @@ def test_every_setting_with_a_bad_value_is_refused_in_one_line_naming_its_flag_b
 
 
 @pytest.mark.parametrize("case", ["labels 0", "too many labels", "unknown dataset", "unreadable file",
-                                  "malformed file", "offline", "unknown preset", "unknown redo", "unknown solver"])
+                                  "malformed file", "offline", "unknown preset", "unknown redo", "unknown solver",
+                                  "one FID reference image", "one generated image"])
 def test_bad_input_is_one_line_and_exit_code_2_before_any_work(tmp_path, case):
     args = {"labels 0": ["--dataset", SHAPES_FILE, "--labels", "0"],
             "too many labels": ["--dataset", SHAPES_FILE, "--labels", "100000"],
@@ -2323,11 +2324,15 @@ def test_bad_input_is_one_line_and_exit_code_2_before_any_work(tmp_path, case):
             "offline": ["--dataset", "cifar10", "--data-dir", str(tmp_path / "empty")],
             "unknown preset": ["--dataset", SHAPES_FILE, "--preset", "huge"],
             "unknown redo": ["--dataset", SHAPES_FILE, "--redo", "stage9"],
-            "unknown solver": ["--dataset", SHAPES_FILE, "--sample-solver", "ddim"]}[case]
+            "unknown solver": ["--dataset", SHAPES_FILE, "--sample-solver", "ddim"],
+            # FID needs two images for a covariance: refused before training, not after it.
+            "one FID reference image": ["--dataset", SHAPES_FILE, "--fid-reference", "1"],
+            "one generated image": ["--dataset", str(tmp_path / "one.npz"), "--sample-per-class", "1"]}[case]
     (tmp_path / "garbage.pt").write_bytes(b"not a tensor file")
     np.savez(tmp_path / "floats.npz", train_x=np.zeros((4, 8, 8, 3), np.float32), train_y=np.zeros(4, np.int64))
+    np.savez(tmp_path / "one.npz", train_x=np.zeros((4, 32, 32), np.uint8), train_y=np.zeros(4, np.int64))
     result = run_script("dpt.py", "--preset", "tiny", *args, "--out", str(tmp_path / "runs"))
-    assert_one_line_error(result)
+    assert_one_line_error(result, *(["fewer than 2 images"] if "FID" in case or "generated" in case else []))
     assert not (tmp_path / "runs").exists()  # nothing written
 
 

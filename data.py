@@ -546,7 +546,10 @@ def one_of(*options):
 
 
 def at_least(low):
-    return (lambda value: value >= low), f"at least {low}"  # NaN fails every comparison
+    return (lambda value: low <= value < math.inf), f"at least {low}, finite"  # NaN fails every comparison
+
+
+SEED = (lambda value: 0 <= value < 2 ** 31), "from 0 to 2^31 - 1"  # numpy's RandomState takes 32 bits
 
 
 POSITIVE = (lambda value: 0 < value < math.inf), "a positive number"

@@ -201,7 +201,7 @@ def settings_from(config_class, config, fields, **fixed):
     return config_class(**{name: getattr(config, ours) for name, ours in fields.items()}, **fixed)
 
 
-RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "labels": data.at_least(1), "seed": data.at_least(0),
+RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "labels": data.at_least(1), "seed": data.SEED,
          "out": data.FOLDER, "redo": ((lambda stage: stage in ("", *STAGES[1:])), "one of " + ", ".join(STAGES[1:])),
          "fid_weights": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
          "fid_reference": data.at_least(0),

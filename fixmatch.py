@@ -273,7 +273,7 @@ def precise_batch_norm(model, images, count, batch=512):
 # Training
 
 
-RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "labels": data.at_least(1), "seed": data.at_least(0),
+RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "labels": data.at_least(1), "seed": data.SEED,
          "out": data.FOLDER, "arch": data.one_of(*ARCHITECTURES), "steps": data.at_least(1),
          "batch": data.at_least(1), "uratio": data.at_least(1), "lr": data.POSITIVE,
          "lr_cosine": ((lambda value: 0 <= value <= 0.5), "between 0 and 0.5"), "momentum": data.FRACTION,

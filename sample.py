@@ -109,9 +109,9 @@ SOLVERS = {"heun": heun, "euler": euler, "dpmpp": dpmpp}
 
 
 RULES = {"per_class": data.at_least(1), "solver": data.one_of(*SOLVERS),
-         "steps": ((lambda value: value >= 2), "at least 2 (the noise levels sigma_max and sigma_min)"),
+         "steps": ((lambda value: 2 <= value < math.inf), "at least 2 (the noise levels sigma_max and sigma_min)"),
          "guidance": ((lambda value: 0 <= value < math.inf), "at least 0 (1 is no guidance, 0 unconditional)"),
-         "seed": data.at_least(0), "batch": data.at_least(1), "out": data.FOLDER}
+         "seed": data.SEED, "batch": data.at_least(1), "out": data.FOLDER}
 
 
 def check(config, flags=None):

@@ -2291,6 +2291,16 @@ BAD_SETTINGS = {
     "fid_reference": "-1", "seeds": "3-1", "ssl_lr_cosine": "0.7", "ssl_precise_bn": "-1"}
 
 
+def test_no_rule_admits_an_infinite_or_nan_number_or_a_seed_numpy_cannot_take():
+    for script, config_class in ((fixmatch, fixmatch.FixMatchConfig), (unet, unet.DiffusionConfig),
+                                 (sample, sample.SampleConfig), (dpt, dpt.DPTConfig)):
+        numbers = {field.name for field in dataclasses.fields(config_class) if field.type in (int, float)}
+        for name, (valid, _) in script.RULES.items():
+            if name in numbers:
+                assert not any(valid(value) for value in (math.inf, -math.inf, math.nan)), (script.__name__, name)
+        assert script.RULES["seed"][0](2 ** 31 - 1) and not script.RULES["seed"][0](2 ** 32), script.__name__
+
+
 def test_bad_settings_cover_every_field_of_the_config():
     assert set(BAD_SETTINGS) == {field.name for field in dataclasses.fields(dpt.DPTConfig)}
 

@@ -466,11 +466,11 @@ def load_diffusion(path, device="cpu"):
 
 RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "out": data.FOLDER, "arch": data.one_of(*SIZES),
          "size": data.one_of(*SIZES["unet"]),  # every architecture has the same size names
-         "dropout": ((lambda value: value < 1), "below 1 (negative: the size's own)"),
+         "dropout": ((lambda value: -math.inf < value < 1), "below 1 (negative: the size's own)"),
          "images": data.at_least(1), "batch": data.at_least(1), "lr": data.POSITIVE, "warmup": data.at_least(0),
          "ema_halflife": data.at_least(0), "ema_rampup": data.at_least(0), "label_dropout": data.FRACTION,
          "augment": data.PROBABILITY,
-         "p_mean": data.FINITE, "p_std": data.POSITIVE, "seed": data.at_least(0), "grid_every": data.at_least(0),
+         "p_mean": data.FINITE, "p_std": data.POSITIVE, "seed": data.SEED, "grid_every": data.at_least(0),
          "ckpt_every": data.at_least(1)}
 
 

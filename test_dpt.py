@@ -1196,6 +1196,17 @@ def test_each_geometric_op_matches_its_closed_form_on_a_smooth_image(name, matri
     assert error.max() < 0.03, name  # the 2 x 2 sub-pixel average blurs a function of amplitude 2 that little
 
 
+def test_the_identity_and_integer_shifts_keep_every_pixel_even_of_a_checkerboard():
+    checkerboard = ((torch.arange(16)[:, None] + torch.arange(16)) % 2).float().expand(2, 3, 16, 16)
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for images in (checkerboard, noise):
+        same = unet.warp(images, torch.eye(2).expand(2, 2, 2), torch.zeros(2, 2))
+        assert torch.allclose(same, images, atol=1e-5)
+        moved = unet.warp(images, torch.eye(2).expand(2, 2, 2), torch.tensor([[3.0, -2.0], [3.0, -2.0]]))
+        # output (x, y) reads the input at (x - 3, y + 2): away from the reflected border, a plain shift
+        assert torch.allclose(moved[..., 2:-2, 3:], images[..., 4:, :-3], atol=1e-5)
+
+
 def test_augmentation_at_p_0_is_the_identity_and_labels_are_zero_where_nothing_was_applied():
     torch.manual_seed(0)
     images = torch.randn(300, 3, 16, 16)

@@ -178,18 +178,26 @@ def augment(images, p, scale_std=0.2, aniso_std=0.2, translate_std=0.125):
 
 def warp(images, matrix, shift):
     """Output pixel q = input at matrix (q - shift) (pixels, about the image
-    centre), bilinear, reflected at the border, and averaged over the 2 x 2
-    sub-pixels of q so that minification does not alias (EDM filters with 2x
-    wavelet up- and down-sampling to the same end)."""
+    centre), bilinear, reflected at the border. Where the warp shrinks the image
+    (matrix stretches a pixel step past one pixel), each output pixel averages its
+    2 x 2 sub-pixel readings so that minification does not alias (EDM filters with
+    2x wavelet up- and down-sampling to the same end); elsewhere it reads once, at
+    its centre, so that the identity and integer shifts keep every pixel."""
+    shrinks = torch.linalg.matrix_norm(matrix, ord=2) > 1 + 1e-6
+    return torch.where(shrinks.view(-1, 1, 1, 1), read(images, matrix, shift, 2), read(images, matrix, shift, 1))
+
+
+def read(images, matrix, shift, sub):
+    """The bilinear readings of warp() at sub x sub points a pixel, averaged."""
     n, _, h, w = images.shape
-    # sub-pixel centres at +-1/4 pixel, in pixels about the image centre
-    ys = (torch.arange(2 * h, device=images.device) + 0.5) / 2 - h / 2
-    xs = (torch.arange(2 * w, device=images.device) + 0.5) / 2 - w / 2
+    # sub-pixel centres (the pixel centre for sub = 1), in pixels about the image centre
+    ys = (torch.arange(sub * h, device=images.device) + 0.5) / sub - h / 2
+    xs = (torch.arange(sub * w, device=images.device) + 0.5) / sub - w / 2
     q = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).view(1, -1, 2) - shift[:, None, :]
-    p = q @ matrix.transpose(1, 2)  # [N, 4HW, (x, y)]
-    grid = (p / torch.tensor([w / 2, h / 2], device=images.device)).view(n, 2 * h, 2 * w, 2)  # align_corners=False
+    p = q @ matrix.transpose(1, 2)  # [N, sub^2 HW, (x, y)]
+    grid = (p / torch.tensor([w / 2, h / 2], device=images.device)).view(n, sub * h, sub * w, 2)  # align_corners=False
     sampled = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    return F.avg_pool2d(sampled, 2)
+    return F.avg_pool2d(sampled, sub)
 
 
 # -----------------------------------------------------------------------------

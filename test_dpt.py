@@ -2079,6 +2079,34 @@ def test_stage_2_trains_on_the_pseudo_labels_and_stage_3_on_the_generated_images
         oracle.out)] is None
 
 
+def test_every_artifact_comes_from_the_ema_weights_never_from_the_ones_the_optimizer_steps(quick_run):
+    _, run = quick_run
+    differ = lambda a, b: any(not torch.equal(a[k], b[k]) for k in a if k.endswith("weight"))
+    for stage in ("stage1", "stage3"):  # classifier.pt holds the EMA model (its BN statistics included)
+        saved, checkpoint = torch.load(run / stage / "classifier.pt")["model"], torch.load(run / stage / "ckpt.pt")
+        assert all(torch.equal(saved[k], checkpoint["ema"][k]) for k in saved), stage
+        assert differ(saved, checkpoint["model"]), stage  # QUICK's steps leave the two apart
+    diffusion, checkpoint = torch.load(run / "stage2" / "diffusion.pt")["model"], torch.load(run / "stage2" / "ckpt.pt")
+    assert all(torch.equal(diffusion[k], checkpoint["ema"][k]) for k in diffusion)
+    assert differ(diffusion, checkpoint["model"])
+    # The pseudo labels and the samples are what the EMA networks make, and the raw ones make others.
+    shapes = data.load_dataset(SHAPES_FILE)
+    stage1 = torch.load(run / "stage1" / "ckpt.pt")
+    judge = fixmatch.load_classifier(run / "stage1" / "classifier.pt")[0]
+    assert torch.equal(torch.load(run / "pseudo_labels.pt")["labels"], fixmatch.predict(judge, shapes.train_x)[0])
+    judge.load_state_dict(stage1["model"])
+    assert not torch.equal(torch.load(run / "pseudo_labels.pt")["labels"], fixmatch.predict(judge, shapes.train_x)[0])
+    samples = torch.load(run / "samples.pt")
+    settings = json.loads((run / "results.json").read_text())["config"]
+    model = unet.load_diffusion(run / "stage2" / "diffusion.pt")
+    redrawn = lambda network: sample.generate(network, settings["sample_per_class"], settings["sample_solver"],
+                                              settings["sample_steps"], settings["sample_guidance"],
+                                              seed=settings["seed"], progress=False)[0]
+    assert torch.equal(redrawn(model), samples["images"])
+    model.load_state_dict(checkpoint["model"])
+    assert not torch.equal(redrawn(model), samples["images"])
+
+
 def test_the_oracle_is_trained_once_per_dataset_and_changes_nothing_that_dpt_makes(quick_run, fid_weights,
                                                                                    tmp_path):
     result, run = quick_run

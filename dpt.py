@@ -282,7 +282,8 @@ def check_run_folder(config, run):
                 shutil.rmtree(target)
             elif os.path.exists(target):
                 os.remove(target)
-        timings = {k: v for k, v in (read_json(os.path.join(run, "timings.json")) or {}).items() if k not in removed}
+        untimed = set(removed) | ({"baseline"} if "stage1" in removed else set())  # stage 1 removes the baseline
+        timings = {k: v for k, v in (read_json(os.path.join(run, "timings.json")) or {}).items() if k not in untimed}
         write_json(timings, os.path.join(run, "timings.json"))
         write_json(settings, path)
     barrier()
@@ -787,10 +788,12 @@ def build_report(run):
         raise data.UserError(f"--report {run}: no results.json there; give a finished run folder, or finish "
                              "the run first (its command resumes it)")
     load = lambda name, redo: read_artifact(os.path.join(run, name), redo, mmap=True)
-    accuracy = [(name, [(step, 100 * value) for step, value in load(f"{stage}/classifier.pt", stage)["metrics"]
-                        ["history"]]) for name, stage in (("stage 1", "stage1"), ("stage 3", "stage3"),
-                                                          ("baseline", "baseline"))
-                if os.path.exists(os.path.join(run, stage, "classifier.pt"))]
+    # (name, folder, the --redo that remakes it, its accuracy in results.json): a curve for each
+    # classifier this run measured, so not an old baseline's that --redo stage1 left out.
+    curves = (("stage 1", "stage1", "stage1", "stage1_accuracy"), ("stage 3", "stage3", "stage3", "stage3_accuracy"),
+              ("baseline", "baseline", "stage1", "baseline_accuracy"))
+    accuracy = [(name, [(step, 100 * value) for step, value in load(f"{folder}/classifier.pt", redo)["metrics"]
+                        ["history"]]) for name, folder, redo, field in curves if results[field] is not None]
     loss = [("loss", thin(load("stage2/diffusion.pt", "stage2")["metrics"]["history"], 400))]
     samples = load("samples.pt", "sample")
     names = results.get("classes") or [f"class {c}" for c in range(len(results["sample_accuracy_per_class"]))]

@@ -2237,6 +2237,24 @@ def test_a_changed_setting_is_refused_unless_redo_reruns_its_stage(quick_run, tm
     assert '"sample_guidance": 2.0' in report and "<th>FID of the samples</th><td>-</td>" in report
 
 
+def test_redo_stage1_drops_the_old_baseline_from_timings_and_report_and_advice_names_a_valid_redo(quick_run,
+                                                                                                 tmp_path):
+    run = tmp_path / "shapes-1l-s0"
+    shutil.copytree(quick_run[1], run)
+    shutil.copytree(quick_run[1].parent / "oracle", tmp_path / "oracle")
+    # The baseline's file, made unreadable: --report's advice must be a --redo that the rules accept.
+    (run / "baseline" / "classifier.pt").write_bytes(b"garbage")
+    result = run_script("dpt.py", "--report", str(run))
+    assert_one_line_error(result, "--redo stage1")
+    redo = result.stderr.split("--redo ")[1].split()[0]
+    result = run_script("dpt.py", *QUICK, "--redo", redo, "--out", str(tmp_path), DPT_FID_WEIGHTS="/missing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "baseline" not in json.loads((run / "timings.json").read_text()) and not (run / "baseline").exists()
+    page = (run / "report.html").read_text()
+    assert 'data-series="baseline"' not in page and 'data-stage="baseline"' not in page
+    assert 'data-series="stage 1"' in page
+
+
 def start_run(*args, stderr=subprocess.DEVNULL):
     """dpt.py in the background, as a user would start it in a terminal."""
     env = dict(os.environ, DPT_FID_WEIGHTS="/missing", PYTHONPATH=HERE)

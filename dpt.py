@@ -3,7 +3,7 @@
     python dpt.py --labels 1                             # CIFAR-10, 1 label per class, preset for this machine
     python dpt.py --dataset shapes --preset tiny         # the whole pipeline on a laptop CPU in minutes
     torchrun --nproc_per_node 4 dpt.py --labels 4 --preset cifar
-    python dpt.py --labels 1 --redo sample --sample-guidance 2  # sample again, then stage 3 and FID
+    python dpt.py --labels 1 --redo sample --sample-per-class 2000  # sample again, then stage 3 and FID
     python dpt.py --dataset shapes --labels 1 --seeds 0-4 # five runs, then their mean and spread
 
 Stage 1 trains FixMatch (or FreeMatch) on a few labels per class and predicts a
@@ -219,6 +219,10 @@ def check(config, world, dataset=None):
     settings, flags = diffusion_settings(config)
     unet.check(settings, world, flags, resolution=None if dataset is None else dataset.train_x.shape[-1])
     sample.check(*sample_settings(config))
+    if config.sample_guidance != 1 and not config.diffusion_label_dropout:  # the null class never learned
+        raise data.UserError(f"--sample-guidance {config.sample_guidance}: guidance needs a diffusion model trained "
+                             "with --diffusion-label-dropout above 0; give --sample-guidance 1, or "
+                             "--diffusion-label-dropout 0.1 (with --redo stage2 in an existing run folder)")
     if dataset is not None:
         data.labeled_split(dataset.train_y, config.labels, config.seed)  # an impossible --labels
         # FID's covariances need 2 images on every process, of the reference and of the samples.

@@ -240,6 +240,10 @@ def main():
     check(config)
     rank, world, device = data.distributed_setup()
     model = unet.load_diffusion(config.checkpoint, device)
+    if config.guidance != 1 and not model.label_dropout:
+        raise data.UserError(f"--guidance {config.guidance}: {config.checkpoint} was trained without label dropout, "
+                             "so its null class never learned anything to guide with; give --guidance 1, or "
+                             "train with --label-dropout 0.1")
     if config.bench:
         return benchmark(model, config, device)
     data.claim_folder(config.out, rank, world)  # after the input is read: bad input writes nothing

@@ -1498,7 +1498,7 @@ def test_the_command_writes_a_diffusion_pt_that_load_diffusion_and_sample_py_rea
 
 def test_sample_py_guides_a_saved_model_by_the_asked_weight(tmp_path, monkeypatch):
     model = randomized(unet.make_diffusion("unet", "tiny", 3, 8)).eval()  # labels matter in a random network
-    unet.save_diffusion(model, unet.DiffusionConfig(size="tiny"), {}, str(tmp_path / "diffusion.pt"))
+    unet.save_diffusion(model, unet.DiffusionConfig(size="tiny", label_dropout=0.1), {}, str(tmp_path / "diffusion.pt"))
     monkeypatch.setattr(sys, "argv", ["sample.py", str(tmp_path / "diffusion.pt"), "--per-class", "2", "--steps", "4",
                                       "--solver", "heun", "--guidance", "3", "--out", str(tmp_path / "samples")])
     sample.main()
@@ -1560,6 +1560,7 @@ class GaussianClasses(torch.nn.Module):
         self.means, self.stds, self.prior = (torch.tensor(v, dtype=torch.float64) for v in (means, stds, prior))
         self.num_classes, self.channels, self.resolution, self.sigma_data = len(means), 3, resolution, 0.5
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # places the model on a device, as a network's weights do
+        self.label_dropout = 0.1  # its null class is known, so it can be guided
         self.calls = []
 
     def forward(self, x, sigma, class_labels):
@@ -1742,6 +1743,26 @@ def test_sample_command_saves_k_images_per_class_and_a_grid(tmp_path, monkeypatc
     assert samples["config"]["solver"] == "dpmpp" and samples["config"]["guidance"] == 1.5
     assert Image.open(tmp_path / "samples.png").size == (3 * 66 + 2, 2 * 66 + 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock", "samples.png", "samples.pt"]
+
+
+def test_guidance_is_refused_for_a_diffusion_model_that_never_learned_its_null_class(tmp_path):
+    # dpt.py, before any work: label dropout 0 (the fast and cifar presets) with guidance 3 (tiny's)
+    assert_one_line_error(run_script("dpt.py", *QUICK, "--diffusion-label-dropout", "0", "--out", str(tmp_path)),
+                          "--sample-guidance 3.0", "--diffusion-label-dropout")
+    assert not list(tmp_path.iterdir())
+    # sample.py, from the checkpoint's own config
+    torch.manual_seed(0)
+    model = unet.make_diffusion("unet", "tiny", 10, 32)
+    for dropout in (0.0, 0.1):
+        unet.save_diffusion(model, unet.DiffusionConfig(size="tiny", label_dropout=dropout), {},
+                            str(tmp_path / f"dropout{dropout}.pt"))
+    result = run_script("sample.py", str(tmp_path / "dropout0.0.pt"), "--guidance", "2", "--per-class", "1",
+                        "--steps", "2", "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "--guidance 2.0", "without label dropout")
+    assert not (tmp_path / "out").exists()
+    result = run_script("sample.py", str(tmp_path / "dropout0.1.pt"), "--guidance", "2", "--per-class", "1",
+                        "--steps", "2", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("flags, words", [

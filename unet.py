@@ -462,6 +462,7 @@ def load_diffusion(path, device="cpu"):
         model = make_diffusion(saved["config"]["arch"], saved["config"]["size"], saved["num_classes"],
                                saved["resolution"], saved["channels"], augment_dim=AUGMENT_DIM if told else 0)
         model.load_state_dict(weights)
+        model.label_dropout = saved["config"]["label_dropout"]  # guidance needs a learned null class
     except Exception as error:
         raise data.UserError(f"cannot read a diffusion model from {path} ({type(error).__name__}); "
                              "expected the diffusion.pt or ckpt.pt of unet.py") from None

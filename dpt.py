@@ -265,6 +265,9 @@ def check_run_folder(config, run):
     path = os.path.join(run, "config.json")
     settings = {k: v for k, v in asdict(config).items() if k not in FREE_TO_CHANGE}
     saved = read_json(path)
+    if saved is None and set(os.listdir(run)) - {"run.lock", "timings.json"}:  # made by settings no one knows
+        raise data.UserError(f"{run} holds a run's files but no config.json, so the settings they were made with "
+                             "are unknown; delete the folder to start over, or choose another --out")
     redo_from = STAGES.index(config.redo) if config.redo else len(STAGES)
     if saved is not None and set(saved) != set(settings):  # made before a flag was renamed
         raise data.UserError(f"{run} was made by another version of dpt.py (its settings are named "

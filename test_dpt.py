@@ -2258,6 +2258,16 @@ def test_a_changed_setting_is_refused_unless_redo_reruns_its_stage(quick_run, tm
     assert '"sample_guidance": 2.0' in report and "<th>FID of the samples</th><td>-</td>" in report
 
 
+def test_a_run_folder_without_its_config_json_is_refused_not_adopted(quick_run, tmp_path):
+    run = tmp_path / "shapes-1l-s0"
+    shutil.copytree(quick_run[1], run)
+    (run / "config.json").unlink()
+    before = {path: path.stat().st_mtime_ns for path in run.rglob("*.pt")}
+    result = run_script("dpt.py", *QUICK, "--sample-guidance", "2", "--out", str(tmp_path))
+    assert_one_line_error(result, "no config.json", "delete the folder")
+    assert {path: path.stat().st_mtime_ns for path in run.rglob("*.pt")} == before and not (run / "config.json").exists()
+
+
 def test_redo_stage1_drops_the_old_baseline_from_timings_and_report_and_advice_names_a_valid_redo(quick_run,
                                                                                                  tmp_path):
     run = tmp_path / "shapes-1l-s0"
@@ -2427,7 +2437,11 @@ def test_bad_input_is_one_line_and_exit_code_2_before_any_work(tmp_path, case):
 
 def test_a_corrupt_checkpoint_is_refused_and_kept(tmp_path):
     checkpoint = tmp_path / "shapes-1l-s0" / "stage1" / "ckpt.pt"
-    checkpoint.parent.mkdir(parents=True)
+    checkpoint.parent.parent.mkdir()
+    config = data.parse_config(dpt.DPTConfig, "", [*QUICK, "--out", str(tmp_path)])
+    dpt.resolve(config)
+    dpt.check_run_folder(config, str(checkpoint.parent.parent))  # the folder's config.json, as a run writes it
+    checkpoint.parent.mkdir()
     checkpoint.write_bytes(b"half a checkpoint")
     result = run_script("dpt.py", *QUICK, "--out", str(tmp_path))
     assert_one_line_error(result, str(checkpoint), "unreadable")

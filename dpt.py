@@ -17,6 +17,7 @@ resumes what was under way from its checkpoint.
 
 import base64
 import html
+import itertools
 import json
 import math
 import os
@@ -906,10 +907,13 @@ def short(value):
 
 def svg_plot(series, x_label, y_label, width=500, height=280):
     """Lines of (x, y) points as inline SVG, with ticked axes, their labels and a
-    legend; every point is a vertex (and a dot, where there are few)."""
+    legend; every point is a vertex (and a dot, where there are few). A non-finite
+    value (a diverged loss) is a gap in its line, and the plot says how many."""
     points = [point for _, line in series for point in line]
+    gaps = sum(not math.isfinite(y) for _, y in points)
+    points = [(x, y) for x, y in points if math.isfinite(y)]
     if not points:
-        return f"<p>no {y_label} recorded</p>"
+        return f"<p>no finite {y_label} recorded</p>"
     (x_low, x_high), (y_low, y_high) = ((min(v), max(v)) for v in zip(*points))
     margin = 0.05 * (y_high - y_low) or 1  # a flat line is drawn across the middle
     x_low, x_high, y_low, y_high = min(x_low, 0), max(x_high, 1), y_low - margin, y_high + margin
@@ -928,12 +932,17 @@ def svg_plot(series, x_label, y_label, width=500, height=280):
                f'text-anchor="middle">{y_label}</text>')
     for row, (name, line) in enumerate(series):
         colour = COLOURS[name]
-        vertices = " ".join(f"{to_x(x):.1f},{to_y(y):.1f}" for x, y in line)
-        svg.append(f'<polyline data-series="{name}" points="{vertices}" fill="none" stroke="{colour}" '
-                   'stroke-width="2"/>')
+        for finite, run in itertools.groupby(line, key=lambda point: math.isfinite(point[1])):
+            if finite:  # one polyline per run of finite points
+                vertices = " ".join(f"{to_x(x):.1f},{to_y(y):.1f}" for x, y in run)
+                svg.append(f'<polyline data-series="{name}" points="{vertices}" fill="none" stroke="{colour}" '
+                           'stroke-width="2"/>')
         if len(line) <= 20:
-            svg += [f'<circle cx="{to_x(x):.1f}" cy="{to_y(y):.1f}" r="3" fill="{colour}"/>' for x, y in line]
+            svg += [f'<circle cx="{to_x(x):.1f}" cy="{to_y(y):.1f}" r="3" fill="{colour}"/>' for x, y in line
+                    if math.isfinite(y)]
         svg.append(f'<text x="{width - right + 10}" y="{top + 12 + 16 * row}" fill="{colour}">{name}</text>')
+    if gaps:
+        svg.append(f'<text x="{left + 8}" y="{top + 14}" fill="#b00">{gaps} non-finite values: gaps in the line</text>')
     return "\n".join(svg + ["</svg>"])
 
 

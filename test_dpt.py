@@ -2051,6 +2051,23 @@ def test_report_html_shows_the_run_that_results_json_and_the_run_folder_hold(qui
     assert "<details>" in page and html.escape(json.dumps(results["config"]["dataset"]), quote=False) in page
 
 
+def test_a_non_finite_diffusion_loss_is_a_gap_in_the_report_not_an_error(quick_run, tmp_path):
+    copy = tmp_path / quick_run[1].name
+    shutil.copytree(quick_run[1], copy)
+    diffusion = torch.load(copy / "stage2" / "diffusion.pt")
+    history = [(32 * k, 1 / k) for k in range(1, 7)]  # a loss that went NaN, then infinite, then came back
+    history[1], history[2] = (64, float("nan")), (96, float("inf"))
+    diffusion["metrics"]["history"] = history
+    torch.save(diffusion, copy / "stage2" / "diffusion.pt")
+    result = run_script("dpt.py", "--report", str(copy))
+    assert result.returncode == 0, result.stderr[-3000:]
+    page = (copy / "report.html").read_text()
+    lines = re.findall(r'<polyline data-series="loss" points="([^"]+)"', page)
+    assert len(lines) == 2 and not re.search(r"nan|inf", " ".join(lines))  # [0] and [3:], around the gap
+    assert sum(len(line.split()) for line in lines) == len(history) - 2
+    assert "2 non-finite values: gaps in the line" in page
+
+
 def test_report_flag_redraws_the_page_of_a_finished_run_without_training(quick_run, tmp_path):
     _, run = quick_run
     copy = tmp_path / run.name

@@ -645,15 +645,14 @@ def claim_folder(folder, rank=0, world=1, wait=False):
         try:
             os.makedirs(folder, exist_ok=True)
             file = open(os.path.join(folder, "run.lock"), "a+")
-            if wait:
-                try:
-                    fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    file.seek(0)
-                    print(f"waiting for {file.read().strip() or 'another process'} to finish {folder}",
-                          file=sys.stderr)
-                    fcntl.flock(file, fcntl.LOCK_EX)
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    raise
+                file.seek(0)
+                print(f"waiting for {file.read().strip() or 'another process'} to finish {folder}", file=sys.stderr)
+                fcntl.flock(file, fcntl.LOCK_EX)
             file.truncate(0)
             file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
             file.flush()

@@ -347,7 +347,7 @@ def stage_split(config, run, dataset):
     return read_artifact(path, "stage1")["indices"]
 
 
-def stage_classifier(config, run, stage, dataset, labeled_index, pseudo=None):
+def stage_classifier(config, run, stage, dataset, labeled_index, device, pseudo=None):
     """Stage 1, stage 3 or the labeled-only baseline, into run/stage/classifier.pt;
     returns the classifier and its metrics."""
     path = os.path.join(run, stage, "classifier.pt")
@@ -357,13 +357,13 @@ def stage_classifier(config, run, stage, dataset, labeled_index, pseudo=None):
         if dist_rank() == 0:
             fixmatch.save_classifier(model, settings, metrics, path)
     barrier()
-    return fixmatch.load_classifier(path, data.distributed_setup()[2])
+    return fixmatch.load_classifier(path, device)
 
 
-def stage_1(config, run, dataset, labeled_index):
+def stage_1(config, run, dataset, labeled_index, device):
     """FixMatch on the labeled split, then a pseudo label for every training image;
     returns the classifier (the judge of the generated images), its metrics and the labels."""
-    model, metrics = stage_classifier(config, run, "stage1", dataset, labeled_index)
+    model, metrics = stage_classifier(config, run, "stage1", dataset, labeled_index, device)
     path = os.path.join(run, FINAL["stage1"])
     if not os.path.exists(path) and dist_rank() == 0:
         data.save_atomic(fixmatch.pseudo_labels(model, dataset), path)
@@ -468,8 +468,8 @@ def oracle_settings(config, dataset):
 
 
 def stage_oracle(config, dataset, device, rank, world):
-    """The oracle and its metrics: trained on first use (a run that finds another
-    training it waits), loaded afterwards."""
+    """The oracle, its metrics and its file: trained on first use (a run that
+    finds another training it waits), loaded afterwards."""
     settings = oracle_settings(config, dataset)
     path = os.path.join(settings.out, "classifier.pt")
     if not os.path.exists(path):
@@ -482,7 +482,7 @@ def stage_oracle(config, dataset, device, rank, world):
                 fixmatch.save_classifier(model, settings, metrics, path)
         barrier()
         data.release_folder(lock)
-    return fixmatch.load_classifier(path, device)
+    return (*fixmatch.load_classifier(path, device), path)
 
 
 # -----------------------------------------------------------------------------
@@ -518,17 +518,18 @@ def run_dpt(config, dataset, device, rank, world):
         print(f"DPT on {dataset.name}, {config.labels} labels per class, preset {config.preset}: {run}")
 
     labeled_index = run_stage(run, "split", stage_split, config, run, dataset)
-    stage1_model, stage1_metrics, pseudo = run_stage(run, "stage1", stage_1, config, run, dataset, labeled_index)
+    stage1_model, stage1_metrics, pseudo = run_stage(run, "stage1", stage_1, config, run, dataset, labeled_index,
+                                                     device)
     run_stage(run, "stage2", stage_2, config, run, dataset, pseudo)
     samples = run_stage(run, "sample", stage_sample, config, run, device, rank, world)
     _, stage3_metrics = run_stage(run, "stage3", stage_classifier, config, run, "stage3", dataset, labeled_index,
-                                  pseudo=(samples["images"], samples["labels"]))
+                                  device, pseudo=(samples["images"], samples["labels"]))
     baseline_metrics = None
     if config.baseline:
         _, baseline_metrics = run_stage(run, "baseline", stage_classifier, config, run, "baseline", dataset,
-                                        labeled_index)
+                                        labeled_index, device)
     fid_result = run_stage(run, "fid", stage_fid, config, run, dataset, samples, device, rank, world)
-    oracle, oracle_metrics = stage_oracle(config, dataset, device, rank, world)
+    oracle, oracle_metrics, oracle_path = stage_oracle(config, dataset, device, rank, world)
 
     if rank == 0:
         # Two judges of the generated images, neither of which saw them (stage 3
@@ -555,7 +556,7 @@ def run_dpt(config, dataset, device, rank, world):
             "oracle_sample_accuracy": true["accuracy"],  # the same, judged by the oracle
             "oracle_sample_accuracy_per_class": true["per_class"],
             "oracle_accuracy": oracle_metrics.get("accuracy"),  # the oracle's own test accuracy
-            "oracle": os.path.join(oracle_settings(config, dataset).out, "classifier.pt"),
+            "oracle": oracle_path,
             "wall_time_s": read_json(os.path.join(run, "timings.json")),
             "config": asdict(config),
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
@@ -611,7 +612,7 @@ def sweep_summary(runs):
     rows = []
     for run in runs:
         results = read_json(os.path.join(run, "results.json"))
-        rows.append({"seed": results["seed"], "run": run, "minutes": sum(results["wall_time_s"].values()) / 60,
+        rows.append({"seed": results["seed"], "run": run, "minutes": minutes(results),
                      **{field: results[field] for _, field, _ in SWEEP_COLUMNS if field != "minutes"}})
     summary = {"runs": rows, "mean": {}, "std": {}}
     for _, field, _ in SWEEP_COLUMNS:
@@ -625,13 +626,13 @@ def sweep_summary(runs):
 
 def sweep_table(summary):
     """The summary as text rows: a heading, one row per seed, mean +- std."""
-    show = lambda value, percent: "-" if value is None else f"{100 * value:.2f}" if percent else f"{value:.1f}"
+    show = lambda value, is_percent: "-" if value is None else f"{100 * value:.2f}" if is_percent else f"{value:.1f}"
     header = ["seed"] + [heading for heading, _, _ in SWEEP_COLUMNS]
-    rows = [[str(row["seed"])] + [show(row[field], percent) for _, field, percent in SWEEP_COLUMNS]
+    rows = [[str(row["seed"])] + [show(row[field], is_percent) for _, field, is_percent in SWEEP_COLUMNS]
             for row in summary["runs"]]
-    spread = lambda std, percent: "" if std is None else " ± " + show(std, percent)  # one seed has no spread
-    rows.append(["mean ± std"] + [show(summary["mean"][field], percent) + spread(summary["std"][field], percent)
-                                  for _, field, percent in SWEEP_COLUMNS])
+    spread = lambda std, is_percent: "" if std is None else " ± " + show(std, is_percent)  # one seed has no spread
+    rows.append(["mean ± std"] + [show(summary["mean"][field], is_percent) + spread(summary["std"][field], is_percent)
+                                  for _, field, is_percent in SWEEP_COLUMNS])
     return [header] + rows
 
 
@@ -753,9 +754,17 @@ def sample_accuracy(judge, images, labels, num_classes):
     return {"accuracy": right.float().mean().item(), "per_class": per_class}
 
 
+def percent(value):
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def minutes(results):
+    """A run's wall time in minutes, every stage it ran (the cached oracle excluded)."""
+    return sum(results["wall_time_s"].values()) / 60
+
+
 def summary_rows(results):
     """(what, value) rows of the summary that the command prints and the report shows."""
-    percent = lambda value: "-" if value is None else f"{100 * value:.2f}%"
     points = lambda gain: "-" if gain is None else f"{100 * gain:+.2f} points"
     rows = [("labeled images only (--baseline)", percent(results["baseline_accuracy"])),
             ("stage 1: semi-supervised", percent(results["stage1_accuracy"])),
@@ -771,7 +780,7 @@ def summary_rows(results):
         rows.append((f"{name}: moved over its last 3 evaluations", points(results[f"{stage}_last_moves"]).lstrip("+")))
     rows += [("oracle (every true label): test accuracy", percent(results["oracle_accuracy"])),
              ("FID of the samples", "-" if results["fid"] is None else f"{results['fid']:.2f}"),
-             ("wall time", f"{sum(results['wall_time_s'].values()) / 60:.1f} min")]
+             ("wall time", f"{minutes(results):.1f} min")]
     return rows
 
 
@@ -819,7 +828,6 @@ def build_report(run):
         for c, (name, believed, true) in enumerate(zip(names, results["sample_accuracy_per_class"],
                                                         results["oracle_sample_accuracy_per_class"])))
     timings = results["wall_time_s"]
-    percent = lambda value: "-" if value is None else f"{100 * value:.2f}%"
     details = json.dumps({"device": results["device"], "versions": results["versions"],
                           "config": results["config"]}, indent=2)
     return page(title, f"""<p class="verdict">{verdict(results)}</p>

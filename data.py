@@ -14,6 +14,7 @@ images and int64 labels; the augmentations take and return such batches.
 
 import argparse
 import dataclasses
+import errno
 import fcntl
 import inspect
 import itertools
@@ -627,10 +628,12 @@ def save_atomic(obj, path, writer=None):
         cause = error
         while cause is not None and not isinstance(cause, OSError):
             cause = cause.__context__  # torch.save's zip writer meets ENOSPC, then fails in its own clean-up
-        if cause is None:
-            raise
-        raise UserError(f"cannot write {path} ({cause.strerror or cause}); free some space or choose another "
-                        "--out, then run the same command again to continue") from None
+        full = cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not (full or isinstance(error, OSError)):
+            raise  # a bug (one raised while handling an unrelated OSError included), not the disk's fault
+        advice = "free some space" if full else "check that you may write there"
+        raise UserError(f"cannot write {path} ({cause.strerror or cause}); {advice} or choose another --out, "
+                        "then run the same command again to continue") from None
 
 
 HELD_LOCKS = []  # open lock files: the kernel releases each when its process ends, SIGKILL included

@@ -109,8 +109,8 @@ PREFIX_STAGE = {"ssl_": "stage1", "stage3_": "stage3", "diffusion_": "stage2", "
 CLASSIFIER_FIELDS = {**prefixed("", "dataset", "data_dir", "labels", "seed", "compile", "bf16"),
                      **prefixed("ssl_", "arch", "steps", "batch", "uratio", "lr", "lr_cosine", "ema", "precise_bn",
                                 "threshold", "tau", "eval_every"),
-                     "ckpt_every": "ssl_eval_every", "real_fraction": "stage3_real_fraction"}
-STAGE3_FIELDS = dict(CLASSIFIER_FIELDS, steps="stage3_steps")
+                     "ckpt_every": "ssl_eval_every"}
+STAGE3_FIELDS = dict(CLASSIFIER_FIELDS, steps="stage3_steps", real_fraction="stage3_real_fraction")
 DIFFUSION_FIELDS = {**prefixed("", "dataset", "data_dir", "seed", "compile", "bf16"),
                     **prefixed("diffusion_", "arch", "size", "images", "batch", "lr", "warmup", "ema_halflife",
                                "p_mean", "label_dropout", "augment")}
@@ -158,6 +158,8 @@ def resolve(config):
         if not torch.cuda.is_available() and dist_rank() == 0:
             print("no CUDA device: running the tiny preset (give --preset to choose)", file=sys.stderr)
     data.check_fields(config, {"preset": data.one_of(*PRESETS)})
+    if os.path.isfile(config.dataset):  # one spelling of a file, so that a stage's checkpoint knows it again
+        config.dataset = os.path.realpath(config.dataset)
     defaults = dict(compile=torch.cuda.is_available(), bf16=torch.cuda.is_available(), fid_reference=0)
     defaults.update({ours: getattr(stage_config, name) for stage_config, fields in STAGE_SCRIPTS
                      for name, ours in fields.items() if ours.startswith(tuple(PREFIX_STAGE))})
@@ -167,11 +169,13 @@ def resolve(config):
 
 
 # The stages in order, and the config fields each one depends on. A changed field
-# can only be accepted by rerunning (--redo) its stage or an earlier one.
+# can only be accepted by rerunning (--redo) its stage or an earlier one. The
+# dataset is compared by its contents (split.pt keeps them), not by how its name
+# is spelled: ./glyphs.npz is glyphs.npz, a regenerated glyphs.npz is not.
 STAGES = ("split", "stage1", "stage2", "sample", "stage3", "fid")
-FREE_TO_CHANGE = {"data_dir", "out", "redo", "baseline", "fid_weights", "compile", "preset", "ssl_eval_every", "bench",
-                  "report", "seeds"}
-FIELD_STAGE = {"dataset": "split", "labels": "split", "seed": "split", "bf16": "stage1", "fid_reference": "fid",
+FREE_TO_CHANGE = {"dataset", "data_dir", "out", "redo", "baseline", "fid_weights", "compile", "preset",
+                  "ssl_eval_every", "bench", "report", "seeds"}
+FIELD_STAGE = {"labels": "split", "seed": "split", "bf16": "stage1", "fid_reference": "fid",
                **{name: stage for name in asdict(DPTConfig()) for prefix, stage in PREFIX_STAGE.items()
                   if name.startswith(prefix) and name not in FREE_TO_CHANGE}}
 
@@ -239,6 +243,12 @@ def run_folder(config):
     return os.path.join(config.out, f"{name}-{config.labels}l-s{config.seed}")
 
 
+def contents_crc(dataset):
+    """The dataset named by what it holds (every label, every 97th image), so
+    that two spellings of one file are one dataset and a regenerated file another."""
+    return zlib.crc32(dataset.train_y.numpy().tobytes() + dataset.train_x[::97].numpy().tobytes())
+
+
 def dist_rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -255,21 +265,25 @@ def barrier():
 FINAL = {"split": "split.pt", "stage1": "pseudo_labels.pt", "stage2": "stage2/diffusion.pt",
          "sample": "samples.pt", "stage3": "stage3/classifier.pt", "baseline": "baseline/classifier.pt",
          "fid": "fid.json"}
-REMOVED_BY_REDO = {"stage1": ("stage1", "pseudo_labels.pt", "baseline"), "stage2": ("stage2",),
+REMOVED_BY_REDO = {"split": ("split.pt",), "stage1": ("stage1", "pseudo_labels.pt", "baseline"), "stage2": ("stage2",),
                    "sample": ("samples.pt", "samples.png"), "stage3": ("stage3",), "fid": ("fid.json",)}
 
 
 def check_run_folder(config, run):
     """Refuse settings that differ from the ones this run folder was made with,
     unless --redo reruns the first stage they affect; then remove that stage's
-    files and those of every later stage."""
+    files and those of every later stage, once: until the run finishes,
+    redo.json remembers the redo, so that the same command after a kill resumes
+    it instead of throwing its progress away again."""
     path = os.path.join(run, "config.json")
     settings = {k: v for k, v in asdict(config).items() if k not in FREE_TO_CHANGE}
     saved = read_json(path)
+    pending = read_json(os.path.join(run, "redo.json"))  # a --redo begun and not finished
     if saved is None and set(os.listdir(run)) - {"run.lock", "timings.json"}:  # made by settings no one knows
         raise data.UserError(f"{run} holds a run's files but no config.json, so the settings they were made with "
                              "are unknown; delete the folder to start over, or choose another --out")
-    redo_from = STAGES.index(config.redo) if config.redo else len(STAGES)
+    redo = "split" if config.redo == "stage1" else config.redo  # stage 1 draws its labeled split again too
+    redo_from = STAGES.index(redo) if redo else len(STAGES)
     if saved is not None and set(saved) != set(settings):  # made before a flag was renamed
         raise data.UserError(f"{run} was made by another version of dpt.py (its settings are named "
                              f"{', '.join(sorted(set(saved) ^ set(settings)))}); start over with another "
@@ -281,8 +295,11 @@ def check_run_folder(config, run):
             raise data.UserError(f"{run} was made with other settings ({', '.join(changed)}); add "
                                  f"--redo {STAGES[max(earliest, 1)]} to rerun from the stage they change, "
                                  "or choose another --out")
+    resumed = config.redo and saved == settings and pending == {"redo": config.redo}
+    if resumed and dist_rank() == 0:
+        print(f"resuming the --redo {config.redo} begun earlier in {run} (its progress kept)", file=sys.stderr)
     barrier()  # every rank has compared before rank 0 removes anything
-    if dist_rank() == 0:
+    if dist_rank() == 0 and not resumed:
         removed = STAGES[redo_from:] if saved is not None else ()
         for name in [name for stage in removed for name in REMOVED_BY_REDO[stage]] + ["results.json"]:
             target = os.path.join(run, name)
@@ -294,6 +311,8 @@ def check_run_folder(config, run):
         timings = {k: v for k, v in (read_json(os.path.join(run, "timings.json")) or {}).items() if k not in untimed}
         write_json(timings, os.path.join(run, "timings.json"))
         write_json(settings, path)
+        if removed:
+            write_json({"redo": config.redo}, os.path.join(run, "redo.json"))
     barrier()
 
 
@@ -338,13 +357,20 @@ def run_stage(run, stage, function, *args, **kwargs):
 
 
 def stage_split(config, run, dataset):
+    """The labeled images, drawn once and kept with the contents they were drawn
+    from: a run folder never goes on with another dataset than the one it began."""
     path = os.path.join(run, FINAL["split"])
     if not os.path.exists(path) and dist_rank() == 0:
         index = data.labeled_split(dataset.train_y, config.labels, config.seed)
         data.save_atomic({"indices": index, "seed": config.seed, "dataset": dataset.name,
-                          "size": len(dataset.train_y)}, path)
+                          "size": len(dataset.train_y), "contents": contents_crc(dataset)}, path)
     barrier()
-    return read_artifact(path, "stage1")["indices"]
+    split = read_artifact(path, "stage1")
+    if split.get("contents") != contents_crc(dataset) or split.get("size") != len(dataset.train_y):
+        raise data.UserError(f"{run} was made from other data than {config.dataset} holds now (a regenerated "
+                             "or another file of that name); add --redo stage1 to start over on it, or choose "
+                             "another --out")
+    return split["indices"]
 
 
 def stage_classifier(config, run, stage, dataset, labeled_index, device, pseudo=None):
@@ -460,8 +486,7 @@ def oracle_settings(config, dataset):
     a step puts as many labeled images through the network as a stage-1 step puts
     images. The folder names the dataset by its contents, so a regenerated file
     gets a new oracle."""
-    contents = zlib.crc32(dataset.train_y.numpy().tobytes() + dataset.train_x[::97].numpy().tobytes())
-    out = os.path.join(config.out, "oracle", f"{dataset.name}-{config.ssl_arch}-{contents:08x}")
+    out = os.path.join(config.out, "oracle", f"{dataset.name}-{config.ssl_arch}-{contents_crc(dataset):08x}")
     settings, _ = classifier_settings(config, "stage1", out=out)
     return replace(settings, seed=ORACLE_SEED, lambda_u=0.0, batch=settings.batch * (1 + 2 * settings.uratio),
                    real_fraction=-1.0, labels=int(torch.bincount(dataset.train_y).max()))
@@ -563,6 +588,8 @@ def run_dpt(config, dataset, device, rank, world):
             "device": data.device_name(device),
         }
         write_json(results, os.path.join(run, "results.json"))
+        if os.path.exists(os.path.join(run, "redo.json")):
+            os.remove(os.path.join(run, "redo.json"))  # the redo is done: the same command would redo it again
         write_report(run)
         rows = summary_rows(results)
         width = max(len(what) for what, _ in rows)

@@ -9,6 +9,7 @@ exact on-disk formats and run the real loading code on them.
 import base64
 import copy
 import dataclasses
+import errno
 import html
 import io
 import json
@@ -1118,6 +1119,98 @@ def test_the_null_class_ignores_the_label_and_a_real_class_does_not(arch):
     assert torch.equal(model(x, sigma, null), before_null)
     assert (model(x, sigma, torch.tensor([3, 3])) - before_3).abs().max() > 1e-3
     assert (before_3 - before_null).abs().max() > 1e-3
+
+
+# Equality with the original code. Small networks of both families, with fixed
+# weights (a formula, no random numbers) and fixed inputs; their outputs were
+# computed once, in float64, by EDM's training/networks.py (SongUNet, DDPM++
+# options) and U-ViT's libs/uvit.py with the same weights mapped into their
+# layout: .ci/reference_outputs.py EDM_CLONE UVIT_CLONE prints REFERENCE_OUTPUTS.
+# An output is kept as its projections on 8 fixed waves and its mean square.
+
+REFERENCE_NETWORKS = {
+    "unet": dict(resolution=8, channels=3, num_classes=4, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+                 attention_levels=(1,), dropout=0.1, augment_dim=unet.AUGMENT_DIM),
+    "uvit": dict(resolution=8, channels=3, num_classes=4, width=32, depth=3, heads=2, patch=2, dropout=0.0),
+}
+REFERENCE_OUTPUTS = {  # printed by .ci/reference_outputs.py (EDM and U-ViT at their clones of 2026-11-30)
+    "unet-eval": [17.415508454778205, -19.6745503714822, 2.276125428845822, -5.443533456541033, 2.6539757954418626,
+                  -4.49645304887358, 4.461924368321794, -0.33121078563674944, 1.2286986227651433],
+    "unet-train": [20.17843970922674, -17.932489920624608, -4.673891802639421, -1.4728962653313138,
+                   0.39969249383390415, -3.521558386829698, 2.0950390294418755, -0.7681033959828105,
+                   1.2727070116213646],
+    "uvit-eval": [-7.137509372975131, -2.860419431742624, -0.8903408238377647, 0.7536479127268639,
+                  -1.7979751689637464, -1.2530532197439492, -0.08769335339741985, 0.4271277759828378,
+                  0.1891831702056658],
+    "uvit-train": [-7.137509372975131, -2.860419431742624, -0.8903408238377647, 0.7536479127268639,
+                   -1.7979751689637464, -1.2530532197439492, -0.08769335339741985, 0.4271277759828378,
+                   0.1891831702056658],
+}
+
+
+def wave(count, frequency, phase=0.0):
+    return torch.sin(torch.arange(count, dtype=torch.float64) * frequency + phase)
+
+
+def fixed_network(arch):
+    """REFERENCE_NETWORKS[arch] in float64 with weights from a formula: weight
+    matrices at a unit-gain scale, norm scales near 1, tables and biases small."""
+    network = unet.ARCHITECTURES[arch](**REFERENCE_NETWORKS[arch]).double()
+    with torch.no_grad():
+        for index, (name, tensor) in enumerate(network.state_dict().items()):
+            values = wave(tensor.numel(), 0.7, index).view_as(tensor)
+            if tensor.dim() >= 2 and name not in ("label_embedding.weight", "pos_embed"):
+                values = values * math.sqrt(3 / tensor[0].numel())
+            elif "norm" in name and name.endswith("weight"):
+                values = 1 + 0.1 * values
+            else:
+                values = 0.3 * values
+            tensor.copy_(values)
+    return network
+
+
+def fixed_inputs(arch):
+    """x [3, C, H, W], c_noise [3], labels (two classes and the null class) and
+    augmentation labels (for the U-Net, which EDM tells them)."""
+    shape = REFERENCE_NETWORKS[arch]
+    side, channels, classes = shape["resolution"], shape["channels"], shape["num_classes"]
+    x = wave(3 * channels * side * side, 0.37).view(3, channels, side, side)
+    c_noise = torch.tensor([-0.5, 0.1, 0.8], dtype=torch.float64)
+    augment = wave(3 * unet.AUGMENT_DIM, 1.3).view(3, -1) if shape.get("augment_dim") else None
+    return x, c_noise, torch.tensor([1, 3, classes]), augment
+
+
+class FixedDropout:
+    """torch.nn.functional.dropout with masks from a formula, so that two codebases
+    drop the same units wherever they call it in the same order (random masks
+    would not do: SDPA on the CPU draws from the generator, EDM's attention does
+    not). Call k keeps the units where wave(k) >= 2p - 1."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, x, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return x
+        self.calls += 1
+        keep = wave(x.numel(), 0.91, self.calls).view_as(x) >= 2 * p - 1
+        return x * keep / (1 - p)
+
+
+def fingerprint(output):
+    flat = output.detach().flatten().double()
+    return [float(flat @ wave(len(flat), 0.05 + 0.1 * k)) for k in range(8)] + [float(flat.square().mean())]
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("arch", ["unet", "uvit"])
+def test_the_networks_compute_what_edms_songunet_and_u_vits_uvit_compute(arch, mode, monkeypatch):
+    network = fixed_network(arch).train(mode == "train")
+    monkeypatch.setattr(torch.nn.functional, "dropout", FixedDropout())  # the masks the original code was given
+    x, c_noise, labels, augment = fixed_inputs(arch)
+    with torch.no_grad():
+        output = network(x, c_noise, labels, augment)
+    assert fingerprint(output) == pytest.approx(REFERENCE_OUTPUTS[f"{arch}-{mode}"], rel=1e-10, abs=1e-12)
 
 
 def test_the_cifar_unet_has_edms_ddpmpp_parameter_count():
@@ -2347,6 +2440,129 @@ def test_a_run_killed_inside_stage_1_and_inside_stage_2_resumes_each_to_an_unint
         assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in theirs["model"]), name
 
 
+def test_the_same_redo_command_after_a_kill_resumes_the_redone_stage_and_redoes_it_again_once_finished(
+        quick_run, tmp_path):
+    run = tmp_path / "shapes-1l-s0"
+    shutil.copytree(quick_run[1], run)
+    (run / "stage3" / "ckpt.pt").unlink()  # the finished run's last checkpoint: wait for the redo's first
+    command = [*QUICK, "--ssl-eval-every", "3", "--out", str(tmp_path), "--redo", "stage3"]
+    kill_when(start_run(*command), run / "stage3" / "ckpt.pt")
+    assert not (run / "stage3" / "classifier.pt").exists()
+    step = torch.load(run / "stage3" / "ckpt.pt", weights_only=False)["step"]
+    result = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming the --redo stage3" in result.stderr
+    assert f"resuming {run / 'stage3' / 'ckpt.pt'} at step {step} of 12" in result.stderr
+    ours = torch.load(run / "stage3" / "classifier.pt", weights_only=False)["model"]
+    theirs = torch.load(quick_run[1] / "stage3" / "classifier.pt", weights_only=False)["model"]
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)  # as if never killed
+    again = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")  # finished: the same command redoes it
+    assert again.returncode == 0 and "resuming" not in again.stderr, again.stderr[-3000:]
+    assert "fixmatch:" in again.stderr  # stage 3 trained again: the only classifier this command trains
+
+
+def test_one_file_spelled_another_way_is_the_same_run_and_trains_nothing(quick_run, tmp_path):
+    shutil.copytree(quick_run[1].parent, tmp_path / "out")
+    folder, name = os.path.split(SHAPES_FILE)
+    respelled = os.path.join(folder, "..", os.path.basename(folder), ".", name)
+    result = run_script("dpt.py", *QUICK, "--dataset", respelled, "--out", str(tmp_path / "out"),
+                        DPT_FID_WEIGHTS="/missing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test accuracy" not in result.stderr and "images/s" not in result.stderr  # every stage was done
+    configs = [dpt.DPTConfig(dataset=spelling, preset="tiny") for spelling in (SHAPES_FILE, respelled)]
+    for config in configs:
+        dpt.resolve(config)
+    assert dpt.classifier_settings(configs[0], "stage1") == dpt.classifier_settings(configs[1], "stage1")
+
+
+def test_no_stage_reads_a_setting_of_a_later_stage():
+    """Else a --redo of the later stage changes the settings of an earlier stage
+    that a kill left unfinished, and its checkpoint refuses to resume."""
+    config = dpt.DPTConfig(dataset="shapes", preset="tiny")
+    dpt.resolve(config)
+    settings = {"stage1": lambda c: dpt.classifier_settings(c, "stage1")[0],
+                "stage2": lambda c: dpt.diffusion_settings(c)[0], "sample": lambda c: dpt.sample_settings(c)[0],
+                "stage3": lambda c: dpt.classifier_settings(c, "stage3")[0]}
+    other = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v + 0.125, str: lambda v: v + "x"}
+    for name, stage in dpt.FIELD_STAGE.items():
+        value = getattr(config, name)
+        changed = dataclasses.replace(config, **{name: other[type(value)](value)})
+        for earlier, make in settings.items():
+            if dpt.STAGES.index(earlier) < dpt.STAGES.index(stage):
+                assert make(changed) == make(config), (name, earlier)
+
+
+def test_a_split_of_other_data_or_an_unreadable_split_is_refused_and_the_advised_redo_starts_over(
+        quick_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(quick_run[1].parent, out)
+    run = out / "shapes-1l-s0"
+    other = tmp_path / "regenerated" / "shapes.pt"  # another file of the same name: the same run folder
+    other.parent.mkdir()
+    (train_x, train_y), (test_x, test_y) = data.make_shapes(2000, seed=7), data.make_shapes(500, seed=8)
+    torch.save({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y,
+                "classes": list(data.SHAPES)}, other)
+    command = [*QUICK, "--dataset", str(other), "--out", str(out)]
+    refused = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    assert_one_line_error(refused, str(run), "other data", "--redo stage1")
+    redone = run_script("dpt.py", *command, "--redo", "stage1", DPT_FID_WEIGHTS="/missing")
+    assert redone.returncode == 0, redone.stderr[-3000:]
+    indices = torch.load(run / "split.pt")["indices"]
+    assert torch.equal(indices, data.labeled_split(train_y, 1, seed=0))
+    assert not torch.equal(indices, torch.load(quick_run[1] / "split.pt")["indices"])
+
+    (run / "split.pt").write_bytes(b"half a split")
+    unreadable = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    assert_one_line_error(unreadable, "split.pt", "--redo stage1")
+    advised = run_script("dpt.py", *command, "--redo", "stage1", DPT_FID_WEIGHTS="/missing")
+    assert advised.returncode == 0, advised.stderr[-3000:]
+    assert torch.equal(torch.load(run / "split.pt")["indices"], indices)
+
+
+def test_every_network_dpt_loads_goes_to_the_runs_device(quick_run, fid_weights, tmp_path, monkeypatch):
+    """The meta device stands in for a GPU: both classifiers, the baseline, the
+    oracle, the diffusion model and Inception must be loaded onto the run's
+    device, and handed on to work there. The work itself is stubbed (meta
+    tensors hold no values); samples.pt and fid.json are removed so that the
+    diffusion model and Inception are loaded."""
+    out = tmp_path / "out"
+    shutil.copytree(quick_run[1].parent, out)
+    run = out / "shapes-1l-s0"
+    samples = torch.load(run / "samples.pt")
+    (run / "samples.pt").unlink()
+    (run / "fid.json").unlink()
+    meta = torch.device("meta")
+    loaded, used = [], []
+
+    def spy(module, name):
+        real = getattr(module, name)
+
+        def load(*args, **kwargs):
+            result = real(*args, **kwargs)
+            model = result[0] if isinstance(result, tuple) else result
+            loaded.append((name, {tensor.device for tensor in model.state_dict().values()}))
+            return result
+        monkeypatch.setattr(module, name, load)
+    for module, name in ((fixmatch, "load_classifier"), (unet, "load_diffusion"), (fid, "load_inception")):
+        spy(module, name)
+
+    def device_of(model):
+        used.append(next(model.parameters()).device)
+    monkeypatch.setattr(sample, "generate", lambda model, *a, **k: (device_of(model), samples["images"],
+                                                                    samples["labels"])[1:])
+    monkeypatch.setattr(dpt, "split_statistics", lambda model, images, keep_logits, rank, world: (
+        device_of(model), {"mu": np.zeros(4), "sigma": np.eye(4), "count": len(images),
+                           "logits": torch.zeros(len(images), 10)})[1])
+    monkeypatch.setattr(dpt, "sample_accuracy", lambda judge, images, labels, num_classes: (
+        device_of(judge), {"accuracy": 0.5, "per_class": [0.5] * num_classes})[1])
+    monkeypatch.setattr(data, "distributed_setup", lambda: (0, 1, meta))
+    monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--baseline", "--out", str(out), "--fid-weights", fid_weights])
+    dpt.main()
+    assert sorted(name for name, _ in loaded) == ["load_classifier"] * 4 + ["load_diffusion", "load_inception"]
+    assert all(devices == {meta} for _, devices in loaded), loaded
+    assert len(used) == 5 and set(used) == {meta}  # sampling, two FID passes, two judges
+
+
 def test_a_second_run_into_the_folder_of_a_live_one_stops_at_once_naming_it(tmp_path):
     command = [*QUICK, "--ssl-steps", "3000", "--out", str(tmp_path)]  # the first outlives the second's start
     run = tmp_path / "shapes-1l-s0"
@@ -2479,6 +2695,27 @@ def test_a_full_disk_is_one_line_and_leaves_the_earlier_file_whole(tmp_path, mon
         data.save_atomic({"version": 2}, str(path))
     monkeypatch.undo()
     assert torch.load(path) == {"version": 1} and os.listdir(tmp_path) == ["artifact.pt"]
+
+
+def test_only_a_full_disk_is_told_to_free_space_and_a_bug_met_while_writing_stays_a_traceback(tmp_path, monkeypatch):
+    path = str(tmp_path / "artifact.pt")
+
+    def bug_after_a_handled_oserror(obj, file):
+        try:
+            os.stat(tmp_path / "missing")
+        except OSError:
+            raise TypeError("cannot pickle this object")  # its __context__ is the FileNotFoundError
+    monkeypatch.setattr(torch, "save", bug_after_a_handled_oserror)
+    with pytest.raises(TypeError, match="cannot pickle"):
+        data.save_atomic({}, path)
+
+    def read_only(obj, file):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(torch, "save", read_only)
+    with pytest.raises(data.UserError) as error:
+        data.save_atomic({}, path)
+    assert "Read-only file system" in str(error.value) and "free some space" not in str(error.value)
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.fixture

@@ -1,0 +1,149 @@
+"""The reference outputs of test_dpt.py's equality tests, computed by the original code.
+
+    python .ci/reference_outputs.py EDM_CLONE UVIT_CLONE
+
+EDM_CLONE: a clone of github.com/NVlabs/edm (training/networks.py: SongUNet);
+UVIT_CLONE: a clone of github.com/baofff/U-ViT (libs/uvit.py: UViT; needs einops).
+Not run by CI (no clones, no network there): run by hand after a change to a
+network, and paste the printed REFERENCE_OUTPUTS into test_dpt.py.
+
+The small networks of test_dpt.REFERENCE_NETWORKS get the same fixed weights in
+both codebases (ours by test_dpt.fixed_network, mapped here into the original
+layout), see the same inputs (in training mode the same dropout masks:
+test_dpt.FixedDropout), and must agree to ~1e-13 in float64. Three things
+in the originals are set aside, each said where it is done: EDM's attention and
+noise-embedding frequencies are computed in float32 whatever the input (run here
+in float64), U-ViT's flash attention casts to float32 (its "math" path is used),
+and U-ViT's timestep embedding is replaced by ours (EDM's sinusoids: frequencies
+1 to 1/10000 with the endpoint, sin first), a deliberate difference of our U-ViT.
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import test_dpt  # noqa: E402  (the networks, weights, inputs and fingerprint the tests use)
+import unet  # noqa: E402
+
+
+def edm_song_unet(edm_clone):
+    """SongUNet with the DDPM++ options of EDM's train.py at REFERENCE_NETWORKS["unet"]'s size."""
+    sys.path.insert(0, edm_clone)
+    from training import networks
+    networks.AttentionOp = type("AttentionOp", (), {"apply": staticmethod(  # EDM's softmax(Q^T K) without float32
+        lambda q, k: torch.einsum("ncq,nck->nqk", q, k / np.sqrt(k.shape[1])).softmax(dim=2))})
+
+    def positional(self, x):  # EDM's PositionalEmbedding.forward with its frequencies in x's dtype
+        freqs = torch.arange(self.num_channels // 2, dtype=x.dtype) / (self.num_channels // 2 - 1)
+        x = x.ger((1 / self.max_positions) ** freqs)
+        return torch.cat([x.cos(), x.sin()], dim=1)
+    networks.PositionalEmbedding.forward = positional
+    ours = test_dpt.REFERENCE_NETWORKS["unet"]
+    attention = [ours["resolution"] >> level for level in ours["attention_levels"]]
+    return networks.SongUNet(img_resolution=ours["resolution"], in_channels=ours["channels"],
+                             out_channels=ours["channels"], label_dim=ours["num_classes"],
+                             augment_dim=ours["augment_dim"], model_channels=ours["model_channels"],
+                             channel_mult=list(ours["channel_mult"]), num_blocks=ours["num_blocks"],
+                             attn_resolutions=attention, dropout=ours["dropout"]).double()
+
+
+def unet_into_edm(ours, edm):
+    """Our UNet's weights in SongUNet's layout."""
+    classes = test_dpt.REFERENCE_NETWORKS["unet"]["num_classes"]
+    table = ours.label_embedding.weight  # row c = map_label(sqrt(C) one_hot(c)); the null row is its bias
+    mapped = {"map_label.bias": table[classes], "map_augment.weight": ours.augment_embedding.weight,
+              "map_label.weight": (table[:classes] - table[classes]).T / classes ** 0.5}
+    for layer in ("map_layer0", "map_layer1"):
+        for kind in ("weight", "bias"):
+            mapped[f"{layer}.{kind}"] = getattr(ours, layer).state_dict()[kind]
+    encoder = [name for name in edm.enc]
+    decoder = [name for name in edm.dec if "aux" not in name]
+    aux = [name for name in edm.dec if "aux" in name]
+    pairs = [(ours.stem, f"enc.{encoder[0]}")]
+    pairs += [(block, f"enc.{name}") for block, name in zip(ours.encoder, encoder[1:], strict=True)]
+    pairs += [(block, f"dec.{name}") for block, name in zip([*ours.middle, *ours.decoder], decoder, strict=True)]
+    pairs += [(ours.out_norm, f"dec.{aux[0]}"), (ours.out_conv, f"dec.{aux[1]}")]
+    for module, prefix in pairs:
+        for name, tensor in module.state_dict().items():
+            if name.startswith("qkv."):  # ours: [q | k | v] channel blocks; EDM: channel c's q, k, v side by side
+                tensor = tensor.unflatten(0, (3, -1)).transpose(0, 1).flatten(0, 1)
+            mapped[f"{prefix}.{name}"] = tensor
+    return mapped
+
+
+def uvit_original(uvit_clone):
+    sys.path.insert(0, uvit_clone)
+    from libs import uvit
+    uvit.ATTENTION_MODE = "math"  # its flash path casts to float32
+    uvit.timestep_embedding = unet.positional_embedding  # ours: EDM's sinusoids (see the docstring)
+    ours = test_dpt.REFERENCE_NETWORKS["uvit"]
+    return uvit.UViT(img_size=ours["resolution"], patch_size=ours["patch"], in_chans=ours["channels"],
+                     embed_dim=ours["width"], depth=ours["depth"], num_heads=ours["heads"], mlp_time_embed=True,
+                     num_classes=ours["num_classes"] + 1).double()  # + 1: the null class is its last label
+
+
+def uvit_into_original(ours):
+    """Our UViT's weights in libs/uvit.py's layout."""
+    shape = test_dpt.REFERENCE_NETWORKS["uvit"]
+    patch, channels = shape["patch"], shape["channels"]
+    renamed = {"patch_embed.": "patch_embed.proj.", "label_embedding.": "label_emb.", "final_conv.": "final_layer.",
+               ".qkv.": ".attn.qkv.", ".proj.": ".attn.proj.", ".mlp.0.": ".mlp.fc1.", ".mlp.3.": ".mlp.fc2."}
+    mapped = {}
+    for name, tensor in ours.state_dict().items():
+        if name == "pos_embed":  # ours: [noise, class, patches]; theirs: [class, noise, patches]
+            tensor = tensor[:, [1, 0, *range(2, tensor.shape[1])]]
+        if name.startswith("decoder_pred."):  # ours: (C, p1, p2) per token; theirs: (p1, p2, C)
+            tensor = tensor.unflatten(0, (channels, patch * patch)).transpose(0, 1).flatten(0, 1)
+        for old, new in renamed.items():
+            if name.startswith(old) or (old.startswith(".") and old in name):
+                name = name.replace(old, new, 1)
+                break
+        mapped[name] = tensor
+    return mapped
+
+
+def load_exactly(network, mapped):
+    """Every parameter of the original set from ours (EDM's resampling filters are fixed buffers)."""
+    missing, unexpected = network.load_state_dict(mapped, strict=False)
+    assert not unexpected and all(name.endswith("resample_filter") for name in missing), (missing, unexpected)
+
+
+def main(edm_clone, uvit_clone):
+    outputs = {}
+    x, c_noise, labels, augment = test_dpt.fixed_inputs("unet")
+    ours, edm = test_dpt.fixed_network("unet"), edm_song_unet(edm_clone)
+    load_exactly(edm, unet_into_edm(ours, edm))
+    one_hot = torch.nn.functional.one_hot(labels, ours.label_embedding.num_embeddings).double()[:, :-1]  # null: 0
+    for mode in ("eval", "train"):
+        ours.train(mode == "train"), edm.train(mode == "train")
+        torch.nn.functional.dropout = test_dpt.FixedDropout()  # the same masks in both, call by call
+        theirs = edm(x, c_noise, one_hot, augment)
+        torch.nn.functional.dropout = test_dpt.FixedDropout()
+        difference = (ours(x, c_noise, labels, augment) - theirs).abs().max().item()
+        print(f"unet {mode}: largest difference from EDM's SongUNet {difference:.1e}", file=sys.stderr)
+        assert difference < 1e-12
+        outputs[f"unet-{mode}"] = test_dpt.fingerprint(theirs)
+
+    x, c_noise, labels, _ = test_dpt.fixed_inputs("uvit")
+    ours, original = test_dpt.fixed_network("uvit"), uvit_original(uvit_clone)
+    load_exactly(original, uvit_into_original(ours))
+    for mode in ("eval", "train"):  # no dropout in U-ViT: train mode must change nothing
+        ours.train(mode == "train"), original.train(mode == "train")
+        theirs = original(x, c_noise, labels)
+        difference = (ours(x, c_noise, labels) - theirs).abs().max().item()
+        print(f"uvit {mode}: largest difference from libs/uvit.py {difference:.1e}", file=sys.stderr)
+        assert difference < 1e-12
+        outputs[f"uvit-{mode}"] = test_dpt.fingerprint(theirs)
+    print("REFERENCE_OUTPUTS = {")
+    for name, values in outputs.items():
+        print(f'    "{name}": [{", ".join(repr(value) for value in values)}],')
+    print("}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    with torch.no_grad():
+        main(*sys.argv[1:])

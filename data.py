@@ -13,6 +13,7 @@ images and int64 labels; the augmentations take and return such batches.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -676,11 +677,17 @@ def claim_folder(folder, rank=0, world=1, wait=False):
     return file
 
 
-def release_folder(lock):
-    """Let another run claim the folder of claim_folder's lock."""
-    if lock is not None:
-        HELD_LOCKS.remove(lock)
-        lock.close()
+@contextlib.contextmanager
+def folder_claimed(folder, rank=0, world=1, wait=False):
+    """claim_folder for the length of a with-block, let go however the block ends:
+    a library user who calls dpt.main again after an error finds the folder free."""
+    lock = claim_folder(folder, rank, world, wait)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            HELD_LOCKS.remove(lock)
+            lock.close()
 
 
 

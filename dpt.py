@@ -498,15 +498,14 @@ def stage_oracle(config, dataset, device, rank, world):
     settings = oracle_settings(config, dataset)
     path = os.path.join(settings.out, "classifier.pt")
     if not os.path.exists(path):
-        lock = data.claim_folder(settings.out, rank, world, wait=True)
-        if not os.path.exists(path):  # not finished by the run we waited for
-            if rank == 0:
-                print(f"training the oracle once for {dataset.name}: {settings.out}", file=sys.stderr)
-            model, metrics = fixmatch.train(settings, dataset, torch.arange(len(dataset.train_y)))
-            if rank == 0:
-                fixmatch.save_classifier(model, settings, metrics, path)
-        barrier()
-        data.release_folder(lock)
+        with data.folder_claimed(settings.out, rank, world, wait=True):
+            if not os.path.exists(path):  # not finished by the run we waited for
+                if rank == 0:
+                    print(f"training the oracle once for {dataset.name}: {settings.out}", file=sys.stderr)
+                model, metrics = fixmatch.train(settings, dataset, torch.arange(len(dataset.train_y)))
+                if rank == 0:
+                    fixmatch.save_classifier(model, settings, metrics, path)
+            barrier()
     return (*fixmatch.load_classifier(path, device), path)
 
 
@@ -537,7 +536,13 @@ def main():
 def run_dpt(config, dataset, device, rank, world):
     """One run of the three stages, resumed from its folder; returns the run folder."""
     run = run_folder(config)
-    lock = data.claim_folder(run, rank, world)
+    with data.folder_claimed(run, rank, world):
+        run_stages(config, run, dataset, device, rank, world)
+    return run
+
+
+def run_stages(config, run, dataset, device, rank, world):
+    """Each stage in order (each skipped when done), then results.json, report.html and the summary."""
     check_run_folder(config, run)
     if rank == 0:
         print(f"DPT on {dataset.name}, {config.labels} labels per class, preset {config.preset}: {run}")
@@ -596,8 +601,6 @@ def run_dpt(config, dataset, device, rank, world):
         print("\n".join(f"  {what:<{width}}  {value}" for what, value in rows))
         print(f"everything is in {run}: report.html (open it in a browser), results.json, samples.png, samples.pt")
     barrier()
-    data.release_folder(lock)
-    return run
 
 
 def last_moves(history, count=3):

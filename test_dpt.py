@@ -1481,6 +1481,18 @@ def test_a_killed_diffusion_run_resumes_to_the_same_weights_as_an_uninterrupted_
         assert torch.equal(a, last_resumed["model"][name]), name
 
 
+def test_a_diffusion_checkpoint_resumes_under_another_labels_file_name_but_never_on_other_labels(tmp_path):
+    images, labels = data.make_shapes(16, seed=0)[0].expand(-1, 3, -1, -1), torch.arange(16) % 10
+    first, _ = unet.train(diffusion_config(tmp_path, labels_file="a/pseudo_labels.pt"), images, labels, 10,
+                          progress=False)
+    moved, _ = unet.train(diffusion_config(tmp_path, labels_file="b/pseudo_labels.pt"), images, labels, 10,
+                          progress=False)  # the run folder moved: the same labels, found where the checkpoint is
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), moved.state_dict().values()))
+    with pytest.raises(data.UserError, match="other labels"):
+        unet.train(diffusion_config(tmp_path, labels_file="a/pseudo_labels.pt"), images, (labels + 1) % 10, 10,
+                   progress=False)
+
+
 def test_diffusion_steps_warm_up_linearly_and_the_ema_has_the_asked_half_life(tmp_path, monkeypatch):
     saves = recorded_saves(monkeypatch)
     images, labels = shapes_16(32)
@@ -2561,6 +2573,42 @@ def test_every_network_dpt_loads_goes_to_the_runs_device(quick_run, fid_weights,
     assert sorted(name for name, _ in loaded) == ["load_classifier"] * 4 + ["load_diffusion", "load_inception"]
     assert all(devices == {meta} for _, devices in loaded), loaded
     assert len(used) == 5 and set(used) == {meta}  # sampling, two FID passes, two judges
+
+
+@pytest.mark.parametrize("damaged", ["stage1/classifier.pt", "stage2/diffusion.pt", "samples.pt",
+                                     "stage3/classifier.pt", "fid.json"])
+def test_a_damaged_artifact_is_one_line_whose_advice_followed_literally_finishes_the_run(
+        quick_run, tmp_path, damaged):
+    out = tmp_path / "out"
+    shutil.copytree(quick_run[1].parent, out)
+    run = out / "shapes-1l-s0"
+    (run / damaged).write_bytes(b"half a file")
+    if damaged == "stage2/diffusion.pt":
+        (run / "samples.pt").unlink()  # else the diffusion model is not needed again
+    command = [*QUICK, "--out", str(out)]
+    refused = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    assert_one_line_error(refused, damaged)
+    advice = refused.stderr
+    if "--redo" in advice:
+        command += ["--redo", re.search(r"--redo (\w+)", advice).group(1)]
+    else:
+        assert "delete it" in advice or "delete a damaged one" in advice, advice
+        (run / damaged).unlink()
+    finished = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert (run / "results.json").exists()
+
+
+def test_a_library_user_can_call_dpt_main_again_after_it_refused_a_setting(quick_run, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(quick_run[1].parent, out)
+    monkeypatch.setenv("DPT_FID_WEIGHTS", "/missing")
+    monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--out", str(out), "--stage3-steps", "13"])
+    with pytest.raises(data.UserError, match="--redo stage3"):  # refused after the folder was claimed
+        dpt.main()
+    monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--out", str(out)])
+    dpt.main()  # the folder is free again: no "in use by process <this one>"
+    assert not data.HELD_LOCKS
 
 
 def test_a_second_run_into_the_folder_of_a_live_one_stops_at_once_naming_it(tmp_path):

@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -63,7 +64,9 @@ class DiffusionConfig:
     bench: bool = False             # print images/s and MFU of every size of --arch and exit
 
 
-FREE_TO_CHANGE = {"data_dir", "out", "grid_every", "ckpt_every", "compile", "bench"}  # a resumed run ends the same
+# A resumed run ends the same whatever these are; the labels are compared by their
+# contents (a checksum in the checkpoint), not by the name of their file.
+FREE_TO_CHANGE = {"data_dir", "out", "grid_every", "ckpt_every", "compile", "bench", "labels_file"}
 
 # Sizes: `cifar` is EDM's DDPM++ for CIFAR-10 (55.7M parameters) and U-ViT-S/2
 # (Bao et al. 2023, 44M + the time MLP); `tiny` trains on 2 CPU cores in minutes:
@@ -464,8 +467,8 @@ def load_diffusion(path, device="cpu"):
         model.load_state_dict(weights)
         model.label_dropout = saved["config"]["label_dropout"]  # guidance needs a learned null class
     except Exception as error:
-        raise data.UserError(f"cannot read a diffusion model from {path} ({type(error).__name__}); "
-                             "expected the diffusion.pt or ckpt.pt of unet.py") from None
+        raise data.UserError(f"cannot read a diffusion model from {path} ({type(error).__name__}); give the "
+                             "diffusion.pt or ckpt.pt of unet.py, or delete a damaged one to train it again") from None
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -516,12 +519,16 @@ def train(config, images, labels, num_classes, progress=True, preview=None):
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
     torch.manual_seed(config.seed + 1 + rank)  # but every rank draws its own batches and noise
+    labels_crc = zlib.crc32(labels.cpu().numpy().tobytes())
     images, labels = images.to(device), labels.to(device)
 
     images_seen, metrics = 0, {"history": []}
     checkpoint_path = os.path.join(config.out, "ckpt.pt")
     checkpoint = data.resume(checkpoint_path, config, FREE_TO_CHANGE, world, rank, model, ema_model, optimizer)
     if checkpoint is not None:
+        if checkpoint.get("labels_crc") != labels_crc:
+            raise data.UserError(f"checkpoint {checkpoint_path} was trained on other labels; delete it to start "
+                                 "over, or use another --out")
         images_seen, metrics = checkpoint["images_seen"], checkpoint["metrics"]
         if rank == 0 and progress:
             print(f"resuming {checkpoint_path} at {images_seen:,} of {config.images:,} images", file=sys.stderr)
@@ -587,7 +594,7 @@ def train(config, images, labels, num_classes, progress=True, preview=None):
                                   "optimizer": optimizer.state_dict(), "images_seen": images_seen,
                                   "metrics": metrics, "rng": rngs, "config": asdict(config),
                                   "num_classes": num_classes, "resolution": images.shape[-1],
-                                  "channels": images.shape[1]}, checkpoint_path)
+                                  "channels": images.shape[1], "labels_crc": labels_crc}, checkpoint_path)
         bar.update(config.batch)
     bar.close()
     if timer is not None:

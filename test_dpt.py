@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -1121,17 +1122,19 @@ def test_the_null_class_ignores_the_label_and_a_real_class_does_not(arch):
     assert (before_3 - before_null).abs().max() > 1e-3
 
 
-# Equality with the original code. Small networks of both families, with fixed
+# Equality with the original code. Small networks of each family, with fixed
 # weights (a formula, no random numbers) and fixed inputs; their outputs were
 # computed once, in float64, by EDM's training/networks.py (SongUNet, DDPM++
-# options) and U-ViT's libs/uvit.py with the same weights mapped into their
-# layout: .ci/reference_outputs.py EDM_CLONE UVIT_CLONE prints REFERENCE_OUTPUTS.
+# options), U-ViT's libs/uvit.py and LDM's KL autoencoder (U-ViT's and DPT's
+# libs/autoencoder.py) with the same weights mapped into their layout:
+# .ci/reference_outputs.py EDM_CLONE UVIT_CLONE prints REFERENCE_OUTPUTS.
 # An output is kept as its projections on 8 fixed waves and its mean square.
 
 REFERENCE_NETWORKS = {
     "unet": dict(resolution=8, channels=3, num_classes=4, model_channels=16, channel_mult=(1, 2), num_blocks=1,
                  attention_levels=(1,), dropout=0.1, augment_dim=unet.AUGMENT_DIM),
     "uvit": dict(resolution=8, channels=3, num_classes=4, width=32, depth=3, heads=2, patch=2, dropout=0.0),
+    "autoencoder": dict(channels=32, channel_mult=(1, 2, 2), num_blocks=1),  # images of 16 -> latents of 4
 }
 REFERENCE_OUTPUTS = {  # printed by .ci/reference_outputs.py (EDM and U-ViT at their clones of 2026-11-30)
     "unet-eval": [17.415508454778205, -19.6745503714822, 2.276125428845822, -5.443533456541033, 2.6539757954418626,
@@ -1145,7 +1148,14 @@ REFERENCE_OUTPUTS = {  # printed by .ci/reference_outputs.py (EDM and U-ViT at t
     "uvit-train": [-7.137509372975131, -2.860419431742624, -0.8903408238377647, 0.7536479127268639,
                    -1.7979751689637464, -1.2530532197439492, -0.08769335339741985, 0.4271277759828378,
                    0.1891831702056658],
+    "autoencoder-encode": [-0.8324728565073938, -0.12167486943756961, -0.06046145682224735, 12.40338736132178,
+                           -18.202490380000896, -5.761132694029073, -4.598303315351368, -153.6348199013583,
+                           11.416545537125804],
+    "autoencoder-decode": [-164.3755335421099, -155.07871528851493, 33.32343667882886, 47.199764640522545,
+                           -1.294911375446858, 74.2361223145927, 4.363458262842228, -14.582451886725483,
+                           1.912077933511043],
 }
+STABLE_DIFFUSION_LAYOUT = 1521825151  # layout_checksum of the sd autoencoder, which libs/autoencoder.py loaded strictly
 
 
 def wave(count, frequency, phase=0.0):
@@ -1155,7 +1165,8 @@ def wave(count, frequency, phase=0.0):
 def fixed_network(arch):
     """REFERENCE_NETWORKS[arch] in float64 with weights from a formula: weight
     matrices at a unit-gain scale, norm scales near 1, tables and biases small."""
-    network = unet.ARCHITECTURES[arch](**REFERENCE_NETWORKS[arch]).double()
+    build = {"autoencoder": unet.AutoencoderKL, **unet.ARCHITECTURES}[arch]
+    network = build(**REFERENCE_NETWORKS[arch]).double()
     with torch.no_grad():
         for index, (name, tensor) in enumerate(network.state_dict().items()):
             values = wave(tensor.numel(), 0.7, index).view_as(tensor)
@@ -1197,6 +1208,16 @@ class FixedDropout:
         return x * keep / (1 - p)
 
 
+def fixed_autoencoder_inputs():
+    """Images [2, 3, 16, 16] in [-1, 1] and scaled latents [2, 4, 4, 4]."""
+    return wave(2 * 3 * 16 * 16, 0.37).view(2, 3, 16, 16), wave(2 * 4 * 4 * 4, 0.53).view(2, 4, 4, 4)
+
+
+def layout_checksum(network):
+    """A checksum of every state-dict name and shape."""
+    return zlib.crc32("\n".join(f"{name} {tuple(t.shape)}" for name, t in network.state_dict().items()).encode())
+
+
 def fingerprint(output):
     flat = output.detach().flatten().double()
     return [float(flat @ wave(len(flat), 0.05 + 0.1 * k)) for k in range(8)] + [float(flat.square().mean())]
@@ -1211,6 +1232,18 @@ def test_the_networks_compute_what_edms_songunet_and_u_vits_uvit_compute(arch, m
     with torch.no_grad():
         output = network(x, c_noise, labels, augment)
     assert fingerprint(output) == pytest.approx(REFERENCE_OUTPUTS[f"{arch}-{mode}"], rel=1e-10, abs=1e-12)
+
+
+def test_the_autoencoder_computes_what_ldms_autoencoder_kl_computes_and_has_the_checkpoints_layout():
+    network = fixed_network("autoencoder")
+    images, latents = fixed_autoencoder_inputs()
+    with torch.no_grad():
+        outputs = {"encode": torch.cat(network.encode(images)), "decode": network.decode(latents)}
+    for name, output in outputs.items():
+        assert fingerprint(output) == pytest.approx(REFERENCE_OUTPUTS[f"autoencoder-{name}"], rel=1e-10, abs=1e-12)
+    stable_diffusion = unet.AutoencoderKL(**unet.AUTOENCODER_SIZES["sd"])
+    assert layout_checksum(stable_diffusion) == STABLE_DIFFUSION_LAYOUT
+    assert sum(p.numel() for p in stable_diffusion.parameters()) == 83_653_863
 
 
 def test_the_cifar_unet_has_edms_ddpmpp_parameter_count():

@@ -437,6 +437,136 @@ class UViT(nn.Module):
 
 
 ARCHITECTURES = {"unet": UNet, "uvit": UViT}
+ARCHITECTURES = {"unet": UNet, "uvit": UViT}
+
+
+# -----------------------------------------------------------------------------
+# Stable Diffusion's KL-f8 autoencoder (Rombach et al. 2022): the latent space of
+# the ImageNet preset. An image of side 8n in [-1, 1] becomes a 4 x n x n latent
+# and back. The module names are those of the released checkpoint (LDM's
+# ldm/modules/diffusionmodules/model.py, with U-ViT's and DPT's autoencoder_kl.pth),
+# so that its state dict loads as it is; the diffusion model sees the latents
+# scaled by LATENT_SCALE to about unit variance.
+
+AUTOENCODER_SIZES = {
+    "sd":   dict(channels=128, channel_mult=(1, 2, 4, 4), num_blocks=2),  # 83.7M: Stable Diffusion's
+    "tiny": dict(channels=32,  channel_mult=(1, 2, 2, 2), num_blocks=1),  # the same family, for CPU tests
+}
+LATENT_CHANNELS = 4
+LATENT_SCALE = 0.18215  # 1 / the standard deviation of SD's latents on its training images
+
+
+def autoencoder_norm(channels):
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class AutoencoderBlock(nn.Module):
+    """GroupNorm, SiLU, 3x3 conv, twice; added to the input (1x1-projected if the width changes)."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.norm1, self.conv1 = autoencoder_norm(in_channels), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2, self.conv2 = autoencoder_norm(out_channels), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class AutoencoderAttention(nn.Module):
+    """Single-head self-attention over the pixels, residual (only at the lowest resolution)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = autoencoder_norm(channels)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        normed = self.norm(x)
+        q, k, v = (layer(normed).flatten(2).transpose(1, 2)[:, None] for layer in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v)[:, 0]  # [n, pixels, c]
+        return x + self.proj_out(a.transpose(1, 2).reshape(n, c, h, w))
+
+
+def autoencoder_middle(channels):
+    middle = nn.Module()
+    middle.block_1, middle.attn_1, middle.block_2 = (AutoencoderBlock(channels, channels),
+                                                     AutoencoderAttention(channels),
+                                                     AutoencoderBlock(channels, channels))
+    return middle
+
+
+def autoencoder_level(blocks, resample=None):
+    level = nn.Module()
+    level.block = nn.ModuleList(blocks)
+    if resample is not None:
+        setattr(level, resample, nn.Module())
+        getattr(level, resample).conv = nn.Conv2d(blocks[-1].conv2.out_channels, blocks[-1].conv2.out_channels, 3,
+                                                  stride=2 if resample == "downsample" else 1,
+                                                  padding=0 if resample == "downsample" else 1)
+    return level
+
+
+class AutoencoderKL(nn.Module):
+    """encode: images [N, 3, 8n, 8n] in [-1, 1] -> the mean and log-variance of
+    the latent's Gaussian [N, 4, n, n] each (unscaled); decode: scaled latents
+    [N, 4, n, n] -> images in about [-1, 1]."""
+
+    def __init__(self, channels, channel_mult, num_blocks, image_channels=3):
+        super().__init__()
+        widths = [channels * mult for mult in channel_mult]
+        self.encoder, self.decoder = nn.Module(), nn.Module()
+        # Encoder: num_blocks blocks a level, a stride-2 conv between levels.
+        self.encoder.conv_in = nn.Conv2d(image_channels, channels, 3, padding=1)
+        self.encoder.down, width = nn.ModuleList(), channels
+        for level, out in enumerate(widths):
+            blocks = [AutoencoderBlock(width if i == 0 else out, out) for i in range(num_blocks)]
+            self.encoder.down.append(autoencoder_level(blocks, "downsample" if level < len(widths) - 1 else None))
+            width = out
+        self.encoder.mid = autoencoder_middle(width)
+        self.encoder.norm_out = autoencoder_norm(width)
+        self.encoder.conv_out = nn.Conv2d(width, 2 * LATENT_CHANNELS, 3, padding=1)
+        self.quant_conv = nn.Conv2d(2 * LATENT_CHANNELS, 2 * LATENT_CHANNELS, 1)
+        # Decoder: the mirror, num_blocks + 1 blocks a level, nearest-neighbour
+        # upsampling and a conv between levels; up[level] is stored by level.
+        self.post_quant_conv = nn.Conv2d(LATENT_CHANNELS, LATENT_CHANNELS, 1)
+        self.decoder.conv_in = nn.Conv2d(LATENT_CHANNELS, width, 3, padding=1)
+        self.decoder.mid = autoencoder_middle(width)
+        levels = []
+        for level, out in reversed(list(enumerate(widths))):
+            blocks = [AutoencoderBlock(width if i == 0 else out, out) for i in range(num_blocks + 1)]
+            levels.insert(0, autoencoder_level(blocks, "upsample" if level > 0 else None))
+            width = out
+        self.decoder.up = nn.ModuleList(levels)
+        self.decoder.norm_out = autoencoder_norm(width)
+        self.decoder.conv_out = nn.Conv2d(width, image_channels, 3, padding=1)
+
+    def encode(self, images):
+        x = self.encoder.conv_in(images)
+        for level in self.encoder.down:
+            for block in level.block:
+                x = block(x)
+            if hasattr(level, "downsample"):
+                x = level.downsample.conv(F.pad(x, (0, 1, 0, 1)))  # LDM's asymmetric padding
+        middle = self.encoder.mid
+        x = middle.block_2(middle.attn_1(middle.block_1(x)))
+        moments = self.quant_conv(self.encoder.conv_out(F.silu(self.encoder.norm_out(x))))
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, latents):
+        x = self.decoder.conv_in(self.post_quant_conv(latents / LATENT_SCALE))
+        middle = self.decoder.mid
+        x = middle.block_2(middle.attn_1(middle.block_1(x)))
+        for level in reversed(self.decoder.up):
+            for block in level.block:
+                x = block(x)
+            if hasattr(level, "upsample"):
+                x = level.upsample.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.decoder.conv_out(F.silu(self.decoder.norm_out(x)))
 
 
 # -----------------------------------------------------------------------------

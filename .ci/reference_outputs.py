@@ -3,7 +3,9 @@
     python .ci/reference_outputs.py EDM_CLONE UVIT_CLONE
 
 EDM_CLONE: a clone of github.com/NVlabs/edm (training/networks.py: SongUNet);
-UVIT_CLONE: a clone of github.com/baofff/U-ViT (libs/uvit.py: UViT; needs einops).
+UVIT_CLONE: a clone of github.com/baofff/U-ViT (libs/uvit.py: UViT, needs einops;
+libs/autoencoder.py: Stable Diffusion's KL-f8 autoencoder as LDM wrote it, which
+DPT's code copies unchanged).
 Not run by CI (no clones, no network there): run by hand after a change to a
 network, and paste the printed REFERENCE_OUTPUTS into test_dpt.py.
 
@@ -19,6 +21,7 @@ and U-ViT's timestep embedding is replaced by ours (EDM's sinusoids: frequencies
 """
 import os
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -104,6 +107,22 @@ def uvit_into_original(ours):
     return mapped
 
 
+def autoencoder_original(uvit_clone, ours, shape):
+    """libs/autoencoder.py's FrozenAutoencoderKL of our AUTOENCODER_SIZES shape,
+    reading our weights from a file as it reads the real checkpoint (strictly:
+    every name and shape must be the checkpoint's)."""
+    sys.path.insert(0, uvit_clone)
+    from libs import autoencoder
+    path = os.path.join(tempfile.mkdtemp(), "autoencoder_kl.pth")
+    torch.save(ours.state_dict(), path)
+    ddconfig = dict(double_z=True, z_channels=unet.LATENT_CHANNELS, resolution=256, in_channels=3, out_ch=3,
+                    ch=shape["channels"], ch_mult=list(shape["channel_mult"]), num_res_blocks=shape["num_blocks"],
+                    attn_resolutions=[], dropout=0.0)
+    original = autoencoder.FrozenAutoencoderKL(ddconfig, unet.LATENT_CHANNELS, path).double()
+    original.load_state_dict(ours.state_dict())  # again in float64: the file was read into float32 layers
+    return original
+
+
 def load_exactly(network, mapped):
     """Every parameter of the original set from ours (EDM's resampling filters are fixed buffers)."""
     missing, unexpected = network.load_state_dict(mapped, strict=False)
@@ -136,6 +155,21 @@ def main(edm_clone, uvit_clone):
         print(f"uvit {mode}: largest difference from libs/uvit.py {difference:.1e}", file=sys.stderr)
         assert difference < 1e-12
         outputs[f"uvit-{mode}"] = test_dpt.fingerprint(theirs)
+    stable_diffusion = unet.AutoencoderKL(**unet.AUTOENCODER_SIZES["sd"])
+    autoencoder_original(uvit_clone, stable_diffusion, unet.AUTOENCODER_SIZES["sd"])  # loads: the same layout
+    print(f"autoencoder: Stable Diffusion's layout, checksum {test_dpt.layout_checksum(stable_diffusion)}",
+          file=sys.stderr)
+    ours = test_dpt.fixed_network("autoencoder")
+    original = autoencoder_original(uvit_clone, ours, test_dpt.REFERENCE_NETWORKS["autoencoder"])
+    images, latents = test_dpt.fixed_autoencoder_inputs()
+    mean, logvar = original.encode_moments(images).chunk(2, dim=1)
+    theirs = {"encode": torch.cat([mean, logvar.clamp(-30.0, 20.0)]), "decode": original.decode(latents)}
+    differences = ((torch.cat(ours.encode(images)) - theirs["encode"]).abs().max().item(),
+                   (ours.decode(latents) - theirs["decode"]).abs().max().item())
+    print(f"autoencoder: largest differences from libs/autoencoder.py {differences[0]:.1e} (encode), "
+          f"{differences[1]:.1e} (decode)", file=sys.stderr)
+    assert max(differences) < 1e-12
+    outputs.update({f"autoencoder-{name}": test_dpt.fingerprint(output) for name, output in theirs.items()})
     print("REFERENCE_OUTPUTS = {")
     for name, values in outputs.items():
         print(f'    "{name}": [{", ".join(repr(value) for value in values)}],')

@@ -439,6 +439,101 @@ def load_classifier(path, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
+# The ImageNet learner of the paper (its sec. 5.2): no FixMatch, but a frozen
+# self-supervised ViT from MSN (Assran et al. 2022) and a multinomial logistic
+# regression on its features, fit on the labeled images in stage 1 and on the
+# labeled plus the generated ones in stage 3. The module names are those of
+# MSN's released target_encoder (its `module.` prefix dropped), so that the
+# checkpoint loads as it is.
+
+MSN_SIZES = {
+    "vitl7": dict(patch=7, width=1024, depth=24, heads=16),  # vitl7_200ep.pth.tar: one label per class
+    "vitb4": dict(patch=4, width=768,  depth=12, heads=12),  # vitb4_300ep.pth.tar: two labels per class
+    "tiny":  dict(patch=8, width=64,   depth=2,  heads=2),   # the same family, for CPU tests
+}
+
+
+class MSNBlock(nn.Module):
+    """Pre-LayerNorm transformer block (timm's, as MSN's deit.py)."""
+
+    def __init__(self, width, heads, mlp_ratio=4):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width, eps=1e-6), nn.LayerNorm(width, eps=1e-6)
+        self.attn, self.mlp = nn.Module(), nn.Module()
+        self.attn.qkv, self.attn.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(width, mlp_ratio * width), nn.Linear(mlp_ratio * width, width)
+
+    def forward(self, x):
+        n, length, width = x.shape
+        qkv = self.attn.qkv(self.norm1(x)).reshape(n, length, 3, self.heads, width // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        x = x + self.attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, width))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+class MSNViT(nn.Module):
+    """Images [N, 3, R, R], normalized with ImageNet's mean and std -> the class
+    token after the last block [N, width]: MSN's forward_blocks(images, 1), the
+    feature its linear evaluation uses (before the final LayerNorm, which is why
+    this network has none)."""
+
+    def __init__(self, resolution, patch, width, depth, heads):
+        super().__init__()
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, width, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (resolution // patch) ** 2, width))
+        self.blocks = nn.ModuleList([MSNBlock(width, heads) for _ in range(depth)])
+
+    def forward(self, images):
+        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return x[:, 0]
+
+
+def probe_inputs(features):
+    """MSN's preprocessing of each feature vector (cyanure's preprocess with
+    centering and normalize, by rows): minus its own mean, to unit length."""
+    centred = features.double() - features.double().mean(1, keepdim=True)
+    return centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def probe_objective(weights, inputs, labels, lambd):
+    """cyanure's multiclass logistic loss with an L2 penalty and no intercept:
+    mean_i [logsumexp(W x_i) - (W x_i)_{y_i}] + lambd / 2 ||W||^2."""
+    return F.cross_entropy(inputs @ weights.T, labels) + lambd / 2 * weights.square().sum()
+
+
+def fit_probe(features, labels, num_classes, lambd, tolerance=1e-10):
+    """The weights W [classes, D] that minimize probe_objective (strictly convex:
+    one optimum), by L-BFGS in float64 from zero until the gradient vanishes.
+    MSN and DPT take lambd = 0.0025 / the number of training images."""
+    inputs = probe_inputs(features)
+    weights = torch.zeros(num_classes, inputs.shape[1], dtype=torch.float64, device=inputs.device,
+                          requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights], lr=1, max_iter=10_000, tolerance_grad=tolerance,
+                                  tolerance_change=0, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = probe_objective(weights, inputs, labels, lambd)
+        loss.backward()
+        return loss
+    optimizer.step(closure)
+    return weights.detach()
+
+
+def probe_predict(weights, features):
+    """(labels, confidences) of the probe."""
+    probabilities = (probe_inputs(features) @ weights.T).softmax(1)
+    confidences, labels = probabilities.max(1)
+    return labels, confidences
+
+
+# -----------------------------------------------------------------------------
 # Command line: stage 1 alone, and the benchmark
 
 

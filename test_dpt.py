@@ -1125,9 +1125,9 @@ def test_the_null_class_ignores_the_label_and_a_real_class_does_not(arch):
 # Equality with the original code. Small networks of each family, with fixed
 # weights (a formula, no random numbers) and fixed inputs; their outputs were
 # computed once, in float64, by EDM's training/networks.py (SongUNet, DDPM++
-# options), U-ViT's libs/uvit.py and LDM's KL autoencoder (U-ViT's and DPT's
-# libs/autoencoder.py) with the same weights mapped into their layout:
-# .ci/reference_outputs.py EDM_CLONE UVIT_CLONE prints REFERENCE_OUTPUTS.
+# options), U-ViT's libs/uvit.py, LDM's KL autoencoder (U-ViT's and DPT's
+# libs/autoencoder.py) and MSN's src/deit.py with the same weights mapped into
+# their layout: .ci/reference_outputs.py EDM UVIT MSN (clones) prints REFERENCE_OUTPUTS.
 # An output is kept as its projections on 8 fixed waves and its mean square.
 
 REFERENCE_NETWORKS = {
@@ -1135,6 +1135,7 @@ REFERENCE_NETWORKS = {
                  attention_levels=(1,), dropout=0.1, augment_dim=unet.AUGMENT_DIM),
     "uvit": dict(resolution=8, channels=3, num_classes=4, width=32, depth=3, heads=2, patch=2, dropout=0.0),
     "autoencoder": dict(channels=32, channel_mult=(1, 2, 2), num_blocks=1),  # images of 16 -> latents of 4
+    "msn": dict(resolution=16, patch=4, width=32, depth=2, heads=2),
 }
 REFERENCE_OUTPUTS = {  # printed by .ci/reference_outputs.py (EDM and U-ViT at their clones of 2026-11-30)
     "unet-eval": [17.415508454778205, -19.6745503714822, 2.276125428845822, -5.443533456541033, 2.6539757954418626,
@@ -1154,8 +1155,12 @@ REFERENCE_OUTPUTS = {  # printed by .ci/reference_outputs.py (EDM and U-ViT at t
     "autoencoder-decode": [-164.3755335421099, -155.07871528851493, 33.32343667882886, 47.199764640522545,
                            -1.294911375446858, 74.2361223145927, 4.363458262842228, -14.582451886725483,
                            1.912077933511043],
+    "msn": [2.059010841031344, -2.4678376289981268, 1.731320318524125, -3.0037923728408487, 1.4698530947771502,
+            -3.796268508900557, 1.505529786725651, -3.987199825189995, 16.525540686343525],
 }
-STABLE_DIFFUSION_LAYOUT = 1521825151  # layout_checksum of the sd autoencoder, which libs/autoencoder.py loaded strictly
+# layout_checksum of networks whose names and shapes the original code checked against its own
+# (libs/autoencoder.py loaded ours strictly; MSN's deit_large_p7 and deit_base_p4 at 224 matched ours)
+CHECKPOINT_LAYOUTS = {"autoencoder sd": 1521825151, "msn vitl7": 2467259783, "msn vitb4": 2184295607}
 
 
 def wave(count, frequency, phase=0.0):
@@ -1165,12 +1170,12 @@ def wave(count, frequency, phase=0.0):
 def fixed_network(arch):
     """REFERENCE_NETWORKS[arch] in float64 with weights from a formula: weight
     matrices at a unit-gain scale, norm scales near 1, tables and biases small."""
-    build = {"autoencoder": unet.AutoencoderKL, **unet.ARCHITECTURES}[arch]
+    build = {"autoencoder": unet.AutoencoderKL, "msn": fixmatch.MSNViT, **unet.ARCHITECTURES}[arch]
     network = build(**REFERENCE_NETWORKS[arch]).double()
     with torch.no_grad():
         for index, (name, tensor) in enumerate(network.state_dict().items()):
             values = wave(tensor.numel(), 0.7, index).view_as(tensor)
-            if tensor.dim() >= 2 and name not in ("label_embedding.weight", "pos_embed"):
+            if tensor.dim() >= 2 and name not in ("label_embedding.weight", "pos_embed", "cls_token"):
                 values = values * math.sqrt(3 / tensor[0].numel())
             elif "norm" in name and name.endswith("weight"):
                 values = 1 + 0.1 * values
@@ -1241,9 +1246,48 @@ def test_the_autoencoder_computes_what_ldms_autoencoder_kl_computes_and_has_the_
         outputs = {"encode": torch.cat(network.encode(images)), "decode": network.decode(latents)}
     for name, output in outputs.items():
         assert fingerprint(output) == pytest.approx(REFERENCE_OUTPUTS[f"autoencoder-{name}"], rel=1e-10, abs=1e-12)
-    stable_diffusion = unet.AutoencoderKL(**unet.AUTOENCODER_SIZES["sd"])
-    assert layout_checksum(stable_diffusion) == STABLE_DIFFUSION_LAYOUT
+    with torch.device("meta"):  # names and shapes only
+        stable_diffusion = unet.AutoencoderKL(**unet.AUTOENCODER_SIZES["sd"])
+    assert layout_checksum(stable_diffusion) == CHECKPOINT_LAYOUTS["autoencoder sd"]
     assert sum(p.numel() for p in stable_diffusion.parameters()) == 83_653_863
+
+
+def test_the_msn_vit_computes_msns_feature_and_has_the_layout_of_its_checkpoints():
+    network = fixed_network("msn")
+    with torch.no_grad():
+        feature = network(fixed_autoencoder_inputs()[0])
+    assert fingerprint(feature) == pytest.approx(REFERENCE_OUTPUTS["msn"], rel=1e-10, abs=1e-12)
+    for size in ("vitl7", "vitb4"):
+        with torch.device("meta"):
+            released = fixmatch.MSNViT(224, **fixmatch.MSN_SIZES[size])
+        assert layout_checksum(released) == CHECKPOINT_LAYOUTS[f"msn {size}"]
+
+
+def newton(objective, weights, steps=30):
+    """Newton's method with the exact Hessian: the reference optimum of a small
+    strictly convex problem, to machine precision."""
+    for _ in range(steps):
+        flat = weights.flatten().requires_grad_(True)
+        gradient = torch.autograd.grad(objective(flat.view_as(weights)), flat)[0]
+        hessian = torch.autograd.functional.hessian(lambda w: objective(w.view_as(weights)), flat.detach())
+        weights = (flat - torch.linalg.solve(hessian, gradient)).detach().view_as(weights)
+    return weights
+
+
+def test_the_probe_reaches_the_optimum_of_its_objective():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(60, 12, generator=generator, dtype=torch.float64) + 3  # an offset the centring removes
+    labels = torch.randint(5, (60,), generator=generator)
+    lambd = 0.0025 * 100 / len(features)  # MSN's strength, stronger: Newton converges from zero
+    weights = fixmatch.fit_probe(features, labels, 5, lambd)
+    inputs = fixmatch.probe_inputs(features)
+    objective = lambda w: fixmatch.probe_objective(w, inputs, labels, lambd)
+    optimum = newton(objective, torch.zeros(5, 12, dtype=torch.float64))
+    assert torch.allclose(weights, optimum, rtol=0, atol=1e-7 * optimum.abs().max())
+    assert torch.allclose(inputs.mean(1), torch.zeros(60, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(inputs.norm(dim=1), torch.ones(60, dtype=torch.float64))
+    predicted, confidence = fixmatch.probe_predict(weights, features)
+    assert torch.equal(predicted, (inputs @ optimum.T).argmax(1)) and (confidence > 1 / 5).all()
 
 
 def test_the_cifar_unet_has_edms_ddpmpp_parameter_count():

@@ -1,11 +1,13 @@
 """The reference outputs of test_dpt.py's equality tests, computed by the original code.
 
-    python .ci/reference_outputs.py EDM_CLONE UVIT_CLONE
+    python .ci/reference_outputs.py EDM_CLONE UVIT_CLONE MSN_CLONE
 
 EDM_CLONE: a clone of github.com/NVlabs/edm (training/networks.py: SongUNet);
 UVIT_CLONE: a clone of github.com/baofff/U-ViT (libs/uvit.py: UViT, needs einops;
 libs/autoencoder.py: Stable Diffusion's KL-f8 autoencoder as LDM wrote it, which
-DPT's code copies unchanged).
+DPT's code copies unchanged);
+MSN_CLONE: a clone of github.com/facebookresearch/msn (src/deit.py: the ViTs of
+MSN's released checkpoints, and forward_blocks, the feature of its linear evaluation).
 Not run by CI (no clones, no network there): run by hand after a change to a
 network, and paste the printed REFERENCE_OUTPUTS into test_dpt.py.
 
@@ -19,6 +21,7 @@ in float64), U-ViT's flash attention casts to float32 (its "math" path is used),
 and U-ViT's timestep embedding is replaced by ours (EDM's sinusoids: frequencies
 1 to 1/10000 with the endpoint, sin first), a deliberate difference of our U-ViT.
 """
+import functools
 import os
 import sys
 import tempfile
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import fixmatch  # noqa: E402
 import test_dpt  # noqa: E402  (the networks, weights, inputs and fingerprint the tests use)
 import unet  # noqa: E402
 
@@ -123,13 +127,36 @@ def autoencoder_original(uvit_clone, ours, shape):
     return original
 
 
+def msn_original(msn_clone):
+    sys.path.insert(0, msn_clone)
+    from src import deit
+    shape = test_dpt.REFERENCE_NETWORKS["msn"]
+    network = deit.VisionTransformer(img_size=[shape["resolution"]], patch_size=shape["patch"],
+                                     embed_dim=shape["width"], depth=shape["depth"], num_heads=shape["heads"],
+                                     qkv_bias=True, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
+    return deit, network.double()
+
+
+def msn_layouts_agree(deit):
+    """Our vitl7 and vitb4 have the names and shapes of MSN's deit_large_p7 and
+    deit_base_p4 at 224x224, but for the final LayerNorm and the head, which the
+    feature does not use (and which the loader drops)."""
+    for ours, theirs in (("vitl7", deit.deit_large_p7), ("vitb4", deit.deit_base_p4)):
+        network = fixmatch.MSNViT(224, **fixmatch.MSN_SIZES[ours])
+        their_layout = {name: tuple(t.shape) for name, t in theirs().state_dict().items()
+                        if not name.startswith(("norm.", "fc."))}
+        assert their_layout == {name: tuple(t.shape) for name, t in network.state_dict().items()}, ours
+        print(f"msn: {ours} has the layout of MSN's checkpoint, checksum {test_dpt.layout_checksum(network)}",
+              file=sys.stderr)
+
+
 def load_exactly(network, mapped):
     """Every parameter of the original set from ours (EDM's resampling filters are fixed buffers)."""
     missing, unexpected = network.load_state_dict(mapped, strict=False)
     assert not unexpected and all(name.endswith("resample_filter") for name in missing), (missing, unexpected)
 
 
-def main(edm_clone, uvit_clone):
+def main(edm_clone, uvit_clone, msn_clone):
     outputs = {}
     x, c_noise, labels, augment = test_dpt.fixed_inputs("unet")
     ours, edm = test_dpt.fixed_network("unet"), edm_song_unet(edm_clone)
@@ -170,6 +197,17 @@ def main(edm_clone, uvit_clone):
           f"{differences[1]:.1e} (decode)", file=sys.stderr)
     assert max(differences) < 1e-12
     outputs.update({f"autoencoder-{name}": test_dpt.fingerprint(output) for name, output in theirs.items()})
+    deit, original = msn_original(msn_clone)
+    msn_layouts_agree(deit)
+    ours = test_dpt.fixed_network("msn")
+    missing, unexpected = original.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == ["norm.bias", "norm.weight"], (missing, unexpected)
+    images = test_dpt.fixed_autoencoder_inputs()[0]
+    theirs = original.forward_blocks(images, num_blocks=1)
+    difference = (ours(images) - theirs).abs().max().item()
+    print(f"msn: largest difference from deit.py's forward_blocks {difference:.1e}", file=sys.stderr)
+    assert difference < 1e-12
+    outputs["msn"] = test_dpt.fingerprint(theirs)
     print("REFERENCE_OUTPUTS = {")
     for name, values in outputs.items():
         print(f'    "{name}": [{", ".join(repr(value) for value in values)}],')
@@ -177,7 +215,7 @@ def main(edm_clone, uvit_clone):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) != 4:
         sys.exit(__doc__)
     with torch.no_grad():
         main(*sys.argv[1:])

@@ -314,6 +314,72 @@ def write_glyphs(path, train=20_000, test=2_000):
 
 
 # -----------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
+# ImageNet, or any folder in its layout (FOLDER/train/CLASS/*.JPEG, FOLDER/val/CLASS/*):
+# too large to hold as pixels, so every image is read from its file once, by
+# encode_files, into what the stages need (latents and features), chunk by chunk.
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+def image_folder(root, split):
+    """(paths, labels int64, class names) of root/split/CLASS/*, the classes sorted
+    by name, as torchvision's ImageFolder (ImageNet's wnids in their usual order)."""
+    folder = os.path.join(root, split)
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()) if os.path.isdir(folder) else []
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(f for f in os.listdir(os.path.join(folder, name)) if f.lower().endswith(IMAGE_SUFFIXES))
+        paths += [os.path.join(folder, name, f) for f in files]
+        labels += [label] * len(files)
+    if not paths:
+        raise UserError(f"{folder} holds no images in class folders; give a folder in ImageNet's layout "
+                        f"({root}/{split}/CLASS/*.JPEG)")
+    return paths, torch.tensor(labels), tuple(classes)
+
+
+def adm_center_crop(image, side):
+    """ADM's centre crop (Dhariwal & Nichol 2021, guided-diffusion's center_crop_arr),
+    which DPT's and U-ViT's latents use: halve with a box filter while the short
+    side is at least twice `side`, resize (bicubic) to a short side of `side`, then
+    crop the centre. A PIL image in, uint8 [3, side, side] out."""
+    from PIL import Image
+    image = image.convert("RGB")
+    while min(image.size) >= 2 * side:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = side / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    top, left = (pixels.shape[1] - side) // 2, (pixels.shape[2] - side) // 2
+    return pixels[:, top:top + side, left:left + side]
+
+
+def encode_files(paths, read, encode, folder, chunk=10_000, batch=256, progress=True):
+    """{name: tensor [len(paths), ...]} of encode(read(images)) for every file,
+    computed batch by batch and saved in chunks of `chunk` files
+    (folder/chunk-00000.pt, ...): a killed pass keeps every finished chunk and
+    the same call resumes at the first missing one. read(path) -> a tensor;
+    encode(stacked tensors) -> {name: tensor}, moved to the CPU here."""
+    from tqdm import tqdm
+    starts = range(0, len(paths), chunk)
+    names = [os.path.join(folder, f"chunk-{i // chunk:05d}.pt") for i in starts]
+    done = sum(chunk for name in names if os.path.exists(name))
+    bar = tqdm(total=len(paths), initial=min(done, len(paths)), desc="encoding", unit="img", disable=not progress)
+    for start, name in zip(starts, names):
+        if os.path.exists(name):
+            continue
+        parts = []
+        for first in range(start, min(start + chunk, len(paths)), batch):
+            images = torch.stack([read(path) for path in paths[first:min(first + batch, start + chunk)]])
+            parts.append({key: value.cpu() for key, value in encode(images).items()})
+            bar.update(len(images))
+        save_atomic({key: torch.cat([part[key] for part in parts]) for key in parts[0]}, name)
+    bar.close()
+    chunks = [torch.load(name, map_location="cpu", weights_only=True) for name in names]
+    return {key: torch.cat([part[key] for part in chunks]) for key in chunks[0]}
+
+
+# -----------------------------------------------------------------------------
 # The labeled split
 
 

@@ -252,6 +252,74 @@ def test_unreadable_file_is_one_line_and_exit_code_2_on_the_command_line(tmp_pat
 
 
 # -----------------------------------------------------------------------------
+# ImageNet's layout: image folders, ADM's centre crop, the resumable encoding pass
+
+
+def write_image_folder(root, classes=("n01", "n02", "n00"), per_class=3, size=(40, 30)):
+    """JPEGs in ImageNet's layout: root/train/CLASS/*.JPEG; image i of class c is
+    a flat colour (c, i) so that every file is known by its pixels."""
+    from PIL import Image
+    for c, name in enumerate(classes):
+        os.makedirs(root / "train" / name)
+        for i in range(per_class):
+            Image.new("RGB", size, (80 * c, 60 * i, 128)).save(root / "train" / name / f"{name}_{i}.JPEG")
+        (root / "train" / name / "notes.txt").write_text("not an image")
+
+
+def test_an_image_folder_lists_its_images_with_classes_sorted_by_name(tmp_path):
+    write_image_folder(tmp_path)
+    paths, labels, classes = data.image_folder(str(tmp_path), "train")
+    assert classes == ("n00", "n01", "n02") and labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
+    assert all(path.endswith(".JPEG") and f"/{classes[label]}/" in path for path, label in zip(paths, labels))
+    with pytest.raises(data.UserError, match="ImageNet's layout"):
+        data.image_folder(str(tmp_path), "val")
+
+
+def test_adms_centre_crop_halves_with_a_box_filter_then_crops_the_centre():
+    from PIL import Image
+    image = lambda columns: Image.fromarray(np.tile(columns.astype(np.uint8), (400, 1))).convert("RGB")
+    crop = data.adm_center_crop(image(np.arange(1000) // 4), 100)  # column x holds x // 4
+    assert crop.shape == (3, 100, 100) and crop.dtype == torch.uint8  # 1000x400 -> 500x200 -> 250x100, at 75
+    assert torch.equal(crop[0], torch.arange(75, 175, dtype=torch.uint8).expand(100, 100))
+    # Stripes 0, 120, 240, ...: a box of 4 columns from 4m holds a whole period and one more stripe,
+    # (360 + 120 (m % 3)) / 4; one bicubic resize by 4 would blur them towards 120.
+    stripes = data.adm_center_crop(image(np.arange(1000) % 3 * 120), 100)
+    assert stripes[0, 0].tolist() == [90 + 30 * ((75 + k) % 3) for k in range(100)]
+    small = data.adm_center_crop(Image.new("RGB", (50, 40), (9, 99, 199)), 64)  # upscaled, never halved
+    assert small.shape == (3, 64, 64) and small[:, 32, 32].tolist() == [9, 99, 199]
+
+
+def test_the_encoding_pass_resumes_at_its_first_missing_chunk_with_the_same_result(tmp_path, monkeypatch):
+    from PIL import Image
+    write_image_folder(tmp_path / "images", per_class=5)
+    paths, _, _ = data.image_folder(str(tmp_path / "images"), "train")
+    read_files = []
+
+    def read(path):
+        read_files.append(path)
+        return data.adm_center_crop(Image.open(path), 8)
+    encode = lambda images: {"mean": images.float().mean((1, 2, 3)), "corner": images[:, :, 0, 0]}
+    whole = data.encode_files(paths, read, encode, str(tmp_path / "whole"), chunk=6, batch=4, progress=False)
+    assert whole["mean"].shape == (15,) and whole["corner"].shape == (15, 3)
+
+    real_save, saved = data.save_atomic, []
+
+    def save_then_die(obj, path, **kwargs):
+        real_save(obj, path, **kwargs)
+        saved.append(path)
+        if len(saved) == 2:
+            raise KeyboardInterrupt  # killed after its second chunk
+    monkeypatch.setattr(data, "save_atomic", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        data.encode_files(paths, read, encode, str(tmp_path / "killed"), chunk=6, batch=4, progress=False)
+    monkeypatch.setattr(data, "save_atomic", real_save)
+    read_files.clear()
+    resumed = data.encode_files(paths, read, encode, str(tmp_path / "killed"), chunk=6, batch=4, progress=False)
+    assert read_files == paths[12:]  # only the last chunk's files were read again
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+
+
+# -----------------------------------------------------------------------------
 # shapes and the labeled split
 
 

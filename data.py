@@ -588,6 +588,13 @@ class UserError(Exception):
     """A mistake the user can fix: printed as one line on stderr, exit code 2."""
 
 
+def first_line(error, limit=200):
+    """What a library error says, in one line: torch's load_state_dict puts its
+    heading first and the first missing or unexpected key second."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0] if lines else "")[:limit]
+
+
 def run_main(main):
     """Run a script's main(); a UserError ends it with one line and exit code 2.
     Under torchrun, the process group ends with the script."""

@@ -494,6 +494,38 @@ class MSNViT(nn.Module):
         return x[:, 0]
 
 
+MSN_URL = "https://dl.fbaipublicfiles.com/msn/{}.pth.tar"
+MSN_RELEASES = {"vitl7": "vitl7_200ep", "vitb4": "vitb4_300ep"}
+
+
+def load_msn(size, resolution=224, path=None, device="cpu"):
+    """The frozen MSN ViT of MSN_SIZES[size] from its released checkpoint (its
+    target_encoder; the projection head `fc` and the final LayerNorm, which the
+    feature does not pass through, dropped): from `path`, else downloaded once
+    into torch's cache."""
+    try:
+        if path is None:
+            url = MSN_URL.format(MSN_RELEASES[size])
+            try:
+                saved = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=False)
+            except Exception as error:  # offline, refused, or cut short
+                cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+                raise data.UserError(f"cannot get MSN's {size} ({type(error).__name__}); download {url} to "
+                                     f"{cache}") from None
+        else:
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+        weights = {name.removeprefix("module."): value for name, value in saved["target_encoder"].items()}
+        network = MSNViT(resolution, **MSN_SIZES[size])
+        network.load_state_dict({name: value for name, value in weights.items()
+                                 if not name.startswith(("fc.", "norm."))})
+    except data.UserError:
+        raise
+    except Exception as error:
+        raise data.UserError(f"{path or size} is not MSN's {size} checkpoint ({type(error).__name__}: "
+                             f"{data.first_line(error)})") from None
+    return network.to(device).eval().requires_grad_(False)
+
+
 def probe_inputs(features):
     """MSN's preprocessing of each feature vector (cyanure's preprocess with
     centering and normalize, by rows): minus its own mean, to unit length."""

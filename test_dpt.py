@@ -1331,6 +1331,41 @@ def test_the_msn_vit_computes_msns_feature_and_has_the_layout_of_its_checkpoints
         assert layout_checksum(released) == CHECKPOINT_LAYOUTS[f"msn {size}"]
 
 
+def test_the_released_msn_and_autoencoder_checkpoints_load_from_files_in_their_layout(tmp_path, monkeypatch):
+    msn = fixmatch.MSNViT(16, **fixmatch.MSN_SIZES["tiny"])
+    released = {"target_encoder": {"module." + name: value for name, value in msn.state_dict().items()},
+                "epoch": 200}  # MSN's file: every key under module., with its head and last LayerNorm
+    width = fixmatch.MSN_SIZES["tiny"]["width"]
+    released["target_encoder"].update({"module.norm.weight": torch.ones(width), "module.norm.bias": torch.zeros(width),
+                                       "module.fc.0.weight": torch.zeros(8, width)})
+    torch.save(released, tmp_path / "vit_tiny.pth.tar")
+    loaded = fixmatch.load_msn("tiny", 16, str(tmp_path / "vit_tiny.pth.tar"))
+    assert all(torch.equal(a, b) for a, b in zip(msn.state_dict().values(), loaded.state_dict().values()))
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+
+    autoencoder = unet.AutoencoderKL(**unet.AUTOENCODER_SIZES["tiny"])
+    torch.save(autoencoder.state_dict(), tmp_path / "autoencoder_kl.pth")  # U-ViT's and DPT's file
+    torch.save({"state_dict": {"model.diffusion_model.out.weight": torch.zeros(1),  # a Stable Diffusion checkpoint
+                               **{"first_stage_model." + k: v for k, v in autoencoder.state_dict().items()}}},
+               tmp_path / "sd.ckpt")
+    for name in ("autoencoder_kl.pth", "sd.ckpt"):
+        loaded = unet.load_autoencoder(str(tmp_path / name), size="tiny")
+        assert all(torch.equal(a, b) for a, b in zip(autoencoder.state_dict().values(), loaded.state_dict().values()))
+
+    with pytest.raises(data.UserError, match="is not MSN's tiny checkpoint"):
+        fixmatch.load_msn("tiny", 16, str(tmp_path / "sd.ckpt"))
+    with pytest.raises(data.UserError, match="is not Stable Diffusion's autoencoder"):
+        unet.load_autoencoder(str(tmp_path / "vit_tiny.pth.tar"), size="tiny")
+    with pytest.raises(data.UserError, match="drive.google.com"):
+        unet.load_autoencoder(str(tmp_path / "missing.pth"))
+
+    def offline(url, **kwargs):
+        raise OSError("no network here")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(data.UserError, match=re.escape("download https://dl.fbaipublicfiles.com/msn/vitl7_200ep")):
+        fixmatch.load_msn("vitl7")
+
+
 def newton(objective, weights, steps=30):
     """Newton's method with the exact Hessian: the reference optimum of a small
     strictly convex problem, to machine precision."""

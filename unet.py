@@ -569,6 +569,30 @@ class AutoencoderKL(nn.Module):
         return self.decoder.conv_out(F.silu(self.decoder.norm_out(x)))
 
 
+AUTOENCODER_SOURCE = ("autoencoder_kl.pth of the stable-diffusion folder that DPT's README links "
+                      "(drive.google.com/drive/folders/1yo-XhqbPue3rp5P57j6QbA5QZx6KybvP), or a Stable Diffusion "
+                      "v1 checkpoint")
+
+
+def load_autoencoder(path, size="sd", device="cpu"):
+    """Stable Diffusion's autoencoder from autoencoder_kl.pth (its weights alone,
+    as U-ViT and DPT keep them) or from a Stable Diffusion checkpoint (under
+    state_dict, prefixed first_stage_model.); frozen, in eval mode."""
+    if not os.path.isfile(path):
+        raise data.UserError(f"autoencoder weights {path} do not exist; put there the {AUTOENCODER_SOURCE}")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        if "state_dict" in saved:
+            saved = {name.removeprefix("first_stage_model."): value for name, value in saved["state_dict"].items()
+                     if name.startswith("first_stage_model.")}
+        network = AutoencoderKL(**AUTOENCODER_SIZES[size])
+        network.load_state_dict(saved)
+    except Exception as error:
+        raise data.UserError(f"{path} is not Stable Diffusion's autoencoder ({type(error).__name__}: "
+                             f"{data.first_line(error)}); give the {AUTOENCODER_SOURCE}") from None
+    return network.to(device).eval().requires_grad_(False)
+
+
 # -----------------------------------------------------------------------------
 # A diffusion model: built from SIZES, saved as stage 2's artifact, loaded back
 

@@ -1409,6 +1409,15 @@ def test_the_cifar_uvit_is_u_vit_s_2_plus_its_time_mlp():
     assert sum(p.numel() for p in model.parameters()) - time_mlp == pytest.approx(44e6, rel=0.01)
 
 
+@pytest.mark.parametrize("size, parameters", [("large", 287e6), ("huge", 501e6)])
+def test_the_latent_uvits_are_u_vit_l_2_and_h_2_plus_their_time_mlp(size, parameters):
+    with torch.device("meta"):  # shapes only
+        model = unet.make_diffusion("uvit", size, 1000, 32, channels=4)
+    time_mlp = sum(p.numel() for p in model.net.time_embed.parameters())
+    # U-ViT-L/2 and U-ViT-H/2 on 4 x 32 x 32 latents (Bao et al. 2023, Table 1): 287M and 501M parameters
+    assert sum(p.numel() for p in model.parameters()) - time_mlp == pytest.approx(parameters, rel=0.01)
+
+
 @pytest.mark.parametrize("arch", ["unet", "uvit"])
 @pytest.mark.parametrize("size", ["fast", "cifar"])
 def test_the_gpu_sizes_denoise_one_image_on_cpu(arch, size):
@@ -1429,9 +1438,10 @@ def test_a_patch_of_2_keeps_the_image_size_and_quarters_the_work():
 
 def test_unknown_sizes_and_unfit_resolutions_are_refused_in_one_line():
     for changes, resolution, words in [(dict(arch="resnet"), 32, "--arch 'resnet'"),
-                                       (dict(size="huge"), 32, "--size 'huge'"),
+                                       (dict(size="gigantic"), 32, "--size 'gigantic'"),
                                        (dict(size="tiny"), 28, "multiple of 8, not 28"),
-                                       (dict(arch="uvit", size="tiny"), 31, "multiple of 2, not 31")]:
+                                       (dict(arch="uvit", size="tiny"), 31, "multiple of 2, not 31"),
+                                       (dict(size="large"), 32, "the unet comes in tiny, fast, cifar")]:
         with pytest.raises(data.UserError, match=words) as error:
             unet.check(unet.DiffusionConfig(**changes), resolution=resolution)
         assert "\n" not in str(error.value)
@@ -2835,7 +2845,7 @@ BAD_SETTINGS = {
     "bf16": None, "report": "/missing/run",
     "ssl_arch": "vgg", "ssl_steps": "0", "stage3_steps": "0", "ssl_batch": "0", "ssl_uratio": "0", "ssl_lr": "0",
     "ssl_ema": "1", "ssl_threshold": "adaptive", "ssl_tau": "1.5", "stage3_real_fraction": "2",
-    "ssl_eval_every": "0", "diffusion_arch": "resnet", "diffusion_size": "huge", "diffusion_images": "0",
+    "ssl_eval_every": "0", "diffusion_arch": "resnet", "diffusion_size": "gigantic", "diffusion_images": "0",
     "diffusion_batch": "0", "diffusion_lr": "-1", "diffusion_warmup": "-1", "diffusion_ema_halflife": "-1",
     "diffusion_p_mean": "nan", "diffusion_label_dropout": "1", "diffusion_augment": "1.5",
     "sample_per_class": "0", "sample_solver": "ddim", "sample_steps": "1", "sample_guidance": "-1",

@@ -44,7 +44,7 @@ class DiffusionConfig:
     labels_file: str = ""           # pseudo_labels.pt of stage 1; "" trains on the dataset's true labels
     out: str = "runs/diffusion"     # folder for ckpt.pt, diffusion.pt and grid.png
     arch: str = "unet"              # unet (DDPM++) | uvit (U-ViT)
-    size: str = "cifar"             # tiny | fast | cifar: a row of SIZES
+    size: str = "cifar"             # tiny | fast | cifar (uvit also large, huge): a row of SIZES
     dropout: float = -1.0           # dropout probability; negative: the size's own (0.13 for the cifar U-Net)
     images: int = 200_000_000       # training length, in images
     batch: int = 512                # images per step, all processes together
@@ -85,8 +85,13 @@ SIZES = {
         "tiny":  dict(width=128, depth=5,  heads=4, patch=2, dropout=0.0),
         "fast":  dict(width=384, depth=9,  heads=6, patch=2, dropout=0.0),
         "cifar": dict(width=512, depth=13, heads=8, patch=2, dropout=0.0),
+        # On Stable Diffusion's 4 x 32 x 32 latents of 256 x 256 images (the imagenet preset):
+        # U-ViT-L/2 (DPT's one and two labels per class) and U-ViT-H/2 (Bao et al. 2023, Table 1).
+        "large": dict(width=1024, depth=20, heads=16, patch=2, dropout=0.0),
+        "huge":  dict(width=1152, depth=28, heads=16, patch=2, dropout=0.0),
     },
 }
+PIXEL_SIZES = tuple(SIZES["unet"])  # the sizes of both architectures, for images
 
 
 # -----------------------------------------------------------------------------
@@ -631,7 +636,7 @@ def load_diffusion(path, device="cpu"):
 
 
 RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "out": data.FOLDER, "arch": data.one_of(*SIZES),
-         "size": data.one_of(*SIZES["unet"]),  # every architecture has the same size names
+         "size": data.one_of(*SIZES["uvit"]),  # the U-Net's sizes are the U-ViT's pixel sizes
          "dropout": ((lambda value: -math.inf < value < 1), "below 1 (negative: the size's own)"),
          "images": data.at_least(1), "batch": data.at_least(1), "lr": data.POSITIVE, "warmup": data.at_least(0),
          "ema_halflife": data.at_least(0), "ema_rampup": data.at_least(0), "label_dropout": data.FRACTION,
@@ -645,6 +650,9 @@ def check(config, world=1, flags=None, resolution=None):
     `resolution`, also a network that cannot take images of that side."""
     data.check_fields(config, RULES, flags)
     data.check_divisible(config, world, flags)
+    if config.size not in SIZES[config.arch]:
+        raise data.UserError(f"{data.flag('size', flags)} {config.size!r}: the {config.arch} comes in "
+                             f"{', '.join(SIZES[config.arch])}; choose one, or {data.flag('arch', flags)} uvit")
     shape = SIZES[config.arch][config.size]
     halvings = 0 if config.arch == "uvit" else len(shape["channel_mult"]) - 1
     multiple = shape.get("patch", 1) * 2 ** halvings
@@ -803,7 +811,7 @@ def benchmark(config, steps=12):
     _, _, device = data.distributed_setup()
     batch, steps = (config.batch, steps) if device.type == "cuda" else (4, 6)  # a CPU is 1000x slower
     name = data.device_name(device)
-    for size in SIZES[config.arch]:
+    for size in PIXEL_SIZES:
         model = make_diffusion(config.arch, size, 10, 32)
         rate = training_rate(replace(config, size=size, batch=batch), steps)
         mfu = flop_utilisation(model, rate, device)

@@ -1629,6 +1629,25 @@ def test_bf16_autocast_trains_every_network_on_cpu_close_to_float32(kind, arch, 
         assert abs(metrics["accuracy"] - metrics32["accuracy"]) <= 0.125
 
 
+@pytest.mark.parametrize("part", ["encode", "decode", "msn"])
+def test_the_frozen_imagenet_networks_compile_whole_and_run_in_bf16_close_to_float32(part):
+    torch.manual_seed(0)  # PyTorch's initialization: activations of a realistic scale for bf16
+    autoencoder = unet.AutoencoderKL(**REFERENCE_NETWORKS["autoencoder"]).eval()
+    msn = fixmatch.MSNViT(**REFERENCE_NETWORKS["msn"]).eval()
+    images, latents = (tensor.float() for tensor in fixed_autoencoder_inputs())
+    function, inputs = {"encode": (lambda x: autoencoder.encode(x)[0], images), "decode": (autoencoder.decode, latents),
+                        "msn": (msn, images)}[part]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = function(inputs)
+        compiled = torch.compile(function, backend="aot_eager", fullgraph=True)(inputs)  # a graph break fails
+        with torch.autocast("cpu", torch.bfloat16):
+            half = function(inputs)
+    assert torch.allclose(compiled, eager, atol=1e-5, rtol=1e-4)
+    relative = ((half.float() - eager).norm() / eager.norm()).item()
+    assert 0 < relative < 0.02, relative  # bf16 ran, within 2%
+
+
 def test_under_bf16_autocast_losses_pseudo_labels_preconditioning_and_the_ode_stay_float(monkeypatch):
     with torch.autocast("cpu", torch.bfloat16):
         logits = torch.randn(6, 10).bfloat16()

@@ -485,12 +485,15 @@ ORACLE_SEED = 0
 def oracle_settings(config, dataset):
     """Stage 1's settings with every training image labeled and no unlabeled loss;
     a step puts as many labeled images through the network as a stage-1 step puts
-    images. The folder names the dataset by its contents, so a regenerated file
-    gets a new oracle."""
-    out = os.path.join(config.out, "oracle", f"{dataset.name}-{config.ssl_arch}-{contents_crc(dataset):08x}")
-    settings, _ = classifier_settings(config, "stage1", out=out)
-    return replace(settings, seed=ORACLE_SEED, lambda_u=0.0, batch=settings.batch * (1 + 2 * settings.uratio),
-                   real_fraction=-1.0, labels=int(torch.bincount(dataset.train_y).max()))
+    images. The folder names the dataset by its contents and the recipe by a
+    checksum of these settings, so a regenerated file or another recipe (a run
+    with other --ssl-steps) gets its own oracle instead of another's."""
+    settings, _ = classifier_settings(config, "stage1")
+    settings = replace(settings, seed=ORACLE_SEED, lambda_u=0.0, batch=settings.batch * (1 + 2 * settings.uratio),
+                       real_fraction=-1.0, labels=int(torch.bincount(dataset.train_y).max()))
+    recipe = {k: v for k, v in asdict(settings).items() if k not in fixmatch.FREE_TO_CHANGE | {"dataset"}}
+    name = f"{dataset.name}-{config.ssl_arch}-{contents_crc(dataset):08x}-{zlib.crc32(json.dumps(recipe).encode()):08x}"
+    return replace(settings, out=os.path.join(config.out, "oracle", name))
 
 
 def stage_oracle(config, dataset, device, rank, world):

@@ -2495,6 +2495,14 @@ def test_the_oracle_is_trained_once_per_dataset_and_changes_nothing_that_dpt_mak
                                                                      results["stage3_accuracy"])
 
 
+def test_each_oracle_recipe_has_its_own_folder_and_free_settings_share_one(small_shapes):
+    config = dpt.DPTConfig(dataset="shapes", preset="tiny", out="runs")
+    dpt.resolve(config)
+    folder = lambda **changes: dpt.oracle_settings(dataclasses.replace(config, **changes), small_shapes).out
+    assert folder() == folder(ssl_eval_every=7, seed=3, stage3_steps=9, diffusion_images=5)  # not the oracle's recipe
+    assert len({folder(), folder(ssl_steps=2000), folder(ssl_lr=0.1), folder(ssl_precise_bn=0)}) == 4
+
+
 def test_seeds_runs_one_folder_per_seed_resumes_them_and_summarizes_their_results(quick_run, fid_weights, tmp_path):
     shutil.copytree(quick_run[1], tmp_path / "shapes-1l-s0")  # seed 0 is finished already
     shutil.copytree(quick_run[1].parent / "oracle", tmp_path / "oracle")

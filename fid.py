@@ -263,14 +263,20 @@ def for_inference(model, device):
 
 @contextlib.contextmanager
 def full_fp32():
-    """TF32 and any caller's autocast off: the features are defined in fp32."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    """TF32 and any caller's autocast off: the features are defined in fp32. The
+    precision settings come back exactly as they were (the legacy allow_tf32 flags
+    would leave "ieee" where torch had "none", and torch 2.14's inductor then
+    aborts the process in a compiled CPU convolution)."""
+    settings = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = [setting.fp32_precision for setting in settings]
+    for setting in settings:
+        setting.fp32_precision = "ieee"
     try:
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
             yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        for setting, value in zip(settings, saved):
+            setting.fp32_precision = value
 
 
 # -----------------------------------------------------------------------------

@@ -672,6 +672,16 @@ def test_fid_features_stay_float32_inside_a_callers_bf16_autocast(fid_weights):
     assert np.array_equal(inside["mu"], outside["mu"]) and np.array_equal(inside["sigma"], outside["sigma"])
 
 
+def test_fid_turns_tf32_off_and_leaves_the_precision_settings_as_it_found_them():
+    # torch 2.14's inductor aborts the process in a compiled CPU convolution once
+    # cuda.matmul.fp32_precision is left at "ieee" (the legacy allow_tf32 flags' restore did that).
+    settings = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = [setting.fp32_precision for setting in settings]
+    with fid.full_fp32():
+        assert [setting.fp32_precision for setting in settings] == ["ieee", "ieee"]
+    assert [setting.fp32_precision for setting in settings] == before
+
+
 def test_fid_command_saves_stats_and_reads_them_back_with_samples_pt(fid_weights, tmp_path, capsys):
     samples = tmp_path / "samples.pt"
     torch.save({"images": random_images(6), "labels": torch.arange(6)}, samples)

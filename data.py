@@ -314,7 +314,6 @@ def write_glyphs(path, train=20_000, test=2_000):
 
 
 # -----------------------------------------------------------------------------
-# -----------------------------------------------------------------------------
 # ImageNet, or any folder in its layout (FOLDER/train/CLASS/*.JPEG, FOLDER/val/CLASS/*):
 # too large to hold as pixels, so every image is read from its file once, by
 # encode_files, into what the stages need (latents and features), chunk by chunk.

@@ -360,14 +360,14 @@ def run_stage(run, stage, function, *args, **kwargs):
 def stage_split(config, run, dataset):
     """The labeled images, drawn once and kept with the contents they were drawn
     from: a run folder never goes on with another dataset than the one it began."""
-    path = os.path.join(run, FINAL["split"])
+    path, contents = os.path.join(run, FINAL["split"]), contents_crc(dataset)
     if not os.path.exists(path) and dist_rank() == 0:
         index = data.labeled_split(dataset.train_y, config.labels, config.seed)
         data.save_atomic({"indices": index, "seed": config.seed, "dataset": dataset.name,
-                          "size": len(dataset.train_y), "contents": contents_crc(dataset)}, path)
+                          "size": len(dataset.train_y), "contents": contents}, path)
     barrier()
     split = read_artifact(path, "stage1")
-    if split.get("contents") != contents_crc(dataset) or split.get("size") != len(dataset.train_y):
+    if split.get("contents") != contents or split.get("size") != len(dataset.train_y):
         raise data.UserError(f"{run} was made from other data than {config.dataset} holds now (a regenerated "
                              "or another file of that name); add --redo stage1 to start over on it, or choose "
                              "another --out")

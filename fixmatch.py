@@ -503,23 +503,21 @@ def load_msn(size, resolution=224, path=None, device="cpu"):
     target_encoder; the projection head `fc` and the final LayerNorm, which the
     feature does not pass through, dropped): from `path`, else downloaded once
     into torch's cache."""
+    if path is None:
+        url = MSN_URL.format(MSN_RELEASES.get(size, size))
+        try:
+            saved = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=False)
+        except Exception as error:  # offline, refused, cut short, or no such release
+            cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+            raise data.UserError(f"cannot get MSN's {size} ({type(error).__name__}); download {url} to "
+                                 f"{cache}") from None
     try:
-        if path is None:
-            url = MSN_URL.format(MSN_RELEASES[size])
-            try:
-                saved = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=False)
-            except Exception as error:  # offline, refused, or cut short
-                cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-                raise data.UserError(f"cannot get MSN's {size} ({type(error).__name__}); download {url} to "
-                                     f"{cache}") from None
-        else:
+        if path is not None:
             saved = torch.load(path, map_location="cpu", weights_only=False)
         weights = {name.removeprefix("module."): value for name, value in saved["target_encoder"].items()}
         network = MSNViT(resolution, **MSN_SIZES[size])
         network.load_state_dict({name: value for name, value in weights.items()
                                  if not name.startswith(("fc.", "norm."))})
-    except data.UserError:
-        raise
     except Exception as error:
         raise data.UserError(f"{path or size} is not MSN's {size} checkpoint ({type(error).__name__}: "
                              f"{data.first_line(error)})") from None

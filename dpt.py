@@ -15,15 +15,11 @@ README): a killed run, rerun with the same command, skips what is finished and
 resumes what was under way from its checkpoint.
 """
 
-import base64
 import html
-import itertools
 import json
-import math
 import os
 import platform
 import shutil
-import struct
 import sys
 import time
 import zlib
@@ -192,10 +188,9 @@ def classifier_settings(config, stage, out=""):
 
 def diffusion_settings(config, out="", labels_file=""):
     """unet.py's settings for stage 2, and the flags they come from: a checkpoint
-    every 5% of the run (at most 2M images apart), a preview grid halfway and at the end."""
+    every 5% of the run (at most 2M images apart)."""
     settings = settings_from(unet.DiffusionConfig, config, DIFFUSION_FIELDS, out=out, labels_file=labels_file,
-                              ckpt_every=min(max(config.diffusion_images // 20, 1), 2_000_000),
-                              grid_every=max(config.diffusion_images // 2, 1))
+                              ckpt_every=min(max(config.diffusion_images // 20, 1), 2_000_000))
     return settings, DIFFUSION_FIELDS
 
 
@@ -406,7 +401,8 @@ def stage_2(config, run, dataset, pseudo):
         settings, _ = diffusion_settings(config, out=out, labels_file=os.path.join(run, FINAL["stage1"]))
         grid = os.path.join(out, "grid.png")
         preview = lambda model, images_seen: sample.preview_grid(model, grid, per_class=4, steps=8)
-        model, metrics = unet.train(settings, dataset.train_x, pseudo["labels"], dataset.num_classes, preview=preview)
+        model, metrics = unet.train(settings, dataset.train_x, pseudo["labels"], dataset.num_classes, preview=preview,
+                                    preview_every=max(config.diffusion_images // 2, 1))  # halfway and at the end
         if dist_rank() == 0:
             unet.save_diffusion(model, settings, metrics, path)
     barrier()
@@ -688,14 +684,14 @@ def write_sweep(config, dataset, runs):
     body = (f"<table class=\"sweep\"><tr>{cells(table[0], 'th')}</tr>"
             + "".join(f"<tr><td>{link}</td>{cells(row[1:], 'td')}</tr>" for link, row in zip(links, table[1:]))
             + f"<tr><th>{table[-1][0]}</th>{cells(table[-1][1:], 'th')}</tr></table>"
-            + svg_plot([(name, line) for name, line in lines if line], "seed", "test accuracy (%)")
+            + sample.svg_plot([(name, line) for name, line in lines if line], "seed", "test accuracy (%)")
             + f"<p>Stage 3 above stage 1 in {summary['stage3_above_stage1']} runs. Accuracies on the test set in %, "
             "the gain in points (stage 3 minus stage 1, seed by seed), standard deviation over seeds. The stage-1 "
             "judge is the share of generated images the stage-1 classifier puts in their intended class, the "
             "oracle judge the same share by a classifier trained on every true label.</p>")
     title = (f"DPT on {dataset.name}, {config.labels} label{'s' * (config.labels != 1)} per class, "
              f"preset {config.preset}, seeds {config.seeds}")
-    data.save_atomic(page(title, body), path + ".html", writer=lambda text, file: file.write(text.encode()))
+    data.save_atomic(sample.page(title, body), path + ".html", writer=lambda text, file: file.write(text.encode()))
     return path + ".html"
 
 
@@ -823,9 +819,6 @@ def summary_rows(results):
 # script, no network, the images inline), built from results.json and the run
 # folder's files alone, so `python dpt.py --report RUN` redraws an old run.
 
-COLOURS = {"stage 1": "#1f77b4", "stage 3": "#d62728", "baseline": "#7f7f7f", "loss": "#2ca02c"}
-
-
 def write_report(run):
     path = os.path.join(run, "report.html")
     data.save_atomic(build_report(run), path, writer=lambda page, file: file.write(page.encode()))
@@ -845,7 +838,7 @@ def build_report(run):
               ("baseline", "baseline", "stage1", "baseline_accuracy"))
     accuracy = [(name, [(step, 100 * value) for step, value in load(f"{folder}/classifier.pt", redo)["metrics"]
                         ["history"]]) for name, folder, redo, field in curves if results[field] is not None]
-    loss = [("loss", thin(load("stage2/diffusion.pt", "stage2")["metrics"]["history"], 400))]
+    loss = [("loss", sample.thin(load("stage2/diffusion.pt", "stage2")["metrics"]["history"], 400))]
     samples = load("samples.pt", "sample")
     names = results.get("classes") or [f"class {c}" for c in range(len(results["sample_accuracy_per_class"]))]
     labels = results["labels_per_class"]
@@ -858,18 +851,18 @@ def build_report(run):
                          f'</span>{100 * share:.0f}%</td>')
     grid = "<tr><th></th><th></th><th>stage-1 judge</th><th>oracle judge</th></tr>" + "".join(
         f'<tr><th>{html.escape(str(name))}</th><td><img alt="{html.escape(str(name))}" src="data:image/png;base64,'
-        f'{png_row(samples["images"][samples["labels"] == c][:10])}"></td>{bar(believed)}{bar(true)}</tr>'
+        f'{sample.png_row(samples["images"][samples["labels"] == c][:10])}"></td>{bar(believed)}{bar(true)}</tr>'
         for c, (name, believed, true) in enumerate(zip(names, results["sample_accuracy_per_class"],
                                                         results["oracle_sample_accuracy_per_class"])))
     timings = results["wall_time_s"]
     details = json.dumps({"device": results["device"], "versions": results["versions"],
                           "config": results["config"]}, indent=2)
-    return page(title, f"""<p class="verdict">{verdict(results)}</p>
+    return sample.page(title, f"""<p class="verdict">{verdict(results)}</p>
 <table class="summary">{summary}</table>
 <h2>Training</h2>
 <div class="plots">
-{svg_plot(accuracy, "optimizer step", "test accuracy (%)")}
-{svg_plot(loss, "images seen", "diffusion loss")}
+{sample.svg_plot(accuracy, "optimizer step", "test accuracy (%)")}
+{sample.svg_plot(loss, "images seen", "diffusion loss")}
 </div>
 <h2>Generated images, one row per class</h2>
 <p>Beside each row: the share of that class's generated images that each judge puts in the class they were
@@ -878,30 +871,9 @@ the oracle, the same classifier trained on every true label ({html.escape(percen
 on the test set), says what is true.</p>
 <table class="grid">{grid}</table>
 <h2>Wall time</h2>
-{svg_bars(timings)}
+{sample.svg_bars(timings)}
 <details><summary>device, versions and the full config</summary><pre>{html.escape(details, quote=False)}</pre>
 </details>""")
-
-
-def page(title, body):
-    """A self-contained HTML page: the run's report, or a sweep's summary."""
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
-body {{ font: 15px/1.4 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222 }}
-table {{ border-collapse: collapse }} th, td {{ padding: 2px 10px; text-align: left }}
-.verdict {{ font-size: 18px }} .summary th {{ font-weight: normal }}
-.summary td {{ font-weight: bold; text-align: right }}
-.plots {{ display: flex; flex-wrap: wrap; gap: 2em }}
-.grid img {{ height: 48px; image-rendering: pixelated; display: block }}
-.judge {{ font-size: 13px; white-space: nowrap }} pre {{ background: #f4f4f4; padding: 1em; overflow: auto }}
-.track {{ display: inline-block; width: 120px; height: 12px; background: #e8e8e8; margin-right: 6px }}
-.track span {{ display: block; height: 100%; background: #1f77b4 }}
-.sweep td, .sweep th {{ text-align: right; white-space: nowrap }}
-</style></head><body>
-<h1>{html.escape(title)}</h1>
-{body}
-</body></html>
-"""
 
 
 def verdict(results):
@@ -912,94 +884,6 @@ def verdict(results):
     if gain > 0:
         return f"DPT worked: stage 3 is {100 * gain:.2f} points above stage 1."
     return f"Stage 3 is {-100 * gain:.2f} points below stage 1: this run does not show DPT's gain."
-
-
-def thin(points, most):
-    """At most `most` evenly spaced points of a long history, the last one kept."""
-    step = -(-len(points) // most)
-    return points[::step] + ([points[-1]] if (len(points) - 1) % step else [])
-
-
-def png_row(images):
-    """uint8 images [N, 3, H, W] side by side as a base64 PNG, written with zlib
-    alone: 8-bit RGB rows, each led by filter byte 0 (PNG spec, section 11)."""
-    pixels = torch.cat(list(images), dim=2).permute(1, 2, 0).numpy()  # H x N*W x 3
-    height, width, _ = pixels.shape
-    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body
-                                + struct.pack(">I", zlib.crc32(kind + body)))
-    rows = b"".join(b"\0" + row.tobytes() for row in pixels)
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
-    return base64.b64encode(png).decode()
-
-
-def ticks(low, high, count=5):
-    """Round tick values covering [low, high] (steps of 1, 2 or 5 times a power of ten)."""
-    raw = (high - low) / count
-    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
-    return [k * step for k in range(math.ceil(low / step), math.floor(high / step) + 1)]
-
-
-def short(value):
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:g}{suffix}"
-    return f"{value:g}"
-
-
-def svg_plot(series, x_label, y_label, width=500, height=280):
-    """Lines of (x, y) points as inline SVG, with ticked axes, their labels and a
-    legend; every point is a vertex (and a dot, where there are few). A non-finite
-    value (a diverged loss) is a gap in its line, and the plot says how many."""
-    points = [point for _, line in series for point in line]
-    gaps = sum(not math.isfinite(y) for _, y in points)
-    points = [(x, y) for x, y in points if math.isfinite(y)]
-    if not points:
-        return f"<p>no finite {y_label} recorded</p>"
-    (x_low, x_high), (y_low, y_high) = ((min(v), max(v)) for v in zip(*points))
-    margin = 0.05 * (y_high - y_low) or 1  # a flat line is drawn across the middle
-    x_low, x_high, y_low, y_high = min(x_low, 0), max(x_high, 1), y_low - margin, y_high + margin
-    left, right, top, bottom = 60, 110, 10, 45
-    to_x = lambda x: left + (x - x_low) / (x_high - x_low) * (width - left - right)
-    to_y = lambda y: height - bottom - (y - y_low) / (y_high - y_low) * (height - top - bottom)
-    svg = [f'<svg width="{width}" height="{height}" font-size="12" role="img" aria-label="{y_label}">',
-           f'<path d="M{left},{top}V{height - bottom}H{width - right}" stroke="#444" fill="none"/>']
-    for x in ticks(x_low, x_high):
-        svg.append(f'<text x="{to_x(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{short(x)}</text>')
-    for y in ticks(y_low, y_high):
-        svg.append(f'<text x="{left - 6}" y="{to_y(y) + 4:.1f}" text-anchor="end">{short(y)}</text>'
-                   f'<path d="M{left},{to_y(y):.1f}H{width - right}" stroke="#eee"/>')
-    svg.append(f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">{x_label}</text>'
-               f'<text transform="translate(14,{(top + height - bottom) / 2}) rotate(-90)" '
-               f'text-anchor="middle">{y_label}</text>')
-    for row, (name, line) in enumerate(series):
-        colour = COLOURS[name]
-        for finite, run in itertools.groupby(line, key=lambda point: math.isfinite(point[1])):
-            if finite:  # one polyline per run of finite points
-                vertices = " ".join(f"{to_x(x):.1f},{to_y(y):.1f}" for x, y in run)
-                svg.append(f'<polyline data-series="{name}" points="{vertices}" fill="none" stroke="{colour}" '
-                           'stroke-width="2"/>')
-        if len(line) <= 20:
-            svg += [f'<circle cx="{to_x(x):.1f}" cy="{to_y(y):.1f}" r="3" fill="{colour}"/>' for x, y in line
-                    if math.isfinite(y)]
-        svg.append(f'<text x="{width - right + 10}" y="{top + 12 + 16 * row}" fill="{colour}">{name}</text>')
-    if gaps:
-        svg.append(f'<text x="{left + 8}" y="{top + 14}" fill="#b00">{gaps} non-finite values: gaps in the line</text>')
-    return "\n".join(svg + ["</svg>"])
-
-
-def svg_bars(seconds, width=600):
-    """Wall time per stage, one horizontal bar each, as inline SVG."""
-    longest = max(seconds.values(), default=0) or 1
-    svg = [f'<svg width="{width}" height="{22 * len(seconds) + 4}" font-size="12" role="img" aria-label="wall time">']
-    for row, (stage, time_s) in enumerate(seconds.items()):
-        y = 22 * row + 2
-        length = (width - 220) * time_s / longest
-        svg.append(f'<text x="70" y="{y + 14}" text-anchor="end">{stage}</text>'
-                   f'<rect data-stage="{stage}" x="80" y="{y}" width="{length:.1f}" height="16" fill="#1f77b4"/>'
-                   f'<text x="{86 + length:.1f}" y="{y + 14}">'
-                   + (f"{time_s:.0f} s" if time_s < 60 else f"{time_s / 60:.1f} min") + "</text>")
-    return "\n".join(svg + ["</svg>"])
 
 
 if __name__ == "__main__":

@@ -14,9 +14,14 @@ starts from its own noise seeded by (seed, i): the same seed gives every image
 the same noise for any batch size and any number of processes.
 """
 
+import base64
+import html
+import itertools
 import math
 import os
+import struct
 import time
+import zlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -204,6 +209,122 @@ def preview_grid(model, path, per_class=8, steps=18):
     images, labels = generate(model, per_class, "heun", steps, device=next(model.parameters()).device, progress=False)
     model.train(training)
     save_grid(images, labels, path)
+
+
+# -----------------------------------------------------------------------------
+# Pictures for dpt.py's report.html: a page, rows of images as inline PNG, lines
+# and bars as inline SVG; no script, no network, the standard library alone.
+
+COLOURS = {"stage 1": "#1f77b4", "stage 3": "#d62728", "baseline": "#7f7f7f", "loss": "#2ca02c"}
+
+
+def page(title, body):
+    """A self-contained HTML page: the run's report, or a sweep's summary."""
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
+body {{ font: 15px/1.4 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222 }}
+table {{ border-collapse: collapse }} th, td {{ padding: 2px 10px; text-align: left }}
+.verdict {{ font-size: 18px }} .summary th {{ font-weight: normal }}
+.summary td {{ font-weight: bold; text-align: right }}
+.plots {{ display: flex; flex-wrap: wrap; gap: 2em }}
+.grid img {{ height: 48px; image-rendering: pixelated; display: block }}
+.judge {{ font-size: 13px; white-space: nowrap }} pre {{ background: #f4f4f4; padding: 1em; overflow: auto }}
+.track {{ display: inline-block; width: 120px; height: 12px; background: #e8e8e8; margin-right: 6px }}
+.track span {{ display: block; height: 100%; background: #1f77b4 }}
+.sweep td, .sweep th {{ text-align: right; white-space: nowrap }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+{body}
+</body></html>
+"""
+
+
+def thin(points, most):
+    """At most `most` evenly spaced points of a long history, the last one kept."""
+    step = -(-len(points) // most)
+    return points[::step] + ([points[-1]] if (len(points) - 1) % step else [])
+
+
+def png_row(images):
+    """uint8 images [N, 3, H, W] side by side as a base64 PNG, written with zlib
+    alone: 8-bit RGB rows, each led by filter byte 0 (PNG spec, section 11)."""
+    pixels = torch.cat(list(images), dim=2).permute(1, 2, 0).numpy()  # H x N*W x 3
+    height, width, _ = pixels.shape
+    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body
+                                + struct.pack(">I", zlib.crc32(kind + body)))
+    rows = b"".join(b"\0" + row.tobytes() for row in pixels)
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+    return base64.b64encode(png).decode()
+
+
+def ticks(low, high, count=5):
+    """Round tick values covering [low, high] (steps of 1, 2 or 5 times a power of ten)."""
+    raw = (high - low) / count
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+    return [k * step for k in range(math.ceil(low / step), math.floor(high / step) + 1)]
+
+
+def short(value):
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:g}{suffix}"
+    return f"{value:g}"
+
+
+def svg_plot(series, x_label, y_label, width=500, height=280):
+    """Lines of (x, y) points as inline SVG, with ticked axes, their labels and a
+    legend; every point is a vertex (and a dot, where there are few). A non-finite
+    value (a diverged loss) is a gap in its line, and the plot says how many."""
+    points = [point for _, line in series for point in line]
+    gaps = sum(not math.isfinite(y) for _, y in points)
+    points = [(x, y) for x, y in points if math.isfinite(y)]
+    if not points:
+        return f"<p>no finite {y_label} recorded</p>"
+    (x_low, x_high), (y_low, y_high) = ((min(v), max(v)) for v in zip(*points))
+    margin = 0.05 * (y_high - y_low) or 1  # a flat line is drawn across the middle
+    x_low, x_high, y_low, y_high = min(x_low, 0), max(x_high, 1), y_low - margin, y_high + margin
+    left, right, top, bottom = 60, 110, 10, 45
+    to_x = lambda x: left + (x - x_low) / (x_high - x_low) * (width - left - right)
+    to_y = lambda y: height - bottom - (y - y_low) / (y_high - y_low) * (height - top - bottom)
+    svg = [f'<svg width="{width}" height="{height}" font-size="12" role="img" aria-label="{y_label}">',
+           f'<path d="M{left},{top}V{height - bottom}H{width - right}" stroke="#444" fill="none"/>']
+    for x in ticks(x_low, x_high):
+        svg.append(f'<text x="{to_x(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{short(x)}</text>')
+    for y in ticks(y_low, y_high):
+        svg.append(f'<text x="{left - 6}" y="{to_y(y) + 4:.1f}" text-anchor="end">{short(y)}</text>'
+                   f'<path d="M{left},{to_y(y):.1f}H{width - right}" stroke="#eee"/>')
+    svg.append(f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">{x_label}</text>'
+               f'<text transform="translate(14,{(top + height - bottom) / 2}) rotate(-90)" '
+               f'text-anchor="middle">{y_label}</text>')
+    for row, (name, line) in enumerate(series):
+        colour = COLOURS[name]
+        for finite, run in itertools.groupby(line, key=lambda point: math.isfinite(point[1])):
+            if finite:  # one polyline per run of finite points
+                vertices = " ".join(f"{to_x(x):.1f},{to_y(y):.1f}" for x, y in run)
+                svg.append(f'<polyline data-series="{name}" points="{vertices}" fill="none" stroke="{colour}" '
+                           'stroke-width="2"/>')
+        if len(line) <= 20:
+            svg += [f'<circle cx="{to_x(x):.1f}" cy="{to_y(y):.1f}" r="3" fill="{colour}"/>' for x, y in line
+                    if math.isfinite(y)]
+        svg.append(f'<text x="{width - right + 10}" y="{top + 12 + 16 * row}" fill="{colour}">{name}</text>')
+    if gaps:
+        svg.append(f'<text x="{left + 8}" y="{top + 14}" fill="#b00">{gaps} non-finite values: gaps in the line</text>')
+    return "\n".join(svg + ["</svg>"])
+
+
+def svg_bars(seconds, width=600):
+    """Wall time per stage, one horizontal bar each, as inline SVG."""
+    longest = max(seconds.values(), default=0) or 1
+    svg = [f'<svg width="{width}" height="{22 * len(seconds) + 4}" font-size="12" role="img" aria-label="wall time">']
+    for row, (stage, time_s) in enumerate(seconds.items()):
+        y = 22 * row + 2
+        length = (width - 220) * time_s / longest
+        svg.append(f'<text x="70" y="{y + 14}" text-anchor="end">{stage}</text>'
+                   f'<rect data-stage="{stage}" x="80" y="{y}" width="{length:.1f}" height="16" fill="#1f77b4"/>'
+                   f'<text x="{86 + length:.1f}" y="{y + 14}">'
+                   + (f"{time_s:.0f} s" if time_s < 60 else f"{time_s / 60:.1f} min") + "</text>")
+    return "\n".join(svg + ["</svg>"])
 
 
 # -----------------------------------------------------------------------------

@@ -538,6 +538,24 @@ def test_data_command_prints_class_counts_and_saves_a_preview(tmp_path):
     assert width > height > 0  # 10 columns, 5 rows
 
 
+# The files a module may import, anywhere in it (inside a function too): data
+# at the bottom, fid alone, dpt on top; a circle would make one of them unreadable
+# without the other.
+ALLOWED_IMPORTS = {"data": set(), "fid": set(), "fixmatch": {"data"}, "unet": {"data"},
+                   "sample": {"data", "unet"}, "dpt": {"data", "fid", "fixmatch", "sample", "unet"}}
+
+
+def test_imports_flow_one_way():
+    import ast
+    for name, allowed in ALLOWED_IMPORTS.items():
+        tree = ast.parse(open(os.path.join(HERE, name + ".py")).read())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert imported & set(ALLOWED_IMPORTS) <= allowed, (name, imported & set(ALLOWED_IMPORTS) - allowed)
+
+
 # -----------------------------------------------------------------------------
 # FID and Inception Score, against pytorch-fid on the same (random) weights
 
@@ -1064,7 +1082,7 @@ def shapes_16(n, seed=0):
 
 def diffusion_config(out, **changes):
     settings = dict(dataset="shapes", out=str(out), size="tiny", images=24, batch=4, lr=1e-3, warmup=8,
-                    ema_halflife=8, ckpt_every=12, grid_every=0, compile=False, augment=0.0)
+                    ema_halflife=8, ckpt_every=12, compile=False, augment=0.0)
     settings.update(changes)
     return unet.DiffusionConfig(**settings)
 
@@ -1733,7 +1751,7 @@ def test_diffusion_steps_warm_up_linearly_and_the_ema_has_the_asked_half_life(tm
     assert second["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 8 / 32)
 
 
-def test_previews_come_every_grid_every_images_and_do_not_change_training(tmp_path):
+def test_previews_come_every_preview_every_images_and_do_not_change_training(tmp_path):
     images, labels = shapes_16(64)
     calls = []
 
@@ -1741,9 +1759,9 @@ def test_previews_come_every_grid_every_images_and_do_not_change_training(tmp_pa
         calls.append((images_seen, model.training))
         torch.randn(100)
 
-    plain, _ = unet.train(diffusion_config(tmp_path / "a", grid_every=8), images, labels, 10, progress=False)
-    watched, _ = unet.train(diffusion_config(tmp_path / "b", grid_every=8), images, labels, 10, progress=False,
-                            preview=preview)
+    plain, _ = unet.train(diffusion_config(tmp_path / "a"), images, labels, 10, progress=False)
+    watched, _ = unet.train(diffusion_config(tmp_path / "b"), images, labels, 10, progress=False,
+                            preview=preview, preview_every=8)
     assert calls == [(8, False), (16, False), (24, False)]  # the EMA model, in eval mode
     for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values()):
         assert torch.equal(a, b), name
@@ -1794,7 +1812,7 @@ def test_a_labels_file_of_the_wrong_length_is_one_line_and_exit_code_2_on_the_co
 
 def test_two_processes_under_torchrun_train_the_diffusion_model_and_write_one_set_of_files(tmp_path):
     result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "unet.py", "--dataset", SHAPES_FILE,
-                        "--size", "tiny", "--images", "16", "--batch", "8", "--ckpt-every", "8", "--grid-every", "0",
+                        "--size", "tiny", "--images", "16", "--batch", "8", "--ckpt-every", "8",
                         "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "diffusion.pt", "run.lock"]
@@ -1804,7 +1822,7 @@ def test_two_processes_under_torchrun_train_the_diffusion_model_and_write_one_se
 
 def test_the_command_writes_a_diffusion_pt_that_load_diffusion_and_sample_py_read(tmp_path):
     result = run_script("unet.py", "--dataset", SHAPES_FILE, "--size", "tiny", "--images", "8", "--batch", "4",
-                        "--grid-every", "0", "--out", str(tmp_path))
+                        "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     saved = torch.load(tmp_path / "diffusion.pt", weights_only=True)
     assert (saved["config"]["size"] == "tiny"
@@ -2295,7 +2313,7 @@ def assert_affine(values, coordinates, increasing):
 
 def test_a_plot_places_every_point_by_one_affine_map_and_ticks_its_axes():
     series = [("stage 1", [(0, 50.0), (100, 70.0), (250, 65.0)]), ("stage 3", [(0, 60.0), (250, 90.0)])]
-    page = dpt.svg_plot(series, "optimizer step", "test accuracy (%)")
+    page = sample.svg_plot(series, "optimizer step", "test accuracy (%)")
     drawn = np.concatenate([vertices(page, "stage 1"), vertices(page, "stage 3")])
     values = np.array([point for _, line in series for point in line])
     assert_affine(values[:, 0], drawn[:, 0], increasing=True)
@@ -2308,7 +2326,7 @@ def test_a_plot_places_every_point_by_one_affine_map_and_ticks_its_axes():
     assert_affine(np.array([*values[:, 0], *x_ticks]), np.array([*drawn[:, 0], *x_ticks.values()]), True)
     assert_affine(np.array([*values[:, 1], *y_ticks]), np.array([*drawn[:, 1], *y_ticks.values()]), False)
     assert "optimizer step" in page and "test accuracy (%)" in page
-    flat = vertices(dpt.svg_plot([("loss", [(5, 1.0), (9, 1.0)])], "images seen", "loss"), "loss")
+    flat = vertices(sample.svg_plot([("loss", [(5, 1.0), (9, 1.0)])], "images seen", "loss"), "loss")
     assert flat[:, 1].tolist() == [122.5, 122.5]  # equal values: across the middle of the plot
 
 

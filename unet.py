@@ -42,7 +42,7 @@ class DiffusionConfig:
     dataset: str = "cifar10"        # cifar10 | cifar100 | svhn | shapes | path to a .pt/.npz file
     data_dir: str = "./data"        # where torchvision datasets are downloaded to
     labels_file: str = ""           # pseudo_labels.pt of stage 1; "" trains on the dataset's true labels
-    out: str = "runs/diffusion"     # folder for ckpt.pt, diffusion.pt and grid.png
+    out: str = "runs/diffusion"     # folder for ckpt.pt and diffusion.pt
     arch: str = "unet"              # unet (DDPM++) | uvit (U-ViT)
     size: str = "cifar"             # tiny | fast | cifar (uvit also large, huge): a row of SIZES
     dropout: float = -1.0           # dropout probability; negative: the size's own (0.13 for the cifar U-Net)
@@ -57,7 +57,6 @@ class DiffusionConfig:
     p_mean: float = -1.2            # training noise levels: ln(sigma) ~ N(p_mean, p_std^2)
     p_std: float = 1.2              # (EDM's log-normal)
     seed: int = 0                   # seed of the initial weights and of training
-    grid_every: int = 10_000_000    # images between preview grids of the EMA model (0: none)
     ckpt_every: int = 5_000_000     # images between checkpoints
     compile: bool = None            # torch.compile the network (unset: with CUDA only)
     bf16: bool = None               # bf16 autocast (unset: with CUDA only)
@@ -66,7 +65,7 @@ class DiffusionConfig:
 
 # A resumed run ends the same whatever these are; the labels are compared by their
 # contents (a checksum in the checkpoint), not by the name of their file.
-FREE_TO_CHANGE = {"data_dir", "out", "grid_every", "ckpt_every", "compile", "bench", "labels_file"}
+FREE_TO_CHANGE = {"data_dir", "out", "ckpt_every", "compile", "bench", "labels_file"}
 
 # Sizes: `cifar` is EDM's DDPM++ for CIFAR-10 (55.7M parameters) and U-ViT-S/2
 # (Bao et al. 2023, 44M + the time MLP); `tiny` trains on 2 CPU cores in minutes:
@@ -442,7 +441,6 @@ class UViT(nn.Module):
 
 
 ARCHITECTURES = {"unet": UNet, "uvit": UViT}
-ARCHITECTURES = {"unet": UNet, "uvit": UViT}
 
 
 # -----------------------------------------------------------------------------
@@ -641,8 +639,7 @@ RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "out": data.FOLDER, "
          "images": data.at_least(1), "batch": data.at_least(1), "lr": data.POSITIVE, "warmup": data.at_least(0),
          "ema_halflife": data.at_least(0), "ema_rampup": data.at_least(0), "label_dropout": data.FRACTION,
          "augment": data.PROBABILITY,
-         "p_mean": data.FINITE, "p_std": data.POSITIVE, "seed": data.SEED, "grid_every": data.at_least(0),
-         "ckpt_every": data.at_least(1)}
+         "p_mean": data.FINITE, "p_std": data.POSITIVE, "seed": data.SEED, "ckpt_every": data.at_least(1)}
 
 
 def check(config, world=1, flags=None, resolution=None):
@@ -666,14 +663,19 @@ def crossed(every, before, after):
     return every > 0 and after // every > before // every
 
 
-def train(config, images, labels, num_classes, progress=True, preview=None):
+def train(config, images, labels, num_classes, progress=True, preview=None, preview_every=0):
     """EDM training from scratch (or from config.out/ckpt.pt) to config.images.
-    images: uint8 [N, C, H, W]; labels: int64 [N]. Returns the EMA model and a
-    dict of metrics; rank 0 writes the checkpoint and calls
-    preview(ema_model, images_seen) every grid_every images."""
+    images: uint8 pixels [N, C, H, W], or float latents already scaled to about
+    unit variance (each flipped image its own latent: a flip is not augmentation
+    there); labels: int64 [N]. Returns the EMA model and a dict of metrics; rank 0
+    writes the checkpoint and calls preview(ema_model, images_seen) every
+    preview_every images (dpt.py's grid of samples)."""
     rank, world, device = data.distributed_setup()
     check(config, world, resolution=images.shape[-1])
-    on_cuda = device.type == "cuda"
+    on_cuda, pixels = device.type == "cuda", images.dtype == torch.uint8
+    if not pixels and config.augment:
+        raise data.UserError(f"--augment {config.augment}: EDM's augmentation transforms pixels, not latents; "
+                             "give --augment 0")
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = make_diffusion(config.arch, config.size, num_classes, images.shape[-1], images.shape[1],
                            None if config.dropout < 0 else config.dropout, AUGMENT_DIM if config.augment else 0)
@@ -714,9 +716,11 @@ def train(config, images, labels, num_classes, progress=True, preview=None):
         for group in optimizer.param_groups:  # EDM's linear warm-up
             group["lr"] = config.lr * min(images_seen / max(config.warmup, 1e-8), 1)
         pick = torch.randint(len(images), (per_rank,), device=device)
-        x = images[pick].float() / 127.5 - 1
-        if config.augment:
+        x = images[pick].float() / 127.5 - 1 if pixels else images[pick].float()
+        if config.augment and pixels:
             x, augment_labels = augment(x, config.augment)
+        elif not pixels:
+            augment_labels = None
         else:  # horizontal flips, which a network need not be told of
             x, augment_labels = torch.where(torch.rand(per_rank, 1, 1, 1, device=device) < 0.5, x.flip(3), x), None
         x = x.contiguous(memory_format=torch.channels_last)
@@ -746,7 +750,7 @@ def train(config, images, labels, num_classes, progress=True, preview=None):
             loss_sum.zero_()
             loss_steps = 0
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        if preview is not None and rank == 0 and crossed(config.grid_every, images_seen - config.batch, images_seen):
+        if preview is not None and rank == 0 and crossed(preview_every, images_seen - config.batch, images_seen):
             with torch.random.fork_rng(devices=[device] if on_cuda else []):  # training draws the same numbers
                 preview(ema_model, images_seen)
         if crossed(config.ckpt_every, images_seen - config.batch, images_seen) or done:
@@ -793,7 +797,7 @@ def training_rate(config, steps=12):
     labels = torch.randint(0, 10, (4096,))
     with tempfile.TemporaryDirectory() as out:
         run = replace(config, out=out, images=config.batch * steps, warmup=config.batch,
-                      ckpt_every=config.batch * steps, grid_every=0)
+                      ckpt_every=config.batch * steps)
         return train(run, images, labels, 10, progress=False)[1]["images_per_second"]
 
 
@@ -851,14 +855,13 @@ def main():
     dataset = data.load_dataset(config.dataset, config.data_dir)
     labels = load_labels(config.labels_file, dataset) if config.labels_file else dataset.train_y
     data.claim_folder(config.out, rank, world)  # after the input is read: bad input writes nothing
-    import sample  # here, not at the top: sample.py imports this file
-    grid_path = os.path.join(config.out, "grid.png")
-    preview = lambda model, images_seen: sample.preview_grid(model, grid_path, per_class=8, steps=18)
-    model, metrics = train(config, dataset.train_x, labels, dataset.num_classes, preview=preview)
+    model, metrics = train(config, dataset.train_x, labels, dataset.num_classes)
     if rank == 0:
-        save_diffusion(model, config, metrics, os.path.join(config.out, "diffusion.pt"))
-        print(f"saved {os.path.join(config.out, 'diffusion.pt')}: final loss {metrics['loss']:.4f}, "
-              f"{metrics.get('images_per_second', float('nan')):,.0f} images/s")
+        path = os.path.join(config.out, "diffusion.pt")
+        save_diffusion(model, config, metrics, path)
+        print(f"saved {path}: final loss {metrics['loss']:.4f}, "
+              f"{metrics.get('images_per_second', float('nan')):,.0f} images/s; look at it with "
+              f"python sample.py {path} --per-class 8 --out {config.out} (or {config.out}/ckpt.pt while it trains)")
 
 
 if __name__ == "__main__":

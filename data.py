@@ -19,6 +19,7 @@ import errno
 import fcntl
 import inspect
 import itertools
+import json
 import math
 import os
 import socket
@@ -44,13 +45,16 @@ class Dataset:
     test_y: torch.Tensor | None  # int64 [M]
     num_classes: int
     classes: tuple = ()          # class names, where the source has them
+    train_files: tuple = ()      # a folder in ImageNet's layout: its image files (train_x and test_x None)
+    test_files: tuple = ()
 
 
 TORCHVISION_DATASETS = ("cifar10", "cifar100", "svhn")
 
 
-def load_dataset(name, data_dir="./data"):
-    """Any dataset by name (or path) as uint8 tensors in CPU memory."""
+def load_dataset(name, data_dir="./data", folders=False):
+    """Any dataset by name (or path) as uint8 tensors in CPU memory; with
+    folders, also a folder of image files (dpt.py's imagenet preset)."""
     if name in TORCHVISION_DATASETS:
         return load_torchvision(name, data_dir)
     if name == "shapes":
@@ -59,12 +63,19 @@ def load_dataset(name, data_dir="./data"):
         return Dataset("shapes", train_x, train_y, test_x, test_y, len(SHAPES), SHAPES)
     if name.endswith((".pt", ".npz")):
         return load_file(name)
+    if (name == "imagenet" or os.path.isdir(name)) and not folders:
+        raise UserError(f"--dataset {name}: a folder of images is read by python dpt.py --preset imagenet, "
+                        "which turns it into latents and features once; this script takes pixel datasets")
+    if name == "imagenet" or os.path.isdir(name):
+        return load_folder(os.path.join(data_dir, "imagenet") if name == "imagenet" else name)
     raise UserError(f"--dataset {name!r}: must be {DATASET[1]}")
 
 
 # The rules every script's RULES shares for --dataset, --data-dir and --out.
-DATASET = ((lambda name: name in TORCHVISION_DATASETS or name == "shapes" or name.endswith((".pt", ".npz"))),
-           f"one of {', '.join(TORCHVISION_DATASETS)}, shapes, or the path of a .pt/.npz file with train_x and train_y")
+DATASET = ((lambda name: name in (*TORCHVISION_DATASETS, "shapes", "imagenet") or name.endswith((".pt", ".npz"))
+            or os.path.isdir(name)),
+           f"one of {', '.join(TORCHVISION_DATASETS)}, shapes, the path of a .pt/.npz file with train_x and train_y, "
+           "imagenet, or a folder in its layout")
 FOLDER = (lambda path: not os.path.isfile(path)), "a folder, not a file"
 
 
@@ -321,20 +332,38 @@ def write_glyphs(path, train=20_000, test=2_000):
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 
-def image_folder(root, split):
+def image_folder(root, split, classes=None):
     """(paths, labels int64, class names) of root/split/CLASS/*, the classes sorted
-    by name, as torchvision's ImageFolder (ImageNet's wnids in their usual order)."""
+    by name, as torchvision's ImageFolder (ImageNet's wnids in their usual order);
+    given `classes` (the training split's), a class folder's label is its place there."""
     folder = os.path.join(root, split)
-    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()) if os.path.isdir(folder) else []
+    found = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()) if os.path.isdir(folder) else []
+    unknown = sorted(set(found) - set(classes or found))
+    if unknown:
+        raise UserError(f"{folder} holds classes the training images lack ({', '.join(unknown[:3])}); "
+                        "remove them, or give their training images")
+    classes = tuple(classes or found)
     paths, labels = [], []
-    for label, name in enumerate(classes):
+    for name in found:
         files = sorted(f for f in os.listdir(os.path.join(folder, name)) if f.lower().endswith(IMAGE_SUFFIXES))
         paths += [os.path.join(folder, name, f) for f in files]
-        labels += [label] * len(files)
+        labels += [classes.index(name)] * len(files)
     if not paths:
         raise UserError(f"{folder} holds no images in class folders; give a folder in ImageNet's layout "
                         f"({root}/{split}/CLASS/*.JPEG)")
-    return paths, torch.tensor(labels), tuple(classes)
+    return paths, torch.tensor(labels), classes
+
+
+def load_folder(root):
+    """A folder in ImageNet's layout as a Dataset of files: train/ and, where it
+    exists, val/ (the test set). --dataset imagenet is DATA_DIR/imagenet."""
+    if not os.path.isdir(os.path.join(root, "train")):
+        raise UserError(f"{root} has no train/ folder; ImageNet cannot be downloaded for you: put its images in "
+                        f"{root}/train/CLASS/*.JPEG (and {root}/val/CLASS/*.JPEG), or give another folder")
+    train_files, train_y, classes = image_folder(root, "train")
+    test_files, test_y = image_folder(root, "val", classes)[:2] if os.path.isdir(os.path.join(root, "val")) else ((), None)
+    return Dataset(os.path.basename(os.path.normpath(root)), None, train_y, None, test_y, len(classes), classes,
+                   tuple(train_files), tuple(test_files))
 
 
 def adm_center_crop(image, side):
@@ -353,12 +382,13 @@ def adm_center_crop(image, side):
     return pixels[:, top:top + side, left:left + side]
 
 
-def encode_files(paths, read, encode, folder, chunk=10_000, batch=256, progress=True):
+def encode_files(paths, read, encode, folder, chunk=10_000, batch=256, progress=True, workers=0):
     """{name: tensor [len(paths), ...]} of encode(read(images)) for every file,
     computed batch by batch and saved in chunks of `chunk` files
     (folder/chunk-00000.pt, ...): a killed pass keeps every finished chunk and
-    the same call resumes at the first missing one. read(path) -> a tensor;
-    encode(stacked tensors) -> {name: tensor}, moved to the CPU here."""
+    the same call resumes at the first missing one. read(path) -> a tensor, in
+    `workers` processes (JPEG decoding is the CPU's work); encode(stacked
+    tensors) -> {name: tensor}, moved to the CPU here."""
     from tqdm import tqdm
     starts = range(0, len(paths), chunk)
     names = [os.path.join(folder, f"chunk-{i // chunk:05d}.pt") for i in starts]
@@ -368,8 +398,9 @@ def encode_files(paths, read, encode, folder, chunk=10_000, batch=256, progress=
         if os.path.exists(name):
             continue
         parts = []
-        for first in range(start, min(start + chunk, len(paths)), batch):
-            images = torch.stack([read(path) for path in paths[first:min(first + batch, start + chunk)]])
+        loader = torch.utils.data.DataLoader(paths[start:start + chunk], batch_size=batch, num_workers=workers,
+                                             collate_fn=lambda files: torch.stack([read(file) for file in files]))
+        for images in loader:
             parts.append({key: value.cpu() for key, value in encode(images).items()})
             bar.update(len(images))
         save_atomic({key: torch.cat([part[key] for part in parts]) for key in parts[0]}, name)
@@ -707,6 +738,28 @@ def save_atomic(obj, path, writer=None):
         advice = "free some space" if full else "check that you may write there"
         raise UserError(f"cannot write {path} ({cause.strerror or cause}); {advice} or choose another --out, "
                         "then run the same command again to continue") from None
+
+
+def read_json(path):
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is unreadable ({type(error).__name__}); delete it, or the run "
+                             "folder to start over") from None
+
+
+def write_json(obj, path):
+    save_atomic(obj, path, writer=lambda obj, file: file.write(json.dumps(obj, indent=2).encode()))
+
+
+def read_artifact(path, redo, mmap=False):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as error:
+        raise UserError(f"{path} is unreadable ({type(error).__name__}); rerun with --redo {redo}") from None
 
 
 HELD_LOCKS = []  # open lock files: the kernel releases each when its process ends, SIGKILL included

@@ -41,14 +41,14 @@ import unet
 
 @dataclass
 class DPTConfig:
-    dataset: str = "cifar10"        # cifar10 | cifar100 | svhn | shapes | path to a .pt/.npz file
+    dataset: str = "cifar10"        # cifar10 | cifar100 | svhn | shapes | a .pt/.npz file | imagenet | a folder like it
     data_dir: str = "./data"        # where torchvision datasets are downloaded to
     labels: int = 1                 # labeled images per class
     seed: int = 0                   # seed of the labeled split and of every stage
     seeds: str = ""                 # A-B or A,B,C: one run per seed, then a sweep summary (mean and spread)
-    preset: str = ""                # tiny | fast | cifar; empty: fast with CUDA, tiny without
+    preset: str = ""                # tiny | fast | cifar | imagenet; empty: fast with CUDA, tiny without
     out: str = "runs"               # the run lives in OUT/<dataset>-<labels>l-s<seed>
-    redo: str = ""                  # rerun this stage and all after it: stage1 | stage2 | sample | stage3 | fid
+    redo: str = ""                  # rerun this stage and all after it: encode | stage1 | stage2 | sample | stage3 | fid
     baseline: bool = False          # also train on the labeled images alone, for comparison
     fid_weights: str = ""           # FID Inception weights (else $DPT_FID_WEIGHTS, the hub cache, or download)
     fid_reference: int = None       # training images FID compares against (0: all)
@@ -89,6 +89,14 @@ class DPTConfig:
     sample_solver: str = None       # heun | euler | dpmpp
     sample_steps: int = None        # solver steps (Heun: 2 N - 1 network evaluations)
     sample_guidance: float = None   # classifier-free guidance weight (1: none)
+    # the imagenet preset: frozen networks read every image once, the learner is a linear probe
+    image_size: int = 256           # ADM's centre crop of every image; the latents are a side of image_size / 8
+    autoencoder: str = ""           # Stable Diffusion's autoencoder_kl.pth (no stable URL: see the README)
+    autoencoder_size: str = "sd"    # sd | tiny (the same family, for CPU tests)
+    msn_size: str = ""              # vitl7 | vitb4 | tiny; empty: vitl7 with 1 label per class, else vitb4 (the paper's)
+    msn_weights: str = ""           # MSN's checkpoint (else downloaded once into torch's cache)
+    probe_lambda: float = 0.0025    # the probe's L2 penalty times the number of images it is fit on (MSN's)
+    fid_stats: str = ""             # FID reference .npz (mu, sigma); empty: ADM's for imagenet, else the training images
 
 
 # Each stage script's settings, field by field from DPTConfig's: the mappings
@@ -143,7 +151,17 @@ PRESETS = {
                  diffusion_images=20_000_000, diffusion_warmup=2_000_000, diffusion_augment=0.0),
     # The paper's CIFAR-10 recipe.
     "cifar": dict(ssl_threshold="freematch"),
+    # The paper's ImageNet 256x256 recipe (its sec. 5.2, DPT's U-ViT config): U-ViT-L/2 on
+    # SD latents, batch 1024 for 300k steps, lr 2e-4 after 5k warm-up steps, EMA 0.9999 a
+    # step (a half-life of 6,931 steps), labels dropped 15% of the time; 50 DPM-Solver
+    # steps at guidance 1.4 (their 0.4), 128 images per class. README, "ImageNet", lists
+    # each point beside the official code's.
+    "imagenet": dict(diffusion_arch="uvit", diffusion_size="large", diffusion_images=300_000 * 1024,
+                     diffusion_batch=1024, diffusion_lr=2e-4, diffusion_warmup=5_000 * 1024,
+                     diffusion_ema_halflife=6_931 * 1024, diffusion_label_dropout=0.15, diffusion_augment=0.0,
+                     sample_per_class=128, sample_solver="dpmpp", sample_steps=50, sample_guidance=1.4),
 }
+FOLDER_PRESETS = ("imagenet",)  # the presets that read a folder of images, and the only ones that can
 
 
 def resolve(config):
@@ -155,6 +173,14 @@ def resolve(config):
         if not torch.cuda.is_available() and dist_rank() == 0:
             print("no CUDA device: running the tiny preset (give --preset to choose)", file=sys.stderr)
     data.check_fields(config, {"preset": data.one_of(*PRESETS)})
+    folder = config.dataset == "imagenet" or os.path.isdir(config.dataset)
+    if folder != (config.preset in FOLDER_PRESETS):
+        raise data.UserError(f"--dataset {config.dataset} --preset {config.preset}: "
+                             + ("a folder of images needs --preset imagenet" if folder else
+                                "--preset imagenet reads a folder in ImageNet's layout (FOLDER/train/CLASS/*.JPEG), "
+                                "or --dataset imagenet for DATA_DIR/imagenet"))
+    if not config.msn_size:
+        config.msn_size = "vitl7" if config.labels == 1 else "vitb4"
     if os.path.isfile(config.dataset):  # one spelling of a file, so that a stage's checkpoint knows it again
         config.dataset = os.path.realpath(config.dataset)
     defaults = dict(compile=torch.cuda.is_available(), bf16=torch.cuda.is_available(), fid_reference=0)
@@ -169,10 +195,14 @@ def resolve(config):
 # can only be accepted by rerunning (--redo) its stage or an earlier one. The
 # dataset is compared by its contents (split.pt keeps them), not by how its name
 # is spelled: ./glyphs.npz is glyphs.npz, a regenerated glyphs.npz is not.
-STAGES = ("split", "stage1", "stage2", "sample", "stage3", "fid")
+# The imagenet preset's encode stage reads every image once into latents and
+# features; it comes first, so that --redo stage1 (a new split) keeps it.
+STAGES = ("encode", "split", "stage1", "stage2", "sample", "stage3", "fid")
+REDO_STAGES = tuple(stage for stage in STAGES if stage != "split")  # --redo stage1 draws the split again
 FREE_TO_CHANGE = {"dataset", "data_dir", "out", "redo", "baseline", "fid_weights", "compile", "preset",
-                  "ssl_eval_every", "bench", "report", "seeds"}
-FIELD_STAGE = {"labels": "split", "seed": "split", "bf16": "stage1", "fid_reference": "fid",
+                  "ssl_eval_every", "bench", "report", "seeds", "autoencoder", "msn_weights"}
+FIELD_STAGE = {"labels": "split", "seed": "split", "bf16": "stage1", "fid_reference": "fid", "fid_stats": "fid",
+               "image_size": "encode", "autoencoder_size": "encode", "msn_size": "encode", "probe_lambda": "stage1",
                **{name: stage for name in asdict(DPTConfig()) for prefix, stage in PREFIX_STAGE.items()
                   if name.startswith(prefix) and name not in FREE_TO_CHANGE}}
 
@@ -203,10 +233,16 @@ def settings_from(config_class, config, fields, **fixed):
 
 
 RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "labels": data.at_least(1), "seed": data.SEED,
-         "out": data.FOLDER, "redo": ((lambda stage: stage in ("", *STAGES[1:])), "one of " + ", ".join(STAGES[1:])),
+         "out": data.FOLDER, "redo": ((lambda stage: stage in ("", *REDO_STAGES)), "one of " + ", ".join(REDO_STAGES)),
          "fid_weights": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
          "fid_reference": data.at_least(0),
-         "seeds": ((lambda text: not text or parse_seeds(text) is not None), "A-B or A,B,C: distinct seeds from 0")}
+         "seeds": ((lambda text: not text or parse_seeds(text) is not None), "A-B or A,B,C: distinct seeds from 0"),
+         "image_size": ((lambda side: side > 0 and side % 16 == 0), "a positive multiple of 16 (latents of side / 8)"),
+         "autoencoder": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
+         "autoencoder_size": data.one_of(*unet.AUTOENCODER_SIZES), "msn_size": data.one_of(*fixmatch.MSN_SIZES),
+         "msn_weights": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
+         "probe_lambda": data.POSITIVE,
+         "fid_stats": ((lambda path: not path or os.path.isfile(path)), "an existing .npz file, or empty")}
 
 
 def check(config, world, dataset=None):
@@ -214,11 +250,20 @@ def check(config, world, dataset=None):
     dataset loads (and again with the dataset, before any stage runs): the rules
     are dpt.py's own and the stage scripts', which check their own flags the same way."""
     data.check_fields(config, RULES)
+    latent = config.preset in FOLDER_PRESETS
+    if latent:
+        check_latent(config)
+    else:
+        changed = [name for name in LATENT_FIELDS if getattr(config, name) != getattr(DPTConfig(), name)]
+        if changed or config.redo == "encode":
+            raise data.UserError(f"--{(changed or ['redo'])[0].replace('_', '-')} is for --preset imagenet, which "
+                                 "reads a folder of images; leave it out")
     for stage in ("stage1", "stage3"):
         settings, flags = classifier_settings(config, stage)
         fixmatch.check(settings, world, flags)
     settings, flags = diffusion_settings(config)
-    unet.check(settings, world, flags, resolution=None if dataset is None else dataset.train_x.shape[-1])
+    side = config.image_size // 8 if latent else None if dataset is None else dataset.train_x.shape[-1]
+    unet.check(settings, world, flags, resolution=side)
     sample.check(*sample_settings(config))
     if config.sample_guidance != 1 and not config.diffusion_label_dropout:  # the null class never learned
         raise data.UserError(f"--sample-guidance {config.sample_guidance}: guidance needs a diffusion model trained "
@@ -228,20 +273,26 @@ def check(config, world, dataset=None):
         data.labeled_split(dataset.train_y, config.labels, config.seed)  # an impossible --labels
         # FID's covariances need 2 images on every process, of the reference and of the samples.
         reference = min(config.fid_reference or len(dataset.train_y), len(dataset.train_y))
-        if reference < 2 * world or config.sample_per_class * dataset.num_classes < 2 * world:
+        if (reference < 2 * world and not config.fid_stats) or config.sample_per_class * dataset.num_classes < 2 * world:
             raise data.UserError(f"--fid-reference {config.fid_reference} and --sample-per-class "
                                  f"{config.sample_per_class} give a process fewer than 2 images to compute FID "
                                  f"with; give at least {2 * world} reference and generated images")
 
 
 def run_folder(config):
-    name = os.path.splitext(os.path.basename(config.dataset.rstrip("/")))[0]
+    name = os.path.splitext(os.path.basename(os.path.normpath(config.dataset)))[0]
     return os.path.join(config.out, f"{name}-{config.labels}l-s{config.seed}")
 
 
 def contents_crc(dataset):
-    """The dataset named by what it holds (every label, every 97th image), so
-    that two spellings of one file are one dataset and a regenerated file another."""
+    """The dataset named by what it holds (every label, every 97th image; of a
+    folder, every file's name and every 97th file's size), so that two spellings
+    of one file are one dataset and a regenerated file another."""
+    if dataset.train_x is None:
+        files = dataset.train_files
+        names = "\n".join(os.path.relpath(file, os.path.dirname(os.path.dirname(file))) for file in files)
+        sizes = [os.path.getsize(file) for file in files[::97]]
+        return zlib.crc32(dataset.train_y.numpy().tobytes() + names.encode() + np.array(sizes).tobytes())
     return zlib.crc32(dataset.train_y.numpy().tobytes() + dataset.train_x[::97].numpy().tobytes())
 
 
@@ -258,10 +309,10 @@ def barrier():
 # The run folder: the file that marks each stage done, what --redo removes,
 # and refusing a folder made with other settings
 
-FINAL = {"split": "split.pt", "stage1": "pseudo_labels.pt", "stage2": "stage2/diffusion.pt",
+FINAL = {"encode": "encoded.pt", "split": "split.pt", "stage1": "pseudo_labels.pt", "stage2": "stage2/diffusion.pt",
          "sample": "samples.pt", "stage3": "stage3/classifier.pt", "baseline": "baseline/classifier.pt",
          "fid": "fid.json"}
-REMOVED_BY_REDO = {"split": ("split.pt",), "stage1": ("stage1", "pseudo_labels.pt", "baseline"), "stage2": ("stage2",),
+REMOVED_BY_REDO = {"encode": ("encoded.pt", "encoded", "oracle.pt"), "split": ("split.pt",), "stage1": ("stage1", "pseudo_labels.pt", "baseline"), "stage2": ("stage2",),
                    "sample": ("samples.pt", "samples.png"), "stage3": ("stage3",), "fid": ("fid.json",)}
 
 
@@ -273,8 +324,8 @@ def check_run_folder(config, run):
     it instead of throwing its progress away again."""
     path = os.path.join(run, "config.json")
     settings = {k: v for k, v in asdict(config).items() if k not in FREE_TO_CHANGE}
-    saved = read_json(path)
-    pending = read_json(os.path.join(run, "redo.json"))  # a --redo begun and not finished
+    saved = data.read_json(path)
+    pending = data.read_json(os.path.join(run, "redo.json"))  # a --redo begun and not finished
     if saved is None and set(os.listdir(run)) - {"run.lock", "timings.json"}:  # made by settings no one knows
         raise data.UserError(f"{run} holds a run's files but no config.json, so the settings they were made with "
                              "are unknown; delete the folder to start over, or choose another --out")
@@ -288,9 +339,9 @@ def check_run_folder(config, run):
         changed = sorted(k for k, v in settings.items() if saved.get(k) != v)
         earliest = min((STAGES.index(FIELD_STAGE[k]) for k in changed), default=len(STAGES))
         if earliest < redo_from:
+            stage = "stage1" if STAGES[earliest] == "split" else STAGES[earliest]
             raise data.UserError(f"{run} was made with other settings ({', '.join(changed)}); add "
-                                 f"--redo {STAGES[max(earliest, 1)]} to rerun from the stage they change, "
-                                 "or choose another --out")
+                                 f"--redo {stage} to rerun from the stage they change, or choose another --out")
     resumed = config.redo and saved == settings and pending == {"redo": config.redo}
     if resumed and dist_rank() == 0:
         print(f"resuming the --redo {config.redo} begun earlier in {run} (its progress kept)", file=sys.stderr)
@@ -304,34 +355,12 @@ def check_run_folder(config, run):
             elif os.path.exists(target):
                 os.remove(target)
         untimed = set(removed) | ({"baseline"} if "stage1" in removed else set())  # stage 1 removes the baseline
-        timings = {k: v for k, v in (read_json(os.path.join(run, "timings.json")) or {}).items() if k not in untimed}
-        write_json(timings, os.path.join(run, "timings.json"))
-        write_json(settings, path)
+        timings = {k: v for k, v in (data.read_json(os.path.join(run, "timings.json")) or {}).items() if k not in untimed}
+        data.write_json(timings, os.path.join(run, "timings.json"))
+        data.write_json(settings, path)
         if removed:
-            write_json({"redo": config.redo}, os.path.join(run, "redo.json"))
+            data.write_json({"redo": config.redo}, os.path.join(run, "redo.json"))
     barrier()
-
-
-def read_json(path):
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as file:
-            return json.load(file)
-    except (OSError, ValueError) as error:
-        raise data.UserError(f"{path} is unreadable ({type(error).__name__}); delete it, or the run "
-                             "folder to start over") from None
-
-
-def write_json(obj, path):
-    data.save_atomic(obj, path, writer=lambda obj, file: file.write(json.dumps(obj, indent=2).encode()))
-
-
-def read_artifact(path, redo, mmap=False):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as error:
-        raise data.UserError(f"{path} is unreadable ({type(error).__name__}); rerun with --redo {redo}") from None
 
 
 def run_stage(run, stage, function, *args, **kwargs):
@@ -341,9 +370,9 @@ def run_stage(run, stage, function, *args, **kwargs):
     start = time.perf_counter()
     result = function(*args, **kwargs)
     if not already_done and dist_rank() == 0:
-        timings = read_json(os.path.join(run, "timings.json")) or {}
+        timings = data.read_json(os.path.join(run, "timings.json")) or {}
         timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - start, 1)
-        write_json(timings, os.path.join(run, "timings.json"))
+        data.write_json(timings, os.path.join(run, "timings.json"))
     return result
 
 
@@ -361,7 +390,7 @@ def stage_split(config, run, dataset):
         data.save_atomic({"indices": index, "seed": config.seed, "dataset": dataset.name,
                           "size": len(dataset.train_y), "contents": contents}, path)
     barrier()
-    split = read_artifact(path, "stage1")
+    split = data.read_artifact(path, "stage1")
     if split.get("contents") != contents or split.get("size") != len(dataset.train_y):
         raise data.UserError(f"{run} was made from other data than {config.dataset} holds now (a regenerated "
                              "or another file of that name); add --redo stage1 to start over on it, or choose "
@@ -390,18 +419,20 @@ def stage_1(config, run, dataset, labeled_index, device):
     if not os.path.exists(path) and dist_rank() == 0:
         data.save_atomic(fixmatch.pseudo_labels(model, dataset), path)
     barrier()
-    return model, metrics, read_artifact(path, "stage1")
+    return model, metrics, data.read_artifact(path, "stage1")
 
 
-def stage_2(config, run, dataset, pseudo):
-    """The class-conditional diffusion model, trained on every training image with its pseudo label."""
+def stage_2(config, run, images, labels, num_classes):
+    """The class-conditional diffusion model, trained on every training image
+    (pixels, or the imagenet preset's latents) with its pseudo label."""
     out = os.path.join(run, "stage2")
     path = os.path.join(run, FINAL["stage2"])
     if not os.path.exists(path):
         settings, _ = diffusion_settings(config, out=out, labels_file=os.path.join(run, FINAL["stage1"]))
         grid = os.path.join(out, "grid.png")
-        preview = lambda model, images_seen: sample.preview_grid(model, grid, per_class=4, steps=8)
-        model, metrics = unet.train(settings, dataset.train_x, pseudo["labels"], dataset.num_classes, preview=preview,
+        pixels = images.dtype == torch.uint8  # latents would need decoding first: no preview
+        preview = (lambda model, images_seen: sample.preview_grid(model, grid, per_class=4, steps=8)) if pixels else None
+        model, metrics = unet.train(settings, images, labels, num_classes, preview=preview,
                                     preview_every=max(config.diffusion_images // 2, 1))  # halfway and at the end
         if dist_rank() == 0:
             unet.save_diffusion(model, settings, metrics, path)
@@ -409,24 +440,37 @@ def stage_2(config, run, dataset, pseudo):
 
 
 def stage_sample(config, run, device, rank, world):
-    """K images per class from the diffusion model's EMA weights, split across ranks."""
+    """K images per class from the diffusion model's EMA weights, split across
+    ranks; the imagenet preset's are decoded from latents, and their MSN features
+    (what its probe sees) are kept beside them."""
     path = os.path.join(run, FINAL["sample"])
     if not os.path.exists(path):
         model = unet.load_diffusion(os.path.join(run, FINAL["stage2"]), device)
         settings, _ = sample_settings(config, out=run)
+        decode = None
+        if config.preset in FOLDER_PRESETS:
+            autoencoder = unet.load_autoencoder(config.autoencoder, config.autoencoder_size, device)
+            decode = lambda x: autoencoder.decode(x.float() / unet.SIGMA_DATA)  # back to SD's scale
         images, labels = sample.generate(model, settings.per_class, solver=settings.solver, steps=settings.steps,
                                          guidance=settings.guidance, seed=settings.seed, device=device, rank=rank,
-                                         world=world, bf16=settings.bf16)
+                                         world=world, bf16=settings.bf16, decode=decode)
         if rank == 0:
-            data.save_atomic({"images": images, "labels": labels}, path)
+            artifact = {"images": images, "labels": labels}
+            if decode is not None:
+                artifact["features"] = fixmatch.msn_features(load_msn(config, device), images, config.bf16)
+            data.save_atomic(artifact, path)
             sample.save_grid(images, labels, os.path.join(run, "samples.png"))
     barrier()
-    return read_artifact(path, "sample")
+    return data.read_artifact(path, "sample")
 
 
-def split_statistics(model, images, keep_logits, rank, world):
-    """Inception statistics of `images`, each rank taking every world-th image."""
-    part = fid.statistics(model, images[rank::world].split(200), keep_logits=keep_logits)
+def split_statistics(model, images, keep_logits, rank, world, read=None):
+    """Inception statistics of `images` (uint8, or files that read(file) turns
+    into uint8 images), each rank taking every world-th image."""
+    mine = images[rank::world]
+    batches = (mine.split(200) if read is None else
+               (torch.stack([read(file) for file in mine[start:start + 200]]) for start in range(0, len(mine), 200)))
+    part = fid.statistics(model, batches, keep_logits=keep_logits)
     if world == 1:
         return part
     parts = [None] * world
@@ -440,19 +484,30 @@ def split_statistics(model, images, keep_logits, rank, world):
 
 
 def stage_fid(config, run, dataset, samples, device, rank, world):
-    """FID and IS of the samples against the training images; None, with a
-    notice, when the Inception weights cannot be had."""
+    """FID and IS of the samples against the training images (or --fid-stats;
+    ADM's for imagenet, whose FID takes 50 samples a class, 50,000 in all, as the
+    paper's); None, with a notice, when the Inception weights or the reference
+    statistics cannot be had."""
     path = os.path.join(run, FINAL["fid"])
     if not os.path.exists(path):
         try:
             model = fid.load_inception(config.fid_weights or None, device)
+            stats = config.fid_stats or (fid.download_stats(fid.ADM_IMAGENET256) if config.dataset == "imagenet" else "")
+            real = fid.read_stats(stats) if stats else None
         except fid.FIDError as error:
             if rank == 0:
                 print(f"FID skipped: {error}", file=sys.stderr)
             return None
-        reference = dataset.train_x[:config.fid_reference or None]
-        real = split_statistics(model, reference, False, rank, world)
-        generated = split_statistics(model, samples["images"], True, rank, world)
+        if real is None and dataset.train_x is None:  # a folder: a fixed random subset of its files
+            order = torch.randperm(len(dataset.train_files), generator=torch.Generator().manual_seed(0))
+            files = [dataset.train_files[i] for i in order[:config.fid_reference or None]]
+            real = split_statistics(model, files, False, rank, world, read=lambda file: read_image(config, file))
+        elif real is None:
+            real = split_statistics(model, dataset.train_x[:config.fid_reference or None], False, rank, world)
+        generated = samples["images"]
+        if config.preset in FOLDER_PRESETS:
+            generated = generated.unflatten(0, (dataset.num_classes, -1))[:, :50].flatten(0, 1)
+        generated = split_statistics(model, generated, True, rank, world)
         if rank == 0:
             try:  # e.g. samples whose statistics hold NaN: the run still ends with its results
                 score = fid.frechet_distance(generated["mu"], generated["sigma"], real["mu"], real["sigma"])
@@ -460,12 +515,12 @@ def stage_fid(config, run, dataset, samples, device, rank, world):
                 print(f"FID skipped: {error}", file=sys.stderr)
                 score = None
             if score is not None:
-                write_json({"fid": score, "inception_score": fid.inception_score(generated["logits"])[0],
-                            "generated_images": generated["count"], "reference_images": real["count"]}, path)
+                data.write_json({"fid": score, "inception_score": fid.inception_score(generated["logits"])[0],
+                            "generated_images": generated["count"], "reference_images": real.get("count")}, path)
         barrier()
         if not os.path.exists(path):
             return None
-    return read_json(path)
+    return data.read_json(path)
 
 
 # -----------------------------------------------------------------------------
@@ -510,20 +565,142 @@ def stage_oracle(config, dataset, device, rank, world):
 
 
 # -----------------------------------------------------------------------------
+# The imagenet preset (the paper's sec. 5.2): ImageNet, or any folder in its
+# layout, too large to hold as pixels, is read once into Stable Diffusion's
+# latents (stage 2's data) and MSN's features (the probe's). Stages 1 and 3 fit
+# the probe, stage 2 trains a U-ViT on the latents, and the samples are decoded
+# and seen by MSN as the real images are. The same run folder, resume and redo.
+
+LATENT_FIELDS = ("image_size", "autoencoder", "autoencoder_size", "msn_size", "msn_weights", "probe_lambda",
+                 "fid_stats")
+
+
+def check_latent(config):
+    """Refuse what the imagenet preset cannot run, before any work."""
+    if not config.autoencoder:
+        raise data.UserError(f"--preset imagenet needs --autoencoder PATH: the {unet.AUTOENCODER_SOURCE}")
+    crop, patch = round(config.image_size * fixmatch.MSN_CROP), fixmatch.MSN_SIZES[config.msn_size]["patch"]
+    if crop % patch:
+        raise data.UserError(f"--image-size {config.image_size}: MSN's {config.msn_size} sees a centre crop of "
+                             f"{crop}, not a multiple of its patch {patch}; give a side whose 7/8 it divides (256)")
+
+
+def load_msn(config, device):
+    crop = round(config.image_size * fixmatch.MSN_CROP)
+    return fixmatch.load_msn(config.msn_size, crop, config.msn_weights or None, device)
+
+
+def read_image(config, file):
+    from PIL import Image
+    with Image.open(file) as image:
+        return data.adm_center_crop(image, config.image_size)
+
+
+def stage_encode(config, run, dataset, device):
+    """Every training image and its mirror as a latent (the autoencoder's mean,
+    scaled to EDM's sigma_data) and every image, training and val, as an MSN
+    feature: each file read once, in resumable chunks (encoded/), then encoded.pt."""
+    path = os.path.join(run, FINAL["encode"])
+    if not os.path.exists(path) and dist_rank() == 0:
+        autoencoder = unet.load_autoencoder(config.autoencoder, config.autoencoder_size, device)
+        msn = load_msn(config, device)
+        autocast = torch.autocast(device.type, torch.bfloat16, enabled=bool(config.bf16))
+
+        def encode(images, latents=True):
+            encoded = {"features": fixmatch.msn_features(msn, images, config.bf16)}
+            if latents:
+                x = images.to(device).float() / 127.5 - 1
+                with torch.no_grad(), autocast:
+                    mean, _ = autoencoder.encode(torch.cat([x, x.flip(3)]))
+                scaled = mean.float() * unet.LATENT_SCALE * unet.SIGMA_DATA
+                encoded["latents"], encoded["flipped"] = scaled.half().cpu().chunk(2)
+            return encoded
+        read = lambda file: read_image(config, file)
+        workers = min(16, os.cpu_count() or 1) if device.type == "cuda" else 0  # JPEG decoding keeps a GPU fed
+        folder = os.path.join(run, "encoded")
+        train = data.encode_files(dataset.train_files, read, encode, os.path.join(folder, "train"), workers=workers)
+        test = dataset.test_files and data.encode_files(dataset.test_files, read, lambda x: encode(x, False),
+                                                        os.path.join(folder, "val"), workers=workers)
+        data.save_atomic({"train": train, "test": test or None}, path)
+        shutil.rmtree(folder)
+    barrier()
+    return data.read_artifact(path, "encode", mmap=True)
+
+
+def stage_probe(config, run, stage, dataset, encoded, labeled_index, device, generated=None):
+    """Stage 1 or 3: the probe on the labeled images' features (and, in stage 3,
+    the generated images'), into run/stage/probe.pt; returns (weights, metrics)."""
+    path = os.path.join(run, stage, "probe.pt")
+    if not os.path.exists(path) and dist_rank() == 0:
+        features, labels = encoded["train"]["features"][labeled_index], dataset.train_y[labeled_index]
+        if generated is not None:  # the generated images join the labeled ones
+            features, labels = torch.cat([features, generated["features"]]), torch.cat([labels, generated["labels"]])
+        test = None if encoded["test"] is None else (encoded["test"]["features"], dataset.test_y)
+        weights, metrics = fixmatch.train_probe(features, labels, dataset.num_classes, config.probe_lambda, test,
+                                                device)
+        data.save_atomic({"weights": weights, "metrics": metrics}, path)
+    barrier()
+    saved = data.read_artifact(path, "stage1" if stage == "stage1" else "stage3")
+    return saved["weights"], saved["metrics"]
+
+
+def pseudo_labels_of(weights, dataset, encoded):
+    labels, confidence = fixmatch.probe_predict(weights, encoded["train"]["features"])
+    return {"labels": labels, "confidence": confidence, "accuracy": (labels == dataset.train_y).float().mean().item()}
+
+
+def run_latent_stages(config, run, dataset, device, rank, world):
+    """The imagenet preset's stages in order (each skipped when done), then results.json and the rest."""
+    check_run_folder(config, run)
+    if rank == 0:
+        print(f"DPT on {dataset.name}, {config.labels} labels per class, preset {config.preset}: {run}")
+    encoded = run_stage(run, "encode", stage_encode, config, run, dataset, device)
+    labeled_index = run_stage(run, "split", stage_split, config, run, dataset)
+    stage1, stage1_metrics = run_stage(run, "stage1", stage_probe, config, run, "stage1", dataset, encoded,
+                                       labeled_index, device)
+    path = os.path.join(run, FINAL["stage1"])
+    if not os.path.exists(path) and rank == 0:
+        data.save_atomic(pseudo_labels_of(stage1, dataset, encoded), path)
+    barrier()
+    pseudo = data.read_artifact(path, "stage1")
+    latents = torch.cat([encoded["train"]["latents"], encoded["train"]["flipped"]])  # a flip is another latent
+    run_stage(run, "stage2", stage_2, config, run, latents, pseudo["labels"].repeat(2), dataset.num_classes)
+    del latents
+    samples = run_stage(run, "sample", stage_sample, config, run, device, rank, world)
+    _, stage3_metrics = run_stage(run, "stage3", stage_probe, config, run, "stage3", dataset, encoded, labeled_index,
+                                  device, generated=samples)
+    fid_result = run_stage(run, "fid", stage_fid, config, run, dataset, samples, device, rank, world)
+    # The oracle: the probe fit on every training image's true label (cheap: no network to train).
+    oracle_path = os.path.join(run, "oracle.pt")
+    if not os.path.exists(oracle_path) and rank == 0:
+        test = None if encoded["test"] is None else (encoded["test"]["features"], dataset.test_y)
+        weights, metrics = fixmatch.train_probe(encoded["train"]["features"], dataset.train_y, dataset.num_classes,
+                                                config.probe_lambda, test, device)
+        data.save_atomic({"weights": weights, "metrics": metrics}, oracle_path)
+    barrier()
+    oracle = data.read_artifact(oracle_path, "encode")
+    if rank == 0:
+        judged = lambda weights: fixmatch.probe_predict(weights, samples["features"])[0]
+        write_results(config, run, dataset, device, samples, stage1_metrics, pseudo, stage3_metrics, None,
+                      fid_result, judged(stage1), judged(oracle["weights"]), oracle["metrics"], oracle_path)
+    barrier()
+
+
+# -----------------------------------------------------------------------------
 # The run: every stage in order, then results.json and a summary table
 
 
 def main():
     config = data.parse_config(DPTConfig, __doc__)
     if config.report:
-        return print(f"wrote {write_report(config.report)}")
+        return print(f"wrote {sample.write_report(config.report)}")
     rank, world, device = data.distributed_setup()
     asked = config.ssl_arch, config.diffusion_size  # before the preset fills them in
     resolve(config)
     check(config, world)
     if config.bench:
         return bench(config, device, arch=asked[0] or "wrn28_2", size=asked[1] or "cifar")
-    dataset = data.load_dataset(config.dataset, config.data_dir)
+    dataset = data.load_dataset(config.dataset, config.data_dir, folders=True)
     check(config, world, dataset)
     if not config.seeds:
         return run_dpt(config, dataset, device, rank, world)
@@ -537,7 +714,8 @@ def run_dpt(config, dataset, device, rank, world):
     """One run of the three stages, resumed from its folder; returns the run folder."""
     run = run_folder(config)
     with data.folder_claimed(run, rank, world):
-        run_stages(config, run, dataset, device, rank, world)
+        (run_latent_stages if config.preset in FOLDER_PRESETS else run_stages)(config, run, dataset, device, rank,
+                                                                               world)
     return run
 
 
@@ -550,7 +728,7 @@ def run_stages(config, run, dataset, device, rank, world):
     labeled_index = run_stage(run, "split", stage_split, config, run, dataset)
     stage1_model, stage1_metrics, pseudo = run_stage(run, "stage1", stage_1, config, run, dataset, labeled_index,
                                                      device)
-    run_stage(run, "stage2", stage_2, config, run, dataset, pseudo)
+    run_stage(run, "stage2", stage_2, config, run, dataset.train_x, pseudo["labels"], dataset.num_classes)
     samples = run_stage(run, "sample", stage_sample, config, run, device, rank, world)
     _, stage3_metrics = run_stage(run, "stage3", stage_classifier, config, run, "stage3", dataset, labeled_index,
                                   device, pseudo=(samples["images"], samples["labels"]))
@@ -565,42 +743,50 @@ def run_stages(config, run, dataset, device, rank, world):
         # Two judges of the generated images, neither of which saw them (stage 3
         # trained on them, so it would grade its own homework): the stage-1
         # classifier says what DPT believes, the oracle what is true.
-        believed = sample_accuracy(stage1_model, samples["images"], samples["labels"], dataset.num_classes)
-        true = sample_accuracy(oracle, samples["images"], samples["labels"], dataset.num_classes)
-        results = {
-            "dataset": dataset.name, "labels_per_class": config.labels, "seed": config.seed, "preset": config.preset,
-            "classes": list(dataset.classes) or None,
-            "baseline_accuracy": baseline_metrics and baseline_metrics.get("accuracy"),
-            "stage1_accuracy": stage1_metrics.get("accuracy"),
-            "stage1_best_accuracy": stage1_metrics.get("best_accuracy"),  # selected on the test set
-            "stage1_last_moves": last_moves(stage1_metrics["history"]),
-            "pseudo_label_accuracy": pseudo.get("accuracy"),
-            "stage3_accuracy": stage3_metrics.get("accuracy"),
-            "stage3_best_accuracy": stage3_metrics.get("best_accuracy"),
-            "stage3_last_moves": last_moves(stage3_metrics["history"]),
-            "stage3_gain": (stage3_metrics["accuracy"] - stage1_metrics["accuracy"]
-                            if "accuracy" in stage1_metrics else None),
-            "fid": fid_result and fid_result["fid"], "inception_score": fid_result and fid_result["inception_score"],
-            "sample_accuracy": believed["accuracy"],  # share of generated images of their intended class,
-            "sample_accuracy_per_class": believed["per_class"],  # judged by the stage-1 classifier
-            "oracle_sample_accuracy": true["accuracy"],  # the same, judged by the oracle
-            "oracle_sample_accuracy_per_class": true["per_class"],
-            "oracle_accuracy": oracle_metrics.get("accuracy"),  # the oracle's own test accuracy
-            "oracle": oracle_path,
-            "wall_time_s": read_json(os.path.join(run, "timings.json")),
-            "config": asdict(config),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
-            "device": data.device_name(device),
-        }
-        write_json(results, os.path.join(run, "results.json"))
-        if os.path.exists(os.path.join(run, "redo.json")):
-            os.remove(os.path.join(run, "redo.json"))  # the redo is done: the same command would redo it again
-        write_report(run)
-        rows = summary_rows(results)
-        width = max(len(what) for what, _ in rows)
-        print("\n".join(f"  {what:<{width}}  {value}" for what, value in rows))
-        print(f"everything is in {run}: report.html (open it in a browser), results.json, samples.png, samples.pt")
+        judged = lambda judge: fixmatch.predict(judge, samples["images"])[0]
+        write_results(config, run, dataset, device, samples, stage1_metrics, pseudo, stage3_metrics,
+                      baseline_metrics, fid_result, judged(stage1_model), judged(oracle), oracle_metrics, oracle_path)
     barrier()
+
+
+def write_results(config, run, dataset, device, samples, stage1_metrics, pseudo, stage3_metrics, baseline_metrics,
+                  fid_result, believed, true, oracle_metrics, oracle_path):
+    """results.json from what the stages measured and the judges' labels of the
+    samples (believed: stage 1's, true: the oracle's), report.html, and the summary."""
+    believed, true = (sample_accuracy(labels, samples["labels"], dataset.num_classes) for labels in (believed, true))
+    results = {
+        "dataset": dataset.name, "labels_per_class": config.labels, "seed": config.seed, "preset": config.preset,
+        "classes": list(dataset.classes) or None,
+        "baseline_accuracy": baseline_metrics and baseline_metrics.get("accuracy"),
+        "stage1_accuracy": stage1_metrics.get("accuracy"),
+        "stage1_best_accuracy": stage1_metrics.get("best_accuracy"),  # selected on the test set
+        "stage1_last_moves": last_moves(stage1_metrics["history"]),
+        "pseudo_label_accuracy": pseudo.get("accuracy"),
+        "stage3_accuracy": stage3_metrics.get("accuracy"),
+        "stage3_best_accuracy": stage3_metrics.get("best_accuracy"),
+        "stage3_last_moves": last_moves(stage3_metrics["history"]),
+        "stage3_gain": (stage3_metrics["accuracy"] - stage1_metrics["accuracy"]
+                        if "accuracy" in stage1_metrics else None),
+        "fid": fid_result and fid_result["fid"], "inception_score": fid_result and fid_result["inception_score"],
+        "sample_accuracy": believed["accuracy"],  # share of generated images of their intended class,
+        "sample_accuracy_per_class": believed["per_class"],  # judged by the stage-1 classifier
+        "oracle_sample_accuracy": true["accuracy"],  # the same, judged by the oracle
+        "oracle_sample_accuracy_per_class": true["per_class"],
+        "oracle_accuracy": oracle_metrics.get("accuracy"),  # the oracle's own test accuracy
+        "oracle": oracle_path,
+        "wall_time_s": data.read_json(os.path.join(run, "timings.json")),
+        "config": asdict(config),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+        "device": data.device_name(device),
+    }
+    data.write_json(results, os.path.join(run, "results.json"))
+    if os.path.exists(os.path.join(run, "redo.json")):
+        os.remove(os.path.join(run, "redo.json"))  # the redo is done: the same command would redo it again
+    sample.write_report(run)
+    rows = sample.summary_rows(results)
+    width = max(len(what) for what, _ in rows)
+    print("\n".join(f"  {what:<{width}}  {value}" for what, value in rows))
+    print(f"everything is in {run}: report.html (open it in a browser), results.json, samples.png, samples.pt")
 
 
 def last_moves(history, count=3):
@@ -641,8 +827,8 @@ def sweep_summary(runs):
     standard deviation over the seeds."""
     rows = []
     for run in runs:
-        results = read_json(os.path.join(run, "results.json"))
-        rows.append({"seed": results["seed"], "run": run, "minutes": minutes(results),
+        results = data.read_json(os.path.join(run, "results.json"))
+        rows.append({"seed": results["seed"], "run": run, "minutes": sample.minutes(results),
                      **{field: results[field] for _, field, _ in SWEEP_COLUMNS if field != "minutes"}})
     summary = {"runs": rows, "mean": {}, "std": {}}
     for _, field, _ in SWEEP_COLUMNS:
@@ -670,7 +856,7 @@ def write_sweep(config, dataset, runs):
     """OUT/<dataset>-<labels>l-seeds<A-B>.json and .html beside the run folders."""
     summary = sweep_summary(runs)
     path = os.path.join(config.out, f"{dataset.name}-{config.labels}l-seeds{config.seeds.replace(',', '_')}")
-    write_json(summary, path + ".json")
+    data.write_json(summary, path + ".json")
     table = sweep_table(summary)
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     print("\n".join("  " + "  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in table))
@@ -775,115 +961,14 @@ def bench(config, device, arch, size):
               ", ".join(f"{stage} {time / 3600:,.1f} h" for stage, time in seconds.items()) + ")")
 
 
-def sample_accuracy(judge, images, labels, num_classes):
-    """The share of generated images that the judge puts in the class they were
-    generated for, overall and per class (None for a class with no images)."""
-    right = fixmatch.predict(judge, images)[0] == labels
+def sample_accuracy(predicted, labels, num_classes):
+    """The share of generated images that a judge (its labels: `predicted`) puts
+    in the class they were generated for, overall and per class (None for a
+    class with no images)."""
+    right = predicted == labels
     per_class = [right[labels == c].float().mean().item() if (labels == c).any() else None
                  for c in range(num_classes)]
     return {"accuracy": right.float().mean().item(), "per_class": per_class}
-
-
-def percent(value):
-    return "-" if value is None else f"{100 * value:.2f}%"
-
-
-def minutes(results):
-    """A run's wall time in minutes, every stage it ran (the cached oracle excluded)."""
-    return sum(results["wall_time_s"].values()) / 60
-
-
-def summary_rows(results):
-    """(what, value) rows of the summary that the command prints and the report shows."""
-    points = lambda gain: "-" if gain is None else f"{100 * gain:+.2f} points"
-    rows = [("labeled images only (--baseline)", percent(results["baseline_accuracy"])),
-            ("stage 1: semi-supervised", percent(results["stage1_accuracy"])),
-            ("pseudo labels of the training images", percent(results["pseudo_label_accuracy"])),
-            ("generated images of the intended class, stage-1 judge", percent(results["sample_accuracy"])),
-            ("generated images of the intended class, oracle judge", percent(results["oracle_sample_accuracy"])),
-            ("stage 3: with generated images", percent(results["stage3_accuracy"])),
-            ("gain of stage 3 over stage 1", points(results["stage3_gain"]))]
-    if results["baseline_accuracy"] is not None and results["stage3_accuracy"] is not None:
-        rows.append(("gain of stage 3 over the labeled images only",
-                     points(results["stage3_accuracy"] - results["baseline_accuracy"])))
-    for name, stage in (("stage 1", "stage1"), ("stage 3", "stage3")):  # settled: at most a point
-        rows.append((f"{name}: moved over its last 3 evaluations", points(results[f"{stage}_last_moves"]).lstrip("+")))
-    rows += [("oracle (every true label): test accuracy", percent(results["oracle_accuracy"])),
-             ("FID of the samples", "-" if results["fid"] is None else f"{results['fid']:.2f}"),
-             ("wall time", f"{minutes(results):.1f} min")]
-    return rows
-
-
-# -----------------------------------------------------------------------------
-# The report: report.html, one page a person can look at, self-contained (no
-# script, no network, the images inline), built from results.json and the run
-# folder's files alone, so `python dpt.py --report RUN` redraws an old run.
-
-def write_report(run):
-    path = os.path.join(run, "report.html")
-    data.save_atomic(build_report(run), path, writer=lambda page, file: file.write(page.encode()))
-    return path
-
-
-def build_report(run):
-    """The page, as a string, from the files of a finished run."""
-    results = read_json(os.path.join(run, "results.json"))
-    if results is None:
-        raise data.UserError(f"--report {run}: no results.json there; give a finished run folder, or finish "
-                             "the run first (its command resumes it)")
-    load = lambda name, redo: read_artifact(os.path.join(run, name), redo, mmap=True)
-    # (name, folder, the --redo that remakes it, its accuracy in results.json): a curve for each
-    # classifier this run measured, so not an old baseline's that --redo stage1 left out.
-    curves = (("stage 1", "stage1", "stage1", "stage1_accuracy"), ("stage 3", "stage3", "stage3", "stage3_accuracy"),
-              ("baseline", "baseline", "stage1", "baseline_accuracy"))
-    accuracy = [(name, [(step, 100 * value) for step, value in load(f"{folder}/classifier.pt", redo)["metrics"]
-                        ["history"]]) for name, folder, redo, field in curves if results[field] is not None]
-    loss = [("loss", sample.thin(load("stage2/diffusion.pt", "stage2")["metrics"]["history"], 400))]
-    samples = load("samples.pt", "sample")
-    names = results.get("classes") or [f"class {c}" for c in range(len(results["sample_accuracy_per_class"]))]
-    labels = results["labels_per_class"]
-    title = (f"DPT on {results['dataset']}, {labels} label{'s' * (labels != 1)} per class, seed {results['seed']}, "
-             f"preset {results['preset']}")
-    summary = "".join(f"<tr><th>{html.escape(what)}</th><td>{html.escape(value)}</td></tr>"
-                      for what, value in summary_rows(results))
-    bar = lambda share: ("<td class=\"judge\">-</td>" if share is None else
-                         f'<td class="judge"><span class="track"><span style="width:{100 * share:.1f}%"></span>'
-                         f'</span>{100 * share:.0f}%</td>')
-    grid = "<tr><th></th><th></th><th>stage-1 judge</th><th>oracle judge</th></tr>" + "".join(
-        f'<tr><th>{html.escape(str(name))}</th><td><img alt="{html.escape(str(name))}" src="data:image/png;base64,'
-        f'{sample.png_row(samples["images"][samples["labels"] == c][:10])}"></td>{bar(believed)}{bar(true)}</tr>'
-        for c, (name, believed, true) in enumerate(zip(names, results["sample_accuracy_per_class"],
-                                                        results["oracle_sample_accuracy_per_class"])))
-    timings = results["wall_time_s"]
-    details = json.dumps({"device": results["device"], "versions": results["versions"],
-                          "config": results["config"]}, indent=2)
-    return sample.page(title, f"""<p class="verdict">{verdict(results)}</p>
-<table class="summary">{summary}</table>
-<h2>Training</h2>
-<div class="plots">
-{sample.svg_plot(accuracy, "optimizer step", "test accuracy (%)")}
-{sample.svg_plot(loss, "images seen", "diffusion loss")}
-</div>
-<h2>Generated images, one row per class</h2>
-<p>Beside each row: the share of that class's generated images that each judge puts in the class they were
-generated for. Neither saw them. The stage-1 classifier says what DPT believes (it approves its own confusions);
-the oracle, the same classifier trained on every true label ({html.escape(percent(results["oracle_accuracy"]))}
-on the test set), says what is true.</p>
-<table class="grid">{grid}</table>
-<h2>Wall time</h2>
-{sample.svg_bars(timings)}
-<details><summary>device, versions and the full config</summary><pre>{html.escape(details, quote=False)}</pre>
-</details>""")
-
-
-def verdict(results):
-    """One sentence: did this run show DPT's claim, stage 3 above stage 1?"""
-    gain = results["stage3_gain"]
-    if gain is None:
-        return "No test set: the gain of stage 3 over stage 1 cannot be measured."
-    if gain > 0:
-        return f"DPT worked: stage 3 is {100 * gain:.2f} points above stage 1."
-    return f"Stage 3 is {-100 * gain:.2f} points below stage 1: this run does not show DPT's gain."
 
 
 if __name__ == "__main__":

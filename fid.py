@@ -360,6 +360,26 @@ def inception_score(logits, splits=10):
     return float(np.mean(scores)), float(np.std(scores))
 
 
+# ADM's (Dhariwal & Nichol 2021) ImageNet 256x256 reference batch, against which
+# DPT, U-ViT and most class-conditional ImageNet papers report FID; its mu and sigma
+# are TensorFlow Inception's, which pytorch-fid's weights reproduce.
+ADM_IMAGENET256 = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+                   "VIRTUAL_imagenet256_labeled.npz")
+
+
+def download_stats(url):
+    """The path of a reference .npz, downloaded once into torch's cache."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if not os.path.exists(path):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(url, path, progress=False)
+        except Exception as error:  # offline, or refused
+            raise FIDError(f"cannot download the reference statistics ({type(error).__name__}); download {url} "
+                           f"to {path}, or pass their path") from None
+    return path
+
+
 def save_stats(stats, path):
     """pytorch-fid's layout (mu, sigma), written under a temporary name first."""
     temporary = path + ".tmp.npz"

@@ -556,11 +556,51 @@ def fit_probe(features, labels, num_classes, lambd, tolerance=1e-10):
     return weights.detach()
 
 
-def probe_predict(weights, features):
-    """(labels, confidences) of the probe."""
-    probabilities = (probe_inputs(features) @ weights.T).softmax(1)
-    confidences, labels = probabilities.max(1)
-    return labels, confidences
+def probe_predict(weights, features, batch=65_536):
+    """(labels, confidences) of the probe, on the CPU, in batches (1.28M float64
+    feature rows at once would take 10 GB)."""
+    labels, confidences = [], []
+    for chunk in features.split(batch):
+        confidence, label = (probe_inputs(chunk.to(weights.device)) @ weights.T).softmax(1).max(1)
+        labels.append(label.cpu())
+        confidences.append(confidence.float().cpu())
+    return torch.cat(labels), torch.cat(confidences)
+
+
+# The probe as DPT's ImageNet learner, in the shape of train() and pseudo_labels():
+# stage 1 fits it on the labeled images' features, stage 3 on those and the
+# generated images', the oracle on every training image's true label.
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MSN_CROP = 224 / 256  # MSN's evaluation: a 224 centre crop of the image at 256
+
+
+@torch.no_grad()
+def msn_features(msn, images, bf16=False, batch=256):
+    """MSN's features [N, D] (float32, on the CPU) of uint8 images [N, 3, S, S]
+    (ADM's centre crops at S, real or generated): the centre S * 7/8, normalized."""
+    device = next(msn.parameters()).device
+    side = images.shape[-1]
+    crop = round(side * MSN_CROP)
+    normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD).to(device)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bool(bf16))
+    features = []
+    for chunk in images.split(batch):
+        top = (side - crop) // 2
+        with autocast:
+            features.append(msn(normalize(chunk.to(device)[:, :, top:top + crop, top:top + crop])).float().cpu())
+    return torch.cat(features)
+
+
+def train_probe(features, labels, num_classes, lambd, test=None, device="cpu"):
+    """fit_probe with MSN's and DPT's penalty lambd / N (N images fit on), on the
+    device; returns (weights, metrics) as train() does: the test accuracy where
+    test = (features, labels) is given."""
+    weights = fit_probe(features.to(device), labels.to(device), num_classes, lambd / len(labels))
+    metrics = {"history": [], "images": len(labels)}
+    if test is not None:
+        metrics["accuracy"] = (probe_predict(weights, test[0])[0] == test[1]).float().mean().item()
+    return weights.cpu(), metrics
 
 
 # -----------------------------------------------------------------------------

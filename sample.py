@@ -12,11 +12,15 @@ Writes OUT/samples.pt = {"images": uint8 [K*C, 3, H, W], "labels": int64 [K*C],
 "config"}, class by class, and OUT/samples.png with one row per class. Image i
 starts from its own noise seeded by (seed, i): the same seed gives every image
 the same noise for any batch size and any number of processes.
+
+It also draws what a person looks at: grids of samples, and dpt.py's report.html
+of a finished run (a summary, curves and bars as inline SVG, samples as inline PNG).
 """
 
 import base64
 import html
 import itertools
+import json
 import math
 import os
 import struct
@@ -27,6 +31,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import data
 import unet
@@ -154,10 +159,11 @@ def initial_noise(seed, index, shape):
 
 @torch.no_grad()
 def generate(model, per_class, solver="heun", steps=18, guidance=1.0, seed=0, batch=512, device="cpu",
-             rank=0, world=1, bf16=None, progress=True):
+             rank=0, world=1, bf16=None, progress=True, decode=None):
     """per_class images of every class, class by class: (uint8 [K*C, 3, H, W], int64 [K*C]).
     Process `rank` of `world` samples images i = rank (mod world) and every
-    process returns all of them (all_gather)."""
+    process returns all of them (all_gather). A latent model's samples pass
+    through decode (latents -> images in [-1, 1]: the imagenet preset's autoencoder)."""
     device = torch.device(device)
     solve = SOLVERS[solver]
     denoise = guided(model, guidance)
@@ -165,22 +171,25 @@ def generate(model, per_class, solver="heun", steps=18, guidance=1.0, seed=0, ba
     shape = (model.channels, model.resolution, model.resolution)
     labels = torch.arange(model.num_classes).repeat_interleave(per_class)
     mine = torch.arange(rank, len(labels), world)
-    images = torch.empty((len(mine), *shape), dtype=torch.uint8, device=device)
+    decode = decode or (lambda x: x)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=data.on_cuda_unless_set(bf16, device))
+    with autocast:
+        image_shape = decode(torch.zeros((1, *shape), device=device)).shape[1:]  # the decoder's output side
+    images = torch.empty((len(mine), *image_shape), dtype=torch.uint8, device=device)
     from tqdm import tqdm
     bar = tqdm(total=len(mine), desc=f"{solver} {steps} steps", unit="img", disable=not progress or rank > 0)
     for start in range(0, len(mine), batch):
         index = mine[start:start + batch]
         x = sigmas[0] * initial_noise(seed, index.tolist(), shape).to(device)
         with autocast:
-            x = solve(denoise, x, labels[index].to(device), sigmas)
+            x = decode(solve(denoise, x, labels[index].to(device), sigmas))
         images[start:start + len(index)] = (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)  # as EDM's generate.py
         bar.update(len(index))
     bar.close()
     if world > 1:
         # Shares differ in size by at most one: pad to the same size, gather, and
         # interleave, so that row j of rank r's share becomes image j * world + r.
-        padded = torch.zeros((math.ceil(len(labels) / world), *shape), dtype=torch.uint8, device=device)
+        padded = torch.zeros((math.ceil(len(labels) / world), *image_shape), dtype=torch.uint8, device=device)
         padded[:len(images)] = images
         shares = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(shares, padded)
@@ -209,6 +218,112 @@ def preview_grid(model, path, per_class=8, steps=18):
     images, labels = generate(model, per_class, "heun", steps, device=next(model.parameters()).device, progress=False)
     model.train(training)
     save_grid(images, labels, path)
+
+
+# -----------------------------------------------------------------------------
+# The report: report.html, one page a person can look at, self-contained (no
+# script, no network, the images inline), built from results.json and the run
+# folder's files alone, so `python dpt.py --report RUN` redraws an old run.
+
+def write_report(run):
+    path = os.path.join(run, "report.html")
+    data.save_atomic(build_report(run), path, writer=lambda page, file: file.write(page.encode()))
+    return path
+
+
+def build_report(run):
+    """The page, as a string, from the files of a finished run."""
+    results = data.read_json(os.path.join(run, "results.json"))
+    if results is None:
+        raise data.UserError(f"--report {run}: no results.json there; give a finished run folder, or finish "
+                             "the run first (its command resumes it)")
+    load = lambda name, redo: data.read_artifact(os.path.join(run, name), redo, mmap=True)
+    # (name, folder, the --redo that remakes it, its accuracy in results.json): a curve for each
+    # classifier this run measured, so not an old baseline's that --redo stage1 left out.
+    curves = (("stage 1", "stage1", "stage1", "stage1_accuracy"), ("stage 3", "stage3", "stage3", "stage3_accuracy"),
+              ("baseline", "baseline", "stage1", "baseline_accuracy"))
+    # The imagenet preset's probe has no curve (it is fit, not trained in steps): no classifier.pt.
+    accuracy = [(name, [(step, 100 * value) for step, value in load(f"{folder}/classifier.pt", redo)["metrics"]
+                        ["history"]]) for name, folder, redo, field in curves
+                if results[field] is not None and os.path.exists(os.path.join(run, folder, "classifier.pt"))]
+    loss = [("loss", thin(load("stage2/diffusion.pt", "stage2")["metrics"]["history"], 400))]
+    samples = load("samples.pt", "sample")
+    names = results.get("classes") or [f"class {c}" for c in range(len(results["sample_accuracy_per_class"]))]
+    labels = results["labels_per_class"]
+    title = (f"DPT on {results['dataset']}, {labels} label{'s' * (labels != 1)} per class, seed {results['seed']}, "
+             f"preset {results['preset']}")
+    summary = "".join(f"<tr><th>{html.escape(what)}</th><td>{html.escape(value)}</td></tr>"
+                      for what, value in summary_rows(results))
+    bar = lambda share: ("<td class=\"judge\">-</td>" if share is None else
+                         f'<td class="judge"><span class="track"><span style="width:{100 * share:.1f}%"></span>'
+                         f'</span>{100 * share:.0f}%</td>')
+    shown = range(len(names)) if len(names) <= 50 else torch.linspace(0, len(names) - 1, 50).round().int().tolist()
+    thumbnail = lambda x: x if x.shape[-1] <= 64 else F.interpolate(x.float(), size=64, mode="area").round().byte()
+    grid = "<tr><th></th><th></th><th>stage-1 judge</th><th>oracle judge</th></tr>" + "".join(
+        f'<tr><th>{html.escape(str(names[c]))}</th><td><img alt="{html.escape(str(names[c]))}" '
+        f'src="data:image/png;base64,{png_row(thumbnail(samples["images"][samples["labels"] == c][:10]))}"></td>'
+        f'{bar(results["sample_accuracy_per_class"][c])}{bar(results["oracle_sample_accuracy_per_class"][c])}</tr>'
+        for c in shown)
+    timings = results["wall_time_s"]
+    details = json.dumps({"device": results["device"], "versions": results["versions"],
+                          "config": results["config"]}, indent=2)
+    return page(title, f"""<p class="verdict">{verdict(results)}</p>
+<table class="summary">{summary}</table>
+<h2>Training</h2>
+<div class="plots">
+{svg_plot(accuracy, "optimizer step", "test accuracy (%)")}
+{svg_plot(loss, "images seen", "diffusion loss")}
+</div>
+<h2>Generated images, one row per class{"" if len(shown) == len(names) else f" (50 of the {len(names)})"}</h2>
+<p>Beside each row: the share of that class's generated images that each judge puts in the class they were
+generated for. Neither saw them. The stage-1 classifier says what DPT believes (it approves its own confusions);
+the oracle, the same classifier trained on every true label ({html.escape(percent(results["oracle_accuracy"]))}
+on the test set), says what is true.</p>
+<table class="grid">{grid}</table>
+<h2>Wall time</h2>
+{svg_bars(timings)}
+<details><summary>device, versions and the full config</summary><pre>{html.escape(details, quote=False)}</pre>
+</details>""")
+
+
+def verdict(results):
+    """One sentence: did this run show DPT's claim, stage 3 above stage 1?"""
+    gain = results["stage3_gain"]
+    if gain is None:
+        return "No test set: the gain of stage 3 over stage 1 cannot be measured."
+    if gain > 0:
+        return f"DPT worked: stage 3 is {100 * gain:.2f} points above stage 1."
+    return f"Stage 3 is {-100 * gain:.2f} points below stage 1: this run does not show DPT's gain."
+
+
+def percent(value):
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def minutes(results):
+    """A run's wall time in minutes, every stage it ran (the cached oracle excluded)."""
+    return sum(results["wall_time_s"].values()) / 60
+
+
+def summary_rows(results):
+    """(what, value) rows of the summary that the command prints and the report shows."""
+    points = lambda gain: "-" if gain is None else f"{100 * gain:+.2f} points"
+    rows = [("labeled images only (--baseline)", percent(results["baseline_accuracy"])),
+            ("stage 1: semi-supervised", percent(results["stage1_accuracy"])),
+            ("pseudo labels of the training images", percent(results["pseudo_label_accuracy"])),
+            ("generated images of the intended class, stage-1 judge", percent(results["sample_accuracy"])),
+            ("generated images of the intended class, oracle judge", percent(results["oracle_sample_accuracy"])),
+            ("stage 3: with generated images", percent(results["stage3_accuracy"])),
+            ("gain of stage 3 over stage 1", points(results["stage3_gain"]))]
+    if results["baseline_accuracy"] is not None and results["stage3_accuracy"] is not None:
+        rows.append(("gain of stage 3 over the labeled images only",
+                     points(results["stage3_accuracy"] - results["baseline_accuracy"])))
+    for name, stage in (("stage 1", "stage1"), ("stage 3", "stage3")):  # settled: at most a point
+        rows.append((f"{name}: moved over its last 3 evaluations", points(results[f"{stage}_last_moves"]).lstrip("+")))
+    rows += [("oracle (every true label): test accuracy", percent(results["oracle_accuracy"])),
+             ("FID of the samples", "-" if results["fid"] is None else f"{results['fid']:.2f}"),
+             ("wall time", f"{minutes(results):.1f} min")]
+    return rows
 
 
 # -----------------------------------------------------------------------------

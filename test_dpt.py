@@ -2363,7 +2363,7 @@ def test_report_html_shows_the_run_that_results_json_and_the_run_folder_hold(qui
                     sample_accuracy=0.55, oracle_sample_accuracy=0.45, oracle_accuracy=0.95, stage1_last_moves=0.015,
                     stage3_last_moves=0.005, stage3_accuracy=0.75, stage3_gain=0.25, fid=12.34)
     (copy / "results.json").write_text(json.dumps(distinct))
-    assert_summary_shows(dpt.build_report(str(copy)), distinct)
+    assert_summary_shows(sample.build_report(str(copy)), distinct)
     # Accuracy against step: every evaluation of the three classifiers on one pair of axes.
     steps, accuracies, xs, ys = [], [], [], []
     for series, stage in (("stage 1", "stage1"), ("stage 3", "stage3"), ("baseline", "baseline")):
@@ -2598,7 +2598,7 @@ def test_the_judge_counts_the_generated_images_it_puts_in_their_intended_class()
     answers = torch.tensor([0, 0, 0, 0, 1, 1, 1, 3, 0, 1, 3, 3])  # 4, 3 and 0 right of 4
     images = torch.zeros(12, 3, 8, 8, dtype=torch.uint8)
     images[:, 0, 0, 0] = answers
-    fidelity = dpt.sample_accuracy(FirstPixelJudge(4), images, labels, num_classes=4)
+    fidelity = dpt.sample_accuracy(fixmatch.predict(FirstPixelJudge(4), images)[0], labels, num_classes=4)
     assert fidelity["accuracy"] == pytest.approx(7 / 12)
     assert fidelity["per_class"] == [1.0, 0.75, 0.0, None]
 
@@ -3036,7 +3036,7 @@ def write_big(kind, path):
     if kind == "checkpoint":
         data.save_atomic({"weights": noise}, path)
     elif kind == "json":
-        dpt.write_json({"history": noise.flatten()[:400_000].tolist()}, path)
+        data.write_json({"history": noise.flatten()[:400_000].tolist()}, path)
     elif kind == "png":
         sample.save_grid(noise, torch.arange(600) // 6, path)  # 100 rows of 6
     else:

@@ -174,12 +174,12 @@ def resolve(config):
             print("no CUDA device: running the tiny preset (give --preset to choose)", file=sys.stderr)
     data.check_fields(config, {"preset": data.one_of(*PRESETS)})
     folder = config.dataset == "imagenet" or os.path.isdir(config.dataset)
-    if folder != (config.preset in FOLDER_PRESETS):
+    if folder != (config.preset in FOLDER_PRESETS) and not config.bench:  # --bench reads no dataset
         raise data.UserError(f"--dataset {config.dataset} --preset {config.preset}: "
                              + ("a folder of images needs --preset imagenet" if folder else
                                 "--preset imagenet reads a folder in ImageNet's layout (FOLDER/train/CLASS/*.JPEG), "
                                 "or --dataset imagenet for DATA_DIR/imagenet"))
-    if not config.msn_size:
+    if not config.msn_size and config.preset in FOLDER_PRESETS:
         config.msn_size = "vitl7" if config.labels == 1 else "vitb4"
     if os.path.isfile(config.dataset):  # one spelling of a file, so that a stage's checkpoint knows it again
         config.dataset = os.path.realpath(config.dataset)
@@ -239,7 +239,7 @@ RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "labels": data.at_lea
          "seeds": ((lambda text: not text or parse_seeds(text) is not None), "A-B or A,B,C: distinct seeds from 0"),
          "image_size": ((lambda side: side > 0 and side % 16 == 0), "a positive multiple of 16 (latents of side / 8)"),
          "autoencoder": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
-         "autoencoder_size": data.one_of(*unet.AUTOENCODER_SIZES), "msn_size": data.one_of(*fixmatch.MSN_SIZES),
+         "autoencoder_size": data.one_of(*unet.AUTOENCODER_SIZES), "msn_size": ((lambda size: size in ("", *fixmatch.MSN_SIZES)), "one of " + ", ".join(fixmatch.MSN_SIZES)),
          "msn_weights": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
          "probe_lambda": data.POSITIVE,
          "fid_stats": ((lambda path: not path or os.path.isfile(path)), "an existing .npz file, or empty")}
@@ -577,7 +577,7 @@ LATENT_FIELDS = ("image_size", "autoencoder", "autoencoder_size", "msn_size", "m
 
 def check_latent(config):
     """Refuse what the imagenet preset cannot run, before any work."""
-    if not config.autoencoder:
+    if not config.autoencoder and not config.bench:  # --bench times random weights
         raise data.UserError(f"--preset imagenet needs --autoencoder PATH: the {unet.AUTOENCODER_SOURCE}")
     crop, patch = round(config.image_size * fixmatch.MSN_CROP), fixmatch.MSN_SIZES[config.msn_size]["patch"]
     if crop % patch:
@@ -596,25 +596,33 @@ def read_image(config, file):
         return data.adm_center_crop(image, config.image_size)
 
 
+def encoder(autoencoder, msn, bf16):
+    """encode(uint8 images, latents=True) -> {"features"} of MSN, and the
+    latents of each image and of its mirror (the autoencoder's mean, scaled to
+    EDM's sigma_data), half precision on the CPU."""
+    device = next(autoencoder.parameters()).device
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bool(bf16))
+
+    def encode(images, latents=True):
+        encoded = {"features": fixmatch.msn_features(msn, images, bf16)}
+        if latents:
+            x = images.to(device).float() / 127.5 - 1
+            with torch.no_grad(), autocast:
+                mean, _ = autoencoder.encode(torch.cat([x, x.flip(3)]))
+            scaled = mean.float() * unet.LATENT_SCALE * unet.SIGMA_DATA
+            encoded["latents"], encoded["flipped"] = scaled.half().cpu().chunk(2)
+        return encoded
+    return encode
+
+
 def stage_encode(config, run, dataset, device):
     """Every training image and its mirror as a latent (the autoencoder's mean,
     scaled to EDM's sigma_data) and every image, training and val, as an MSN
     feature: each file read once, in resumable chunks (encoded/), then encoded.pt."""
     path = os.path.join(run, FINAL["encode"])
     if not os.path.exists(path) and dist_rank() == 0:
-        autoencoder = unet.load_autoencoder(config.autoencoder, config.autoencoder_size, device)
-        msn = load_msn(config, device)
-        autocast = torch.autocast(device.type, torch.bfloat16, enabled=bool(config.bf16))
-
-        def encode(images, latents=True):
-            encoded = {"features": fixmatch.msn_features(msn, images, config.bf16)}
-            if latents:
-                x = images.to(device).float() / 127.5 - 1
-                with torch.no_grad(), autocast:
-                    mean, _ = autoencoder.encode(torch.cat([x, x.flip(3)]))
-                scaled = mean.float() * unet.LATENT_SCALE * unet.SIGMA_DATA
-                encoded["latents"], encoded["flipped"] = scaled.half().cpu().chunk(2)
-            return encoded
+        encode = encoder(unet.load_autoencoder(config.autoencoder, config.autoencoder_size, device),
+                         load_msn(config, device), config.bf16)
         read = lambda file: read_image(config, file)
         workers = min(16, os.cpu_count() or 1) if device.type == "cuda" else 0  # JPEG decoding keeps a GPU fed
         folder = os.path.join(run, "encoded")
@@ -698,6 +706,8 @@ def main():
     asked = config.ssl_arch, config.diffusion_size  # before the preset fills them in
     resolve(config)
     check(config, world)
+    if config.bench and config.preset in FOLDER_PRESETS:
+        return bench_latent(config, device)
     if config.bench:
         return bench(config, device, arch=asked[0] or "wrn28_2", size=asked[1] or "cifar")
     dataset = data.load_dataset(config.dataset, config.data_dir, folders=True)
@@ -894,15 +904,7 @@ def bench(config, device, arch, size):
     The networks are the paper's (WRN-28-2, the cifar size) unless --ssl-arch
     and --diffusion-size ask for others."""
     on_cuda = device.type == "cuda"
-    fast = (config.compile, config.bf16)  # as resolve() filled them: the preset's, else with CUDA only
     ssl_batch, diffusion_batch, steps = (64, 128, 12) if on_cuda else (4, 2, 3)
-
-    def measure(run, settings):
-        """(rate, peak device memory in GiB or None) of run(compile, bf16)."""
-        if on_cuda:
-            torch.cuda.reset_peak_memory_stats()
-        rate = run(*settings)
-        return rate, torch.cuda.max_memory_allocated() / 2 ** 30 if on_cuda else None
 
     classifier = lambda compile, bf16: fixmatch.training_rate(fixmatch.FixMatchConfig(
         arch=arch, batch=ssl_batch, uratio=7, compile=compile, bf16=bf16), steps=steps + 5)
@@ -925,17 +927,7 @@ def bench(config, device, arch, size):
             (f"U-ViT {size} training, batch {diffusion_batch}", diffusion("uvit"), "images/s", True),
             (f"Heun, 35 evaluations, U-Net {size}", heun, "images/s", True),
             ("FID features (always eager fp32)", features, "images/s", False)]
-    where = data.device_name(device)
-    print(f"{where}: compile={fast[0]}, bf16={fast[1]}, beside eager fp32")
-    print(f"  {'stage':<40} {'rate':>10} {'eager fp32':>10} {'ratio':>6}  {'unit':<9} peak memory")
-    measured = []
-    for name, run, unit, optimizable in rows:
-        rate, memory = measure(run, fast)
-        baseline = measure(run, (False, False))[0] if optimizable and fast != (False, False) else rate
-        measured.append(rate)
-        print(f"  {name:<40} {rate:>10,.1f} {baseline:>10,.1f} {rate / baseline:>5.2f}x  {unit:<9} "
-              f"{'-' if memory is None else f'{memory:.1f} GiB'}")
-    rate = dict(zip(("augment", "classifier", "unet", "uvit", "heun", "fid"), measured))
+    rate = dict(zip(("augment", "classifier", "unet", "uvit", "heun", "fid"), bench_rows(config, device, rows)))
     for name in ("unet", "uvit"):
         mfu = unet.flop_utilisation(unet.make_diffusion(name, size, 10, 32), rate[name], device)
         if mfu is not None:
@@ -959,6 +951,86 @@ def bench(config, device, arch, size):
                    "FID": 60_000 / rate["fid"]}
         print(f"{preset} preset here: {sum(seconds.values()) / 3600:,.1f} h (" +
               ", ".join(f"{stage} {time / 3600:,.1f} h" for stage, time in seconds.items()) + ")")
+
+
+def bench_rows(config, device, rows):
+    """Print each row's rate with this run's compile and bf16 (as resolve() filled
+    them) beside eager fp32 where they apply, and its peak device memory; return the rates."""
+    on_cuda, fast = device.type == "cuda", (config.compile, config.bf16)
+
+    def measure(run, settings):
+        """(rate, peak device memory in GiB or None) of run(compile, bf16)."""
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        rate = run(*settings)
+        return rate, torch.cuda.max_memory_allocated() / 2 ** 30 if on_cuda else None
+    print(f"{data.device_name(device)}: compile={fast[0]}, bf16={fast[1]}, beside eager fp32")
+    print(f"  {'stage':<40} {'rate':>10} {'eager fp32':>10} {'ratio':>6}  {'unit':<9} peak memory")
+    measured = []
+    for name, run, unit, optimizable in rows:
+        rate, memory = measure(run, fast)
+        baseline = measure(run, (False, False))[0] if optimizable and fast != (False, False) else rate
+        measured.append(rate)
+        print(f"  {name:<40} {rate:>10,.1f} {baseline:>10,.1f} {rate / baseline:>5.2f}x  {unit:<9} "
+              f"{'-' if memory is None else f'{memory:.1f} GiB'}")
+    return measured
+
+
+def bench_latent(config, device):
+    """The imagenet preset's rows, with its networks (random weights: speed needs
+    no checkpoint): encoding (MSN and the autoencoder, an image and its mirror),
+    U-ViT training on latents, guided denoising and decoding, then the preset's
+    projected wall time on this device. A CPU runs a batch of 2 and 2 solver steps."""
+    on_cuda = device.type == "cuda"
+    batch, steps = (64, 12) if on_cuda else (2, 3)
+    side, latent = config.image_size, config.image_size // 8
+    autoencoder = unet.AutoencoderKL(**unet.AUTOENCODER_SIZES[config.autoencoder_size]).to(device).eval()
+    msn = fixmatch.MSNViT(round(side * fixmatch.MSN_CROP), **fixmatch.MSN_SIZES[config.msn_size]).to(device).eval()
+    autoencoder.requires_grad_(False)
+    msn.requires_grad_(False)
+    images = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8)
+    latents = 0.5 * torch.randn(4096 if on_cuda else 64, unet.LATENT_CHANNELS, latent, latent)
+
+    def timed(work, count, repeats=2):
+        work()  # warm-up (and compilation)
+        if on_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            work()
+        if on_cuda:
+            torch.cuda.synchronize()
+        return repeats * count / (time.perf_counter() - start)
+    encoding = lambda compile, bf16: timed(lambda: encoder(autoencoder, msn, bf16)(images), batch)
+    training = lambda compile, bf16: unet.training_rate(unet.DiffusionConfig(
+        arch="uvit", size=config.diffusion_size, batch=batch, augment=0.0, compile=compile, bf16=bf16), steps, latents)
+    model = unet.make_diffusion("uvit", config.diffusion_size, 1000, latent, unet.LATENT_CHANNELS).to(device).eval()
+    model.requires_grad_(False)
+    denoise = sample.guided(model, config.sample_guidance)
+    x, classes = torch.randn(batch, unet.LATENT_CHANNELS, latent, latent, device=device), torch.arange(batch) % 1000
+    autocast = lambda bf16: torch.autocast(device.type, torch.bfloat16, enabled=bool(bf16))
+
+    def evaluation(compile, bf16):
+        with autocast(bf16):
+            return timed(lambda: denoise(x, 1.0, classes.to(device)), batch)
+
+    def decoding(compile, bf16):
+        with autocast(bf16):
+            return timed(lambda: autoencoder.decode(x), batch)
+    rows = [(f"encoding {config.msn_size} + {config.autoencoder_size} at {side}, batch {batch}", encoding, "images/s",
+             True),
+            (f"U-ViT {config.diffusion_size} training on {latent}x{latent} latents", training, "images/s", True),
+            (f"guided U-ViT {config.diffusion_size} evaluation", evaluation, "images/s", True),
+            (f"decoding {config.autoencoder_size} to {side}", decoding, "images/s", True)]
+    encode, train, evaluate, decode = bench_rows(config, device, rows)
+    sampling = 1 / (config.sample_steps / evaluate + 1 / decode)  # DPM-Solver++(2M): one evaluation a step
+    print(f"  sampling with decoding, {config.sample_steps} DPM-Solver++ steps: {sampling:,.2f} images/s")
+    seconds = {"encoding": 1_331_167 / encode,  # ImageNet's training and val images
+               "stage 2": config.diffusion_images / train,
+               "sampling": config.sample_per_class * 1000 / sampling}
+    print(f"imagenet preset here, one device: {sum(seconds.values()) / 3600:,.1f} h (" +
+          ", ".join(f"{stage} {time / 3600:,.1f} h" for stage, time in seconds.items()) +
+          "; the probes and FID take minutes)")
 
 
 def sample_accuracy(predicted, labels, num_classes):

@@ -2907,7 +2907,9 @@ BAD_SETTINGS = {
     "diffusion_batch": "0", "diffusion_lr": "-1", "diffusion_warmup": "-1", "diffusion_ema_halflife": "-1",
     "diffusion_p_mean": "nan", "diffusion_label_dropout": "1", "diffusion_augment": "1.5",
     "sample_per_class": "0", "sample_solver": "ddim", "sample_steps": "1", "sample_guidance": "-1",
-    "fid_reference": "-1", "seeds": "3-1", "ssl_lr_cosine": "0.7", "ssl_precise_bn": "-1"}
+    "fid_reference": "-1", "seeds": "3-1", "ssl_lr_cosine": "0.7", "ssl_precise_bn": "-1",
+    "image_size": "60", "autoencoder": "/missing/autoencoder_kl.pth", "autoencoder_size": "xl", "msn_size": "vitz",
+    "msn_weights": "/missing/msn.pth.tar", "probe_lambda": "0", "fid_stats": "/missing/reference.npz"}
 
 
 def test_no_rule_admits_an_infinite_or_nan_number_or_a_seed_numpy_cannot_take():
@@ -3092,3 +3094,149 @@ def test_two_processes_under_torchrun_run_every_stage_and_write_one_set_of_artif
     assert saved["fid"] == pytest.approx(fid.frechet_distance(generated["mu"], generated["sigma"], real["mu"],
                                                               real["sigma"]), rel=1e-6)
     assert saved["inception_score"] == pytest.approx(fid.inception_score(generated["logits"])[0], rel=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# The imagenet preset end to end on a CPU: a folder of JPEGs in ImageNet's layout,
+# and the same families of networks at their test sizes (--autoencoder-size,
+# --msn-size, --diffusion-size tiny), from weight files in the released layouts.
+
+def write_imagenet_like(root):
+    """3 classes of 6 training and 2 val JPEGs (80x72: cropped, not halved), each
+    class its own colour under noise; Stable Diffusion's autoencoder and MSN's ViT
+    at their test sizes, random weights in the released files' layouts."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 2)):
+        for c, name in enumerate(("n0a", "n0b", "n0c")):
+            os.makedirs(root / "folder" / split / name)
+            for i in range(count):
+                pixels = np.full((72, 80, 3), 20.0)
+                pixels[..., c] = 200
+                pixels = (pixels + rng.integers(0, 50, pixels.shape)).clip(0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / "folder" / split / name / f"{name}_{i}.JPEG")
+    torch.manual_seed(0)
+    torch.save(unet.AutoencoderKL(**unet.AUTOENCODER_SIZES["tiny"]).state_dict(), root / "autoencoder_kl.pth")
+    msn = fixmatch.MSNViT(56, **fixmatch.MSN_SIZES["tiny"])
+    weights = {"module." + name: value for name, value in msn.state_dict().items()}
+    weights.update({"module.norm.weight": torch.ones(64), "module.norm.bias": torch.zeros(64),
+                    "module.fc.weight": torch.zeros(8, 64)})  # in the release, dropped by the loader
+    torch.save({"target_encoder": weights}, root / "msn_tiny.pth.tar")
+
+
+def imagenet_command(root, *extra):
+    return ["--dataset", str(root / "folder"), "--preset", "imagenet", "--autoencoder", str(root / "autoencoder_kl.pth"),
+            "--autoencoder-size", "tiny", "--msn-size", "tiny", "--msn-weights", str(root / "msn_tiny.pth.tar"),
+            "--image-size", "64", "--diffusion-size", "tiny", "--diffusion-images", "64", "--diffusion-batch", "8",
+            "--diffusion-warmup", "8", "--sample-per-class", "2", "--sample-steps", "2", *extra]
+
+
+@pytest.fixture(scope="module")
+def imagenet_run(tmp_path_factory, fid_weights):
+    root = tmp_path_factory.mktemp("imagenet")
+    write_imagenet_like(root)
+    result = run_script("dpt.py", *imagenet_command(root, "--out", str(root / "runs"), "--fid-weights", fid_weights))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, root / "runs" / "folder-1l-s0"
+
+
+def test_the_imagenet_preset_runs_end_to_end_on_a_folder_of_jpegs(imagenet_run):
+    root, run = imagenet_run
+    config = dpt.DPTConfig(**{**json.loads((run / "config.json").read_text()), "dataset": str(root / "folder")})
+    autoencoder = unet.load_autoencoder(str(root / "autoencoder_kl.pth"), "tiny")
+    msn = fixmatch.load_msn("tiny", 56, str(root / "msn_tiny.pth.tar"))
+    dataset = data.load_dataset(str(root / "folder"), folders=True)
+    # Encoding: every file once, as the networks see its ADM crop; the mirror its own latent.
+    encoded = torch.load(run / "encoded.pt")
+    crops = torch.stack([dpt.read_image(config, file) for file in dataset.train_files])
+    x = crops.float() / 127.5 - 1
+    for name, images in (("latents", x), ("flipped", x.flip(3))):
+        expected = autoencoder.encode(images)[0] * unet.LATENT_SCALE * unet.SIGMA_DATA
+        assert encoded["train"][name].dtype == torch.float16 and encoded["train"][name].shape == (18, 4, 8, 8)
+        torch.testing.assert_close(encoded["train"][name].float(), expected, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(encoded["train"]["features"], fixmatch.msn_features(msn, crops))
+    assert encoded["test"]["features"].shape == (6, 64) and set(encoded["test"]) == {"features"}
+    assert not (run / "encoded").exists()  # the chunks, once joined
+    # Stage 1: the probe on the 3 labeled images' features; the pseudo labels are its argmax.
+    split = torch.load(run / "split.pt")["indices"]
+    stage1 = torch.load(run / "stage1" / "probe.pt")
+    assert stage1["metrics"]["images"] == 3 and dataset.train_y[split].tolist() == [0, 1, 2]
+    assert torch.equal(torch.load(run / "pseudo_labels.pt")["labels"],
+                       fixmatch.probe_predict(stage1["weights"], encoded["train"]["features"])[0])
+    # Stage 2 on latents; the samples decoded to images, their features MSN's of those images.
+    diffusion = torch.load(run / "stage2" / "diffusion.pt", weights_only=False)
+    assert (diffusion["channels"], diffusion["resolution"], diffusion["config"]["arch"]) == (4, 8, "uvit")
+    samples = torch.load(run / "samples.pt")
+    assert samples["images"].dtype == torch.uint8 and samples["images"].shape == (6, 3, 64, 64)
+    torch.testing.assert_close(samples["features"], fixmatch.msn_features(msn, samples["images"]))
+    # Stage 3: the labeled images' features and the 6 generated ones.
+    assert torch.load(run / "stage3" / "probe.pt")["metrics"]["images"] == 3 + 6
+    results = json.loads((run / "results.json").read_text())
+    for name in ("stage1_accuracy", "stage3_accuracy", "pseudo_label_accuracy", "sample_accuracy",
+                 "oracle_sample_accuracy", "oracle_accuracy", "fid"):
+        assert results[name] is not None, name
+    assert results["preset"] == "imagenet" and results["classes"] == ["n0a", "n0b", "n0c"]
+    assert json.loads((run / "fid.json").read_text())["reference_images"] == 18  # the folder's training images
+    page = (run / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 3 and "n0c" in page
+
+
+def test_the_imagenet_preset_killed_in_every_stage_resumes_to_an_uninterrupted_runs_results(imagenet_run, tmp_path):
+    root, reference = imagenet_run
+    command = imagenet_command(root, "--out", str(tmp_path))
+    run = tmp_path / "folder-1l-s0"
+    stages = ["encoded/train/chunk-00000.pt", "stage1/probe.pt", "stage2/ckpt.pt", "samples.pt", "stage3/probe.pt"]
+    for name in stages:  # killed the moment each stage's first file appears
+        kill_when(start_run(*command), run / name)
+    assert not (run / "results.json").exists()
+    result = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("encoded.pt", "pseudo_labels.pt", "samples.pt", "stage1/probe.pt", "stage3/probe.pt", "oracle.pt"):
+        ours, theirs = torch.load(run / name), torch.load(reference / name)
+        flat = lambda tree: {k: v for k, v in tree.items()} if isinstance(tree, dict) else tree
+        for key, value in flat(theirs).items():
+            if torch.is_tensor(value):
+                assert torch.equal(ours[key], value), (name, key)
+            elif isinstance(value, dict):
+                assert all(torch.equal(ours[key][k], v) for k, v in value.items() if torch.is_tensor(v)), (name, key)
+    ours, theirs = (torch.load(folder / "stage2" / "diffusion.pt")["model"] for folder in (run, reference))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+@pytest.mark.parametrize("case", ["a folder with the tiny preset", "shapes with the imagenet preset",
+                                  "no autoencoder", "a crop MSN cannot patch", "no train folder",
+                                  "a val class the training images lack", "an imagenet flag on shapes",
+                                  "redo encode on shapes"])
+def test_the_imagenet_preset_refuses_bad_input_in_one_line_before_any_work(tmp_path, case, monkeypatch, capsys):
+    write_imagenet_like(tmp_path)
+    os.makedirs(tmp_path / "empty" / "val")
+    os.makedirs(tmp_path / "folder" / "val" / "n0z")
+    Image.new("RGB", (64, 64)).save(tmp_path / "folder" / "val" / "n0z" / "x.JPEG")
+    good = imagenet_command(tmp_path)
+    without = lambda flag: [arg for i, arg in enumerate(good) if flag not in (arg, good[i - 1])]
+    argv, words = {
+        "a folder with the tiny preset": (good[:2] + ["--preset", "tiny"], "needs --preset imagenet"),
+        "shapes with the imagenet preset": (["--dataset", "shapes", "--preset", "imagenet"], "ImageNet's layout"),
+        "no autoencoder": (without("--autoencoder"), "--autoencoder PATH"),
+        "a crop MSN cannot patch": (good + ["--image-size", "48"], "--image-size 48"),
+        "no train folder": (["--dataset", str(tmp_path / "empty")] + good[2:], "no train/ folder"),
+        "a val class the training images lack": (good, "n0z"),
+        "an imagenet flag on shapes": (["--dataset", "shapes", "--preset", "tiny", "--image-size", "128"],
+                                       "--image-size is for"),
+        "redo encode on shapes": (["--dataset", "shapes", "--preset", "tiny", "--redo", "encode"], "--redo is for")}[case]
+    if case != "a val class the training images lack":
+        shutil.rmtree(tmp_path / "folder" / "val" / "n0z")
+    monkeypatch.setattr(sys, "argv", ["dpt.py", *argv, "--out", str(tmp_path / "runs")])
+    with pytest.raises(SystemExit) as exit:
+        data.run_main(dpt.main)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(lines) == 1 and words in lines[0], lines
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_the_imagenet_bench_times_each_stage_and_projects_the_preset():
+    result = run_script("dpt.py", "--bench", "--preset", "imagenet", "--autoencoder-size", "tiny", "--msn-size", "tiny",
+                        "--image-size", "64", "--diffusion-size", "tiny", OMP_NUM_THREADS="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for words in ("encoding tiny + tiny at 64", "U-ViT tiny training on 8x8 latents", "decoding tiny to 64",
+                  "sampling with decoding, 50 DPM-Solver++ steps", "imagenet preset here"):
+        assert words in result.stdout, (words, result.stdout)

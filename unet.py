@@ -790,11 +790,12 @@ def flops_per_image(model):
     return counter.get_total_flops()
 
 
-def training_rate(config, steps=12):
-    """Training images/s of config's network at config.batch on random 32x32
-    images of 10 classes, timed after the warm-up steps (in a temporary folder)."""
-    images = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8)
-    labels = torch.randint(0, 10, (4096,))
+def training_rate(config, steps=12, images=None):
+    """Training images/s of config's network at config.batch on `images` (random
+    32x32 pixels unless given, e.g. latents) of 10 classes, timed after the
+    warm-up steps (in a temporary folder)."""
+    images = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8) if images is None else images
+    labels = torch.randint(0, 10, (len(images),))
     with tempfile.TemporaryDirectory() as out:
         run = replace(config, out=out, images=config.batch * steps, warmup=config.batch,
                       ckpt_every=config.batch * steps)

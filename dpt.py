@@ -449,8 +449,7 @@ def stage_sample(config, run, device, rank, world):
         settings, _ = sample_settings(config, out=run)
         decode = None
         if config.preset in FOLDER_PRESETS:
-            autoencoder = unet.load_autoencoder(config.autoencoder, config.autoencoder_size, device)
-            decode = lambda x: autoencoder.decode(x.float() / unet.SIGMA_DATA)  # back to SD's scale
+            decode = decoder(unet.load_autoencoder(config.autoencoder, config.autoencoder_size, device))
         images, labels = sample.generate(model, settings.per_class, solver=settings.solver, steps=settings.steps,
                                          guidance=settings.guidance, seed=settings.seed, device=device, rank=rank,
                                          world=world, bf16=settings.bf16, decode=decode)
@@ -613,6 +612,11 @@ def encoder(autoencoder, msn, bf16):
             encoded["latents"], encoded["flipped"] = scaled.half().cpu().chunk(2)
         return encoded
     return encode
+
+
+def decoder(autoencoder):
+    """The inverse of encoder's latents: back to SD's scale, then images in [-1, 1]."""
+    return lambda latents: autoencoder.decode(latents.float() / unet.SIGMA_DATA)
 
 
 def stage_encode(config, run, dataset, device):
@@ -1016,7 +1020,7 @@ def bench_latent(config, device):
 
     def decoding(compile, bf16):
         with autocast(bf16):
-            return timed(lambda: autoencoder.decode(x), batch)
+            return timed(lambda: decoder(autoencoder)(x), batch)
     rows = [(f"encoding {config.msn_size} + {config.autoencoder_size} at {side}, batch {batch}", encoding, "images/s",
              True),
             (f"U-ViT {config.diffusion_size} training on {latent}x{latent} latents", training, "images/s", True),

@@ -3165,8 +3165,14 @@ def test_the_imagenet_preset_runs_end_to_end_on_a_folder_of_jpegs(imagenet_run):
     # Stage 2 on latents; the samples decoded to images, their features MSN's of those images.
     diffusion = torch.load(run / "stage2" / "diffusion.pt", weights_only=False)
     assert (diffusion["channels"], diffusion["resolution"], diffusion["config"]["arch"]) == (4, 8, "uvit")
+    decode = dpt.decoder(autoencoder)  # the latents' inverse: what the autoencoder alone makes of the crops
+    torch.testing.assert_close(decode(encoded["train"]["latents"][:4]),
+                               autoencoder.decode(autoencoder.encode(x[:4])[0] * unet.LATENT_SCALE), atol=2e-3, rtol=0)
     samples = torch.load(run / "samples.pt")
     assert samples["images"].dtype == torch.uint8 and samples["images"].shape == (6, 3, 64, 64)
+    again, _ = sample.generate(unet.load_diffusion(run / "stage2" / "diffusion.pt"), 2, "dpmpp", 2, guidance=1.4,
+                               decode=decode, progress=False)
+    assert torch.equal(again, samples["images"])  # the diffusion model's samples, decoded
     torch.testing.assert_close(samples["features"], fixmatch.msn_features(msn, samples["images"]))
     # Stage 3: the labeled images' features and the 6 generated ones.
     assert torch.load(run / "stage3" / "probe.pt")["metrics"]["images"] == 3 + 6

@@ -3239,6 +3239,29 @@ def test_the_imagenet_preset_refuses_bad_input_in_one_line_before_any_work(tmp_p
     assert not (tmp_path / "runs").exists()  # nothing written
 
 
+# DPT's official ImageNet 256x256 code (ML-GSAI/DPT, on U-ViT's): U-ViT-L/2 on SD latents, batch
+# 1024 for 300k steps, AdamW lr 2e-4 after 5k warm-up steps, EMA 0.9999 a step, label dropout
+# 0.15; DPM-Solver 50 steps at scale 0.4 (ours 1 + 0.4), 128 images a class; MSN ViT-L/7 for one
+# label a class and ViT-B/4 for more, the probe's lambda 0.0025 / N; latents of 256x256 crops.
+PAPER_IMAGENET = {
+    "diffusion": dict(arch="uvit", size="large", batch=1024, images=300_000 * 1024, lr=2e-4,
+                      warmup=5_000 * 1024, label_dropout=0.15, augment=0.0),
+    "sample": dict(per_class=128, steps=50, guidance=1.4),
+    "dpt": dict(image_size=256, autoencoder_size="sd", probe_lambda=0.0025)}
+
+
+def test_the_imagenet_preset_gives_each_stage_the_papers_recipe():
+    for labels, msn in ((1, "vitl7"), (2, "vitb4"), (5, "vitb4")):
+        config = dpt.DPTConfig(dataset="imagenet", preset="imagenet", labels=labels)
+        dpt.resolve(config)
+        assert config.msn_size == msn
+    diffusion, sampling = dpt.diffusion_settings(config)[0], dpt.sample_settings(config)[0]
+    for settings, recipe in ((diffusion, "diffusion"), (sampling, "sample"), (config, "dpt")):
+        assert {k: getattr(settings, k) for k in PAPER_IMAGENET[recipe]} == PAPER_IMAGENET[recipe], recipe
+    assert 0.5 ** (diffusion.batch / diffusion.ema_halflife) == pytest.approx(0.9999, abs=1e-9)  # a step's EMA
+    assert (unet.SIZES["uvit"]["large"]["width"], unet.SIZES["uvit"]["large"]["depth"]) == (1024, 20)
+
+
 def test_the_imagenet_bench_times_each_stage_and_projects_the_preset():
     result = run_script("dpt.py", "--bench", "--preset", "imagenet", "--autoencoder-size", "tiny", "--msn-size", "tiny",
                         "--image-size", "64", "--diffusion-size", "tiny", OMP_NUM_THREADS="1")

@@ -361,7 +361,8 @@ def load_folder(root):
         raise UserError(f"{root} has no train/ folder; ImageNet cannot be downloaded for you: put its images in "
                         f"{root}/train/CLASS/*.JPEG (and {root}/val/CLASS/*.JPEG), or give another folder")
     train_files, train_y, classes = image_folder(root, "train")
-    test_files, test_y = image_folder(root, "val", classes)[:2] if os.path.isdir(os.path.join(root, "val")) else ((), None)
+    has_val = os.path.isdir(os.path.join(root, "val"))
+    test_files, test_y = image_folder(root, "val", classes)[:2] if has_val else ((), None)
     return Dataset(os.path.basename(os.path.normpath(root)), None, train_y, None, test_y, len(classes), classes,
                    tuple(train_files), tuple(test_files))
 

@@ -5,14 +5,18 @@
     torchrun --nproc_per_node 4 dpt.py --labels 4 --preset cifar
     python dpt.py --labels 1 --redo sample --sample-per-class 2000  # sample again, then stage 3 and FID
     python dpt.py --dataset shapes --labels 1 --seeds 0-4 # five runs, then their mean and spread
+    python dpt.py --dataset imagenet --preset imagenet --autoencoder autoencoder_kl.pth  # the paper's ImageNet 256
 
 Stage 1 trains FixMatch (or FreeMatch) on a few labels per class and predicts a
 pseudo label for every training image; stage 2 trains a class-conditional
 diffusion model on all images with those labels and samples K images per class;
 stage 3 retrains the classifier from scratch with the samples joining the
-labeled set. Files in the run folder are the only link between stages (see
-README): a killed run, rerun with the same command, skips what is finished and
-resumes what was under way from its checkpoint.
+labeled set. The imagenet preset reads a folder of images once into Stable
+Diffusion latents and MSN features; its stages 1 and 3 fit a linear probe on the
+features and its stage 2 trains a U-ViT on the latents (the paper's sec. 5.2).
+Files in the run folder are the only link between stages (see README): a
+killed run, rerun with the same command, skips what is finished and resumes
+what was under way from its checkpoint.
 """
 
 import html
@@ -48,7 +52,7 @@ class DPTConfig:
     seeds: str = ""                 # A-B or A,B,C: one run per seed, then a sweep summary (mean and spread)
     preset: str = ""                # tiny | fast | cifar | imagenet; empty: fast with CUDA, tiny without
     out: str = "runs"               # the run lives in OUT/<dataset>-<labels>l-s<seed>
-    redo: str = ""                  # rerun this stage and all after it: encode | stage1 | stage2 | sample | stage3 | fid
+    redo: str = ""                  # rerun this stage and all after it: encode, stage1, stage2, sample, stage3, fid
     baseline: bool = False          # also train on the labeled images alone, for comparison
     fid_weights: str = ""           # FID Inception weights (else $DPT_FID_WEIGHTS, the hub cache, or download)
     fid_reference: int = None       # training images FID compares against (0: all)
@@ -93,10 +97,10 @@ class DPTConfig:
     image_size: int = 256           # ADM's centre crop of every image; the latents are a side of image_size / 8
     autoencoder: str = ""           # Stable Diffusion's autoencoder_kl.pth (no stable URL: see the README)
     autoencoder_size: str = "sd"    # sd | tiny (the same family, for CPU tests)
-    msn_size: str = ""              # vitl7 | vitb4 | tiny; empty: vitl7 with 1 label per class, else vitb4 (the paper's)
+    msn_size: str = ""              # vitl7 | vitb4 | tiny; empty: vitl7 for 1 label per class, else vitb4 (paper's)
     msn_weights: str = ""           # MSN's checkpoint (else downloaded once into torch's cache)
     probe_lambda: float = 0.0025    # the probe's L2 penalty times the number of images it is fit on (MSN's)
-    fid_stats: str = ""             # FID reference .npz (mu, sigma); empty: ADM's for imagenet, else the training images
+    fid_stats: str = ""             # FID reference .npz (mu, sigma); empty: ADM's for imagenet, else training images
 
 
 # Each stage script's settings, field by field from DPTConfig's: the mappings
@@ -239,7 +243,8 @@ RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "labels": data.at_lea
          "seeds": ((lambda text: not text or parse_seeds(text) is not None), "A-B or A,B,C: distinct seeds from 0"),
          "image_size": ((lambda side: side > 0 and side % 16 == 0), "a positive multiple of 16 (latents of side / 8)"),
          "autoencoder": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
-         "autoencoder_size": data.one_of(*unet.AUTOENCODER_SIZES), "msn_size": ((lambda size: size in ("", *fixmatch.MSN_SIZES)), "one of " + ", ".join(fixmatch.MSN_SIZES)),
+         "autoencoder_size": data.one_of(*unet.AUTOENCODER_SIZES),
+         "msn_size": ((lambda size: size in ("", *fixmatch.MSN_SIZES)), "one of " + ", ".join(fixmatch.MSN_SIZES)),
          "msn_weights": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
          "probe_lambda": data.POSITIVE,
          "fid_stats": ((lambda path: not path or os.path.isfile(path)), "an existing .npz file, or empty")}
@@ -254,10 +259,10 @@ def check(config, world, dataset=None):
     if latent:
         check_latent(config)
     else:
-        changed = [name for name in LATENT_FIELDS if getattr(config, name) != getattr(DPTConfig(), name)]
-        if changed or config.redo == "encode":
-            raise data.UserError(f"--{(changed or ['redo'])[0].replace('_', '-')} is for --preset imagenet, which "
-                                 "reads a folder of images; leave it out")
+        given = [f"--{name.replace('_', '-')}" for name in LATENT_FIELDS
+                 if getattr(config, name) != getattr(DPTConfig(), name)] + ["--redo encode"] * (config.redo == "encode")
+        if given:
+            raise data.UserError(f"{given[0]} is for --preset imagenet, which reads a folder of images; leave it out")
     for stage in ("stage1", "stage3"):
         settings, flags = classifier_settings(config, stage)
         fixmatch.check(settings, world, flags)
@@ -273,7 +278,8 @@ def check(config, world, dataset=None):
         data.labeled_split(dataset.train_y, config.labels, config.seed)  # an impossible --labels
         # FID's covariances need 2 images on every process, of the reference and of the samples.
         reference = min(config.fid_reference or len(dataset.train_y), len(dataset.train_y))
-        if (reference < 2 * world and not config.fid_stats) or config.sample_per_class * dataset.num_classes < 2 * world:
+        generated = config.sample_per_class * dataset.num_classes
+        if (reference < 2 * world and not config.fid_stats) or generated < 2 * world:
             raise data.UserError(f"--fid-reference {config.fid_reference} and --sample-per-class "
                                  f"{config.sample_per_class} give a process fewer than 2 images to compute FID "
                                  f"with; give at least {2 * world} reference and generated images")
@@ -310,9 +316,10 @@ def barrier():
 # and refusing a folder made with other settings
 
 FINAL = {"encode": "encoded.pt", "split": "split.pt", "stage1": "pseudo_labels.pt", "stage2": "stage2/diffusion.pt",
-         "sample": "samples.pt", "stage3": "stage3/classifier.pt", "baseline": "baseline/classifier.pt",
-         "fid": "fid.json"}
-REMOVED_BY_REDO = {"encode": ("encoded.pt", "encoded", "oracle.pt"), "split": ("split.pt",), "stage1": ("stage1", "pseudo_labels.pt", "baseline"), "stage2": ("stage2",),
+         "sample": "samples.pt", "stage3": "stage3/classifier.pt", "stage3 probe": "stage3/probe.pt",
+         "baseline": "baseline/classifier.pt", "fid": "fid.json"}
+REMOVED_BY_REDO = {"encode": ("encoded.pt", "encoded", "oracle.pt"), "split": ("split.pt",),
+                   "stage1": ("stage1", "pseudo_labels.pt", "baseline"), "stage2": ("stage2",),
                    "sample": ("samples.pt", "samples.png"), "stage3": ("stage3",), "fid": ("fid.json",)}
 
 
@@ -355,7 +362,8 @@ def check_run_folder(config, run):
             elif os.path.exists(target):
                 os.remove(target)
         untimed = set(removed) | ({"baseline"} if "stage1" in removed else set())  # stage 1 removes the baseline
-        timings = {k: v for k, v in (data.read_json(os.path.join(run, "timings.json")) or {}).items() if k not in untimed}
+        timings = data.read_json(os.path.join(run, "timings.json")) or {}
+        timings = {k: v for k, v in timings.items() if k not in untimed}
         data.write_json(timings, os.path.join(run, "timings.json"))
         data.write_json(settings, path)
         if removed:
@@ -367,6 +375,7 @@ def run_stage(run, stage, function, *args, **kwargs):
     """Run one stage (it skips itself when its final file exists); add its wall
     time to timings.json when it did work."""
     already_done = os.path.exists(os.path.join(run, FINAL[stage]))
+    stage = stage.split()[0]  # "stage3 probe" is timed as stage3
     start = time.perf_counter()
     result = function(*args, **kwargs)
     if not already_done and dist_rank() == 0:
@@ -431,8 +440,8 @@ def stage_2(config, run, images, labels, num_classes):
         settings, _ = diffusion_settings(config, out=out, labels_file=os.path.join(run, FINAL["stage1"]))
         grid = os.path.join(out, "grid.png")
         pixels = images.dtype == torch.uint8  # latents would need decoding first: no preview
-        preview = (lambda model, images_seen: sample.preview_grid(model, grid, per_class=4, steps=8)) if pixels else None
-        model, metrics = unet.train(settings, images, labels, num_classes, preview=preview,
+        preview = lambda model, images_seen: sample.preview_grid(model, grid, per_class=4, steps=8)
+        model, metrics = unet.train(settings, images, labels, num_classes, preview=preview if pixels else None,
                                     preview_every=max(config.diffusion_images // 2, 1))  # halfway and at the end
         if dist_rank() == 0:
             unet.save_diffusion(model, settings, metrics, path)
@@ -491,7 +500,7 @@ def stage_fid(config, run, dataset, samples, device, rank, world):
     if not os.path.exists(path):
         try:
             model = fid.load_inception(config.fid_weights or None, device)
-            stats = config.fid_stats or (fid.download_stats(fid.ADM_IMAGENET256) if config.dataset == "imagenet" else "")
+            stats = config.fid_stats or config.dataset == "imagenet" and fid.download_stats(fid.ADM_IMAGENET256)
             real = fid.read_stats(stats) if stats else None
         except fid.FIDError as error:
             if rank == 0:
@@ -679,8 +688,8 @@ def run_latent_stages(config, run, dataset, device, rank, world):
     run_stage(run, "stage2", stage_2, config, run, latents, pseudo["labels"].repeat(2), dataset.num_classes)
     del latents
     samples = run_stage(run, "sample", stage_sample, config, run, device, rank, world)
-    _, stage3_metrics = run_stage(run, "stage3", stage_probe, config, run, "stage3", dataset, encoded, labeled_index,
-                                  device, generated=samples)
+    _, stage3_metrics = run_stage(run, "stage3 probe", stage_probe, config, run, "stage3", dataset, encoded,
+                                  labeled_index, device, generated=samples)
     fid_result = run_stage(run, "fid", stage_fid, config, run, dataset, samples, device, rank, world)
     # The oracle: the probe fit on every training image's true label (cheap: no network to train).
     oracle_path = os.path.join(run, "oracle.pt")

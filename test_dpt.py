@@ -3124,7 +3124,8 @@ def write_imagenet_like(root):
 
 
 def imagenet_command(root, *extra):
-    return ["--dataset", str(root / "folder"), "--preset", "imagenet", "--autoencoder", str(root / "autoencoder_kl.pth"),
+    return ["--dataset", str(root / "folder"), "--preset", "imagenet",
+            "--autoencoder", str(root / "autoencoder_kl.pth"),
             "--autoencoder-size", "tiny", "--msn-size", "tiny", "--msn-weights", str(root / "msn_tiny.pth.tar"),
             "--image-size", "64", "--diffusion-size", "tiny", "--diffusion-images", "64", "--diffusion-batch", "8",
             "--diffusion-warmup", "8", "--sample-per-class", "2", "--sample-steps", "2", *extra]
@@ -3228,7 +3229,8 @@ def test_the_imagenet_preset_refuses_bad_input_in_one_line_before_any_work(tmp_p
         "a val class the training images lack": (good, "n0z"),
         "an imagenet flag on shapes": (["--dataset", "shapes", "--preset", "tiny", "--image-size", "128"],
                                        "--image-size is for"),
-        "redo encode on shapes": (["--dataset", "shapes", "--preset", "tiny", "--redo", "encode"], "--redo is for")}[case]
+        "redo encode on shapes": (["--dataset", "shapes", "--preset", "tiny", "--redo", "encode"],
+                                  "--redo encode is for")}[case]
     if case != "a val class the training images lack":
         shutil.rmtree(tmp_path / "folder" / "val" / "n0z")
     monkeypatch.setattr(sys, "argv", ["dpt.py", *argv, "--out", str(tmp_path / "runs")])

@@ -19,7 +19,6 @@ killed run, rerun with the same command, skips what is finished and resumes
 what was under way from its checkpoint.
 """
 
-import html
 import json
 import os
 import platform
@@ -458,7 +457,8 @@ def stage_sample(config, run, device, rank, world):
         settings, _ = sample_settings(config, out=run)
         decode = None
         if config.preset in FOLDER_PRESETS:
-            decode = decoder(unet.load_autoencoder(config.autoencoder, config.autoencoder_size, device))
+            autoencoder = unet.load_autoencoder(config.autoencoder, config.autoencoder_size, device)
+            decode = lambda latents: unet.decode_latents(autoencoder, latents)
         images, labels = sample.generate(model, settings.per_class, solver=settings.solver, steps=settings.steps,
                                          guidance=settings.guidance, seed=settings.seed, device=device, rank=rank,
                                          world=world, bf16=settings.bf16, decode=decode)
@@ -605,27 +605,14 @@ def read_image(config, file):
 
 
 def encoder(autoencoder, msn, bf16):
-    """encode(uint8 images, latents=True) -> {"features"} of MSN, and the
-    latents of each image and of its mirror (the autoencoder's mean, scaled to
-    EDM's sigma_data), half precision on the CPU."""
-    device = next(autoencoder.parameters()).device
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bool(bf16))
-
+    """encode(uint8 images, latents=True) -> MSN's features and (with latents)
+    the latents of each image and of its mirror."""
     def encode(images, latents=True):
         encoded = {"features": fixmatch.msn_features(msn, images, bf16)}
         if latents:
-            x = images.to(device).float() / 127.5 - 1
-            with torch.no_grad(), autocast:
-                mean, _ = autoencoder.encode(torch.cat([x, x.flip(3)]))
-            scaled = mean.float() * unet.LATENT_SCALE * unet.SIGMA_DATA
-            encoded["latents"], encoded["flipped"] = scaled.half().cpu().chunk(2)
+            encoded["latents"], encoded["flipped"] = unet.encode_latents(autoencoder, images, bf16)
         return encoded
     return encode
-
-
-def decoder(autoencoder):
-    """The inverse of encoder's latents: back to SD's scale, then images in [-1, 1]."""
-    return lambda latents: autoencoder.decode(latents.float() / unet.SIGMA_DATA)
 
 
 def stage_encode(config, run, dataset, device):
@@ -776,18 +763,19 @@ def write_results(config, run, dataset, device, samples, stage1_metrics, pseudo,
                   fid_result, believed, true, oracle_metrics, oracle_path):
     """results.json from what the stages measured and the judges' labels of the
     samples (believed: stage 1's, true: the oracle's), report.html, and the summary."""
-    believed, true = (sample_accuracy(labels, samples["labels"], dataset.num_classes) for labels in (believed, true))
+    believed, true = (sample.sample_accuracy(judged, samples["labels"], dataset.num_classes)
+                      for judged in (believed, true))
     results = {
         "dataset": dataset.name, "labels_per_class": config.labels, "seed": config.seed, "preset": config.preset,
         "classes": list(dataset.classes) or None,
         "baseline_accuracy": baseline_metrics and baseline_metrics.get("accuracy"),
         "stage1_accuracy": stage1_metrics.get("accuracy"),
         "stage1_best_accuracy": stage1_metrics.get("best_accuracy"),  # selected on the test set
-        "stage1_last_moves": last_moves(stage1_metrics["history"]),
+        "stage1_last_moves": sample.last_moves(stage1_metrics["history"]),
         "pseudo_label_accuracy": pseudo.get("accuracy"),
         "stage3_accuracy": stage3_metrics.get("accuracy"),
         "stage3_best_accuracy": stage3_metrics.get("best_accuracy"),
-        "stage3_last_moves": last_moves(stage3_metrics["history"]),
+        "stage3_last_moves": sample.last_moves(stage3_metrics["history"]),
         "stage3_gain": (stage3_metrics["accuracy"] - stage1_metrics["accuracy"]
                         if "accuracy" in stage1_metrics else None),
         "fid": fid_result and fid_result["fid"], "inception_score": fid_result and fid_result["inception_score"],
@@ -812,14 +800,6 @@ def write_results(config, run, dataset, device, samples, stage1_metrics, pseudo,
     print(f"everything is in {run}: report.html (open it in a browser), results.json, samples.png, samples.pt")
 
 
-def last_moves(history, count=3):
-    """How far the test accuracy moved over the last `count` evaluations (max -
-    min), the check that a classifier ended where its curve settled; None with
-    fewer evaluations."""
-    values = [accuracy for _, accuracy in history[-count:]]
-    return max(values) - min(values) if len(values) == count else None
-
-
 # -----------------------------------------------------------------------------
 # Several seeds in one command: one run folder per seed, then the sweep summary
 # (per seed, and mean +- standard deviation, as SSL papers report) beside them.
@@ -838,70 +818,12 @@ def parse_seeds(text):
     return seeds if seeds and min(seeds) >= 0 and len(set(seeds)) == len(seeds) else None
 
 
-SWEEP_COLUMNS = (  # (heading, results.json field, a percentage)
-    ("labeled only", "baseline_accuracy", True), ("stage 1", "stage1_accuracy", True),
-    ("stage 3", "stage3_accuracy", True), ("gain", "stage3_gain", True),
-    ("pseudo labels", "pseudo_label_accuracy", True), ("stage-1 judge", "sample_accuracy", True),
-    ("oracle judge", "oracle_sample_accuracy", True), ("minutes", "minutes", False))
-
-
-def sweep_summary(runs):
-    """Every run's figures (from its results.json) and their mean and sample
-    standard deviation over the seeds."""
-    rows = []
-    for run in runs:
-        results = data.read_json(os.path.join(run, "results.json"))
-        rows.append({"seed": results["seed"], "run": run, "minutes": sample.minutes(results),
-                     **{field: results[field] for _, field, _ in SWEEP_COLUMNS if field != "minutes"}})
-    summary = {"runs": rows, "mean": {}, "std": {}}
-    for _, field, _ in SWEEP_COLUMNS:
-        values = [row[field] for row in rows if row[field] is not None]
-        summary["mean"][field] = float(np.mean(values)) if values else None
-        summary["std"][field] = float(np.std(values, ddof=1)) if len(values) > 1 else None
-    gains = [row["stage3_gain"] for row in rows if row["stage3_gain"] is not None]
-    summary["stage3_above_stage1"] = f"{sum(gain > 0 for gain in gains)} of {len(gains)}"
-    return summary
-
-
-def sweep_table(summary):
-    """The summary as text rows: a heading, one row per seed, mean +- std."""
-    show = lambda value, is_percent: "-" if value is None else f"{100 * value:.2f}" if is_percent else f"{value:.1f}"
-    header = ["seed"] + [heading for heading, _, _ in SWEEP_COLUMNS]
-    rows = [[str(row["seed"])] + [show(row[field], is_percent) for _, field, is_percent in SWEEP_COLUMNS]
-            for row in summary["runs"]]
-    spread = lambda std, is_percent: "" if std is None else " ± " + show(std, is_percent)  # one seed has no spread
-    rows.append(["mean ± std"] + [show(summary["mean"][field], is_percent) + spread(summary["std"][field], is_percent)
-                                  for _, field, is_percent in SWEEP_COLUMNS])
-    return [header] + rows
-
-
 def write_sweep(config, dataset, runs):
     """OUT/<dataset>-<labels>l-seeds<A-B>.json and .html beside the run folders."""
-    summary = sweep_summary(runs)
     path = os.path.join(config.out, f"{dataset.name}-{config.labels}l-seeds{config.seeds.replace(',', '_')}")
-    data.write_json(summary, path + ".json")
-    table = sweep_table(summary)
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    print("\n".join("  " + "  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in table))
-    print(f"stage 3 above stage 1 in {summary['stage3_above_stage1']} runs (accuracies in %, gain in points)")
-    cells = lambda row, tag: "".join(f"<{tag}>{html.escape(cell)}</{tag}>" for cell in row)
-    links = [f'<a href="{html.escape(os.path.relpath(row["run"], config.out))}/report.html">{row["seed"]}</a>'
-             for row in summary["runs"]]
-    lines = [(name, [(row["seed"], 100 * row[field]) for row in summary["runs"] if row[field] is not None])
-             for name, field in (("stage 1", "stage1_accuracy"), ("stage 3", "stage3_accuracy"),
-                                 ("baseline", "baseline_accuracy"))]
-    body = (f"<table class=\"sweep\"><tr>{cells(table[0], 'th')}</tr>"
-            + "".join(f"<tr><td>{link}</td>{cells(row[1:], 'td')}</tr>" for link, row in zip(links, table[1:]))
-            + f"<tr><th>{table[-1][0]}</th>{cells(table[-1][1:], 'th')}</tr></table>"
-            + sample.svg_plot([(name, line) for name, line in lines if line], "seed", "test accuracy (%)")
-            + f"<p>Stage 3 above stage 1 in {summary['stage3_above_stage1']} runs. Accuracies on the test set in %, "
-            "the gain in points (stage 3 minus stage 1, seed by seed), standard deviation over seeds. The stage-1 "
-            "judge is the share of generated images the stage-1 classifier puts in their intended class, the "
-            "oracle judge the same share by a classifier trained on every true label.</p>")
     title = (f"DPT on {dataset.name}, {config.labels} label{'s' * (config.labels != 1)} per class, "
              f"preset {config.preset}, seeds {config.seeds}")
-    data.save_atomic(sample.page(title, body), path + ".html", writer=lambda text, file: file.write(text.encode()))
-    return path + ".html"
+    return sample.write_sweep(runs, path, title)
 
 
 # -----------------------------------------------------------------------------
@@ -1029,7 +951,7 @@ def bench_latent(config, device):
 
     def decoding(compile, bf16):
         with autocast(bf16):
-            return timed(lambda: decoder(autoencoder)(x), batch)
+            return timed(lambda: unet.decode_latents(autoencoder, x), batch)
     rows = [(f"encoding {config.msn_size} + {config.autoencoder_size} at {side}, batch {batch}", encoding, "images/s",
              True),
             (f"U-ViT {config.diffusion_size} training on {latent}x{latent} latents", training, "images/s", True),
@@ -1044,16 +966,6 @@ def bench_latent(config, device):
     print(f"imagenet preset here, one device: {sum(seconds.values()) / 3600:,.1f} h (" +
           ", ".join(f"{stage} {time / 3600:,.1f} h" for stage, time in seconds.items()) +
           "; the probes and FID take minutes)")
-
-
-def sample_accuracy(predicted, labels, num_classes):
-    """The share of generated images that a judge (its labels: `predicted`) puts
-    in the class they were generated for, overall and per class (None for a
-    class with no images)."""
-    right = predicted == labels
-    per_class = [right[labels == c].float().mean().item() if (labels == c).any() else None
-                 for c in range(num_classes)]
-    return {"accuracy": right.float().mean().item(), "per_class": per_class}
 
 
 if __name__ == "__main__":

@@ -296,6 +296,24 @@ def verdict(results):
     return f"Stage 3 is {-100 * gain:.2f} points below stage 1: this run does not show DPT's gain."
 
 
+def sample_accuracy(predicted, labels, num_classes):
+    """The share of generated images that a judge (its labels: `predicted`) puts
+    in the class they were generated for, overall and per class (None for a
+    class with no images)."""
+    right = predicted == labels
+    per_class = [right[labels == c].float().mean().item() if (labels == c).any() else None
+                 for c in range(num_classes)]
+    return {"accuracy": right.float().mean().item(), "per_class": per_class}
+
+
+def last_moves(history, count=3):
+    """How far the test accuracy moved over the last `count` evaluations (max -
+    min), the check that a classifier ended where its curve settled; None with
+    fewer evaluations."""
+    values = [accuracy for _, accuracy in history[-count:]]
+    return max(values) - min(values) if len(values) == count else None
+
+
 def percent(value):
     return "-" if value is None else f"{100 * value:.2f}%"
 
@@ -324,6 +342,74 @@ def summary_rows(results):
              ("FID of the samples", "-" if results["fid"] is None else f"{results['fid']:.2f}"),
              ("wall time", f"{minutes(results):.1f} min")]
     return rows
+
+
+# -----------------------------------------------------------------------------
+# A sweep of seeds (dpt.py --seeds): every run's figures, their mean and standard
+# deviation, as a printed table and a page linking each run's report.
+
+SWEEP_COLUMNS = (  # (heading, results.json field, a percentage)
+    ("labeled only", "baseline_accuracy", True), ("stage 1", "stage1_accuracy", True),
+    ("stage 3", "stage3_accuracy", True), ("gain", "stage3_gain", True),
+    ("pseudo labels", "pseudo_label_accuracy", True), ("stage-1 judge", "sample_accuracy", True),
+    ("oracle judge", "oracle_sample_accuracy", True), ("minutes", "minutes", False))
+
+
+def sweep_summary(runs):
+    """Every run's figures (from its results.json) and their mean and sample
+    standard deviation over the seeds."""
+    rows = []
+    for run in runs:
+        results = data.read_json(os.path.join(run, "results.json"))
+        rows.append({"seed": results["seed"], "run": run, "minutes": minutes(results),
+                     **{field: results[field] for _, field, _ in SWEEP_COLUMNS if field != "minutes"}})
+    summary = {"runs": rows, "mean": {}, "std": {}}
+    for _, field, _ in SWEEP_COLUMNS:
+        values = [row[field] for row in rows if row[field] is not None]
+        summary["mean"][field] = float(np.mean(values)) if values else None
+        summary["std"][field] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    gains = [row["stage3_gain"] for row in rows if row["stage3_gain"] is not None]
+    summary["stage3_above_stage1"] = f"{sum(gain > 0 for gain in gains)} of {len(gains)}"
+    return summary
+
+
+def sweep_table(summary):
+    """The summary as text rows: a heading, one row per seed, mean +- std."""
+    show = lambda value, is_percent: "-" if value is None else f"{100 * value:.2f}" if is_percent else f"{value:.1f}"
+    header = ["seed"] + [heading for heading, _, _ in SWEEP_COLUMNS]
+    rows = [[str(row["seed"])] + [show(row[field], is_percent) for _, field, is_percent in SWEEP_COLUMNS]
+            for row in summary["runs"]]
+    spread = lambda std, is_percent: "" if std is None else " ± " + show(std, is_percent)  # one seed has no spread
+    rows.append(["mean ± std"] + [show(summary["mean"][field], is_percent) + spread(summary["std"][field], is_percent)
+                                  for _, field, is_percent in SWEEP_COLUMNS])
+    return [header] + rows
+
+
+def write_sweep(runs, path, title):
+    """The sweep's summary as path.json, a table printed, and path.html beside the runs."""
+    summary = sweep_summary(runs)
+    data.write_json(summary, path + ".json")
+    table = sweep_table(summary)
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    print("\n".join("  " + "  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in table))
+    print(f"stage 3 above stage 1 in {summary['stage3_above_stage1']} runs (accuracies in %, gain in points)")
+    cells = lambda row, tag: "".join(f"<{tag}>{html.escape(cell)}</{tag}>" for cell in row)
+    folder = os.path.dirname(path)
+    links = [f'<a href="{html.escape(os.path.relpath(row["run"], folder))}/report.html">{row["seed"]}</a>'
+             for row in summary["runs"]]
+    lines = [(name, [(row["seed"], 100 * row[field]) for row in summary["runs"] if row[field] is not None])
+             for name, field in (("stage 1", "stage1_accuracy"), ("stage 3", "stage3_accuracy"),
+                                 ("baseline", "baseline_accuracy"))]
+    body = (f"<table class=\"sweep\"><tr>{cells(table[0], 'th')}</tr>"
+            + "".join(f"<tr><td>{link}</td>{cells(row[1:], 'td')}</tr>" for link, row in zip(links, table[1:]))
+            + f"<tr><th>{table[-1][0]}</th>{cells(table[-1][1:], 'th')}</tr></table>"
+            + svg_plot([(name, line) for name, line in lines if line], "seed", "test accuracy (%)")
+            + f"<p>Stage 3 above stage 1 in {summary['stage3_above_stage1']} runs. Accuracies on the test set in %, "
+            "the gain in points (stage 3 minus stage 1, seed by seed), standard deviation over seeds. The stage-1 "
+            "judge is the share of generated images the stage-1 classifier puts in their intended class, the "
+            "oracle judge the same share by a classifier trained on every true label.</p>")
+    data.save_atomic(page(title, body), path + ".html", writer=lambda text, file: file.write(text.encode()))
+    return path + ".html"
 
 
 # -----------------------------------------------------------------------------

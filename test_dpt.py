@@ -2546,7 +2546,7 @@ def test_seeds_runs_one_folder_per_seed_resumes_them_and_summarizes_their_result
     runs = [json.loads((tmp_path / f"shapes-1l-s{seed}" / "results.json").read_text()) for seed in (0, 1)]
     assert [row["seed"] for row in summary["runs"]] == [0, 1] and runs[1]["seed"] == 1
     assert runs[0]["stage1_accuracy"] != runs[1]["stage1_accuracy"]  # two different runs
-    for _, field, _ in dpt.SWEEP_COLUMNS:
+    for _, field, _ in sample.SWEEP_COLUMNS:
         values = ([sum(r["wall_time_s"].values()) / 60 for r in runs] if field == "minutes"
                   else [r[field] for r in runs])
         assert [row[field] for row in summary["runs"]] == pytest.approx(values), field
@@ -2573,8 +2573,8 @@ def test_seeds_that_are_not_a_range_or_a_list_are_refused_before_any_work(tmp_pa
 
 
 def test_last_moves_is_how_far_the_last_three_evaluations_spread(quick_run):
-    assert dpt.last_moves([(1, 0.5), (2, 0.9), (3, 0.92), (4, 0.91)]) == pytest.approx(0.02)
-    assert dpt.last_moves([(1, 0.5), (2, 0.9)]) is None
+    assert sample.last_moves([(1, 0.5), (2, 0.9), (3, 0.92), (4, 0.91)]) == pytest.approx(0.02)
+    assert sample.last_moves([(1, 0.5), (2, 0.9)]) is None
     results = json.loads((quick_run[1] / "results.json").read_text())
     for stage in ("stage1", "stage3"):  # QUICK evaluates 3 times: the check runs on a short run
         history = fixmatch.load_classifier(quick_run[1] / stage / "classifier.pt")[1]["history"]
@@ -2598,7 +2598,7 @@ def test_the_judge_counts_the_generated_images_it_puts_in_their_intended_class()
     answers = torch.tensor([0, 0, 0, 0, 1, 1, 1, 3, 0, 1, 3, 3])  # 4, 3 and 0 right of 4
     images = torch.zeros(12, 3, 8, 8, dtype=torch.uint8)
     images[:, 0, 0, 0] = answers
-    fidelity = dpt.sample_accuracy(fixmatch.predict(FirstPixelJudge(4), images)[0], labels, num_classes=4)
+    fidelity = sample.sample_accuracy(fixmatch.predict(FirstPixelJudge(4), images)[0], labels, num_classes=4)
     assert fidelity["accuracy"] == pytest.approx(7 / 12)
     assert fidelity["per_class"] == [1.0, 0.75, 0.0, None]
 
@@ -3166,7 +3166,7 @@ def test_the_imagenet_preset_runs_end_to_end_on_a_folder_of_jpegs(imagenet_run):
     # Stage 2 on latents; the samples decoded to images, their features MSN's of those images.
     diffusion = torch.load(run / "stage2" / "diffusion.pt", weights_only=False)
     assert (diffusion["channels"], diffusion["resolution"], diffusion["config"]["arch"]) == (4, 8, "uvit")
-    decode = dpt.decoder(autoencoder)  # the latents' inverse: what the autoencoder alone makes of the crops
+    decode = lambda latents: unet.decode_latents(autoencoder, latents)  # what the autoencoder alone makes of the crops
     torch.testing.assert_close(decode(encoded["train"]["latents"][:4]),
                                autoencoder.decode(autoencoder.encode(x[:4])[0] * unet.LATENT_SCALE), atol=2e-3, rtol=0)
     samples = torch.load(run / "samples.pt")
@@ -3191,9 +3191,15 @@ def test_the_imagenet_preset_killed_in_every_stage_resumes_to_an_uninterrupted_r
     root, reference = imagenet_run
     command = imagenet_command(root, "--out", str(tmp_path))
     run = tmp_path / "folder-1l-s0"
-    stages = ["encoded/train/chunk-00000.pt", "stage1/probe.pt", "stage2/ckpt.pt", "samples.pt", "stage3/probe.pt"]
-    for name in stages:  # killed the moment each stage's first file appears
-        kill_when(start_run(*command), run / name)
+    encoding = start_run(*command, stderr=subprocess.PIPE)  # killed as the encoding pass's bar appears
+    seen = b""
+    while b"encoding:" not in seen and encoding.poll() is None:
+        seen += os.read(encoding.stderr.fileno(), 4096)
+    encoding.send_signal(signal.SIGKILL)
+    encoding.wait()
+    assert b"encoding:" in seen and not (run / "encoded.pt").exists()
+    for name in ["encoded.pt", "stage1/probe.pt", "stage2/ckpt.pt", "samples.pt", "stage3/probe.pt"]:
+        kill_when(start_run(*command), run / name)  # killed the moment each stage's first file appears
     assert not (run / "results.json").exists()
     result = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -572,6 +572,23 @@ class AutoencoderKL(nn.Module):
         return self.decoder.conv_out(F.silu(self.decoder.norm_out(x)))
 
 
+@torch.no_grad()
+def encode_latents(autoencoder, images, bf16=False):
+    """(latents, latents of the mirror images), float16 on the CPU, of uint8
+    images: the mean of the autoencoder's posterior, scaled by LATENT_SCALE to
+    about unit variance and by SIGMA_DATA to EDM's (as EDM2 scales its latents)."""
+    device = next(autoencoder.parameters()).device
+    x = images.to(device).float() / 127.5 - 1
+    with torch.autocast(device.type, torch.bfloat16, enabled=bool(bf16)):
+        mean, _ = autoencoder.encode(torch.cat([x, x.flip(3)]))
+    return (mean.float() * LATENT_SCALE * SIGMA_DATA).half().cpu().chunk(2)
+
+
+def decode_latents(autoencoder, latents):
+    """encode_latents' inverse: images in about [-1, 1]."""
+    return autoencoder.decode(latents.float() / SIGMA_DATA)
+
+
 AUTOENCODER_SOURCE = ("autoencoder_kl.pth of the stable-diffusion folder that DPT's README links "
                       "(drive.google.com/drive/folders/1yo-XhqbPue3rp5P57j6QbA5QZx6KybvP), or a Stable Diffusion "
                       "v1 checkpoint")

@@ -383,20 +383,22 @@ def adm_center_crop(image, side):
     return pixels[:, top:top + side, left:left + side]
 
 
-def encode_files(paths, read, encode, folder, chunk=10_000, batch=256, progress=True, workers=0):
+def encode_files(paths, read, encode, folder, chunk=10_000, batch=256, progress=True, workers=0, rank=0, world=1):
     """{name: tensor [len(paths), ...]} of encode(read(images)) for every file,
     computed batch by batch and saved in chunks of `chunk` files
     (folder/chunk-00000.pt, ...): a killed pass keeps every finished chunk and
     the same call resumes at the first missing one. read(path) -> a tensor, in
     `workers` processes (JPEG decoding is the CPU's work); encode(stacked
-    tensors) -> {name: tensor}, moved to the CPU here."""
+    tensors) -> {name: tensor}, moved to the CPU here. Process `rank` of `world`
+    encodes chunks rank, rank + world, ...; rank 0 returns the whole, the others None."""
     from tqdm import tqdm
     starts = range(0, len(paths), chunk)
     names = [os.path.join(folder, f"chunk-{i // chunk:05d}.pt") for i in starts]
     done = sum(chunk for name in names if os.path.exists(name))
-    bar = tqdm(total=len(paths), initial=min(done, len(paths)), desc="encoding", unit="img", disable=not progress)
-    for start, name in zip(starts, names):
-        if os.path.exists(name):
+    bar = tqdm(total=len(paths), initial=min(done, len(paths)), desc="encoding", unit="img",
+               disable=not progress or rank > 0)
+    for index, (start, name) in enumerate(zip(starts, names)):
+        if os.path.exists(name) or index % world != rank:
             continue
         parts = []
         loader = torch.utils.data.DataLoader(paths[start:start + chunk], batch_size=batch, num_workers=workers,
@@ -406,6 +408,10 @@ def encode_files(paths, read, encode, folder, chunk=10_000, batch=256, progress=
             bar.update(len(images))
         save_atomic({key: torch.cat([part[key] for part in parts]) for key in parts[0]}, name)
     bar.close()
+    if dist.is_initialized():
+        dist.barrier()  # every rank's chunks are written
+    if rank > 0:
+        return None
     chunks = [torch.load(name, map_location="cpu", weights_only=True) for name in names]
     return {key: torch.cat([part[key] for part in chunks]) for key in chunks[0]}
 

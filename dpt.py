@@ -618,19 +618,22 @@ def encoder(autoencoder, msn, bf16):
 def stage_encode(config, run, dataset, device):
     """Every training image and its mirror as a latent (the autoencoder's mean,
     scaled to EDM's sigma_data) and every image, training and val, as an MSN
-    feature: each file read once, in resumable chunks (encoded/), then encoded.pt."""
+    feature: each file read once, in resumable chunks (encoded/) shared out among
+    the processes, then encoded.pt."""
     path = os.path.join(run, FINAL["encode"])
-    if not os.path.exists(path) and dist_rank() == 0:
+    if not os.path.exists(path):
+        rank, world = dist_rank(), dist.get_world_size() if dist.is_initialized() else 1
         encode = encoder(unet.load_autoencoder(config.autoencoder, config.autoencoder_size, device),
                          load_msn(config, device), config.bf16)
         read = lambda file: read_image(config, file)
         workers = min(16, os.cpu_count() or 1) if device.type == "cuda" else 0  # JPEG decoding keeps a GPU fed
         folder = os.path.join(run, "encoded")
-        train = data.encode_files(dataset.train_files, read, encode, os.path.join(folder, "train"), workers=workers)
-        test = dataset.test_files and data.encode_files(dataset.test_files, read, lambda x: encode(x, False),
-                                                        os.path.join(folder, "val"), workers=workers)
-        data.save_atomic({"train": train, "test": test or None}, path)
-        shutil.rmtree(folder)
+        passes = [("train", dataset.train_files, encode), ("val", dataset.test_files, lambda x: encode(x, False))]
+        train, test = (data.encode_files(files, read, how, os.path.join(folder, name), workers=workers, rank=rank,
+                                         world=world) if files else None for name, files, how in passes)
+        if rank == 0:
+            data.save_atomic({"train": train, "test": test}, path)
+            shutil.rmtree(folder)
     barrier()
     return data.read_artifact(path, "encode", mmap=True)
 

@@ -319,6 +319,28 @@ def test_the_encoding_pass_resumes_at_its_first_missing_chunk_with_the_same_resu
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)
 
 
+def test_the_encoding_pass_shares_its_chunks_among_processes_and_rank_0_returns_them_all(tmp_path):
+    from PIL import Image
+    write_image_folder(tmp_path / "images", per_class=5)
+    paths, _, _ = data.image_folder(str(tmp_path / "images"), "train")
+    read_files = []
+
+    def read(path):
+        read_files.append(path)
+        return data.adm_center_crop(Image.open(path), 8)
+    encode = lambda images: {"mean": images.float().mean((1, 2, 3))}
+    whole = data.encode_files(paths, read, encode, str(tmp_path / "whole"), chunk=4, progress=False)
+    read_files.clear()
+    # Rank 1 of 2 first (without torch.distributed there is no barrier to wait at): chunks 1 and 3.
+    assert data.encode_files(paths, read, encode, str(tmp_path / "shared"), chunk=4, progress=False,
+                             rank=1, world=2) is None
+    assert read_files == paths[4:8] + paths[12:]
+    shared = data.encode_files(paths, read, encode, str(tmp_path / "shared"), chunk=4, progress=False,
+                               rank=0, world=2)
+    assert read_files[7:] == paths[:4] + paths[8:12]  # rank 0: chunks 0 and 2, then all of them returned
+    assert torch.equal(shared["mean"], whole["mean"])
+
+
 # -----------------------------------------------------------------------------
 # shapes and the labeled split
 
@@ -3213,6 +3235,21 @@ def test_the_imagenet_preset_killed_in_every_stage_resumes_to_an_uninterrupted_r
                 assert all(torch.equal(ours[key][k], v) for k, v in value.items() if torch.is_tensor(v)), (name, key)
     ours, theirs = (torch.load(folder / "stage2" / "diffusion.pt")["model"] for folder in (run, reference))
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_the_imagenet_preset_under_torchrun_encodes_and_fits_as_one_process_does(imagenet_run, tmp_path):
+    root, reference = imagenet_run
+    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "dpt.py",
+                        *imagenet_command(root, "--out", str(tmp_path)), DPT_FID_WEIGHTS="/missing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("stage 3: with generated images") == 1  # one rank reports
+    run = tmp_path / "folder-1l-s0"
+    ours, theirs = torch.load(run / "encoded.pt"), torch.load(reference / "encoded.pt")
+    assert all(torch.equal(ours["train"][k], theirs["train"][k]) for k in theirs["train"])
+    pseudo = [torch.load(folder / "pseudo_labels.pt")["labels"] for folder in (run, reference)]
+    assert torch.equal(*pseudo)
+    samples = torch.load(run / "samples.pt")
+    assert samples["images"].shape == (6, 3, 64, 64) and samples["features"].shape == (6, 64)
 
 
 @pytest.mark.parametrize("case", ["a folder with the tiny preset", "shapes with the imagenet preset",

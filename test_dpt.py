@@ -2176,7 +2176,7 @@ def test_presets_name_only_what_they_change_and_every_setting_is_filled():
                 for name, ours in fields.items()}  # compile and bf16: None, with CUDA only
     for name, preset in dpt.PRESETS.items():
         assert all(defaults.get(field, "no stage default") != value for field, value in preset.items()), name
-        config = dpt.DPTConfig(preset=name)
+        config = dpt.DPTConfig(preset=name, dataset="imagenet" if name in dpt.FOLDER_PRESETS else "cifar10")
         dpt.resolve(config)
         assert None not in dataclasses.asdict(config).values(), name
         assert {field: getattr(config, field) for field in preset} == preset, name
@@ -2835,8 +2835,8 @@ def test_every_network_dpt_loads_goes_to_the_runs_device(quick_run, fid_weights,
     monkeypatch.setattr(dpt, "split_statistics", lambda model, images, keep_logits, rank, world: (
         device_of(model), {"mu": np.zeros(4), "sigma": np.eye(4), "count": len(images),
                            "logits": torch.zeros(len(images), 10)})[1])
-    monkeypatch.setattr(dpt, "sample_accuracy", lambda judge, images, labels, num_classes: (
-        device_of(judge), {"accuracy": 0.5, "per_class": [0.5] * num_classes})[1])
+    monkeypatch.setattr(fixmatch, "predict", lambda judge, images, batch=1024: (
+        device_of(judge), (samples["labels"], torch.ones(len(images))))[1])  # the two judges
     monkeypatch.setattr(data, "distributed_setup", lambda: (0, 1, meta))
     monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--baseline", "--out", str(out), "--fid-weights", fid_weights])
     dpt.main()
@@ -3235,6 +3235,34 @@ def test_the_imagenet_preset_killed_in_every_stage_resumes_to_an_uninterrupted_r
                 assert all(torch.equal(ours[key][k], v) for k, v in value.items() if torch.is_tensor(v)), (name, key)
     ours, theirs = (torch.load(folder / "stage2" / "diffusion.pt")["model"] for folder in (run, reference))
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_imagenet_fid_takes_50_samples_a_class_against_reference_statistics_and_adms_by_default(
+        fid_weights, tmp_path, monkeypatch, capsys):
+    images = torch.randint(0, 256, (3 * 60, 3, 16, 16), dtype=torch.uint8)  # 60 a class: 50 of each count
+    samples = {"images": images, "labels": torch.arange(3).repeat_interleave(60)}
+    inception = fid.load_inception(fid_weights)
+    reference = fid.statistics(inception, torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8).split(10))
+    fid.save_stats(reference, str(tmp_path / "reference.npz"))
+    dataset = data.Dataset("folder", None, torch.zeros(3, dtype=torch.long), None, None, 3)
+    config = dpt.DPTConfig(dataset=str(tmp_path), preset="imagenet", fid_weights=fid_weights,
+                           fid_stats=str(tmp_path / "reference.npz"))
+    score = dpt.stage_fid(config, str(tmp_path), dataset, samples, torch.device("cpu"), 0, 1)
+    first_50 = images.unflatten(0, (3, 60))[:, :50].flatten(0, 1)
+    generated = fid.statistics(inception, first_50.split(50))
+    assert score["generated_images"] == 150 and score["reference_images"] is None
+    assert score["fid"] == pytest.approx(fid.frechet_distance(generated["mu"], generated["sigma"], reference["mu"],
+                                                              reference["sigma"]), rel=1e-6)
+    # --dataset imagenet without --fid-stats: ADM's statistics, downloaded once; offline, a notice naming them.
+    def offline(url, path, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    config = dpt.DPTConfig(dataset="imagenet", preset="imagenet", fid_weights=fid_weights)
+    assert dpt.stage_fid(config, str(tmp_path / "run"), dataset, samples, torch.device("cpu"), 0, 1) is None
+    notice = capsys.readouterr().err
+    assert "FID skipped" in notice and fid.ADM_IMAGENET256 in notice
+    assert str(tmp_path / "hub" / "checkpoints" / "VIRTUAL_imagenet256_labeled.npz") in notice
 
 
 def test_the_imagenet_preset_under_torchrun_encodes_and_fits_as_one_process_does(imagenet_run, tmp_path):

@@ -588,6 +588,9 @@ def check_latent(config):
     if not config.autoencoder and not config.bench:  # --bench times random weights
         raise data.UserError(f"--preset imagenet needs --autoencoder PATH: the {unet.AUTOENCODER_SOURCE}")
     crop, patch = round(config.image_size * fixmatch.MSN_CROP), fixmatch.MSN_SIZES[config.msn_size]["patch"]
+    if config.msn_size in fixmatch.MSN_RELEASES and crop != 224:  # its position embeddings are for 224 x 224
+        raise data.UserError(f"--image-size {config.image_size}: MSN's released {config.msn_size} sees 224x224 "
+                             f"centre crops of 256x256 images, not {crop}x{crop}; give --image-size 256")
     if crop % patch:
         raise data.UserError(f"--image-size {config.image_size}: MSN's {config.msn_size} sees a centre crop of "
                              f"{crop}, not a multiple of its patch {patch}; give a side whose 7/8 it divides (256)")

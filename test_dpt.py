@@ -3281,7 +3281,8 @@ def test_the_imagenet_preset_under_torchrun_encodes_and_fits_as_one_process_does
 
 
 @pytest.mark.parametrize("case", ["a folder with the tiny preset", "shapes with the imagenet preset",
-                                  "no autoencoder", "a crop MSN cannot patch", "no train folder",
+                                  "no autoencoder", "a crop MSN cannot patch", "a side MSN was not released for",
+                                  "no train folder",
                                   "a val class the training images lack", "an imagenet flag on shapes",
                                   "redo encode on shapes"])
 def test_the_imagenet_preset_refuses_bad_input_in_one_line_before_any_work(tmp_path, case, monkeypatch, capsys):
@@ -3296,6 +3297,7 @@ def test_the_imagenet_preset_refuses_bad_input_in_one_line_before_any_work(tmp_p
         "shapes with the imagenet preset": (["--dataset", "shapes", "--preset", "imagenet"], "ImageNet's layout"),
         "no autoencoder": (without("--autoencoder"), "--autoencoder PATH"),
         "a crop MSN cannot patch": (good + ["--image-size", "48"], "--image-size 48"),
+        "a side MSN was not released for": (good + ["--msn-size", "vitl7"], "--image-size 64"),
         "no train folder": (["--dataset", str(tmp_path / "empty")] + good[2:], "no train/ folder"),
         "a val class the training images lack": (good, "n0z"),
         "an imagenet flag on shapes": (["--dataset", "shapes", "--preset", "tiny", "--image-size", "128"],

@@ -317,9 +317,9 @@ def barrier():
 FINAL = {"encode": "encoded.pt", "split": "split.pt", "stage1": "pseudo_labels.pt", "stage2": "stage2/diffusion.pt",
          "sample": "samples.pt", "stage3": "stage3/classifier.pt", "stage3 probe": "stage3/probe.pt",
          "baseline": "baseline/classifier.pt", "fid": "fid.json"}
-REMOVED_BY_REDO = {"encode": ("encoded.pt", "encoded", "oracle.pt"), "split": ("split.pt",),
+REMOVED_BY_REDO = {"encode": ("encoded.pt", "encoded"), "split": ("split.pt",),
                    "stage1": ("stage1", "pseudo_labels.pt", "baseline"), "stage2": ("stage2",),
-                   "sample": ("samples.pt", "samples.png"), "stage3": ("stage3",), "fid": ("fid.json",)}
+                   "sample": ("samples.pt", "samples.png"), "stage3": ("stage3",), "fid": ("fid.json", "oracle.pt")}
 
 
 def check_run_folder(config, run):
@@ -692,7 +692,7 @@ def run_latent_stages(config, run, dataset, device, rank, world):
                                                 config.probe_lambda, test, device)
         data.save_atomic({"weights": weights, "metrics": metrics}, oracle_path)
     barrier()
-    oracle = data.read_artifact(oracle_path, "encode")
+    oracle = data.read_artifact(oracle_path, "fid")  # the last stage: a redo of any removes the oracle
     if rank == 0:
         judged = lambda weights: fixmatch.probe_predict(weights, samples["features"])[0]
         write_results(config, run, dataset, device, samples, stage1_metrics, pseudo, stage3_metrics, None,

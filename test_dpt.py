@@ -3337,6 +3337,22 @@ def test_the_imagenet_preset_gives_each_stage_the_papers_recipe():
     assert (unet.SIZES["uvit"]["large"]["width"], unet.SIZES["uvit"]["large"]["depth"]) == (1024, 20)
 
 
+@pytest.mark.parametrize("damaged", ["encoded.pt", "stage1/probe.pt", "oracle.pt"])
+def test_a_damaged_imagenet_artifact_is_one_line_whose_advice_followed_literally_finishes_the_run(
+        imagenet_run, tmp_path, damaged):
+    root, reference = imagenet_run
+    run = tmp_path / "folder-1l-s0"
+    shutil.copytree(reference, run)
+    (run / damaged).write_bytes(b"half a file")
+    command = imagenet_command(root, "--out", str(tmp_path))
+    refused = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    assert_one_line_error(refused, damaged)
+    redo = re.search(r"--redo (\w+)", refused.stderr).group(1)
+    finished = run_script("dpt.py", *command, "--redo", redo, DPT_FID_WEIGHTS="/missing")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert (run / "results.json").exists() and ("encoding" in finished.stderr) == (damaged == "encoded.pt")
+
+
 def test_the_imagenet_bench_times_each_stage_and_projects_the_preset():
     result = run_script("dpt.py", "--bench", "--preset", "imagenet", "--autoencoder-size", "tiny", "--msn-size", "tiny",
                         "--image-size", "64", "--diffusion-size", "tiny", OMP_NUM_THREADS="1")

@@ -99,6 +99,7 @@ class DPTConfig:
     msn_size: str = ""              # vitl7 | vitb4 | tiny; empty: vitl7 for 1 label per class, else vitb4 (paper's)
     msn_weights: str = ""           # MSN's checkpoint (else downloaded once into torch's cache)
     probe_lambda: float = 0.0025    # the probe's L2 penalty times the number of images it is fit on (MSN's)
+    label_subset: str = ""          # the labeled images named in a file (MSN's imagenet_subsets1/1imgs_class.txt)
     fid_stats: str = ""             # FID reference .npz (mu, sigma); empty: ADM's for imagenet, else training images
 
 
@@ -204,7 +205,8 @@ STAGES = ("encode", "split", "stage1", "stage2", "sample", "stage3", "fid")
 REDO_STAGES = tuple(stage for stage in STAGES if stage != "split")  # --redo stage1 draws the split again
 FREE_TO_CHANGE = {"dataset", "data_dir", "out", "redo", "baseline", "fid_weights", "compile", "preset",
                   "ssl_eval_every", "bench", "report", "seeds", "autoencoder", "msn_weights"}
-FIELD_STAGE = {"labels": "split", "seed": "split", "bf16": "stage1", "fid_reference": "fid", "fid_stats": "fid",
+FIELD_STAGE = {"labels": "split", "seed": "split", "label_subset": "split", "bf16": "stage1", "fid_reference": "fid",
+               "fid_stats": "fid",
                "image_size": "encode", "autoencoder_size": "encode", "msn_size": "encode", "probe_lambda": "stage1",
                **{name: stage for name in asdict(DPTConfig()) for prefix, stage in PREFIX_STAGE.items()
                   if name.startswith(prefix) and name not in FREE_TO_CHANGE}}
@@ -246,6 +248,7 @@ RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "labels": data.at_lea
          "msn_size": ((lambda size: size in ("", *fixmatch.MSN_SIZES)), "one of " + ", ".join(fixmatch.MSN_SIZES)),
          "msn_weights": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
          "probe_lambda": data.POSITIVE,
+         "label_subset": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
          "fid_stats": ((lambda path: not path or os.path.isfile(path)), "an existing .npz file, or empty")}
 
 
@@ -274,7 +277,7 @@ def check(config, world, dataset=None):
                              "with --diffusion-label-dropout above 0; give --sample-guidance 1, or "
                              "--diffusion-label-dropout 0.1 (with --redo stage2 in an existing run folder)")
     if dataset is not None:
-        data.labeled_split(dataset.train_y, config.labels, config.seed)  # an impossible --labels
+        labeled_split(config, dataset)  # an impossible --labels, or a subset file that does not fit
         # FID's covariances need 2 images on every process, of the reference and of the samples.
         reference = min(config.fid_reference or len(dataset.train_y), len(dataset.train_y))
         generated = config.sample_per_class * dataset.num_classes
@@ -389,12 +392,20 @@ def run_stage(run, stage, function, *args, **kwargs):
 # there; a stage whose final file exists is skipped, one with a ckpt.pt resumes.
 
 
+def labeled_split(config, dataset):
+    """The labeled images' indices: --labels per class drawn by --seed, or the
+    files --label-subset names, one a line (MSN's and DPT's ImageNet subsets)."""
+    if not config.label_subset:
+        return data.labeled_split(dataset.train_y, config.labels, config.seed)
+    return fixmatch.msn_subset(config.label_subset, dataset.train_files, dataset.train_y, config.labels)
+
+
 def stage_split(config, run, dataset):
     """The labeled images, drawn once and kept with the contents they were drawn
     from: a run folder never goes on with another dataset than the one it began."""
     path, contents = os.path.join(run, FINAL["split"]), contents_crc(dataset)
     if not os.path.exists(path) and dist_rank() == 0:
-        index = data.labeled_split(dataset.train_y, config.labels, config.seed)
+        index = labeled_split(config, dataset)
         data.save_atomic({"indices": index, "seed": config.seed, "dataset": dataset.name,
                           "size": len(dataset.train_y), "contents": contents}, path)
     barrier()
@@ -580,11 +591,14 @@ def stage_oracle(config, dataset, device, rank, world):
 # and seen by MSN as the real images are. The same run folder, resume and redo.
 
 LATENT_FIELDS = ("image_size", "autoencoder", "autoencoder_size", "msn_size", "msn_weights", "probe_lambda",
-                 "fid_stats")
+                 "label_subset", "fid_stats")
 
 
 def check_latent(config):
     """Refuse what the imagenet preset cannot run, before any work."""
+    if config.baseline:
+        raise data.UserError("--baseline: the imagenet preset's stage 1 is already the probe on the labeled images "
+                             "alone (the paper's baseline); leave it out")
     if not config.autoencoder and not config.bench:  # --bench times random weights
         raise data.UserError(f"--preset imagenet needs --autoencoder PATH: the {unet.AUTOENCODER_SOURCE}")
     crop, patch = round(config.image_size * fixmatch.MSN_CROP), fixmatch.MSN_SIZES[config.msn_size]["patch"]

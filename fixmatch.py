@@ -524,6 +524,25 @@ def load_msn(size, resolution=224, path=None, device="cpu"):
     return network.to(device).eval().requires_grad_(False)
 
 
+def msn_subset(path, files, labels, per_class):
+    """The indices of the labeled images that a subset file names, a file name a
+    line (MSN's imagenet_subsets1/1imgs_class.txt, which DPT uses): exactly
+    per_class of every class, all among `files`."""
+    with open(path) as file:
+        names = [line.strip() for line in file if line.strip()]
+    where = {os.path.basename(name): i for i, name in enumerate(files)}
+    missing = [name for name in names if name not in where]
+    if missing:
+        raise data.UserError(f"--label-subset {path}: {len(missing)} of its images are not among the training "
+                             f"images (e.g. {missing[0]}); give the subset of this folder")
+    index = torch.tensor(sorted(where[name] for name in names), dtype=torch.long)
+    counts = torch.bincount(labels[index], minlength=int(labels.max()) + 1)
+    if (counts != per_class).any():
+        raise data.UserError(f"--label-subset {path} names {int(counts.min())} to {int(counts.max())} images a "
+                             f"class, not --labels {per_class}; give the file for {per_class}")
+    return index
+
+
 def probe_inputs(features):
     """MSN's preprocessing of each feature vector (cyanure's preprocess with
     centering and normalize, by rows): minus its own mean, to unit length."""

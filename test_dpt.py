@@ -2931,7 +2931,8 @@ BAD_SETTINGS = {
     "sample_per_class": "0", "sample_solver": "ddim", "sample_steps": "1", "sample_guidance": "-1",
     "fid_reference": "-1", "seeds": "3-1", "ssl_lr_cosine": "0.7", "ssl_precise_bn": "-1",
     "image_size": "60", "autoencoder": "/missing/autoencoder_kl.pth", "autoencoder_size": "xl", "msn_size": "vitz",
-    "msn_weights": "/missing/msn.pth.tar", "probe_lambda": "0", "fid_stats": "/missing/reference.npz"}
+    "msn_weights": "/missing/msn.pth.tar", "probe_lambda": "0", "fid_stats": "/missing/reference.npz",
+    "label_subset": "/missing/1imgs_class.txt"}
 
 
 def test_no_rule_admits_an_infinite_or_nan_number_or_a_seed_numpy_cannot_take():
@@ -3282,6 +3283,7 @@ def test_the_imagenet_preset_under_torchrun_encodes_and_fits_as_one_process_does
 
 @pytest.mark.parametrize("case", ["a folder with the tiny preset", "shapes with the imagenet preset",
                                   "no autoencoder", "a crop MSN cannot patch", "a side MSN was not released for",
+                                  "a baseline", "a label subset of another folder",
                                   "no train folder",
                                   "a val class the training images lack", "an imagenet flag on shapes",
                                   "redo encode on shapes"])
@@ -3298,12 +3300,15 @@ def test_the_imagenet_preset_refuses_bad_input_in_one_line_before_any_work(tmp_p
         "no autoencoder": (without("--autoencoder"), "--autoencoder PATH"),
         "a crop MSN cannot patch": (good + ["--image-size", "48"], "--image-size 48"),
         "a side MSN was not released for": (good + ["--msn-size", "vitl7"], "--image-size 64"),
+        "a baseline": (good + ["--baseline"], "--baseline"),
+        "a label subset of another folder": (good + ["--label-subset", str(tmp_path / "subset.txt")], "n0q_1.JPEG"),
         "no train folder": (["--dataset", str(tmp_path / "empty")] + good[2:], "no train/ folder"),
         "a val class the training images lack": (good, "n0z"),
         "an imagenet flag on shapes": (["--dataset", "shapes", "--preset", "tiny", "--image-size", "128"],
                                        "--image-size is for"),
         "redo encode on shapes": (["--dataset", "shapes", "--preset", "tiny", "--redo", "encode"],
                                   "--redo encode is for")}[case]
+    (tmp_path / "subset.txt").write_text("n0q_1.JPEG\n")
     if case != "a val class the training images lack":
         shutil.rmtree(tmp_path / "folder" / "val" / "n0z")
     monkeypatch.setattr(sys, "argv", ["dpt.py", *argv, "--out", str(tmp_path / "runs")])
@@ -3351,6 +3356,21 @@ def test_a_damaged_imagenet_artifact_is_one_line_whose_advice_followed_literally
     finished = run_script("dpt.py", *command, "--redo", redo, DPT_FID_WEIGHTS="/missing")
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert (run / "results.json").exists() and ("encoding" in finished.stderr) == (damaged == "encoded.pt")
+
+
+def test_a_label_subset_file_names_the_labeled_images_as_msns_do(tmp_path):
+    write_imagenet_like(tmp_path)
+    dataset = data.load_dataset(str(tmp_path / "folder"), folders=True)
+    subset = tmp_path / "1imgs_class.txt"
+    subset.write_text("n0c_4.JPEG\nn0a_2.JPEG\nn0b_0.JPEG\n")  # MSN's layout: a file name a line
+    config = dpt.DPTConfig(dataset=str(tmp_path / "folder"), preset="imagenet", label_subset=str(subset))
+    index = dpt.labeled_split(config, dataset)
+    assert [os.path.basename(dataset.train_files[i]) for i in index] == ["n0a_2.JPEG", "n0b_0.JPEG", "n0c_4.JPEG"]
+    for text, words in (("n0a_2.JPEG\nn0b_0.JPEG\nn0z_1.JPEG\n", "n0z_1.JPEG"),  # not in this folder
+                        ("n0a_2.JPEG\nn0a_3.JPEG\nn0b_0.JPEG\nn0c_4.JPEG\n", "not --labels 1")):  # two of n0a
+        subset.write_text(text)
+        with pytest.raises(data.UserError, match=words):
+            dpt.labeled_split(config, dataset)
 
 
 def test_the_imagenet_bench_times_each_stage_and_projects_the_preset():

@@ -362,7 +362,8 @@ def inception_score(logits, splits=10):
 
 # ADM's (Dhariwal & Nichol 2021) ImageNet 256x256 reference batch, against which
 # DPT, U-ViT and most class-conditional ImageNet papers report FID; its mu and sigma
-# are TensorFlow Inception's, which pytorch-fid's weights reproduce.
+# are TensorFlow Inception's, which pytorch-fid's port of the same network and
+# weights reproduces up to small differences.
 ADM_IMAGENET256 = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
                    "VIRTUAL_imagenet256_labeled.npz")
 

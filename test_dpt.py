@@ -289,7 +289,9 @@ def test_adms_centre_crop_halves_with_a_box_filter_then_crops_the_centre():
     assert small.shape == (3, 64, 64) and small[:, 32, 32].tolist() == [9, 99, 199]
 
 
-def test_the_encoding_pass_resumes_at_its_first_missing_chunk_with_the_same_result(tmp_path, monkeypatch):
+def logged_reader(tmp_path):
+    """(paths, read, read_files) of 15 JPEGs in ImageNet's layout: read(path) is
+    the 8x8 ADM crop, and read_files lists every file read, in order."""
     from PIL import Image
     write_image_folder(tmp_path / "images", per_class=5)
     paths, _, _ = data.image_folder(str(tmp_path / "images"), "train")
@@ -298,6 +300,11 @@ def test_the_encoding_pass_resumes_at_its_first_missing_chunk_with_the_same_resu
     def read(path):
         read_files.append(path)
         return data.adm_center_crop(Image.open(path), 8)
+    return paths, read, read_files
+
+
+def test_the_encoding_pass_resumes_at_its_first_missing_chunk_with_the_same_result(tmp_path, monkeypatch):
+    paths, read, read_files = logged_reader(tmp_path)
     encode = lambda images: {"mean": images.float().mean((1, 2, 3)), "corner": images[:, :, 0, 0]}
     whole = data.encode_files(paths, read, encode, str(tmp_path / "whole"), chunk=6, batch=4, progress=False)
     assert whole["mean"].shape == (15,) and whole["corner"].shape == (15, 3)
@@ -320,14 +327,7 @@ def test_the_encoding_pass_resumes_at_its_first_missing_chunk_with_the_same_resu
 
 
 def test_the_encoding_pass_shares_its_chunks_among_processes_and_rank_0_returns_them_all(tmp_path):
-    from PIL import Image
-    write_image_folder(tmp_path / "images", per_class=5)
-    paths, _, _ = data.image_folder(str(tmp_path / "images"), "train")
-    read_files = []
-
-    def read(path):
-        read_files.append(path)
-        return data.adm_center_crop(Image.open(path), 8)
+    paths, read, read_files = logged_reader(tmp_path)
     encode = lambda images: {"mean": images.float().mean((1, 2, 3))}
     whole = data.encode_files(paths, read, encode, str(tmp_path / "whole"), chunk=4, progress=False)
     read_files.clear()

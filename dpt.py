@@ -318,8 +318,8 @@ def barrier():
 # and refusing a folder made with other settings
 
 FINAL = {"encode": "encoded.pt", "split": "split.pt", "stage1": "pseudo_labels.pt", "stage2": "stage2/diffusion.pt",
-         "sample": "samples.pt", "stage3": "stage3/classifier.pt", "stage3 probe": "stage3/probe.pt",
-         "baseline": "baseline/classifier.pt", "fid": "fid.json"}
+         "sample": "samples.pt", "stage3": "stage3/classifier.pt", "baseline": "baseline/classifier.pt",
+         "fid": "fid.json"}
 REMOVED_BY_REDO = {"encode": ("encoded.pt", "encoded"), "split": ("split.pt",),
                    "stage1": ("stage1", "pseudo_labels.pt", "baseline"), "stage2": ("stage2",),
                    "sample": ("samples.pt", "samples.png"), "stage3": ("stage3",), "fid": ("fid.json", "oracle.pt")}
@@ -373,11 +373,10 @@ def check_run_folder(config, run):
     barrier()
 
 
-def run_stage(run, stage, function, *args, **kwargs):
-    """Run one stage (it skips itself when its final file exists); add its wall
-    time to timings.json when it did work."""
-    already_done = os.path.exists(os.path.join(run, FINAL[stage]))
-    stage = stage.split()[0]  # "stage3 probe" is timed as stage3
+def run_stage(run, stage, function, *args, final=None, **kwargs):
+    """Run one stage (it skips itself when its final file, FINAL[stage] unless
+    given, exists); add its wall time to timings.json when it did work."""
+    already_done = os.path.exists(os.path.join(run, final or FINAL[stage]))
     start = time.perf_counter()
     result = function(*args, **kwargs)
     if not already_done and dist_rank() == 0:
@@ -436,7 +435,7 @@ def stage_1(config, run, dataset, labeled_index, device):
     model, metrics = stage_classifier(config, run, "stage1", dataset, labeled_index, device)
     path = os.path.join(run, FINAL["stage1"])
     if not os.path.exists(path) and dist_rank() == 0:
-        data.save_atomic(fixmatch.pseudo_labels(model, dataset), path)
+        data.save_atomic(fixmatch.pseudo_labels(fixmatch.predict(model, dataset.train_x), dataset.train_y), path)
     barrier()
     return model, metrics, data.read_artifact(path, "stage1")
 
@@ -655,12 +654,13 @@ def stage_encode(config, run, dataset, device):
     return data.read_artifact(path, "encode", mmap=True)
 
 
-def stage_probe(config, run, stage, dataset, encoded, labeled_index, device, generated=None):
-    """Stage 1 or 3: the probe on the labeled images' features (and, in stage 3,
-    the generated images'), into run/stage/probe.pt; returns (weights, metrics)."""
-    path = os.path.join(run, stage, "probe.pt")
+def stage_probe(config, path, redo, dataset, encoded, index, device, generated=None):
+    """The probe on the features of the training images `index` picks (and of the
+    generated images), into `path` once; returns (weights, metrics). Stage 1 fits
+    the labeled images, stage 3 those and the generated ones, the oracle every
+    training image with its true label; a damaged file is remade by --redo `redo`."""
     if not os.path.exists(path) and dist_rank() == 0:
-        features, labels = encoded["train"]["features"][labeled_index], dataset.train_y[labeled_index]
+        features, labels = encoded["train"]["features"][index], dataset.train_y[index]
         if generated is not None:  # the generated images join the labeled ones
             features, labels = torch.cat([features, generated["features"]]), torch.cat([labels, generated["labels"]])
         test = None if encoded["test"] is None else (encoded["test"]["features"], dataset.test_y)
@@ -668,13 +668,8 @@ def stage_probe(config, run, stage, dataset, encoded, labeled_index, device, gen
                                                 device)
         data.save_atomic({"weights": weights, "metrics": metrics}, path)
     barrier()
-    saved = data.read_artifact(path, "stage1" if stage == "stage1" else "stage3")
+    saved = data.read_artifact(path, redo)
     return saved["weights"], saved["metrics"]
-
-
-def pseudo_labels_of(weights, dataset, encoded):
-    labels, confidence = fixmatch.probe_predict(weights, encoded["train"]["features"])
-    return {"labels": labels, "confidence": confidence, "accuracy": (labels == dataset.train_y).float().mean().item()}
 
 
 def run_latent_stages(config, run, dataset, device, rank, world):
@@ -684,33 +679,30 @@ def run_latent_stages(config, run, dataset, device, rank, world):
         print(f"DPT on {dataset.name}, {config.labels} labels per class, preset {config.preset}: {run}")
     encoded = run_stage(run, "encode", stage_encode, config, run, dataset, device)
     labeled_index = run_stage(run, "split", stage_split, config, run, dataset)
-    stage1, stage1_metrics = run_stage(run, "stage1", stage_probe, config, run, "stage1", dataset, encoded,
-                                       labeled_index, device)
+    stage1, stage1_metrics = run_stage(run, "stage1", stage_probe, config, os.path.join(run, "stage1", "probe.pt"),
+                                       "stage1", dataset, encoded, labeled_index, device)
     path = os.path.join(run, FINAL["stage1"])
     if not os.path.exists(path) and rank == 0:
-        data.save_atomic(pseudo_labels_of(stage1, dataset, encoded), path)
+        predicted = fixmatch.probe_predict(stage1, encoded["train"]["features"])
+        data.save_atomic(fixmatch.pseudo_labels(predicted, dataset.train_y), path)
     barrier()
     pseudo = data.read_artifact(path, "stage1")
     latents = torch.cat([encoded["train"]["latents"], encoded["train"]["flipped"]])  # a flip is another latent
     run_stage(run, "stage2", stage_2, config, run, latents, pseudo["labels"].repeat(2), dataset.num_classes)
     del latents
     samples = run_stage(run, "sample", stage_sample, config, run, device, rank, world)
-    _, stage3_metrics = run_stage(run, "stage3 probe", stage_probe, config, run, "stage3", dataset, encoded,
-                                  labeled_index, device, generated=samples)
+    _, stage3_metrics = run_stage(run, "stage3", stage_probe, config, os.path.join(run, "stage3", "probe.pt"),
+                                  "stage3", dataset, encoded, labeled_index, device, generated=samples,
+                                  final="stage3/probe.pt")
     fid_result = run_stage(run, "fid", stage_fid, config, run, dataset, samples, device, rank, world)
-    # The oracle: the probe fit on every training image's true label (cheap: no network to train).
+    # The oracle: the probe fit on every training image's true label (cheap: no network to train),
+    # removed with the last stage's files, so a redo of any stage fits it again.
     oracle_path = os.path.join(run, "oracle.pt")
-    if not os.path.exists(oracle_path) and rank == 0:
-        test = None if encoded["test"] is None else (encoded["test"]["features"], dataset.test_y)
-        weights, metrics = fixmatch.train_probe(encoded["train"]["features"], dataset.train_y, dataset.num_classes,
-                                                config.probe_lambda, test, device)
-        data.save_atomic({"weights": weights, "metrics": metrics}, oracle_path)
-    barrier()
-    oracle = data.read_artifact(oracle_path, "fid")  # the last stage: a redo of any removes the oracle
+    oracle, oracle_metrics = stage_probe(config, oracle_path, "fid", dataset, encoded, slice(None), device)
     if rank == 0:
         judged = lambda weights: fixmatch.probe_predict(weights, samples["features"])[0]
         write_results(config, run, dataset, device, samples, stage1_metrics, pseudo, stage3_metrics, None,
-                      fid_result, judged(stage1), judged(oracle["weights"]), oracle["metrics"], oracle_path)
+                      fid_result, judged(stage1), judged(oracle), oracle_metrics, oracle_path)
     barrier()
 
 

@@ -238,12 +238,12 @@ def accuracy(model, images, labels):
     return (predict(model, images)[0] == labels).float().mean().item()
 
 
-def pseudo_labels(model, dataset):
-    """The artifact of stage 1: a label and a confidence for every training image,
-    and their accuracy against the true labels."""
-    labels, confidence = predict(model, dataset.train_x)
-    return {"labels": labels, "confidence": confidence,
-            "accuracy": (labels == dataset.train_y).float().mean().item()}
+def pseudo_labels(predicted, true_labels):
+    """The artifact of stage 1 from a learner's (labels, confidences) of every
+    training image (predict's, or the probe's probe_predict): both, and their
+    accuracy against the true labels."""
+    labels, confidence = predicted
+    return {"labels": labels, "confidence": confidence, "accuracy": (labels == true_labels).float().mean().item()}
 
 
 @torch.no_grad()
@@ -586,7 +586,7 @@ def probe_predict(weights, features, batch=65_536):
     return torch.cat(labels), torch.cat(confidences)
 
 
-# The probe as DPT's ImageNet learner, in the shape of train() and pseudo_labels():
+# The probe as DPT's ImageNet learner, in the shape of train() and predict():
 # stage 1 fits it on the labeled images' features, stage 3 on those and the
 # generated images', the oracle on every training image's true label.
 
@@ -677,7 +677,7 @@ def main():
     model, metrics = train(config, dataset, labeled_index, pseudo)
     if rank == 0:
         save_classifier(model, config, metrics, os.path.join(config.out, "classifier.pt"))
-        labels = pseudo_labels(model, dataset)
+        labels = pseudo_labels(predict(model, dataset.train_x), dataset.train_y)
         data.save_atomic(labels, os.path.join(config.out, "pseudo_labels.pt"))
         print(f"pseudo labels of {len(labels['labels'])} training images: {100 * labels['accuracy']:.2f}% correct; "
               f"test accuracy {100 * metrics.get('accuracy', float('nan')):.2f}%")

@@ -971,7 +971,7 @@ def test_a_checkpoint_of_other_settings_or_a_corrupt_one_is_refused(tmp_path, sm
 
 def test_predict_gives_a_label_and_confidence_for_every_training_image(small_shapes):
     model = fixmatch.make_classifier("small", 10, [0.5] * 3, [0.25] * 3)
-    result = fixmatch.pseudo_labels(model, small_shapes)
+    result = fixmatch.pseudo_labels(fixmatch.predict(model, small_shapes.train_x), small_shapes.train_y)
     assert result["labels"].dtype == torch.int64 and result["labels"].shape == (400,)
     assert (result["confidence"].dtype == torch.float32
             and ((result["confidence"] > 0) & (result["confidence"] <= 1)).all())

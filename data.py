@@ -63,10 +63,10 @@ def load_dataset(name, data_dir="./data", folders=False):
         return Dataset("shapes", train_x, train_y, test_x, test_y, len(SHAPES), SHAPES)
     if name.endswith((".pt", ".npz")):
         return load_file(name)
-    if (name == "imagenet" or os.path.isdir(name)) and not folders:
-        raise UserError(f"--dataset {name}: a folder of images is read by python dpt.py --preset imagenet, "
-                        "which turns it into latents and features once; this script takes pixel datasets")
     if name == "imagenet" or os.path.isdir(name):
+        if not folders:
+            raise UserError(f"--dataset {name}: a folder of images is read by python dpt.py --preset imagenet, "
+                            "which turns it into latents and features once; this script takes pixel datasets")
         return load_folder(os.path.join(data_dir, "imagenet") if name == "imagenet" else name)
     raise UserError(f"--dataset {name!r}: must be {DATASET[1]}")
 
@@ -755,7 +755,7 @@ def read_json(path):
             return json.load(file)
     except (OSError, ValueError) as error:
         raise UserError(f"{path} is unreadable ({type(error).__name__}); delete it, or the run "
-                             "folder to start over") from None
+                        "folder to start over") from None
 
 
 def write_json(obj, path):

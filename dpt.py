@@ -534,7 +534,7 @@ def stage_fid(config, run, dataset, samples, device, rank, world):
                 score = None
             if score is not None:
                 data.write_json({"fid": score, "inception_score": fid.inception_score(generated["logits"])[0],
-                            "generated_images": generated["count"], "reference_images": real.get("count")}, path)
+                                 "generated_images": generated["count"], "reference_images": real.get("count")}, path)
         barrier()
         if not os.path.exists(path):
             return None
@@ -600,7 +600,7 @@ def check_latent(config):
                              "alone (the paper's baseline); leave it out")
     if not config.autoencoder and not config.bench:  # --bench times random weights
         raise data.UserError(f"--preset imagenet needs --autoencoder PATH: the {unet.AUTOENCODER_SOURCE}")
-    crop, patch = round(config.image_size * fixmatch.MSN_CROP), fixmatch.MSN_SIZES[config.msn_size]["patch"]
+    crop, patch = fixmatch.msn_crop(config.image_size), fixmatch.MSN_SIZES[config.msn_size]["patch"]
     if config.msn_size in fixmatch.MSN_RELEASES and crop != 224:  # its position embeddings are for 224 x 224
         raise data.UserError(f"--image-size {config.image_size}: MSN's released {config.msn_size} sees 224x224 "
                              f"centre crops of 256x256 images, not {crop}x{crop}; give --image-size 256")
@@ -610,8 +610,8 @@ def check_latent(config):
 
 
 def load_msn(config, device):
-    crop = round(config.image_size * fixmatch.MSN_CROP)
-    return fixmatch.load_msn(config.msn_size, crop, config.msn_weights or None, device)
+    return fixmatch.load_msn(config.msn_size, fixmatch.msn_crop(config.image_size), config.msn_weights or None,
+                             device)
 
 
 def read_image(config, file):
@@ -932,7 +932,7 @@ def bench_latent(config, device):
     batch, steps = (64, 12) if on_cuda else (2, 3)
     side, latent = config.image_size, config.image_size // 8
     autoencoder = unet.AutoencoderKL(**unet.AUTOENCODER_SIZES[config.autoencoder_size]).to(device).eval()
-    msn = fixmatch.MSNViT(round(side * fixmatch.MSN_CROP), **fixmatch.MSN_SIZES[config.msn_size]).to(device).eval()
+    msn = fixmatch.MSNViT(fixmatch.msn_crop(side), **fixmatch.MSN_SIZES[config.msn_size]).to(device).eval()
     autoencoder.requires_grad_(False)
     msn.requires_grad_(False)
     images = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8)

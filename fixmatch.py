@@ -591,7 +591,11 @@ def probe_predict(weights, features, batch=65_536):
 # generated images', the oracle on every training image's true label.
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-MSN_CROP = 224 / 256  # MSN's evaluation: a 224 centre crop of the image at 256
+
+
+def msn_crop(side):
+    """The side of the centre crop MSN sees of an image of `side` (MSN's evaluation: 224 of 256)."""
+    return round(side * 224 / 256)
 
 
 @torch.no_grad()
@@ -600,7 +604,7 @@ def msn_features(msn, images, bf16=False, batch=256):
     (ADM's centre crops at S, real or generated): the centre S * 7/8, normalized."""
     device = next(msn.parameters()).device
     side = images.shape[-1]
-    crop = round(side * MSN_CROP)
+    crop = msn_crop(side)
     normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD).to(device)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bool(bf16))
     features = []

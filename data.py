@@ -15,6 +15,7 @@ images and int64 labels; the augmentations take and return such batches.
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import errno
 import fcntl
 import inspect
@@ -661,7 +662,17 @@ def at_least(low):
     return (lambda value: low <= value < math.inf), f"at least {low}, finite"  # NaN fails every comparison
 
 
+def between(low, high):
+    return (lambda value: low <= value <= high), f"from {low:,} to {high:,}"
+
+
 SEED = (lambda value: 0 <= value < 2 ** 31), "from 0 to 2^31 - 1"  # numpy's RandomState takes 32 bits
+# Every count has a ceiling far above any recipe (the paper's: 2^20 classifier steps,
+# 307M diffusion images, batches of 1,024), so that a typo such as 1e20 is refused
+# at once instead of after hours of the stages before the one it reaches.
+MOST_STEPS = 2 ** 30
+MOST_IMAGES = 10 ** 12
+MOST_BATCH = 2 ** 20
 
 
 POSITIVE = (lambda value: 0 < value < math.inf), "a positive number"
@@ -824,10 +835,17 @@ def folder_claimed(folder, rank=0, world=1, wait=False):
 
 
 
+# How long a process waits for the others at a collective before it gives up.
+# Rank 0 works alone for minutes at a time on ImageNet (joining the encoded chunks
+# into encoded.pt, fitting the probes on 1.28M features, the oracle, the report)
+# while the others wait at a barrier: NCCL's default of 10 minutes would end the run.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+
+
 def distributed_setup():
     """(rank, world size, device); torchrun sets RANK and WORLD_SIZE."""
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=COLLECTIVE_TIMEOUT)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -835,6 +853,17 @@ def distributed_setup():
     else:
         device = torch.device("cpu")
     return rank, world, device
+
+
+def gather_shares(share, total, world):
+    """All `total` rows on every process, where process r holds the share of rows
+    r, r + world, r + 2 world, ... (shares differ in size by at most one): padded
+    to one size, all-gathered and interleaved back into row order."""
+    padded = share.new_zeros((math.ceil(total / world), *share.shape[1:]))
+    padded[:len(share)] = share
+    shares = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(shares, padded)
+    return torch.stack(shares, 1).flatten(0, 1)[:total]
 
 
 def rng_state():
@@ -901,14 +930,13 @@ def on_cuda_unless_set(flag, device):
 
 
 def for_training(model, world, device, compile):
-    """What the training step calls: the model, under DDP when several
-    processes train it, compiled when asked."""
-    forward = model
+    """What the training step calls: the model, compiled when asked, under DDP
+    when several processes train it (outermost, as nanoGPT wraps it, so that a
+    step of several micro-batches can set its require_backward_grad_sync)."""
+    forward = torch.compile(model) if compile else model
     if world > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(model,
+        forward = torch.nn.parallel.DistributedDataParallel(forward,
                                                             device_ids=[device] if device.type == "cuda" else None)
-    if compile:
-        forward = torch.compile(forward)
     return forward
 
 

@@ -81,6 +81,7 @@ class DPTConfig:
     diffusion_size: str = None      # tiny | fast | cifar
     diffusion_images: int = None    # training length in images
     diffusion_batch: int = None     # images per step
+    diffusion_micro_batch: int = None  # images per forward pass on a process (0: its whole share of the batch)
     diffusion_lr: float = None      # Adam learning rate
     diffusion_warmup: int = None    # images of learning-rate warm-up
     diffusion_ema_halflife: int = None  # half-life of the EMA of the weights, in images
@@ -120,8 +121,8 @@ CLASSIFIER_FIELDS = {**prefixed("", "dataset", "data_dir", "labels", "seed", "co
                      "ckpt_every": "ssl_eval_every"}
 STAGE3_FIELDS = dict(CLASSIFIER_FIELDS, steps="stage3_steps", real_fraction="stage3_real_fraction")
 DIFFUSION_FIELDS = {**prefixed("", "dataset", "data_dir", "seed", "compile", "bf16"),
-                    **prefixed("diffusion_", "arch", "size", "images", "batch", "lr", "warmup", "ema_halflife",
-                               "p_mean", "label_dropout", "augment")}
+                    **prefixed("diffusion_", "arch", "size", "images", "batch", "micro_batch", "lr", "warmup",
+                               "ema_halflife", "p_mean", "label_dropout", "augment")}
 SAMPLE_FIELDS = {**prefixed("", "seed", "bf16"), **prefixed("sample_", "per_class", "solver", "steps", "guidance")}
 STAGE_SCRIPTS = ((fixmatch.FixMatchConfig, CLASSIFIER_FIELDS), (fixmatch.FixMatchConfig, STAGE3_FIELDS),
                  (unet.DiffusionConfig, DIFFUSION_FIELDS), (sample.SampleConfig, SAMPLE_FIELDS))
@@ -159,9 +160,10 @@ PRESETS = {
     # SD latents, batch 1024 for 300k steps, lr 2e-4 after 5k warm-up steps, EMA 0.9999 a
     # step (a half-life of 6,931.1 steps, 7,097,472 images), labels dropped 15% of the time; 50 DPM-Solver
     # steps at guidance 1.4 (their 0.4), 128 images per class. README, "ImageNet", lists
-    # each point beside the official code's.
+    # each point beside the official code's. The batch is 4 micro-batches of 256 on one GPU
+    # (the large U-ViT recomputes its blocks' activations in backward, as theirs does).
     "imagenet": dict(diffusion_arch="uvit", diffusion_size="large", diffusion_images=300_000 * 1024,
-                     diffusion_batch=1024, diffusion_lr=2e-4, diffusion_warmup=5_000 * 1024,
+                     diffusion_batch=1024, diffusion_micro_batch=256, diffusion_lr=2e-4, diffusion_warmup=5_000 * 1024,
                      diffusion_ema_halflife=7_097_472, diffusion_label_dropout=0.15, diffusion_augment=0.0,
                      sample_per_class=128, sample_solver="dpmpp", sample_steps=50, sample_guidance=1.4),
 }
@@ -204,7 +206,7 @@ def resolve(config):
 STAGES = ("encode", "split", "stage1", "stage2", "sample", "stage3", "fid")
 REDO_STAGES = tuple(stage for stage in STAGES if stage != "split")  # --redo stage1 draws the split again
 FREE_TO_CHANGE = {"dataset", "data_dir", "out", "redo", "baseline", "fid_weights", "compile", "preset",
-                  "ssl_eval_every", "bench", "report", "seeds", "autoencoder", "msn_weights"}
+                  "ssl_eval_every", "diffusion_micro_batch", "bench", "report", "seeds", "autoencoder", "msn_weights"}
 FIELD_STAGE = {"labels": "split", "seed": "split", "label_subset": "split", "bf16": "stage1", "fid_reference": "fid",
                "fid_stats": "fid",
                "image_size": "encode", "autoencoder_size": "encode", "msn_size": "encode", "probe_lambda": "stage1",
@@ -237,10 +239,11 @@ def settings_from(config_class, config, fields, **fixed):
     return config_class(**{name: getattr(config, ours) for name, ours in fields.items()}, **fixed)
 
 
-RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "labels": data.at_least(1), "seed": data.SEED,
+RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "labels": data.between(1, data.MOST_IMAGES),
+         "seed": data.SEED,
          "out": data.FOLDER, "redo": ((lambda stage: stage in ("", *REDO_STAGES)), "one of " + ", ".join(REDO_STAGES)),
          "fid_weights": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
-         "fid_reference": data.at_least(0),
+         "fid_reference": data.between(0, data.MOST_IMAGES),
          "seeds": ((lambda text: not text or parse_seeds(text) is not None), "A-B or A,B,C: distinct seeds from 0"),
          "image_size": ((lambda side: side > 0 and side % 16 == 0), "a positive multiple of 16 (latents of side / 8)"),
          "autoencoder": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
@@ -440,9 +443,9 @@ def stage_1(config, run, dataset, labeled_index, device):
     return model, metrics, data.read_artifact(path, "stage1")
 
 
-def stage_2(config, run, images, labels, num_classes):
+def stage_2(config, run, images, labels, num_classes, mirrored=None):
     """The class-conditional diffusion model, trained on every training image
-    (pixels, or the imagenet preset's latents) with its pseudo label."""
+    (pixels, or the imagenet preset's latents and their mirrors') with its pseudo label."""
     out = os.path.join(run, "stage2")
     path = os.path.join(run, FINAL["stage2"])
     if not os.path.exists(path):
@@ -451,7 +454,8 @@ def stage_2(config, run, images, labels, num_classes):
         pixels = images.dtype == torch.uint8  # latents would need decoding first: no preview
         preview = lambda model, images_seen: sample.preview_grid(model, grid, per_class=4, steps=8)
         model, metrics = unet.train(settings, images, labels, num_classes, preview=preview if pixels else None,
-                                    preview_every=max(config.diffusion_images // 2, 1))  # halfway and at the end
+                                    preview_every=max(config.diffusion_images // 2, 1),  # halfway and at the end
+                                    mirrored=mirrored)
         if dist_rank() == 0:
             unet.save_diffusion(model, settings, metrics, path)
     barrier()
@@ -472,10 +476,12 @@ def stage_sample(config, run, device, rank, world):
         images, labels = sample.generate(model, settings.per_class, solver=settings.solver, steps=settings.steps,
                                          guidance=settings.guidance, seed=settings.seed, device=device, rank=rank,
                                          world=world, bf16=settings.bf16, decode=decode)
+        artifact = {"images": images, "labels": labels}
+        if decode is not None:  # each process sees its share, as it sampled them
+            features = fixmatch.msn_features(load_msn(config, device), images[rank::world], config.bf16)
+            artifact["features"] = (data.gather_shares(features.to(device), len(images), world).cpu()
+                                    if world > 1 else features)
         if rank == 0:
-            artifact = {"images": images, "labels": labels}
-            if decode is not None:
-                artifact["features"] = fixmatch.msn_features(load_msn(config, device), images, config.bf16)
             data.save_atomic(artifact, path)
             sample.save_grid(images, labels, os.path.join(run, "samples.png"))
     barrier()
@@ -687,9 +693,8 @@ def run_latent_stages(config, run, dataset, device, rank, world):
         data.save_atomic(fixmatch.pseudo_labels(predicted, dataset.train_y), path)
     barrier()
     pseudo = data.read_artifact(path, "stage1")
-    latents = torch.cat([encoded["train"]["latents"], encoded["train"]["flipped"]])  # a flip is another latent
-    run_stage(run, "stage2", stage_2, config, run, latents, pseudo["labels"].repeat(2), dataset.num_classes)
-    del latents
+    run_stage(run, "stage2", stage_2, config, run, encoded["train"]["latents"], pseudo["labels"], dataset.num_classes,
+              mirrored=encoded["train"]["flipped"])
     samples = run_stage(run, "sample", stage_sample, config, run, device, rank, world)
     _, stage3_metrics = run_stage(run, "stage3", stage_probe, config, os.path.join(run, "stage3", "probe.pt"),
                                   "stage3", dataset, encoded, labeled_index, device, generated=samples,

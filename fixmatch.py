@@ -274,14 +274,14 @@ def precise_batch_norm(model, images, count, batch=512):
 
 
 RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "labels": data.at_least(1), "seed": data.SEED,
-         "out": data.FOLDER, "arch": data.one_of(*ARCHITECTURES), "steps": data.at_least(1),
-         "batch": data.at_least(1), "uratio": data.at_least(1), "lr": data.POSITIVE,
+         "out": data.FOLDER, "arch": data.one_of(*ARCHITECTURES), "steps": data.between(1, data.MOST_STEPS),
+         "batch": data.between(1, data.MOST_BATCH), "uratio": data.between(1, 1024), "lr": data.POSITIVE,
          "lr_cosine": ((lambda value: 0 <= value <= 0.5), "between 0 and 0.5"), "momentum": data.FRACTION,
          "weight_decay": data.at_least(0), "ema": data.FRACTION,
-         "precise_bn": data.at_least(0), "lambda_u": data.at_least(0),
+         "precise_bn": data.between(0, data.MOST_IMAGES), "lambda_u": data.at_least(0),
          "threshold": data.one_of("fixmatch", "freematch"), "tau": data.PROBABILITY, "freematch_ema": data.FRACTION,
          "real_fraction": ((lambda value: value == -1 or 0 <= value <= 1), "-1 (uniform) or between 0 and 1"),
-         "eval_every": data.at_least(1), "ckpt_every": data.at_least(1)}
+         "eval_every": data.between(1, data.MOST_STEPS), "ckpt_every": data.between(1, data.MOST_STEPS)}
 
 
 def check(config, world=1, flags=None):

@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
@@ -118,10 +117,10 @@ def dpmpp(denoise, x, labels, sigmas):
 SOLVERS = {"heun": heun, "euler": euler, "dpmpp": dpmpp}
 
 
-RULES = {"per_class": data.at_least(1), "solver": data.one_of(*SOLVERS),
-         "steps": ((lambda value: 2 <= value < math.inf), "at least 2 (the noise levels sigma_max and sigma_min)"),
+RULES = {"per_class": data.between(1, data.MOST_IMAGES), "solver": data.one_of(*SOLVERS),
+         "steps": ((lambda value: 2 <= value <= 1000), "from 2 (the noise levels sigma_max and sigma_min) to 1,000"),
          "guidance": ((lambda value: 0 <= value < math.inf), "at least 0 (1 is no guidance, 0 unconditional)"),
-         "seed": data.SEED, "batch": data.at_least(1), "out": data.FOLDER}
+         "seed": data.SEED, "batch": data.between(1, data.MOST_BATCH), "out": data.FOLDER}
 
 
 def check(config, flags=None):
@@ -183,17 +182,13 @@ def generate(model, per_class, solver="heun", steps=18, guidance=1.0, seed=0, ba
         x = sigmas[0] * initial_noise(seed, index.tolist(), shape).to(device)
         with autocast:
             x = decode(solve(denoise, x, labels[index].to(device), sigmas))
-        images[start:start + len(index)] = (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)  # as EDM's generate.py
+        # as EDM's generate.py, in float32: in bf16 (8 bits of mantissa) x * 127.5 + 128
+        # would round to a whole number first and land one level high about half the time
+        images[start:start + len(index)] = (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
         bar.update(len(index))
     bar.close()
     if world > 1:
-        # Shares differ in size by at most one: pad to the same size, gather, and
-        # interleave, so that row j of rank r's share becomes image j * world + r.
-        padded = torch.zeros((math.ceil(len(labels) / world), *image_shape), dtype=torch.uint8, device=device)
-        padded[:len(images)] = images
-        shares = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(shares, padded)
-        images = torch.stack(shares, 1).flatten(0, 1)[:len(labels)]
+        images = data.gather_shares(images, len(labels), world)
     return images.cpu(), labels
 
 

@@ -1172,8 +1172,9 @@ def test_the_edm_loss_is_lambda_weighted_squared_error_at_log_normal_sigmas():
         return torch.zeros_like(x)
 
     torch.manual_seed(0)
-    loss = unet.edm_loss(zero_denoiser, torch.ones(100_000, 1, 1, 1), torch.zeros(100_000, dtype=torch.long), 10,
-                         unet.DiffusionConfig(label_dropout=0.0))
+    images = torch.ones(100_000, 1, 1, 1)
+    drawn = unet.edm_noise(images, torch.zeros(100_000, dtype=torch.long), 10, unet.DiffusionConfig(label_dropout=0))
+    loss = unet.edm_loss(zero_denoiser, images, *drawn)
     sigma = seen["sigma"]
     # ln sigma ~ N(-1.2, 1.2^2) and n ~ N(0, sigma^2): 100k draws pin mean and spread to about 0.3%.
     assert sigma.log().mean().item() == pytest.approx(-1.2, abs=0.015)
@@ -1184,13 +1185,11 @@ def test_the_edm_loss_is_lambda_weighted_squared_error_at_log_normal_sigmas():
 
 
 def test_label_dropout_replaces_the_asked_share_of_labels_by_the_null_class():
-    seen = []
-    record = lambda x, sigma, labels, augment_labels: seen.append(labels) or torch.zeros_like(x)
     torch.manual_seed(0)
-    unet.edm_loss(record, torch.zeros(20_000, 1, 1, 1), torch.full((20_000,), 3), 10,
-                  unet.DiffusionConfig(label_dropout=0.2))
-    assert set(seen[0].tolist()) == {3, 10}
-    assert (seen[0] == 10).float().mean().item() == pytest.approx(0.2, abs=0.01)
+    _, _, labels = unet.edm_noise(torch.zeros(20_000, 1, 1, 1), torch.full((20_000,), 3), 10,
+                                  unet.DiffusionConfig(label_dropout=0.2))
+    assert set(labels.tolist()) == {3, 10}
+    assert (labels == 10).float().mean().item() == pytest.approx(0.2, abs=0.01)
 
 
 def test_training_drops_labels_to_the_null_class_the_sampler_uses_and_tells_the_augmentation(tmp_path, monkeypatch):
@@ -1830,6 +1829,115 @@ def test_a_labels_file_of_the_wrong_length_is_one_line_and_exit_code_2_on_the_co
     result = run_script("unet.py", "--dataset", SHAPES_FILE, "--labels-file", str(tmp_path / "pseudo_labels.pt"),
                         "--out", str(tmp_path))
     assert_one_line_error(result, "shape (2000,)")
+
+
+# -----------------------------------------------------------------------------
+# Memory: what lets the imagenet preset's step fit one 80 GB GPU
+
+
+def recorded_gradients(monkeypatch):
+    """Every gradient Adam is given, as a list of steps, each a list of tensors."""
+    steps, adam_step = [], torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        steps.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+        return adam_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    return steps
+
+
+@pytest.mark.parametrize("arch", ["unet", "uvit"])
+def test_accumulated_micro_batches_give_the_whole_batchs_gradient_and_the_same_run(tmp_path, monkeypatch, arch):
+    images, labels = shapes_16(32)
+    gradients, sizes = recorded_gradients(monkeypatch), []
+    forward = unet.EDMPrecond.forward
+    monkeypatch.setattr(unet.EDMPrecond, "forward", lambda self, x, *args: sizes.append(len(x)) or
+                        forward(self, x, *args))
+    runs = {}
+    for micro in (0, 2):  # the whole batch of 8 in one forward pass, and 4 passes of 2
+        config = diffusion_config(tmp_path / str(micro), arch=arch, images=16, batch=8, micro_batch=micro,
+                                  label_dropout=0.3)
+        runs[micro] = unet.train(config, images, labels, 10, progress=False)
+    assert sizes == [8, 8] + [2] * 8
+    assert len(gradients) == 4
+    for whole, accumulated in zip(gradients[:2], gradients[2:]):  # each step's gradient, summed in another order
+        for a, b in zip(whole, accumulated):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+    assert runs[2][1]["loss"] == pytest.approx(runs[0][1]["loss"], rel=1e-5)
+    for a, b in zip(runs[0][0].state_dict().values(), runs[2][0].state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_a_micro_batch_that_does_not_divide_a_processs_share_is_refused(tmp_path):
+    unet.check(diffusion_config(tmp_path, batch=8, micro_batch=16), world=1)  # larger than the share: the share
+    with pytest.raises(data.UserError, match="--micro-batch 3: must divide each of the 2 processes' 4 images"):
+        unet.check(diffusion_config(tmp_path, batch=8, micro_batch=3), world=2)
+
+
+def test_a_checkpointed_u_vit_computes_and_trains_as_the_plain_one_keeping_only_each_blocks_input(monkeypatch):
+    torch.manual_seed(0)
+    shape = dict(unet.SIZES["uvit"]["tiny"], dropout=0.0)
+    plain, checkpointed = (unet.UViT(8, 4, 10, **shape, checkpoint=flag) for flag in (False, True))
+    checkpointed.load_state_dict(plain.state_dict())
+    x, c_noise, labels = torch.randn(3, 4, 8, 8), torch.randn(3), torch.tensor([1, 2, 10])
+    calls = []
+    block_forward = unet.UViTBlock.forward
+    monkeypatch.setattr(unet.UViTBlock, "forward", lambda self, *args: calls.append(self) or
+                        block_forward(self, *args))
+    outputs = []
+    for network in (plain, checkpointed):
+        calls.clear()
+        out = network(x, c_noise, labels)
+        (out ** 2).sum().backward()
+        outputs.append((out, [p.grad for p in network.parameters()], len(calls)))
+    (out, grads, plain_calls), (out_c, grads_c, checkpointed_calls) = outputs
+    torch.testing.assert_close(out_c, out, rtol=0, atol=0)
+    for a, b in zip(grads, grads_c):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert checkpointed_calls == 2 * plain_calls == 2 * 5  # every block ran again in backward
+    with torch.no_grad():  # sampling keeps nothing for backward: no recomputation to arrange
+        calls.clear()
+        checkpointed(x, c_noise, labels)
+        assert len(calls) == 5
+    assert all(unet.SIZES["uvit"][size]["checkpoint"] for size in ("large", "huge"))  # as U-ViT trains ImageNet
+
+
+def test_decoding_in_chunks_gives_the_images_of_one_batch_and_never_decodes_more_at_once(monkeypatch):
+    torch.manual_seed(0)
+    autoencoder = unet.AutoencoderKL(**unet.AUTOENCODER_SIZES["tiny"]).eval().requires_grad_(False)
+    randomized(autoencoder)
+    latents = torch.randn(5, unet.LATENT_CHANNELS, 4, 4)
+    whole = autoencoder.decode(latents / unet.SIGMA_DATA)
+    seen, decode = [], autoencoder.decode
+    monkeypatch.setattr(autoencoder, "decode", lambda z: seen.append(len(z)) or decode(z))
+    chunked = unet.decode_latents(autoencoder, latents, batch=2)
+    assert seen == [2, 2, 1]
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_samples_become_uint8_in_float32_even_when_the_decoder_answers_in_bf16():
+    model = unet.make_diffusion("unet", "tiny", 2, 8).eval()
+    # values whose bf16 x * 127.5 + 128 rounds to the next whole number before truncation
+    values = torch.linspace(-1, 1, 3 * 16 * 16).reshape(1, 3, 16, 16).bfloat16()
+    decode = lambda latents: values.expand(len(latents), -1, -1, -1)
+    images, _ = sample.generate(model, 2, steps=2, decode=decode, progress=False)
+    expected = (values.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    in_bf16 = (values * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    assert (in_bf16 != expected).float().mean() > 0.2  # the mistake this guards against
+    assert torch.equal(images, expected.expand(4, -1, -1, -1))
+
+
+def test_a_latents_flip_is_its_mirror_images_latent_drawn_half_the_time(tmp_path, monkeypatch):
+    latents, mirrored = torch.full((64, 4, 8, 8), 0.25).half(), torch.full((64, 4, 8, 8), -0.25).half()
+    seen, forward = [], unet.EDMPrecond.forward
+    monkeypatch.setattr(unet.EDMPrecond, "forward", lambda self, x, sigma, *args: seen.append(x.mean((1, 2, 3))) or
+                        forward(self, x, sigma, *args))
+    config = diffusion_config(tmp_path, arch="uvit", images=256, batch=64, p_mean=-12.0, p_std=0.1)
+    unet.train(config, latents, torch.zeros(64, dtype=torch.long), 10, progress=False, mirrored=mirrored)
+    means = torch.cat(seen)  # sigma ~ 6e-6: the noisy input is the latent drawn
+    assert set(means.round(decimals=2).tolist()) == {0.25, -0.25}
+    assert (means < 0).float().mean().item() == pytest.approx(0.5, abs=0.1)
+    assert latents.eq(0.25).all()  # a flip replaced rows of the batch, never of the latents
 
 
 def test_two_processes_under_torchrun_train_the_diffusion_model_and_write_one_set_of_files(tmp_path):
@@ -2926,7 +3034,7 @@ BAD_SETTINGS = {
     "ssl_arch": "vgg", "ssl_steps": "0", "stage3_steps": "0", "ssl_batch": "0", "ssl_uratio": "0", "ssl_lr": "0",
     "ssl_ema": "1", "ssl_threshold": "adaptive", "ssl_tau": "1.5", "stage3_real_fraction": "2",
     "ssl_eval_every": "0", "diffusion_arch": "resnet", "diffusion_size": "gigantic", "diffusion_images": "0",
-    "diffusion_batch": "0", "diffusion_lr": "-1", "diffusion_warmup": "-1", "diffusion_ema_halflife": "-1",
+    "diffusion_batch": "0", "diffusion_micro_batch": "-1", "diffusion_lr": "-1", "diffusion_warmup": "-1", "diffusion_ema_halflife": "-1",
     "diffusion_p_mean": "nan", "diffusion_label_dropout": "1", "diffusion_augment": "1.5",
     "sample_per_class": "0", "sample_solver": "ddim", "sample_steps": "1", "sample_guidance": "-1",
     "fid_reference": "-1", "seeds": "3-1", "ssl_lr_cosine": "0.7", "ssl_precise_bn": "-1",
@@ -2952,8 +3060,27 @@ def test_bad_settings_cover_every_field_of_the_config():
 @pytest.mark.parametrize("name", BAD_SETTINGS)
 def test_every_setting_with_a_bad_value_is_refused_in_one_line_naming_its_flag_before_any_work(
         name, tmp_path, monkeypatch, capsys):
+    assert_refused_before_any_work(name, BAD_SETTINGS[name], tmp_path, monkeypatch, capsys)
+
+
+# Every count above its ceiling (the first, the issue's: a sampler of 1e20 steps was
+# accepted and failed only after hours of training).
+ABOVE_CEILING = {"sample_steps": "100000000000000000000", "ssl_steps": str(2 ** 30 + 1),
+                 "stage3_steps": str(2 ** 30 + 1), "ssl_eval_every": str(2 ** 30 + 1),
+                 "ssl_batch": str(2 ** 20 + 1), "ssl_uratio": "1025", "ssl_precise_bn": str(10 ** 12 + 1),
+                 "diffusion_images": str(10 ** 12 + 1), "diffusion_batch": str(2 ** 20 + 1),
+                 "diffusion_micro_batch": str(2 ** 20 + 1), "diffusion_warmup": str(10 ** 12 + 1),
+                 "diffusion_ema_halflife": str(10 ** 12 + 1), "sample_per_class": str(10 ** 12 + 1),
+                 "fid_reference": str(10 ** 12 + 1), "labels": str(10 ** 12 + 1)}
+
+
+@pytest.mark.parametrize("name", ABOVE_CEILING)
+def test_every_count_has_a_ceiling_and_above_it_is_refused_before_any_work(name, tmp_path, monkeypatch, capsys):
+    assert_refused_before_any_work(name, ABOVE_CEILING[name], tmp_path, monkeypatch, capsys, "must be from ")
+
+
+def assert_refused_before_any_work(name, value, tmp_path, monkeypatch, capsys, words=""):
     flag = "--" + name.replace("_", "-")
-    value = BAD_SETTINGS[name]
     argv = [f"{flag}=yes"] if value is None else [flag, value]
     monkeypatch.chdir(tmp_path)  # where ./data and a default --out would land
     monkeypatch.setattr(sys, "argv", ["dpt.py", "--dataset", "shapes", "--preset", "tiny", "--out", "runs", *argv])
@@ -2963,6 +3090,7 @@ def test_every_setting_with_a_bad_value_is_refused_in_one_line_naming_its_flag_b
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit.value.code == 2 and len(lines) == 1, lines
     assert re.search(f"(error: |argument ){flag}[ /=]", lines[0]), lines[0]  # the flag the user typed, not a stage's
+    assert words in lines[0]
     assert os.listdir(tmp_path) == []  # nothing written
 
 

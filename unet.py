@@ -26,10 +26,12 @@ import tempfile
 import time
 import zlib
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import data
 
@@ -48,6 +50,8 @@ class DiffusionConfig:
     dropout: float = -1.0           # dropout probability; negative: the size's own (0.13 for the cifar U-Net)
     images: int = 200_000_000       # training length, in images
     batch: int = 512                # images per step, all processes together
+    micro_batch: int = 0            # images per forward pass on a process (0: its whole share of --batch);
+                                    # gradients accumulate over the micro-batches to the batch's
     lr: float = 1e-3                # Adam's learning rate after the warm-up
     warmup: int = 10_000_000        # images over which the learning rate ramps up linearly from 0
     ema_halflife: int = 500_000     # half-life of the EMA of the weights, in images
@@ -63,9 +67,10 @@ class DiffusionConfig:
     bench: bool = False             # print images/s and MFU of every size of --arch and exit
 
 
-# A resumed run ends the same whatever these are; the labels are compared by their
+# A resumed run ends the same whatever these are (a step draws its noise for the
+# whole batch before splitting it into micro-batches); the labels are compared by their
 # contents (a checksum in the checkpoint), not by the name of their file.
-FREE_TO_CHANGE = {"data_dir", "out", "ckpt_every", "compile", "bench", "labels_file"}
+FREE_TO_CHANGE = {"data_dir", "out", "ckpt_every", "compile", "bench", "labels_file", "micro_batch"}
 
 # Sizes: `cifar` is EDM's DDPM++ for CIFAR-10 (55.7M parameters) and U-ViT-S/2
 # (Bao et al. 2023, 44M + the time MLP); `tiny` trains on 2 CPU cores in minutes:
@@ -86,8 +91,8 @@ SIZES = {
         "cifar": dict(width=512, depth=13, heads=8, patch=2, dropout=0.0),
         # On Stable Diffusion's 4 x 32 x 32 latents of 256 x 256 images (the imagenet preset):
         # U-ViT-L/2 (DPT's one and two labels per class) and U-ViT-H/2 (Bao et al. 2023, Table 1).
-        "large": dict(width=1024, depth=20, heads=16, patch=2, dropout=0.0),
-        "huge":  dict(width=1152, depth=28, heads=16, patch=2, dropout=0.0),
+        "large": dict(width=1024, depth=20, heads=16, patch=2, dropout=0.0, checkpoint=True),
+        "huge":  dict(width=1152, depth=28, heads=16, patch=2, dropout=0.0, checkpoint=True),
     },
 }
 PIXEL_SIZES = tuple(SIZES["unet"])  # the sizes of both architectures, for images
@@ -126,18 +131,25 @@ class EDMPrecond(nn.Module):
         return c_skip * x + c_out * self.net(c_in * x, c_noise, class_labels, augment_labels).float()
 
 
-def edm_loss(net, images, labels, null_class, config, augment_labels=None):
-    """EDM's training loss (eq. 8): lambda(sigma) ||D(y + n; sigma) - y||^2 with
-    ln(sigma) ~ N(P_mean, P_std^2) and lambda(sigma) = (sigma^2 + sigma_data^2) /
-    (sigma sigma_data)^2, which gives F a unit-weighted target at every sigma.
-    Labels are replaced by the null class with probability label_dropout; the
-    network is told augment_labels, what augmentation made `images` (EDM's
-    loss.py does the same). The mean over pixels replaces EDM's sum: Adam does not see the scale."""
+def edm_noise(images, labels, null_class, config):
+    """One training step's draws for the whole batch, (noisy images, sigma, labels):
+    ln(sigma) ~ N(P_mean, P_std^2), the noise n ~ N(0, sigma^2), and labels replaced
+    by the null class with probability label_dropout. Drawn once a step, so that
+    splitting the step into micro-batches changes no number it draws."""
     sigma = (torch.randn(len(images), 1, 1, 1, device=images.device) * config.p_std + config.p_mean).exp()
-    weight = (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
     noise = torch.randn_like(images) * sigma
     dropped = torch.rand(len(labels), device=labels.device) < config.label_dropout
-    denoised = net(images + noise, sigma.flatten(), torch.where(dropped, null_class, labels), augment_labels)
+    return images + noise, sigma, torch.where(dropped, null_class, labels)
+
+
+def edm_loss(net, images, noisy, sigma, labels, augment_labels=None):
+    """EDM's training loss (eq. 8): lambda(sigma) ||D(y + n; sigma) - y||^2 with
+    lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2, which gives F
+    a unit-weighted target at every sigma; noisy, sigma and labels from edm_noise.
+    The network is told augment_labels, what augmentation made `images` (EDM's
+    loss.py does the same). The mean over pixels replaces EDM's sum: Adam does not see the scale."""
+    weight = (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
+    denoised = net(noisy, sigma.flatten(), labels, augment_labels)
     return (weight * (denoised - images) ** 2).mean()
 
 
@@ -396,9 +408,10 @@ class UViT(nn.Module):
                  heads,                 # attention heads
                  patch,                 # side of the square patches
                  dropout,               # dropout inside the MLPs
-                 augment_dim=0):        # size of the augmentation labels it is told (0: none)
+                 augment_dim=0,         # size of the augmentation labels it is told (0: none)
+                 checkpoint=False):     # recompute each block's activations in backward instead of keeping them
         super().__init__()
-        self.width, self.patch = width, patch
+        self.width, self.patch, self.checkpoint = width, patch, checkpoint
         self.patch_embed = nn.Conv2d(channels, width, patch, stride=patch)
         # An MLP on the sinusoids (U-ViT's mlp_time_embed): c_noise = ln(sigma)/4 spans only about
         # 4 units, so most sinusoids barely move and a linear read-out of them is weak.
@@ -427,13 +440,17 @@ class UViT(nn.Module):
         if self.augment_embedding is not None and augment_labels is not None:
             time_token = time_token + self.augment_embedding(augment_labels)
         x = torch.cat([time_token[:, None], self.label_embedding(class_labels)[:, None], patches], 1) + self.pos_embed
+        # U-ViT's use_checkpoint, as its ImageNet models train: a block keeps only its
+        # input for backward and recomputes the rest (about a third more compute).
+        run = (partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+               if self.checkpoint and torch.is_grad_enabled() else lambda block, *inputs: block(*inputs))
         skips = []
         for block in self.in_blocks:
-            x = block(x)
+            x = run(block, x)
             skips.append(x)
-        x = self.mid_block(x)
+        x = run(self.mid_block, x)
         for block in self.out_blocks:
-            x = block(x, skips.pop())
+            x = run(block, x, skips.pop())
         x = self.decoder_pred(self.norm(x))[:, 2:]  # the noise and class tokens are not pixels
         p = self.patch  # each token's p * p * c outputs back to its patch
         x = x.reshape(n, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
@@ -584,9 +601,11 @@ def encode_latents(autoencoder, images, bf16=False):
     return (mean.float() * LATENT_SCALE * SIGMA_DATA).half().cpu().chunk(2)
 
 
-def decode_latents(autoencoder, latents):
-    """encode_latents' inverse: images in about [-1, 1]."""
-    return autoencoder.decode(latents.float() / SIGMA_DATA)
+def decode_latents(autoencoder, latents, batch=32):
+    """encode_latents' inverse: images in about [-1, 1], `batch` at a time:
+    a 256x256 decode keeps about 0.15 GB an image in flight (its last level holds
+    128 channels at full size), so a sampler's batch of 512 at once would fill 80 GB."""
+    return torch.cat([autoencoder.decode(part.float() / SIGMA_DATA) for part in latents.split(batch)])
 
 
 AUTOENCODER_SOURCE = ("autoencoder_kl.pth of the stable-diffusion folder that DPT's README links "
@@ -653,10 +672,12 @@ def load_diffusion(path, device="cpu"):
 RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "out": data.FOLDER, "arch": data.one_of(*SIZES),
          "size": data.one_of(*SIZES["uvit"]),  # the U-Net's sizes are the U-ViT's pixel sizes
          "dropout": ((lambda value: -math.inf < value < 1), "below 1 (negative: the size's own)"),
-         "images": data.at_least(1), "batch": data.at_least(1), "lr": data.POSITIVE, "warmup": data.at_least(0),
-         "ema_halflife": data.at_least(0), "ema_rampup": data.at_least(0), "label_dropout": data.FRACTION,
-         "augment": data.PROBABILITY,
-         "p_mean": data.FINITE, "p_std": data.POSITIVE, "seed": data.SEED, "ckpt_every": data.at_least(1)}
+         "images": data.between(1, data.MOST_IMAGES), "batch": data.between(1, data.MOST_BATCH),
+         "micro_batch": data.between(0, data.MOST_BATCH), "lr": data.POSITIVE,
+         "warmup": data.between(0, data.MOST_IMAGES), "ema_halflife": data.between(0, data.MOST_IMAGES),
+         "ema_rampup": data.at_least(0), "label_dropout": data.FRACTION, "augment": data.PROBABILITY,
+         "p_mean": data.FINITE, "p_std": data.POSITIVE, "seed": data.SEED,
+         "ckpt_every": data.between(1, data.MOST_IMAGES)}
 
 
 def check(config, world=1, flags=None, resolution=None):
@@ -664,6 +685,10 @@ def check(config, world=1, flags=None, resolution=None):
     `resolution`, also a network that cannot take images of that side."""
     data.check_fields(config, RULES, flags)
     data.check_divisible(config, world, flags)
+    share = config.batch // world
+    if config.micro_batch and config.micro_batch < share and share % config.micro_batch:
+        raise data.UserError(f"{data.flag('micro_batch', flags)} {config.micro_batch}: must divide each of the "
+                             f"{world} processes' {share} images of {data.flag('batch', flags)} {config.batch}")
     if config.size not in SIZES[config.arch]:
         raise data.UserError(f"{data.flag('size', flags)} {config.size!r}: the {config.arch} comes in "
                              f"{', '.join(SIZES[config.arch])}; choose one, or {data.flag('arch', flags)} uvit")
@@ -680,13 +705,16 @@ def crossed(every, before, after):
     return every > 0 and after // every > before // every
 
 
-def train(config, images, labels, num_classes, progress=True, preview=None, preview_every=0):
+def train(config, images, labels, num_classes, progress=True, preview=None, preview_every=0, mirrored=None):
     """EDM training from scratch (or from config.out/ckpt.pt) to config.images.
-    images: uint8 pixels [N, C, H, W], or float latents already scaled to about
-    unit variance (each flipped image its own latent: a flip is not augmentation
-    there); labels: int64 [N]. Returns the EMA model and a dict of metrics; rank 0
-    writes the checkpoint and calls preview(ema_model, images_seen) every
-    preview_every images (dpt.py's grid of samples)."""
+    images: uint8 pixels [N, C, H, W], moved to the device (CIFAR-10's are 150 MB),
+    or float latents already scaled to about unit variance, left where they are
+    (ImageNet's, 21 GB with their mirrors, stay on the host, memory-mapped from one
+    file whose pages the processes share) while each step's batch moves. A latent
+    is flipped by taking `mirrored`'s, the latent of the mirror image: the flip of
+    a latent is not one. labels: int64 [N]. Returns the EMA model and a dict of
+    metrics; rank 0 writes the checkpoint and calls preview(ema_model, images_seen)
+    every preview_every images (dpt.py's grid of samples)."""
     rank, world, device = data.distributed_setup()
     check(config, world, resolution=images.shape[-1])
     on_cuda, pixels = device.type == "cuda", images.dtype == torch.uint8
@@ -701,7 +729,8 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
     torch.manual_seed(config.seed + 1 + rank)  # but every rank draws its own batches and noise
     labels_crc = zlib.crc32(labels.cpu().numpy().tobytes())
-    images, labels = images.to(device), labels.to(device)
+    if pixels:
+        images, labels = images.to(device), labels.to(device)
 
     images_seen, metrics = 0, {"history": []}
     checkpoint_path = os.path.join(config.out, "ckpt.pt")
@@ -717,7 +746,8 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
     forward = data.for_training(model, world, device, data.on_cuda_unless_set(config.compile, device))
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=data.on_cuda_unless_set(config.bf16, device))
 
-    per_rank = config.batch // world
+    share = config.batch // world  # images a process puts through the network each step
+    micro = min(config.micro_batch or share, share)  # ... in forward passes of this many
     steps_left = -(-(config.images - images_seen) // config.batch)
     timed_from = min(5, steps_left // 2)  # speed is timed after warm-up and compilation
     from tqdm import tqdm
@@ -732,19 +762,31 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
             timer, timed_images = time.perf_counter(), images_seen
         for group in optimizer.param_groups:  # EDM's linear warm-up
             group["lr"] = config.lr * min(images_seen / max(config.warmup, 1e-8), 1)
-        pick = torch.randint(len(images), (per_rank,), device=device)
-        x = images[pick].float() / 127.5 - 1 if pixels else images[pick].float()
-        if config.augment and pixels:
-            x, augment_labels = augment(x, config.augment)
-        elif not pixels:
-            augment_labels = None
+        pick = torch.randint(len(images), (share,), device=images.device)
+        augment_labels = None
+        if not pixels:
+            x = images[pick]
+            if mirrored is not None:  # horizontal flips: the mirror image's latent
+                flip = torch.rand(share) < 0.5
+                x[flip] = mirrored[pick[flip]]
+            x = x.to(device).float()
+        elif config.augment:
+            x, augment_labels = augment(images[pick].float() / 127.5 - 1, config.augment)
         else:  # horizontal flips, which a network need not be told of
-            x, augment_labels = torch.where(torch.rand(per_rank, 1, 1, 1, device=device) < 0.5, x.flip(3), x), None
+            x = images[pick].float() / 127.5 - 1
+            x = torch.where(torch.rand(share, 1, 1, 1, device=device) < 0.5, x.flip(3), x)
         x = x.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            loss = edm_loss(forward, x, labels[pick], num_classes, config, augment_labels)
+        noisy, sigma, conditions = edm_noise(x, labels[pick].to(device), num_classes, config)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for start in range(0, share, micro):  # gradients add up over the micro-batches
+            part = slice(start, start + micro)
+            if world > 1:  # all-reduce once a step, in the last micro-batch's backward (as nanoGPT)
+                forward.require_backward_grad_sync = start + micro == share
+            with autocast:
+                loss = edm_loss(forward, x[part], noisy[part], sigma[part], conditions[part],
+                                None if augment_labels is None else augment_labels[part]) * (micro / share)
+            loss.backward()
+            loss_sum += loss.detach()
         for param in model.parameters():  # as EDM: one bad batch must not poison the weights
             torch.nan_to_num_(param.grad, nan=0, posinf=1e5, neginf=-1e5)
         optimizer.step()
@@ -757,7 +799,6 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
             torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - beta)
         images_seen += config.batch
         step += 1
-        loss_sum += loss.detach()
         loss_steps += 1
 
         done = images_seen >= config.images

@@ -97,10 +97,10 @@ class DPTConfig:
     image_size: int = 256           # ADM's centre crop of every image; the latents are a side of image_size / 8
     autoencoder: str = ""           # Stable Diffusion's autoencoder_kl.pth (no stable URL: see the README)
     autoencoder_size: str = "sd"    # sd | tiny (the same family, for CPU tests)
-    msn_size: str = ""              # vitl7 | vitb4 | tiny; empty: vitl7 for 1 label per class, else vitb4 (paper's)
+    msn_size: str = ""              # vitl7 | vitb4 | tiny; empty: vitl7 for 1 label per class, else vitb4 (DPT's)
     msn_weights: str = ""           # MSN's checkpoint (else downloaded once into torch's cache)
     probe_lambda: float = 0.0025    # the probe's L2 penalty times the number of images it is fit on (MSN's)
-    label_subset: str = ""          # the labeled images named in a file (MSN's imagenet_subsets1/1imgs_class.txt)
+    label_subset: str = ""          # the labeled images named in a file (MSN's imagenet_subsets2/1imgs_class.txt)
     fid_stats: str = ""             # FID reference .npz (mu, sigma); empty: ADM's for imagenet, else training images
 
 
@@ -156,11 +156,12 @@ PRESETS = {
                  diffusion_images=20_000_000, diffusion_warmup=2_000_000, diffusion_augment=0.0),
     # The paper's CIFAR-10 recipe.
     "cifar": dict(ssl_threshold="freematch"),
-    # The paper's ImageNet 256x256 recipe (its sec. 5.2, DPT's U-ViT config): U-ViT-L/2 on
+    # The paper's ImageNet 256x256 recipe (its sec. 5.2) as DPT's U-ViT-L/2 configs set it
+    # (accelerate_*_large.py; the paper's FIDs of 3.08 / 2.52 are likely its U-ViT-H/2's): on
     # SD latents, batch 1024 for 300k steps, lr 2e-4 after 5k warm-up steps, EMA 0.9999 a
-    # step (a half-life of 6,931.1 steps, 7,097,472 images), labels dropped 15% of the time; 50 DPM-Solver
-    # steps at guidance 1.4 (their 0.4), 128 images per class. README, "ImageNet", lists
-    # each point beside the official code's. The batch is 4 micro-batches of 256 on one GPU
+    # step (a half-life of 6,931.1 steps, 7,097,472 images), labels dropped 15% of the time; 50 network
+    # evaluations of the sampler at guidance 1.4 (their 0.4), 128 images per class. README, "ImageNet",
+    # lists each point beside the official code's. The batch is 4 micro-batches of 256 on one GPU
     # (the large U-ViT recomputes its blocks' activations in backward, as theirs does).
     "imagenet": dict(diffusion_arch="uvit", diffusion_size="large", diffusion_images=300_000 * 1024,
                      diffusion_batch=1024, diffusion_micro_batch=256, diffusion_lr=2e-4, diffusion_warmup=5_000 * 1024,
@@ -509,9 +510,9 @@ def split_statistics(model, images, keep_logits, rank, world, read=None):
 
 def stage_fid(config, run, dataset, samples, device, rank, world):
     """FID and IS of the samples against the training images (or --fid-stats;
-    ADM's for imagenet, whose FID takes 50 samples a class, 50,000 in all, as the
-    paper's); None, with a notice, when the Inception weights or the reference
-    statistics cannot be had."""
+    ADM's for imagenet, whose FID takes 50 samples a class, 50,000 in all, where the
+    official code draws 50,000 with uniform random labels); None, with a notice,
+    when the Inception weights or the reference statistics cannot be had."""
     path = os.path.join(run, FINAL["fid"])
     if not os.path.exists(path):
         try:
@@ -863,7 +864,7 @@ def bench(config, device, arch, size):
     diffusion = lambda arch: lambda compile, bf16: unet.training_rate(unet.DiffusionConfig(
         arch=arch, size=size, batch=diffusion_batch, compile=compile, bf16=bf16), steps=steps + 2)
     model = unet.make_diffusion("unet", size, 10, 32).to(device).eval()
-    heun = lambda compile, bf16: sample.heun_rate(model, 1 if not on_cuda else 100, device, bf16=bf16,
+    heun = lambda compile, bf16: sample.heun_rate(model, 1 if not on_cuda else 10, device, bf16=bf16,
                                                   steps=18 if on_cuda else 2)
     inception = fid.for_inference(fid.FIDInception(), device)
     images = torch.randint(0, 256, (100 if on_cuda else 8, 3, 32, 32), dtype=torch.uint8, device=device)
@@ -907,41 +908,48 @@ def bench(config, device, arch, size):
 
 def bench_rows(config, device, rows):
     """Print each row's rate with this run's compile and bf16 (as resolve() filled
-    them) beside eager fp32 where they apply, and its peak device memory; return the rates."""
+    them) beside eager fp32 where they apply, the seconds its training steps took to
+    warm up (compilation included; '-' where nothing compiles), and its peak device
+    memory; return the rates."""
     on_cuda, fast = device.type == "cuda", (config.compile, config.bf16)
 
     def measure(run, settings):
-        """(rate, peak device memory in GiB or None) of run(compile, bf16)."""
+        """(rate, warm-up seconds or None, peak device memory in GiB or None) of run(compile, bf16)."""
         if on_cuda:
             torch.cuda.reset_peak_memory_stats()
-        rate = run(*settings)
-        return rate, torch.cuda.max_memory_allocated() / 2 ** 30 if on_cuda else None
+        measured = run(*settings)
+        rate, warmup = measured if isinstance(measured, tuple) else (measured, None)  # training rows time warm-up
+        return rate, warmup, torch.cuda.max_memory_allocated() / 2 ** 30 if on_cuda else None
     print(f"{data.device_name(device)}: compile={fast[0]}, bf16={fast[1]}, beside eager fp32")
-    print(f"  {'stage':<40} {'rate':>10} {'eager fp32':>10} {'ratio':>6}  {'unit':<9} peak memory")
+    print(f"  {'stage':<40} {'rate':>10} {'eager fp32':>10} {'ratio':>6}  {'unit':<9} {'warm-up':>8}  peak memory")
     measured = []
     for name, run, unit, optimizable in rows:
-        rate, memory = measure(run, fast)
+        rate, warmup, memory = measure(run, fast)
         baseline = measure(run, (False, False))[0] if optimizable and fast != (False, False) else rate
         measured.append(rate)
         print(f"  {name:<40} {rate:>10,.1f} {baseline:>10,.1f} {rate / baseline:>5.2f}x  {unit:<9} "
-              f"{'-' if memory is None else f'{memory:.1f} GiB'}")
+              f"{'-' if warmup is None else f'{warmup:.1f} s':>8}  {'-' if memory is None else f'{memory:.1f} GiB'}",
+              flush=True)
     return measured
 
 
 def bench_latent(config, device):
     """The imagenet preset's rows, with its networks (random weights: speed needs
     no checkpoint): encoding (MSN and the autoencoder, an image and its mirror),
-    U-ViT training on latents, guided denoising and decoding, then the preset's
-    projected wall time on this device. A CPU runs a batch of 2 and 2 solver steps."""
+    U-ViT training on latents (on a GPU the preset's real step: its batch in its
+    micro-batches, the large U-ViT checkpointed, so its peak memory is the run's),
+    guided denoising and decoding, then the preset's projected wall time on this
+    device. A CPU runs a batch of 2 and 2 solver steps."""
     on_cuda = device.type == "cuda"
-    batch, steps = (64, 12) if on_cuda else (2, 3)
+    batch = 64 if on_cuda else 2
     side, latent = config.image_size, config.image_size // 8
     autoencoder = unet.AutoencoderKL(**unet.AUTOENCODER_SIZES[config.autoencoder_size]).to(device).eval()
     msn = fixmatch.MSNViT(fixmatch.msn_crop(side), **fixmatch.MSN_SIZES[config.msn_size]).to(device).eval()
     autoencoder.requires_grad_(False)
     msn.requires_grad_(False)
     images = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8)
-    latents = 0.5 * torch.randn(4096 if on_cuda else 64, unet.LATENT_CHANNELS, latent, latent)
+    latents = 0.5 * torch.randn(4096 if on_cuda else 64, unet.LATENT_CHANNELS, latent, latent).half()
+    step = dict(batch=config.diffusion_batch, micro_batch=config.diffusion_micro_batch) if on_cuda else dict(batch=2)
 
     def timed(work, count, repeats=2):
         work()  # warm-up (and compilation)
@@ -955,7 +963,7 @@ def bench_latent(config, device):
         return repeats * count / (time.perf_counter() - start)
     encoding = lambda compile, bf16: timed(lambda: encoder(autoencoder, msn, bf16)(images), batch)
     training = lambda compile, bf16: unet.training_rate(unet.DiffusionConfig(
-        arch="uvit", size=config.diffusion_size, batch=batch, augment=0.0, compile=compile, bf16=bf16), steps, latents)
+        arch="uvit", size=config.diffusion_size, **step, augment=0.0, compile=compile, bf16=bf16), 3, latents)
     model = unet.make_diffusion("uvit", config.diffusion_size, 1000, latent, unet.LATENT_CHANNELS).to(device).eval()
     model.requires_grad_(False)
     denoise = sample.guided(model, config.sample_guidance)
@@ -971,7 +979,7 @@ def bench_latent(config, device):
             return timed(lambda: unet.decode_latents(autoencoder, x), batch)
     rows = [(f"encoding {config.msn_size} + {config.autoencoder_size} at {side}, batch {batch}", encoding, "images/s",
              True),
-            (f"U-ViT {config.diffusion_size} training on {latent}x{latent} latents", training, "images/s", True),
+            (f"U-ViT {config.diffusion_size} training, batch {step['batch']}", training, "images/s", True),
             (f"guided U-ViT {config.diffusion_size} evaluation", evaluation, "images/s", True),
             (f"decoding {config.autoencoder_size} to {side}", decoding, "images/s", True)]
     encode, train, evaluate, decode = bench_rows(config, device, rows)

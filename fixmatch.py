@@ -348,12 +348,13 @@ def train(config, dataset, labeled_index, pseudo=None, progress=True):
     from tqdm import tqdm
     bar = tqdm(total=config.steps, initial=step, desc="fixmatch", disable=not progress or rank > 0, unit="step")
     model.train()
-    first_step, timer = step, None
+    first_step, timer, started = step, None, time.perf_counter()
     while step < config.steps:
         if step == first_step + 5:  # speed is timed after warm-up and compilation
             if on_cuda:
                 torch.cuda.synchronize()
             timer = time.perf_counter()
+            metrics["warmup_seconds"] = timer - started  # compilation happens in the first step
         for group in optimizer.param_groups:  # FixMatch's cosine decay, eq. in Sohn et al. 2020, sec. 3
             group["lr"] = config.lr * math.cos(config.lr_cosine * math.pi * step / config.steps)
         labeled_pick = sample_labeled(per_rank, real_count, len(labeled_x), config.real_fraction, device)
@@ -526,7 +527,7 @@ def load_msn(size, resolution=224, path=None, device="cpu"):
 
 def msn_subset(path, files, labels, per_class):
     """The indices of the labeled images that a subset file names, a file name a
-    line (MSN's imagenet_subsets1/1imgs_class.txt, which DPT uses): exactly
+    line (MSN's imagenet_subsets2/1imgs_class.txt, DPT's for one label a class): exactly
     per_class of every class, all among `files`."""
     with open(path) as file:
         names = [line.strip() for line in file if line.strip()]
@@ -631,22 +632,23 @@ def train_probe(features, labels, num_classes, lambd, test=None, device="cpu"):
 
 
 def training_rate(config, steps=35):
-    """Steps/s of config's network and batch on random images, augmentation
-    included, timed after 5 warm-up steps (in a temporary folder)."""
+    """(steps/s, seconds of the 5 warm-up steps, compilation included) of config's
+    network and batch on random images, augmentation included (in a temporary folder)."""
     fake = data.Dataset("random", torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8),
                         torch.randint(0, 10, (50_000,)), None, None, 10)
     with tempfile.TemporaryDirectory() as out:
         run = replace(config, out=out, steps=steps, eval_every=steps, ckpt_every=steps)
-        return train(run, fake, torch.arange(640), progress=False)[1]["steps_per_second"]
+        metrics = train(run, fake, torch.arange(640), progress=False)[1]
+    return metrics["steps_per_second"], metrics["warmup_seconds"]
 
 
 def benchmark(config):
     """Steps/s at --batch + 2 x --batch * --uratio (64 + 2 x 448 by default)."""
     _, _, device = data.distributed_setup()
-    rate = training_rate(config)
+    rate, warmup = training_rate(config)
     where = data.device_name(device)
     print(f"{config.arch}, batch {config.batch} + 2 x {config.batch * config.uratio}: "
-          f"{rate:.2f} steps/s ({where}, "
+          f"{rate:.2f} steps/s after {warmup:.1f} s of warm-up ({where}, "
           f"compile={data.on_cuda_unless_set(config.compile, device)}, "
           f"bf16={data.on_cuda_unless_set(config.bf16, device)})")
 

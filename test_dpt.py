@@ -48,14 +48,50 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-def run_script(*args, cwd=HERE, **environment):
-    """Run a script as a user would; a proxy on a closed local port makes any
-    download fail at once instead of reaching the network. Keyword arguments
-    set environment variables, or unset them when None."""
+# Which device a test means. Every test means the CPU, where a run and its
+# recomputation agree bit for bit, unless it asks for the `cuda` fixture: on a
+# machine with a GPU the rest of the suite hides it, from this process and from
+# the scripts it runs. The CUDA tests are skipped where there is no GPU.
+CUDA = torch.cuda.is_available()  # asked once, before anything hides the GPU
+SCRIPT_ENV = {"CUDA_VISIBLE_DEVICES": ""}  # what the scripts a test runs see, beside os.environ
+
+
+@pytest.fixture(scope="session", autouse=True)
+def the_cpu():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        yield
+
+
+@pytest.fixture
+def cuda(monkeypatch):
+    """The GPU, shown to this test and to the scripts it runs."""
+    if not CUDA:
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(SCRIPT_ENV, "CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return torch.device("cuda")
+
+
+def script_env(**environment):
+    """The environment of a script a test runs: the test's device, a proxy on a
+    closed local port that makes any download fail at once instead of reaching
+    the network, and `environment` (a variable None is unset)."""
     env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
-               HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", PYTHONPATH=HERE, **environment)
-    env = {key: value for key, value in env.items() if value is not None}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+               HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", PYTHONPATH=HERE,
+               **{**SCRIPT_ENV, **environment})
+    return {key: value for key, value in env.items() if value is not None}
+
+
+def run_script(*args, cwd=HERE, **environment):
+    """Run a script as a user would (script_env says with what)."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=script_env(**environment), capture_output=True,
+                          text=True, timeout=300)
+
+
+# Two processes, on a free port (two such tests at once would both take torchrun's default 29500);
+# gloo on the CPU, as the test's device is.
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 # Scripts run as subprocesses read a small shapes set from a file instead of drawing
@@ -534,9 +570,8 @@ def test_strong_view_uses_every_randaugment_op(monkeypatch):
     assert set(calls) == set(data.PIXEL_OPS)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_augmentations_run_on_the_batch_device():
-    x = random_images(512).cuda()
+def test_augmentations_run_on_the_batch_device(cuda):
+    x = random_images(512).to(cuda)
     for augment in (data.weak_augment, data.strong_augment):
         out = augment(x)
         assert out.is_cuda and out.dtype == torch.uint8 and out.shape == x.shape
@@ -859,7 +894,11 @@ def small_shapes():
     return data.Dataset("shapes", train_x, train_y, test_x, test_y, 10)
 
 
-def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path, small_shapes, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path, small_shapes, monkeypatch,
+                                                                           request, device):
+    if device == "cuda":
+        request.getfixturevalue("cuda")  # the GPU shown to this test (bf16 on, as a CUDA run has it)
     split = data.labeled_split(small_shapes.train_y, 2, seed=0)
     whole, _ = fixmatch.train(tiny_config(tmp_path / "whole", threshold="freematch", freematch_ema=0.5),
                               small_shapes, split, progress=False)
@@ -877,14 +916,24 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_pa
         fixmatch.train(tiny_config(tmp_path / "killed", threshold="freematch", freematch_ema=0.5),
                        small_shapes, split, progress=False)
     monkeypatch.setattr(data, "save_atomic", real_save)
-    assert torch.load(saves[0], weights_only=False)["step"] == 3
+    at_kill = torch.load(saves[0], weights_only=False)
+    assert at_kill["step"] == 3
     resumed, _ = fixmatch.train(tiny_config(tmp_path / "killed", threshold="freematch", freematch_ema=0.5),
                                 small_shapes, split, progress=False)
-    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
     thresholds = [torch.load(tmp_path / run / "ckpt.pt", weights_only=False)["freematch"]
                   for run in ("whole", "killed")]
-    assert all(torch.equal(thresholds[0][k], thresholds[1][k]) for k in thresholds[0])  # FreeMatch's state resumed too
+    if device == "cpu":  # bit for bit
+        for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+            assert torch.equal(a, b), name
+        assert all(torch.equal(thresholds[0][k], thresholds[1][k]) for k in thresholds[0])  # FreeMatch's state too
+        return
+    # CUDA's atomic adds sum in any order, so the two runs part by rounding: far less than
+    # the last three steps moved the weights (other batches from step 4 on would part them by as much).
+    distance = lambda a, b: math.sqrt(sum((a[k].cpu().double() - b[k].cpu().double()).square().sum().item()
+                                          for k in a if a[k].is_floating_point()))
+    whole, resumed = whole.state_dict(), resumed.state_dict()
+    assert distance(whole, resumed) < 0.05 * distance(whole, at_kill["ema"])
+    assert distance(thresholds[0], thresholds[1]) < 0.05 * distance(thresholds[0], at_kill["freematch"])
 
 
 def test_weight_decay_reaches_convolution_and_linear_weights_but_not_bn_or_biases():
@@ -1031,7 +1080,7 @@ data.run_main(fixmatch.main)
 
 
 def test_two_processes_under_torchrun_train_write_one_set_of_files_and_resume_each_its_own_stream(tmp_path):
-    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    torchrun = TORCHRUN
     args = ["--dataset", SHAPES_FILE, "--labels", "2", "--arch", "small", "--steps", "4", "--batch", "8", "--uratio",
             "2", "--eval-every", "4", "--ckpt-every", "2", "--threshold", "freematch"]
     result = run_script(*torchrun, "fixmatch.py", *args, "--out", str(tmp_path / "whole"))
@@ -1941,7 +1990,7 @@ def test_a_latents_flip_is_its_mirror_images_latent_drawn_half_the_time(tmp_path
 
 
 def test_two_processes_under_torchrun_train_the_diffusion_model_and_write_one_set_of_files(tmp_path):
-    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "unet.py", "--dataset", SHAPES_FILE,
+    result = run_script(*TORCHRUN, "unet.py", "--dataset", SHAPES_FILE,
                         "--size", "tiny", "--images", "16", "--batch", "8", "--ckpt-every", "8",
                         "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -2175,6 +2224,22 @@ def test_generate_gives_k_uint8_images_per_class_in_class_order_with_int64_label
     assert (means[:3] < 128).all() and (means[3:] > 128).all()  # class 0 is darker (-0.7) than class 1 (0.3)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_bf16_sampling_stays_within_a_few_levels_of_float32(request, device):
+    device = request.getfixturevalue("cuda") if device == "cuda" else torch.device("cpu")
+    torch.manual_seed(0)
+    model = unet.make_diffusion("unet", "tiny", 10, 16)
+    with torch.no_grad():  # EDM's near-zero last layers moved off zero: an output that depends on its input
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model = model.to(device).eval()
+    images = {bf16: sample.generate(model, 4, steps=10, device=device, bf16=bf16, progress=False)[0]
+              for bf16 in (False, True)}
+    difference = (images[True].float() - images[False].float()).abs()
+    assert images[False].float().std() > 30  # images with something in them to compare
+    assert 0 < difference.mean() < 1.5 and difference.max() <= 24, (difference.mean(), difference.max())
+
+
 def test_generate_images_depend_on_the_seed_but_not_on_the_batch_size():
     model = GaussianClasses()
     one, _ = sample.generate(model, 5, "heun", 5, seed=1, batch=10, progress=False)
@@ -2345,9 +2410,12 @@ def test_bench_prints_every_stage_beside_eager_fp32_and_the_presets_projected_ti
     rows = {name: line for name in ("augmentation", "FixMatch wrn28_2", "U-Net tiny training", "U-ViT tiny training",
                                     "Heun, 35 evaluations", "FID features") for line in lines if name in line}
     assert len(rows) == 6, result.stdout
-    for line in rows.values():  # rate, eager fp32 rate, ratio: on a CPU both are eager fp32
-        rate, eager, ratio = re.search(r"([\d,.]+)\s+([\d,.]+)\s+([\d.]+)x", line).groups()
+    for name, line in rows.items():  # rate, eager fp32 rate, ratio (on a CPU both are eager fp32), warm-up
+        rate, eager, ratio, warmup = re.search(r"([\d,.]+)\s+([\d,.]+)\s+([\d.]+)x\s+\S+\s+(-|[\d.]+ s)\s",
+                                               line).groups()
         assert float(rate.replace(",", "")) > 0 and rate == eager and ratio == "1.00", line
+        trains = name in ("FixMatch wrn28_2", "U-Net tiny training", "U-ViT tiny training")
+        assert (warmup != "-" and float(warmup[:-2]) > 0) if trains else warmup == "-", line
     for preset in ("fast", "cifar"):
         line = next(line for line in lines if line.startswith(f"{preset} preset here:"))
         total, *stages = (float(hours.replace(",", "")) for hours in re.findall(r"([\d,.]+) h", line))
@@ -2368,6 +2436,21 @@ def quick_run(tmp_path_factory, fid_weights):
     result = run_script("dpt.py", *QUICK, "--baseline", "--out", str(out), "--fid-weights", fid_weights)
     assert result.returncode == 0, result.stderr[-3000:]
     return result, out / "shapes-1l-s0"
+
+
+def test_on_the_gpu_the_whole_pipeline_compiled_in_bf16_reaches_report_html(cuda, tmp_path, fid_weights):
+    result = run_script("dpt.py", *QUICK, "--baseline", "--compile", "--bf16", "--out", str(tmp_path),
+                        "--fid-weights", fid_weights)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "shapes-1l-s0"
+    results = json.loads((run / "results.json").read_text())
+    assert results["config"]["compile"] and results["config"]["bf16"]
+    assert results["device"] == torch.cuda.get_device_name()
+    for key in ("stage1_accuracy", "stage3_accuracy", "fid", "sample_accuracy", "oracle_sample_accuracy"):
+        assert isinstance(results[key], float) and math.isfinite(results[key]), key
+    samples = torch.load(run / "samples.pt", weights_only=True)
+    assert samples["images"].shape == (30, 3, 32, 32) and samples["images"].float().std() > 10
+    assert_summary_shows((run / "report.html").read_text(), results)
 
 
 def test_the_pipeline_leaves_every_artifact_with_its_documented_shape(quick_run):
@@ -2789,7 +2872,7 @@ def test_redo_stage1_drops_the_old_baseline_from_timings_and_report_and_advice_n
 
 def start_run(*args, stderr=subprocess.DEVNULL):
     """dpt.py in the background, as a user would start it in a terminal."""
-    env = dict(os.environ, DPT_FID_WEIGHTS="/missing", PYTHONPATH=HERE)
+    env = script_env(DPT_FID_WEIGHTS="/missing")
     return subprocess.Popen([sys.executable, "dpt.py", *args], cwd=HERE, env=env, stdout=subprocess.DEVNULL,
                             stderr=stderr)
 
@@ -3034,7 +3117,8 @@ BAD_SETTINGS = {
     "ssl_arch": "vgg", "ssl_steps": "0", "stage3_steps": "0", "ssl_batch": "0", "ssl_uratio": "0", "ssl_lr": "0",
     "ssl_ema": "1", "ssl_threshold": "adaptive", "ssl_tau": "1.5", "stage3_real_fraction": "2",
     "ssl_eval_every": "0", "diffusion_arch": "resnet", "diffusion_size": "gigantic", "diffusion_images": "0",
-    "diffusion_batch": "0", "diffusion_micro_batch": "-1", "diffusion_lr": "-1", "diffusion_warmup": "-1", "diffusion_ema_halflife": "-1",
+    "diffusion_batch": "0", "diffusion_micro_batch": "-1", "diffusion_lr": "-1", "diffusion_warmup": "-1",
+    "diffusion_ema_halflife": "-1",
     "diffusion_p_mean": "nan", "diffusion_label_dropout": "1", "diffusion_augment": "1.5",
     "sample_per_class": "0", "sample_solver": "ddim", "sample_steps": "1", "sample_guidance": "-1",
     "fid_reference": "-1", "seeds": "3-1", "ssl_lr_cosine": "0.7", "ssl_precise_bn": "-1",
@@ -3227,7 +3311,7 @@ def test_a_run_that_fills_a_real_disk_stops_in_one_line_and_resumes_once_space_i
 
 
 def test_two_processes_under_torchrun_run_every_stage_and_write_one_set_of_artifacts(tmp_path, fid_weights):
-    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "dpt.py", *QUICK,
+    result = run_script(*TORCHRUN, "dpt.py", *QUICK,
                         "--ssl-batch", "8", "--diffusion-images", "128", "--out", str(tmp_path),
                         "--fid-weights", fid_weights)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -3396,7 +3480,7 @@ def test_imagenet_fid_takes_50_samples_a_class_against_reference_statistics_and_
 
 def test_the_imagenet_preset_under_torchrun_encodes_and_fits_as_one_process_does(imagenet_run, tmp_path):
     root, reference = imagenet_run
-    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "dpt.py",
+    result = run_script(*TORCHRUN, "dpt.py",
                         *imagenet_command(root, "--out", str(tmp_path)), DPT_FID_WEIGHTS="/missing")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("stage 3: with generated images") == 1  # one rank reports
@@ -3447,10 +3531,11 @@ def test_the_imagenet_preset_refuses_bad_input_in_one_line_before_any_work(tmp_p
     assert not (tmp_path / "runs").exists()  # nothing written
 
 
-# DPT's official ImageNet 256x256 code (ML-GSAI/DPT, on U-ViT's): U-ViT-L/2 on SD latents, batch
-# 1024 for 300k steps, AdamW lr 2e-4 after 5k warm-up steps, EMA 0.9999 a step, label dropout
-# 0.15; DPM-Solver 50 steps at scale 0.4 (ours 1 + 0.4), 128 images a class; MSN ViT-L/7 for one
-# label a class and ViT-B/4 for more, the probe's lambda 0.0025 / N; latents of 256x256 crops.
+# DPT's official ImageNet 256x256 code for U-ViT-L/2 (ML-GSAI/DPT's accelerate_*_large.py configs, on
+# U-ViT's train_ldm.py): SD latents, batch 1024 for 300k steps, AdamW lr 2e-4 after 5k warm-up steps,
+# EMA 0.9999 a step, label dropout 0.15; 50 evaluations of DPM-Solver at scale 0.4 (ours 1 + 0.4), 128
+# images a class; MSN ViT-L/7 for one label a class and ViT-B/4 for two (no config for more), the
+# probe's lambda 0.0025 / N; latents of 256x256 crops, MSN's features of their 224x224 centres.
 PAPER_IMAGENET = {
     "diffusion": dict(arch="uvit", size="large", batch=1024, images=300_000 * 1024, lr=2e-4,
                       warmup=5_000 * 1024, label_dropout=0.15, augment=0.0),
@@ -3458,7 +3543,7 @@ PAPER_IMAGENET = {
     "dpt": dict(image_size=256, autoencoder_size="sd", probe_lambda=0.0025)}
 
 
-def test_the_imagenet_preset_gives_each_stage_the_papers_recipe():
+def test_the_imagenet_preset_gives_each_stage_the_official_u_vit_l2_recipe(monkeypatch):
     for labels, msn in ((1, "vitl7"), (2, "vitb4"), (5, "vitb4")):
         config = dpt.DPTConfig(dataset="imagenet", preset="imagenet", labels=labels)
         dpt.resolve(config)
@@ -3467,7 +3552,24 @@ def test_the_imagenet_preset_gives_each_stage_the_papers_recipe():
     for settings, recipe in ((diffusion, "diffusion"), (sampling, "sample"), (config, "dpt")):
         assert {k: getattr(settings, k) for k in PAPER_IMAGENET[recipe]} == PAPER_IMAGENET[recipe], recipe
     assert 0.5 ** (diffusion.batch / diffusion.ema_halflife) == pytest.approx(0.9999, abs=1e-9)  # a step's EMA
-    assert (unet.SIZES["uvit"]["large"]["width"], unet.SIZES["uvit"]["large"]["depth"]) == (1024, 20)
+    large = unet.SIZES["uvit"]["large"]
+    assert (large["width"], large["depth"], large["heads"], large["patch"]) == (1024, 20, 16, 2)
+    assert fixmatch.msn_crop(256) == 224  # MSN's Resize(256), CenterCrop(224)
+    # SD's latent scale: the posterior's mean times 0.18215 (then EDM's sigma_data 0.5)
+    stub = torch.nn.Linear(1, 1)
+    stub.encode = lambda x: (x[:, :1, ::8, ::8] + 2, None)  # a mean that a wrong scale would show
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    latents, mirrored = unet.encode_latents(stub, images)
+    x = images.float() / 127.5 - 1
+    torch.testing.assert_close(latents.float(), ((x[:, :1, ::8, ::8] + 2) * 0.18215 * 0.5).half().float())
+    torch.testing.assert_close(mirrored.float(), ((x.flip(3)[:, :1, ::8, ::8] + 2) * 0.18215 * 0.5).half().float())
+    # the probe's penalty: lambda / N, N the images it is fit on (cyanure's mean loss + lambda/2 |W|^2)
+    penalties = []
+    monkeypatch.setattr(fixmatch, "fit_probe", lambda features, labels, classes, lambd: penalties.append(lambd) or
+                        torch.zeros(classes, features.shape[1] + 1, dtype=torch.float64))
+    for count in (10, 40):
+        fixmatch.train_probe(torch.randn(count, 6), torch.arange(count) % 2, 2, config.probe_lambda)
+    assert penalties == [pytest.approx(0.0025 / 10), pytest.approx(0.0025 / 40)]
 
 
 @pytest.mark.parametrize("damaged", ["encoded.pt", "stage1/probe.pt", "oracle.pt"])
@@ -3505,6 +3607,6 @@ def test_the_imagenet_bench_times_each_stage_and_projects_the_preset():
     result = run_script("dpt.py", "--bench", "--preset", "imagenet", "--autoencoder-size", "tiny", "--msn-size", "tiny",
                         "--image-size", "64", "--diffusion-size", "tiny", OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stderr[-3000:]
-    for words in ("encoding tiny + tiny at 64", "U-ViT tiny training on 8x8 latents", "decoding tiny to 64",
+    for words in ("encoding tiny + tiny at 64", "U-ViT tiny training, batch 2", "decoding tiny to 64",
                   "sampling with decoding, 50 DPM-Solver++ steps", "imagenet preset here"):
         assert words in result.stdout, (words, result.stdout)

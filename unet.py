@@ -90,7 +90,8 @@ SIZES = {
         "fast":  dict(width=384, depth=9,  heads=6, patch=2, dropout=0.0),
         "cifar": dict(width=512, depth=13, heads=8, patch=2, dropout=0.0),
         # On Stable Diffusion's 4 x 32 x 32 latents of 256 x 256 images (the imagenet preset):
-        # U-ViT-L/2 (DPT's one and two labels per class) and U-ViT-H/2 (Bao et al. 2023, Table 1).
+        # U-ViT-L/2 (DPT's configs for one and two labels per class) and U-ViT-H/2 (Bao et al. 2023,
+        # Table 1; DPT's second config for two labels, whose U-ViT drops the last 3x3 convolution, ours keeps it).
         "large": dict(width=1024, depth=20, heads=16, patch=2, dropout=0.0, checkpoint=True),
         "huge":  dict(width=1152, depth=28, heads=16, patch=2, dropout=0.0, checkpoint=True),
     },
@@ -754,12 +755,13 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
     bar = tqdm(total=config.images, initial=images_seen, desc="diffusion", disable=not progress or rank > 0,
                unit="img", unit_scale=True)
     model.train()
-    step, timer, loss_sum, loss_steps = 0, None, torch.zeros((), device=device), 0
+    step, timer, loss_sum, loss_steps, started = 0, None, torch.zeros((), device=device), 0, time.perf_counter()
     while images_seen < config.images:
         if step == timed_from:
             if on_cuda:
                 torch.cuda.synchronize()
             timer, timed_images = time.perf_counter(), images_seen
+            metrics["warmup_seconds"] = timer - started  # compilation happens in the first step
         for group in optimizer.param_groups:  # EDM's linear warm-up
             group["lr"] = config.lr * min(images_seen / max(config.warmup, 1e-8), 1)
         pick = torch.randint(len(images), (share,), device=images.device)
@@ -849,15 +851,16 @@ def flops_per_image(model):
 
 
 def training_rate(config, steps=12, images=None):
-    """Training images/s of config's network at config.batch on `images` (random
-    32x32 pixels unless given, e.g. latents) of 10 classes, timed after the
-    warm-up steps (in a temporary folder)."""
+    """(training images/s, seconds of the warm-up steps, compilation included) of
+    config's network at config.batch on `images` (random 32x32 pixels unless given,
+    e.g. latents) of 10 classes (in a temporary folder)."""
     images = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8) if images is None else images
     labels = torch.randint(0, 10, (len(images),))
     with tempfile.TemporaryDirectory() as out:
         run = replace(config, out=out, images=config.batch * steps, warmup=config.batch,
                       ckpt_every=config.batch * steps)
-        return train(run, images, labels, 10, progress=False)[1]["images_per_second"]
+        metrics = train(run, images, labels, 10, progress=False)[1]
+    return metrics["images_per_second"], metrics["warmup_seconds"]
 
 
 def flop_utilisation(model, rate, device):
@@ -876,10 +879,11 @@ def benchmark(config, steps=12):
     name = data.device_name(device)
     for size in PIXEL_SIZES:
         model = make_diffusion(config.arch, size, 10, 32)
-        rate = training_rate(replace(config, size=size, batch=batch), steps)
+        rate, warmup = training_rate(replace(config, size=size, batch=batch), steps)
         mfu = flop_utilisation(model, rate, device)
         print(f"{config.arch} {size}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"{flops_per_image(model) / 1e9:.2f} GFLOP/image forward, batch {batch}: {rate:,.1f} images/s"
+              f"{flops_per_image(model) / 1e9:.2f} GFLOP/image forward, batch {batch}: {rate:,.1f} images/s "
+              f"after {warmup:.1f} s of warm-up"
               f"{'' if mfu is None else f', MFU {100 * mfu:.1f}%'} ({name}, "
               f"compile={data.on_cuda_unless_set(config.compile, device)}, "
               f"bf16={data.on_cuda_unless_set(config.bf16, device)})")

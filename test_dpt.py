@@ -2297,7 +2297,7 @@ def test_generate_under_several_processes_gives_every_process_all_images_in_orde
         shares[len(outputs) - 1 - len(shares)] = tensor.clone()
         for rank, output in shares.items():
             outputs[rank].copy_(output)
-    monkeypatch.setattr(sample.dist, "all_gather", all_gather)
+    monkeypatch.setattr(data.dist, "all_gather", all_gather)
     for rank in reversed(range(world)):
         gathered, labels = sample.generate(model, 5, "euler", 3, rank=rank, world=world, progress=False)
     assert torch.equal(gathered, alone) and labels.tolist() == [0] * 5 + [1] * 5

@@ -48,6 +48,7 @@ class Dataset:
     classes: tuple = ()          # class names, where the source has them
     train_files: tuple = ()      # a folder in ImageNet's layout: its image files (train_x and test_x None)
     test_files: tuple = ()
+    root: str = ""               # ... and the folder itself, which names its files (file_records)
 
 
 TORCHVISION_DATASETS = ("cifar10", "cifar100", "svhn")
@@ -365,7 +366,7 @@ def load_folder(root):
     has_val = os.path.isdir(os.path.join(root, "val"))
     test_files, test_y = image_folder(root, "val", classes)[:2] if has_val else ((), None)
     return Dataset(os.path.basename(os.path.normpath(root)), None, train_y, None, test_y, len(classes), classes,
-                   tuple(train_files), tuple(test_files))
+                   tuple(train_files), tuple(test_files), root)
 
 
 def adm_center_crop(image, side):
@@ -384,22 +385,54 @@ def adm_center_crop(image, side):
     return pixels[:, top:top + side, left:left + side]
 
 
-def encode_files(paths, read, encode, folder, chunk=10_000, batch=256, progress=True, workers=0, rank=0, world=1):
+def file_records(paths, root):
+    """Each file as (its path under root, size in bytes, modification time in ns):
+    what tells that a file changed without reading it. The encoding pass keeps
+    them with what it encoded, and a rerun compares them with the folder's."""
+    return [(os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns) for path, stat in
+            zip(paths, map(os.stat, paths))]
+
+
+def folder_changes(before, after, few=3):
+    """What turned file_records `before` into `after`, in words, a few examples
+    each: files added, removed, moved (the same name, size and time elsewhere)
+    and changed; "" when nothing did."""
+    old, new = ({path: (size, time) for path, size, time in records} for records in (before, after))
+    removed, added = [path for path in old if path not in new], [path for path in new if path not in old]
+    left = {(os.path.basename(path), old[path]): path for path in removed}
+    moved = [(left.pop((os.path.basename(path), new[path])), path) for path in added
+             if (os.path.basename(path), new[path]) in left]
+    removed, added = list(left.values()), [path for path in added if path not in {to for _, to in moved}]
+    changed = [path for path in old if path in new and old[path] != new[path]]
+    kinds = [("added", added), ("removed", removed), ("moved", [f"{a} to {b}" for a, b in moved]),
+             ("changed", changed)]
+    return "; ".join(f"{len(paths)} {kind} ({', '.join(paths[:few])}{', ...' * (len(paths) > few)})"
+                     for kind, paths in kinds if paths)
+
+
+def encode_files(paths, read, encode, folder, chunk=10_000, batch=256, progress=True, workers=0, rank=0, world=1,
+                 records=None):
     """{name: tensor [len(paths), ...]} of encode(read(images)) for every file,
     computed batch by batch and saved in chunks of `chunk` files
     (folder/chunk-00000.pt, ...): a killed pass keeps every finished chunk and
     the same call resumes at the first missing one. read(path) -> a tensor, in
     `workers` processes (JPEG decoding is the CPU's work); encode(stacked
-    tensors) -> {name: tensor}, moved to the CPU here. Process `rank` of `world`
-    encodes chunks rank, rank + world, ...; rank 0 returns the whole, the others None."""
+    tensors) -> {name: tensor}, moved to the CPU here. Given the files' records
+    (file_records), a chunk keeps its files' and is encoded again when they
+    changed, and the whole comes back with them under "files". Process `rank` of
+    `world` encodes chunks rank, rank + world, ...; rank 0 returns the whole, the others None."""
     from tqdm import tqdm
     starts = range(0, len(paths), chunk)
     names = [os.path.join(folder, f"chunk-{i // chunk:05d}.pt") for i in starts]
-    done = sum(chunk for name in names if os.path.exists(name))
-    bar = tqdm(total=len(paths), initial=min(done, len(paths)), desc="encoding", unit="img",
+    current = [os.path.exists(name) and (records is None or torch.load(name, mmap=True, weights_only=True).get(
+        "files") == records[start:start + chunk]) for start, name in zip(starts, names)]
+    if rank == 0 and progress and not all(current) and any(map(os.path.exists, names)):
+        print(f"encoding {sum(not done for done in current)} chunks of {chunk:,} files, {folder}: "
+              "those whose files changed since they were encoded again", file=sys.stderr)
+    bar = tqdm(total=len(paths), initial=min(chunk * sum(current), len(paths)), desc="encoding", unit="img",
                disable=not progress or rank > 0)
     for index, (start, name) in enumerate(zip(starts, names)):
-        if os.path.exists(name) or index % world != rank:
+        if current[index] or index % world != rank:
             continue
         parts = []
         loader = torch.utils.data.DataLoader(paths[start:start + chunk], batch_size=batch, num_workers=workers,
@@ -407,14 +440,16 @@ def encode_files(paths, read, encode, folder, chunk=10_000, batch=256, progress=
         for images in loader:
             parts.append({key: value.cpu() for key, value in encode(images).items()})
             bar.update(len(images))
-        save_atomic({key: torch.cat([part[key] for part in parts]) for key in parts[0]}, name)
+        encoded = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+        save_atomic(encoded if records is None else {**encoded, "files": records[start:start + chunk]}, name)
     bar.close()
     if dist.is_initialized():
         dist.barrier()  # every rank's chunks are written
     if rank > 0:
         return None
     chunks = [torch.load(name, map_location="cpu", weights_only=True) for name in names]
-    return {key: torch.cat([part[key] for part in chunks]) for key in chunks[0]}
+    whole = {key: torch.cat([part[key] for part in chunks]) for key in chunks[0] if key != "files"}
+    return whole if records is None else {**whole, "files": records}
 
 
 # -----------------------------------------------------------------------------

@@ -645,6 +645,8 @@ def stage_encode(config, run, dataset, device):
     feature: each file read once, in resumable chunks (encoded/) shared out among
     the processes, then encoded.pt."""
     path = os.path.join(run, FINAL["encode"])
+    records = {split: data.file_records(files, dataset.root) for split, files in
+               (("train", dataset.train_files), ("test", dataset.test_files))}  # what each encoding comes from
     if not os.path.exists(path):
         rank, world = dist_rank(), dist.get_world_size() if dist.is_initialized() else 1
         encode = encoder(unet.load_autoencoder(config.autoencoder, config.autoencoder_size, device),
@@ -652,14 +654,21 @@ def stage_encode(config, run, dataset, device):
         read = lambda file: read_image(config, file)
         workers = min(16, os.cpu_count() or 1) if device.type == "cuda" else 0  # JPEG decoding keeps a GPU fed
         folder = os.path.join(run, "encoded")
-        passes = [("train", dataset.train_files, encode), ("val", dataset.test_files, lambda x: encode(x, False))]
-        train, test = (data.encode_files(files, read, how, os.path.join(folder, name), workers=workers, rank=rank,
-                                         world=world) if files else None for name, files, how in passes)
+        passes = [("train", dataset.train_files, encode), ("test", dataset.test_files, lambda x: encode(x, False))]
+        train, test = (data.encode_files(files, read, how, os.path.join(folder, split), workers=workers, rank=rank,
+                                         world=world, records=records[split]) if files else None
+                       for split, files, how in passes)
         if rank == 0:
             data.save_atomic({"train": train, "test": test}, path)
             shutil.rmtree(folder)
     barrier()
-    return data.read_artifact(path, "encode", mmap=True)
+    encoded = data.read_artifact(path, "encode", mmap=True)
+    changes = "; ".join(f"{split}: {changed}" for split in records if (changed := data.folder_changes(
+        (encoded[split] or {}).get("files", []), records[split])))
+    if changes:  # never latents or features of other files than the folder's
+        raise data.UserError(f"{dataset.root} changed since {run} encoded it ({changes}); add --redo encode to "
+                             "encode it again, or put the files back")
+    return encoded
 
 
 def stage_probe(config, path, redo, dataset, encoded, index, device, generated=None):

@@ -362,6 +362,31 @@ def test_the_encoding_pass_resumes_at_its_first_missing_chunk_with_the_same_resu
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)
 
 
+def test_a_chunk_whose_files_changed_is_encoded_again_and_the_rest_kept(tmp_path, monkeypatch):
+    paths, read, read_files = logged_reader(tmp_path)
+    encode = lambda images: {"mean": images.float().mean((1, 2, 3))}
+    root = str(tmp_path / "images")
+    records = data.file_records(paths, root)
+    data.encode_files(paths, read, encode, str(tmp_path / "chunks"), chunk=6, progress=False, records=records)
+    Image.new("RGB", (40, 30), (250, 0, 0)).save(paths[7])  # an image of the second chunk rewritten
+    os.utime(paths[7], ns=(1, 1))
+    records = data.file_records(paths, root)
+    assert data.folder_changes(records, records) == ""
+    read_files.clear()
+    again = data.encode_files(paths, read, encode, str(tmp_path / "chunks"), chunk=6, progress=False,
+                              records=records)
+    assert read_files == paths[6:12]  # that chunk alone
+    clean = data.encode_files(paths, read, encode, str(tmp_path / "clean"), chunk=6, progress=False)
+    assert torch.equal(again["mean"], clean["mean"]) and again["files"] == records
+
+
+def test_folder_changes_name_what_was_added_removed_moved_and_changed():
+    before = [("train/a/1.JPEG", 10, 1), ("train/a/2.JPEG", 20, 2), ("train/b/3.JPEG", 30, 3), ("val/a/4.JPEG", 40, 4)]
+    after = [("train/a/1.JPEG", 11, 1), ("train/b/2.JPEG", 20, 2), ("train/b/5.JPEG", 50, 5)]
+    assert data.folder_changes(before, after) == ("1 added (train/b/5.JPEG); 2 removed (train/b/3.JPEG, val/a/4.JPEG); "
+                                                  "1 moved (train/a/2.JPEG to train/b/2.JPEG); 1 changed (train/a/1.JPEG)")
+
+
 def test_the_encoding_pass_shares_its_chunks_among_processes_and_rank_0_returns_them_all(tmp_path):
     paths, read, read_files = logged_reader(tmp_path)
     encode = lambda images: {"mean": images.float().mean((1, 2, 3))}
@@ -3627,6 +3652,33 @@ def test_a_damaged_imagenet_artifact_is_one_line_whose_advice_followed_literally
     finished = run_script("dpt.py", *command, "--redo", redo, DPT_FID_WEIGHTS="/missing")
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert (run / "results.json").exists() and ("encoding" in finished.stderr) == (damaged == "encoded.pt")
+
+
+@pytest.mark.parametrize("change", ["a training image moved to another class", "a val image removed"])
+def test_a_folder_changed_under_its_encodings_is_refused_and_the_advised_redo_encodes_it_again(
+        imagenet_run, tmp_path, change):
+    root, reference = imagenet_run
+    shutil.copytree(root / "folder", tmp_path / "folder")
+    shutil.copytree(reference, tmp_path / "out" / "folder-1l-s0")
+    command = [*imagenet_command(root, "--out", str(tmp_path / "out"))]
+    command[command.index("--dataset") + 1] = str(tmp_path / "folder")
+    folder = tmp_path / "folder"
+    if change == "a val image removed":
+        os.remove(folder / "val" / "n0b" / "n0b_1.JPEG")
+        words = "1 removed (val/n0b/n0b_1.JPEG)"
+    else:
+        shutil.move(folder / "train" / "n0a" / "n0a_3.JPEG", folder / "train" / "n0c" / "n0a_3.JPEG")
+        words = "1 moved (train/n0a/n0a_3.JPEG to train/n0c/n0a_3.JPEG)"
+    refused = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    assert_one_line_error(refused, words, "--redo encode")
+    finished = run_script("dpt.py", *command, "--redo", "encode", DPT_FID_WEIGHTS="/missing")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    run = tmp_path / "out" / "folder-1l-s0"
+    encoded = torch.load(run / "encoded.pt", weights_only=True)
+    dataset = data.load_dataset(str(folder), folders=True)
+    assert encoded["train"]["files"] == data.file_records(dataset.train_files, str(folder))
+    assert len(encoded["test"]["features"]) == len(dataset.test_files)
+    assert (run / "results.json").exists()
 
 
 def test_a_label_subset_file_names_the_labeled_images_as_msns_do(tmp_path):

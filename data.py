@@ -27,6 +27,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -331,25 +332,42 @@ def write_glyphs(path, train=20_000, test=2_000):
 # too large to hold as pixels, so every image is read from its file once, by
 # encode_files, into what the stages need (latents and features), chunk by chunk.
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")  # ImageFolder's
+
+
+def class_images(folder):
+    """The image files under a class folder at any depth, sorted, as torchvision's
+    ImageFolder finds them; a name starting with a dot (macOS's ._name.JPEG,
+    .ipynb_checkpoints) is never an image or a folder of them."""
+    found = []
+    for parent, folders, files in os.walk(folder, followlinks=True):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found += [os.path.join(parent, name) for name in files
+                  if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)]
+    return sorted(found)
 
 
 def image_folder(root, split, classes=None):
-    """(paths, labels int64, class names) of root/split/CLASS/*, the classes sorted
+    """(paths, labels int64, class names) of root/split/CLASS/**, the classes sorted
     by name, as torchvision's ImageFolder (ImageNet's wnids in their usual order);
-    given `classes` (the training split's), a class folder's label is its place there."""
+    given `classes` (the training split's), a class folder's label is its place there.
+    A training class folder without images is refused: it would be a class nothing teaches."""
     folder = os.path.join(root, split)
-    found = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()) if os.path.isdir(folder) else []
+    found = sorted(entry.name for entry in os.scandir(folder)
+                   if entry.is_dir() and not entry.name.startswith(".")) if os.path.isdir(folder) else []
     unknown = sorted(set(found) - set(classes or found))
     if unknown:
         raise UserError(f"{folder} holds classes the training images lack ({', '.join(unknown[:3])}); "
                         "remove them, or give their training images")
-    classes = tuple(classes or found)
     paths, labels = [], []
     for name in found:
-        files = sorted(f for f in os.listdir(os.path.join(folder, name)) if f.lower().endswith(IMAGE_SUFFIXES))
-        paths += [os.path.join(folder, name, f) for f in files]
-        labels += [classes.index(name)] * len(files)
+        files = class_images(os.path.join(folder, name))
+        if not files and classes is None:
+            raise UserError(f"{os.path.join(folder, name)} holds no image ({', '.join(IMAGE_SUFFIXES)}); remove "
+                            "the folder, or put its class's images in it")
+        paths += files
+        labels += [(classes or found).index(name)] * len(files)
+    classes = tuple(classes or found)
     if not paths:
         raise UserError(f"{folder} holds no images in class folders; give a folder in ImageNet's layout "
                         f"({root}/{split}/CLASS/*.JPEG)")
@@ -364,6 +382,9 @@ def load_folder(root):
                         f"{root}/train/CLASS/*.JPEG (and {root}/val/CLASS/*.JPEG), or give another folder")
     train_files, train_y, classes = image_folder(root, "train")
     has_val = os.path.isdir(os.path.join(root, "val"))
+    if not has_val and int(os.environ.get("RANK", 0)) == 0:
+        print(f"{root} has no val/ folder: no accuracy can be measured (put images in {root}/val/CLASS/ for it)",
+              file=sys.stderr)
     test_files, test_y = image_folder(root, "val", classes)[:2] if has_val else ((), None)
     return Dataset(os.path.basename(os.path.normpath(root)), None, train_y, None, test_y, len(classes), classes,
                    tuple(train_files), tuple(test_files), root)
@@ -375,6 +396,8 @@ def adm_center_crop(image, side):
     side is at least twice `side`, resize (bicubic) to a short side of `side`, then
     crop the centre. A PIL image in, uint8 [3, side, side] out."""
     from PIL import Image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grayscale: scaled to 8 bits, where RGB clips
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
     image = image.convert("RGB")
     while min(image.size) >= 2 * side:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
@@ -385,12 +408,44 @@ def adm_center_crop(image, side):
     return pixels[:, top:top + side, left:left + side]
 
 
+def read_batch(read, files):
+    """The images read(file) of `files` stacked, or the first file that cannot be
+    read, named in words (a worker process's exception would reach the user as its
+    traceback, without the file)."""
+    images = []
+    for file in files:
+        try:
+            images.append(read(file))
+        except Exception as error:
+            return f"{file} cannot be read ({type(error).__name__}: {first_line(error)})"
+    return torch.stack(images)
+
+
+def unreadable_images(paths, threads=16, few=3):
+    """One line naming the files among `paths` that PIL cannot open (their header
+    read, not decoded: cheap, in threads), a few and their count; "" when none."""
+    from concurrent.futures import ThreadPoolExecutor
+    from PIL import Image
+
+    def problem(path):
+        try:
+            with Image.open(path) as image:
+                image.size
+        except Exception as error:
+            return f"{path} ({type(error).__name__})"
+    with ThreadPoolExecutor(threads) as pool:
+        bad = [found for found in pool.map(problem, paths) if found]
+    if not bad:
+        return ""
+    return f"{len(bad)} of {len(paths):,} images cannot be opened: {', '.join(bad[:few])}{', ...' * (len(bad) > few)}"
+
+
 def file_records(paths, root):
     """Each file as (its path under root, size in bytes, modification time in ns):
     what tells that a file changed without reading it. The encoding pass keeps
     them with what it encoded, and a rerun compares them with the folder's."""
-    return [(os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns) for path, stat in
-            zip(paths, map(os.stat, paths))]
+    stat = lambda path: os.stat(path) if os.path.exists(path) else os.lstat(path)  # a broken link: a changed file
+    return [(os.path.relpath(path, root), stat(path).st_size, stat(path).st_mtime_ns) for path in paths]
 
 
 def folder_changes(before, after, few=3):
@@ -436,8 +491,11 @@ def encode_files(paths, read, encode, folder, chunk=10_000, batch=256, progress=
             continue
         parts = []
         loader = torch.utils.data.DataLoader(paths[start:start + chunk], batch_size=batch, num_workers=workers,
-                                             collate_fn=lambda files: torch.stack([read(file) for file in files]))
+                                             collate_fn=partial(read_batch, read))
         for images in loader:
+            if isinstance(images, str):
+                raise UserError(f"{images}; remove or replace it and run the same command again (the finished "
+                                "chunks are kept)")
             parts.append({key: value.cpu() for key, value in encode(images).items()})
             bar.update(len(images))
         encoded = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}

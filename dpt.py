@@ -648,6 +648,9 @@ def stage_encode(config, run, dataset, device):
     records = {split: data.file_records(files, dataset.root) for split, files in
                (("train", dataset.train_files), ("test", dataset.test_files))}  # what each encoding comes from
     if not os.path.exists(path):
+        unreadable = data.unreadable_images(dataset.train_files + dataset.test_files)  # before hours of encoding
+        if unreadable:
+            raise data.UserError(f"{unreadable}; remove or replace them, and run the same command again")
         rank, world = dist_rank(), dist.get_world_size() if dist.is_initialized() else 1
         encode = encoder(unet.load_autoencoder(config.autoencoder, config.autoencoder_size, device),
                          load_msn(config, device), config.bf16)

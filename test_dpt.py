@@ -383,8 +383,9 @@ def test_a_chunk_whose_files_changed_is_encoded_again_and_the_rest_kept(tmp_path
 def test_folder_changes_name_what_was_added_removed_moved_and_changed():
     before = [("train/a/1.JPEG", 10, 1), ("train/a/2.JPEG", 20, 2), ("train/b/3.JPEG", 30, 3), ("val/a/4.JPEG", 40, 4)]
     after = [("train/a/1.JPEG", 11, 1), ("train/b/2.JPEG", 20, 2), ("train/b/5.JPEG", 50, 5)]
-    assert data.folder_changes(before, after) == ("1 added (train/b/5.JPEG); 2 removed (train/b/3.JPEG, val/a/4.JPEG); "
-                                                  "1 moved (train/a/2.JPEG to train/b/2.JPEG); 1 changed (train/a/1.JPEG)")
+    assert data.folder_changes(before, after) == (
+        "1 added (train/b/5.JPEG); 2 removed (train/b/3.JPEG, val/a/4.JPEG); "
+        "1 moved (train/a/2.JPEG to train/b/2.JPEG); 1 changed (train/a/1.JPEG)")
 
 
 def test_the_encoding_pass_shares_its_chunks_among_processes_and_rank_0_returns_them_all(tmp_path):
@@ -3454,7 +3455,7 @@ def test_the_imagenet_preset_runs_end_to_end_on_a_folder_of_jpegs(imagenet_run):
         assert encoded["train"][name].dtype == torch.float16 and encoded["train"][name].shape == (18, 4, 8, 8)
         torch.testing.assert_close(encoded["train"][name].float(), expected, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(encoded["train"]["features"], fixmatch.msn_features(msn, crops))
-    assert encoded["test"]["features"].shape == (6, 64) and set(encoded["test"]) == {"features"}
+    assert encoded["test"]["features"].shape == (6, 64) and set(encoded["test"]) == {"features", "files"}
     assert not (run / "encoded").exists()  # the chunks, once joined
     # Stage 1: the probe on the 3 labeled images' features; the pseudo labels are its argmax.
     split = torch.load(run / "split.pt")["indices"]
@@ -3550,6 +3551,7 @@ def test_the_imagenet_preset_under_torchrun_encodes_and_fits_as_one_process_does
     assert result.stdout.count("stage 3: with generated images") == 1  # one rank reports
     run = tmp_path / "folder-1l-s0"
     ours, theirs = torch.load(run / "encoded.pt"), torch.load(reference / "encoded.pt")
+    assert ours["train"].pop("files") == theirs["train"].pop("files")
     assert all(torch.equal(ours["train"][k], theirs["train"][k]) for k in theirs["train"])
     pseudo = [torch.load(folder / "pseudo_labels.pt")["labels"] for folder in (run, reference)]
     assert torch.equal(*pseudo)
@@ -3679,6 +3681,59 @@ def test_a_folder_changed_under_its_encodings_is_refused_and_the_advised_redo_en
     assert encoded["train"]["files"] == data.file_records(dataset.train_files, str(folder))
     assert len(encoded["test"]["features"]) == len(dataset.test_files)
     assert (run / "results.json").exists()
+
+
+def test_unreadable_images_are_named_in_one_line_before_any_encoding(tmp_path):
+    write_imagenet_like(tmp_path)
+    train = tmp_path / "folder" / "train"
+    (train / "n0a" / "empty.JPEG").write_bytes(b"")
+    (train / "n0b" / "notes.JPEG").write_text("not an image")
+    os.symlink(tmp_path / "gone.JPEG", train / "n0c" / "gone.JPEG")
+    result = run_script("dpt.py", *imagenet_command(tmp_path, "--out", str(tmp_path / "out")),
+                        DPT_FID_WEIGHTS="/missing")
+    assert_one_line_error(result, "3 of 27 images cannot be opened", "empty.JPEG", "notes.JPEG", "gone.JPEG")
+    assert not (tmp_path / "out" / "folder-1l-s0" / "encoded").exists()
+
+
+def test_an_image_that_fails_only_when_decoded_is_named_in_one_line(tmp_path):
+    write_imagenet_like(tmp_path)
+    image = tmp_path / "folder" / "train" / "n0b" / "n0b_2.JPEG"
+    whole = image.read_bytes()
+    image.write_bytes(whole[:len(whole) * 2 // 3])  # its header and two thirds of its pixels: it opens
+    result = run_script("dpt.py", *imagenet_command(tmp_path, "--out", str(tmp_path / "out")),
+                        DPT_FID_WEIGHTS="/missing")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == result.stderr.splitlines()[-1:], result.stderr  # after the progress bar, one line
+    assert errors[0].startswith(f"error: {image} cannot be read") and "truncated" in errors[0]
+
+
+def test_classes_are_the_folders_that_hold_images_at_any_depth_and_never_hidden_ones(tmp_path, capsys):
+    write_image_folder(tmp_path, per_class=2)
+    train = tmp_path / "train"
+    os.makedirs(train / ".ipynb_checkpoints")
+    Image.new("RGB", (8, 8)).save(train / ".ipynb_checkpoints" / "x.JPEG")
+    Image.new("RGB", (8, 8)).save(train / "n01" / "._x.JPEG")  # macOS's metadata beside a file
+    os.makedirs(train / "n02" / "more")
+    Image.new("RGB", (8, 8)).save(train / "n02" / "more" / "deeper.png")
+    dataset = data.load_folder(str(tmp_path))
+    assert dataset.classes == ("n00", "n01", "n02") and torch.bincount(dataset.train_y).tolist() == [2, 2, 3]
+    assert str(train / "n02" / "more" / "deeper.png") in dataset.train_files
+    assert "has no val/ folder: no accuracy can be measured" in capsys.readouterr().err
+    os.makedirs(train / "n03")
+    (train / "n03" / "only.txt").write_text("a note")
+    with pytest.raises(data.UserError, match=r"train/n03 holds no image \(.jpeg, .jpg, .png, .webp"):
+        data.load_folder(str(tmp_path))
+
+
+def test_a_16_bit_grayscale_image_is_scaled_to_8_bits_not_clipped(tmp_path):
+    levels = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    Image.fromarray(levels).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as image:
+        assert image.mode.startswith("I")
+        crop = data.adm_center_crop(image, 16)
+    expected = torch.from_numpy(np.round(levels / 257).astype(np.uint8))
+    assert all(torch.equal(channel, expected) for channel in crop)
 
 
 def test_a_label_subset_file_names_the_labeled_images_as_msns_do(tmp_path):

@@ -401,7 +401,8 @@ def labeled_split(config, dataset):
     files --label-subset names, one a line (MSN's and DPT's ImageNet subsets)."""
     if not config.label_subset:
         return data.labeled_split(dataset.train_y, config.labels, config.seed)
-    return fixmatch.msn_subset(config.label_subset, dataset.train_files, dataset.train_y, config.labels)
+    return fixmatch.msn_subset(config.label_subset, dataset.train_files, dataset.train_y, config.labels,
+                               os.path.join(dataset.root, "train"))
 
 
 def stage_split(config, run, dataset):

@@ -525,18 +525,32 @@ def load_msn(size, resolution=224, path=None, device="cpu"):
     return network.to(device).eval().requires_grad_(False)
 
 
-def msn_subset(path, files, labels, per_class):
-    """The indices of the labeled images that a subset file names, a file name a
-    line (MSN's imagenet_subsets2/1imgs_class.txt, DPT's for one label a class): exactly
-    per_class of every class, all among `files`."""
+def msn_subset(path, files, labels, per_class, folder):
+    """The indices of the labeled images that a subset file names, one a line:
+    CLASS/FILE under `folder` (the training images'), or a file name alone where no
+    other class has one of that name (MSN's imagenet_subsets2/1imgs_class.txt, DPT's
+    for one label a class): each image once, exactly per_class of every class."""
     with open(path) as file:
-        names = [line.strip() for line in file if line.strip()]
-    where = {os.path.basename(name): i for i, name in enumerate(files)}
-    missing = [name for name in names if name not in where]
+        lines = [line.strip() for line in file if line.strip()]
+    under = {os.path.relpath(name, folder): i for i, name in enumerate(files)}
+    by_name = {}
+    for name, i in under.items():
+        by_name.setdefault(os.path.basename(name), []).append(i)
+    found = {line: [under[line]] if line in under else by_name.get(line, []) for line in lines}
+    missing = [line for line in lines if not found[line]]
     if missing:
         raise data.UserError(f"--label-subset {path}: {len(missing)} of its images are not among the training "
                              f"images (e.g. {missing[0]}); give the subset of this folder")
-    index = torch.tensor(sorted(where[name] for name in names), dtype=torch.long)
+    shared = [line for line in lines if len(found[line]) > 1]
+    if shared:
+        raise data.UserError(f"--label-subset {path} names {shared[0]}, a file name that {len(found[shared[0]])} "
+                             "classes hold; write its lines as CLASS/FILE")
+    index = [found[line][0] for line in lines]
+    if len(set(index)) < len(index):
+        seen = set()
+        twice = next(line for line, i in zip(lines, index) if i in seen or seen.add(i))
+        raise data.UserError(f"--label-subset {path} names {twice} more than once; name each labeled image once")
+    index = torch.tensor(sorted(index), dtype=torch.long)
     counts = torch.bincount(labels[index], minlength=int(labels.max()) + 1)
     if (counts != per_class).any():
         raise data.UserError(f"--label-subset {path} names {int(counts.min())} to {int(counts.max())} images a "

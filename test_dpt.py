@@ -3751,6 +3751,26 @@ def test_a_label_subset_file_names_the_labeled_images_as_msns_do(tmp_path):
             dpt.labeled_split(config, dataset)
 
 
+def test_a_label_subset_matches_class_and_file_and_refuses_repeats_and_names_several_classes_hold(tmp_path):
+    for c in ("n0a", "n0b"):  # every class names its files 0.JPEG, 1.JPEG
+        os.makedirs(tmp_path / "folder" / "train" / c)
+        for i in range(2):
+            Image.new("RGB", (8, 8)).save(tmp_path / "folder" / "train" / c / f"{i}.JPEG")
+    dataset = data.load_dataset(str(tmp_path / "folder"), folders=True)
+    subset = tmp_path / "subset.txt"
+    config = dpt.DPTConfig(dataset=str(tmp_path / "folder"), preset="imagenet", label_subset=str(subset))
+    subset.write_text("n0b/0.JPEG\nn0a/1.JPEG\n")
+    assert [dataset.train_files[i][-10:] for i in dpt.labeled_split(config, dataset)] == ["n0a/1.JPEG", "n0b/0.JPEG"]
+    for text, words in (("0.JPEG\nn0b/1.JPEG\n", "names 0.JPEG, a file name that 2 classes hold; write its lines as "
+                                                 "CLASS/FILE"),
+                        ("n0a/1.JPEG\nn0a/1.JPEG\nn0b/0.JPEG\n", "names n0a/1.JPEG more than once"),
+                        ("n0a/9.JPEG\nn0b/0.JPEG\n", "1 of its images are not among the training images (e.g. n0a/9"),
+                        ("n0a/0.JPEG\nn0a/1.JPEG\n", "names 0 to 2 images a class, not --labels 1")):
+        subset.write_text(text)
+        with pytest.raises(data.UserError, match=re.escape(words)):
+            dpt.labeled_split(config, dataset)
+
+
 def test_the_imagenet_bench_times_each_stage_and_projects_the_preset():
     result = run_script("dpt.py", "--bench", "--preset", "imagenet", "--autoencoder-size", "tiny", "--msn-size", "tiny",
                         "--image-size", "64", "--diffusion-size", "tiny", OMP_NUM_THREADS="1")

@@ -695,6 +695,8 @@ def stage_probe(config, path, redo, dataset, encoded, index, device, generated=N
 
 def run_latent_stages(config, run, dataset, device, rank, world):
     """The imagenet preset's stages in order (each skipped when done), then results.json and the rest."""
+    if config.redo == "encode":  # the networks it would encode with load, before the redo removes anything
+        load_msn(config, "cpu"), unet.load_autoencoder(config.autoencoder, config.autoencoder_size)
     check_run_folder(config, run)
     if rank == 0:
         print(f"DPT on {dataset.name}, {config.labels} labels per class, preset {config.preset}: {run}")

@@ -3736,6 +3736,17 @@ def test_a_16_bit_grayscale_image_is_scaled_to_8_bits_not_clipped(tmp_path):
     assert all(torch.equal(channel, expected) for channel in crop)
 
 
+def test_a_redo_encode_whose_networks_cannot_load_removes_nothing(imagenet_run, tmp_path):
+    root, reference = imagenet_run
+    shutil.copytree(reference, tmp_path / "folder-1l-s0")
+    before = sorted(path.name for path in (tmp_path / "folder-1l-s0").iterdir())
+    command = imagenet_command(root, "--out", str(tmp_path), "--redo", "encode")
+    command[command.index("--msn-weights") + 1] = str(root / "autoencoder_kl.pth")  # not an MSN's
+    result = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert sorted(path.name for path in (tmp_path / "folder-1l-s0").iterdir()) == before
+
+
 def test_a_label_subset_file_names_the_labeled_images_as_msns_do(tmp_path):
     write_imagenet_like(tmp_path)
     dataset = data.load_dataset(str(tmp_path / "folder"), folders=True)

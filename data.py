@@ -50,6 +50,7 @@ class Dataset:
     train_files: tuple = ()      # a folder in ImageNet's layout: its image files (train_x and test_x None)
     test_files: tuple = ()
     root: str = ""               # ... and the folder itself, which names its files (file_records)
+    skipped: tuple = ()          # ... and the files left out as unreadable (dpt.py --skip-bad-images)
 
 
 TORCHVISION_DATASETS = ("cifar10", "cifar100", "svhn")
@@ -421,9 +422,9 @@ def read_batch(read, files):
     return torch.stack(images)
 
 
-def unreadable_images(paths, threads=16, few=3):
-    """One line naming the files among `paths` that PIL cannot open (their header
-    read, not decoded: cheap, in threads), a few and their count; "" when none."""
+def unreadable_images(paths, threads=16):
+    """The files among `paths` that PIL cannot open, each with why: their header
+    read, not decoded (cheap), in threads."""
     from concurrent.futures import ThreadPoolExecutor
     from PIL import Image
 
@@ -434,10 +435,25 @@ def unreadable_images(paths, threads=16, few=3):
         except Exception as error:
             return f"{path} ({type(error).__name__})"
     with ThreadPoolExecutor(threads) as pool:
-        bad = [found for found in pool.map(problem, paths) if found]
-    if not bad:
-        return ""
-    return f"{len(bad)} of {len(paths):,} images cannot be opened: {', '.join(bad[:few])}{', ...' * (len(bad) > few)}"
+        return [found for found in pool.map(problem, paths) if found]
+
+
+def without_unreadable(dataset, skip):
+    """The folder dataset with every image checked before hours of encoding: its
+    unreadable files named in one line (their count and the first few), or, with
+    skip, left out (in dataset.skipped)."""
+    bad = unreadable_images(dataset.train_files + dataset.test_files)
+    if bad and not skip:
+        raise UserError(f"{len(bad)} of {len(dataset.train_files) + len(dataset.test_files):,} images cannot be "
+                        f"opened: {', '.join(bad[:3])}{', ...' * (len(bad) > 3)}; remove or replace them and run the "
+                        "same command again, or add --skip-bad-images to leave them out")
+    left_out = {found.rsplit(" (", 1)[0] for found in bad}
+    keep = lambda files, labels: ([file for file in files if file not in left_out],
+                                  labels[[file not in left_out for file in files]] if len(files) else labels)
+    (train_files, train_y), (test_files, test_y) = keep(dataset.train_files, dataset.train_y), keep(
+        dataset.test_files, dataset.test_y)
+    return dataclasses.replace(dataset, train_files=tuple(train_files), train_y=train_y, test_files=tuple(test_files),
+                               test_y=test_y, skipped=tuple(sorted(left_out)))
 
 
 def file_records(paths, root):

@@ -100,6 +100,7 @@ class DPTConfig:
     msn_size: str = ""              # vitl7 | vitb4 | tiny; empty: vitl7 for 1 label per class, else vitb4 (DPT's)
     msn_weights: str = ""           # MSN's checkpoint (else downloaded once into torch's cache)
     probe_lambda: float = 0.0025    # the probe's L2 penalty times the number of images it is fit on (MSN's)
+    skip_bad_images: bool = False   # leave out the images that cannot be opened (counted in results.json)
     label_subset: str = ""          # the labeled images named in a file (MSN's imagenet_subsets2/1imgs_class.txt)
     fid_stats: str = ""             # FID reference .npz (mu, sigma); empty: ADM's for imagenet, else training images
 
@@ -210,8 +211,8 @@ REDO_STAGES = tuple(stage for stage in STAGES if stage != "split")  # --redo sta
 FREE_TO_CHANGE = {"dataset", "data_dir", "out", "redo", "baseline", "fid_weights", "compile", "preset",
                   "ssl_eval_every", "diffusion_micro_batch", "bench", "report", "seeds", "autoencoder", "msn_weights"}
 FIELD_STAGE = {"labels": "split", "seed": "split", "label_subset": "split", "bf16": "stage1", "fid_reference": "fid",
-               "fid_stats": "fid",
-               "image_size": "encode", "autoencoder_size": "encode", "msn_size": "encode", "probe_lambda": "stage1",
+               "fid_stats": "fid", "image_size": "encode", "autoencoder_size": "encode", "skip_bad_images": "encode",
+               "msn_size": "encode", "probe_lambda": "stage1",
                **{name: stage for name in asdict(DPTConfig()) for prefix, stage in PREFIX_STAGE.items()
                   if name.startswith(prefix) and name not in FREE_TO_CHANGE}}
 
@@ -599,7 +600,7 @@ def stage_oracle(config, dataset, device, rank, world):
 # and seen by MSN as the real images are. The same run folder, resume and redo.
 
 LATENT_FIELDS = ("image_size", "autoencoder", "autoencoder_size", "msn_size", "msn_weights", "probe_lambda",
-                 "label_subset", "fid_stats")
+                 "label_subset", "fid_stats", "skip_bad_images")
 
 
 def check_latent(config):
@@ -649,9 +650,6 @@ def stage_encode(config, run, dataset, device):
     records = {split: data.file_records(files, dataset.root) for split, files in
                (("train", dataset.train_files), ("test", dataset.test_files))}  # what each encoding comes from
     if not os.path.exists(path):
-        unreadable = data.unreadable_images(dataset.train_files + dataset.test_files)  # before hours of encoding
-        if unreadable:
-            raise data.UserError(f"{unreadable}; remove or replace them, and run the same command again")
         rank, world = dist_rank(), dist.get_world_size() if dist.is_initialized() else 1
         encode = encoder(unet.load_autoencoder(config.autoencoder, config.autoencoder_size, device),
                          load_msn(config, device), config.bf16)
@@ -745,6 +743,8 @@ def main():
     if config.bench:
         return bench(config, device, arch=asked[0] or "wrn28_2", size=asked[1] or "cifar")
     dataset = data.load_dataset(config.dataset, config.data_dir, folders=True)
+    if config.preset in FOLDER_PRESETS:
+        dataset = data.without_unreadable(dataset, config.skip_bad_images)
     check(config, world, dataset)
     if not config.seeds:
         return run_dpt(config, dataset, device, rank, world)
@@ -823,6 +823,7 @@ def write_results(config, run, dataset, device, samples, stage1_metrics, pseudo,
         "config": asdict(config),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
         "device": data.device_name(device),
+        "skipped_images": len(dataset.skipped),  # unreadable, left out by --skip-bad-images
     }
     data.write_json(results, os.path.join(run, "results.json"))
     if os.path.exists(os.path.join(run, "redo.json")):

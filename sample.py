@@ -336,6 +336,8 @@ def summary_rows(results):
     rows += [("oracle (every true label): test accuracy", percent(results["oracle_accuracy"])),
              ("FID of the samples", "-" if results["fid"] is None else f"{results['fid']:.2f}"),
              ("wall time", f"{minutes(results):.1f} min")]
+    if results.get("skipped_images"):
+        rows.append(("unreadable images left out (--skip-bad-images)", f"{results['skipped_images']:,}"))
     return rows
 
 

@@ -3189,7 +3189,7 @@ BAD_SETTINGS = {
     "fid_reference": "-1", "seeds": "3-1", "ssl_lr_cosine": "0.7", "ssl_precise_bn": "-1",
     "image_size": "60", "autoencoder": "/missing/autoencoder_kl.pth", "autoencoder_size": "xl", "msn_size": "vitz",
     "msn_weights": "/missing/msn.pth.tar", "probe_lambda": "0", "fid_stats": "/missing/reference.npz",
-    "label_subset": "/missing/1imgs_class.txt"}
+    "label_subset": "/missing/1imgs_class.txt", "skip_bad_images": None}
 
 
 def test_no_rule_admits_an_infinite_or_nan_number_or_a_seed_numpy_cannot_take():
@@ -3691,8 +3691,16 @@ def test_unreadable_images_are_named_in_one_line_before_any_encoding(tmp_path):
     os.symlink(tmp_path / "gone.JPEG", train / "n0c" / "gone.JPEG")
     result = run_script("dpt.py", *imagenet_command(tmp_path, "--out", str(tmp_path / "out")),
                         DPT_FID_WEIGHTS="/missing")
-    assert_one_line_error(result, "3 of 27 images cannot be opened", "empty.JPEG", "notes.JPEG", "gone.JPEG")
-    assert not (tmp_path / "out" / "folder-1l-s0" / "encoded").exists()
+    assert_one_line_error(result, "3 of 27 images cannot be opened", "empty.JPEG", "notes.JPEG", "gone.JPEG",
+                          "--skip-bad-images")
+    assert not (tmp_path / "out").exists()
+    result = run_script("dpt.py", *imagenet_command(tmp_path, "--out", str(tmp_path / "out"), "--skip-bad-images"),
+                        DPT_FID_WEIGHTS="/missing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"unreadable images left out \(--skip-bad-images\)\s+3\n", result.stdout), result.stdout
+    run = tmp_path / "out" / "folder-1l-s0"
+    assert json.loads((run / "results.json").read_text())["skipped_images"] == 3
+    assert len(torch.load(run / "encoded.pt", weights_only=True)["train"]["files"]) == 18  # the readable ones
 
 
 def test_an_image_that_fails_only_when_decoded_is_named_in_one_line(tmp_path):

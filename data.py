@@ -410,16 +410,17 @@ def adm_center_crop(image, side):
 
 
 def read_batch(read, files):
-    """The images read(file) of `files` stacked, or the first file that cannot be
-    read, named in words (a worker process's exception would reach the user as its
-    traceback, without the file)."""
+    """(the images read(file) of `files` stacked, up to the first that cannot be
+    read, or None; that file named in words, or None): a worker process's exception
+    would reach the user as its traceback, without the file."""
     images = []
     for file in files:
         try:
             images.append(read(file))
         except Exception as error:
-            return f"{file} cannot be read ({type(error).__name__}: {first_line(error)})"
-    return torch.stack(images)
+            return torch.stack(images) if images else None, f"{file} cannot be read ({type(error).__name__}: " \
+                                                            f"{first_line(error)})"
+    return torch.stack(images), None
 
 
 def unreadable_images(paths, threads=16):
@@ -491,7 +492,9 @@ def encode_files(paths, read, encode, folder, chunk=10_000, batch=256, progress=
     tensors) -> {name: tensor}, moved to the CPU here. Given the files' records
     (file_records), a chunk keeps its files' and is encoded again when they
     changed, and the whole comes back with them under "files". Process `rank` of
-    `world` encodes chunks rank, rank + world, ...; rank 0 returns the whole, the others None."""
+    `world` encodes chunks rank, rank + world, ...; rank 0 returns the whole, the others None.
+    A file that cannot be read ends the pass naming it; what its chunk encoded before
+    it is kept (chunk-00000.part.pt), and the same call goes on from that file."""
     from tqdm import tqdm
     starts = range(0, len(paths), chunk)
     names = [os.path.join(folder, f"chunk-{i // chunk:05d}.pt") for i in starts]
@@ -505,17 +508,31 @@ def encode_files(paths, read, encode, folder, chunk=10_000, batch=256, progress=
     for index, (start, name) in enumerate(zip(starts, names)):
         if current[index] or index % world != rank:
             continue
-        parts = []
-        loader = torch.utils.data.DataLoader(paths[start:start + chunk], batch_size=batch, num_workers=workers,
+        kept, parts = name.replace(".pt", ".part.pt"), []
+        if os.path.exists(kept):
+            saved = torch.load(kept, weights_only=True)
+            files = saved.pop("files", None)
+            if records is None or files == records[start:start + len(files)]:
+                parts.append(saved)
+        done = len(next(iter(parts[0].values()))) if parts else 0
+        bar.update(done)
+        with_files = lambda part, count: part if records is None else {**part, "files": records[start:start + count]}
+        loader = torch.utils.data.DataLoader(paths[start + done:start + chunk], batch_size=batch, num_workers=workers,
                                              collate_fn=partial(read_batch, read))
-        for images in loader:
-            if isinstance(images, str):
-                raise UserError(f"{images}; remove or replace it and run the same command again (the finished "
-                                "chunks are kept)")
-            parts.append({key: value.cpu() for key, value in encode(images).items()})
-            bar.update(len(images))
-        encoded = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
-        save_atomic(encoded if records is None else {**encoded, "files": records[start:start + chunk]}, name)
+        for images, failure in loader:
+            if images is not None:
+                parts.append({key: value.cpu() for key, value in encode(images).items()})
+                bar.update(len(images))
+                done += len(images)
+            if failure:
+                if parts:
+                    save_atomic(with_files({key: torch.cat([part[key] for part in parts]) for key in parts[0]}, done),
+                                kept)
+                raise UserError(f"{failure}; remove or replace it and run the same command again (what was "
+                                "encoded before it is kept)")
+        save_atomic(with_files({key: torch.cat([part[key] for part in parts]) for key in parts[0]}, done), name)
+        if os.path.exists(kept):
+            os.remove(kept)
     bar.close()
     if dist.is_initialized():
         dist.barrier()  # every rank's chunks are written

@@ -380,6 +380,28 @@ def test_a_chunk_whose_files_changed_is_encoded_again_and_the_rest_kept(tmp_path
     assert torch.equal(again["mean"], clean["mean"]) and again["files"] == records
 
 
+def test_a_file_that_fails_in_the_pass_keeps_what_its_chunk_encoded_before_it(tmp_path):
+    paths, read, read_files = logged_reader(tmp_path)
+    encode = lambda images: {"mean": images.float().mean((1, 2, 3))}
+    records = data.file_records(paths, str(tmp_path / "images"))
+    whole = data.encode_files(paths, read, encode, str(tmp_path / "whole"), chunk=6, batch=2, progress=False)
+
+    def fails_once(path):  # the ninth file cannot be read until it is replaced
+        if path == paths[8] and paths[8] not in read_files:
+            read_files.append(path)
+            raise OSError("image file is truncated")
+        return read(path)
+    read_files.clear()
+    with pytest.raises(data.UserError, match=f"{paths[8]} cannot be read .OSError: image file is truncated"):
+        data.encode_files(paths, fails_once, encode, str(tmp_path / "failed"), chunk=6, batch=2, progress=False,
+                          records=records)
+    read_files.clear()
+    resumed = data.encode_files(paths, read, encode, str(tmp_path / "failed"), chunk=6, batch=2, progress=False,
+                                records=records)
+    assert read_files == paths[8:]  # the first chunk and the second's first two files were kept
+    assert torch.equal(resumed["mean"], whole["mean"]) and not list((tmp_path / "failed").glob("*.part.pt"))
+
+
 def test_folder_changes_name_what_was_added_removed_moved_and_changed():
     before = [("train/a/1.JPEG", 10, 1), ("train/a/2.JPEG", 20, 2), ("train/b/3.JPEG", 30, 3), ("val/a/4.JPEG", 40, 4)]
     after = [("train/a/1.JPEG", 11, 1), ("train/b/2.JPEG", 20, 2), ("train/b/5.JPEG", 50, 5)]

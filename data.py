@@ -424,7 +424,7 @@ def read_batch(read, files):
 
 
 def unreadable_images(paths, threads=16):
-    """The files among `paths` that PIL cannot open, each with why: their header
+    """(path, why) of each file among `paths` that PIL cannot open: their header
     read, not decoded (cheap), in threads."""
     from concurrent.futures import ThreadPoolExecutor
     from PIL import Image
@@ -434,7 +434,7 @@ def unreadable_images(paths, threads=16):
             with Image.open(path) as image:
                 image.size
         except Exception as error:
-            return f"{path} ({type(error).__name__})"
+            return path, type(error).__name__
     with ThreadPoolExecutor(threads) as pool:
         return [found for found in pool.map(problem, paths) if found]
 
@@ -446,9 +446,10 @@ def without_unreadable(dataset, skip):
     bad = unreadable_images(dataset.train_files + dataset.test_files)
     if bad and not skip:
         raise UserError(f"{len(bad)} of {len(dataset.train_files) + len(dataset.test_files):,} images cannot be "
-                        f"opened: {', '.join(bad[:3])}{', ...' * (len(bad) > 3)}; remove or replace them and run the "
-                        "same command again, or add --skip-bad-images to leave them out")
-    left_out = {found.rsplit(" (", 1)[0] for found in bad}
+                        f"opened: {', '.join(f'{path} ({why})' for path, why in bad[:3])}{', ...' * (len(bad) > 3)}; "
+                        "remove or replace them and run the same command again, or add --skip-bad-images to leave "
+                        "them out")
+    left_out = {path for path, _ in bad}
     keep = lambda files, labels: ([file for file in files if file not in left_out],
                                   labels[[file not in left_out for file in files]] if len(files) else labels)
     (train_files, train_y), (test_files, test_y) = keep(dataset.train_files, dataset.train_y), keep(
@@ -508,7 +509,7 @@ def encode_files(paths, read, encode, folder, chunk=10_000, batch=256, progress=
     for index, (start, name) in enumerate(zip(starts, names)):
         if current[index] or index % world != rank:
             continue
-        kept, parts = name.replace(".pt", ".part.pt"), []
+        kept, parts = name.removesuffix(".pt") + ".part.pt", []
         if os.path.exists(kept):
             saved = torch.load(kept, weights_only=True)
             files = saved.pop("files", None)

@@ -449,21 +449,28 @@ def without_unreadable(dataset, skip):
                         f"opened: {', '.join(f'{path} ({why})' for path, why in bad[:3])}{', ...' * (len(bad) > 3)}; "
                         "remove or replace them and run the same command again, or add --skip-bad-images to leave "
                         "them out")
+    if not bad:
+        return dataset
     left_out = {path for path, _ in bad}
-    keep = lambda files, labels: ([file for file in files if file not in left_out],
-                                  labels[[file not in left_out for file in files]] if len(files) else labels)
-    (train_files, train_y), (test_files, test_y) = keep(dataset.train_files, dataset.train_y), keep(
-        dataset.test_files, dataset.test_y)
-    return dataclasses.replace(dataset, train_files=tuple(train_files), train_y=train_y, test_files=tuple(test_files),
-                               test_y=test_y, skipped=tuple(sorted(left_out)))
+    train, test = ([i for i, file in enumerate(files) if file not in left_out]
+                   for files in (dataset.train_files, dataset.test_files))
+    return dataclasses.replace(dataset, train_files=tuple(dataset.train_files[i] for i in train),
+                               train_y=dataset.train_y[train], test_files=tuple(dataset.test_files[i] for i in test),
+                               test_y=None if dataset.test_y is None else dataset.test_y[test],
+                               skipped=tuple(sorted(left_out)))
 
 
 def file_records(paths, root):
     """Each file as (its path under root, size in bytes, modification time in ns):
     what tells that a file changed without reading it. The encoding pass keeps
     them with what it encoded, and a rerun compares them with the folder's."""
-    stat = lambda path: os.stat(path) if os.path.exists(path) else os.lstat(path)  # a broken link: a changed file
-    return [(os.path.relpath(path, root), stat(path).st_size, stat(path).st_mtime_ns) for path in paths]
+    def record(path):
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:  # a broken link: the link's own, a changed file
+            stat = os.lstat(path)
+        return os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns
+    return [record(path) for path in paths]
 
 
 def folder_changes(before, after, few=3):
@@ -517,7 +524,8 @@ def encode_files(paths, read, encode, folder, chunk=10_000, batch=256, progress=
                 parts.append(saved)
         done = len(next(iter(parts[0].values()))) if parts else 0
         bar.update(done)
-        with_files = lambda part, count: part if records is None else {**part, "files": records[start:start + count]}
+        joined = lambda: {**{key: torch.cat([part[key] for part in parts]) for key in parts[0]},
+                          **({} if records is None else {"files": records[start:start + done]})}
         loader = torch.utils.data.DataLoader(paths[start + done:start + chunk], batch_size=batch, num_workers=workers,
                                              collate_fn=partial(read_batch, read))
         for images, failure in loader:
@@ -527,11 +535,10 @@ def encode_files(paths, read, encode, folder, chunk=10_000, batch=256, progress=
                 done += len(images)
             if failure:
                 if parts:
-                    save_atomic(with_files({key: torch.cat([part[key] for part in parts]) for key in parts[0]}, done),
-                                kept)
+                    save_atomic(joined(), kept)
                 raise UserError(f"{failure}; remove or replace it and run the same command again (what was "
                                 "encoded before it is kept)")
-        save_atomic(with_files({key: torch.cat([part[key] for part in parts]) for key in parts[0]}, done), name)
+        save_atomic(joined(), name)
         if os.path.exists(kept):
             os.remove(kept)
     bar.close()

@@ -624,7 +624,9 @@ def grayscale(x):
 
 def smooth(x):
     """PIL's SMOOTH filter, the degenerate image of Sharpness; the border stays."""
-    kernel = torch.tensor([[1., 1, 1], [1, 5, 1], [1, 1, 1]], device=x.device) / 13
+    kernel = torch.ones(3, 3, device=x.device)  # built on the device: a tensor copied from the host would
+    kernel[1, 1] = 5                            # make the host wait for the GPU in every step
+    kernel /= 13
     out = x.clone()
     out[:, :, 1:-1, 1:-1] = F.conv2d(x, kernel.expand(x.shape[1], 1, 3, 3), groups=x.shape[1])
     return out
@@ -984,6 +986,7 @@ def distributed_setup():
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # every step has the same shapes: time cuDNN's algorithms once (EDM)
     else:
         device = torch.device("cpu")
     return rank, world, device
@@ -1063,15 +1066,24 @@ def on_cuda_unless_set(flag, device):
     return device.type == "cuda" if flag is None else flag
 
 
-def for_training(model, world, device, compile):
-    """What the training step calls: the model, compiled when asked, under DDP
-    when several processes train it (outermost, as nanoGPT wraps it, so that a
-    step of several micro-batches can set its require_backward_grad_sync)."""
-    forward = torch.compile(model) if compile else model
+def for_training(model, loss, world, device, compile, cuda_graphs=False):
+    """(forward, step_loss): what the training step calls. step_loss(*batch) is
+    loss(forward, *batch). With one process and compile, the model and its loss
+    are one compiled graph (the loss's softmax, masks and weighting fuse into the
+    network's last kernels instead of running as a dozen small ones), replayed as
+    CUDA graphs where cuda_graphs asks: the host then launches the forward and
+    the backward once each instead of a few hundred kernels. Several processes:
+    the compiled model under DDP (outermost, as nanoGPT wraps it, so that a step
+    of several micro-batches can set its require_backward_grad_sync) and the loss
+    eager, as DDP's graph splitting expects."""
     if world > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(forward,
-                                                            device_ids=[device] if device.type == "cuda" else None)
-    return forward
+        forward = torch.nn.parallel.DistributedDataParallel(
+            torch.compile(model) if compile else model, device_ids=[device] if device.type == "cuda" else None)
+        return forward, partial(loss, forward)
+    step_loss = partial(loss, model)
+    if compile:
+        step_loss = torch.compile(step_loss, fullgraph=True, mode="reduce-overhead" if cuda_graphs else None)
+    return model, step_loss
 
 
 # -----------------------------------------------------------------------------

@@ -56,12 +56,13 @@ class FixMatchConfig:
     real_fraction: float = -1.0     # stage 3: share of real images in a labeled batch (-1: uniform over all)
     eval_every: int = 5000          # steps between test evaluations of the EMA model
     ckpt_every: int = 5000          # steps between checkpoints
-    compile: bool = None            # torch.compile the network (unset: with CUDA only)
+    compile: bool = None            # torch.compile the network and its loss (unset: with CUDA only)
+    cuda_graphs: bool = False       # with compile on one GPU: replay the step's forward and backward as CUDA graphs
     bf16: bool = None               # bf16 autocast (unset: with CUDA only)
     bench: bool = False             # print steps/s of WRN-28-2 at the paper's batch and exit
 
 
-FREE_TO_CHANGE = {"data_dir", "out", "eval_every", "ckpt_every", "compile", "bench"}  # a resumed run ends the same
+FREE_TO_CHANGE = {"data_dir", "out", "eval_every", "ckpt_every", "compile", "cuda_graphs", "bench"}  # a resumed run ends the same
 
 
 # -----------------------------------------------------------------------------
@@ -166,15 +167,18 @@ def make_classifier(arch, num_classes, mean, std):
 # The FixMatch loss (Sohn et al. 2020, eq. 2-4) and FreeMatch's threshold
 
 
-class FreeMatchThreshold:
+class FreeMatchThreshold(nn.Module):
     """Self-adaptive thresholds (Wang et al. 2023, eq. 6-9): an EMA of the mean
     confidence sets the global threshold, an EMA of the mean class
-    probabilities scales it per class, both starting at 1/C."""
+    probabilities scales it per class, both starting at 1/C. Buffers updated in
+    place: they stay on the device, inside the compiled step, at fixed addresses
+    that a CUDA graph can replay."""
 
-    def __init__(self, num_classes, decay, device):
+    def __init__(self, num_classes, decay):
+        super().__init__()
         self.decay = decay
-        self.global_tau = torch.tensor(1 / num_classes, device=device)
-        self.class_p = torch.full((num_classes,), 1 / num_classes, device=device)
+        self.register_buffer("global_tau", torch.tensor(1 / num_classes))
+        self.register_buffer("class_p", torch.full((num_classes,), 1 / num_classes))
 
     def update(self, probs):
         mean_confidence, mean_probs = probs.max(1).values.mean(), probs.mean(0)
@@ -183,18 +187,11 @@ class FreeMatchThreshold:
             dist.all_reduce(both)
             both /= dist.get_world_size()
             mean_confidence, mean_probs = both[0], both[1:]
-        self.global_tau = self.decay * self.global_tau + (1 - self.decay) * mean_confidence
-        self.class_p = self.decay * self.class_p + (1 - self.decay) * mean_probs
+        self.global_tau.mul_(self.decay).add_((1 - self.decay) * mean_confidence)
+        self.class_p.mul_(self.decay).add_((1 - self.decay) * mean_probs)
 
     def class_thresholds(self):
         return self.global_tau * self.class_p / self.class_p.max()
-
-    def state_dict(self):
-        return {"global_tau": self.global_tau, "class_p": self.class_p}
-
-    def load_state_dict(self, state):  # checkpoints load on the CPU: back to the training device
-        self.global_tau = state["global_tau"].to(self.global_tau.device)
-        self.class_p = state["class_p"].to(self.class_p.device)
 
 
 def fixmatch_loss(logits_labeled, labels, logits_weak, logits_strong, lambda_u, tau=None, freematch=None):
@@ -293,11 +290,12 @@ def check(config, world=1, flags=None):
 
 def make_optimizer(model, config):
     """SGD with Nesterov momentum, weight decay on convolution and linear weights
-    only: BN's scales and shifts and every bias are not pulled towards 0 (FixMatch)."""
+    only: BN's scales and shifts and every bias are not pulled towards 0 (FixMatch).
+    Fused: one kernel for all the weights instead of a few per tensor."""
     decay, no_decay = [p for p in model.parameters() if p.ndim > 1], [p for p in model.parameters() if p.ndim <= 1]
     return torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay},
                             {"params": no_decay, "weight_decay": 0.0}],
-                           lr=config.lr, momentum=config.momentum, nesterov=True)
+                           lr=config.lr, momentum=config.momentum, nesterov=True, fused=True)
 
 
 def train(config, dataset, labeled_index, pseudo=None, progress=True):
@@ -325,7 +323,7 @@ def train(config, dataset, labeled_index, pseudo=None, progress=True):
     ema_model.load_state_dict(model.state_dict())
     ema_model.requires_grad_(False)
     optimizer = make_optimizer(model, config)
-    freematch = (FreeMatchThreshold(dataset.num_classes, config.freematch_ema, device)
+    freematch = (FreeMatchThreshold(dataset.num_classes, config.freematch_ema).to(device)
                  if config.threshold == "freematch" else None)
     torch.manual_seed(config.seed + 1 + rank)  # but every rank draws its own batches
 
@@ -339,7 +337,8 @@ def train(config, dataset, labeled_index, pseudo=None, progress=True):
         if freematch is not None:
             freematch.load_state_dict(checkpoint["freematch"])
 
-    forward = data.for_training(model, world, device, data.on_cuda_unless_set(config.compile, device))
+    compile = data.on_cuda_unless_set(config.compile, device)
+    _, step_loss = data.for_training(model, fixmatch_step_loss, world, device, compile, config.cuda_graphs)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=data.on_cuda_unless_set(config.bf16, device))
 
     per_rank = config.batch // world
@@ -349,7 +348,7 @@ def train(config, dataset, labeled_index, pseudo=None, progress=True):
     bar = tqdm(total=config.steps, initial=step, desc="fixmatch", disable=not progress or rank > 0, unit="step")
     model.train()
     first_step, timer, started = step, None, time.perf_counter()
-    while step < config.steps:
+    while step < config.steps:  # nothing in a step reads the device: the host queues steps ahead of the GPU
         if step == first_step + 5:  # speed is timed after warm-up and compilation
             if on_cuda:
                 torch.cuda.synchronize()
@@ -359,22 +358,11 @@ def train(config, dataset, labeled_index, pseudo=None, progress=True):
             group["lr"] = config.lr * math.cos(config.lr_cosine * math.pi * step / config.steps)
         labeled_pick = sample_labeled(per_rank, real_count, len(labeled_x), config.real_fraction, device)
         unlabeled_pick = torch.randint(len(train_x), (unlabeled_per_rank,), device=device)
-        unlabeled = train_x[unlabeled_pick]
-        inputs = torch.cat([data.weak_augment(labeled_x[labeled_pick]), data.weak_augment(unlabeled),
-                            data.strong_augment(unlabeled)]).contiguous(memory_format=torch.channels_last)
+        inputs = augmented_batch(labeled_x[labeled_pick], train_x[unlabeled_pick])
         with autocast:
-            logits = forward(inputs)  # one pass, so BN sees labeled and unlabeled images together
-        logits_labeled, logits_weak, logits_strong = logits.split([per_rank, len(unlabeled), len(unlabeled)])
-        loss, mask, pseudo_y = fixmatch_loss(logits_labeled, labeled_y[labeled_pick], logits_weak, logits_strong,
-                                             config.lambda_u, config.tau, freematch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():  # EMA of the weights; BN statistics are copied (and measured before evaluation)
-            ema_params, params = list(ema_model.parameters()), list(model.parameters())
-            torch._foreach_lerp_(ema_params, params, 1 - config.ema)
-            for ema_buffer, buffer in zip(ema_model.buffers(), model.buffers()):
-                ema_buffer.copy_(buffer)
+            loss, mask, pseudo_y = step_loss(inputs, labeled_y[labeled_pick], unlabeled_per_rank, config.lambda_u,
+                                             config.tau, freematch)
+        update_weights(loss, model, ema_model, optimizer, config.ema)
         step += 1
 
         if (step % 50 == 0 or step == config.steps) and unlabeled_per_rank:
@@ -408,6 +396,33 @@ def train(config, dataset, labeled_index, pseudo=None, progress=True):
     if config.precise_bn:  # the saved model's statistics, with or without a test set
         precise_batch_norm(ema_model, train_x, config.precise_bn)
     return ema_model, metrics
+
+
+def augmented_batch(labeled, unlabeled):
+    """One step's network input, uint8 on the device: the labeled images weakly
+    augmented, then the unlabeled ones weakly and strongly."""
+    views = [data.weak_augment(labeled), data.weak_augment(unlabeled), data.strong_augment(unlabeled)]
+    return torch.cat(views).contiguous(memory_format=torch.channels_last)
+
+
+def fixmatch_step_loss(forward, inputs, labeled_y, unlabeled_count, lambda_u, tau, freematch):
+    """fixmatch_loss of an augmented_batch, through the network in one pass, so
+    that BN sees labeled and unlabeled images together; data.for_training
+    compiles it with the network as one graph."""
+    logits = forward(inputs)
+    logits_labeled, logits_weak, logits_strong = logits.split([len(labeled_y), unlabeled_count, unlabeled_count])
+    return fixmatch_loss(logits_labeled, labeled_y, logits_weak, logits_strong, lambda_u, tau, freematch)
+
+
+def update_weights(loss, model, ema_model, optimizer, ema):
+    """Backward, SGD, and the EMA of the weights (one kernel per list); BN
+    statistics are copied (and measured before evaluation)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - ema)
+        torch._foreach_copy_(list(ema_model.buffers()), list(model.buffers()))
 
 
 def sample_labeled(count, real_count, total, real_fraction, device):

@@ -876,7 +876,7 @@ def test_fixmatch_loss_counts_only_confident_unlabeled_images():
 
 def test_freematch_threshold_update_matches_a_hand_computation():
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4], [0.2, 0.2, 0.6], [0.9, 0.05, 0.05]])
-    state = fixmatch.FreeMatchThreshold(3, decay=0.9, device="cpu")
+    state = fixmatch.FreeMatchThreshold(3, decay=0.9)
     state.update(probs)
     # global: 0.9 * 1/3 + 0.1 * mean(0.7, 0.5, 0.6, 0.9) ; classes: 0.9 * 1/3 + 0.1 * column means
     global_tau = 0.9 / 3 + 0.1 * 0.675
@@ -884,14 +884,14 @@ def test_freematch_threshold_update_matches_a_hand_computation():
     expected = [global_tau * p / max(class_p) for p in class_p]
     assert state.class_thresholds().tolist() == pytest.approx(expected, rel=1e-6)
     # In the loss the update comes first, then each image meets its predicted class's threshold.
-    fresh = fixmatch.FreeMatchThreshold(3, decay=0.9, device="cpu")
+    fresh = fixmatch.FreeMatchThreshold(3, decay=0.9)
     _, mask, pseudo = fixmatch.fixmatch_loss(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long), probs.log(),
                                              torch.zeros(4, 3), lambda_u=1.0, freematch=fresh)
     assert mask.tolist() == [p.max().item() >= expected[p.argmax()] for p in probs]
 
 
 def test_freematch_masks_the_images_below_their_class_threshold_and_only_those():
-    state = fixmatch.FreeMatchThreshold(2, decay=0.0, device="cpu")  # decay 0: the thresholds of this batch
+    state = fixmatch.FreeMatchThreshold(2, decay=0.0)  # decay 0: the thresholds of this batch
     probs = torch.tensor([[0.95, 0.05], [0.6, 0.4], [0.3, 0.7], [0.45, 0.55]])
     # global: mean confidence (0.95 + 0.6 + 0.7 + 0.55) / 4 = 0.7; class p = (0.575, 0.425)
     # class thresholds: 0.7 * (1, 0.425 / 0.575) = (0.7, 0.5174)
@@ -903,11 +903,12 @@ def test_freematch_masks_the_images_below_their_class_threshold_and_only_those()
     assert loss.item() == pytest.approx(math.log(2) + counted.mean().item(), rel=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:for (global_tau|class_p). copying:UserWarning")  # meta values are never real
 def test_freematch_state_loaded_from_a_cpu_checkpoint_moves_to_the_training_device():
     # The meta device stands in for CUDA: a checkpoint loads on the CPU, training runs elsewhere.
-    saved = fixmatch.FreeMatchThreshold(10, 0.999, "cpu")
+    saved = fixmatch.FreeMatchThreshold(10, 0.999)
     saved.update(torch.full((4, 10), 0.1))
-    threshold = fixmatch.FreeMatchThreshold(10, 0.999, "meta")
+    threshold = fixmatch.FreeMatchThreshold(10, 0.999).to("meta")
     threshold.load_state_dict(saved.state_dict())
     assert {value.device.type for value in threshold.state_dict().values()} == {"meta"}
     threshold.update(torch.full((4, 10), 0.1, device="meta"))  # mixing devices here raised before
@@ -916,13 +917,13 @@ def test_freematch_state_loaded_from_a_cpu_checkpoint_moves_to_the_training_devi
 
 def test_freematch_averages_its_statistics_over_processes(monkeypatch):
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4]])
-    alone = fixmatch.FreeMatchThreshold(3, decay=0.5, device="cpu")
+    alone = fixmatch.FreeMatchThreshold(3, decay=0.5)
     alone.update(probs)
     # Two processes that saw the same batch: all_reduce sums them; the mean must not change.
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(dist, "all_reduce", lambda tensor: tensor.mul_(2))
-    shared = fixmatch.FreeMatchThreshold(3, decay=0.5, device="cpu")
+    shared = fixmatch.FreeMatchThreshold(3, decay=0.5)
     shared.update(probs)
     assert torch.allclose(shared.class_thresholds(), alone.class_thresholds())
     assert torch.allclose(shared.global_tau, alone.global_tau)
@@ -1672,6 +1673,13 @@ def test_each_augmented_image_is_the_transform_its_labels_describe():
         assert any(torch.allclose(out[i], reading[i], atol=1e-4) for reading in readings), i
 
 
+def test_the_warps_largest_singular_value_in_closed_form_is_linalgs_in_float64():
+    matrices = torch.cat([torch.randn(1000, 2, 2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)[None],
+                          torch.tensor([[[2.0, 4.0], [1.0, 2.0]]], dtype=torch.float64)])  # identity, singular
+    expected = torch.linalg.matrix_norm(matrices, ord=2)
+    assert torch.allclose(unet.largest_singular_value(matrices), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_the_cifar_unet_told_of_augmentation_has_edms_parameter_count():
     # EDM's ddpmpp with augment_dim 9 adds map_augment, Linear(9, 128) without bias: 55,734,147 + 1,152.
     model = unet.make_diffusion("unet", "cifar", 10, 32, augment_dim=unet.AUGMENT_DIM)
@@ -1716,17 +1724,21 @@ def test_training_lowers_the_loss_on_unseen_shapes(tmp_path):
 # The GPU path on a CPU: torch.compile and bf16 autocast run the same code there
 
 
-def train_briefly(kind, arch, tmp_path, **speed):
-    """Three training steps of a stage's real loop on 16x16 shapes; (EMA model, metrics, model's last weights)."""
+def train_briefly(kind, arch, tmp_path, freematch=False, **speed):
+    """Three training steps of a stage's real loop on 16x16 shapes; (EMA model, metrics, model's last weights
+    and FreeMatch's state)."""
     images, labels = shapes_16(64)
     if kind == "classifier":
         dataset = data.Dataset("shapes16", images, labels, images[:16], labels[:16], 10)
-        config = tiny_config(tmp_path, arch=arch, steps=3, ckpt_every=3, eval_every=3, **speed)
+        threshold = dict(threshold="freematch", freematch_ema=0.5) if freematch else {}
+        config = tiny_config(tmp_path, arch=arch, steps=3, ckpt_every=3, eval_every=3, **threshold, **speed)
         ema, metrics = fixmatch.train(config, dataset, data.labeled_split(labels, 2, seed=0), progress=False)
     else:  # the noise levels, labels and learning rate (warm-up) change at every step
         config = diffusion_config(tmp_path, arch=arch, images=24, batch=8, ckpt_every=24, **speed)
         ema, metrics = unet.train(config, images, labels, 10, progress=False)
-    return ema, metrics, torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    return ema, metrics, {**checkpoint["model"], **{f"freematch.{name}": value for name, value in
+                                                   (checkpoint.get("freematch") or {}).items()}}
 
 
 NETWORKS = [("classifier", "small"), ("classifier", "wrn28_2"), ("diffusion", "unet"), ("diffusion", "uvit")]
@@ -1738,13 +1750,14 @@ def test_compile_traces_each_training_network_whole_once_and_matches_eager(kind,
     # compilation over steps where the batch, labels, noise levels and lr change.
     # aot_eager traces forward and backward as inductor would, without generating code.
     real_compile, compiled_models = torch.compile, []
-    monkeypatch.setattr(torch, "compile", lambda model: compiled_models.append(model) or real_compile(
+    monkeypatch.setattr(torch, "compile", lambda model, **options: compiled_models.append(model) or real_compile(
         model, backend="aot_eager", fullgraph=True))
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        _, _, compiled = train_briefly(kind, arch, tmp_path / "compiled", compile=True, bf16=False)
+        # FreeMatch: its thresholds are updated in place inside the compiled step
+        _, _, compiled = train_briefly(kind, arch, tmp_path / "compiled", freematch=True, compile=True, bf16=False)
     assert len(compiled_models) == 1 and torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
-    _, _, eager = train_briefly(kind, arch, tmp_path / "eager", compile=False, bf16=False)
+    _, _, eager = train_briefly(kind, arch, tmp_path / "eager", freematch=True, compile=False, bf16=False)
     for name in eager:
         assert torch.allclose(compiled[name].float(), eager[name].float(), atol=1e-5, rtol=1e-4), name
 
@@ -1795,6 +1808,80 @@ def test_the_frozen_imagenet_networks_compile_whole_and_run_in_bf16_close_to_flo
     assert torch.allclose(compiled, eager, atol=1e-5, rtol=1e-4)
     relative = ((half.float() - eager).norm() / eager.norm()).item()
     assert 0 < relative < 0.02, relative  # bf16 ran, within 2%
+
+
+class HostDeviceTraffic(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on any op that moves data between the host and the device: a value
+    read back (.item(), a tensor in an `if`) or a host tensor copied over. Either
+    makes the host wait for the GPU to finish all it has queued."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        devices = {leaf.device.type for leaf in torch.utils._pytree.tree_leaves((args, kwargs))
+                   if isinstance(leaf, torch.Tensor)}
+        if kwargs.get("device") is not None:
+            devices.add(torch.device(kwargs["device"]).type)
+        crossing = (func is torch.ops.aten._local_scalar_dense.default and devices != {"cpu"} or
+                    func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and len(devices) > 1)
+        assert not crossing, f"{func} moves data between {devices}"
+        return func(*args, **kwargs)
+
+
+class HostDataToDevice(torch.overrides.TorchFunctionMode):
+    """Fails on torch.tensor(host data, device=...) and torch.as_tensor of host
+    data, whose copy the dispatch mode above does not see."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        assert not (func in (torch.tensor, torch.as_tensor) and not isinstance(args[0], torch.Tensor) and
+                    device is not None and torch.device(device).type != "cpu"), \
+            f"{func.__name__} copies host data to {device}"
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("threshold", ["fixmatch", "freematch"])
+def test_a_classifier_training_step_queues_all_its_work_on_the_device_and_reads_nothing_back(threshold):
+    # The meta device stands in for a GPU: every function the training loop's step calls, on
+    # meta tensors, under a dispatch mode that fails where data crosses to or from the host.
+    device = torch.device("meta")
+    train_x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8).to(device)
+    labeled_y = torch.randint(0, 10, (16,)).to(device)
+    model = fixmatch.make_classifier("wrn28_2", 10, torch.zeros(3), torch.ones(3)).to(device)
+    ema_model = copy.deepcopy(model).requires_grad_(False)
+    # Fused SGD has no meta kernel: the same update, unfused (the fused one takes its lr as a host float too).
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    freematch = fixmatch.FreeMatchThreshold(10, 0.999).to(device) if threshold == "freematch" else None
+    _, step_loss = data.for_training(model, fixmatch.fixmatch_step_loss, 1, device, compile=False)
+    with HostDeviceTraffic(), HostDataToDevice():
+        for real_fraction in (-1, 0.5):  # stage 1's uniform draw and stage 3's share of real images
+            labeled_pick = fixmatch.sample_labeled(4, 12, 16, real_fraction, device)
+            unlabeled_pick = torch.randint(len(train_x), (12,), device=device)
+            inputs = fixmatch.augmented_batch(train_x[labeled_pick], train_x[unlabeled_pick])
+            loss, mask, pseudo = step_loss(inputs, labeled_y[labeled_pick], 12, 1.0, 0.95, freematch)
+            fixmatch.update_weights(loss, model, ema_model, optimizer, 0.999)
+    assert inputs.shape == (4 + 2 * 12, 3, 32, 32) and mask.shape == pseudo.shape == (12,)
+
+
+@pytest.mark.parametrize("arch", ["unet", "uvit"])
+def test_a_diffusion_training_step_queues_all_its_work_on_the_device_and_reads_nothing_back(arch):
+    # As the classifier's test: the pixel path's step (EDM's augmentation, noise, loss, backward, the
+    # gradients' clean-up, Adam unfused as above, EMA) on the meta device.
+    device = torch.device("meta")
+    model = unet.make_diffusion(arch, "tiny", 10, 16, augment_dim=unet.AUGMENT_DIM).to(device)
+    ema_model = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images, labels = torch.zeros(8, 3, 16, 16, device=device), torch.zeros(8, dtype=torch.long, device=device)
+    _, step_loss = data.for_training(model, unet.edm_loss, 1, device, compile=False)
+    with HostDeviceTraffic(), HostDataToDevice():
+        x, augment_labels = unet.augment(images, 0.5)
+        noisy, sigma, conditions = unet.edm_noise(x, labels, 10, unet.DiffusionConfig())
+        step_loss(x, noisy, sigma, conditions, augment_labels).backward()
+        for param in model.parameters():
+            torch.nan_to_num_(param.grad, nan=0, posinf=1e5, neginf=-1e5)
+        optimizer.step()
+        torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 0.001)
+    assert x.shape == images.shape and augment_labels.shape == (8, unet.AUGMENT_DIM)
 
 
 def test_under_bf16_autocast_losses_pseudo_labels_preconditioning_and_the_ode_stay_float(monkeypatch):

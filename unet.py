@@ -62,7 +62,8 @@ class DiffusionConfig:
     p_std: float = 1.2              # (EDM's log-normal)
     seed: int = 0                   # seed of the initial weights and of training
     ckpt_every: int = 5_000_000     # images between checkpoints
-    compile: bool = None            # torch.compile the network (unset: with CUDA only)
+    compile: bool = None            # torch.compile the network and its loss (unset: with CUDA only)
+    cuda_graphs: bool = False       # with compile on one GPU: replay the step's forward and backward as CUDA graphs
     bf16: bool = None               # bf16 autocast (unset: with CUDA only)
     bench: bool = False             # print images/s and MFU of every size of --arch and exit
 
@@ -70,7 +71,7 @@ class DiffusionConfig:
 # A resumed run ends the same whatever these are (a step draws its noise for the
 # whole batch before splitting it into micro-batches); the labels are compared by their
 # contents (a checksum in the checkpoint), not by the name of their file.
-FREE_TO_CHANGE = {"data_dir", "out", "ckpt_every", "compile", "bench", "labels_file", "micro_batch"}
+FREE_TO_CHANGE = {"data_dir", "out", "ckpt_every", "compile", "cuda_graphs", "bench", "labels_file", "micro_batch"}
 
 # Sizes: `cifar` is EDM's DDPM++ for CIFAR-10 (55.7M parameters) and U-ViT-S/2
 # (Bao et al. 2023, 44M + the time MLP); `tiny` trains on 2 CPU cores in minutes:
@@ -203,8 +204,17 @@ def warp(images, matrix, shift):
     2 x 2 sub-pixel readings so that minification does not alias (EDM filters with
     2x wavelet up- and down-sampling to the same end); elsewhere it reads once, at
     its centre, so that the identity and integer shifts keep every pixel."""
-    shrinks = torch.linalg.matrix_norm(matrix, ord=2) > 1 + 1e-6
+    shrinks = largest_singular_value(matrix) > 1 + 1e-6
     return torch.where(shrinks.view(-1, 1, 1, 1), read(images, matrix, shift, 2), read(images, matrix, shift, 1))
+
+
+def largest_singular_value(matrix):
+    """Of each 2 x 2 matrix [N, 2, 2], in closed form: s^2 = (F + sqrt(F^2 - 4 det^2)) / 2,
+    F the squared Frobenius norm. torch.linalg's SVD would synchronize a GPU with
+    the host (its documentation says so) in every training step."""
+    frobenius = matrix.square().sum((1, 2))
+    determinant = matrix[:, 0, 0] * matrix[:, 1, 1] - matrix[:, 0, 1] * matrix[:, 1, 0]
+    return ((frobenius + (frobenius ** 2 - 4 * determinant ** 2).clamp_min(0).sqrt()) / 2).sqrt()
 
 
 def read(images, matrix, shift, sub):
@@ -215,7 +225,7 @@ def read(images, matrix, shift, sub):
     xs = (torch.arange(sub * w, device=images.device) + 0.5) / sub - w / 2
     q = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).view(1, -1, 2) - shift[:, None, :]
     p = q @ matrix.transpose(1, 2)  # [N, sub^2 HW, (x, y)]
-    grid = (p / torch.tensor([w / 2, h / 2], device=images.device)).view(n, sub * h, sub * w, 2)  # align_corners=False
+    grid = torch.stack([p[..., 0] / (w / 2), p[..., 1] / (h / 2)], -1).view(n, sub * h, sub * w, 2)  # align_corners=False
     sampled = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     return F.avg_pool2d(sampled, sub)
 
@@ -727,7 +737,8 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
                            None if config.dropout < 0 else config.dropout, AUGMENT_DIM if config.augment else 0)
     model.to(device, memory_format=torch.channels_last)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
+                                 fused=True)  # one kernel for all the weights instead of a few per tensor
     torch.manual_seed(config.seed + 1 + rank)  # but every rank draws its own batches and noise
     labels_crc = zlib.crc32(labels.cpu().numpy().tobytes())
     if pixels:
@@ -744,7 +755,8 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
         if rank == 0 and progress:
             print(f"resuming {checkpoint_path} at {images_seen:,} of {config.images:,} images", file=sys.stderr)
 
-    forward = data.for_training(model, world, device, data.on_cuda_unless_set(config.compile, device))
+    compile = data.on_cuda_unless_set(config.compile, device)
+    forward, step_loss = data.for_training(model, edm_loss, world, device, compile, config.cuda_graphs)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=data.on_cuda_unless_set(config.bf16, device))
 
     share = config.batch // world  # images a process puts through the network each step
@@ -785,8 +797,8 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
             if world > 1:  # all-reduce once a step, in the last micro-batch's backward (as nanoGPT)
                 forward.require_backward_grad_sync = start + micro == share
             with autocast:
-                loss = edm_loss(forward, x[part], noisy[part], sigma[part], conditions[part],
-                                None if augment_labels is None else augment_labels[part]) * (micro / share)
+                loss = step_loss(x[part], noisy[part], sigma[part], conditions[part],
+                                 None if augment_labels is None else augment_labels[part]) * (micro / share)
             loss.backward()
             loss_sum += loss.detach()
         for param in model.parameters():  # as EDM: one bad batch must not poison the weights

@@ -1127,6 +1127,31 @@ def save_preview(data, path, columns=10, strong_rows=3):
     print(f"saved {path}: rows are originals, weak views, {strong_rows} rows of strong views")
 
 
+# Dense bf16 peaks of the GPUs we time on (their data sheets), for the share of
+# the peak a benchmark reaches; more specific names first.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def forward_flops(model, *inputs):
+    """FLOPs of model(*inputs) as PyTorch counts them: convolutions and matrix
+    products, attention's included (its math kernel is made of them; a fused
+    CPU kernel would go uncounted)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        model(*inputs)
+    return counter.get_total_flops()
+
+
+def peak_share(flops_per_second, device):
+    """The share of the device's bf16 peak that flops_per_second is; None where
+    the peak is unknown (a CPU)."""
+    name = device_name(device)
+    peak = next((flops for gpu, flops in PEAK_FLOPS.items() if gpu in name), None)
+    return peak and flops_per_second / peak
+
+
 def augmentation_rate(augment, n, device, repeats=5):
     """Images/s of augment on a batch of n random 32x32 images on device, after a warm-up batch."""
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)

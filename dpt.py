@@ -58,6 +58,7 @@ class DPTConfig:
     bench: bool = False             # print every stage's speed on this device and the presets' projected time, and exit
     report: str = ""                # (re)write RUN/report.html from a finished run folder RUN, and exit
     compile: bool = None            # torch.compile the networks (unset: the preset's, else with CUDA only)
+    cuda_graphs: bool = False       # with compile on one GPU: replay each training step as CUDA graphs
     bf16: bool = None               # bf16 autocast (unset: the preset's, else with CUDA only)
     # Each field below is a stage script's flag under its stage's prefix: --ssl-lr is
     # fixmatch.py's --lr, --diffusion-warmup unet.py's --warmup. Unset, it is the
@@ -116,12 +117,12 @@ def prefixed(prefix, *names):
 PREFIX_STAGE = {"ssl_": "stage1", "stage3_": "stage3", "diffusion_": "stage2", "sample_": "sample"}
 
 
-CLASSIFIER_FIELDS = {**prefixed("", "dataset", "data_dir", "labels", "seed", "compile", "bf16"),
+CLASSIFIER_FIELDS = {**prefixed("", "dataset", "data_dir", "labels", "seed", "compile", "cuda_graphs", "bf16"),
                      **prefixed("ssl_", "arch", "steps", "batch", "uratio", "lr", "lr_cosine", "ema", "precise_bn",
                                 "threshold", "tau", "eval_every"),
                      "ckpt_every": "ssl_eval_every"}
 STAGE3_FIELDS = dict(CLASSIFIER_FIELDS, steps="stage3_steps", real_fraction="stage3_real_fraction")
-DIFFUSION_FIELDS = {**prefixed("", "dataset", "data_dir", "seed", "compile", "bf16"),
+DIFFUSION_FIELDS = {**prefixed("", "dataset", "data_dir", "seed", "compile", "cuda_graphs", "bf16"),
                     **prefixed("diffusion_", "arch", "size", "images", "batch", "micro_batch", "lr", "warmup",
                                "ema_halflife", "p_mean", "label_dropout", "augment")}
 SAMPLE_FIELDS = {**prefixed("", "seed", "bf16"), **prefixed("sample_", "per_class", "solver", "steps", "guidance")}
@@ -208,8 +209,8 @@ def resolve(config):
 # features; it comes first, so that --redo stage1 (a new split) keeps it.
 STAGES = ("encode", "split", "stage1", "stage2", "sample", "stage3", "fid")
 REDO_STAGES = tuple(stage for stage in STAGES if stage != "split")  # --redo stage1 draws the split again
-FREE_TO_CHANGE = {"dataset", "data_dir", "out", "redo", "baseline", "fid_weights", "compile", "preset",
-                  "ssl_eval_every", "diffusion_micro_batch", "bench", "report", "seeds", "autoencoder", "msn_weights"}
+FREE_TO_CHANGE = {"dataset", "data_dir", "out", "redo", "baseline", "fid_weights", "compile", "cuda_graphs",
+                  "preset", "ssl_eval_every", "diffusion_micro_batch", "bench", "report", "seeds", "autoencoder", "msn_weights"}
 FIELD_STAGE = {"labels": "split", "seed": "split", "label_subset": "split", "bf16": "stage1", "fid_reference": "fid",
                "fid_stats": "fid", "image_size": "encode", "autoencoder_size": "encode", "skip_bad_images": "encode",
                "msn_size": "encode", "probe_lambda": "stage1",
@@ -878,14 +879,16 @@ def bench(config, device, arch, size):
     # peak memory is the run's; a CPU runs small batches and few steps.
     ssl_batch, diffusion_batch, micro_batch, steps = (64, 512, 256, 6) if on_cuda else (4, 2, 0, 3)
 
-    classifier = lambda compile, bf16: fixmatch.training_rate(fixmatch.FixMatchConfig(
-        arch=arch, batch=ssl_batch, uratio=7, compile=compile, bf16=bf16), steps=steps + 5)
-    diffusion = lambda arch: lambda compile, bf16: unet.training_rate(unet.DiffusionConfig(
-        arch=arch, size=size, batch=diffusion_batch, micro_batch=micro_batch, compile=compile, bf16=bf16),
-        steps=steps + 2)
+    classifier = lambda graphs: lambda compile, bf16: fixmatch.training_rate(fixmatch.FixMatchConfig(
+        arch=arch, batch=ssl_batch, uratio=7, compile=compile, cuda_graphs=graphs, bf16=bf16),
+        steps=steps + 5)
+    diffusion = lambda arch, graphs=False: lambda compile, bf16: unet.training_rate(unet.DiffusionConfig(
+        arch=arch, size=size, batch=diffusion_batch, micro_batch=micro_batch, compile=compile, cuda_graphs=graphs,
+        bf16=bf16), steps=steps + 2)
     model = unet.make_diffusion("unet", size, 10, 32).to(device).eval()
-    heun = lambda compile, bf16: sample.heun_rate(model, 1 if not on_cuda else 10, device, bf16=bf16,
-                                                  steps=18 if on_cuda else 2)
+    # On a GPU Heun samples 1,000 images in one batch (the sampling stage's batch).
+    heun = lambda compile, bf16: sample.heun_rate(model, 1 if not on_cuda else 100, device, bf16=bf16,
+                                                  steps=18 if on_cuda else 2, batch=1000)
     inception = fid.for_inference(fid.FIDInception(), device)
     images = torch.randint(0, 256, (100 if on_cuda else 8, 3, 32, 32), dtype=torch.uint8, device=device)
     features = lambda compile, bf16: fid.feature_rates({"ours": lambda: inception(images)}, len(images),
@@ -893,18 +896,25 @@ def bench(config, device, arch, size):
     augment = lambda compile, bf16: data.augmentation_rate(lambda x: data.strong_augment(data.weak_augment(x)),
                                                            65536 if on_cuda else 1024, device.type)
     per_step = ssl_batch * (1 + 2 * 7)  # images through the classifier per step
-    # (row, what it runs, unit, whether compile and bf16 apply to it)
-    rows = [("augmentation, weak + strong", augment, "images/s", False),
-            (f"FixMatch {arch}, {ssl_batch} + 2 x {7 * ssl_batch}", classifier, "steps/s", True),
-            (f"U-Net {size} training, batch {diffusion_batch}", diffusion("unet"), "images/s", True),
-            (f"U-ViT {size} training, batch {diffusion_batch}", diffusion("uvit"), "images/s", True),
-            (f"Heun, 35 evaluations, U-Net {size}", heun, "images/s", True),
-            ("FID features (always eager fp32)", features, "images/s", False)]
+    # FLOPs of one unit of each row's rate: a training image costs 3x its forward (a backward of twice),
+    # a sampled image 35 forward evaluations.
+    network = lambda name: unet.make_diffusion(name, size, 10, 32)
+    classifier_flops = 3 * per_step * data.forward_flops(
+        fixmatch.make_classifier(arch, 10, torch.zeros(3), torch.ones(3)).eval(), torch.zeros(1, 3, 32, 32))
+    unet_flops, uvit_flops = (3 * unet.flops_per_image(network(name)) for name in ("unet", "uvit"))
+    inception_flops = data.forward_flops(fid.FIDInception().eval(), torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    # (row, what it runs, unit, whether compile and bf16 apply to it, FLOPs a unit)
+    rows = [("augmentation, weak + strong", augment, "images/s", False, None),
+            (f"FixMatch {arch}, {ssl_batch} + 2 x {7 * ssl_batch}", classifier(False), "steps/s", True,
+             classifier_flops),
+            (f"U-Net {size} training, batch {diffusion_batch}", diffusion("unet"), "images/s", True, unet_flops),
+            (f"U-ViT {size} training, batch {diffusion_batch}", diffusion("uvit"), "images/s", True, uvit_flops),
+            (f"Heun, 35 evaluations, U-Net {size}", heun, "images/s", True, 35 * unet_flops / 3),
+            ("FID features (always eager fp32)", features, "images/s", False, inception_flops)]
+    if on_cuda:  # the same steps replayed as CUDA graphs (where compile is on)
+        rows += [("FixMatch step as CUDA graphs", classifier(True), "steps/s", True, classifier_flops),
+                 (f"U-Net {size} training as CUDA graphs", diffusion("unet", True), "images/s", True, unet_flops)]
     rate = dict(zip(("augment", "classifier", "unet", "uvit", "heun", "fid"), bench_rows(config, device, rows)))
-    for name in ("unet", "uvit"):
-        mfu = unet.flop_utilisation(unet.make_diffusion(name, size, 10, 32), rate[name], device)
-        if mfu is not None:
-            print(f"  {name} {size}: model FLOP utilisation {100 * mfu:.1f}% of the bf16 peak")
 
     # Projection: every stage's work at its measured rate; a preset's U-Net of
     # another size than the one measured is scaled by forward FLOPs.
@@ -929,8 +939,8 @@ def bench(config, device, arch, size):
 def bench_rows(config, device, rows):
     """Print each row's rate with this run's compile and bf16 (as resolve() filled
     them) beside eager fp32 where they apply, the seconds its training steps took to
-    warm up (compilation included; '-' where nothing compiles), and its peak device
-    memory; return the rates."""
+    warm up (compilation included; '-' where nothing compiles), the share of the
+    GPU's bf16 peak its FLOPs reach, and its peak device memory; return the rates."""
     on_cuda, fast = device.type == "cuda", (config.compile, config.bf16)
 
     def measure(run, settings):
@@ -941,15 +951,17 @@ def bench_rows(config, device, rows):
         rate, warmup = measured if isinstance(measured, tuple) else (measured, None)  # training rows time warm-up
         return rate, warmup, torch.cuda.max_memory_allocated() / 2 ** 30 if on_cuda else None
     print(f"{data.device_name(device)}: compile={fast[0]}, bf16={fast[1]}, beside eager fp32")
-    print(f"  {'stage':<40} {'rate':>10} {'eager fp32':>10} {'ratio':>6}  {'unit':<9} {'warm-up':>8}  peak memory")
+    print(f"  {'stage':<40} {'rate':>10} {'eager fp32':>10} {'ratio':>6}  {'unit':<9} {'warm-up':>8} "
+          f"{'of peak':>8}  peak memory")
     measured = []
-    for name, run, unit, optimizable in rows:
+    for name, run, unit, optimizable, flops in rows:
         rate, warmup, memory = measure(run, fast)
         baseline = measure(run, (False, False))[0] if optimizable and fast != (False, False) else rate
+        share = flops and data.peak_share(rate * flops, device)
         measured.append(rate)
         print(f"  {name:<40} {rate:>10,.1f} {baseline:>10,.1f} {rate / baseline:>5.2f}x  {unit:<9} "
-              f"{'-' if warmup is None else f'{warmup:.1f} s':>8}  {'-' if memory is None else f'{memory:.1f} GiB'}",
-              flush=True)
+              f"{'-' if warmup is None else f'{warmup:.1f} s':>8} {'-' if share is None else f'{100 * share:.1f}%':>8}"
+              f"  {'-' if memory is None else f'{memory:.1f} GiB'}", flush=True)
     return measured
 
 
@@ -997,11 +1009,13 @@ def bench_latent(config, device):
     def decoding(compile, bf16):
         with autocast(bf16):
             return timed(lambda: unet.decode_latents(autoencoder, x), batch)
+    forward = unet.flops_per_image(model)  # an evaluation under guidance runs the network twice
     rows = [(f"encoding {config.msn_size} + {config.autoencoder_size} at {side}, batch {batch}", encoding, "images/s",
-             True),
-            (f"U-ViT {config.diffusion_size} training, batch {step['batch']}", training, "images/s", True),
-            (f"guided U-ViT {config.diffusion_size} evaluation", evaluation, "images/s", True),
-            (f"decoding {config.autoencoder_size} to {side}", decoding, "images/s", True)]
+             True, None),
+            (f"U-ViT {config.diffusion_size} training, batch {step['batch']}", training, "images/s", True, 3 * forward),
+            (f"guided U-ViT {config.diffusion_size} evaluation", evaluation, "images/s", True,
+             forward * (1 if config.sample_guidance == 1 else 2)),
+            (f"decoding {config.autoencoder_size} to {side}", decoding, "images/s", True, None)]
     encode, train, evaluate, decode = bench_rows(config, device, rows)
     sampling = 1 / (config.sample_steps / evaluate + 1 / decode)  # DPM-Solver++(2M): one evaluation a step
     print(f"  sampling with decoding, {config.sample_steps} DPM-Solver++ steps: {sampling:,.2f} images/s")

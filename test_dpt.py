@@ -2596,6 +2596,15 @@ def test_bench_prints_every_stage_beside_eager_fp32_and_the_presets_projected_ti
         assert len(stages) == 4 and total == pytest.approx(sum(stages), abs=0.2), line
 
 
+def test_the_share_of_the_peak_is_taken_against_the_named_gpus_own_peak(monkeypatch):
+    for name, peak in (("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12),
+                       ("NVIDIA A100-SXM4-80GB", 312e12)):
+        monkeypatch.setattr(data, "device_name", lambda device: name)
+        assert data.peak_share(peak / 4, "cuda") == pytest.approx(0.25), name
+    monkeypatch.setattr(data, "device_name", lambda device: "cpu, 2 threads")
+    assert data.peak_share(1e12, "cpu") is None
+
+
 def test_without_cuda_or_preset_the_tiny_preset_runs_and_says_so(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config = dpt.DPTConfig(ssl_steps=7)
@@ -3287,7 +3296,7 @@ A_FILE = os.path.join(HERE, "dpt.py")
 BAD_SETTINGS = {
     "dataset": "imagenet42", "data_dir": A_FILE, "labels": "0", "seed": "-1", "preset": "huge", "out": A_FILE,
     "redo": "stage9", "baseline": None, "fid_weights": "/missing/inception.pth", "bench": None, "compile": None,
-    "bf16": None, "report": "/missing/run",
+    "cuda_graphs": None, "bf16": None, "report": "/missing/run",
     "ssl_arch": "vgg", "ssl_steps": "0", "stage3_steps": "0", "ssl_batch": "0", "ssl_uratio": "0", "ssl_lr": "0",
     "ssl_ema": "1", "ssl_threshold": "adaptive", "ssl_tau": "1.5", "stage3_real_fraction": "2",
     "ssl_eval_every": "0", "diffusion_arch": "resnet", "diffusion_size": "gigantic", "diffusion_images": "0",

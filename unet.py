@@ -845,21 +845,11 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
 # -----------------------------------------------------------------------------
 # Command line: stage 2 alone, and the benchmark
 
-# bf16 dense peak of the GPUs we time on, for the model FLOP utilisation
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
-
 
 def flops_per_image(model):
-    """Forward FLOPs of one image as counted by PyTorch: convolutions and matrix
-    products, attention's included (its math kernel is made of them; the fused
-    CPU kernel goes uncounted)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
+    """Forward FLOPs of one image (data.forward_flops)."""
     x = torch.zeros(1, model.channels, model.resolution, model.resolution)
-    counter = FlopCounterMode(display=False)
-    with counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
-        model(x, torch.ones(1), torch.zeros(1, dtype=torch.long))
-    return counter.get_total_flops()
+    return data.forward_flops(model, x, torch.ones(1), torch.zeros(1, dtype=torch.long))
 
 
 def training_rate(config, steps=12, images=None):
@@ -879,9 +869,7 @@ def flop_utilisation(model, rate, device):
     """The share of the GPU's bf16 peak that training at `rate` images/s uses:
     training costs about 3x the forward FLOPs (forward, and a backward of twice).
     None where the peak is unknown (a CPU)."""
-    name = data.device_name(device)
-    peak = next((flops for gpu, flops in PEAK_FLOPS.items() if gpu in name), None)
-    return peak and 3 * flops_per_image(model) * rate / peak
+    return data.peak_share(3 * flops_per_image(model) * rate, device)
 
 
 def benchmark(config, steps=12):

@@ -7,6 +7,7 @@ exact on-disk formats and run the real loading code on them.
 """
 
 import base64
+import contextlib
 import copy
 import dataclasses
 import errno
@@ -1754,8 +1755,10 @@ def test_compile_traces_each_training_network_whole_once_and_matches_eager(kind,
         model, backend="aot_eager", fullgraph=True))
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        # FreeMatch: its thresholds are updated in place inside the compiled step
-        _, _, compiled = train_briefly(kind, arch, tmp_path / "compiled", freematch=True, compile=True, bf16=False)
+        # FreeMatch: its thresholds are updated in place inside the compiled step; CUDA graphs: the same
+        # compiled step, called through the wrapper that marks each step's start (on a CPU nothing is replayed)
+        _, _, compiled = train_briefly(kind, arch, tmp_path / "compiled", freematch=True, compile=True,
+                                       cuda_graphs=True, bf16=False)
     assert len(compiled_models) == 1 and torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     _, _, eager = train_briefly(kind, arch, tmp_path / "eager", freematch=True, compile=False, bf16=False)
     for name in eager:
@@ -1840,40 +1843,65 @@ class HostDataToDevice(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def no_host_device_traffic(device):
+    """On the meta device, the two modes above; on a GPU, also PyTorch's own
+    check, which raises at any synchronizing call."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(HostDeviceTraffic())
+    stack.enter_context(HostDataToDevice())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        stack.callback(torch.cuda.set_sync_debug_mode, "default")
+    return stack
+
+
+@pytest.mark.parametrize("device", ["meta", "cuda"])
 @pytest.mark.parametrize("threshold", ["fixmatch", "freematch"])
-def test_a_classifier_training_step_queues_all_its_work_on_the_device_and_reads_nothing_back(threshold):
+def test_a_classifier_training_step_queues_all_its_work_on_the_device_and_reads_nothing_back(threshold, device,
+                                                                                              request):
     # The meta device stands in for a GPU: every function the training loop's step calls, on
-    # meta tensors, under a dispatch mode that fails where data crosses to or from the host.
-    device = torch.device("meta")
+    # meta tensors, under modes that fail where data crosses to or from the host.
+    device = request.getfixturevalue("cuda") if device == "cuda" else torch.device(device)
     train_x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8).to(device)
     labeled_y = torch.randint(0, 10, (16,)).to(device)
     model = fixmatch.make_classifier("wrn28_2", 10, torch.zeros(3), torch.ones(3)).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False)
-    # Fused SGD has no meta kernel: the same update, unfused (the fused one takes its lr as a host float too).
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    config = fixmatch.FixMatchConfig()
+    # Fused SGD has no meta kernel: there the same update, unfused (the fused one takes its lr as a host float too).
+    optimizer = (fixmatch.make_optimizer(model, config) if device.type == "cuda" else
+                 torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4))
     freematch = fixmatch.FreeMatchThreshold(10, 0.999).to(device) if threshold == "freematch" else None
     _, step_loss = data.for_training(model, fixmatch.fixmatch_step_loss, 1, device, compile=False)
-    with HostDeviceTraffic(), HostDataToDevice():
+
+    def step(real_fraction):
+        labeled_pick = fixmatch.sample_labeled(4, 12, 16, real_fraction, device)
+        unlabeled_pick = torch.randint(len(train_x), (12,), device=device)
+        inputs = fixmatch.augmented_batch(train_x[labeled_pick], train_x[unlabeled_pick])
+        loss, mask, pseudo = step_loss(inputs, labeled_y[labeled_pick], 12, 1.0, 0.95, freematch)
+        fixmatch.update_weights(loss, model, ema_model, optimizer, 0.999)
+        return inputs, mask, pseudo
+    if device.type == "cuda":
+        step(-1)  # libraries' first calls (cuDNN's algorithm search) may wait once
+    with no_host_device_traffic(device):
         for real_fraction in (-1, 0.5):  # stage 1's uniform draw and stage 3's share of real images
-            labeled_pick = fixmatch.sample_labeled(4, 12, 16, real_fraction, device)
-            unlabeled_pick = torch.randint(len(train_x), (12,), device=device)
-            inputs = fixmatch.augmented_batch(train_x[labeled_pick], train_x[unlabeled_pick])
-            loss, mask, pseudo = step_loss(inputs, labeled_y[labeled_pick], 12, 1.0, 0.95, freematch)
-            fixmatch.update_weights(loss, model, ema_model, optimizer, 0.999)
+            inputs, mask, pseudo = step(real_fraction)
     assert inputs.shape == (4 + 2 * 12, 3, 32, 32) and mask.shape == pseudo.shape == (12,)
 
 
+@pytest.mark.parametrize("device", ["meta", "cuda"])
 @pytest.mark.parametrize("arch", ["unet", "uvit"])
-def test_a_diffusion_training_step_queues_all_its_work_on_the_device_and_reads_nothing_back(arch):
+def test_a_diffusion_training_step_queues_all_its_work_on_the_device_and_reads_nothing_back(arch, device, request):
     # As the classifier's test: the pixel path's step (EDM's augmentation, noise, loss, backward, the
-    # gradients' clean-up, Adam unfused as above, EMA) on the meta device.
-    device = torch.device("meta")
+    # gradients' clean-up, Adam (unfused on meta, as above), EMA).
+    device = request.getfixturevalue("cuda") if device == "cuda" else torch.device(device)
     model = unet.make_diffusion(arch, "tiny", 10, 16, augment_dim=unet.AUGMENT_DIM).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda")
     images, labels = torch.zeros(8, 3, 16, 16, device=device), torch.zeros(8, dtype=torch.long, device=device)
     _, step_loss = data.for_training(model, unet.edm_loss, 1, device, compile=False)
-    with HostDeviceTraffic(), HostDataToDevice():
+
+    def step():
         x, augment_labels = unet.augment(images, 0.5)
         noisy, sigma, conditions = unet.edm_noise(x, labels, 10, unet.DiffusionConfig())
         step_loss(x, noisy, sigma, conditions, augment_labels).backward()
@@ -1881,7 +1909,23 @@ def test_a_diffusion_training_step_queues_all_its_work_on_the_device_and_reads_n
             torch.nan_to_num_(param.grad, nan=0, posinf=1e5, neginf=-1e5)
         optimizer.step()
         torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 0.001)
+        return x, augment_labels
+    if device.type == "cuda":
+        step()  # libraries' first calls (cuDNN's algorithm search) may wait once
+    with no_host_device_traffic(device):
+        x, augment_labels = step()
     assert x.shape == images.shape and augment_labels.shape == (8, unet.AUGMENT_DIM)
+
+
+@pytest.mark.parametrize("kind, arch", [NETWORKS[0], NETWORKS[2]], ids=["classifier", "unet"])
+def test_on_the_gpu_steps_replayed_as_cuda_graphs_train_as_eager_steps_do(kind, arch, cuda, tmp_path):
+    torch._dynamo.reset()
+    _, _, replayed = train_briefly(kind, arch, tmp_path / "graphs", freematch=True, compile=True, cuda_graphs=True,
+                                   bf16=False)
+    _, _, eager = train_briefly(kind, arch, tmp_path / "eager", freematch=True, compile=False, bf16=False)
+    floats = [name for name, value in eager.items() if value.is_floating_point()]
+    distance = sum((replayed[name].float() - eager[name].float()).norm() ** 2 for name in floats).sqrt()
+    assert distance <= 1e-3 * sum(eager[name].float().norm() ** 2 for name in floats).sqrt()  # fp32 round-off
 
 
 def test_under_bf16_autocast_losses_pseudo_labels_preconditioning_and_the_ode_stay_float(monkeypatch):

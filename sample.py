@@ -262,7 +262,7 @@ def build_report(run):
     timings = results["wall_time_s"]
     details = json.dumps({"device": results["device"], "versions": results["versions"],
                           "config": results["config"]}, indent=2)
-    return page(title, f"""<p class="verdict">{verdict(results)}</p>
+    return page(title, f"""<p class="verdict">{html.escape(verdict(results))}</p>
 <table class="summary">{summary}</table>
 <h2>Training</h2>
 <div class="plots">
@@ -282,13 +282,23 @@ on the test set), says what is true.</p>
 
 
 def verdict(results):
-    """One sentence: did this run show DPT's claim, stage 3 above stage 1?"""
-    gain = results["stage3_gain"]
+    """One sentence: did this run show DPT's claim? Stage 3 against stage 1 and
+    against the labeled images alone; a stage 1 below the labeled images alone is
+    a failed semi-supervised stage, and then no gain over it is a success."""
+    gain, baseline = results["stage3_gain"], results["baseline_accuracy"]
     if gain is None:
         return "No test set: the gain of stage 3 over stage 1 cannot be measured."
+    stage1, stage3 = results["stage1_accuracy"], results["stage3_accuracy"]
+    than = lambda difference: f"{100 * abs(difference):.2f} points {'above' if difference >= 0 else 'below'}"
+    versus_labeled = "" if baseline is None else f"{than(stage3 - baseline)} the labeled images alone"
+    if baseline is not None and stage1 < baseline:
+        return (f"Stage 1 fell {than(stage1 - baseline)} the labeled images alone: the semi-supervised stage "
+                f"failed, so stage 3's {100 * gain:+.2f} points over it are no success of DPT (stage 3 is "
+                f"{than(stage3 - baseline)} the labeled images alone).")
     if gain > 0:
-        return f"DPT worked: stage 3 is {100 * gain:.2f} points above stage 1."
-    return f"Stage 3 is {-100 * gain:.2f} points below stage 1: this run does not show DPT's gain."
+        return f"DPT worked: stage 3 is {than(gain)} stage 1{versus_labeled and ' and ' + versus_labeled}."
+    return (f"Stage 3 is {than(gain)} stage 1{versus_labeled and ' (' + versus_labeled + ')'}: this run does not "
+            "show DPT's gain.")
 
 
 def sample_accuracy(predicted, labels, num_classes):
@@ -351,20 +361,41 @@ SWEEP_COLUMNS = (  # (heading, results.json field, a percentage)
     ("pseudo labels", "pseudo_label_accuracy", True), ("stage-1 judge", "sample_accuracy", True),
     ("oracle judge", "oracle_sample_accuracy", True), ("minutes", "minutes", False))
 
+# The gains a paper states, each paired seed by seed: (name, the better field, the field it is measured over).
+SWEEP_GAINS = (("stage 1 over labeled only", "stage1_accuracy", "baseline_accuracy"),
+               ("stage 3 over stage 1", "stage3_accuracy", "stage1_accuracy"),
+               ("stage 3 over labeled only", "stage3_accuracy", "baseline_accuracy"))
+
+
+def paired_gain(differences):
+    """The mean of paired differences (one a seed) with its 95% confidence
+    interval, Student's t with n - 1 degrees of freedom: mean +- t_0.975 s / sqrt(n)
+    (no interval from one seed), and how many differences are above zero."""
+    import scipy.stats
+    n = len(differences)
+    mean = float(np.mean(differences))
+    half = float(scipy.stats.t.ppf(0.975, n - 1) * np.std(differences, ddof=1) / math.sqrt(n)) if n > 1 else None
+    return {"mean": mean, "low": None if half is None else mean - half, "high": None if half is None else mean + half,
+            "above": sum(difference > 0 for difference in differences), "runs": n}
+
 
 def sweep_summary(runs):
-    """Every run's figures (from its results.json) and their mean and sample
-    standard deviation over the seeds."""
+    """Every run's figures (from its results.json), their mean and sample
+    standard deviation over the seeds, and each gain's paired interval."""
     rows = []
     for run in runs:
         results = data.read_json(os.path.join(run, "results.json"))
         rows.append({"seed": results["seed"], "run": run, "minutes": minutes(results),
                      **{field: results[field] for _, field, _ in SWEEP_COLUMNS if field != "minutes"}})
-    summary = {"runs": rows, "mean": {}, "std": {}}
+    summary = {"runs": rows, "mean": {}, "std": {}, "gains": {}}
     for _, field, _ in SWEEP_COLUMNS:
         values = [row[field] for row in rows if row[field] is not None]
         summary["mean"][field] = float(np.mean(values)) if values else None
         summary["std"][field] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    for name, better, over in SWEEP_GAINS:
+        differences = [row[better] - row[over] for row in rows if row[better] is not None and row[over] is not None]
+        if differences:
+            summary["gains"][name] = paired_gain(differences)
     gains = [row["stage3_gain"] for row in rows if row["stage3_gain"] is not None]
     summary["stage3_above_stage1"] = f"{sum(gain > 0 for gain in gains)} of {len(gains)}"
     return summary
@@ -382,6 +413,14 @@ def sweep_table(summary):
     return [header] + rows
 
 
+def gain_lines(summary):
+    """Each gain as a paper states it: mean [95% CI] in points, and the runs above zero."""
+    interval = lambda gain: ("" if gain["low"] is None else
+                             f" [{100 * gain['low']:+.2f}, {100 * gain['high']:+.2f}]")
+    return [f"{name}: {100 * gain['mean']:+.2f} points{interval(gain)} (95% CI, paired over seeds), "
+            f"above in {gain['above']} of {gain['runs']} runs" for name, gain in summary["gains"].items()]
+
+
 def write_sweep(runs, path, title):
     """The sweep's summary as path.json, a table printed, and path.html beside the runs."""
     summary = sweep_summary(runs)
@@ -390,19 +429,25 @@ def write_sweep(runs, path, title):
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     print("\n".join("  " + "  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in table))
     print(f"stage 3 above stage 1 in {summary['stage3_above_stage1']} runs (accuracies in %, gain in points)")
+    print("\n".join("  " + line for line in gain_lines(summary)))
     cells = lambda row, tag: "".join(f"<{tag}>{html.escape(cell)}</{tag}>" for cell in row)
     folder = os.path.dirname(path)
     links = [f'<a href="{html.escape(os.path.relpath(row["run"], folder))}/report.html">{row["seed"]}</a>'
              for row in summary["runs"]]
-    lines = [(name, [(row["seed"], 100 * row[field]) for row in summary["runs"] if row[field] is not None])
-             for name, field in (("stage 1", "stage1_accuracy"), ("stage 3", "stage3_accuracy"),
-                                 ("baseline", "baseline_accuracy"))]
+    bars = [(name, [None if row[field] is None else 100 * row[field] for row in summary["runs"]])
+            for name, field in (("baseline", "baseline_accuracy"), ("stage 1", "stage1_accuracy"),
+                                ("stage 3", "stage3_accuracy"))]
     body = (f"<table class=\"sweep\"><tr>{cells(table[0], 'th')}</tr>"
             + "".join(f"<tr><td>{link}</td>{cells(row[1:], 'td')}</tr>" for link, row in zip(links, table[1:]))
             + f"<tr><th>{table[-1][0]}</th>{cells(table[-1][1:], 'th')}</tr></table>"
-            + svg_plot([(name, line) for name, line in lines if line], "seed", "test accuracy (%)")
+            + "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in gain_lines(summary)) + "</ul>"
+            + '<div class="plots">'
+            + svg_seed_bars([str(row["seed"]) for row in summary["runs"]],
+                            [(name, values) for name, values in bars if any(v is not None for v in values)])
+            + svg_intervals(summary["gains"]) + "</div>"
             + f"<p>Stage 3 above stage 1 in {summary['stage3_above_stage1']} runs. Accuracies on the test set in %, "
-            "the gain in points (stage 3 minus stage 1, seed by seed), standard deviation over seeds. The stage-1 "
+            "the gain in points (stage 3 minus stage 1, seed by seed), standard deviation over seeds; each mean "
+            "gain with its 95% confidence interval, Student's t over the seeds' paired differences. The stage-1 "
             "judge is the share of generated images the stage-1 classifier puts in their intended class, the "
             "oracle judge the same share by a classifier trained on every true label.</p>")
     data.save_atomic(page(title, body), path + ".html", writer=lambda text, file: file.write(text.encode()))
@@ -508,6 +553,64 @@ def svg_plot(series, x_label, y_label, width=500, height=280):
         svg.append(f'<text x="{width - right + 10}" y="{top + 12 + 16 * row}" fill="{colour}">{name}</text>')
     if gaps:
         svg.append(f'<text x="{left + 8}" y="{top + 14}" fill="#b00">{gaps} non-finite values: gaps in the line</text>')
+    return "\n".join(svg + ["</svg>"])
+
+
+def svg_seed_bars(seeds, series, height=280):
+    """Each seed a category: its bars side by side, one per series (name, [value
+    or None a seed]), on a test-accuracy axis from 0, as inline SVG."""
+    left, right, top, bottom, group = 60, 110, 10, 45, 16 * len(series) + 12
+    width = left + right + group * len(seeds)
+    high = max([value for _, values in series for value in values if value is not None] + [1])
+    to_y = lambda y: height - bottom - y / high * (height - top - bottom)
+    svg = [f'<svg width="{width}" height="{height}" font-size="12" role="img" aria-label="test accuracy by seed">',
+           f'<path d="M{left},{top}V{height - bottom}H{width - right}" stroke="#444" fill="none"/>']
+    for y in ticks(0, high):
+        svg.append(f'<text x="{left - 6}" y="{to_y(y) + 4:.1f}" text-anchor="end">{short(y)}</text>'
+                   f'<path d="M{left},{to_y(y):.1f}H{width - right}" stroke="#eee"/>')
+    for column, seed in enumerate(seeds):
+        x = left + group * column + 6
+        svg.append(f'<text x="{x + (group - 12) / 2:.1f}" y="{height - bottom + 16}" text-anchor="middle">{seed}'
+                   '</text>')
+        for row, (name, values) in enumerate(series):
+            if values[column] is not None:
+                svg.append(f'<rect data-series="{name}" data-seed="{seed}" x="{x + 16 * row}" '
+                           f'y="{to_y(values[column]):.1f}" width="14" height="{to_y(0) - to_y(values[column]):.1f}" '
+                           f'fill="{COLOURS[name]}"><title>{name}, seed {seed}: {values[column]:.2f}%</title></rect>')
+    svg.append(f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">seed</text>'
+               f'<text transform="translate(14,{(top + height - bottom) / 2}) rotate(-90)" '
+               'text-anchor="middle">test accuracy (%)</text>')
+    svg += [f'<text x="{width - right + 10}" y="{top + 12 + 16 * row}" fill="{COLOURS[name]}">{name}</text>'
+            for row, (name, _) in enumerate(series)]
+    return "\n".join(svg + ["</svg>"])
+
+
+def svg_intervals(gains, width=560):
+    """Each mean gain (points) a dot with its 95% interval as a whisker, beside
+    a line at zero, as inline SVG."""
+    if not gains:
+        return ""
+    left, right, row_height = 190, 20, 28
+    ends = [100 * value for gain in gains.values() for value in (gain["mean"], gain["low"], gain["high"])
+            if value is not None] + [0]
+    low, high = min(ends), max(ends)
+    margin = 0.1 * (high - low) or 1
+    low, high = low - margin, high + margin
+    to_x = lambda x: left + (x - low) / (high - low) * (width - left - right)
+    height = row_height * len(gains) + 30
+    svg = [f'<svg width="{width}" height="{height}" font-size="12" role="img" aria-label="mean gains">',
+           f'<path d="M{to_x(0):.1f},4V{height - 26}" stroke="#444" stroke-dasharray="3,3"/>']
+    for x in ticks(low, high):
+        svg.append(f'<text x="{to_x(x):.1f}" y="{height - 10}" text-anchor="middle">{short(x)}</text>')
+    for row, (name, gain) in enumerate(gains.items()):
+        y = row_height * row + 16
+        svg.append(f'<text x="{left - 8}" y="{y + 4}" text-anchor="end">{html.escape(name)}</text>')
+        if gain["low"] is not None:
+            svg.append(f'<path data-gain="{name}" d="M{to_x(100 * gain["low"]):.1f},{y}H{to_x(100 * gain["high"]):.1f}'
+                       f'M{to_x(100 * gain["low"]):.1f},{y - 5}v10M{to_x(100 * gain["high"]):.1f},{y - 5}v10" '
+                       'stroke="#222" stroke-width="1.5"/>')
+        svg.append(f'<circle cx="{to_x(100 * gain["mean"]):.1f}" cy="{y}" r="4" fill="#d62728"><title>{name}: '
+                   f'{100 * gain["mean"]:+.2f} points</title></circle>')
     return "\n".join(svg + ["</svg>"])
 
 

@@ -2836,6 +2836,96 @@ def test_report_html_shows_the_run_that_results_json_and_the_run_folder_hold(qui
     assert "<details>" in page and html.escape(json.dumps(results["config"]["dataset"]), quote=False) in page
 
 
+def test_report_and_terminal_open_with_the_verdict_of_the_run(quick_run):
+    result, run = quick_run
+    results = json.loads((run / "results.json").read_text())
+    assert f'<p class="verdict">{html.escape(sample.verdict(results))}</p>' in (run / "report.html").read_text()
+    assert sample.verdict(results) in result.stdout.splitlines()
+
+
+def verdict_of(baseline, stage1, stage3):
+    return sample.verdict({"baseline_accuracy": baseline, "stage1_accuracy": stage1, "stage3_accuracy": stage3,
+                           "stage3_gain": None if stage1 is None else stage3 - stage1})
+
+
+def test_the_verdict_compares_stage_3_with_both_and_says_when_stage_1_fell_below_the_labeled_images():
+    worked = verdict_of(0.40, 0.45, 0.50)
+    assert worked.startswith("DPT worked") and "5.00 points above stage 1" in worked
+    assert "10.00 points above the labeled images alone" in worked
+    # Issue 31's seed 1: stage 1 below the labeled images alone, stage 3 above stage 1 but below them.
+    failed_stage1 = verdict_of(0.3275, 0.2815, 0.3180)
+    assert failed_stage1.startswith("Stage 1 fell 4.60 points below the labeled images alone")
+    assert "no success" in failed_stage1 and "0.95 points below the labeled images alone" in failed_stage1
+    assert "DPT worked" not in failed_stage1
+    lost = verdict_of(0.40, 0.50, 0.48)
+    assert lost.startswith("Stage 3 is 2.00 points below stage 1") and "does not show DPT's gain" in lost
+    assert "8.00 points above the labeled images alone" in lost
+    assert verdict_of(None, 0.45, 0.50) == "DPT worked: stage 3 is 5.00 points above stage 1."
+    assert verdict_of(0.4, None, 0.5).startswith("No test set")
+
+
+def stub_runs(folder, baseline, stage1, stage3):
+    """Run folders whose results.json hold these accuracies, one run a seed."""
+    runs = []
+    for seed, (b, s1, s3) in enumerate(zip(baseline, stage1, stage3)):
+        run = folder / f"stub-s{seed}"
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps({
+            "seed": seed, "baseline_accuracy": b, "stage1_accuracy": s1, "stage3_accuracy": s3,
+            "stage3_gain": s3 - s1, "pseudo_label_accuracy": s1, "sample_accuracy": 0.9,
+            "oracle_sample_accuracy": 0.8, "wall_time_s": {"stage1": 60.0}}))
+        runs.append(str(run))
+    return runs
+
+
+def test_a_sweep_states_each_mean_gain_with_its_paired_95_percent_interval_and_the_runs_above(tmp_path, capsys):
+    baseline = [0.40, 0.35, 0.30, 0.45, 0.50]
+    stage1 = [b + d for b, d in zip(baseline, [0.10, 0.12, -0.02, 0.11, 0.09])]
+    stage3 = [s + d for s, d in zip(stage1, [0.01, 0.02, 0.03, 0.04, 0.05])]
+    runs = stub_runs(tmp_path, baseline, stage1, stage3)
+    html_path = sample.write_sweep(runs, str(tmp_path / "sweep"), "a sweep")
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    # By hand: stage 3 over stage 1 has mean 0.03 and sample sd sqrt(0.00025) over 5 seeds; Student's
+    # t with 4 degrees of freedom at 0.975 is 2.776445 (a table's value), so the half width is
+    # 2.776445 * 0.0158114 / sqrt(5) = 0.0196324.
+    gain = summary["gains"]["stage 3 over stage 1"]
+    assert gain["mean"] == pytest.approx(0.03) and gain["above"] == 5 and gain["runs"] == 5
+    assert (gain["low"], gain["high"]) == pytest.approx((0.03 - 0.0196324, 0.03 + 0.0196324), abs=1e-6)
+    over_labeled = summary["gains"]["stage 1 over labeled only"]  # one seed below: 4 of 5 above
+    assert over_labeled["above"] == 4 and over_labeled["mean"] == pytest.approx(0.08)
+    differences = [0.11, 0.14, 0.01, 0.15, 0.14]  # stage 3 over labeled only, seed by seed
+    half = 2.776445 * np.std(differences, ddof=1) / math.sqrt(5)
+    assert (summary["gains"]["stage 3 over labeled only"]["low"], summary["gains"]["stage 3 over labeled only"]
+            ["high"]) == pytest.approx((np.mean(differences) - half, np.mean(differences) + half), abs=1e-6)
+    printed = capsys.readouterr().out
+    assert "stage 3 over stage 1: +3.00 points [+1.04, +4.96] (95% CI, paired over seeds), above in 5 of 5 runs" \
+        in printed
+    page = pathlib.Path(html_path).read_text()
+    assert "stage 1 over labeled only: +8.00 points" in page and "above in 4 of 5 runs" in page
+    # Seeds are categories: a bar per seed and series, its height proportional to the accuracy.
+    for name, values in (("baseline", baseline), ("stage 1", stage1), ("stage 3", stage3)):
+        heights = [float(re.search(rf'data-series="{name}" data-seed="{seed}" x="[\d.]+" y="[\d.]+" width="14" '
+                                   r'height="([\d.]+)"', page).group(1)) for seed in range(5)]
+        assert np.allclose(np.array(heights) / np.array(values), heights[0] / values[0], rtol=1e-3), name
+    assert page.count("data-gain=") == 3
+
+
+def test_one_seed_has_a_mean_gain_but_no_interval(tmp_path):
+    summary = sample.sweep_summary(stub_runs(tmp_path, [0.4], [0.5], [0.55]))
+    assert summary["gains"]["stage 3 over stage 1"] == pytest.approx(
+        {"mean": 0.05, "low": None, "high": None, "above": 1, "runs": 1})
+
+
+def test_the_tiny_preset_runs_the_labeled_only_baseline_unless_told_not_to():
+    tiny, fast, off = dpt.DPTConfig(preset="tiny"), dpt.DPTConfig(preset="fast"), dpt.DPTConfig(preset="tiny",
+                                                                                                  baseline=False)
+    for config in (tiny, fast, off):
+        dpt.resolve(config)
+    assert (tiny.baseline, fast.baseline, off.baseline) == (True, False, False)
+    config = data.parse_config(dpt.DPTConfig, "", ["--no-baseline"])
+    assert config.baseline is False
+
+
 def test_a_non_finite_diffusion_loss_is_a_gap_in_the_report_not_an_error(quick_run, tmp_path):
     copy = tmp_path / quick_run[1].name
     shutil.copytree(quick_run[1], copy)

@@ -3035,10 +3035,16 @@ def test_the_oracle_is_trained_once_per_dataset_and_changes_nothing_that_dpt_mak
     assert results["oracle_sample_accuracy"] == pytest.approx(right.float().mean().item())
     assert results["oracle_sample_accuracy_per_class"] == pytest.approx(
         [right[samples["labels"] == c].float().mean().item() for c in range(10)])
-    # A later run on the same dataset reuses the cached oracle, whatever it holds: here one with
-    # random weights and a made-up accuracy. Everything DPT makes is the same as with the real one.
+    # A later run on the same dataset reuses the cached oracle, whatever it holds: here one that
+    # puts every image in one class (one the stage-1 judge does not approve wholly, so that the two
+    # judges' figures differ class by class) and a made-up accuracy. Everything DPT makes is the same
+    # as with the real one, and each judge's figures are its own: handed to the other's place, they fail.
     cached = tmp_path / "oracle" / oracle_path.parent.name / "classifier.pt"
     random_judge = fixmatch.make_classifier("small", 10, [0.5] * 3, [0.25] * 3).eval()
+    chosen = next(c for c, share in enumerate(results["sample_accuracy_per_class"]) if share < 1)
+    with torch.no_grad():
+        random_judge.fc.weight.zero_()
+        random_judge.fc.bias.copy_(torch.where(torch.arange(10) == chosen, 10.0, -10.0))
     fixmatch.save_classifier(random_judge, fixmatch.FixMatchConfig(arch="small"), {"accuracy": 0.123, "history": []},
                              str(cached))
     before = cached.stat().st_mtime_ns
@@ -3048,6 +3054,8 @@ def test_the_oracle_is_trained_once_per_dataset_and_changes_nothing_that_dpt_mak
     rerun = json.loads((tmp_path / run.name / "results.json").read_text())
     assert rerun["oracle_accuracy"] == 0.123 and rerun["oracle_sample_accuracy"] == pytest.approx(
         (fixmatch.predict(random_judge, samples["images"])[0] == samples["labels"]).float().mean().item())
+    assert rerun["oracle_sample_accuracy_per_class"] == [float(c == chosen) for c in range(10)]
+    assert rerun["sample_accuracy_per_class"] == results["sample_accuracy_per_class"]  # the stage-1 judge's
     for name in ("pseudo_labels.pt", "samples.pt", "stage3/classifier.pt"):
         first, second = torch.load(run / name), torch.load(tmp_path / run.name / name)
         first, second = (first.get("model", first), second.get("model", second))

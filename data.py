@@ -8,8 +8,10 @@ safe writes, one writer per run folder, checkpoints); the command line last.
 
 Datasets: cifar10, cifar100, svhn (torchvision, downloaded into --data-dir),
 shapes (generated here, no download), or a .pt/.npz file with train_x, train_y
-and optionally test_x, test_y. Every dataset comes back as uint8 N x 3 x H x W
-images and int64 labels; the augmentations take and return such batches.
+and optionally test_x, test_y: each comes back as uint8 N x 3 x H x W images and
+int64 labels, which the augmentations take and return. A folder in ImageNet's
+layout (the imagenet preset) comes back as its file names and labels instead,
+its images read once, in batches, by the encoding pass that dpt.py runs.
 """
 
 import argparse
@@ -72,15 +74,15 @@ def load_dataset(name, data_dir="./data", folders=False):
             raise UserError(f"--dataset {name}: a folder of images is read by python dpt.py --preset imagenet, "
                             "which turns it into latents and features once; this script takes pixel datasets")
         return load_folder(os.path.join(data_dir, "imagenet") if name == "imagenet" else name)
-    raise UserError(f"--dataset {name!r}: must be {DATASET[1]}")
+    raise UserError(f"--dataset {name!r}: must be {KNOWN_DATASET[1]}")
 
 
 # The rules every script's RULES shares for --dataset, --data-dir and --out.
-DATASET = ((lambda name: name in (*TORCHVISION_DATASETS, "shapes", "imagenet") or name.endswith((".pt", ".npz"))
-            or os.path.isdir(name)),
-           f"one of {', '.join(TORCHVISION_DATASETS)}, shapes, the path of a .pt/.npz file with train_x and train_y, "
-           "imagenet, or a folder in its layout")
-FOLDER = (lambda path: not os.path.isfile(path)), "a folder, not a file"
+KNOWN_DATASET = ((lambda name: name in (*TORCHVISION_DATASETS, "shapes", "imagenet")
+                  or name.endswith((".pt", ".npz")) or os.path.isdir(name)),
+                 f"one of {', '.join(TORCHVISION_DATASETS)}, shapes, the path of a .pt/.npz file with train_x and "
+                 "train_y, imagenet, or a folder in its layout")
+NOT_A_FILE = (lambda path: not os.path.isfile(path)), "a folder, not a file"
 
 
 def load_torchvision(name, data_dir):

@@ -213,7 +213,8 @@ def resolve(config):
 STAGES = ("encode", "split", "stage1", "stage2", "sample", "stage3", "fid")
 REDO_STAGES = tuple(stage for stage in STAGES if stage != "split")  # --redo stage1 draws the split again
 FREE_TO_CHANGE = {"dataset", "data_dir", "out", "redo", "baseline", "fid_weights", "compile", "cuda_graphs",
-                  "preset", "ssl_eval_every", "diffusion_micro_batch", "bench", "report", "seeds", "autoencoder", "msn_weights"}
+                  "preset", "ssl_eval_every", "diffusion_micro_batch", "bench", "report", "seeds", "autoencoder",
+                  "msn_weights"}
 FIELD_STAGE = {"labels": "split", "seed": "split", "label_subset": "split", "bf16": "stage1", "fid_reference": "fid",
                "fid_stats": "fid", "image_size": "encode", "autoencoder_size": "encode", "skip_bad_images": "encode",
                "msn_size": "encode", "probe_lambda": "stage1",
@@ -246,9 +247,9 @@ def settings_from(config_class, config, fields, **fixed):
     return config_class(**{name: getattr(config, ours) for name, ours in fields.items()}, **fixed)
 
 
-RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "labels": data.between(1, data.MOST_IMAGES),
-         "seed": data.SEED,
-         "out": data.FOLDER, "redo": ((lambda stage: stage in ("", *REDO_STAGES)), "one of " + ", ".join(REDO_STAGES)),
+RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE, "labels": data.between(1, data.MOST_IMAGES),
+         "seed": data.SEED, "out": data.NOT_A_FILE,
+         "redo": ((lambda stage: stage in ("", *REDO_STAGES)), "one of " + ", ".join(REDO_STAGES)),
          "fid_weights": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
          "fid_reference": data.between(0, data.MOST_IMAGES),
          "seeds": ((lambda text: not text or parse_seeds(text) is not None), "A-B or A,B,C: distinct seeds from 0"),
@@ -427,13 +428,13 @@ def stage_split(config, run, dataset):
     return split["indices"]
 
 
-def stage_classifier(config, run, stage, dataset, labeled_index, device, pseudo=None):
+def stage_classifier(config, run, stage, dataset, labeled_index, device, generated=None):
     """Stage 1, stage 3 or the labeled-only baseline, into run/stage/classifier.pt;
     returns the classifier and its metrics."""
     path = os.path.join(run, stage, "classifier.pt")
     if not os.path.exists(path):
         settings, _ = classifier_settings(config, stage, out=os.path.join(run, stage))
-        model, metrics = fixmatch.train(settings, dataset, labeled_index, pseudo)
+        model, metrics = fixmatch.train(settings, dataset, labeled_index, generated)
         if dist_rank() == 0:
             fixmatch.save_classifier(model, settings, metrics, path)
     barrier()
@@ -711,9 +712,9 @@ def run_latent_stages(config, run, dataset, device, rank, world):
         predicted = fixmatch.probe_predict(stage1, encoded["train"]["features"])
         data.save_atomic(fixmatch.pseudo_labels(predicted, dataset.train_y), path)
     barrier()
-    pseudo = data.read_artifact(path, "stage1")
-    run_stage(run, "stage2", stage_2, config, run, encoded["train"]["latents"], pseudo["labels"], dataset.num_classes,
-              mirrored=encoded["train"]["flipped"])
+    pseudo_labels = data.read_artifact(path, "stage1")
+    run_stage(run, "stage2", stage_2, config, run, encoded["train"]["latents"], pseudo_labels["labels"],
+              dataset.num_classes, mirrored=encoded["train"]["flipped"])
     samples = run_stage(run, "sample", stage_sample, config, run, device, rank, world)
     _, stage3_metrics = run_stage(run, "stage3", stage_probe, config, os.path.join(run, "stage3", "probe.pt"),
                                   "stage3", dataset, encoded, labeled_index, device, generated=samples,
@@ -725,7 +726,7 @@ def run_latent_stages(config, run, dataset, device, rank, world):
     oracle, oracle_metrics = stage_probe(config, oracle_path, "fid", dataset, encoded, slice(None), device)
     if rank == 0:
         judged = lambda weights: fixmatch.probe_predict(weights, samples["features"])[0]
-        write_results(config, run, dataset, device, samples, stage1_metrics, pseudo, stage3_metrics, None,
+        write_results(config, run, dataset, device, samples, stage1_metrics, pseudo_labels, stage3_metrics, None,
                       fid_result, judged(stage1), judged(oracle), oracle_metrics, oracle_path)
     barrier()
 
@@ -774,12 +775,12 @@ def run_stages(config, run, dataset, device, rank, world):
         print(f"DPT on {dataset.name}, {config.labels} labels per class, preset {config.preset}: {run}")
 
     labeled_index = run_stage(run, "split", stage_split, config, run, dataset)
-    stage1_model, stage1_metrics, pseudo = run_stage(run, "stage1", stage_1, config, run, dataset, labeled_index,
-                                                     device)
-    run_stage(run, "stage2", stage_2, config, run, dataset.train_x, pseudo["labels"], dataset.num_classes)
+    stage1_model, stage1_metrics, pseudo_labels = run_stage(run, "stage1", stage_1, config, run, dataset,
+                                                            labeled_index, device)
+    run_stage(run, "stage2", stage_2, config, run, dataset.train_x, pseudo_labels["labels"], dataset.num_classes)
     samples = run_stage(run, "sample", stage_sample, config, run, device, rank, world)
     _, stage3_metrics = run_stage(run, "stage3", stage_classifier, config, run, "stage3", dataset, labeled_index,
-                                  device, pseudo=(samples["images"], samples["labels"]))
+                                  device, generated=(samples["images"], samples["labels"]))
     baseline_metrics = None
     if config.baseline:
         _, baseline_metrics = run_stage(run, "baseline", stage_classifier, config, run, "baseline", dataset,
@@ -792,13 +793,13 @@ def run_stages(config, run, dataset, device, rank, world):
         # trained on them, so it would grade its own homework): the stage-1
         # classifier says what DPT believes, the oracle what is true.
         judged = lambda judge: fixmatch.predict(judge, samples["images"])[0]
-        write_results(config, run, dataset, device, samples, stage1_metrics, pseudo, stage3_metrics,
+        write_results(config, run, dataset, device, samples, stage1_metrics, pseudo_labels, stage3_metrics,
                       baseline_metrics, fid_result, judged(stage1_model), judged(oracle), oracle_metrics, oracle_path)
     barrier()
 
 
-def write_results(config, run, dataset, device, samples, stage1_metrics, pseudo, stage3_metrics, baseline_metrics,
-                  fid_result, believed, true, oracle_metrics, oracle_path):
+def write_results(config, run, dataset, device, samples, stage1_metrics, pseudo_labels, stage3_metrics,
+                  baseline_metrics, fid_result, believed, true, oracle_metrics, oracle_path):
     """results.json from what the stages measured and the judges' labels of the
     samples (believed: stage 1's, true: the oracle's), report.html, and the summary."""
     believed, true = (sample.sample_accuracy(judged, samples["labels"], dataset.num_classes)
@@ -810,7 +811,7 @@ def write_results(config, run, dataset, device, samples, stage1_metrics, pseudo,
         "stage1_accuracy": stage1_metrics.get("accuracy"),
         "stage1_best_accuracy": stage1_metrics.get("best_accuracy"),  # selected on the test set
         "stage1_last_moves": sample.last_moves(stage1_metrics["history"]),
-        "pseudo_label_accuracy": pseudo.get("accuracy"),
+        "pseudo_label_accuracy": pseudo_labels.get("accuracy"),
         "stage3_accuracy": stage3_metrics.get("accuracy"),
         "stage3_best_accuracy": stage3_metrics.get("best_accuracy"),
         "stage3_last_moves": sample.last_moves(stage3_metrics["history"]),

@@ -9,8 +9,15 @@ training image.
 
 The whole dataset lives on the device as uint8; every batch is drawn and
 augmented there (data.py), so no data loader and no CPU augmentation stand
-between the GPU and its next step. Stage 3 is the same training with generated
-images joining the labeled set (--pseudo-images samples.pt).
+between the GPU and its next step, and no step reads anything back. Stage 3 is
+the same training with generated images joining the labeled set
+(--pseudo-images samples.pt).
+
+For the paper's ImageNet recipe (dpt.py's imagenet preset) the learner is not
+trained but fit: the frozen self-supervised ViT of MSN (Assran et al. 2022),
+loaded from its released checkpoint, gives each image a feature vector, and a
+multinomial logistic regression on those features (a linear probe, solved
+exactly in float64) is the classifier; its last section holds both.
 """
 
 import math
@@ -62,7 +69,8 @@ class FixMatchConfig:
     bench: bool = False             # print steps/s of WRN-28-2 at the paper's batch and exit
 
 
-FREE_TO_CHANGE = {"data_dir", "out", "eval_every", "ckpt_every", "compile", "cuda_graphs", "bench"}  # a resumed run ends the same
+# A resumed run ends the same whatever these are.
+FREE_TO_CHANGE = {"data_dir", "out", "eval_every", "ckpt_every", "compile", "cuda_graphs", "bench"}
 
 
 # -----------------------------------------------------------------------------
@@ -270,8 +278,9 @@ def precise_batch_norm(model, images, count, batch=512):
 # Training
 
 
-RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "labels": data.at_least(1), "seed": data.SEED,
-         "out": data.FOLDER, "arch": data.one_of(*ARCHITECTURES), "steps": data.between(1, data.MOST_STEPS),
+RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE, "labels": data.at_least(1),
+         "seed": data.SEED,
+         "out": data.NOT_A_FILE, "arch": data.one_of(*ARCHITECTURES), "steps": data.between(1, data.MOST_STEPS),
          "batch": data.between(1, data.MOST_BATCH), "uratio": data.between(1, 1024), "lr": data.POSITIVE,
          "lr_cosine": ((lambda value: 0 <= value <= 0.5), "between 0 and 0.5"), "momentum": data.FRACTION,
          "weight_decay": data.at_least(0), "ema": data.FRACTION,
@@ -298,9 +307,9 @@ def make_optimizer(model, config):
                            lr=config.lr, momentum=config.momentum, nesterov=True, fused=True)
 
 
-def train(config, dataset, labeled_index, pseudo=None, progress=True):
+def train(config, dataset, labeled_index, generated=None, progress=True):
     """FixMatch from scratch (or from config.out/ckpt.pt) to config.steps.
-    pseudo: optional (uint8 images, int64 labels) that join the labeled set.
+    generated: optional (uint8 images, int64 labels) that join the labeled set (stage 3).
     Returns the EMA model and a dict of metrics; rank 0 writes the checkpoint."""
     rank, world, device = data.distributed_setup()
     check(config, world)
@@ -310,9 +319,9 @@ def train(config, dataset, labeled_index, pseudo=None, progress=True):
     train_x = dataset.train_x.to(device)
     labeled_x, labeled_y = train_x[labeled_index.to(device)], dataset.train_y[labeled_index].to(device)
     real_count = len(labeled_x)
-    if pseudo is not None:
-        labeled_x = torch.cat([labeled_x, pseudo[0].to(device)])
-        labeled_y = torch.cat([labeled_y, pseudo[1].to(device)])
+    if generated is not None:
+        labeled_x = torch.cat([labeled_x, generated[0].to(device)])
+        labeled_y = torch.cat([labeled_y, generated[1].to(device)])
     unlabeled_y = dataset.train_y.to(device)
 
     mean = dataset.train_x[:10000].float().mean((0, 2, 3)) / 255
@@ -426,7 +435,7 @@ def update_weights(loss, model, ema_model, optimizer, ema):
 
 
 def sample_labeled(count, real_count, total, real_fraction, device):
-    """Indices into the labeled set (real images first, then pseudo images):
+    """Indices into the labeled set (real images first, then generated images):
     uniform over all of it, or a fixed share from the real ones."""
     if real_fraction < 0 or total == real_count:
         return torch.randint(total, (count,), device=device)
@@ -580,16 +589,16 @@ def probe_inputs(features):
     return centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def probe_objective(weights, inputs, labels, lambd):
+def probe_objective(weights, inputs, labels, penalty):
     """cyanure's multiclass logistic loss with an L2 penalty and no intercept:
-    mean_i [logsumexp(W x_i) - (W x_i)_{y_i}] + lambd / 2 ||W||^2."""
-    return F.cross_entropy(inputs @ weights.T, labels) + lambd / 2 * weights.square().sum()
+    mean_i [logsumexp(W x_i) - (W x_i)_{y_i}] + penalty / 2 ||W||^2."""
+    return F.cross_entropy(inputs @ weights.T, labels) + penalty / 2 * weights.square().sum()
 
 
-def fit_probe(features, labels, num_classes, lambd, tolerance=1e-10):
+def fit_probe(features, labels, num_classes, penalty, tolerance=1e-10):
     """The weights W [classes, D] that minimize probe_objective (strictly convex:
     one optimum), by L-BFGS in float64 from zero until the gradient vanishes.
-    MSN and DPT take lambd = 0.0025 / the number of training images."""
+    MSN and DPT take penalty = 0.0025 / the number of training images."""
     inputs = probe_inputs(features)
     weights = torch.zeros(num_classes, inputs.shape[1], dtype=torch.float64, device=inputs.device,
                           requires_grad=True)
@@ -598,7 +607,7 @@ def fit_probe(features, labels, num_classes, lambd, tolerance=1e-10):
 
     def closure():
         optimizer.zero_grad()
-        loss = probe_objective(weights, inputs, labels, lambd)
+        loss = probe_objective(weights, inputs, labels, penalty)
         loss.backward()
         return loss
     optimizer.step(closure)
@@ -616,9 +625,7 @@ def probe_predict(weights, features, batch=65_536):
     return torch.cat(labels), torch.cat(confidences)
 
 
-# The probe as DPT's ImageNet learner, in the shape of train() and predict():
-# stage 1 fits it on the labeled images' features, stage 3 on those and the
-# generated images', the oracle on every training image's true label.
+# MSN's view of an image: its centre crop, normalized with ImageNet's statistics.
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -645,11 +652,16 @@ def msn_features(msn, images, bf16=False, batch=256):
     return torch.cat(features)
 
 
-def train_probe(features, labels, num_classes, lambd, test=None, device="cpu"):
-    """fit_probe with MSN's and DPT's penalty lambd / N (N images fit on), on the
+# The probe as DPT's ImageNet learner, in the shape of train() and predict():
+# stage 1 fits it on the labeled images' features, stage 3 on those and the
+# generated images', the oracle on every training image's true label.
+
+
+def train_probe(features, labels, num_classes, probe_lambda, test=None, device="cpu"):
+    """fit_probe with MSN's and DPT's penalty probe_lambda / N (N images fit on), on the
     device; returns (weights, metrics) as train() does: the test accuracy where
     test = (features, labels) is given."""
-    weights = fit_probe(features.to(device), labels.to(device), num_classes, lambd / len(labels))
+    weights = fit_probe(features.to(device), labels.to(device), num_classes, probe_lambda / len(labels))
     metrics = {"history": [], "images": len(labels)}
     if test is not None:
         metrics["accuracy"] = (probe_predict(weights, test[0])[0] == test[1]).float().mean().item()
@@ -707,9 +719,9 @@ def main():
     check(config, world)
     dataset = data.load_dataset(config.dataset, config.data_dir)
     labeled_index = data.labeled_split(dataset.train_y, config.labels, config.seed)
-    pseudo = load_generated(config.pseudo_images, dataset) if config.pseudo_images else None
+    generated = load_generated(config.pseudo_images, dataset) if config.pseudo_images else None
     data.claim_folder(config.out, rank, world)  # after the input is read: bad input writes nothing
-    model, metrics = train(config, dataset, labeled_index, pseudo)
+    model, metrics = train(config, dataset, labeled_index, generated)
     if rank == 0:
         save_classifier(model, config, metrics, os.path.join(config.out, "classifier.pt"))
         labels = pseudo_labels(predict(model, dataset.train_x), dataset.train_y)

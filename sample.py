@@ -1,7 +1,9 @@
-"""Stage 2 of DPT, second half: K images per class from the class-conditional
-EDM diffusion model that unet.py trained on pseudo labels, with EDM's Heun
-sampler (Karras et al. 2022), Euler, or DPM-Solver++(2M) (Lu et al. 2022), and
-classifier-free guidance (Ho & Salimans 2022).
+"""Sampling, and the pictures a person looks at. Stage 2 of DPT, second half:
+K images per class from the class-conditional EDM diffusion model that unet.py
+trained on pseudo labels, with EDM's Heun sampler (Karras et al. 2022), Euler,
+or DPM-Solver++(2M) (Lu et al. 2022), and classifier-free guidance (Ho &
+Salimans 2022). Then the pages: dpt.py's report.html of a run and the summary
+page of a sweep of seeds, drawn with the standard library alone.
 
     python sample.py runs/cifar10-1l-s0/stage2/diffusion.pt --per-class 1000 --out runs/cifar10-1l-s0
     python sample.py CKPT --per-class 1000 --solver dpmpp --steps 15 --guidance 1.4
@@ -13,8 +15,8 @@ Writes OUT/samples.pt = {"images": uint8 [K*C, 3, H, W], "labels": int64 [K*C],
 starts from its own noise seeded by (seed, i): the same seed gives every image
 the same noise for any batch size and any number of processes.
 
-It also draws what a person looks at: grids of samples, and dpt.py's report.html
-of a finished run (a summary, curves and bars as inline SVG, samples as inline PNG).
+The pages are self-contained: curves and bars as inline SVG, samples as inline
+PNG, no script and no network.
 """
 
 import base64
@@ -120,7 +122,7 @@ SOLVERS = {"heun": heun, "euler": euler, "dpmpp": dpmpp}
 RULES = {"per_class": data.between(1, data.MOST_IMAGES), "solver": data.one_of(*SOLVERS),
          "steps": ((lambda value: 2 <= value <= 1000), "from 2 (the noise levels sigma_max and sigma_min) to 1,000"),
          "guidance": ((lambda value: 0 <= value < math.inf), "at least 0 (1 is no guidance, 0 unconditional)"),
-         "seed": data.SEED, "batch": data.between(1, data.MOST_BATCH), "out": data.FOLDER}
+         "seed": data.SEED, "batch": data.between(1, data.MOST_BATCH), "out": data.NOT_A_FILE}
 
 
 def check(config, flags=None):

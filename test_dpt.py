@@ -1106,7 +1106,7 @@ def test_stage_3_learns_the_labels_of_the_generated_images(tmp_path, shapes16):
         config = fixmatch.FixMatchConfig(dataset="shapes", labels=1, arch="small", steps=150, batch=32, uratio=1,
                                          lr=0.05, ema=0.9, lambda_u=0.0, real_fraction=-1, eval_every=150,
                                          ckpt_every=150, out=str(tmp_path / name), compile=False)
-        accuracy[name] = fixmatch.train(config, shapes16, split, pseudo=(train_x[:600], labels),
+        accuracy[name] = fixmatch.train(config, shapes16, split, generated=(train_x[:600], labels),
                                         progress=False)[1]["accuracy"]
     assert accuracy["right"] >= accuracy["wrong"] + 0.3, accuracy
     assert accuracy["wrong"] < 0.3, accuracy  # it learned the moved labels, not the one real label per class
@@ -2964,10 +2964,10 @@ def test_stage_2_trains_on_the_pseudo_labels_and_stage_3_on_the_generated_images
         trained_on["stage2"] = labels
         return real_unet_train(settings, images, labels, num_classes, **kwargs)
 
-    def fixmatch_train(settings, dataset, labeled_index, pseudo=None, **kwargs):
-        trained_on[os.path.basename(settings.out)] = pseudo
+    def fixmatch_train(settings, dataset, labeled_index, generated=None, **kwargs):
+        trained_on[os.path.basename(settings.out)] = generated
         calls.append((settings, labeled_index))
-        return real_fixmatch_train(settings, dataset, labeled_index, pseudo, **kwargs)
+        return real_fixmatch_train(settings, dataset, labeled_index, generated, **kwargs)
     calls = []
     monkeypatch.setattr(unet, "train", unet_train)
     monkeypatch.setattr(fixmatch, "train", fixmatch_train)
@@ -2986,7 +2986,8 @@ def test_stage_2_trains_on_the_pseudo_labels_and_stage_3_on_the_generated_images
     # The oracle: every training image with its true label, no unlabeled loss, seed 0, in OUT/oracle; trained
     # after DPT's own stages, which therefore cannot have used it.
     oracle, labeled = calls[-1]
-    assert [os.path.basename(settings.out) for settings, _ in calls[:-1]] == ["stage1", "stage3"]
+    assert [os.path.basename(settings.out) for settings, _ in calls[:-1]] == ["stage1", "stage3", "baseline"]
+    assert trained_on["baseline"] is None  # the tiny preset's labeled-only baseline: the labeled images alone
     assert os.path.dirname(oracle.out) == str(tmp_path / "oracle") and oracle.seed == dpt.ORACLE_SEED
     assert torch.equal(labeled, torch.arange(2000)) and oracle.lambda_u == 0 and trained_on[os.path.basename(
         oracle.out)] is None

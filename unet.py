@@ -16,6 +16,11 @@ images, as in EDM, so they do not change meaning with the batch size. Labels
 are dropped to a null class (index num_classes) with probability
 --label-dropout, so that one network is both conditional and unconditional and
 sample.py can guide it without a classifier (Ho & Salimans 2022).
+
+For the imagenet preset the U-ViT learns Stable Diffusion's latents instead of
+pixels (Rombach et al. 2022): this file also holds that KL-f8 autoencoder,
+whose encoder dpt.py runs once over the training images and whose decoder
+turns sampled latents back into images, loaded from its released weights.
 """
 
 import copy
@@ -225,7 +230,8 @@ def read(images, matrix, shift, sub):
     xs = (torch.arange(sub * w, device=images.device) + 0.5) / sub - w / 2
     q = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).view(1, -1, 2) - shift[:, None, :]
     p = q @ matrix.transpose(1, 2)  # [N, sub^2 HW, (x, y)]
-    grid = torch.stack([p[..., 0] / (w / 2), p[..., 1] / (h / 2)], -1).view(n, sub * h, sub * w, 2)  # align_corners=False
+    # to grid_sample's [-1, 1] (align_corners=False)
+    grid = torch.stack([p[..., 0] / (w / 2), p[..., 1] / (h / 2)], -1).view(n, sub * h, sub * w, 2)
     sampled = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     return F.avg_pool2d(sampled, sub)
 
@@ -680,7 +686,8 @@ def load_diffusion(path, device="cpu"):
 # Training
 
 
-RULES = {"dataset": data.DATASET, "data_dir": data.FOLDER, "out": data.FOLDER, "arch": data.one_of(*SIZES),
+RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE, "out": data.NOT_A_FILE,
+         "arch": data.one_of(*SIZES),
          "size": data.one_of(*SIZES["uvit"]),  # the U-Net's sizes are the U-ViT's pixel sizes
          "dropout": ((lambda value: -math.inf < value < 1), "below 1 (negative: the size's own)"),
          "images": data.between(1, data.MOST_IMAGES), "batch": data.between(1, data.MOST_BATCH),

@@ -1160,18 +1160,23 @@ def peak_share(flops_per_second, device):
     return peak and flops_per_second / peak
 
 
-def augmentation_rate(augment, n, device, repeats=5):
-    """Images/s of augment on a batch of n random 32x32 images on device, after a warm-up batch."""
-    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
-    augment(x)
-    if device == "cuda":
-        torch.cuda.synchronize()
+def rate(work, count, device, repeats=5):
+    """Items/s of work(), which handles `count` items, timed over `repeats` calls
+    after a warm-up call (compilation and caches), waiting for a GPU at both ends."""
+    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
+    work()
+    synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
-        augment(x)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return repeats * n / (time.perf_counter() - start)
+        work()
+    synchronize()
+    return repeats * count / (time.perf_counter() - start)
+
+
+def augmentation_rate(augment, n, device, repeats=5):
+    """Images/s of augment on a batch of n random 32x32 images on device."""
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
+    return rate(lambda: augment(x), n, device, repeats)
 
 
 def benchmark(sizes=(("cpu", 1024), ("cuda", 65536))):

@@ -27,6 +27,7 @@ import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -871,6 +872,12 @@ def write_sweep(config, dataset, runs):
 # The benchmark: each stage's speed, and what the GPU presets would take here
 
 
+# FixMatch's CIFAR-10 step (Sohn et al. 2020): 64 labeled images and 7 x 64 unlabeled ones, each seen twice.
+PAPER_STEP_IMAGES = 64 * (1 + 2 * 7)
+# ImageNet-1k's 1,281,167 training and 50,000 validation images, all of which the imagenet preset encodes.
+IMAGENET_IMAGES = 1_281_167 + 50_000
+
+
 def bench(config, device, arch, size):
     """One row per stage with this run's settings (compile and bf16 as the
     preset or the flags set them) beside the same code eager in fp32, as the
@@ -883,55 +890,65 @@ def bench(config, device, arch, size):
     # On a GPU the cifar preset's real steps (64 + 2 x 448 images; EDM's 512 in micro-batches of 256), whose
     # peak memory is the run's; a CPU runs small batches and few steps.
     ssl_batch, diffusion_batch, micro_batch, steps = (64, 512, 256, 6) if on_cuda else (4, 2, 0, 3)
-
-    classifier = lambda graphs: lambda compile, bf16: fixmatch.training_rate(fixmatch.FixMatchConfig(
-        arch=arch, batch=ssl_batch, uratio=7, compile=compile, cuda_graphs=graphs, bf16=bf16),
-        steps=steps + 5)
-    diffusion = lambda arch, graphs=False: lambda compile, bf16: unet.training_rate(unet.DiffusionConfig(
-        arch=arch, size=size, batch=diffusion_batch, micro_batch=micro_batch, compile=compile, cuda_graphs=graphs,
-        bf16=bf16), steps=steps + 2)
-    model = unet.make_diffusion("unet", size, 10, 32).to(device).eval()
-    # On a GPU Heun samples 1,000 images in one batch (the sampling stage's batch).
-    heun = lambda compile, bf16: sample.heun_rate(model, 1 if not on_cuda else 100, device, bf16=bf16,
-                                                  steps=18 if on_cuda else 2, batch=1000)
+    sampler = unet.make_diffusion("unet", size, 10, 32).to(device).eval()
     inception = fid.for_inference(fid.FIDInception(), device)
-    images = torch.randint(0, 256, (100 if on_cuda else 8, 3, 32, 32), dtype=torch.uint8, device=device)
-    features = lambda compile, bf16: fid.feature_rates({"ours": lambda: inception(images)}, len(images),
-                                                       device.type, repeats=3)["ours"]
-    augment = lambda compile, bf16: data.augmentation_rate(lambda x: data.strong_augment(data.weak_augment(x)),
-                                                           65536 if on_cuda else 1024, device.type)
-    per_step = ssl_batch * (1 + 2 * 7)  # images through the classifier per step
+
+    # One function a row: its rate with compile and bf16 on or off.
+    def augmentation(compile, bf16):
+        weak_then_strong = lambda images: data.strong_augment(data.weak_augment(images))
+        return data.augmentation_rate(weak_then_strong, 65536 if on_cuda else 1024, device.type)
+
+    def classifier_training(compile, bf16, cuda_graphs=False):
+        return fixmatch.training_rate(fixmatch.FixMatchConfig(arch=arch, batch=ssl_batch, uratio=7, compile=compile,
+                                                              cuda_graphs=cuda_graphs, bf16=bf16), steps=steps + 5)
+
+    def diffusion_training(network, compile, bf16, cuda_graphs=False):
+        return unet.training_rate(unet.DiffusionConfig(arch=network, size=size, batch=diffusion_batch,
+                                                       micro_batch=micro_batch, compile=compile,
+                                                       cuda_graphs=cuda_graphs, bf16=bf16), steps=steps + 2)
+
+    def heun_sampling(compile, bf16):  # on a GPU 1,000 images in one batch, the sampling stage's batch
+        return sample.heun_rate(sampler, 100 if on_cuda else 1, device, bf16=bf16, steps=18 if on_cuda else 2,
+                                batch=1000)
+
+    def fid_features(compile, bf16):
+        images = torch.randint(0, 256, (100 if on_cuda else 8, 3, 32, 32), dtype=torch.uint8, device=device)
+        return fid.feature_rates({"ours": lambda: inception(images)}, len(images), device.type, repeats=3)["ours"]
+
     # FLOPs of one unit of each row's rate: a training image costs 3x its forward (a backward of twice),
-    # a sampled image 35 forward evaluations.
-    network = lambda name: unet.make_diffusion(name, size, 10, 32)
-    classifier_flops = 3 * per_step * data.forward_flops(
-        fixmatch.make_classifier(arch, 10, torch.zeros(3), torch.ones(3)).eval(), torch.zeros(1, 3, 32, 32))
-    unet_flops, uvit_flops = (3 * unet.flops_per_image(network(name)) for name in ("unet", "uvit"))
+    # a sampled image 35 forward evaluations, a classifier step its images'.
+    per_step = ssl_batch * (1 + 2 * 7)  # images through the classifier in a step
+    classifier = fixmatch.make_classifier(arch, 10, torch.zeros(3), torch.ones(3)).eval()
+    step_flops = 3 * per_step * data.forward_flops(classifier, torch.zeros(1, 3, 32, 32))
+    forward = {name: unet.flops_per_image(unet.make_diffusion(name, size, 10, 32)) for name in ("unet", "uvit")}
     inception_flops = data.forward_flops(fid.FIDInception().eval(), torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
-    # (row, what it runs, unit, whether compile and bf16 apply to it, FLOPs a unit)
-    rows = [("augmentation, weak + strong", augment, "images/s", False, None),
-            (f"FixMatch {arch}, {ssl_batch} + 2 x {7 * ssl_batch}", classifier(False), "steps/s", True,
-             classifier_flops),
-            (f"U-Net {size} training, batch {diffusion_batch}", diffusion("unet"), "images/s", True, unet_flops),
-            (f"U-ViT {size} training, batch {diffusion_batch}", diffusion("uvit"), "images/s", True, uvit_flops),
-            (f"Heun, 35 evaluations, U-Net {size}", heun, "images/s", True, 35 * unet_flops / 3),
-            ("FID features (always eager fp32)", features, "images/s", False, inception_flops)]
+    # (row, its rate, unit, whether compile and bf16 apply to it, FLOPs a unit)
+    rows = [("augmentation, weak + strong", augmentation, "images/s", False, None),
+            (f"FixMatch {arch}, {ssl_batch} + 2 x {7 * ssl_batch}", classifier_training, "steps/s", True,
+             step_flops),
+            (f"U-Net {size} training, batch {diffusion_batch}", partial(diffusion_training, "unet"), "images/s",
+             True, 3 * forward["unet"]),
+            (f"U-ViT {size} training, batch {diffusion_batch}", partial(diffusion_training, "uvit"), "images/s",
+             True, 3 * forward["uvit"]),
+            (f"Heun, 35 evaluations, U-Net {size}", heun_sampling, "images/s", True, 35 * forward["unet"]),
+            ("FID features (always eager fp32)", fid_features, "images/s", False, inception_flops)]
     if on_cuda:  # the same steps replayed as CUDA graphs (where compile is on)
-        rows += [("FixMatch step as CUDA graphs", classifier(True), "steps/s", True, classifier_flops),
-                 (f"U-Net {size} training as CUDA graphs", diffusion("unet", True), "images/s", True, unet_flops)]
+        rows += [("FixMatch step as CUDA graphs", partial(classifier_training, cuda_graphs=True), "steps/s", True,
+                  step_flops),
+                 (f"U-Net {size} training as CUDA graphs", partial(diffusion_training, "unet", cuda_graphs=True),
+                  "images/s", True, 3 * forward["unet"])]
     rate = dict(zip(("augment", "classifier", "unet", "uvit", "heun", "fid"), bench_rows(config, device, rows)))
 
     # Projection: every stage's work at its measured rate; a preset's U-Net of
     # another size than the one measured is scaled by forward FLOPs.
     if arch != "wrn28_2":
         return print("the presets' projected time needs the classifier they train: leave out --ssl-arch")
-    flops = unet.flops_per_image(unet.make_diffusion("unet", size, 10, 32))
-    paper_steps_per_second = rate["classifier"] * per_step / (64 * 15)  # at 64 + 2 x 448 images a step
+    paper_steps_per_second = rate["classifier"] * per_step / PAPER_STEP_IMAGES
     for preset in ("fast", "cifar"):
         settings = DPTConfig(preset=preset)
         resolve(settings)
         network = unet.make_diffusion(settings.diffusion_arch, settings.diffusion_size, 10, 32)
-        scale = flops / unet.flops_per_image(network)
+        scale = forward["unet"] / unet.flops_per_image(network)
         evaluations = 2 * settings.sample_steps - 1
         seconds = {"stages 1 and 3": (settings.ssl_steps + settings.stage3_steps) / paper_steps_per_second,
                    "stage 2": settings.diffusion_images / (rate["unet"] * scale),
@@ -946,22 +963,22 @@ def bench_rows(config, device, rows):
     them) beside eager fp32 where they apply, the seconds its training steps took to
     warm up (compilation included; '-' where nothing compiles), the share of the
     GPU's bf16 peak its FLOPs reach, and its peak device memory; return the rates."""
-    on_cuda, fast = device.type == "cuda", (config.compile, config.bf16)
+    on_cuda, optimized = device.type == "cuda", (config.compile, config.bf16)
 
-    def measure(run, settings):
-        """(rate, warm-up seconds or None, peak device memory in GiB or None) of run(compile, bf16)."""
+    def measure(row_rate, compile, bf16):
+        """(rate, warm-up seconds or None, peak device memory in GiB or None) of row_rate(compile, bf16)."""
         if on_cuda:
             torch.cuda.reset_peak_memory_stats()
-        measured = run(*settings)
+        measured = row_rate(compile, bf16)
         rate, warmup = measured if isinstance(measured, tuple) else (measured, None)  # training rows time warm-up
         return rate, warmup, torch.cuda.max_memory_allocated() / 2 ** 30 if on_cuda else None
-    print(f"{data.device_name(device)}: compile={fast[0]}, bf16={fast[1]}, beside eager fp32")
+    print(f"{data.device_name(device)}: compile={optimized[0]}, bf16={optimized[1]}, beside eager fp32")
     print(f"  {'stage':<40} {'rate':>10} {'eager fp32':>10} {'ratio':>6}  {'unit':<9} {'warm-up':>8} "
           f"{'of peak':>8}  peak memory")
     measured = []
-    for name, run, unit, optimizable, flops in rows:
-        rate, warmup, memory = measure(run, fast)
-        baseline = measure(run, (False, False))[0] if optimizable and fast != (False, False) else rate
+    for name, row_rate, unit, optimizable, flops in rows:
+        rate, warmup, memory = measure(row_rate, *optimized)
+        baseline = (measure(row_rate, False, False)[0] if optimizable and optimized != (False, False) else rate)
         share = flops and data.peak_share(rate * flops, device)
         measured.append(rate)
         print(f"  {name:<40} {rate:>10,.1f} {baseline:>10,.1f} {rate / baseline:>5.2f}x  {unit:<9} "
@@ -988,32 +1005,27 @@ def bench_latent(config, device):
     latents = 0.5 * torch.randn(4096 if on_cuda else 64, unet.LATENT_CHANNELS, latent, latent).half()
     step = dict(batch=config.diffusion_batch, micro_batch=config.diffusion_micro_batch) if on_cuda else dict(batch=2)
 
-    def timed(work, count, repeats=2):
-        work()  # warm-up (and compilation)
-        if on_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            work()
-        if on_cuda:
-            torch.cuda.synchronize()
-        return repeats * count / (time.perf_counter() - start)
-    encoding = lambda compile, bf16: timed(lambda: encoder(autoencoder, msn, bf16)(images), batch)
-    training = lambda compile, bf16: unet.training_rate(unet.DiffusionConfig(
-        arch="uvit", size=config.diffusion_size, **step, augment=0.0, compile=compile, bf16=bf16), 3, latents)
     model = unet.make_diffusion("uvit", config.diffusion_size, 1000, latent, unet.LATENT_CHANNELS).to(device).eval()
     model.requires_grad_(False)
     denoise = sample.guided(model, config.sample_guidance)
     x, classes = torch.randn(batch, unet.LATENT_CHANNELS, latent, latent, device=device), torch.arange(batch) % 1000
     autocast = lambda bf16: torch.autocast(device.type, torch.bfloat16, enabled=bool(bf16))
 
+    # One function a row, as bench's.
+    def encoding(compile, bf16):
+        return data.rate(lambda: encoder(autoencoder, msn, bf16)(images), batch, device, repeats=2)
+
+    def training(compile, bf16):
+        return unet.training_rate(unet.DiffusionConfig(arch="uvit", size=config.diffusion_size, **step, augment=0.0,
+                                                       compile=compile, bf16=bf16), 3, latents)
+
     def evaluation(compile, bf16):
         with autocast(bf16):
-            return timed(lambda: denoise(x, 1.0, classes.to(device)), batch)
+            return data.rate(lambda: denoise(x, 1.0, classes.to(device)), batch, device, repeats=2)
 
     def decoding(compile, bf16):
         with autocast(bf16):
-            return timed(lambda: unet.decode_latents(autoencoder, x), batch)
+            return data.rate(lambda: unet.decode_latents(autoencoder, x), batch, device, repeats=2)
     forward = unet.flops_per_image(model)  # an evaluation under guidance runs the network twice
     rows = [(f"encoding {config.msn_size} + {config.autoencoder_size} at {side}, batch {batch}", encoding, "images/s",
              True, None),
@@ -1024,7 +1036,7 @@ def bench_latent(config, device):
     encode, train, evaluate, decode = bench_rows(config, device, rows)
     sampling = 1 / (config.sample_steps / evaluate + 1 / decode)  # DPM-Solver++(2M): one evaluation a step
     print(f"  sampling with decoding, {config.sample_steps} DPM-Solver++ steps: {sampling:,.2f} images/s")
-    seconds = {"encoding": 1_331_167 / encode,  # ImageNet's training and val images
+    seconds = {"encoding": IMAGENET_IMAGES / encode,
                "stage 2": config.diffusion_images / train,
                "sampling": config.sample_per_class * 1000 / sampling}
     print(f"imagenet preset here, one device: {sum(seconds.values()) / 3600:,.1f} h (" +

@@ -228,6 +228,25 @@ def write_report(run):
     return path
 
 
+REPORT = """<p class="verdict">{verdict}</p>
+<table class="summary">{summary}</table>
+<h2>Training</h2>
+<div class="plots">
+{accuracy}
+{loss}
+</div>
+<h2>Generated images, one row per class{some_classes}</h2>
+<p>Beside each row: the share of that class's generated images that each judge puts in the class they were
+generated for. Neither saw them. The stage-1 classifier says what DPT believes (it approves its own confusions);
+the oracle, the same classifier trained on every true label ({oracle_accuracy}
+on the test set), says what is true.</p>
+<table class="grid">{grid}</table>
+<h2>Wall time</h2>
+{timings}
+<details><summary>device, versions and the full config</summary><pre>{details}</pre>
+</details>"""
+
+
 def build_report(run):
     """The page, as a string, from the files of a finished run."""
     results = data.read_json(os.path.join(run, "results.json"))
@@ -235,52 +254,55 @@ def build_report(run):
         raise data.UserError(f"--report {run}: no results.json there; give a finished run folder, or finish "
                              "the run first (its command resumes it)")
     load = lambda name, redo: data.read_artifact(os.path.join(run, name), redo, mmap=True)
-    # (name, folder, the --redo that remakes it, its accuracy in results.json): a curve for each
-    # classifier this run measured, so not an old baseline's that --redo stage1 left out.
-    curves = (("stage 1", "stage1", "stage1", "stage1_accuracy"), ("stage 3", "stage3", "stage3", "stage3_accuracy"),
-              ("baseline", "baseline", "stage1", "baseline_accuracy"))
-    # The imagenet preset's probe has no curve (it is fit, not trained in steps): no classifier.pt.
-    accuracy = [(name, [(step, 100 * value) for step, value in load(f"{folder}/classifier.pt", redo)["metrics"]
-                        ["history"]]) for name, folder, redo, field in curves
-                if results[field] is not None and os.path.exists(os.path.join(run, folder, "classifier.pt"))]
     loss = [("loss", thin(load("stage2/diffusion.pt", "stage2")["metrics"]["history"], 400))]
-    samples = load("samples.pt", "sample")
-    names = results.get("classes") or [f"class {c}" for c in range(len(results["sample_accuracy_per_class"]))]
+    grid, shown, classes = sample_rows(results, load("samples.pt", "sample"))
     labels = results["labels_per_class"]
     title = (f"DPT on {results['dataset']}, {labels} label{'s' * (labels != 1)} per class, seed {results['seed']}, "
              f"preset {results['preset']}")
-    summary = "".join(f"<tr><th>{html.escape(what)}</th><td>{html.escape(value)}</td></tr>"
-                      for what, value in summary_rows(results))
+    details = json.dumps({"device": results["device"], "versions": results["versions"],
+                          "config": results["config"]}, indent=2)
+    return page(title, REPORT.format(
+        verdict=html.escape(verdict(results)), summary=summary_table(results),
+        accuracy=svg_plot(accuracy_curves(run, results, load), "optimizer step", "test accuracy (%)"),
+        loss=svg_plot(loss, "images seen", "diffusion loss"),
+        some_classes="" if shown == classes else f" (50 of the {classes})",
+        oracle_accuracy=html.escape(percent(results["oracle_accuracy"])), grid=grid,
+        timings=svg_bars(results["wall_time_s"]), details=html.escape(details, quote=False)))
+
+
+def summary_table(results):
+    """The rows of the summary the command prints, as HTML table rows."""
+    return "".join(f"<tr><th>{html.escape(what)}</th><td>{html.escape(value)}</td></tr>"
+                   for what, value in summary_rows(results))
+
+
+def accuracy_curves(run, results, load):
+    """(name, [(step, accuracy in %)]) of each classifier this run measured, so not
+    an old baseline's that --redo stage1 left out. The imagenet preset's probe has
+    no curve (it is fit, not trained in steps): no classifier.pt."""
+    curves = (("stage 1", "stage1", "stage1", "stage1_accuracy"), ("stage 3", "stage3", "stage3", "stage3_accuracy"),
+              ("baseline", "baseline", "stage1", "baseline_accuracy"))  # (name, folder, its --redo, its field)
+    return [(name, [(step, 100 * value) for step, value in load(f"{folder}/classifier.pt", redo)["metrics"]
+                    ["history"]]) for name, folder, redo, field in curves
+            if results[field] is not None and os.path.exists(os.path.join(run, folder, "classifier.pt"))]
+
+
+def sample_rows(results, samples):
+    """(HTML rows, classes shown, classes): for each class (50 spread over them
+    at most) its name, its first ten generated images as one inline PNG (64 pixels
+    high at most), and each judge's share of them in the class as a bar."""
+    names = results.get("classes") or [f"class {c}" for c in range(len(results["sample_accuracy_per_class"]))]
+    shown = range(len(names)) if len(names) <= 50 else torch.linspace(0, len(names) - 1, 50).round().int().tolist()
+    thumbnail = lambda x: x if x.shape[-1] <= 64 else F.interpolate(x.float(), size=64, mode="area").round().byte()
     bar = lambda share: ("<td class=\"judge\">-</td>" if share is None else
                          f'<td class="judge"><span class="track"><span style="width:{100 * share:.1f}%"></span>'
                          f'</span>{100 * share:.0f}%</td>')
-    shown = range(len(names)) if len(names) <= 50 else torch.linspace(0, len(names) - 1, 50).round().int().tolist()
-    thumbnail = lambda x: x if x.shape[-1] <= 64 else F.interpolate(x.float(), size=64, mode="area").round().byte()
-    grid = "<tr><th></th><th></th><th>stage-1 judge</th><th>oracle judge</th></tr>" + "".join(
+    rows = "<tr><th></th><th></th><th>stage-1 judge</th><th>oracle judge</th></tr>" + "".join(
         f'<tr><th>{html.escape(str(names[c]))}</th><td><img alt="{html.escape(str(names[c]))}" '
         f'src="data:image/png;base64,{png_row(thumbnail(samples["images"][samples["labels"] == c][:10]))}"></td>'
         f'{bar(results["sample_accuracy_per_class"][c])}{bar(results["oracle_sample_accuracy_per_class"][c])}</tr>'
         for c in shown)
-    timings = results["wall_time_s"]
-    details = json.dumps({"device": results["device"], "versions": results["versions"],
-                          "config": results["config"]}, indent=2)
-    return page(title, f"""<p class="verdict">{html.escape(verdict(results))}</p>
-<table class="summary">{summary}</table>
-<h2>Training</h2>
-<div class="plots">
-{svg_plot(accuracy, "optimizer step", "test accuracy (%)")}
-{svg_plot(loss, "images seen", "diffusion loss")}
-</div>
-<h2>Generated images, one row per class{"" if len(shown) == len(names) else f" (50 of the {len(names)})"}</h2>
-<p>Beside each row: the share of that class's generated images that each judge puts in the class they were
-generated for. Neither saw them. The stage-1 classifier says what DPT believes (it approves its own confusions);
-the oracle, the same classifier trained on every true label ({html.escape(percent(results["oracle_accuracy"]))}
-on the test set), says what is true.</p>
-<table class="grid">{grid}</table>
-<h2>Wall time</h2>
-{svg_bars(timings)}
-<details><summary>device, versions and the full config</summary><pre>{html.escape(details, quote=False)}</pre>
-</details>""")
+    return rows, len(shown), len(names)
 
 
 def verdict(results):

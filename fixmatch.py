@@ -279,8 +279,8 @@ def precise_batch_norm(model, images, count, batch=512):
 
 
 RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE, "labels": data.at_least(1),
-         "seed": data.SEED,
-         "out": data.NOT_A_FILE, "arch": data.one_of(*ARCHITECTURES), "steps": data.between(1, data.MOST_STEPS),
+         "seed": data.SEED, "out": data.NOT_A_FILE, "arch": data.one_of(*ARCHITECTURES),
+         "steps": data.between(1, data.MOST_STEPS),
          "batch": data.between(1, data.MOST_BATCH), "uratio": data.between(1, 1024), "lr": data.POSITIVE,
          "lr_cosine": ((lambda value: 0 <= value <= 0.5), "between 0 and 0.5"), "momentum": data.FRACTION,
          "weight_decay": data.at_least(0), "ema": data.FRACTION,

@@ -152,7 +152,8 @@ PRESETS = {
     # README, "Results", measures each of these levers. Eager fp32: on 2 CPU cores
     # compile only breaks even (13 s to compile) and neither pays for the U-Net
     # (README, "Speed").
-    "tiny": dict(ssl_arch="small", ssl_threshold="freematch", ssl_steps=2500, ssl_batch=32, ssl_uratio=2, ssl_lr=0.05, ssl_lr_cosine=0.5,
+    "tiny": dict(ssl_arch="small", ssl_threshold="freematch", ssl_steps=2500, ssl_batch=32, ssl_uratio=2,
+                 ssl_lr=0.05, ssl_lr_cosine=0.5,
                  ssl_ema=0.99, ssl_precise_bn=2048, ssl_eval_every=100, stage3_steps=2500, stage3_real_fraction=0.5,
                  diffusion_size="tiny", diffusion_images=80_000, diffusion_batch=32, diffusion_lr=2e-3,
                  diffusion_warmup=1_000, diffusion_ema_halflife=4_000, diffusion_p_mean=0.0,

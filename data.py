@@ -7,7 +7,7 @@ safe writes, one writer per run folder, checkpoints); the command line last.
     python data.py --bench                     # augmented images per second, CPU and CUDA
 
 Datasets: cifar10, cifar100, svhn (torchvision, downloaded into --data-dir),
-shapes (generated here, no download), or a .pt/.npz file with train_x, train_y
+shapes and glyphs (drawn here in seconds, no download), or a .pt/.npz file with train_x, train_y
 and optionally test_x, test_y: each comes back as uint8 N x 3 x H x W images and
 int64 labels, which the augmentations take and return. A folder in ImageNet's
 layout (the imagenet preset) comes back as its file names and labels instead,
@@ -67,6 +67,10 @@ def load_dataset(name, data_dir="./data", folders=False):
         train_x, train_y = make_shapes(20_000, seed=0)
         test_x, test_y = make_shapes(2_000, seed=1)
         return Dataset("shapes", train_x, train_y, test_x, test_y, len(SHAPES), SHAPES)
+    if name == "glyphs":
+        (train_x, train_y), (test_x, test_y) = make_glyphs(20_000, seed=0), make_glyphs(2_000, seed=1)
+        return Dataset("glyphs", glyph_pixels(train_x), train_y, glyph_pixels(test_x), test_y, len(GLYPHS),
+                       GLYPH_NAMES)
     if name.endswith((".pt", ".npz")):
         return load_file(name)
     if name == "imagenet" or os.path.isdir(name):
@@ -78,10 +82,10 @@ def load_dataset(name, data_dir="./data", folders=False):
 
 
 # The rules every script's RULES shares for --dataset, --data-dir and --out.
-KNOWN_DATASET = ((lambda name: name in (*TORCHVISION_DATASETS, "shapes", "imagenet")
+KNOWN_DATASET = ((lambda name: name in (*TORCHVISION_DATASETS, "shapes", "glyphs", "imagenet")
                   or name.endswith((".pt", ".npz")) or os.path.isdir(name)),
-                 f"one of {', '.join(TORCHVISION_DATASETS)}, shapes, the path of a .pt/.npz file with train_x and "
-                 "train_y, imagenet, or a folder in its layout")
+                 f"one of {', '.join(TORCHVISION_DATASETS)}, shapes, glyphs, the path of a .pt/.npz file with "
+                 "train_x and train_y, imagenet, or a folder in its layout")
 NOT_A_FILE = (lambda path: not os.path.isfile(path)), "a folder, not a file"
 
 
@@ -266,9 +270,9 @@ def make_shapes(n, seed, side=32, chunk=1000):
 
 # -----------------------------------------------------------------------------
 # glyphs: a second procedural set with other statistics than shapes (28x28
-# grayscale strokes on black, classes that differ in form only), written to a
-# .npz by `python data.py --write-glyphs glyphs.npz`, so that a recipe tuned on
-# shapes can be checked on data it was not tuned on.
+# grayscale strokes on black, classes that differ in form only), so that a recipe
+# tuned on shapes can be checked on data it was not tuned on: `--dataset glyphs`,
+# or a .npz of them for other tools (`python data.py --write-glyphs glyphs.npz`).
 
 # Ten digit-like glyphs as polylines in a box from -1 to 1 (x right, y down).
 _loop = lambda cx, cy, rx, ry, points=14: [(cx + rx * math.cos(2 * math.pi * i / points),
@@ -322,11 +326,20 @@ def make_glyphs(n, seed, side=28, chunk=1000):
     return torch.cat(images), labels
 
 
+GLYPH_NAMES = tuple(str(digit) for digit in range(len(GLYPHS)))
+
+
+def glyph_pixels(glyphs):
+    """28x28 grayscale glyphs as `--dataset glyphs` holds them: RGB, padded with
+    zeros to 32x32 (a multiple of 8), pixel for pixel what a file of them gives."""
+    return F.pad(glyphs[:, None].expand(-1, 3, -1, -1), (2, 2, 2, 2))
+
+
 def write_glyphs(path, train=20_000, test=2_000):
     """The glyphs dataset as a .npz that load_dataset reads like any user's file."""
     (train_x, train_y), (test_x, test_y) = make_glyphs(train, seed=0), make_glyphs(test, seed=1)
     save_atomic({"train_x": train_x.numpy(), "train_y": train_y.numpy(), "test_x": test_x.numpy(),
-                 "test_y": test_y.numpy(), "classes": np.array([str(digit) for digit in range(len(GLYPHS))])},
+                 "test_y": test_y.numpy(), "classes": np.array(GLYPH_NAMES)},
                 path, writer=lambda arrays, file: np.savez(file, **arrays))
 
 
@@ -1100,7 +1113,7 @@ def for_training(model, loss, world, device, compile, cuda_graphs=False):
 
 @dataclass
 class DataConfig:
-    dataset: str = "cifar10"        # cifar10 | cifar100 | svhn | shapes | path to a .pt/.npz file
+    dataset: str = "cifar10"        # cifar10 | cifar100 | svhn | shapes | glyphs | a .pt/.npz file
     data_dir: str = "./data"        # where torchvision datasets are downloaded to
     out: str = "augment.png"        # preview grid: originals, weak views, strong views
     seed: int = 0                   # seed of the augmentations in the preview

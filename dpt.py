@@ -45,7 +45,7 @@ import unet
 
 @dataclass
 class DPTConfig:
-    dataset: str = "cifar10"        # cifar10 | cifar100 | svhn | shapes | a .pt/.npz file | imagenet | a folder like it
+    dataset: str = "cifar10"        # cifar10 | cifar100 | svhn | shapes | glyphs | .pt/.npz | imagenet | a folder
     data_dir: str = "./data"        # where torchvision datasets are downloaded to
     labels: int = 1                 # labeled images per class
     seed: int = 0                   # seed of the labeled split and of every stage

@@ -40,7 +40,7 @@ import data
 
 @dataclass
 class FixMatchConfig:
-    dataset: str = "cifar10"        # cifar10 | cifar100 | svhn | shapes | path to a .pt/.npz file
+    dataset: str = "cifar10"        # cifar10 | cifar100 | svhn | shapes | glyphs | a .pt/.npz file
     data_dir: str = "./data"        # where torchvision datasets are downloaded to
     labels: int = 4                 # labeled images per class
     seed: int = 0                   # seed of the labeled split and of training

@@ -473,6 +473,20 @@ def test_the_glyphs_file_loads_like_a_users_grayscale_npz(tmp_path, capsys):
     assert torch.equal(glyphs.test_x[:, 0], glyphs.test_x[:, 2]) and "padded" in capsys.readouterr().out
 
 
+def test_dataset_glyphs_is_the_glyphs_file_pixel_for_pixel(tmp_path, monkeypatch):
+    # --dataset glyphs draws what --write-glyphs writes (at a hundredth of the size here), so
+    # a run on either is one dataset (dpt.py names data by contents) with the same results.
+    path = str(tmp_path / "glyphs.npz")
+    data.write_glyphs(path, train=200, test=20)
+    draw = data.make_glyphs
+    monkeypatch.setattr(data, "make_glyphs", lambda n, seed: draw(n // 100, seed))
+    built_in, from_file = data.load_dataset("glyphs"), data.load_dataset(path)
+    assert built_in.name == from_file.name == "glyphs" and built_in.classes == from_file.classes
+    for split in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(built_in, split), getattr(from_file, split)), split
+    assert data.KNOWN_DATASET[0]("glyphs")
+
+
 def test_split_has_exactly_the_asked_labels_per_class_and_is_reproducible():
     y = torch.randint(0, 10, (1000,), generator=torch.Generator().manual_seed(0))
     split = data.labeled_split(y, 4, seed=3)

@@ -46,7 +46,7 @@ import data
 
 @dataclass
 class DiffusionConfig:
-    dataset: str = "cifar10"        # cifar10 | cifar100 | svhn | shapes | path to a .pt/.npz file
+    dataset: str = "cifar10"        # cifar10 | cifar100 | svhn | shapes | glyphs | a .pt/.npz file
     data_dir: str = "./data"        # where torchvision datasets are downloaded to
     labels_file: str = ""           # pseudo_labels.pt of stage 1; "" trains on the dataset's true labels
     out: str = "runs/diffusion"     # folder for ckpt.pt and diffusion.pt

@@ -1077,7 +1077,7 @@ def device_name(device):
 
 def on_cuda_unless_set(flag, device):
     """compile and bf16 as set, else on with CUDA only: on 2 CPU cores neither
-    pays for the tiny networks (README, "Speed")."""
+    pays for the tiny networks (RESULTS.md, "Speed")."""
     return device.type == "cuda" if flag is None else flag
 
 

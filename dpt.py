@@ -146,12 +146,12 @@ PRESETS = {
     # model's BN statistics measured on clean images.
     # Stage 1 is FreeMatch, as the paper's DPT: with one label per class FixMatch's fixed
     # threshold confirms its early mistakes on real images (the digits of mnist5k: 38.9%
-    # against FreeMatch's 59.1%, labeled images alone 29.6%, three tuning seeds; README,
+    # against FreeMatch's 59.1%, labeled images alone 29.6%, three tuning seeds; RESULTS.md,
     # "Stage 1 on real images"). The labeled-only baseline runs too (half a minute): a
     # stage 1 that falls below it is a failed stage 1, whatever stage 3 gains over it.
-    # README, "Results", measures each of these levers. Eager fp32: on 2 CPU cores
+    # RESULTS.md, "Results", measures each of these levers. Eager fp32: on 2 CPU cores
     # compile only breaks even (13 s to compile) and neither pays for the U-Net
-    # (README, "Speed").
+    # (RESULTS.md, "Speed").
     "tiny": dict(ssl_arch="small", ssl_threshold="freematch", ssl_steps=2500, ssl_batch=32, ssl_uratio=2,
                  ssl_lr=0.05, ssl_lr_cosine=0.5,
                  ssl_ema=0.99, ssl_precise_bn=2048, ssl_eval_every=100, stage3_steps=2500, stage3_real_fraction=0.5,
@@ -170,7 +170,7 @@ PRESETS = {
     # (accelerate_*_large.py; the paper's FIDs of 3.08 / 2.52 are likely its U-ViT-H/2's): on
     # SD latents, batch 1024 for 300k steps, lr 2e-4 after 5k warm-up steps, EMA 0.9999 a
     # step (a half-life of 6,931.1 steps, 7,097,472 images), labels dropped 15% of the time; 50 network
-    # evaluations of the sampler at guidance 1.4 (their 0.4), 128 images per class. README, "ImageNet",
+    # evaluations of the sampler at guidance 1.4 (their 0.4), 128 images per class. RESULTS.md, "ImageNet",
     # lists each point beside the official code's. The batch is 4 micro-batches of 256 on one GPU
     # (the large U-ViT recomputes its blocks' activations in backward, as theirs does).
     "imagenet": dict(diffusion_arch="uvit", diffusion_size="large", diffusion_images=300_000 * 1024,

@@ -107,28 +107,29 @@ class DPTConfig:
     fid_stats: str = ""             # FID reference .npz (mu, sigma); empty: ADM's for imagenet, else training images
 
 
-# Each stage script's settings, field by field from DPTConfig's: the mappings
-# that build them for the stages, fill what neither the user nor the preset set
-# from the stage scripts' defaults, and name dpt.py's flags when a stage script's
-# rules refuse a value (--ssl-steps, where fixmatch.py would say --steps).
-def prefixed(prefix, *names):
-    return {name: prefix + name for name in names}
-
-
-PREFIX_STAGE = {"ssl_": "stage1", "stage3_": "stage3", "diffusion_": "stage2", "sample_": "sample"}
-
-
-CLASSIFIER_FIELDS = {**prefixed("", "dataset", "data_dir", "labels", "seed", "compile", "cuda_graphs", "bf16"),
-                     **prefixed("ssl_", "arch", "steps", "batch", "uratio", "lr", "lr_cosine", "ema", "precise_bn",
-                                "threshold", "tau", "eval_every"),
-                     "ckpt_every": "ssl_eval_every"}
-STAGE3_FIELDS = dict(CLASSIFIER_FIELDS, steps="stage3_steps", real_fraction="stage3_real_fraction")
-DIFFUSION_FIELDS = {**prefixed("", "dataset", "data_dir", "seed", "compile", "cuda_graphs", "bf16"),
-                    **prefixed("diffusion_", "arch", "size", "images", "batch", "micro_batch", "lr", "warmup",
-                               "ema_halflife", "p_mean", "label_dropout", "augment")}
-SAMPLE_FIELDS = {**prefixed("", "seed", "bf16"), **prefixed("sample_", "per_class", "solver", "steps", "guidance")}
-STAGE_SCRIPTS = ((fixmatch.FixMatchConfig, CLASSIFIER_FIELDS), (fixmatch.FixMatchConfig, STAGE3_FIELDS),
-                 (unet.DiffusionConfig, DIFFUSION_FIELDS), (sample.SampleConfig, SAMPLE_FIELDS))
+# Each stage script's settings, written out: the stage script's field on the left,
+# the DPTConfig field that sets it on the right (its flag: --ssl-lr sets fixmatch.py's
+# --lr). resolve() fills what neither the user nor the preset set from the stage
+# script's default; a stage script's refusal names dpt.py's flag (--ssl-steps, where
+# fixmatch.py would say --steps).
+CLASSIFIER_FLAGS = {  # fixmatch.py: stage 1, the baseline (and the oracle's recipe)
+    "dataset": "dataset", "data_dir": "data_dir", "labels": "labels", "seed": "seed", "compile": "compile",
+    "cuda_graphs": "cuda_graphs", "bf16": "bf16", "arch": "ssl_arch", "steps": "ssl_steps", "batch": "ssl_batch",
+    "uratio": "ssl_uratio", "lr": "ssl_lr", "lr_cosine": "ssl_lr_cosine", "ema": "ssl_ema",
+    "precise_bn": "ssl_precise_bn", "threshold": "ssl_threshold", "tau": "ssl_tau", "eval_every": "ssl_eval_every",
+    "ckpt_every": "ssl_eval_every"}
+STAGE3_FLAGS = {**CLASSIFIER_FLAGS, "steps": "stage3_steps", "real_fraction": "stage3_real_fraction"}  # fixmatch.py
+DIFFUSION_FLAGS = {  # unet.py: stage 2
+    "dataset": "dataset", "data_dir": "data_dir", "seed": "seed", "compile": "compile", "cuda_graphs": "cuda_graphs",
+    "bf16": "bf16", "arch": "diffusion_arch", "size": "diffusion_size", "images": "diffusion_images",
+    "batch": "diffusion_batch", "micro_batch": "diffusion_micro_batch", "lr": "diffusion_lr",
+    "warmup": "diffusion_warmup", "ema_halflife": "diffusion_ema_halflife", "p_mean": "diffusion_p_mean",
+    "label_dropout": "diffusion_label_dropout", "augment": "diffusion_augment"}
+SAMPLE_FLAGS = {  # sample.py: the samples
+    "seed": "seed", "bf16": "bf16", "per_class": "sample_per_class", "solver": "sample_solver",
+    "steps": "sample_steps", "guidance": "sample_guidance"}
+STAGE_SCRIPTS = ((fixmatch.FixMatchConfig, CLASSIFIER_FLAGS), (fixmatch.FixMatchConfig, STAGE3_FLAGS),
+                 (unet.DiffusionConfig, DIFFUSION_FLAGS), (sample.SampleConfig, SAMPLE_FLAGS))
 
 # Presets name only what they change from the stage scripts' defaults, which are
 # the paper's recipe (FixMatch on WRN-28-2 for 2^20 steps, EDM's DDPM++ for 200M
@@ -202,54 +203,73 @@ def resolve(config):
         config.dataset = os.path.realpath(config.dataset)
     defaults = dict(compile=torch.cuda.is_available(), bf16=torch.cuda.is_available(), fid_reference=0,
                     baseline=False)
-    defaults.update({ours: getattr(stage_config, name) for stage_config, fields in STAGE_SCRIPTS
-                     for name, ours in fields.items() if ours.startswith(tuple(PREFIX_STAGE))})
+    defaults.update({ours: getattr(script_config, name) for script_config, flags in STAGE_SCRIPTS
+                     for name, ours in flags.items() if ours.startswith(("ssl_", "stage3_", "diffusion_", "sample_"))})
     for name, value in {**defaults, **PRESETS[config.preset]}.items():
         if getattr(config, name) is None:
             setattr(config, name, value)
 
 
-# The stages in order, and the config fields each one depends on. A changed field
-# can only be accepted by rerunning (--redo) its stage or an earlier one. The
-# dataset is compared by its contents (split.pt keeps them), not by how its name
-# is spelled: ./glyphs.npz is glyphs.npz, a regenerated glyphs.npz is not.
-# The imagenet preset's encode stage reads every image once into latents and
-# features; it comes first, so that --redo stage1 (a new split) keeps it.
-STAGES = ("encode", "split", "stage1", "stage2", "sample", "stage3", "fid")
+# The run folder's rules, one row a stage in the order the stages run: what the
+# stage makes there, which a --redo of it or of an earlier stage removes. A stage is
+# done when its last file exists (stage_* below name it). The imagenet preset's
+# encoding comes first, so that --redo stage1 (a new labeled split) keeps it; the
+# baseline's files go with stage 1, whose split it trains on.
+MADE_BY = {
+    "encode": ("encoded", "encoded.pt"),  # the chunks under way, then every latent and feature
+    "split": ("split.pt",),
+    "stage1": ("stage1", "baseline", "pseudo_labels.pt"),
+    "stage2": ("stage2",),
+    "sample": ("samples.pt", "samples.png"),
+    "stage3": ("stage3",),
+    "fid": ("fid.json", "oracle.pt"),  # the imagenet preset's oracle probe is fit again after any redo
+}
+STAGES = tuple(MADE_BY)
 REDO_STAGES = tuple(stage for stage in STAGES if stage != "split")  # --redo stage1 draws the split again
+
+# The stage each setting belongs to: a setting changed in a run folder is refused
+# unless --redo reruns that stage or an earlier one. The dataset is compared by its
+# contents (split.pt keeps them), not by how its name is spelled: ./glyphs.npz is
+# glyphs.npz, a regenerated glyphs.npz is not. FREE_TO_CHANGE's settings change
+# nothing a stage made.
+FIELD_STAGE = {
+    **dict.fromkeys(("image_size", "autoencoder_size", "skip_bad_images", "msn_size"), "encode"),
+    **dict.fromkeys(("labels", "seed", "label_subset"), "split"),
+    **dict.fromkeys(("bf16", "probe_lambda", "ssl_arch", "ssl_steps", "ssl_batch", "ssl_uratio", "ssl_lr",
+                     "ssl_lr_cosine", "ssl_ema", "ssl_precise_bn", "ssl_threshold", "ssl_tau"), "stage1"),
+    **dict.fromkeys(("diffusion_arch", "diffusion_size", "diffusion_images", "diffusion_batch", "diffusion_lr",
+                     "diffusion_warmup", "diffusion_ema_halflife", "diffusion_p_mean", "diffusion_label_dropout",
+                     "diffusion_augment"), "stage2"),
+    **dict.fromkeys(("sample_per_class", "sample_solver", "sample_steps", "sample_guidance"), "sample"),
+    **dict.fromkeys(("stage3_steps", "stage3_real_fraction"), "stage3"),
+    **dict.fromkeys(("fid_reference", "fid_stats"), "fid"),
+}
 FREE_TO_CHANGE = {"dataset", "data_dir", "out", "redo", "baseline", "fid_weights", "compile", "cuda_graphs",
                   "preset", "ssl_eval_every", "diffusion_micro_batch", "bench", "report", "seeds", "autoencoder",
                   "msn_weights"}
-FIELD_STAGE = {"labels": "split", "seed": "split", "label_subset": "split", "bf16": "stage1", "fid_reference": "fid",
-               "fid_stats": "fid", "image_size": "encode", "autoencoder_size": "encode", "skip_bad_images": "encode",
-               "msn_size": "encode", "probe_lambda": "stage1",
-               **{name: stage for name in asdict(DPTConfig()) for prefix, stage in PREFIX_STAGE.items()
-                  if name.startswith(prefix) and name not in FREE_TO_CHANGE}}
 
 
 def classifier_settings(config, stage, out=""):
     """fixmatch.py's settings for stage 1, stage 3 or the baseline, and the flags
     they come from. One recipe for all three: the baseline drops the unlabeled
     loss (lambda_u = 0), which is what makes it train on the labeled images alone."""
-    fields = STAGE3_FIELDS if stage == "stage3" else CLASSIFIER_FIELDS
-    lambda_u = 0.0 if stage == "baseline" else 1.0
-    return settings_from(fixmatch.FixMatchConfig, config, fields, out=out, lambda_u=lambda_u), fields
+    flags = STAGE3_FLAGS if stage == "stage3" else CLASSIFIER_FLAGS
+    settings = {name: getattr(config, ours) for name, ours in flags.items()}
+    return fixmatch.FixMatchConfig(**settings, out=out, lambda_u=0.0 if stage == "baseline" else 1.0), flags
 
 
 def diffusion_settings(config, out="", labels_file=""):
     """unet.py's settings for stage 2, and the flags they come from: a checkpoint
     every 5% of the run (at most 2M images apart)."""
-    settings = settings_from(unet.DiffusionConfig, config, DIFFUSION_FIELDS, out=out, labels_file=labels_file,
-                              ckpt_every=min(max(config.diffusion_images // 20, 1), 2_000_000))
-    return settings, DIFFUSION_FIELDS
+    settings = {name: getattr(config, ours) for name, ours in DIFFUSION_FLAGS.items()}
+    return unet.DiffusionConfig(**settings, out=out, labels_file=labels_file,
+                                ckpt_every=min(max(config.diffusion_images // 20, 1), 2_000_000)), DIFFUSION_FLAGS
 
 
 def sample_settings(config, out=""):
-    return settings_from(sample.SampleConfig, config, SAMPLE_FIELDS, checkpoint="", out=out), SAMPLE_FIELDS
-
-
-def settings_from(config_class, config, fields, **fixed):
-    return config_class(**{name: getattr(config, ours) for name, ours in fields.items()}, **fixed)
+    """sample.py's settings for the samples, and the flags they come from."""
+    settings = {name: getattr(config, ours) for name, ours in SAMPLE_FLAGS.items()}
+    return sample.SampleConfig(**settings, checkpoint="", out=out), SAMPLE_FLAGS
 
 
 RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE, "labels": data.between(1, data.MOST_IMAGES),
@@ -330,15 +350,43 @@ def barrier():
 
 
 # -----------------------------------------------------------------------------
-# The run folder: the file that marks each stage done, what --redo removes,
-# and refusing a folder made with other settings
+# The run folder: refusing one made with other settings, removing what a --redo
+# reruns, and the pattern of every stage: the missing work done once, then loaded
 
-FINAL = {"encode": "encoded.pt", "split": "split.pt", "stage1": "pseudo_labels.pt", "stage2": "stage2/diffusion.pt",
-         "sample": "samples.pt", "stage3": "stage3/classifier.pt", "baseline": "baseline/classifier.pt",
-         "fid": "fid.json"}
-REMOVED_BY_REDO = {"encode": ("encoded.pt", "encoded"), "split": ("split.pt",),
-                   "stage1": ("stage1", "pseudo_labels.pt", "baseline"), "stage2": ("stage2",),
-                   "sample": ("samples.pt", "samples.png"), "stage3": ("stage3",), "fid": ("fid.json", "oracle.pt")}
+
+def first_to_rerun(config, run, settings, saved):
+    """The index in STAGES of the first stage this run reruns (len(STAGES): none),
+    from --redo; refuses a folder made by settings no one knows, or by settings
+    that differ in a stage before it."""
+    if saved is None and set(os.listdir(run)) - {"run.lock", "timings.json"}:  # made by settings no one knows
+        raise data.UserError(f"{run} holds a run's files but no config.json, so the settings they were made with "
+                             "are unknown; delete the folder to start over, or choose another --out")
+    if saved is not None and set(saved) != set(settings):  # made before a flag was renamed
+        raise data.UserError(f"{run} was made by another version of dpt.py (its settings are named "
+                             f"{', '.join(sorted(set(saved) ^ set(settings)))}); start over with another "
+                             "--out, or delete the folder")
+    redo = "split" if config.redo == "stage1" else config.redo  # stage 1 draws its labeled split again too
+    first = STAGES.index(redo) if redo else len(STAGES)
+    changed = sorted(k for k, v in settings.items() if saved is not None and saved.get(k) != v)
+    earliest = min((STAGES.index(FIELD_STAGE[k]) for k in changed), default=len(STAGES))
+    if earliest < first:
+        stage = "stage1" if STAGES[earliest] == "split" else STAGES[earliest]
+        raise data.UserError(f"{run} was made with other settings ({', '.join(changed)}); add "
+                             f"--redo {stage} to rerun from the stage they change, or choose another --out")
+    return first
+
+
+def remove_stages(run, stages):
+    """What `stages` made (MADE_BY), their wall times and results.json."""
+    for name in [name for stage in stages for name in MADE_BY[stage]] + ["results.json"]:
+        target = os.path.join(run, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        elif os.path.exists(target):
+            os.remove(target)
+    untimed = set(stages) | ({"baseline"} if "stage1" in stages else set())  # stage 1 removes the baseline
+    timings = data.read_json(os.path.join(run, "timings.json")) or {}
+    data.write_json({k: v for k, v in timings.items() if k not in untimed}, os.path.join(run, "timings.json"))
 
 
 def check_run_folder(config, run):
@@ -350,61 +398,41 @@ def check_run_folder(config, run):
     path = os.path.join(run, "config.json")
     settings = {k: v for k, v in asdict(config).items() if k not in FREE_TO_CHANGE}
     saved = data.read_json(path)
+    first = first_to_rerun(config, run, settings, saved)
     pending = data.read_json(os.path.join(run, "redo.json"))  # a --redo begun and not finished
-    if saved is None and set(os.listdir(run)) - {"run.lock", "timings.json"}:  # made by settings no one knows
-        raise data.UserError(f"{run} holds a run's files but no config.json, so the settings they were made with "
-                             "are unknown; delete the folder to start over, or choose another --out")
-    redo = "split" if config.redo == "stage1" else config.redo  # stage 1 draws its labeled split again too
-    redo_from = STAGES.index(redo) if redo else len(STAGES)
-    if saved is not None and set(saved) != set(settings):  # made before a flag was renamed
-        raise data.UserError(f"{run} was made by another version of dpt.py (its settings are named "
-                             f"{', '.join(sorted(set(saved) ^ set(settings)))}); start over with another "
-                             "--out, or delete the folder")
-    if saved is not None:
-        changed = sorted(k for k, v in settings.items() if saved.get(k) != v)
-        earliest = min((STAGES.index(FIELD_STAGE[k]) for k in changed), default=len(STAGES))
-        if earliest < redo_from:
-            stage = "stage1" if STAGES[earliest] == "split" else STAGES[earliest]
-            raise data.UserError(f"{run} was made with other settings ({', '.join(changed)}); add "
-                                 f"--redo {stage} to rerun from the stage they change, or choose another --out")
     resumed = config.redo and saved == settings and pending == {"redo": config.redo}
     if resumed and dist_rank() == 0:
         print(f"resuming the --redo {config.redo} begun earlier in {run} (its progress kept)", file=sys.stderr)
     barrier()  # every rank has compared before rank 0 removes anything
     if dist_rank() == 0 and not resumed:
-        removed = STAGES[redo_from:] if saved is not None else ()
-        for name in [name for stage in removed for name in REMOVED_BY_REDO[stage]] + ["results.json"]:
-            target = os.path.join(run, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            elif os.path.exists(target):
-                os.remove(target)
-        untimed = set(removed) | ({"baseline"} if "stage1" in removed else set())  # stage 1 removes the baseline
-        timings = data.read_json(os.path.join(run, "timings.json")) or {}
-        timings = {k: v for k, v in timings.items() if k not in untimed}
-        data.write_json(timings, os.path.join(run, "timings.json"))
+        removed = STAGES[first:] if saved is not None else ()
+        remove_stages(run, removed)
         data.write_json(settings, path)
         if removed:
             data.write_json({"redo": config.redo}, os.path.join(run, "redo.json"))
     barrier()
 
 
-def run_stage(run, stage, function, *args, final=None, **kwargs):
-    """Run one stage (it skips itself when its final file, FINAL[stage] unless
-    given, exists); add its wall time to timings.json when it did work."""
-    already_done = os.path.exists(os.path.join(run, final or FINAL[stage]))
-    start = time.perf_counter()
-    result = function(*args, **kwargs)
-    if not already_done and dist_rank() == 0:
-        timings = data.read_json(os.path.join(run, "timings.json")) or {}
-        timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - start, 1)
-        data.write_json(timings, os.path.join(run, "timings.json"))
-    return result
+def once(path, make, load=None, every_rank=True, timed=None):
+    """What every stage does: when `path` is missing, make() does the work (on
+    every process, or on rank 0 alone) and writes it there; then every process
+    waits for the others and loads it. timed = (run, stage) adds the work's wall
+    time to the stage's in timings.json (a resumed stage adds up its parts)."""
+    if not os.path.exists(path) and (every_rank or dist_rank() == 0):
+        start = time.perf_counter()
+        make()
+        if timed and dist_rank() == 0:
+            run, stage = timed
+            timings = data.read_json(os.path.join(run, "timings.json")) or {}
+            timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - start, 1)
+            data.write_json(timings, os.path.join(run, "timings.json"))
+    barrier()
+    return load(path) if load else None
 
 
 # -----------------------------------------------------------------------------
 # The stages. Each reads its inputs from the run folder and leaves its outputs
-# there; a stage whose final file exists is skipped, one with a ckpt.pt resumes.
+# there; a stage whose last file exists is skipped, one with a ckpt.pt resumes.
 
 
 def labeled_split(config, dataset):
@@ -419,13 +447,10 @@ def labeled_split(config, dataset):
 def stage_split(config, run, dataset):
     """The labeled images, drawn once and kept with the contents they were drawn
     from: a run folder never goes on with another dataset than the one it began."""
-    path, contents = os.path.join(run, FINAL["split"]), contents_crc(dataset)
-    if not os.path.exists(path) and dist_rank() == 0:
-        index = labeled_split(config, dataset)
-        data.save_atomic({"indices": index, "seed": config.seed, "dataset": dataset.name,
-                          "size": len(dataset.train_y), "contents": contents}, path)
-    barrier()
-    split = data.read_artifact(path, "stage1")
+    path, contents = os.path.join(run, "split.pt"), contents_crc(dataset)
+    make = lambda: data.save_atomic({"indices": labeled_split(config, dataset), "seed": config.seed,
+                                     "dataset": dataset.name, "size": len(dataset.train_y), "contents": contents}, path)
+    split = once(path, make, lambda path: data.read_artifact(path, "stage1"), every_rank=False, timed=(run, "split"))
     if split.get("contents") != contents or split.get("size") != len(dataset.train_y):
         raise data.UserError(f"{run} was made from other data than {config.dataset} holds now (a regenerated "
                              "or another file of that name); add --redo stage1 to start over on it, or choose "
@@ -433,37 +458,20 @@ def stage_split(config, run, dataset):
     return split["indices"]
 
 
-def stage_classifier(config, run, stage, dataset, labeled_index, device, generated=None):
-    """Stage 1, stage 3 or the labeled-only baseline, into run/stage/classifier.pt;
-    returns the classifier and its metrics."""
-    path = os.path.join(run, stage, "classifier.pt")
-    if not os.path.exists(path):
-        settings, _ = classifier_settings(config, stage, out=os.path.join(run, stage))
-        model, metrics = fixmatch.train(settings, dataset, labeled_index, generated)
-        if dist_rank() == 0:
-            fixmatch.save_classifier(model, settings, metrics, path)
-    barrier()
-    return fixmatch.load_classifier(path, device)
-
-
-def stage_1(config, run, dataset, labeled_index, device):
-    """FixMatch on the labeled split, then a pseudo label for every training image;
-    returns the classifier (the judge of the generated images), its metrics and the labels."""
-    model, metrics = stage_classifier(config, run, "stage1", dataset, labeled_index, device)
-    path = os.path.join(run, FINAL["stage1"])
-    if not os.path.exists(path) and dist_rank() == 0:
-        data.save_atomic(fixmatch.pseudo_labels(fixmatch.predict(model, dataset.train_x), dataset.train_y), path)
-    barrier()
-    return model, metrics, data.read_artifact(path, "stage1")
+def stage_pseudo_labels(run, learner, model, dataset):
+    """Stage 1's last step: its learner's label and confidence for every training image."""
+    path = os.path.join(run, "pseudo_labels.pt")
+    make = lambda: data.save_atomic(fixmatch.pseudo_labels(learner.predict_training(model), dataset.train_y), path)
+    return once(path, make, lambda path: data.read_artifact(path, "stage1"), every_rank=False, timed=(run, "stage1"))
 
 
 def stage_2(config, run, images, labels, num_classes, mirrored=None):
     """The class-conditional diffusion model, trained on every training image
     (pixels, or the imagenet preset's latents and their mirrors') with its pseudo label."""
-    out = os.path.join(run, "stage2")
-    path = os.path.join(run, FINAL["stage2"])
-    if not os.path.exists(path):
-        settings, _ = diffusion_settings(config, out=out, labels_file=os.path.join(run, FINAL["stage1"]))
+    out, path = os.path.join(run, "stage2"), os.path.join(run, "stage2", "diffusion.pt")
+
+    def make():
+        settings, _ = diffusion_settings(config, out=out, labels_file=os.path.join(run, "pseudo_labels.pt"))
         grid = os.path.join(out, "grid.png")
         pixels = images.dtype == torch.uint8  # latents would need decoding first: no preview
         preview = lambda model, images_seen: sample.preview_grid(model, grid, per_class=4, steps=8)
@@ -472,16 +480,17 @@ def stage_2(config, run, images, labels, num_classes, mirrored=None):
                                     mirrored=mirrored)
         if dist_rank() == 0:
             unet.save_diffusion(model, settings, metrics, path)
-    barrier()
+    once(path, make, timed=(run, "stage2"))
 
 
 def stage_sample(config, run, device, rank, world):
     """K images per class from the diffusion model's EMA weights, split across
     ranks; the imagenet preset's are decoded from latents, and their MSN features
     (what its probe sees) are kept beside them."""
-    path = os.path.join(run, FINAL["sample"])
-    if not os.path.exists(path):
-        model = unet.load_diffusion(os.path.join(run, FINAL["stage2"]), device)
+    path = os.path.join(run, "samples.pt")
+
+    def make():
+        model = unet.load_diffusion(os.path.join(run, "stage2", "diffusion.pt"), device)
         settings, _ = sample_settings(config, out=run)
         decode = None
         if config.preset in FOLDER_PRESETS:
@@ -498,8 +507,7 @@ def stage_sample(config, run, device, rank, world):
         if rank == 0:
             data.save_atomic(artifact, path)
             sample.save_grid(images, labels, os.path.join(run, "samples.png"))
-    barrier()
-    return data.read_artifact(path, "sample")
+    return once(path, make, lambda path: data.read_artifact(path, "sample"), timed=(run, "sample"))
 
 
 def split_statistics(model, images, keep_logits, rank, world, read=None):
@@ -526,8 +534,9 @@ def stage_fid(config, run, dataset, samples, device, rank, world):
     ADM's for imagenet, whose FID takes 50 samples a class, 50,000 in all, where the
     official code draws 50,000 with uniform random labels); None, with a notice,
     when the Inception weights or the reference statistics cannot be had."""
-    path = os.path.join(run, FINAL["fid"])
-    if not os.path.exists(path):
+    path = os.path.join(run, "fid.json")
+
+    def make():
         try:
             model = fid.load_inception(config.fid_weights or None, device)
             stats = config.fid_stats or config.dataset == "imagenet" and fid.download_stats(fid.ADM_IMAGENET256)
@@ -535,7 +544,7 @@ def stage_fid(config, run, dataset, samples, device, rank, world):
         except fid.FIDError as error:
             if rank == 0:
                 print(f"FID skipped: {error}", file=sys.stderr)
-            return None
+            return
         if real is None and dataset.train_x is None:  # a folder: a fixed random subset of its files
             order = torch.randperm(len(dataset.train_files), generator=torch.Generator().manual_seed(0))
             files = [dataset.train_files[i] for i in order[:config.fid_reference or None]]
@@ -551,14 +560,10 @@ def stage_fid(config, run, dataset, samples, device, rank, world):
                 score = fid.frechet_distance(generated["mu"], generated["sigma"], real["mu"], real["sigma"])
             except fid.FIDError as error:
                 print(f"FID skipped: {error}", file=sys.stderr)
-                score = None
-            if score is not None:
-                data.write_json({"fid": score, "inception_score": fid.inception_score(generated["logits"])[0],
-                                 "generated_images": generated["count"], "reference_images": real.get("count")}, path)
-        barrier()
-        if not os.path.exists(path):
-            return None
-    return data.read_json(path)
+                return
+            data.write_json({"fid": score, "inception_score": fid.inception_score(generated["logits"])[0],
+                             "generated_images": generated["count"], "reference_images": real.get("count")}, path)
+    return once(path, make, data.read_json, timed=(run, "fid"))  # None when it was skipped
 
 
 # -----------------------------------------------------------------------------
@@ -600,6 +605,81 @@ def stage_oracle(config, dataset, device, rank, world):
                     fixmatch.save_classifier(model, settings, metrics, path)
             barrier()
     return (*fixmatch.load_classifier(path, device), path)
+
+
+# -----------------------------------------------------------------------------
+# The learner of stages 1 and 3: a classifier trained on the images (fixmatch.py),
+# or in the imagenet preset a linear probe fit on frozen MSN features of them.
+# Both fit a stage into its folder, label images, and have an oracle.
+
+
+class Classifier:
+    """FixMatch or FreeMatch on the pixels: stage 1, stage 3 and the baseline, each
+    into run/STAGE/classifier.pt; the oracle is the same recipe on every true label."""
+
+    def __init__(self, config, run, dataset, device, rank, world):
+        self.config, self.run, self.dataset, self.device, self.rank, self.world = (config, run, dataset, device,
+                                                                                  rank, world)
+
+    def fit(self, stage, labeled_index, samples=None):
+        """(model, metrics) of the stage; the samples join the labeled images (stage 3)."""
+        path = os.path.join(self.run, stage, "classifier.pt")
+
+        def make():
+            settings, _ = classifier_settings(self.config, stage, out=os.path.join(self.run, stage))
+            generated = None if samples is None else (samples["images"], samples["labels"])
+            model, metrics = fixmatch.train(settings, self.dataset, labeled_index, generated)
+            if dist_rank() == 0:
+                fixmatch.save_classifier(model, settings, metrics, path)
+        return once(path, make, lambda path: fixmatch.load_classifier(path, self.device), timed=(self.run, stage))
+
+    def predict_training(self, model):
+        return fixmatch.predict(model, self.dataset.train_x)
+
+    def predict_samples(self, model, samples):
+        return fixmatch.predict(model, samples["images"])[0]
+
+    def oracle(self):
+        return stage_oracle(self.config, self.dataset, self.device, self.rank, self.world)
+
+
+class Probe:
+    """The imagenet preset's learner: a linear probe on the MSN features of the
+    labeled images (and of the samples: stage 3), each into run/STAGE/probe.pt; the
+    oracle is the probe fit on every training image's true label (no network to
+    train: cheap), into run/oracle.pt, removed with the last stage's files."""
+
+    def __init__(self, config, run, dataset, encoded, device):
+        self.config, self.run, self.dataset, self.encoded, self.device = config, run, dataset, encoded, device
+
+    def fit(self, stage, labeled_index, samples=None):
+        """(weights, metrics) of the stage."""
+        return self.fit_into(os.path.join(self.run, stage, "probe.pt"), stage, labeled_index, samples, stage)
+
+    def fit_into(self, path, redo, index, samples, timed_as=None):
+        """The probe on the features of the training images `index` picks (and of
+        the samples), into `path` once; a damaged file is remade by --redo `redo`."""
+        def make():
+            features, labels = self.encoded["train"]["features"][index], self.dataset.train_y[index]
+            if samples is not None:  # the generated images join the labeled ones
+                features, labels = torch.cat([features, samples["features"]]), torch.cat([labels, samples["labels"]])
+            test = None if self.encoded["test"] is None else (self.encoded["test"]["features"], self.dataset.test_y)
+            weights, metrics = fixmatch.train_probe(features, labels, self.dataset.num_classes,
+                                                    self.config.probe_lambda, test, self.device)
+            data.save_atomic({"weights": weights, "metrics": metrics}, path)
+        saved = once(path, make, lambda path: data.read_artifact(path, redo), every_rank=False,
+                     timed=timed_as and (self.run, timed_as))
+        return saved["weights"], saved["metrics"]
+
+    def predict_training(self, weights):
+        return fixmatch.probe_predict(weights, self.encoded["train"]["features"])
+
+    def predict_samples(self, weights, samples):
+        return fixmatch.probe_predict(weights, samples["features"])[0]
+
+    def oracle(self):
+        path = os.path.join(self.run, "oracle.pt")
+        return (*self.fit_into(path, "fid", slice(None), None), path)
 
 
 # -----------------------------------------------------------------------------
@@ -656,10 +736,11 @@ def stage_encode(config, run, dataset, device):
     scaled to EDM's sigma_data) and every image, training and val, as an MSN
     feature: each file read once, in resumable chunks (encoded/) shared out among
     the processes, then encoded.pt."""
-    path = os.path.join(run, FINAL["encode"])
+    path = os.path.join(run, "encoded.pt")
     records = {split: data.file_records(files, dataset.root) for split, files in
                (("train", dataset.train_files), ("test", dataset.test_files))}  # what each encoding comes from
-    if not os.path.exists(path):
+
+    def make():
         rank, world = dist_rank(), dist.get_world_size() if dist.is_initialized() else 1
         encode = encoder(unet.load_autoencoder(config.autoencoder, config.autoencoder_size, device),
                          load_msn(config, device), config.bf16)
@@ -673,67 +754,13 @@ def stage_encode(config, run, dataset, device):
         if rank == 0:
             data.save_atomic({"train": train, "test": test}, path)
             shutil.rmtree(folder)
-    barrier()
-    encoded = data.read_artifact(path, "encode", mmap=True)
+    encoded = once(path, make, lambda path: data.read_artifact(path, "encode", mmap=True), timed=(run, "encode"))
     changes = "; ".join(f"{split}: {changed}" for split in records if (changed := data.folder_changes(
         (encoded[split] or {}).get("files", []), records[split])))
     if changes:  # never latents or features of other files than the folder's
         raise data.UserError(f"{dataset.root} changed since {run} encoded it ({changes}); add --redo encode to "
                              "encode it again, or put the files back")
     return encoded
-
-
-def stage_probe(config, path, redo, dataset, encoded, index, device, generated=None):
-    """The probe on the features of the training images `index` picks (and of the
-    generated images), into `path` once; returns (weights, metrics). Stage 1 fits
-    the labeled images, stage 3 those and the generated ones, the oracle every
-    training image with its true label; a damaged file is remade by --redo `redo`."""
-    if not os.path.exists(path) and dist_rank() == 0:
-        features, labels = encoded["train"]["features"][index], dataset.train_y[index]
-        if generated is not None:  # the generated images join the labeled ones
-            features, labels = torch.cat([features, generated["features"]]), torch.cat([labels, generated["labels"]])
-        test = None if encoded["test"] is None else (encoded["test"]["features"], dataset.test_y)
-        weights, metrics = fixmatch.train_probe(features, labels, dataset.num_classes, config.probe_lambda, test,
-                                                device)
-        data.save_atomic({"weights": weights, "metrics": metrics}, path)
-    barrier()
-    saved = data.read_artifact(path, redo)
-    return saved["weights"], saved["metrics"]
-
-
-def run_latent_stages(config, run, dataset, device, rank, world):
-    """The imagenet preset's stages in order (each skipped when done), then results.json and the rest."""
-    if config.redo == "encode":  # the networks it would encode with load, before the redo removes anything
-        load_msn(config, "cpu"), unet.load_autoencoder(config.autoencoder, config.autoencoder_size)
-    check_run_folder(config, run)
-    if rank == 0:
-        print(f"DPT on {dataset.name}, {config.labels} labels per class, preset {config.preset}: {run}")
-    encoded = run_stage(run, "encode", stage_encode, config, run, dataset, device)
-    labeled_index = run_stage(run, "split", stage_split, config, run, dataset)
-    stage1, stage1_metrics = run_stage(run, "stage1", stage_probe, config, os.path.join(run, "stage1", "probe.pt"),
-                                       "stage1", dataset, encoded, labeled_index, device)
-    path = os.path.join(run, FINAL["stage1"])
-    if not os.path.exists(path) and rank == 0:
-        predicted = fixmatch.probe_predict(stage1, encoded["train"]["features"])
-        data.save_atomic(fixmatch.pseudo_labels(predicted, dataset.train_y), path)
-    barrier()
-    pseudo_labels = data.read_artifact(path, "stage1")
-    run_stage(run, "stage2", stage_2, config, run, encoded["train"]["latents"], pseudo_labels["labels"],
-              dataset.num_classes, mirrored=encoded["train"]["flipped"])
-    samples = run_stage(run, "sample", stage_sample, config, run, device, rank, world)
-    _, stage3_metrics = run_stage(run, "stage3", stage_probe, config, os.path.join(run, "stage3", "probe.pt"),
-                                  "stage3", dataset, encoded, labeled_index, device, generated=samples,
-                                  final="stage3/probe.pt")
-    fid_result = run_stage(run, "fid", stage_fid, config, run, dataset, samples, device, rank, world)
-    # The oracle: the probe fit on every training image's true label (cheap: no network to train),
-    # removed with the last stage's files, so a redo of any stage fits it again.
-    oracle_path = os.path.join(run, "oracle.pt")
-    oracle, oracle_metrics = stage_probe(config, oracle_path, "fid", dataset, encoded, slice(None), device)
-    if rank == 0:
-        judged = lambda weights: fixmatch.probe_predict(weights, samples["features"])[0]
-        write_results(config, run, dataset, device, samples, stage1_metrics, pseudo_labels, stage3_metrics, None,
-                      fid_result, judged(stage1), judged(oracle), oracle_metrics, oracle_path)
-    barrier()
 
 
 # -----------------------------------------------------------------------------
@@ -768,42 +795,49 @@ def run_dpt(config, dataset, device, rank, world):
     """One run of the three stages, resumed from its folder; returns the run folder."""
     run = run_folder(config)
     with data.folder_claimed(run, rank, world):
-        (run_latent_stages if config.preset in FOLDER_PRESETS else run_stages)(config, run, dataset, device, rank,
-                                                                               world)
+        run_stages(config, run, dataset, device, rank, world)
     return run
 
 
 def run_stages(config, run, dataset, device, rank, world):
     """Each stage in order (each skipped when done), then results.json, report.html and the summary."""
+    folder = config.preset in FOLDER_PRESETS
+    if folder and config.redo == "encode":  # the networks it would encode with load, before the redo removes anything
+        load_msn(config, "cpu"), unet.load_autoencoder(config.autoencoder, config.autoencoder_size)
     check_run_folder(config, run)
     if rank == 0:
         print(f"DPT on {dataset.name}, {config.labels} labels per class, preset {config.preset}: {run}")
 
-    labeled_index = run_stage(run, "split", stage_split, config, run, dataset)
-    stage1_model, stage1_metrics, pseudo_labels = run_stage(run, "stage1", stage_1, config, run, dataset,
-                                                            labeled_index, device)
-    run_stage(run, "stage2", stage_2, config, run, dataset.train_x, pseudo_labels["labels"], dataset.num_classes)
-    samples = run_stage(run, "sample", stage_sample, config, run, device, rank, world)
-    _, stage3_metrics = run_stage(run, "stage3", stage_classifier, config, run, "stage3", dataset, labeled_index,
-                                  device, generated=(samples["images"], samples["labels"]))
-    baseline_metrics = None
-    if config.baseline:
-        _, baseline_metrics = run_stage(run, "baseline", stage_classifier, config, run, "baseline", dataset,
-                                        labeled_index, device)
-    fid_result = run_stage(run, "fid", stage_fid, config, run, dataset, samples, device, rank, world)
-    oracle, oracle_metrics, oracle_path = stage_oracle(config, dataset, device, rank, world)
+    encoded = stage_encode(config, run, dataset, device) if folder else None
+    labeled_index = stage_split(config, run, dataset)
+    learner = Probe(config, run, dataset, encoded, device) if folder else Classifier(config, run, dataset, device,
+                                                                                       rank, world)
+    stage1, stage1_metrics = learner.fit("stage1", labeled_index)
+    pseudo_labels = stage_pseudo_labels(run, learner, stage1, dataset)
+    if folder:  # stage 2 learns the latents of every image and of its mirror
+        stage_2(config, run, encoded["train"]["latents"], pseudo_labels["labels"], dataset.num_classes,
+                mirrored=encoded["train"]["flipped"])
+    else:
+        stage_2(config, run, dataset.train_x, pseudo_labels["labels"], dataset.num_classes)
+    samples = stage_sample(config, run, device, rank, world)
+    _, stage3_metrics = learner.fit("stage3", labeled_index, samples)
+    baseline_metrics = learner.fit("baseline", labeled_index)[1] if config.baseline else None
+    fid_result = stage_fid(config, run, dataset, samples, device, rank, world)
+    oracle, oracle_metrics, oracle_path = learner.oracle()
 
     if rank == 0:
         # Two judges of the generated images, neither of which saw them (stage 3
         # trained on them, so it would grade its own homework): the stage-1
-        # classifier says what DPT believes, the oracle what is true.
-        judged = lambda judge: fixmatch.predict(judge, samples["images"])[0]
-        write_results(config, run, dataset, device, samples, stage1_metrics, pseudo_labels, stage3_metrics,
-                      baseline_metrics, fid_result, judged(stage1_model), judged(oracle), oracle_metrics, oracle_path)
+        # learner says what DPT believes, the oracle what is true.
+        write_results(config, run, dataset, device, samples, stage1_metrics=stage1_metrics,
+                      pseudo_labels=pseudo_labels, stage3_metrics=stage3_metrics, baseline_metrics=baseline_metrics,
+                      fid_result=fid_result, believed=learner.predict_samples(stage1, samples),
+                      true=learner.predict_samples(oracle, samples), oracle_metrics=oracle_metrics,
+                      oracle_path=oracle_path)
     barrier()
 
 
-def write_results(config, run, dataset, device, samples, stage1_metrics, pseudo_labels, stage3_metrics,
+def write_results(config, run, dataset, device, samples, *, stage1_metrics, pseudo_labels, stage3_metrics,
                   baseline_metrics, fid_result, believed, true, oracle_metrics, oracle_path):
     """results.json from what the stages measured and the judges' labels of the
     samples (believed: stage 1's, true: the oracle's), report.html, and the summary."""

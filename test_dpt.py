@@ -2586,7 +2586,7 @@ def test_presets_name_only_what_they_change_and_every_setting_is_filled():
         assert None not in dataclasses.asdict(config).values(), name
         assert {field: getattr(config, field) for field in preset} == preset, name
     # A stage script's flag is dpt.py's under the stage's prefix (--ssl-lr is fixmatch.py's --lr).
-    for fields in (dpt.CLASSIFIER_FIELDS, dpt.DIFFUSION_FIELDS, dpt.SAMPLE_FIELDS):
+    for fields in (dpt.CLASSIFIER_FLAGS, dpt.DIFFUSION_FLAGS, dpt.SAMPLE_FLAGS):
         assert all(ours.endswith(name) for name, ours in fields.items() if name != "ckpt_every"), fields
 
 

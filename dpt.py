@@ -179,7 +179,11 @@ PRESETS = {
                      diffusion_ema_halflife=7_097_472, diffusion_label_dropout=0.15, diffusion_augment=0.0,
                      sample_per_class=128, sample_solver="dpmpp", sample_steps=50, sample_guidance=1.4),
 }
-FOLDER_PRESETS = ("imagenet",)  # the presets that read a folder of images, and the only ones that can
+
+
+def reads_folder(config):
+    """The imagenet preset reads a folder of images (latents and features), and is the only one that can."""
+    return config.preset == "imagenet"
 
 
 def resolve(config):
@@ -192,12 +196,12 @@ def resolve(config):
             print("no CUDA device: running the tiny preset (give --preset to choose)", file=sys.stderr)
     data.check_fields(config, {"preset": data.one_of(*PRESETS)})
     folder = config.dataset == "imagenet" or os.path.isdir(config.dataset)
-    if folder != (config.preset in FOLDER_PRESETS) and not config.bench:  # --bench reads no dataset
+    if folder != reads_folder(config) and not config.bench:  # --bench reads no dataset
         raise data.UserError(f"--dataset {config.dataset} --preset {config.preset}: "
                              + ("a folder of images needs --preset imagenet" if folder else
                                 "--preset imagenet reads a folder in ImageNet's layout (FOLDER/train/CLASS/*.JPEG), "
                                 "or --dataset imagenet for DATA_DIR/imagenet"))
-    if not config.msn_size and config.preset in FOLDER_PRESETS:
+    if not config.msn_size and reads_folder(config):
         config.msn_size = "vitl7" if config.labels == 1 else "vitb4"
     if os.path.isfile(config.dataset):  # one spelling of a file, so that a stage's checkpoint knows it again
         config.dataset = os.path.realpath(config.dataset)
@@ -293,7 +297,7 @@ def check(config, world, dataset=None):
     dataset loads (and again with the dataset, before any stage runs): the rules
     are dpt.py's own and the stage scripts', which check their own flags the same way."""
     data.check_fields(config, RULES)
-    latent = config.preset in FOLDER_PRESETS
+    latent = reads_folder(config)
     if latent:
         check_latent(config)
     else:
@@ -493,7 +497,7 @@ def stage_sample(config, run, device, rank, world):
         model = unet.load_diffusion(os.path.join(run, "stage2", "diffusion.pt"), device)
         settings, _ = sample_settings(config, out=run)
         decode = None
-        if config.preset in FOLDER_PRESETS:
+        if reads_folder(config):
             autoencoder = unet.load_autoencoder(config.autoencoder, config.autoencoder_size, device)
             decode = lambda latents: unet.decode_latents(autoencoder, latents)
         images, labels = sample.generate(model, settings.per_class, solver=settings.solver, steps=settings.steps,
@@ -552,7 +556,7 @@ def stage_fid(config, run, dataset, samples, device, rank, world):
         elif real is None:
             real = split_statistics(model, dataset.train_x[:config.fid_reference or None], False, rank, world)
         generated = samples["images"]
-        if config.preset in FOLDER_PRESETS:
+        if reads_folder(config):
             generated = generated.unflatten(0, (dataset.num_classes, -1))[:, :50].flatten(0, 1)
         generated = split_statistics(model, generated, True, rank, world)
         if rank == 0:
@@ -775,12 +779,12 @@ def main():
     asked = config.ssl_arch, config.diffusion_size  # before the preset fills them in
     resolve(config)
     check(config, world)
-    if config.bench and config.preset in FOLDER_PRESETS:
+    if config.bench and reads_folder(config):
         return bench_latent(config, device)
     if config.bench:
         return bench(config, device, arch=asked[0] or "wrn28_2", size=asked[1] or "cifar")
     dataset = data.load_dataset(config.dataset, config.data_dir, folders=True)
-    if config.preset in FOLDER_PRESETS:
+    if reads_folder(config):
         dataset = data.without_unreadable(dataset, config.skip_bad_images)
     check(config, world, dataset)
     if not config.seeds:
@@ -801,7 +805,7 @@ def run_dpt(config, dataset, device, rank, world):
 
 def run_stages(config, run, dataset, device, rank, world):
     """Each stage in order (each skipped when done), then results.json, report.html and the summary."""
-    folder = config.preset in FOLDER_PRESETS
+    folder = reads_folder(config)
     if folder and config.redo == "encode":  # the networks it would encode with load, before the redo removes anything
         load_msn(config, "cpu"), unet.load_autoencoder(config.autoencoder, config.autoencoder_size)
     check_run_folder(config, run)

@@ -2132,10 +2132,10 @@ def bytes_kept_for_backward(model, batch, *shape):
 def test_each_gpu_presets_training_step_keeps_under_40_gib_for_backward_on_one_gpu(preset):
     """Half of an 80 GB card for what backward needs, the other half for weights, gradients,
     optimizer states, one checkpointed block's recomputation and the allocator's slack."""
-    config = dpt.DPTConfig(preset=preset, dataset="imagenet" if preset in dpt.FOLDER_PRESETS else "cifar10")
+    config = dpt.DPTConfig(preset=preset, dataset="imagenet" if preset == "imagenet" else "cifar10")
     dpt.resolve(config)
     diffusion = dpt.diffusion_settings(config)[0]
-    latent = preset in dpt.FOLDER_PRESETS
+    latent = preset == "imagenet"
     side, channels, classes = (config.image_size // 8, unet.LATENT_CHANNELS, 1000) if latent else (32, 3, 10)
     with torch.device("meta"):
         model = unet.make_diffusion(diffusion.arch, diffusion.size, classes, side, channels).train()
@@ -2581,7 +2581,7 @@ def test_presets_name_only_what_they_change_and_every_setting_is_filled():
                 for name, ours in fields.items()}  # compile and bf16: None, with CUDA only
     for name, preset in dpt.PRESETS.items():
         assert all(defaults.get(field, "no stage default") != value for field, value in preset.items()), name
-        config = dpt.DPTConfig(preset=name, dataset="imagenet" if name in dpt.FOLDER_PRESETS else "cifar10")
+        config = dpt.DPTConfig(preset=name, dataset="imagenet" if name == "imagenet" else "cifar10")
         dpt.resolve(config)
         assert None not in dataclasses.asdict(config).values(), name
         assert {field: getattr(config, field) for field in preset} == preset, name

@@ -69,8 +69,9 @@ def load_dataset(name, data_dir="./data", folders=False):
         return Dataset("shapes", train_x, train_y, test_x, test_y, len(SHAPES), SHAPES)
     if name == "glyphs":
         (train_x, train_y), (test_x, test_y) = make_glyphs(20_000, seed=0), make_glyphs(2_000, seed=1)
-        return Dataset("glyphs", glyph_pixels(train_x), train_y, glyph_pixels(test_x), test_y, len(GLYPHS),
-                       GLYPH_NAMES)
+        # 28x28 grayscale as RGB padded to 32x32: pixel for pixel what a file of them gives (load_file)
+        return Dataset("glyphs", rgb_padded(train_x[:, None]), train_y, rgb_padded(test_x[:, None]), test_y,
+                       len(GLYPHS), GLYPH_NAMES)
     if name.endswith((".pt", ".npz")):
         return load_file(name)
     if name == "imagenet" or os.path.isdir(name):
@@ -179,14 +180,20 @@ def file_images(x, path, key):
                         "N x C x H x W or N x H x W x C with C = 1 or 3")
     if not channels_first:
         x = x.permute(0, 3, 1, 2)
+    side, x = x.shape[-1], rgb_padded(x)
+    if x.shape[-1] != side:
+        print(f"{path}: {key} padded with zeros from {side}x{side} to {x.shape[-1]}x{x.shape[-1]} (a multiple of 8)")
+    return x
+
+
+def rgb_padded(x):
+    """uint8 N x C x H x W images (C = 1 or 3) as RGB, padded with zeros to a side
+    that is a multiple of 8, which fits every network size: the tiny U-Net folds
+    2x2 pixels and halves twice."""
     x = x.expand(-1, 3, -1, -1).contiguous()  # grayscale becomes RGB
     side = x.shape[-1]
-    padded = -(-side // 8) * 8  # 8 fits every network size: the tiny U-Net folds 2x2 pixels and halves twice
-    if padded != side:
-        print(f"{path}: {key} padded with zeros from {side}x{side} to {padded}x{padded} (a multiple of 8)")
-        before = (padded - side) // 2
-        x = F.pad(x, (before, padded - side - before, before, padded - side - before))
-    return x
+    before, after = (-side % 8) // 2, -side % 8 - (-side % 8) // 2
+    return F.pad(x, (before, after, before, after)) if before or after else x
 
 
 def file_labels(y, path, key):
@@ -327,12 +334,6 @@ def make_glyphs(n, seed, side=28, chunk=1000):
 
 
 GLYPH_NAMES = tuple(str(digit) for digit in range(len(GLYPHS)))
-
-
-def glyph_pixels(glyphs):
-    """28x28 grayscale glyphs as `--dataset glyphs` holds them: RGB, padded with
-    zeros to 32x32 (a multiple of 8), pixel for pixel what a file of them gives."""
-    return F.pad(glyphs[:, None].expand(-1, 3, -1, -1), (2, 2, 2, 2))
 
 
 def write_glyphs(path, train=20_000, test=2_000):

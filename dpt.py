@@ -207,8 +207,8 @@ def resolve(config):
         config.dataset = os.path.realpath(config.dataset)
     defaults = dict(compile=torch.cuda.is_available(), bf16=torch.cuda.is_available(), fid_reference=0,
                     baseline=False)
-    defaults.update({ours: getattr(script_config, name) for script_config, flags in STAGE_SCRIPTS
-                     for name, ours in flags.items() if ours.startswith(("ssl_", "stage3_", "diffusion_", "sample_"))})
+    defaults.update({ours: getattr(script_config, name) for script_config, flags in STAGE_SCRIPTS  # a stage's own
+                     for name, ours in flags.items() if ours != name})  # settings, named under its prefix
     for name, value in {**defaults, **PRESETS[config.preset]}.items():
         if getattr(config, name) is None:
             setattr(config, name, value)
@@ -658,9 +658,10 @@ class Probe:
 
     def fit(self, stage, labeled_index, samples=None):
         """(weights, metrics) of the stage."""
-        return self.fit_into(os.path.join(self.run, stage, "probe.pt"), stage, labeled_index, samples, stage)
+        return self.fit_into(os.path.join(self.run, stage, "probe.pt"), stage, labeled_index, samples,
+                             timed=(self.run, stage))
 
-    def fit_into(self, path, redo, index, samples, timed_as=None):
+    def fit_into(self, path, redo, index, samples, timed=None):
         """The probe on the features of the training images `index` picks (and of
         the samples), into `path` once; a damaged file is remade by --redo `redo`."""
         def make():
@@ -671,8 +672,7 @@ class Probe:
             weights, metrics = fixmatch.train_probe(features, labels, self.dataset.num_classes,
                                                     self.config.probe_lambda, test, self.device)
             data.save_atomic({"weights": weights, "metrics": metrics}, path)
-        saved = once(path, make, lambda path: data.read_artifact(path, redo), every_rank=False,
-                     timed=timed_as and (self.run, timed_as))
+        saved = once(path, make, lambda path: data.read_artifact(path, redo), every_rank=False, timed=timed)
         return saved["weights"], saved["metrics"]
 
     def predict_training(self, weights):

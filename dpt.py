@@ -90,6 +90,7 @@ class DPTConfig:
     diffusion_p_mean: float = None  # training noise levels ln(sigma) ~ N(p_mean, 1.2^2) (EDM: -1.2)
     diffusion_label_dropout: float = None  # share of training labels replaced by the null class (for guidance)
     diffusion_augment: float = None  # EDM's augmentation probability (its CIFAR-10 recipe: 0.12); 0: x-flips only
+    diffusion_confident: float = None  # share of each class's pseudo labels kept, the surest; the rest: null class
     # sampling (sample.py)
     sample_per_class: int = None    # K: generated images per class
     sample_solver: str = None       # heun | euler | dpmpp
@@ -124,7 +125,8 @@ DIFFUSION_FLAGS = {  # unet.py: stage 2
     "bf16": "bf16", "arch": "diffusion_arch", "size": "diffusion_size", "images": "diffusion_images",
     "batch": "diffusion_batch", "micro_batch": "diffusion_micro_batch", "lr": "diffusion_lr",
     "warmup": "diffusion_warmup", "ema_halflife": "diffusion_ema_halflife", "p_mean": "diffusion_p_mean",
-    "label_dropout": "diffusion_label_dropout", "augment": "diffusion_augment"}
+    "label_dropout": "diffusion_label_dropout", "augment": "diffusion_augment",
+    "confident": "diffusion_confident"}
 SAMPLE_FLAGS = {  # sample.py: the samples
     "seed": "seed", "bf16": "bf16", "per_class": "sample_per_class", "solver": "sample_solver",
     "steps": "sample_steps", "guidance": "sample_guidance"}
@@ -150,7 +152,10 @@ PRESETS = {
     # against FreeMatch's 59.1%, labeled images alone 29.6%, three tuning seeds; RESULTS.md,
     # "Stage 1 on real images"). The labeled-only baseline runs too (half a minute): a
     # stage 1 that falls below it is a failed stage 1, whatever stage 3 gains over it.
-    # RESULTS.md, "Results", measures each of these levers. Eager fp32: on 2 CPU cores
+    # Stage 2 conditions on the surer half of each class's pseudo labels, the rest on
+    # the null class: at 50-70% right, each wrong condition draws wrong samples, and the
+    # surer half is right 2-14 points more often (RESULTS.md, "Stage 2 on the labels
+    # stage 1 is sure of"). RESULTS.md, "Results", measures each of these levers. Eager fp32: on 2 CPU cores
     # compile only breaks even (13 s to compile) and neither pays for the U-Net
     # (RESULTS.md, "Speed").
     "tiny": dict(ssl_arch="small", ssl_threshold="freematch", ssl_steps=2500, ssl_batch=32, ssl_uratio=2,
@@ -158,7 +163,7 @@ PRESETS = {
                  ssl_ema=0.99, ssl_precise_bn=2048, ssl_eval_every=100, stage3_steps=2500, stage3_real_fraction=0.5,
                  diffusion_size="tiny", diffusion_images=80_000, diffusion_batch=32, diffusion_lr=2e-3,
                  diffusion_warmup=1_000, diffusion_ema_halflife=4_000, diffusion_p_mean=0.0,
-                 diffusion_label_dropout=0.1, diffusion_augment=0.0,
+                 diffusion_label_dropout=0.1, diffusion_augment=0.0, diffusion_confident=0.5,
                  sample_per_class=50, sample_solver="dpmpp", sample_steps=10, sample_guidance=3.0,
                  fid_reference=1000, compile=False, bf16=False, baseline=True),
     # A few hours on one modern GPU: the paper's classifier, shorter; a smaller U-Net.
@@ -243,7 +248,7 @@ FIELD_STAGE = {
                      "ssl_lr_cosine", "ssl_ema", "ssl_precise_bn", "ssl_threshold", "ssl_tau"), "stage1"),
     **dict.fromkeys(("diffusion_arch", "diffusion_size", "diffusion_images", "diffusion_batch", "diffusion_lr",
                      "diffusion_warmup", "diffusion_ema_halflife", "diffusion_p_mean", "diffusion_label_dropout",
-                     "diffusion_augment"), "stage2"),
+                     "diffusion_augment", "diffusion_confident"), "stage2"),
     **dict.fromkeys(("sample_per_class", "sample_solver", "sample_steps", "sample_guidance"), "sample"),
     **dict.fromkeys(("stage3_steps", "stage3_real_fraction"), "stage3"),
     **dict.fromkeys(("fid_reference", "fid_stats"), "fid"),
@@ -469,12 +474,15 @@ def stage_pseudo_labels(run, learner, model, dataset):
     return once(path, make, lambda path: data.read_artifact(path, "stage1"), every_rank=False, timed=(run, "stage1"))
 
 
-def stage_2(config, run, images, labels, num_classes, mirrored=None):
+def stage_2(config, run, images, pseudo_labels, num_classes, mirrored=None):
     """The class-conditional diffusion model, trained on every training image
-    (pixels, or the imagenet preset's latents and their mirrors') with its pseudo label."""
+    (pixels, or the imagenet preset's latents and their mirrors') with its pseudo
+    label, or with the null class where stage 1 was among the least sure of a class."""
     out, path = os.path.join(run, "stage2"), os.path.join(run, "stage2", "diffusion.pt")
 
     def make():
+        labels = unet.keep_confident(pseudo_labels["labels"], pseudo_labels["confidence"], config.diffusion_confident,
+                                     num_classes)
         settings, _ = diffusion_settings(config, out=out, labels_file=os.path.join(run, "pseudo_labels.pt"))
         grid = os.path.join(out, "grid.png")
         pixels = images.dtype == torch.uint8  # latents would need decoding first: no preview
@@ -819,10 +827,10 @@ def run_stages(config, run, dataset, device, rank, world):
     stage1, stage1_metrics = learner.fit("stage1", labeled_index)
     pseudo_labels = stage_pseudo_labels(run, learner, stage1, dataset)
     if folder:  # stage 2 learns the latents of every image and of its mirror
-        stage_2(config, run, encoded["train"]["latents"], pseudo_labels["labels"], dataset.num_classes,
+        stage_2(config, run, encoded["train"]["latents"], pseudo_labels, dataset.num_classes,
                 mirrored=encoded["train"]["flipped"])
     else:
-        stage_2(config, run, dataset.train_x, pseudo_labels["labels"], dataset.num_classes)
+        stage_2(config, run, dataset.train_x, pseudo_labels, dataset.num_classes)
     samples = stage_sample(config, run, device, rank, world)
     _, stage3_metrics = learner.fit("stage3", labeled_index, samples)
     baseline_metrics = learner.fit("baseline", labeled_index)[1] if config.baseline else None

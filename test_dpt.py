@@ -2066,6 +2066,35 @@ def test_a_labels_file_that_does_not_fit_the_dataset_is_refused(tmp_path, case):
     assert "\n" not in str(error.value)
 
 
+def test_keep_confident_keeps_the_surest_share_of_each_class_and_makes_the_rest_the_null_class():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (101,), generator=generator)
+    labels[labels == 3] = 2  # class 3 is never predicted: it stays absent, not an error
+    labels[0] = 3
+    confidence = torch.rand(101, generator=generator)
+    kept = unet.keep_confident(labels, confidence, 0.3, null_class=4)
+    for label in range(4):  # against a sort of each class, one at a time
+        members = (labels == label).nonzero().squeeze(1).tolist()
+        surest = sorted(members, key=lambda i: -confidence[i])[:max(1, round(0.3 * len(members)))]
+        assert sorted((kept == label).nonzero().squeeze(1).tolist()) == sorted(surest)
+    assert ((kept == labels) | (kept == 4)).all()
+    assert unet.keep_confident(labels, confidence, 1.0, null_class=4) is labels
+
+
+def test_a_labels_file_read_with_confident_below_1_keeps_the_surest_labels_and_needs_their_confidence(tmp_path):
+    dataset = data.Dataset("tiny", torch.zeros(20, 3, 8, 8, dtype=torch.uint8), torch.arange(20) % 10, None, None, 10)
+    labels, confidence = torch.arange(20) % 10, torch.linspace(0, 1, 20)
+    torch.save({"labels": labels, "confidence": confidence}, tmp_path / "labels.pt")
+    kept = unet.load_labels(str(tmp_path / "labels.pt"), dataset, confident=0.5)
+    assert torch.equal(kept, torch.where(torch.arange(20) >= 10, labels, 10))  # the later of each pair is surer
+    torch.save({"labels": labels}, tmp_path / "labels.pt")
+    assert torch.equal(unet.load_labels(str(tmp_path / "labels.pt"), dataset), labels)
+    torch.save({"labels": torch.arange(2000) % 10}, tmp_path / "labels.pt")  # one a shape, no confidence
+    result = run_script("unet.py", "--dataset", SHAPES_FILE, "--labels-file", str(tmp_path / "labels.pt"),
+                        "--confident", "0.5", "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "no 'confidence'", "--confident 1")
+
+
 def test_a_labels_file_of_the_wrong_length_is_one_line_and_exit_code_2_on_the_command_line(tmp_path):
     torch.save({"labels": torch.zeros(5, dtype=torch.long)}, tmp_path / "pseudo_labels.pt")
     result = run_script("unet.py", "--dataset", SHAPES_FILE, "--labels-file", str(tmp_path / "pseudo_labels.pt"),
@@ -2985,14 +3014,17 @@ def test_stage_2_trains_on_the_pseudo_labels_and_stage_3_on_the_generated_images
     calls = []
     monkeypatch.setattr(unet, "train", unet_train)
     monkeypatch.setattr(fixmatch, "train", fixmatch_train)
-    monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--out", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--diffusion-confident", "0.5", "--out", str(tmp_path)])
     monkeypatch.setenv("DPT_FID_WEIGHTS", "/missing")
     data.run_main(dpt.main)
     # A finished run lets go of its folders (the run's and the oracle's): a library user may run again.
     assert not [lock for lock in data.HELD_LOCKS if lock.name.startswith(str(tmp_path))]
     run = tmp_path / "shapes-1l-s0"
-    pseudo = torch.load(run / "pseudo_labels.pt")["labels"]
-    assert torch.equal(trained_on["stage2"].cpu(), pseudo) and (pseudo != data.load_dataset(SHAPES_FILE).train_y).any()
+    pseudo = torch.load(run / "pseudo_labels.pt")
+    assert (pseudo["labels"] != data.load_dataset(SHAPES_FILE).train_y).any()
+    # Stage 2 sees the surer half of each class's pseudo labels; the rest as the null class (10).
+    assert torch.equal(trained_on["stage2"].cpu(), unet.keep_confident(pseudo["labels"], pseudo["confidence"], 0.5, 10))
+    assert 0.4 < (trained_on["stage2"] == 10).float().mean() < 0.6
     samples = torch.load(run / "samples.pt")
     assert trained_on["stage1"] is None
     assert torch.equal(trained_on["stage3"][0], samples["images"]) and torch.equal(trained_on["stage3"][1],
@@ -3464,7 +3496,7 @@ BAD_SETTINGS = {
     "ssl_eval_every": "0", "diffusion_arch": "resnet", "diffusion_size": "gigantic", "diffusion_images": "0",
     "diffusion_batch": "0", "diffusion_micro_batch": "-1", "diffusion_lr": "-1", "diffusion_warmup": "-1",
     "diffusion_ema_halflife": "-1",
-    "diffusion_p_mean": "nan", "diffusion_label_dropout": "1", "diffusion_augment": "1.5",
+    "diffusion_p_mean": "nan", "diffusion_label_dropout": "1", "diffusion_augment": "1.5", "diffusion_confident": "0",
     "sample_per_class": "0", "sample_solver": "ddim", "sample_steps": "1", "sample_guidance": "-1",
     "fid_reference": "-1", "seeds": "3-1", "ssl_lr_cosine": "0.7", "ssl_precise_bn": "-1",
     "image_size": "60", "autoencoder": "/missing/autoencoder_kl.pth", "autoencoder_size": "xl", "msn_size": "vitz",

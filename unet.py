@@ -15,7 +15,9 @@ Training lengths, warm-up, EMA half-life and the intervals are counted in
 images, as in EDM, so they do not change meaning with the batch size. Labels
 are dropped to a null class (index num_classes) with probability
 --label-dropout, so that one network is both conditional and unconditional and
-sample.py can guide it without a classifier (Ho & Salimans 2022).
+sample.py can guide it without a classifier (Ho & Salimans 2022). With stage 1's
+labels, --confident S keeps in each class the share S of them stage 1 is surest
+of and trains the other images as the null class too (the tiny preset: S = 0.5).
 
 For the imagenet preset the U-ViT learns Stable Diffusion's latents instead of
 pixels (Rombach et al. 2022): this file also holds that KL-f8 autoencoder,
@@ -62,6 +64,8 @@ class DiffusionConfig:
     ema_halflife: int = 500_000     # half-life of the EMA of the weights, in images
     ema_rampup: float = 0.05        # the half-life is at most this share of the images seen so far; 0: off
     label_dropout: float = 0.0      # share of labels replaced by the null class (for classifier-free guidance)
+    confident: float = 1.0          # with --labels-file: the share of each class's pseudo labels kept, those
+                                    # stage 1 is surest of; the rest train as the null class
     augment: float = 0.12           # EDM's augmentation probability; 0: horizontal flips only
     p_mean: float = -1.2            # training noise levels: ln(sigma) ~ N(p_mean, p_std^2)
     p_std: float = 1.2              # (EDM's log-normal)
@@ -694,6 +698,7 @@ RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE, "out": data
          "micro_batch": data.between(0, data.MOST_BATCH), "lr": data.POSITIVE,
          "warmup": data.between(0, data.MOST_IMAGES), "ema_halflife": data.between(0, data.MOST_IMAGES),
          "ema_rampup": data.at_least(0), "label_dropout": data.FRACTION, "augment": data.PROBABILITY,
+         "confident": ((lambda value: 0 < value <= 1), "above 0 and at most 1"),
          "p_mean": data.FINITE, "p_std": data.POSITIVE, "seed": data.SEED,
          "ckpt_every": data.between(1, data.MOST_IMAGES)}
 
@@ -896,8 +901,9 @@ def benchmark(config, steps=12):
               f"bf16={data.on_cuda_unless_set(config.bf16, device)})")
 
 
-def load_labels(path, dataset):
-    """Stage 1's pseudo_labels.pt: int64 labels, one per training image, in 0..C-1."""
+def load_labels(path, dataset, confident=1.0):
+    """Stage 1's pseudo_labels.pt: int64 labels, one per training image, in 0..C-1,
+    each class's least confident ones made the null class (keep_confident)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -913,7 +919,29 @@ def load_labels(path, dataset):
     if len(labels) and (labels.min() < 0 or labels.max() >= dataset.num_classes):
         raise data.UserError(f"{path}: labels must lie in 0..{dataset.num_classes - 1}, "
                              f"found {int(labels.min())}..{int(labels.max())}")
-    return labels
+    if confident == 1:
+        return labels
+    confidence = saved.get("confidence")
+    if not torch.is_tensor(confidence) or confidence.shape != labels.shape:
+        raise data.UserError(f"--confident {confident}: {path} holds no 'confidence' of shape ({len(labels)},), "
+                             "one per label as fixmatch.py writes it; give --confident 1")
+    return keep_confident(labels, confidence, confident, dataset.num_classes)
+
+
+def keep_confident(labels, confidence, share, null_class):
+    """Each class keeps the `share` of its pseudo labels that stage 1 is surest of
+    (at least one); the others become the null class. Their images still teach the
+    unconditional model that guidance steers from, but no class they may not be:
+    with one label a class, stage 1's surest half of a class is right far more often
+    than the whole (RESULTS.md), and each wrong condition becomes wrong samples in stage 3."""
+    if share >= 1:
+        return labels
+    kept = torch.full_like(labels, null_class)
+    for label in labels.unique():
+        members = (labels == label).nonzero().squeeze(1)
+        surest = confidence[members].topk(max(1, round(share * len(members)))).indices
+        kept[members[surest]] = label
+    return kept
 
 
 def main():
@@ -923,7 +951,7 @@ def main():
     rank, world, _ = data.distributed_setup()
     check(config, world)
     dataset = data.load_dataset(config.dataset, config.data_dir)
-    labels = load_labels(config.labels_file, dataset) if config.labels_file else dataset.train_y
+    labels = load_labels(config.labels_file, dataset, config.confident) if config.labels_file else dataset.train_y
     data.claim_folder(config.out, rank, world)  # after the input is read: bad input writes nothing
     model, metrics = train(config, dataset.train_x, labels, dataset.num_classes)
     if rank == 0:

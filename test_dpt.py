@@ -2680,7 +2680,8 @@ def test_bench_prints_every_stage_beside_eager_fp32_and_the_presets_projected_ti
     for preset in ("fast", "cifar"):
         line = next(line for line in lines if line.startswith(f"{preset} preset here:"))
         total, *stages = (float(hours.replace(",", "")) for hours in re.findall(r"([\d,.]+) h", line))
-        assert len(stages) == 4 and total == pytest.approx(sum(stages), abs=0.2), line
+        # Each of the five figures is rounded to 0.1 h: the total and the sum of the four parts may part by 0.25 h.
+        assert len(stages) == 4 and total == pytest.approx(sum(stages), abs=0.25 + 1e-6), line
 
 
 def test_the_share_of_the_peak_is_taken_against_the_named_gpus_own_peak(monkeypatch):

@@ -191,9 +191,9 @@ def rgb_padded(x):
     that is a multiple of 8, which fits every network size: the tiny U-Net folds
     2x2 pixels and halves twice."""
     x = x.expand(-1, 3, -1, -1).contiguous()  # grayscale becomes RGB
-    side = x.shape[-1]
-    before, after = (-side % 8) // 2, -side % 8 - (-side % 8) // 2
-    return F.pad(x, (before, after, before, after)) if before or after else x
+    pad = -x.shape[-1] % 8
+    before, after = pad // 2, pad - pad // 2
+    return F.pad(x, (before, after, before, after)) if pad else x
 
 
 def file_labels(y, path, key):

@@ -153,7 +153,7 @@ PRESETS = {
     # "Stage 1 on real images"). The labeled-only baseline runs too (half a minute): a
     # stage 1 that falls below it is a failed stage 1, whatever stage 3 gains over it.
     # Stage 2 conditions on the surer half of each class's pseudo labels, the rest on
-    # the null class: at 50-70% right, each wrong condition draws wrong samples, and the
+    # the null class: at 40-80% right, each wrong condition draws wrong samples, and the
     # surer half is right 1.5-14 points more often (RESULTS.md, "Stage 2 on the labels
     # stage 1 is sure of"). RESULTS.md, "Results", measures each of these levers. Eager fp32: on 2 CPU cores
     # compile only breaks even (13 s to compile) and neither pays for the U-Net

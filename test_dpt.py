@@ -2093,6 +2093,9 @@ def test_a_labels_file_read_with_confident_below_1_keeps_the_surest_labels_and_n
     result = run_script("unet.py", "--dataset", SHAPES_FILE, "--labels-file", str(tmp_path / "labels.pt"),
                         "--confident", "0.5", "--out", str(tmp_path / "out"))
     assert_one_line_error(result, "no 'confidence'", "--confident 1")
+    result = run_script("unet.py", "--dataset", SHAPES_FILE, "--confident", "0.5", "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "--confident 0.5", "--labels-file")  # true labels have no confidence
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_labels_file_of_the_wrong_length_is_one_line_and_exit_code_2_on_the_command_line(tmp_path):

@@ -950,6 +950,9 @@ def main():
         return benchmark(config)
     rank, world, _ = data.distributed_setup()
     check(config, world)
+    if config.confident < 1 and not config.labels_file:  # true labels have no confidence to choose by
+        raise data.UserError(f"--confident {config.confident}: keeps the pseudo labels stage 1 is surest of, and "
+                             "needs them: add --labels-file pseudo_labels.pt, or leave --confident out")
     dataset = data.load_dataset(config.dataset, config.data_dir)
     labels = load_labels(config.labels_file, dataset, config.confident) if config.labels_file else dataset.train_y
     data.claim_folder(config.out, rank, world)  # after the input is read: bad input writes nothing

@@ -253,6 +253,9 @@ FIELD_STAGE = {
     **dict.fromkeys(("stage3_steps", "stage3_real_fraction"), "stage3"),
     **dict.fromkeys(("fid_reference", "fid_stats"), "fid"),
 }
+# Settings added after run folders were made with dpt.py, each with the value that
+# does what the versions before it did: a folder without one was made with that value.
+ADDED_SINCE = {"diffusion_confident": 1.0}
 FREE_TO_CHANGE = {"dataset", "data_dir", "out", "redo", "baseline", "fid_weights", "compile", "cuda_graphs",
                   "preset", "ssl_eval_every", "diffusion_micro_batch", "bench", "report", "seeds", "autoencoder",
                   "msn_weights"}
@@ -407,6 +410,8 @@ def check_run_folder(config, run):
     path = os.path.join(run, "config.json")
     settings = {k: v for k, v in asdict(config).items() if k not in FREE_TO_CHANGE}
     saved = data.read_json(path)
+    if saved is not None:
+        saved = {**{k: v for k, v in ADDED_SINCE.items() if k in settings}, **saved}
     first = first_to_rerun(config, run, settings, saved)
     pending = data.read_json(os.path.join(run, "redo.json"))  # a --redo begun and not finished
     resumed = config.redo and saved == settings and pending == {"redo": config.redo}

@@ -2636,6 +2636,26 @@ def test_a_run_folder_made_before_a_flag_was_renamed_is_refused_not_misread(tmp_
     assert (run / "split.pt").read_text() == "kept"  # nothing was removed
 
 
+def test_a_run_folder_made_before_a_setting_was_added_reads_as_made_with_what_that_version_did(tmp_path):
+    run = tmp_path / "shapes-1l-s0"
+    run.mkdir()
+    config = dpt.DPTConfig(dataset="shapes", out=str(tmp_path), preset="tiny")  # stage 2 on the surer half
+    dpt.resolve(config)
+    old = {name: value for name, value in dataclasses.asdict(config).items()
+           if name not in dpt.FREE_TO_CHANGE and name != "diffusion_confident"}
+    (run / "config.json").write_text(json.dumps(old))
+    for name in ("split.pt", "stage2"):
+        (run / name).write_text("kept")
+    with pytest.raises(data.UserError, match=r"other settings \(diffusion_confident\); add --redo stage2"):
+        dpt.check_run_folder(config, str(run))  # that version trained stage 2 on every label
+    assert (run / "stage2").read_text() == "kept"
+    dpt.check_run_folder(dataclasses.replace(config, diffusion_confident=1.0), str(run))  # what it did: goes on
+    assert (run / "stage2").read_text() == "kept"
+    assert json.loads((run / "config.json").read_text())["diffusion_confident"] == 1.0
+    dpt.check_run_folder(dataclasses.replace(config, redo="stage2"), str(run))
+    assert (run / "split.pt").exists() and not (run / "stage2").exists()
+
+
 # DPT's official CIFAR-10 code: FreeMatch in TorchSSL (WRN-28-2, 2^20 steps, batch 64 + 7 x 64,
 # SGD Nesterov 0.03 with momentum 0.9 and weight decay 5e-4, EMA 0.999), then EDM's
 # ddpmpp (Karras et al. 2022, Table 7: 200 Mimg, batch 512, Adam 1e-3 warmed up over

@@ -1,6 +1,6 @@
 """The test suite: claims about DPT, one per test, on CPU and offline.
 
-    python -m pytest -q
+    python -m pytest -q -n 2     # two pytest-xdist workers; plain `python -m pytest -q` runs it in one
 
 Datasets and weights are never downloaded: tests write small files in the
 exact on-disk formats and run the real loading code on them.
@@ -55,6 +55,13 @@ def no_network(monkeypatch):
 # the scripts it runs. The CUDA tests are skipped where there is no GPU.
 CUDA = torch.cuda.is_available()  # asked once, before anything hides the GPU
 SCRIPT_ENV = {"CUDA_VISIBLE_DEVICES": ""}  # what the scripts a test runs see, beside os.environ
+
+# Under pytest-xdist each worker takes its share of the cores, and so do the scripts its
+# tests run: two workers of two threads each on 2 cores would fight over them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(THREADS)
+    SCRIPT_ENV["OMP_NUM_THREADS"] = str(THREADS)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -2863,6 +2863,14 @@ def assert_summary_shows(page, results):
     assert number("FID of the samples") == pytest.approx(results["fid"], abs=0.006)
 
 
+def test_the_reports_png_rows_are_pngs_that_pil_reads_back_pixel_for_pixel_in_grey_and_in_rgb():
+    for channels in (1, 3):  # 7 x 5 images, four side by side: a row 20 wide, 7 high
+        images = torch.randint(0, 256, (4, channels, 7, 5), dtype=torch.uint8,
+                               generator=torch.Generator().manual_seed(channels))
+        decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(sample.png_row(images)))))
+        assert np.array_equal(decoded.reshape(7, 20, channels), torch.cat(list(images), 2).permute(1, 2, 0).numpy())
+
+
 def test_report_html_shows_the_run_that_results_json_and_the_run_folder_hold(quick_run, tmp_path):
     _, run = quick_run
     page = (run / "report.html").read_text()

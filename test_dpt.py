@@ -900,8 +900,8 @@ def test_freematch_threshold_update_matches_a_hand_computation():
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4], [0.2, 0.2, 0.6], [0.9, 0.05, 0.05]])
     state = fixmatch.FreeMatchThreshold(3, decay=0.9)
     state.update(probs)
-    # global: 0.9 * 1/3 + 0.1 * mean(0.7, 0.5, 0.6, 0.9) ; classes: 0.9 * 1/3 + 0.1 * column means
-    global_tau = 0.9 / 3 + 0.1 * 0.675
+    # global (from 1, USB's start): 0.9 * 1 + 0.1 * mean(0.7, 0.5, 0.6, 0.9); classes (from 1/3): 0.9 / 3 + 0.1 * column means
+    global_tau = 0.9 + 0.1 * 0.675
     class_p = [0.9 / 3 + 0.1 * m for m in (0.475, 0.2375, 0.2875)]
     expected = [global_tau * p / max(class_p) for p in class_p]
     assert state.class_thresholds().tolist() == pytest.approx(expected, rel=1e-6)
@@ -910,6 +910,19 @@ def test_freematch_threshold_update_matches_a_hand_computation():
     _, mask, pseudo = fixmatch.fixmatch_loss(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long), probs.log(),
                                              torch.zeros(4, 3), lambda_u=1.0, freematch=fresh)
     assert mask.tolist() == [p.max().item() >= expected[p.argmax()] for p in probs]
+
+
+def test_freematch_lets_no_guess_of_an_untrained_network_through_at_the_first_step():
+    # An untrained network is unsure of every image; from the paper's 1/C start (0.1 here) all
+    # ten guesses would pass and be learned as labels. From 1 only a sure one passes.
+    torch.manual_seed(0)
+    unsure = 0.3 * torch.randn(10, 10)
+    sure = torch.zeros(1, 10)
+    sure[0, 4] = 20.0
+    _, mask, pseudo = fixmatch.fixmatch_loss(torch.zeros(1, 10), torch.zeros(1, dtype=torch.long),
+                                             torch.cat([unsure, sure]), torch.zeros(11, 10), lambda_u=1.0,
+                                             freematch=fixmatch.FreeMatchThreshold(10, decay=0.999))
+    assert mask.tolist() == [False] * 10 + [True] and pseudo[-1].item() == 4
 
 
 def test_freematch_masks_the_images_below_their_class_threshold_and_only_those():

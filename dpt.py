@@ -75,6 +75,7 @@ class DPTConfig:
     ssl_precise_bn: int = None      # training images the EMA model's BN statistics are measured on (0: copied)
     ssl_threshold: str = None       # fixmatch | freematch
     ssl_tau: float = None           # FixMatch's confidence threshold
+    ssl_freematch_start: float = None  # FreeMatch's global threshold at step 0 (0: the paper's 1/C)
     ssl_eval_every: int = None      # steps between test evaluations (and checkpoints)
     stage3_steps: int = None        # stage-3 optimizer steps
     stage3_real_fraction: float = None  # share of real images in a stage-3 labeled batch (-1: uniform)
@@ -117,8 +118,8 @@ CLASSIFIER_FLAGS = {  # fixmatch.py: stage 1, the baseline (and the oracle's rec
     "dataset": "dataset", "data_dir": "data_dir", "labels": "labels", "seed": "seed", "compile": "compile",
     "cuda_graphs": "cuda_graphs", "bf16": "bf16", "arch": "ssl_arch", "steps": "ssl_steps", "batch": "ssl_batch",
     "uratio": "ssl_uratio", "lr": "ssl_lr", "lr_cosine": "ssl_lr_cosine", "ema": "ssl_ema",
-    "precise_bn": "ssl_precise_bn", "threshold": "ssl_threshold", "tau": "ssl_tau", "eval_every": "ssl_eval_every",
-    "ckpt_every": "ssl_eval_every"}
+    "precise_bn": "ssl_precise_bn", "threshold": "ssl_threshold", "tau": "ssl_tau",
+    "freematch_start": "ssl_freematch_start", "eval_every": "ssl_eval_every", "ckpt_every": "ssl_eval_every"}
 STAGE3_FLAGS = {**CLASSIFIER_FLAGS, "steps": "stage3_steps", "real_fraction": "stage3_real_fraction"}  # fixmatch.py
 DIFFUSION_FLAGS = {  # unet.py: stage 2
     "dataset": "dataset", "data_dir": "data_dir", "seed": "seed", "compile": "compile", "cuda_graphs": "cuda_graphs",
@@ -150,16 +151,19 @@ PRESETS = {
     # Stage 1 is FreeMatch, as the paper's DPT: with one label per class FixMatch's fixed
     # threshold confirms its early mistakes on real images (the digits of mnist5k: 38.9%
     # against FreeMatch's 59.1%, labeled images alone 29.6%, three tuning seeds; RESULTS.md,
-    # "Stage 1 on real images"). The labeled-only baseline runs too (half a minute): a
-    # stage 1 that falls below it is a failed stage 1, whatever stage 3 gains over it.
+    # "Stage 1 on real images"). Its global threshold starts at 1, not the paper's 1/C: from 1/C
+    # every unlabeled image is learned with the untrained network's guess from the first step, a
+    # lottery a run of 2,500 steps never unlearns (RESULTS.md, "A steadier stage 1"). The
+    # labeled-only baseline runs too (half a minute): a stage 1 that falls below it is a
+    # failed stage 1, whatever stage 3 gains over it.
     # Stage 2 conditions on the surer half of each class's pseudo labels, the rest on
     # the null class: at 40-80% right, each wrong condition draws wrong samples, and the
     # surer half is right 1.5-14 points more often (RESULTS.md, "Stage 2 on the labels
     # stage 1 is sure of"). RESULTS.md, "Results", measures each of these levers. Eager fp32: on 2 CPU cores
     # compile only breaks even (13 s to compile) and neither pays for the U-Net
     # (RESULTS.md, "Speed").
-    "tiny": dict(ssl_arch="small", ssl_threshold="freematch", ssl_steps=2500, ssl_batch=32, ssl_uratio=2,
-                 ssl_lr=0.05, ssl_lr_cosine=0.5,
+    "tiny": dict(ssl_arch="small", ssl_threshold="freematch", ssl_freematch_start=1.0, ssl_steps=2500, ssl_batch=32,
+                 ssl_uratio=2, ssl_lr=0.05, ssl_lr_cosine=0.5,
                  ssl_ema=0.99, ssl_precise_bn=2048, ssl_eval_every=100, stage3_steps=2500, stage3_real_fraction=0.5,
                  diffusion_size="tiny", diffusion_images=80_000, diffusion_batch=32, diffusion_lr=2e-3,
                  diffusion_warmup=1_000, diffusion_ema_halflife=4_000, diffusion_p_mean=0.0,
@@ -245,7 +249,8 @@ FIELD_STAGE = {
     **dict.fromkeys(("image_size", "autoencoder_size", "skip_bad_images", "msn_size"), "encode"),
     **dict.fromkeys(("labels", "seed", "label_subset"), "split"),
     **dict.fromkeys(("bf16", "probe_lambda", "ssl_arch", "ssl_steps", "ssl_batch", "ssl_uratio", "ssl_lr",
-                     "ssl_lr_cosine", "ssl_ema", "ssl_precise_bn", "ssl_threshold", "ssl_tau"), "stage1"),
+                     "ssl_lr_cosine", "ssl_ema", "ssl_precise_bn", "ssl_threshold", "ssl_tau",
+                     "ssl_freematch_start"), "stage1"),
     **dict.fromkeys(("diffusion_arch", "diffusion_size", "diffusion_images", "diffusion_batch", "diffusion_lr",
                      "diffusion_warmup", "diffusion_ema_halflife", "diffusion_p_mean", "diffusion_label_dropout",
                      "diffusion_augment", "diffusion_confident"), "stage2"),
@@ -255,7 +260,7 @@ FIELD_STAGE = {
 }
 # Settings added after run folders were made with dpt.py, each with the value that
 # does what the versions before it did: a folder without one was made with that value.
-ADDED_SINCE = {"diffusion_confident": 1.0}
+ADDED_SINCE = {"diffusion_confident": 1.0, "ssl_freematch_start": 0.0}
 FREE_TO_CHANGE = {"dataset", "data_dir", "out", "redo", "baseline", "fid_weights", "compile", "cuda_graphs",
                   "preset", "ssl_eval_every", "diffusion_micro_batch", "bench", "report", "seeds", "autoencoder",
                   "msn_weights"}

@@ -59,6 +59,7 @@ class FixMatchConfig:
     threshold: str = "fixmatch"     # fixmatch (fixed tau) | freematch (self-adaptive)
     tau: float = 0.95               # FixMatch's confidence threshold
     freematch_ema: float = 0.999    # FreeMatch's EMA of the model's confidence
+    freematch_start: float = 0.0    # FreeMatch's global threshold at step 0 (0: the paper's 1/C)
     pseudo_images: str = ""         # stage 3: a samples.pt whose images join the labeled set
     real_fraction: float = -1.0     # stage 3: share of real images in a labeled batch (-1: uniform over all)
     eval_every: int = 5000          # steps between test evaluations of the EMA model
@@ -178,24 +179,22 @@ def make_classifier(arch, num_classes, mean, std):
 class FreeMatchThreshold(nn.Module):
     """Self-adaptive thresholds (Wang et al. 2023, eq. 6-9): an EMA of the mean
     confidence sets the global threshold, an EMA of the mean class
-    probabilities scales it per class. The global threshold starts at 1, as in
-    the FreeMatch authors' code (USB's FreeMatchThresholingHook), not at the
-    paper's 1/C: from 1/C every unlabeled image passes from the first step with
-    the untrained network's guess as its label, and with one label per class a
-    short run never unlearns those guesses (stage 1 on the real digits' seed-10
+    probabilities scales it per class, both starting at 1/C (the paper's eq. 6).
+    start > 0 starts the global threshold there instead: from 1/C every
+    unlabeled image passes from the first step with the untrained network's
+    guess as its label, which a run of 2^20 steps outgrows but a short one with
+    one label per class never unlearns (stage 1 on the real digits' seed-10
     labels, three training seeds: 49.7 / 53.6 / 39.4% from 1/C, 63.9 / 57.5 /
-    58.4% from 1; RESULTS.md, "A steadier stage 1"). From 1 it falls towards
-    the model's mean confidence as the EMA forgets its start. The class
-    probabilities start at 1/C, so that the class scaling follows the model
-    from the first steps (USB starts them at 1 too: 53.2 / 59.8% on the first
-    and third of those seeds). Buffers updated in place: they stay on the
-    device, inside the compiled step, at fixed addresses that a CUDA graph can
-    replay."""
+    58.4% from 1, the tiny preset's start; RESULTS.md, "A steadier stage 1").
+    From 1 the threshold falls towards the model's mean confidence as the EMA
+    forgets its start (USB, the FreeMatch authors' code, started it at 1 from
+    February to April 2023). Buffers updated in place: they stay on the device,
+    inside the compiled step, at fixed addresses that a CUDA graph can replay."""
 
-    def __init__(self, num_classes, decay):
+    def __init__(self, num_classes, decay, start=0.0):
         super().__init__()
         self.decay = decay
-        self.register_buffer("global_tau", torch.tensor(1.0))
+        self.register_buffer("global_tau", torch.tensor(start or 1 / num_classes))
         self.register_buffer("class_p", torch.full((num_classes,), 1 / num_classes))
 
     def update(self, probs):
@@ -296,6 +295,7 @@ RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE, "labels": d
          "weight_decay": data.at_least(0), "ema": data.FRACTION,
          "precise_bn": data.between(0, data.MOST_IMAGES), "lambda_u": data.at_least(0),
          "threshold": data.one_of("fixmatch", "freematch"), "tau": data.PROBABILITY, "freematch_ema": data.FRACTION,
+         "freematch_start": data.PROBABILITY,
          "real_fraction": ((lambda value: value == -1 or 0 <= value <= 1), "-1 (uniform) or between 0 and 1"),
          "eval_every": data.between(1, data.MOST_STEPS), "ckpt_every": data.between(1, data.MOST_STEPS)}
 
@@ -342,7 +342,7 @@ def train(config, dataset, labeled_index, generated=None, progress=True):
     ema_model.load_state_dict(model.state_dict())
     ema_model.requires_grad_(False)
     optimizer = make_optimizer(model, config)
-    freematch = (FreeMatchThreshold(dataset.num_classes, config.freematch_ema).to(device)
+    freematch = (FreeMatchThreshold(dataset.num_classes, config.freematch_ema, config.freematch_start).to(device)
                  if config.threshold == "freematch" else None)
     torch.manual_seed(config.seed + 1 + rank)  # but every rank draws its own batches
 

@@ -900,8 +900,8 @@ def test_freematch_threshold_update_matches_a_hand_computation():
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4], [0.2, 0.2, 0.6], [0.9, 0.05, 0.05]])
     state = fixmatch.FreeMatchThreshold(3, decay=0.9)
     state.update(probs)
-    # global (from 1, USB's start): 0.9 * 1 + 0.1 * mean(0.7, 0.5, 0.6, 0.9); classes (from 1/3): 0.9 / 3 + 0.1 * column means
-    global_tau = 0.9 + 0.1 * 0.675
+    # global: 0.9 * 1/3 + 0.1 * mean(0.7, 0.5, 0.6, 0.9) ; classes: 0.9 * 1/3 + 0.1 * column means
+    global_tau = 0.9 / 3 + 0.1 * 0.675
     class_p = [0.9 / 3 + 0.1 * m for m in (0.475, 0.2375, 0.2875)]
     expected = [global_tau * p / max(class_p) for p in class_p]
     assert state.class_thresholds().tolist() == pytest.approx(expected, rel=1e-6)
@@ -912,17 +912,21 @@ def test_freematch_threshold_update_matches_a_hand_computation():
     assert mask.tolist() == [p.max().item() >= expected[p.argmax()] for p in probs]
 
 
-def test_freematch_lets_no_guess_of_an_untrained_network_through_at_the_first_step():
-    # An untrained network is unsure of every image; from the paper's 1/C start (0.1 here) all
-    # ten guesses would pass and be learned as labels. From 1 only a sure one passes.
+def test_freematch_started_at_1_lets_no_guess_of_an_untrained_network_through_and_from_1_over_c_all():
+    # An untrained network is unsure of every image. From the paper's 1/C (0.1 here) all ten
+    # guesses pass and are learned as labels; from the tiny preset's start at 1 only a sure one.
     torch.manual_seed(0)
     unsure = 0.3 * torch.randn(10, 10)
     sure = torch.zeros(1, 10)
     sure[0, 4] = 20.0
-    _, mask, pseudo = fixmatch.fixmatch_loss(torch.zeros(1, 10), torch.zeros(1, dtype=torch.long),
-                                             torch.cat([unsure, sure]), torch.zeros(11, 10), lambda_u=1.0,
-                                             freematch=fixmatch.FreeMatchThreshold(10, decay=0.999))
-    assert mask.tolist() == [False] * 10 + [True] and pseudo[-1].item() == 4
+    masks = {}
+    for start in (0.0, 1.0):
+        _, masks[start], pseudo = fixmatch.fixmatch_loss(
+            torch.zeros(1, 10), torch.zeros(1, dtype=torch.long), torch.cat([unsure, sure]), torch.zeros(11, 10),
+            lambda_u=1.0, freematch=fixmatch.FreeMatchThreshold(10, decay=0.999, start=start))
+        assert pseudo[-1].item() == 4
+    assert masks[0.0].all() and masks[1.0].tolist() == [False] * 10 + [True]
+    assert dpt.PRESETS["tiny"]["ssl_freematch_start"] == 1.0
 
 
 def test_freematch_masks_the_images_below_their_class_threshold_and_only_those():
@@ -2656,24 +2660,28 @@ def test_a_run_folder_made_before_a_flag_was_renamed_is_refused_not_misread(tmp_
     assert (run / "split.pt").read_text() == "kept"  # nothing was removed
 
 
-def test_a_run_folder_made_before_a_setting_was_added_reads_as_made_with_what_that_version_did(tmp_path):
+@pytest.mark.parametrize("name, then, stage, made", [
+    ("diffusion_confident", 1.0, "stage2", "stage2"),  # that version trained stage 2 on every label
+    ("ssl_freematch_start", 0.0, "stage1", "stage1")])  # that version started FreeMatch at the paper's 1/C
+def test_a_run_folder_made_before_a_setting_was_added_reads_as_made_with_what_that_version_did(
+        tmp_path, name, then, stage, made):
     run = tmp_path / "shapes-1l-s0"
     run.mkdir()
-    config = dpt.DPTConfig(dataset="shapes", out=str(tmp_path), preset="tiny")  # stage 2 on the surer half
+    config = dpt.DPTConfig(dataset="shapes", out=str(tmp_path), preset="tiny")  # both settings differ from then
     dpt.resolve(config)
-    old = {name: value for name, value in dataclasses.asdict(config).items()
-           if name not in dpt.FREE_TO_CHANGE and name != "diffusion_confident"}
+    old = {key: value for key, value in dataclasses.asdict(config).items()
+           if key not in dpt.FREE_TO_CHANGE and key != name}
     (run / "config.json").write_text(json.dumps(old))
-    for name in ("split.pt", "stage2"):
-        (run / name).write_text("kept")
-    with pytest.raises(data.UserError, match=r"other settings \(diffusion_confident\); add --redo stage2"):
-        dpt.check_run_folder(config, str(run))  # that version trained stage 2 on every label
-    assert (run / "stage2").read_text() == "kept"
-    dpt.check_run_folder(dataclasses.replace(config, diffusion_confident=1.0), str(run))  # what it did: goes on
-    assert (run / "stage2").read_text() == "kept"
-    assert json.loads((run / "config.json").read_text())["diffusion_confident"] == 1.0
-    dpt.check_run_folder(dataclasses.replace(config, redo="stage2"), str(run))
-    assert (run / "split.pt").exists() and not (run / "stage2").exists()
+    for kept in ("split.pt", made):
+        (run / kept).write_text("kept")
+    with pytest.raises(data.UserError, match=rf"other settings \({name}\); add --redo {stage}"):
+        dpt.check_run_folder(config, str(run))
+    assert (run / made).read_text() == "kept"
+    dpt.check_run_folder(dataclasses.replace(config, **{name: then}), str(run))  # what it did: goes on
+    assert (run / made).read_text() == "kept"
+    assert json.loads((run / "config.json").read_text())[name] == then
+    dpt.check_run_folder(dataclasses.replace(config, redo=stage), str(run))
+    assert not (run / made).exists()
 
 
 # DPT's official CIFAR-10 code: FreeMatch in TorchSSL (WRN-28-2, 2^20 steps, batch 64 + 7 x 64,
@@ -3544,8 +3552,8 @@ BAD_SETTINGS = {
     "redo": "stage9", "baseline": None, "fid_weights": "/missing/inception.pth", "bench": None, "compile": None,
     "cuda_graphs": None, "bf16": None, "report": "/missing/run",
     "ssl_arch": "vgg", "ssl_steps": "0", "stage3_steps": "0", "ssl_batch": "0", "ssl_uratio": "0", "ssl_lr": "0",
-    "ssl_ema": "1", "ssl_threshold": "adaptive", "ssl_tau": "1.5", "stage3_real_fraction": "2",
-    "ssl_eval_every": "0", "diffusion_arch": "resnet", "diffusion_size": "gigantic", "diffusion_images": "0",
+    "ssl_ema": "1", "ssl_threshold": "adaptive", "ssl_tau": "1.5", "ssl_freematch_start": "1.5",
+    "stage3_real_fraction": "2", "ssl_eval_every": "0", "diffusion_arch": "resnet", "diffusion_size": "gigantic", "diffusion_images": "0",
     "diffusion_batch": "0", "diffusion_micro_batch": "-1", "diffusion_lr": "-1", "diffusion_warmup": "-1",
     "diffusion_ema_halflife": "-1",
     "diffusion_p_mean": "nan", "diffusion_label_dropout": "1", "diffusion_augment": "1.5", "diffusion_confident": "0",

@@ -187,8 +187,8 @@ class FreeMatchThreshold(nn.Module):
     labels, three training seeds: 49.7 / 53.6 / 39.4% from 1/C, 63.9 / 57.5 /
     58.4% from 1, the tiny preset's start; RESULTS.md, "A steadier stage 1").
     From 1 the threshold falls towards the model's mean confidence as the EMA
-    forgets its start (USB, the FreeMatch authors' code, started it at 1 from
-    February to April 2023). Buffers updated in place: they stay on the device,
+    forgets its start (USB, the FreeMatch authors' code, started it at 1 until
+    April 2023). Buffers updated in place: they stay on the device,
     inside the compiled step, at fixed addresses that a CUDA graph can replay."""
 
     def __init__(self, num_classes, decay, start=0.0):

@@ -2660,11 +2660,11 @@ def test_a_run_folder_made_before_a_flag_was_renamed_is_refused_not_misread(tmp_
     assert (run / "split.pt").read_text() == "kept"  # nothing was removed
 
 
-@pytest.mark.parametrize("name, then, stage, made", [
-    ("diffusion_confident", 1.0, "stage2", "stage2"),  # that version trained stage 2 on every label
-    ("ssl_freematch_start", 0.0, "stage1", "stage1")])  # that version started FreeMatch at the paper's 1/C
+@pytest.mark.parametrize("name, then, stage", [
+    ("diffusion_confident", 1.0, "stage2"),  # that version trained stage 2 on every label
+    ("ssl_freematch_start", 0.0, "stage1")])  # that version started FreeMatch at the paper's 1/C
 def test_a_run_folder_made_before_a_setting_was_added_reads_as_made_with_what_that_version_did(
-        tmp_path, name, then, stage, made):
+        tmp_path, name, then, stage):
     run = tmp_path / "shapes-1l-s0"
     run.mkdir()
     config = dpt.DPTConfig(dataset="shapes", out=str(tmp_path), preset="tiny")  # both settings differ from then
@@ -2672,16 +2672,17 @@ def test_a_run_folder_made_before_a_setting_was_added_reads_as_made_with_what_th
     old = {key: value for key, value in dataclasses.asdict(config).items()
            if key not in dpt.FREE_TO_CHANGE and key != name}
     (run / "config.json").write_text(json.dumps(old))
-    for kept in ("split.pt", made):
+    for kept in ("split.pt", stage):
         (run / kept).write_text("kept")
     with pytest.raises(data.UserError, match=rf"other settings \({name}\); add --redo {stage}"):
         dpt.check_run_folder(config, str(run))
-    assert (run / made).read_text() == "kept"
+    assert (run / stage).read_text() == "kept"
     dpt.check_run_folder(dataclasses.replace(config, **{name: then}), str(run))  # what it did: goes on
-    assert (run / made).read_text() == "kept"
+    assert (run / stage).read_text() == "kept"
     assert json.loads((run / "config.json").read_text())[name] == then
     dpt.check_run_folder(dataclasses.replace(config, redo=stage), str(run))
-    assert not (run / made).exists()
+    assert not (run / stage).exists()
+    assert (run / "split.pt").exists() == (stage != "stage1")  # --redo stage1 draws the split again
 
 
 # DPT's official CIFAR-10 code: FreeMatch in TorchSSL (WRN-28-2, 2^20 steps, batch 64 + 7 x 64,
@@ -3553,9 +3554,9 @@ BAD_SETTINGS = {
     "cuda_graphs": None, "bf16": None, "report": "/missing/run",
     "ssl_arch": "vgg", "ssl_steps": "0", "stage3_steps": "0", "ssl_batch": "0", "ssl_uratio": "0", "ssl_lr": "0",
     "ssl_ema": "1", "ssl_threshold": "adaptive", "ssl_tau": "1.5", "ssl_freematch_start": "1.5",
-    "stage3_real_fraction": "2", "ssl_eval_every": "0", "diffusion_arch": "resnet", "diffusion_size": "gigantic", "diffusion_images": "0",
-    "diffusion_batch": "0", "diffusion_micro_batch": "-1", "diffusion_lr": "-1", "diffusion_warmup": "-1",
-    "diffusion_ema_halflife": "-1",
+    "stage3_real_fraction": "2", "ssl_eval_every": "0", "diffusion_arch": "resnet", "diffusion_size": "gigantic",
+    "diffusion_images": "0", "diffusion_batch": "0", "diffusion_micro_batch": "-1", "diffusion_lr": "-1",
+    "diffusion_warmup": "-1", "diffusion_ema_halflife": "-1",
     "diffusion_p_mean": "nan", "diffusion_label_dropout": "1", "diffusion_augment": "1.5", "diffusion_confident": "0",
     "sample_per_class": "0", "sample_solver": "ddim", "sample_steps": "1", "sample_guidance": "-1",
     "fid_reference": "-1", "seeds": "3-1", "ssl_lr_cosine": "0.7", "ssl_precise_bn": "-1",

@@ -76,6 +76,7 @@ class DPTConfig:
     ssl_threshold: str = None       # fixmatch | freematch
     ssl_tau: float = None           # FixMatch's confidence threshold
     ssl_freematch_start: float = None  # FreeMatch's global threshold at step 0 (0: the paper's 1/C)
+    ssl_fairness: float = None      # weight of FreeMatch's self-adaptive fairness loss (0: none)
     ssl_eval_every: int = None      # steps between test evaluations (and checkpoints)
     stage3_steps: int = None        # stage-3 optimizer steps
     stage3_real_fraction: float = None  # share of real images in a stage-3 labeled batch (-1: uniform)
@@ -119,7 +120,8 @@ CLASSIFIER_FLAGS = {  # fixmatch.py: stage 1, the baseline (and the oracle's rec
     "cuda_graphs": "cuda_graphs", "bf16": "bf16", "arch": "ssl_arch", "steps": "ssl_steps", "batch": "ssl_batch",
     "uratio": "ssl_uratio", "lr": "ssl_lr", "lr_cosine": "ssl_lr_cosine", "ema": "ssl_ema",
     "precise_bn": "ssl_precise_bn", "threshold": "ssl_threshold", "tau": "ssl_tau",
-    "freematch_start": "ssl_freematch_start", "eval_every": "ssl_eval_every", "ckpt_every": "ssl_eval_every"}
+    "freematch_start": "ssl_freematch_start", "fairness": "ssl_fairness", "eval_every": "ssl_eval_every",
+    "ckpt_every": "ssl_eval_every"}
 STAGE3_FLAGS = {**CLASSIFIER_FLAGS, "steps": "stage3_steps", "real_fraction": "stage3_real_fraction"}  # fixmatch.py
 DIFFUSION_FLAGS = {  # unet.py: stage 2
     "dataset": "dataset", "data_dir": "data_dir", "seed": "seed", "compile": "compile", "cuda_graphs": "cuda_graphs",
@@ -250,7 +252,7 @@ FIELD_STAGE = {
     **dict.fromkeys(("labels", "seed", "label_subset"), "split"),
     **dict.fromkeys(("bf16", "probe_lambda", "ssl_arch", "ssl_steps", "ssl_batch", "ssl_uratio", "ssl_lr",
                      "ssl_lr_cosine", "ssl_ema", "ssl_precise_bn", "ssl_threshold", "ssl_tau",
-                     "ssl_freematch_start"), "stage1"),
+                     "ssl_freematch_start", "ssl_fairness"), "stage1"),
     **dict.fromkeys(("diffusion_arch", "diffusion_size", "diffusion_images", "diffusion_batch", "diffusion_lr",
                      "diffusion_warmup", "diffusion_ema_halflife", "diffusion_p_mean", "diffusion_label_dropout",
                      "diffusion_augment", "diffusion_confident"), "stage2"),
@@ -260,7 +262,7 @@ FIELD_STAGE = {
 }
 # Settings added after run folders were made with dpt.py, each with the value that
 # does what the versions before it did: a folder without one was made with that value.
-ADDED_SINCE = {"diffusion_confident": 1.0, "ssl_freematch_start": 0.0}
+ADDED_SINCE = {"diffusion_confident": 1.0, "ssl_freematch_start": 0.0, "ssl_fairness": 0.0}
 FREE_TO_CHANGE = {"dataset", "data_dir", "out", "redo", "baseline", "fid_weights", "compile", "cuda_graphs",
                   "preset", "ssl_eval_every", "diffusion_micro_batch", "bench", "report", "seeds", "autoencoder",
                   "msn_weights"}
@@ -602,12 +604,14 @@ def oracle_settings(config, dataset):
     """Stage 1's settings with every training image labeled and no unlabeled loss;
     a step puts as many labeled images through the network as a stage-1 step puts
     images. The folder names the dataset by its contents and the recipe by a
-    checksum of these settings, so a regenerated file or another recipe (a run
-    with other --ssl-steps) gets its own oracle instead of another's."""
+    checksum of the settings it trains with, so a regenerated file or another
+    recipe (a run with other --ssl-steps) gets its own oracle instead of
+    another's, and settings of the unlabeled loss (--ssl-threshold) share one."""
     settings, _ = classifier_settings(config, "stage1")
     settings = replace(settings, seed=ORACLE_SEED, lambda_u=0.0, batch=settings.batch * (1 + 2 * settings.uratio),
                        real_fraction=-1.0, labels=int(torch.bincount(dataset.train_y).max()))
-    recipe = {k: v for k, v in asdict(settings).items() if k not in fixmatch.FREE_TO_CHANGE | {"dataset"}}
+    ignored = fixmatch.FREE_TO_CHANGE | fixmatch.UNLABELED_ONLY | {"dataset"}
+    recipe = {k: v for k, v in asdict(settings).items() if k not in ignored}
     name = f"{dataset.name}-{config.ssl_arch}-{contents_crc(dataset):08x}-{zlib.crc32(json.dumps(recipe).encode()):08x}"
     return replace(settings, out=os.path.join(config.out, "oracle", name))
 

@@ -60,6 +60,7 @@ class FixMatchConfig:
     tau: float = 0.95               # FixMatch's confidence threshold
     freematch_ema: float = 0.999    # FreeMatch's EMA of the model's confidence
     freematch_start: float = 0.0    # FreeMatch's global threshold at step 0 (0: the paper's 1/C)
+    fairness: float = 0.0           # weight of FreeMatch's self-adaptive fairness loss (0: none; TorchSSL 0.01)
     pseudo_images: str = ""         # stage 3: a samples.pt whose images join the labeled set
     real_fraction: float = -1.0     # stage 3: share of real images in a labeled batch (-1: uniform over all)
     eval_every: int = 5000          # steps between test evaluations of the EMA model
@@ -72,6 +73,8 @@ class FixMatchConfig:
 
 # A resumed run ends the same whatever these are.
 FREE_TO_CHANGE = {"data_dir", "out", "eval_every", "ckpt_every", "compile", "cuda_graphs", "bench"}
+# These change nothing without the unlabeled loss (lambda_u = 0): no unlabeled image is drawn.
+UNLABELED_ONLY = {"uratio", "threshold", "tau", "freematch_ema", "freematch_start", "fairness"}
 
 
 # -----------------------------------------------------------------------------
@@ -196,26 +199,55 @@ class FreeMatchThreshold(nn.Module):
         self.decay = decay
         self.register_buffer("global_tau", torch.tensor(start or 1 / num_classes))
         self.register_buffer("class_p", torch.full((num_classes,), 1 / num_classes))
+        self.register_buffer("label_hist", torch.full((num_classes,), 1 / num_classes))  # for fairness_loss
 
     def update(self, probs):
-        mean_confidence, mean_probs = probs.max(1).values.mean(), probs.mean(0)
-        if dist.is_initialized():  # every rank sees the mean over the whole batch
-            both = torch.cat([mean_confidence.view(1), mean_probs])
-            dist.all_reduce(both)
-            both /= dist.get_world_size()
-            mean_confidence, mean_probs = both[0], both[1:]
+        confidence, predicted = probs.max(1)
+        histogram = F.one_hot(predicted, probs.shape[1]).float().mean(0)
+        mean_confidence, mean_probs = confidence.mean(), probs.mean(0)
+        if dist.is_initialized():  # every rank sees the means over the whole batch
+            stacked = torch.cat([mean_confidence.view(1), mean_probs, histogram])
+            dist.all_reduce(stacked)
+            stacked /= dist.get_world_size()
+            mean_confidence, mean_probs, histogram = stacked[0], *stacked[1:].chunk(2)
         self.global_tau.mul_(self.decay).add_((1 - self.decay) * mean_confidence)
         self.class_p.mul_(self.decay).add_((1 - self.decay) * mean_probs)
+        self.label_hist.mul_(self.decay).add_((1 - self.decay) * histogram)
 
     def class_thresholds(self):
         return self.global_tau * self.class_p / self.class_p.max()
 
 
-def fixmatch_loss(logits_labeled, labels, logits_weak, logits_strong, lambda_u, tau=None, freematch=None):
+def fairness_loss(logits_strong, mask, freematch):
+    """FreeMatch's self-adaptive fairness (Wang et al. 2023, eq. 10-12): minus the
+    cross-entropy between the model's class distribution (the EMA p~ over the EMA
+    histogram of predicted classes h~) and the batch's (the mean of the strong
+    views' probabilities over their histogram, on the images the mask keeps), each
+    renormalized. Minimizing it moves the batch's predictions towards the classes
+    the model predicts least: with one label per class a few classes otherwise
+    swallow the rest. Fixed shapes (weights, not boolean indexing), so that it
+    compiles and replays as a CUDA graph."""
+    probs = logits_strong.float().softmax(1)
+    kept = mask.float()[:, None]
+    count = kept.sum().clamp_min(1)
+    mean_probs = (probs * kept).sum(0) / count
+    histogram = (F.one_hot(probs.argmax(1), probs.shape[1]) * kept).sum(0) / count
+
+    def sum_normalize(numerator, histogram):  # a class never predicted counts 0 (USB's inf -> 0)
+        ratio = torch.where(histogram > 0, numerator / histogram.clamp_min(1e-12), 0.0)
+        return ratio / ratio.sum().clamp_min(1e-12)
+    model = sum_normalize(freematch.class_p, freematch.label_hist).detach()
+    batch = sum_normalize(mean_probs, histogram.detach())
+    return (model * torch.log(batch + 1e-12)).sum() * mask.any()
+
+
+def fixmatch_loss(logits_labeled, labels, logits_weak, logits_strong, lambda_u, tau=None, freematch=None,
+                  fairness=0.0):
     """Cross-entropy on the labeled batch + lambda_u * cross-entropy of the
     strong views against the weak views' hard pseudo labels, counted only where
-    the weak view is confident: p >= tau, or p >= FreeMatch's class threshold.
-    Returns the loss, the mask and the pseudo labels."""
+    the weak view is confident: p >= tau, or p >= FreeMatch's class threshold;
+    + fairness * FreeMatch's fairness_loss. Returns the loss, the mask and the
+    pseudo labels."""
     supervised = F.cross_entropy(logits_labeled.float(), labels)
     if len(logits_weak) == 0:  # no unlabeled images: supervised training
         return supervised, torch.zeros(0, dtype=torch.bool, device=labels.device), labels[:0]
@@ -227,7 +259,10 @@ def fixmatch_loss(logits_labeled, labels, logits_weak, logits_strong, lambda_u, 
         freematch.update(probs)
         mask = confidence >= freematch.class_thresholds()[pseudo]
     unsupervised = (F.cross_entropy(logits_strong.float(), pseudo, reduction="none") * mask).mean()
-    return supervised + lambda_u * unsupervised, mask, pseudo
+    loss = supervised + lambda_u * unsupervised
+    if fairness:
+        loss = loss + fairness * fairness_loss(logits_strong, mask, freematch)
+    return loss, mask, pseudo
 
 
 # -----------------------------------------------------------------------------
@@ -295,7 +330,7 @@ RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE, "labels": d
          "weight_decay": data.at_least(0), "ema": data.FRACTION,
          "precise_bn": data.between(0, data.MOST_IMAGES), "lambda_u": data.at_least(0),
          "threshold": data.one_of("fixmatch", "freematch"), "tau": data.PROBABILITY, "freematch_ema": data.FRACTION,
-         "freematch_start": data.PROBABILITY,
+         "freematch_start": data.PROBABILITY, "fairness": data.at_least(0),
          "real_fraction": ((lambda value: value == -1 or 0 <= value <= 1), "-1 (uniform) or between 0 and 1"),
          "eval_every": data.between(1, data.MOST_STEPS), "ckpt_every": data.between(1, data.MOST_STEPS)}
 
@@ -305,6 +340,9 @@ def check(config, world=1, flags=None):
     the name of each field's flag where it differs (dpt.py's --ssl-steps)."""
     data.check_fields(config, RULES, flags)
     data.check_divisible(config, world, flags)
+    if config.fairness and config.threshold != "freematch":
+        raise data.UserError(f"{data.flag('fairness', flags)} {config.fairness}: FreeMatch's fairness loss needs its "
+                             f"thresholds; add {data.flag('threshold', flags)} freematch or set it to 0")
 
 
 def make_optimizer(model, config):
@@ -353,8 +391,8 @@ def train(config, dataset, labeled_index, generated=None, progress=True):
         step, metrics = checkpoint["step"], checkpoint["metrics"]
         if rank == 0 and progress:
             print(f"resuming {checkpoint_path} at step {step:,} of {config.steps:,}", file=sys.stderr)
-        if freematch is not None:
-            freematch.load_state_dict(checkpoint["freematch"])
+        if freematch is not None:  # checkpoints from before the fairness loss have no histogram: its start
+            freematch.load_state_dict({"label_hist": freematch.label_hist, **checkpoint["freematch"]})
 
     compile = data.on_cuda_unless_set(config.compile, device)
     _, step_loss = data.for_training(model, fixmatch_step_loss, world, device, compile, config.cuda_graphs)
@@ -380,7 +418,7 @@ def train(config, dataset, labeled_index, generated=None, progress=True):
         inputs = augmented_batch(labeled_x[labeled_pick], train_x[unlabeled_pick])
         with autocast:
             loss, mask, pseudo_y = step_loss(inputs, labeled_y[labeled_pick], unlabeled_per_rank, config.lambda_u,
-                                             config.tau, freematch)
+                                             config.tau, freematch, config.fairness)
         update_weights(loss, model, ema_model, optimizer, config.ema)
         step += 1
 
@@ -424,13 +462,13 @@ def augmented_batch(labeled, unlabeled):
     return torch.cat(views).contiguous(memory_format=torch.channels_last)
 
 
-def fixmatch_step_loss(forward, inputs, labeled_y, unlabeled_count, lambda_u, tau, freematch):
+def fixmatch_step_loss(forward, inputs, labeled_y, unlabeled_count, lambda_u, tau, freematch, fairness):
     """fixmatch_loss of an augmented_batch, through the network in one pass, so
     that BN sees labeled and unlabeled images together; data.for_training
     compiles it with the network as one graph."""
     logits = forward(inputs)
     logits_labeled, logits_weak, logits_strong = logits.split([len(labeled_y), unlabeled_count, unlabeled_count])
-    return fixmatch_loss(logits_labeled, labeled_y, logits_weak, logits_strong, lambda_u, tau, freematch)
+    return fixmatch_loss(logits_labeled, labeled_y, logits_weak, logits_strong, lambda_u, tau, freematch, fairness)
 
 
 def update_weights(loss, model, ema_model, optimizer, ema):

@@ -905,11 +905,40 @@ def test_freematch_threshold_update_matches_a_hand_computation():
     class_p = [0.9 / 3 + 0.1 * m for m in (0.475, 0.2375, 0.2875)]
     expected = [global_tau * p / max(class_p) for p in class_p]
     assert state.class_thresholds().tolist() == pytest.approx(expected, rel=1e-6)
+    # the fairness loss's histogram of predicted classes: 0, 1, 2, 0
+    assert state.label_hist.tolist() == pytest.approx([0.9 / 3 + 0.1 * h for h in (0.5, 0.25, 0.25)], rel=1e-6)
     # In the loss the update comes first, then each image meets its predicted class's threshold.
     fresh = fixmatch.FreeMatchThreshold(3, decay=0.9)
     _, mask, pseudo = fixmatch.fixmatch_loss(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long), probs.log(),
                                              torch.zeros(4, 3), lambda_u=1.0, freematch=fresh)
     assert mask.tolist() == [p.max().item() >= expected[p.argmax()] for p in probs]
+
+
+def test_freematch_fairness_loss_matches_the_paper_on_a_hand_computation():
+    # FreeMatch eq. 11-12: minus the cross-entropy of SumNorm(p~ / h~) and SumNorm(p_bar / h_bar), the batch's
+    # over the images the mask keeps, h the histograms of predicted classes; a class no kept image is
+    # predicted as counts 0 in the batch's (USB's code), and log takes 1e-12 there.
+    state = fixmatch.FreeMatchThreshold(3, decay=0.5)
+    state.class_p.copy_(torch.tensor([0.5, 0.3, 0.2]))
+    state.label_hist.copy_(torch.tensor([0.6, 0.3, 0.1]))
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.5, 0.4, 0.1]])
+    mask = torch.tensor([True, True, False, True])  # the only image of class 2 is not kept
+    model = [0.5 / 0.6, 0.3 / 0.3, 0.2 / 0.1]
+    batch = [(1.3 / 3) / (2 / 3), (1.4 / 3) / (1 / 3), 0.0]  # kept: mean probabilities over the histogram
+    expected = sum(m / sum(model) * math.log(b / sum(batch) + 1e-12) for m, b in zip(model, batch))
+    assert fixmatch.fairness_loss(probs.log(), mask, state).item() == pytest.approx(expected, rel=1e-5)
+    assert fixmatch.fairness_loss(probs.log(), torch.zeros(4, dtype=torch.bool), state).item() == 0.0
+    # In fixmatch_loss it is weighted by --fairness, with the thresholds' statistics of this batch.
+    logits_weak, logits_strong = 3 * torch.randn(4, 3), probs.log()
+    losses, states = [], [fixmatch.FreeMatchThreshold(3, decay=0.5) for _ in range(2)]
+    for fairness, state in zip((0.0, 0.5), states):
+        loss, mask, _ = fixmatch.fixmatch_loss(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long), logits_weak,
+                                               logits_strong, lambda_u=1.0, freematch=state, fairness=fairness)
+        losses.append(loss.item())
+    assert losses[1] - losses[0] == pytest.approx(0.5 * fixmatch.fairness_loss(logits_strong, mask, states[1]).item(),
+                                                  rel=1e-5, abs=1e-6)
+    with pytest.raises(data.UserError, match="^--ssl-fairness 0.01: .* add --ssl-threshold freematch"):
+        fixmatch.check(fixmatch.FixMatchConfig(threshold="fixmatch", fairness=0.01), flags=dpt.CLASSIFIER_FLAGS)
 
 
 def test_freematch_started_at_1_lets_no_guess_of_an_untrained_network_through_and_from_1_over_c_all():
@@ -966,6 +995,7 @@ def test_freematch_averages_its_statistics_over_processes(monkeypatch):
     shared.update(probs)
     assert torch.allclose(shared.class_thresholds(), alone.class_thresholds())
     assert torch.allclose(shared.global_tau, alone.global_tau)
+    assert torch.allclose(shared.label_hist, alone.label_hist)
 
 
 def tiny_config(tmp_path, **changes):
@@ -1916,7 +1946,8 @@ def test_a_classifier_training_step_queues_all_its_work_on_the_device_and_reads_
         labeled_pick = fixmatch.sample_labeled(4, 12, 16, real_fraction, device)
         unlabeled_pick = torch.randint(len(train_x), (12,), device=device)
         inputs = fixmatch.augmented_batch(train_x[labeled_pick], train_x[unlabeled_pick])
-        loss, mask, pseudo = step_loss(inputs, labeled_y[labeled_pick], 12, 1.0, 0.95, freematch)
+        fairness = 0.01 if freematch else 0.0  # FreeMatch's fairness loss too
+        loss, mask, pseudo = step_loss(inputs, labeled_y[labeled_pick], 12, 1.0, 0.95, freematch, fairness)
         fixmatch.update_weights(loss, model, ema_model, optimizer, 0.999)
         return inputs, mask, pseudo
     if device.type == "cuda":
@@ -3180,7 +3211,11 @@ def test_each_oracle_recipe_has_its_own_folder_and_free_settings_share_one(small
     dpt.resolve(config)
     folder = lambda **changes: dpt.oracle_settings(dataclasses.replace(config, **changes), small_shapes).out
     assert folder() == folder(ssl_eval_every=7, seed=3, stage3_steps=9, diffusion_images=5)  # not the oracle's recipe
-    assert len({folder(), folder(ssl_steps=2000), folder(ssl_lr=0.1), folder(ssl_precise_bn=0)}) == 4
+    # the oracle has no unlabeled loss: its settings change nothing it trains
+    assert folder() == folder(ssl_threshold="fixmatch", ssl_tau=0.7, ssl_freematch_start=0.0, ssl_fairness=0.0)
+    assert folder() == folder(ssl_freematch_start=0.5, ssl_fairness=0.01)
+    assert len({folder(), folder(ssl_steps=2000), folder(ssl_lr=0.1), folder(ssl_precise_bn=0),
+                folder(ssl_uratio=3)}) == 5  # uratio sets the oracle's batch
 
 
 def test_seeds_runs_one_folder_per_seed_resumes_them_and_summarizes_their_results(quick_run, fid_weights, tmp_path):
@@ -3554,7 +3589,7 @@ BAD_SETTINGS = {
     "cuda_graphs": None, "bf16": None, "report": "/missing/run",
     "ssl_arch": "vgg", "ssl_steps": "0", "stage3_steps": "0", "ssl_batch": "0", "ssl_uratio": "0", "ssl_lr": "0",
     "ssl_ema": "1", "ssl_threshold": "adaptive", "ssl_tau": "1.5", "ssl_freematch_start": "1.5",
-    "stage3_real_fraction": "2", "ssl_eval_every": "0", "diffusion_arch": "resnet", "diffusion_size": "gigantic",
+    "ssl_fairness": "-1",    "stage3_real_fraction": "2", "ssl_eval_every": "0", "diffusion_arch": "resnet", "diffusion_size": "gigantic",
     "diffusion_images": "0", "diffusion_batch": "0", "diffusion_micro_batch": "-1", "diffusion_lr": "-1",
     "diffusion_warmup": "-1", "diffusion_ema_halflife": "-1",
     "diffusion_p_mean": "nan", "diffusion_label_dropout": "1", "diffusion_augment": "1.5", "diffusion_confident": "0",

@@ -53,6 +53,7 @@ class Dataset:
     test_files: tuple = ()
     root: str = ""               # ... and the folder itself, which names its files (file_records)
     skipped: tuple = ()          # ... and the files left out as unreadable (dpt.py --skip-bad-images)
+    flips: bool = True           # a mirror image keeps its class (photos, shapes), so augmentation may flip
 
 
 TORCHVISION_DATASETS = ("cifar10", "cifar100", "svhn")
@@ -71,7 +72,7 @@ def load_dataset(name, data_dir="./data", folders=False):
         (train_x, train_y), (test_x, test_y) = make_glyphs(20_000, seed=0), make_glyphs(2_000, seed=1)
         # 28x28 grayscale as RGB padded to 32x32: pixel for pixel what a file of them gives (load_file)
         return Dataset("glyphs", rgb_padded(train_x[:, None]), train_y, rgb_padded(test_x[:, None]), test_y,
-                       len(GLYPHS), GLYPH_NAMES)
+                       len(GLYPHS), GLYPH_NAMES, flips=False)
     if name.endswith((".pt", ".npz")):
         return load_file(name)
     if name == "imagenet" or os.path.isdir(name):
@@ -115,13 +116,15 @@ def load_torchvision(name, data_dir):
         images = lambda split: torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous()
         labels = lambda split: torch.tensor(split.targets, dtype=torch.long)
     classes = tuple(map(str, range(10))) if name == "svhn" else tuple(train.classes)  # SVHN: digits, 0 as 0
-    return Dataset(name, images(train), labels(train), images(test), labels(test), len(classes), classes)
+    return Dataset(name, images(train), labels(train), images(test), labels(test), len(classes), classes,
+                   flips=name != "svhn")  # FixMatch flips all its datasets but SVHN's digits
 
 
 def load_file(path):
     """A .pt or .npz with train_x (uint8 N x C x H x W or N x H x W x C, C = 1 or 3),
     train_y (integers 0 .. C-1, every class present), optional test_x, test_y,
-    and optional classes (C names, for the report)."""
+    optional classes (C names, for the report) and optional flips (true where a
+    mirror image keeps its class, as in photos; unsaid, it may not: digits, letters)."""
     if not os.path.isfile(path):
         raise UserError(f"--dataset {path}: no such file")
     try:
@@ -133,6 +136,7 @@ def load_file(path):
             if not isinstance(arrays, dict):
                 raise UserError(f"{path} holds a {type(arrays).__name__}, not a dict with train_x and train_y")
         classes = tuple(str(name) for name in arrays.pop("classes", ()))
+        flips = bool(arrays.pop("flips", False))
         arrays = {key: torch.as_tensor(value) for key, value in arrays.items()}
     except UserError:
         raise
@@ -164,7 +168,7 @@ def load_file(path):
     if classes and len(classes) != num_classes:
         raise UserError(f"{path}: classes names {len(classes)} classes but train_y has {num_classes}")
     name = os.path.splitext(os.path.basename(path))[0]
-    return Dataset(name, train_x, train_y, test_x, test_y, num_classes, classes)
+    return Dataset(name, train_x, train_y, test_x, test_y, num_classes, classes, flips=flips)
 
 
 def file_images(x, path, key):
@@ -587,14 +591,15 @@ def labeled_split(train_y, labels_per_class, seed):
 
 # -----------------------------------------------------------------------------
 # Weak augmentation (FixMatch): random horizontal flip and a random crop of the
-# image reflect-padded by 4 pixels, done as one gather per batch.
+# image reflect-padded by 4 pixels, done as one gather per batch. No flip where a
+# mirror image can be of another class (FixMatch's SVHN; a mirrored 5 is near a 2).
 
 
-def weak_augment(x, pad=4):
+def weak_augment(x, pad=4, flip=True):
     """uint8 [N, C, H, W] -> uint8 [N, C, H, W], on x's device."""
     n, c, h, w = x.shape
     shift = torch.randint(-pad, pad + 1, (n, 2), device=x.device)
-    flip = torch.rand(n, 1, device=x.device) < 0.5
+    flip = (torch.rand(n, 1, device=x.device) < 0.5) & flip
     reflect = lambda i, size: (size - 1) - ((size - 1) - i.abs()).abs()  # mirror indices that fall off either edge
     cols = torch.arange(w, device=x.device).expand(n, w)
     rows = reflect(torch.arange(h, device=x.device) + shift[:, :1], h)
@@ -760,10 +765,10 @@ def cutout(x, max_fraction=0.5, fill=127 / 255):
     return torch.where(box[:, None], fill, x)
 
 
-def strong_augment(x, ops=3):
-    """uint8 [N, C, H, W] -> uint8 [N, C, H, W]: flip and crop, `ops` RandAugment
-    ops per image (3, as TorchSSL's FixMatch and FreeMatch), then Cutout."""
-    x = weak_augment(x).float() / 255
+def strong_augment(x, ops=3, flip=True):
+    """uint8 [N, C, H, W] -> uint8 [N, C, H, W]: flip (where flip) and crop, `ops`
+    RandAugment ops per image (3, as TorchSSL's FixMatch and FreeMatch), then Cutout."""
+    x = weak_augment(x, flip=flip).float() / 255
     for _ in range(ops):
         x = randaugment_step(x)
     return (cutout(x) * 255).round().to(torch.uint8)

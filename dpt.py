@@ -61,6 +61,7 @@ class DPTConfig:
     compile: bool = None            # torch.compile the networks (unset: the preset's, else with CUDA only)
     cuda_graphs: bool = False       # with compile on one GPU: replay each training step as CUDA graphs
     bf16: bool = None               # bf16 autocast (unset: the preset's, else with CUDA only)
+    flip: bool = None               # mirror images in augmentation (unset: the dataset's; not digits or glyphs)
     # Each field below is a stage script's flag under its stage's prefix: --ssl-lr is
     # fixmatch.py's --lr, --diffusion-warmup unet.py's --warmup. Unset, it is the
     # preset's, else the stage script's default, which is the paper's recipe.
@@ -117,15 +118,15 @@ class DPTConfig:
 # fixmatch.py would say --steps).
 CLASSIFIER_FLAGS = {  # fixmatch.py: stage 1, the baseline (and the oracle's recipe)
     "dataset": "dataset", "data_dir": "data_dir", "labels": "labels", "seed": "seed", "compile": "compile",
-    "cuda_graphs": "cuda_graphs", "bf16": "bf16", "arch": "ssl_arch", "steps": "ssl_steps", "batch": "ssl_batch",
-    "uratio": "ssl_uratio", "lr": "ssl_lr", "lr_cosine": "ssl_lr_cosine", "ema": "ssl_ema",
+    "cuda_graphs": "cuda_graphs", "bf16": "bf16", "flip": "flip", "arch": "ssl_arch", "steps": "ssl_steps",
+    "batch": "ssl_batch", "uratio": "ssl_uratio", "lr": "ssl_lr", "lr_cosine": "ssl_lr_cosine", "ema": "ssl_ema",
     "precise_bn": "ssl_precise_bn", "threshold": "ssl_threshold", "tau": "ssl_tau",
     "freematch_start": "ssl_freematch_start", "fairness": "ssl_fairness", "eval_every": "ssl_eval_every",
     "ckpt_every": "ssl_eval_every"}
 STAGE3_FLAGS = {**CLASSIFIER_FLAGS, "steps": "stage3_steps", "real_fraction": "stage3_real_fraction"}  # fixmatch.py
 DIFFUSION_FLAGS = {  # unet.py: stage 2
     "dataset": "dataset", "data_dir": "data_dir", "seed": "seed", "compile": "compile", "cuda_graphs": "cuda_graphs",
-    "bf16": "bf16", "arch": "diffusion_arch", "size": "diffusion_size", "images": "diffusion_images",
+    "bf16": "bf16", "flip": "flip", "arch": "diffusion_arch", "size": "diffusion_size", "images": "diffusion_images",
     "batch": "diffusion_batch", "micro_batch": "diffusion_micro_batch", "lr": "diffusion_lr",
     "warmup": "diffusion_warmup", "ema_halflife": "diffusion_ema_halflife", "p_mean": "diffusion_p_mean",
     "label_dropout": "diffusion_label_dropout", "augment": "diffusion_augment",
@@ -250,7 +251,7 @@ REDO_STAGES = tuple(stage for stage in STAGES if stage != "split")  # --redo sta
 FIELD_STAGE = {
     **dict.fromkeys(("image_size", "autoencoder_size", "skip_bad_images", "msn_size"), "encode"),
     **dict.fromkeys(("labels", "seed", "label_subset"), "split"),
-    **dict.fromkeys(("bf16", "probe_lambda", "ssl_arch", "ssl_steps", "ssl_batch", "ssl_uratio", "ssl_lr",
+    **dict.fromkeys(("bf16", "flip", "probe_lambda", "ssl_arch", "ssl_steps", "ssl_batch", "ssl_uratio", "ssl_lr",
                      "ssl_lr_cosine", "ssl_ema", "ssl_precise_bn", "ssl_threshold", "ssl_tau",
                      "ssl_freematch_start", "ssl_fairness"), "stage1"),
     **dict.fromkeys(("diffusion_arch", "diffusion_size", "diffusion_images", "diffusion_batch", "diffusion_lr",
@@ -262,7 +263,7 @@ FIELD_STAGE = {
 }
 # Settings added after run folders were made with dpt.py, each with the value that
 # does what the versions before it did: a folder without one was made with that value.
-ADDED_SINCE = {"diffusion_confident": 1.0, "ssl_freematch_start": 0.0, "ssl_fairness": 0.0}
+ADDED_SINCE = {"diffusion_confident": 1.0, "ssl_freematch_start": 0.0, "ssl_fairness": 0.0, "flip": True}
 FREE_TO_CHANGE = {"dataset", "data_dir", "out", "redo", "baseline", "fid_weights", "compile", "cuda_graphs",
                   "preset", "ssl_eval_every", "diffusion_micro_batch", "bench", "report", "seeds", "autoencoder",
                   "msn_weights"}
@@ -808,6 +809,8 @@ def main():
     dataset = data.load_dataset(config.dataset, config.data_dir, folders=True)
     if reads_folder(config):
         dataset = data.without_unreadable(dataset, config.skip_bad_images)
+    if config.flip is None:
+        config.flip = dataset.flips
     check(config, world, dataset)
     if not config.seeds:
         return run_dpt(config, dataset, device, rank, world)

@@ -61,6 +61,7 @@ class FixMatchConfig:
     freematch_ema: float = 0.999    # FreeMatch's EMA of the model's confidence
     freematch_start: float = 0.0    # FreeMatch's global threshold at step 0 (0: the paper's 1/C)
     fairness: float = 0.0           # weight of FreeMatch's self-adaptive fairness loss (0: none; TorchSSL 0.01)
+    flip: bool = None               # mirror images in augmentation (unset: where a mirror keeps the class)
     pseudo_images: str = ""         # stage 3: a samples.pt whose images join the labeled set
     real_fraction: float = -1.0     # stage 3: share of real images in a labeled batch (-1: uniform over all)
     eval_every: int = 5000          # steps between test evaluations of the EMA model
@@ -399,6 +400,7 @@ def train(config, dataset, labeled_index, generated=None, progress=True):
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=data.on_cuda_unless_set(config.bf16, device))
 
     per_rank = config.batch // world
+    flip = dataset.flips if config.flip is None else config.flip
     # Without the unlabeled loss (the labeled-only baseline, dpt.py's oracle) no unlabeled image is drawn.
     unlabeled_per_rank = per_rank * config.uratio if config.lambda_u else 0
     from tqdm import tqdm
@@ -415,7 +417,7 @@ def train(config, dataset, labeled_index, generated=None, progress=True):
             group["lr"] = config.lr * math.cos(config.lr_cosine * math.pi * step / config.steps)
         labeled_pick = sample_labeled(per_rank, real_count, len(labeled_x), config.real_fraction, device)
         unlabeled_pick = torch.randint(len(train_x), (unlabeled_per_rank,), device=device)
-        inputs = augmented_batch(labeled_x[labeled_pick], train_x[unlabeled_pick])
+        inputs = augmented_batch(labeled_x[labeled_pick], train_x[unlabeled_pick], flip)
         with autocast:
             loss, mask, pseudo_y = step_loss(inputs, labeled_y[labeled_pick], unlabeled_per_rank, config.lambda_u,
                                              config.tau, freematch, config.fairness)
@@ -455,10 +457,11 @@ def train(config, dataset, labeled_index, generated=None, progress=True):
     return ema_model, metrics
 
 
-def augmented_batch(labeled, unlabeled):
+def augmented_batch(labeled, unlabeled, flip=True):
     """One step's network input, uint8 on the device: the labeled images weakly
     augmented, then the unlabeled ones weakly and strongly."""
-    views = [data.weak_augment(labeled), data.weak_augment(unlabeled), data.strong_augment(unlabeled)]
+    views = [data.weak_augment(labeled, flip=flip), data.weak_augment(unlabeled, flip=flip),
+             data.strong_augment(unlabeled, flip=flip)]
     return torch.cat(views).contiguous(memory_format=torch.channels_last)
 
 

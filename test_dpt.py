@@ -640,6 +640,30 @@ def test_strong_view_uses_every_randaugment_op(monkeypatch):
     assert set(calls) == set(data.PIXEL_OPS)
 
 
+def test_augmentation_mirrors_half_the_images_with_flip_and_none_without(monkeypatch):
+    torch.manual_seed(0)
+    x = random_images(256)
+    flipped = lambda out: (out == x.flip(3)).flatten(1).all(1)
+    unmoved = lambda out: (out == x).flatten(1).all(1)
+    with_flip, without = data.weak_augment(x, pad=0), data.weak_augment(x, pad=0, flip=False)
+    assert (flipped(with_flip) | unmoved(with_flip)).all() and 0.4 < flipped(with_flip).float().mean() < 0.6
+    assert unmoved(without).all()
+    asked = []  # the strong view is the weak one, then RandAugment and Cutout
+    weak = data.weak_augment
+    monkeypatch.setattr(data, "weak_augment", lambda x, flip=True: (asked.append(flip), weak(x, flip=flip))[1])
+    data.strong_augment(x, flip=False), data.strong_augment(x)
+    assert asked == [False, True]
+
+
+def test_digits_and_glyphs_are_not_flipped_and_photos_and_shapes_are(tmp_path):
+    # a mirrored digit can be another digit (FixMatch flips every dataset but SVHN); a file says so itself
+    assert not data.load_dataset("glyphs").flips and data.load_dataset("shapes").flips
+    x, y = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8), torch.arange(6) % 3
+    assert not data.load_dataset(save_arrays(tmp_path / "digits.npz", train_x=x, train_y=y)).flips
+    assert data.load_dataset(save_arrays(tmp_path / "photos.npz", train_x=x, train_y=y, flips=True)).flips
+    assert data.load_dataset(save_arrays(tmp_path / "photos.pt", train_x=x, train_y=y, flips=True)).flips
+
+
 def test_augmentations_run_on_the_batch_device(cuda):
     x = random_images(512).to(cuda)
     for augment in (data.weak_augment, data.strong_augment):
@@ -1116,7 +1140,7 @@ def test_the_learning_rate_decays_to_zero_with_lr_cosine_one_half(tmp_path, smal
 def test_without_the_unlabeled_loss_no_unlabeled_image_is_drawn_or_augmented(tmp_path, small_shapes, monkeypatch):
     augmented = []
     real_strong = data.strong_augment
-    monkeypatch.setattr(data, "strong_augment", lambda x: (augmented.append(len(x)), real_strong(x))[1])
+    monkeypatch.setattr(data, "strong_augment", lambda x, flip: (augmented.append(len(x)), real_strong(x))[1])
     config = tiny_config(tmp_path, steps=3, lambda_u=0.0)
     _, metrics = fixmatch.train(config, small_shapes, data.labeled_split(small_shapes.train_y, 2, seed=0),
                                 progress=False)
@@ -1124,6 +1148,18 @@ def test_without_the_unlabeled_loss_no_unlabeled_image_is_drawn_or_augmented(tmp
     fixmatch.train(tiny_config(tmp_path / "fixmatch", steps=1), small_shapes,
                    data.labeled_split(small_shapes.train_y, 2, seed=0), progress=False)
     assert augmented[3:] == [8 * 2]  # FixMatch draws uratio unlabeled images per labeled one
+
+
+def test_the_classifier_flips_where_the_dataset_allows_unless_told(tmp_path, small_shapes, monkeypatch):
+    asked = []
+    weak = data.weak_augment
+    monkeypatch.setattr(data, "weak_augment", lambda x, flip=True: (asked.append(flip), weak(x, flip=flip))[1])
+    split = data.labeled_split(small_shapes.train_y, 2, seed=0)
+    for dataset_flips, told, expected in ((True, None, True), (False, None, False), (False, True, True)):
+        asked.clear()
+        fixmatch.train(tiny_config(tmp_path / f"{dataset_flips}{told}", steps=2, flip=told),
+                       dataclasses.replace(small_shapes, flips=dataset_flips), split, progress=False)
+        assert asked == [expected] * 6  # a step: labeled weak, unlabeled weak, unlabeled strong (weak inside)
 
 
 def test_a_checkpoint_of_other_settings_or_a_corrupt_one_is_refused(tmp_path, small_shapes):
@@ -1357,6 +1393,28 @@ def test_label_dropout_replaces_the_asked_share_of_labels_by_the_null_class():
                                   unet.DiffusionConfig(label_dropout=0.2))
     assert set(labels.tolist()) == {3, 10}
     assert (labels == 10).float().mean().item() == pytest.approx(0.2, abs=0.01)
+
+
+@pytest.mark.parametrize("augment", [0.0, 0.5])
+def test_diffusion_training_mirrors_images_only_with_flip(tmp_path, monkeypatch, augment):
+    seen, told, noise, pipeline = [], [], unet.edm_noise, unet.augment
+    monkeypatch.setattr(unet, "edm_noise", lambda x, *args: (seen.append(x.clone()), noise(x, *args))[1])
+
+    def told_augment(*args, **kwargs):  # EDM's pipeline changes more than the flip: read what it says it did
+        images, labels = pipeline(*args, **kwargs)
+        told.append(labels[:, 0] > 0)
+        return images, labels
+    monkeypatch.setattr(unet, "augment", told_augment)
+    images, labels = shapes_16(1)
+    images, labels = images.expand(64, -1, -1, -1), labels.expand(64)  # one asymmetric image
+    image = images[:1].float() / 127.5 - 1
+    for flip in (True, False):
+        seen.clear(), told.clear()
+        unet.train(diffusion_config(tmp_path / str(flip), images=128, batch=64, augment=augment, flip=flip),
+                   images, labels, 10, progress=False)
+        mirrored = (torch.cat(told) if augment else
+                    torch.cat([(x - image.flip(3)).abs().flatten(1).amax(1) < 1e-6 for x in seen]))
+        assert len(mirrored) == 128 and mirrored.any() == flip
 
 
 def test_training_drops_labels_to_the_null_class_the_sampler_uses_and_tells_the_augmentation(tmp_path, monkeypatch):
@@ -2691,14 +2749,30 @@ def test_a_run_folder_made_before_a_flag_was_renamed_is_refused_not_misread(tmp_
     assert (run / "split.pt").read_text() == "kept"  # nothing was removed
 
 
+@pytest.mark.parametrize("dataset, told, flip", [("glyphs", [], False), ("shapes", [], True),
+                                                  ("glyphs", ["--flip"], True)])
+def test_each_stage_flips_as_the_dataset_allows_unless_told(dataset, told, flip, tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(dpt, "run_dpt", lambda config, *args: ran.append(config))
+    monkeypatch.setattr(sys, "argv", ["dpt.py", "--dataset", dataset, "--preset", "tiny", "--out", str(tmp_path),
+                                      *told])
+    data.run_main(dpt.main)
+    config = ran[0]
+    assert config.flip == flip
+    for stage in ("stage1", "stage3", "baseline"):
+        assert dpt.classifier_settings(config, stage)[0].flip == flip
+    assert dpt.diffusion_settings(config)[0].flip == flip
+
+
 @pytest.mark.parametrize("name, then, stage", [
     ("diffusion_confident", 1.0, "stage2"),  # that version trained stage 2 on every label
-    ("ssl_freematch_start", 0.0, "stage1")])  # that version started FreeMatch at the paper's 1/C
+    ("ssl_freematch_start", 0.0, "stage1"),  # that version started FreeMatch at the paper's 1/C
+    ("flip", True, "stage1")])  # that version flipped every dataset's images, digits too
 def test_a_run_folder_made_before_a_setting_was_added_reads_as_made_with_what_that_version_did(
         tmp_path, name, then, stage):
     run = tmp_path / "shapes-1l-s0"
     run.mkdir()
-    config = dpt.DPTConfig(dataset="shapes", out=str(tmp_path), preset="tiny")  # both settings differ from then
+    config = dpt.DPTConfig(dataset="shapes", out=str(tmp_path), preset="tiny", flip=False)  # each differs from then
     dpt.resolve(config)
     old = {key: value for key, value in dataclasses.asdict(config).items()
            if key not in dpt.FREE_TO_CHANGE and key != name}
@@ -3586,7 +3660,7 @@ A_FILE = os.path.join(HERE, "dpt.py")
 BAD_SETTINGS = {
     "dataset": "imagenet42", "data_dir": A_FILE, "labels": "0", "seed": "-1", "preset": "huge", "out": A_FILE,
     "redo": "stage9", "baseline": None, "fid_weights": "/missing/inception.pth", "bench": None, "compile": None,
-    "cuda_graphs": None, "bf16": None, "report": "/missing/run",
+    "cuda_graphs": None, "bf16": None, "flip": None, "report": "/missing/run",
     "ssl_arch": "vgg", "ssl_steps": "0", "stage3_steps": "0", "ssl_batch": "0", "ssl_uratio": "0", "ssl_lr": "0",
     "ssl_ema": "1", "ssl_threshold": "adaptive", "ssl_tau": "1.5", "ssl_freematch_start": "1.5",
     "ssl_fairness": "-1",    "stage3_real_fraction": "2", "ssl_eval_every": "0", "diffusion_arch": "resnet", "diffusion_size": "gigantic",

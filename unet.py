@@ -67,6 +67,7 @@ class DiffusionConfig:
     confident: float = 1.0          # with --labels-file: the share of each class's pseudo labels kept, those
                                     # stage 1 is surest of; the rest train as the null class
     augment: float = 0.12           # EDM's augmentation probability; 0: horizontal flips only
+    flip: bool = None               # mirror images in training (unset: where a mirror keeps the class)
     p_mean: float = -1.2            # training noise levels: ln(sigma) ~ N(p_mean, p_std^2)
     p_std: float = 1.2              # (EDM's log-normal)
     seed: int = 0                   # seed of the initial weights and of training
@@ -173,17 +174,17 @@ def edm_loss(net, images, noisy, sigma, labels, augment_labels=None):
 AUGMENT_DIM = 9  # x-flip, y-flip, scale, rotation (cos - 1, sin), anisotropy (2), translation (2)
 
 
-def augment(images, p, scale_std=0.2, aniso_std=0.2, translate_std=0.125):
+def augment(images, p, scale_std=0.2, aniso_std=0.2, translate_std=0.125, flip=True):
     """EDM's CIFAR-10 pipeline (its train.py: xflip=1e8, yflip, scale, rotate_frac,
     aniso, translate_frac at p) on float images [N, C, H, W]: an x-flip drawn for
     every image when p > 0, and each of the others with probability p: y-flip,
     scaling by 2^(0.2 n), rotation by a uniform angle, scaling by 2^(0.2 n) and
     2^(-0.2 n) along a random axis (half the time, else the x axis), translation
-    by 0.125 n of the side; n ~ N(0, 1) each. Returns the images and the labels
+    by 0.125 n of the side; n ~ N(0, 1) each; no x-flip without flip. Returns the images and the labels
     [N, AUGMENT_DIM], zero wherever nothing was applied."""
     n, device = len(images), images.device
     drawn = lambda: (torch.rand(n, device=device) < p).float()  # whether image i gets this op
-    xflip = torch.randint(2, (n,), device=device).float() * (p > 0)
+    xflip = torch.randint(2, (n,), device=device).float() * (p > 0 and flip)
     yflip = torch.randint(2, (n,), device=device).float() * drawn()
     images = torch.where(xflip.view(-1, 1, 1, 1) > 0, images.flip(3), images)
     images = torch.where(yflip.view(-1, 1, 1, 1) > 0, images.flip(2), images)
@@ -741,6 +742,7 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
     rank, world, device = data.distributed_setup()
     check(config, world, resolution=images.shape[-1])
     on_cuda, pixels = device.type == "cuda", images.dtype == torch.uint8
+    flip = config.flip is not False  # unset: as for photos (main sets the dataset's)
     if not pixels and config.augment:
         raise data.UserError(f"--augment {config.augment}: EDM's augmentation transforms pixels, not latents; "
                              "give --augment 0")
@@ -792,15 +794,15 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
         augment_labels = None
         if not pixels:
             x = images[pick]
-            if mirrored is not None:  # horizontal flips: the mirror image's latent
-                flip = torch.rand(share) < 0.5
-                x[flip] = mirrored[pick[flip]]
+            if mirrored is not None and flip:  # horizontal flips: the mirror image's latent
+                flipped = torch.rand(share) < 0.5
+                x[flipped] = mirrored[pick[flipped]]
             x = x.to(device).float()
         elif config.augment:
-            x, augment_labels = augment(images[pick].float() / 127.5 - 1, config.augment)
+            x, augment_labels = augment(images[pick].float() / 127.5 - 1, config.augment, flip=flip)
         else:  # horizontal flips, which a network need not be told of
             x = images[pick].float() / 127.5 - 1
-            x = torch.where(torch.rand(share, 1, 1, 1, device=device) < 0.5, x.flip(3), x)
+            x = torch.where((torch.rand(share, 1, 1, 1, device=device) < 0.5) & flip, x.flip(3), x)
         x = x.contiguous(memory_format=torch.channels_last)
         noisy, sigma, conditions = edm_noise(x, labels[pick].to(device), num_classes, config)
         optimizer.zero_grad(set_to_none=True)
@@ -956,6 +958,7 @@ def main():
     dataset = data.load_dataset(config.dataset, config.data_dir)
     labels = load_labels(config.labels_file, dataset, config.confident) if config.labels_file else dataset.train_y
     data.claim_folder(config.out, rank, world)  # after the input is read: bad input writes nothing
+    config = replace(config, flip=dataset.flips if config.flip is None else config.flip)
     model, metrics = train(config, dataset.train_x, labels, dataset.num_classes)
     if rank == 0:
         path = os.path.join(config.out, "diffusion.pt")

@@ -1,7 +1,7 @@
 """Stages 1 and 3 of DPT: a semi-supervised classifier trained with FixMatch
-(Sohn et al. 2020), optionally with FreeMatch's self-adaptive threshold (Wang
-et al. 2023), on a few labels per class; then a pseudo label for every
-training image.
+(Sohn et al. 2020), optionally with FreeMatch's self-adaptive threshold and
+fairness loss (Wang et al. 2023), on a few labels per class; then a pseudo
+label for every training image.
 
     python fixmatch.py --dataset shapes --labels 4 --arch small --steps 700 --batch 32 --uratio 3 --ema 0.99 --lr 0.05
     python fixmatch.py --dataset cifar10 --labels 4 --threshold freematch   # the paper's recipe

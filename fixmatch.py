@@ -220,14 +220,14 @@ class FreeMatchThreshold(nn.Module):
 
 
 def fairness_loss(logits_strong, mask, freematch):
-    """FreeMatch's self-adaptive fairness (Wang et al. 2023, eq. 10-12): minus the
-    cross-entropy between the model's class distribution (the EMA p~ over the EMA
-    histogram of predicted classes h~) and the batch's (the mean of the strong
-    views' probabilities over their histogram, on the images the mask keeps), each
-    renormalized. Minimizing it moves the batch's predictions towards the classes
-    the model predicts least: with one label per class a few classes otherwise
-    swallow the rest. Fixed shapes (weights, not boolean indexing), so that it
-    compiles and replays as a CUDA graph."""
+    """FreeMatch's self-adaptive fairness (Wang et al. 2023, eq. 11): minus the
+    cross-entropy between the model's running class distribution (the EMA p~ over
+    the EMA histogram of predicted classes h~) and the batch's (the mean of the
+    strong views' probabilities over their histogram, on the images the mask
+    keeps), each renormalized, as the authors' code (USB) computes it. Its aim is
+    the entropy of the average prediction, with a running target for stability:
+    that a few classes do not swallow the rest. Fixed shapes (weights, not boolean
+    indexing), so that it compiles and replays as a CUDA graph."""
     probs = logits_strong.float().softmax(1)
     kept = mask.float()[:, None]
     count = kept.sum().clamp_min(1)

@@ -939,7 +939,7 @@ def test_freematch_threshold_update_matches_a_hand_computation():
 
 
 def test_freematch_fairness_loss_matches_the_paper_on_a_hand_computation():
-    # FreeMatch eq. 11-12: minus the cross-entropy of SumNorm(p~ / h~) and SumNorm(p_bar / h_bar), the batch's
+    # FreeMatch eq. 11: minus the cross-entropy of SumNorm(p~ / h~) and SumNorm(p_bar / h_bar), the batch's
     # over the images the mask keeps, h the histograms of predicted classes; a class no kept image is
     # predicted as counts 0 in the batch's (USB's code), and log takes 1e-12 there.
     state = fixmatch.FreeMatchThreshold(3, decay=0.5)

@@ -57,6 +57,26 @@ class Dataset:
 
 
 TORCHVISION_DATASETS = ("cifar10", "cifar100", "svhn")
+# Datasets whose mirror images can be of another class, so augmentation never flips
+# them: digits (FixMatch flips all its datasets but SVHN) and glyphs. A .pt/.npz says
+# so itself (flips=True); photos, shapes and folders of images flip.
+NOT_MIRRORED = ("svhn", "glyphs")
+
+
+def dataset_flips(name):
+    """Dataset.flips of dataset `name` without loading its images (dpt.py records it
+    before the first stage): a .npz's one entry, a .pt memory-mapped; False for a
+    file that cannot be read, which load_dataset then refuses with the reason."""
+    if not name.endswith((".pt", ".npz")):
+        return name not in NOT_MIRRORED
+    try:
+        if name.endswith(".npz"):
+            with np.load(name, allow_pickle=False) as archive:
+                return "flips" in archive.files and bool(archive["flips"])
+        arrays = torch.load(name, map_location="cpu", weights_only=True, mmap=True)
+        return isinstance(arrays, dict) and bool(arrays.get("flips", False))
+    except Exception:
+        return False
 
 
 def load_dataset(name, data_dir="./data", folders=False):
@@ -72,7 +92,7 @@ def load_dataset(name, data_dir="./data", folders=False):
         (train_x, train_y), (test_x, test_y) = make_glyphs(20_000, seed=0), make_glyphs(2_000, seed=1)
         # 28x28 grayscale as RGB padded to 32x32: pixel for pixel what a file of them gives (load_file)
         return Dataset("glyphs", rgb_padded(train_x[:, None]), train_y, rgb_padded(test_x[:, None]), test_y,
-                       len(GLYPHS), GLYPH_NAMES, flips=False)
+                       len(GLYPHS), GLYPH_NAMES, flips=False)  # NOT_MIRRORED
     if name.endswith((".pt", ".npz")):
         return load_file(name)
     if name == "imagenet" or os.path.isdir(name):
@@ -117,7 +137,7 @@ def load_torchvision(name, data_dir):
         labels = lambda split: torch.tensor(split.targets, dtype=torch.long)
     classes = tuple(map(str, range(10))) if name == "svhn" else tuple(train.classes)  # SVHN: digits, 0 as 0
     return Dataset(name, images(train), labels(train), images(test), labels(test), len(classes), classes,
-                   flips=name != "svhn")  # FixMatch flips all its datasets but SVHN's digits
+                   flips=name not in NOT_MIRRORED)
 
 
 def load_file(path):

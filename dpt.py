@@ -217,6 +217,8 @@ def resolve(config):
         config.msn_size = "vitl7" if config.labels == 1 else "vitb4"
     if os.path.isfile(config.dataset):  # one spelling of a file, so that a stage's checkpoint knows it again
         config.dataset = os.path.realpath(config.dataset)
+    if config.flip is None:
+        config.flip = data.dataset_flips(config.dataset)
     defaults = dict(compile=torch.cuda.is_available(), bf16=torch.cuda.is_available(), fid_reference=0,
                     baseline=False)
     defaults.update({ours: getattr(script_config, name) for script_config, flags in STAGE_SCRIPTS  # a stage's own
@@ -809,8 +811,6 @@ def main():
     dataset = data.load_dataset(config.dataset, config.data_dir, folders=True)
     if reads_folder(config):
         dataset = data.without_unreadable(dataset, config.skip_bad_images)
-    if config.flip is None:
-        config.flip = dataset.flips
     check(config, world, dataset)
     if not config.seeds:
         return run_dpt(config, dataset, device, rank, world)

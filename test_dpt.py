@@ -112,7 +112,7 @@ def shapes_file():
     train_x, train_y = data.make_shapes(2000, seed=0)
     test_x, test_y = data.make_shapes(500, seed=1)
     torch.save({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y,
-                "classes": list(data.SHAPES)}, SHAPES_FILE)
+                "classes": list(data.SHAPES), "flips": True}, SHAPES_FILE)  # as --dataset shapes
     yield SHAPES_FILE
     shutil.rmtree(os.path.dirname(SHAPES_FILE))
 
@@ -657,11 +657,17 @@ def test_augmentation_mirrors_half_the_images_with_flip_and_none_without(monkeyp
 
 def test_digits_and_glyphs_are_not_flipped_and_photos_and_shapes_are(tmp_path):
     # a mirrored digit can be another digit (FixMatch flips every dataset but SVHN); a file says so itself
-    assert not data.load_dataset("glyphs").flips and data.load_dataset("shapes").flips
     x, y = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8), torch.arange(6) % 3
-    assert not data.load_dataset(save_arrays(tmp_path / "digits.npz", train_x=x, train_y=y)).flips
-    assert data.load_dataset(save_arrays(tmp_path / "photos.npz", train_x=x, train_y=y, flips=True)).flips
-    assert data.load_dataset(save_arrays(tmp_path / "photos.pt", train_x=x, train_y=y, flips=True)).flips
+    expected = {"glyphs": False, "shapes": True,
+                save_arrays(tmp_path / "digits.npz", train_x=x, train_y=y): False,
+                save_arrays(tmp_path / "digits.pt", train_x=x, train_y=y): False,
+                save_arrays(tmp_path / "photos.npz", train_x=x, train_y=y, flips=True): True,
+                save_arrays(tmp_path / "photos.pt", train_x=x, train_y=y, flips=True): True}
+    for name, flips in expected.items():  # dpt.py reads it before the images, from the file's one entry
+        assert data.load_dataset(name).flips == data.dataset_flips(name) == flips, name
+    assert data.dataset_flips("svhn") is False and data.dataset_flips("cifar10") is True
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")  # load_dataset refuses it, with the reason
+    assert data.dataset_flips(str(tmp_path / "broken.npz")) is False
 
 
 def test_augmentations_run_on_the_batch_device(cuda):
@@ -3663,9 +3669,9 @@ BAD_SETTINGS = {
     "cuda_graphs": None, "bf16": None, "flip": None, "report": "/missing/run",
     "ssl_arch": "vgg", "ssl_steps": "0", "stage3_steps": "0", "ssl_batch": "0", "ssl_uratio": "0", "ssl_lr": "0",
     "ssl_ema": "1", "ssl_threshold": "adaptive", "ssl_tau": "1.5", "ssl_freematch_start": "1.5",
-    "ssl_fairness": "-1",    "stage3_real_fraction": "2", "ssl_eval_every": "0", "diffusion_arch": "resnet", "diffusion_size": "gigantic",
-    "diffusion_images": "0", "diffusion_batch": "0", "diffusion_micro_batch": "-1", "diffusion_lr": "-1",
-    "diffusion_warmup": "-1", "diffusion_ema_halflife": "-1",
+    "ssl_fairness": "-1", "stage3_real_fraction": "2", "ssl_eval_every": "0", "diffusion_arch": "resnet",
+    "diffusion_size": "gigantic", "diffusion_images": "0", "diffusion_batch": "0", "diffusion_micro_batch": "-1",
+    "diffusion_lr": "-1", "diffusion_warmup": "-1", "diffusion_ema_halflife": "-1",
     "diffusion_p_mean": "nan", "diffusion_label_dropout": "1", "diffusion_augment": "1.5", "diffusion_confident": "0",
     "sample_per_class": "0", "sample_solver": "ddim", "sample_steps": "1", "sample_guidance": "-1",
     "fid_reference": "-1", "seeds": "3-1", "ssl_lr_cosine": "0.7", "ssl_precise_bn": "-1",

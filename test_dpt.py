@@ -3527,7 +3527,7 @@ def test_a_split_of_other_data_or_an_unreadable_split_is_refused_and_the_advised
     other.parent.mkdir()
     (train_x, train_y), (test_x, test_y) = data.make_shapes(2000, seed=7), data.make_shapes(500, seed=8)
     torch.save({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y,
-                "classes": list(data.SHAPES)}, other)
+                "classes": list(data.SHAPES), "flips": True}, other)
     command = [*QUICK, "--dataset", str(other), "--out", str(out)]
     refused = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert_one_line_error(refused, str(run), "other data", "--redo stage1")

@@ -64,9 +64,10 @@ NOT_MIRRORED = ("svhn", "glyphs")
 
 
 def dataset_flips(name):
-    """Dataset.flips of dataset `name` without loading its images (dpt.py records it
-    before the first stage): a .npz's one entry, a .pt memory-mapped; False for a
-    file that cannot be read, which load_dataset then refuses with the reason."""
+    """Dataset.flips of dataset `name`, the one rule every loader and dpt.py (which
+    records it before the first stage) read, without loading the images: a .npz's
+    one entry, a .pt memory-mapped; False for a file that cannot be read, which
+    load_dataset then refuses with the reason."""
     if not name.endswith((".pt", ".npz")):
         return name not in NOT_MIRRORED
     try:
@@ -92,7 +93,7 @@ def load_dataset(name, data_dir="./data", folders=False):
         (train_x, train_y), (test_x, test_y) = make_glyphs(20_000, seed=0), make_glyphs(2_000, seed=1)
         # 28x28 grayscale as RGB padded to 32x32: pixel for pixel what a file of them gives (load_file)
         return Dataset("glyphs", rgb_padded(train_x[:, None]), train_y, rgb_padded(test_x[:, None]), test_y,
-                       len(GLYPHS), GLYPH_NAMES, flips=False)  # NOT_MIRRORED
+                       len(GLYPHS), GLYPH_NAMES, flips=dataset_flips(name))
     if name.endswith((".pt", ".npz")):
         return load_file(name)
     if name == "imagenet" or os.path.isdir(name):
@@ -137,7 +138,7 @@ def load_torchvision(name, data_dir):
         labels = lambda split: torch.tensor(split.targets, dtype=torch.long)
     classes = tuple(map(str, range(10))) if name == "svhn" else tuple(train.classes)  # SVHN: digits, 0 as 0
     return Dataset(name, images(train), labels(train), images(test), labels(test), len(classes), classes,
-                   flips=name not in NOT_MIRRORED)
+                   flips=dataset_flips(name))
 
 
 def load_file(path):
@@ -156,7 +157,6 @@ def load_file(path):
             if not isinstance(arrays, dict):
                 raise UserError(f"{path} holds a {type(arrays).__name__}, not a dict with train_x and train_y")
         classes = tuple(str(name) for name in arrays.pop("classes", ()))
-        flips = bool(arrays.pop("flips", False))
         arrays = {key: torch.as_tensor(value) for key, value in arrays.items()}
     except UserError:
         raise
@@ -188,7 +188,7 @@ def load_file(path):
     if classes and len(classes) != num_classes:
         raise UserError(f"{path}: classes names {len(classes)} classes but train_y has {num_classes}")
     name = os.path.splitext(os.path.basename(path))[0]
-    return Dataset(name, train_x, train_y, test_x, test_y, num_classes, classes, flips=flips)
+    return Dataset(name, train_x, train_y, test_x, test_y, num_classes, classes, flips=dataset_flips(path))
 
 
 def file_images(x, path, key):

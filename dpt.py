@@ -168,7 +168,7 @@ PRESETS = {
     "tiny": dict(ssl_arch="small", ssl_threshold="freematch", ssl_freematch_start=1.0, ssl_steps=2500, ssl_batch=32,
                  ssl_uratio=2, ssl_lr=0.05, ssl_lr_cosine=0.5,
                  ssl_ema=0.99, ssl_precise_bn=2048, ssl_eval_every=100, stage3_steps=2500, stage3_real_fraction=0.5,
-                 diffusion_size="tiny", diffusion_images=80_000, diffusion_batch=32, diffusion_lr=2e-3,
+                 diffusion_size="tiny", diffusion_images=48_000, diffusion_batch=32, diffusion_lr=2e-3,
                  diffusion_warmup=1_000, diffusion_ema_halflife=4_000, diffusion_p_mean=0.0,
                  diffusion_label_dropout=0.1, diffusion_augment=0.0, diffusion_confident=0.5,
                  sample_per_class=50, sample_solver="dpmpp", sample_steps=10, sample_guidance=3.0,
@@ -232,16 +232,20 @@ def resolve(config):
 # stage makes there, which a --redo of it or of an earlier stage removes. A stage is
 # done when its last file exists (stage_* below name it). The imagenet preset's
 # encoding comes first, so that --redo stage1 (a new labeled split) keeps it; the
-# baseline's files go with stage 1, whose split it trains on.
+# baseline's files go with stage 1, whose split it trains on, and the references'
+# with stage 2, whose recipe they train with, and with the samples.
 MADE_BY = {
     "encode": ("encoded", "encoded.pt"),  # the chunks under way, then every latent and feature
     "split": ("split.pt",),
     "stage1": ("stage1", "baseline", "pseudo_labels.pt"),
-    "stage2": ("stage2",),
-    "sample": ("samples.pt", "samples.png"),
+    "stage2": ("stage2", "few_labels"),
+    "sample": ("samples.pt", "samples.png", "few_labels/samples.pt", "few_labels/samples.png", "every_label"),
     "stage3": ("stage3",),
-    "fid": ("fid.json", "oracle.pt"),  # the imagenet preset's oracle probe is fit again after any redo
+    # the imagenet preset's oracle probe is fit again after any redo
+    "fid": ("fid.json", "few_labels/fid.json", "every_label/fid.json", "oracle.pt"),
 }
+# The wall times (timings.json) that go with a stage's files beside the stage's own.
+TIMED_WITH = {"stage1": ("baseline",), "stage2": ("few_labels",), "sample": ("reference_samples",)}
 STAGES = tuple(MADE_BY)
 REDO_STAGES = tuple(stage for stage in STAGES if stage != "split")  # --redo stage1 draws the split again
 
@@ -406,7 +410,7 @@ def remove_stages(run, stages):
             shutil.rmtree(target)
         elif os.path.exists(target):
             os.remove(target)
-    untimed = set(stages) | ({"baseline"} if "stage1" in stages else set())  # stage 1 removes the baseline
+    untimed = set(stages) | {name for stage in stages for name in TIMED_WITH.get(stage, ())}
     timings = data.read_json(os.path.join(run, "timings.json")) or {}
     data.write_json({k: v for k, v in timings.items() if k not in untimed}, os.path.join(run, "timings.json"))
 
@@ -445,13 +449,17 @@ def once(path, make, load=None, every_rank=True, timed=None):
     if not os.path.exists(path) and (every_rank or dist_rank() == 0):
         start = time.perf_counter()
         make()
-        if timed and dist_rank() == 0:
-            run, stage = timed
-            timings = data.read_json(os.path.join(run, "timings.json")) or {}
-            timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - start, 1)
-            data.write_json(timings, os.path.join(run, "timings.json"))
+        if timed:
+            add_time(*timed, time.perf_counter() - start)
     barrier()
     return load(path) if load else None
+
+
+def add_time(run, stage, seconds):
+    if dist_rank() == 0:
+        timings = data.read_json(os.path.join(run, "timings.json")) or {}
+        timings[stage] = round(timings.get(stage, 0.0) + seconds, 1)
+        data.write_json(timings, os.path.join(run, "timings.json"))
 
 
 # -----------------------------------------------------------------------------
@@ -493,32 +501,46 @@ def stage_2(config, run, images, pseudo_labels, num_classes, mirrored=None):
     """The class-conditional diffusion model, trained on every training image
     (pixels, or the imagenet preset's latents and their mirrors') with its pseudo
     label, or with the null class where stage 1 was among the least sure of a class."""
-    out, path = os.path.join(run, "stage2"), os.path.join(run, "stage2", "diffusion.pt")
+    out = os.path.join(run, "stage2")
 
     def make():
         labels = unet.keep_confident(pseudo_labels["labels"], pseudo_labels["confidence"], config.diffusion_confident,
                                      num_classes)
-        settings, _ = diffusion_settings(config, out=out, labels_file=os.path.join(run, "pseudo_labels.pt"))
-        grid = os.path.join(out, "grid.png")
-        pixels = images.dtype == torch.uint8  # latents would need decoding first: no preview
-        preview = lambda model, images_seen: sample.preview_grid(model, grid, per_class=4, steps=8)
-        model, metrics = unet.train(settings, images, labels, num_classes, preview=preview if pixels else None,
-                                    preview_every=max(config.diffusion_images // 2, 1),  # halfway and at the end
-                                    mirrored=mirrored)
-        if dist_rank() == 0:
-            unet.save_diffusion(model, settings, metrics, path)
-    once(path, make, timed=(run, "stage2"))
+        train_diffusion(config, out, images, labels, num_classes, mirrored,
+                        labels_file=os.path.join(run, "pseudo_labels.pt"))
+    once(os.path.join(out, "diffusion.pt"), make, timed=(run, "stage2"))
+
+
+def train_diffusion(config, out, images, labels, num_classes, mirrored=None, labels_file="", seed=None):
+    """Stage 2's recipe on these labels (the null class: num_classes) into
+    out/diffusion.pt, resumed from out/ckpt.pt; a preview grid halfway and at the end."""
+    settings, _ = diffusion_settings(config, out=out, labels_file=labels_file)
+    settings = settings if seed is None else replace(settings, seed=seed)
+    pixels = images.dtype == torch.uint8  # latents would need decoding first: no preview
+    preview = lambda model, images_seen: sample.preview_grid(model, os.path.join(out, "grid.png"), per_class=4, steps=8)
+    model, metrics = unet.train(settings, images, labels, num_classes, preview=preview if pixels else None,
+                                preview_every=max(config.diffusion_images // 2, 1), mirrored=mirrored)
+    if dist_rank() == 0:
+        unet.save_diffusion(model, settings, metrics, os.path.join(out, "diffusion.pt"))
 
 
 def stage_sample(config, run, device, rank, world):
-    """K images per class from the diffusion model's EMA weights, split across
-    ranks; the imagenet preset's are decoded from latents, and their MSN features
-    (what its probe sees) are kept beside them."""
-    path = os.path.join(run, "samples.pt")
+    """Stage 2's samples: run/samples.pt."""
+    return sample_into(config, os.path.join(run, "stage2", "diffusion.pt"), run, device, rank, world,
+                       timed=(run, "sample"))
+
+
+def sample_into(config, checkpoint, folder, device, rank, world, timed=None):
+    """K images per class from the EMA weights of the diffusion model at
+    `checkpoint` into folder/samples.pt (and samples.png), split across ranks,
+    image i from the noise of (seed, i) whichever model draws it; the imagenet
+    preset's are decoded from latents, and their MSN features (what its probe
+    sees) are kept beside them."""
+    path = os.path.join(folder, "samples.pt")
 
     def make():
-        model = unet.load_diffusion(os.path.join(run, "stage2", "diffusion.pt"), device)
-        settings, _ = sample_settings(config, out=run)
+        model = unet.load_diffusion(checkpoint, device)
+        settings, _ = sample_settings(config, out=folder)
         decode = None
         if reads_folder(config):
             autoencoder = unet.load_autoencoder(config.autoencoder, config.autoencoder_size, device)
@@ -533,8 +555,8 @@ def stage_sample(config, run, device, rank, world):
                                     if world > 1 else features)
         if rank == 0:
             data.save_atomic(artifact, path)
-            sample.save_grid(images, labels, os.path.join(run, "samples.png"))
-    return once(path, make, lambda path: data.read_artifact(path, "sample"), timed=(run, "sample"))
+            sample.save_grid(images, labels, os.path.join(folder, "samples.png"))
+    return once(path, make, lambda path: data.read_artifact(path, "sample"), timed=timed)
 
 
 def split_statistics(model, images, keep_logits, rank, world, read=None):
@@ -556,12 +578,14 @@ def split_statistics(model, images, keep_logits, rank, world, read=None):
     return merged
 
 
-def stage_fid(config, run, dataset, samples, device, rank, world):
-    """FID and IS of the samples against the training images (or --fid-stats;
-    ADM's for imagenet, whose FID takes 50 samples a class, 50,000 in all, where the
-    official code draws 50,000 with uniform random labels); None, with a notice,
-    when the Inception weights or the reference statistics cannot be had."""
-    path = os.path.join(run, "fid.json")
+def stage_fid(config, run, dataset, sample_sets, device, rank, world):
+    """{name: FID and IS} of each set of samples (sample_sets: {name: (samples,
+    the json file to write)}) against the training images (or --fid-stats; ADM's
+    for imagenet, whose FID takes 50 samples a class, 50,000 in all, where the
+    official code draws 50,000 with uniform random labels); the reference
+    statistics are computed once for all of them. None, with a notice, when the
+    Inception weights or the reference statistics cannot be had."""
+    missing = {name: pair for name, pair in sample_sets.items() if not os.path.exists(pair[1])}
 
     def make():
         try:
@@ -578,19 +602,26 @@ def stage_fid(config, run, dataset, samples, device, rank, world):
             real = split_statistics(model, files, False, rank, world, read=lambda file: read_image(config, file))
         elif real is None:
             real = split_statistics(model, dataset.train_x[:config.fid_reference or None], False, rank, world)
-        generated = samples["images"]
-        if reads_folder(config):
-            generated = generated.unflatten(0, (dataset.num_classes, -1))[:, :50].flatten(0, 1)
-        generated = split_statistics(model, generated, True, rank, world)
-        if rank == 0:
-            try:  # e.g. samples whose statistics hold NaN: the run still ends with its results
-                score = fid.frechet_distance(generated["mu"], generated["sigma"], real["mu"], real["sigma"])
-            except fid.FIDError as error:
-                print(f"FID skipped: {error}", file=sys.stderr)
-                return
-            data.write_json({"fid": score, "inception_score": fid.inception_score(generated["logits"])[0],
-                             "generated_images": generated["count"], "reference_images": real.get("count")}, path)
-    return once(path, make, data.read_json, timed=(run, "fid"))  # None when it was skipped
+        for name, (samples, path) in missing.items():
+            generated = samples["images"]
+            if reads_folder(config):
+                generated = generated.unflatten(0, (dataset.num_classes, -1))[:, :50].flatten(0, 1)
+            generated = split_statistics(model, generated, True, rank, world)
+            if rank == 0:
+                try:  # e.g. samples whose statistics hold NaN: the run still ends with its results
+                    score = fid.frechet_distance(generated["mu"], generated["sigma"], real["mu"], real["sigma"])
+                except fid.FIDError as error:
+                    print(f"FID of the {name} samples skipped: {error}", file=sys.stderr)
+                    continue
+                data.write_json({"fid": score, "inception_score": fid.inception_score(generated["logits"])[0],
+                                 "generated_images": generated["count"], "reference_images": real.get("count")},
+                                path)
+    if missing:
+        start = time.perf_counter()
+        make()
+        add_time(run, "fid", time.perf_counter() - start)
+    barrier()
+    return {name: data.read_json(path) for name, (_, path) in sample_sets.items()}  # None where it was skipped
 
 
 # -----------------------------------------------------------------------------
@@ -637,6 +668,77 @@ def stage_oracle(config, dataset, device, rank, world):
 
 
 # -----------------------------------------------------------------------------
+# The generator's half of DPT's claim (the paper's sec. 5.2, Table 2): is a diffusion
+# model trained on stage 1's pseudo labels better than one that has only the few
+# labels, and how far is it from one that has them all? Two references, stage 2's
+# recipe on other labels, sampled as stage 2 is from the same noise, so that only
+# the labels differ. Few labels: the labeled images keep their label and every
+# other image trains as the null class, what one would train without DPT (per run:
+# it depends on the split). Every label: every training image's true label, the
+# supervised ceiling, trained once per dataset and recipe (seed 0) in
+# OUT/every_label/ and reused by every run and seed, as the oracle is.
+
+EVERY_LABEL_SEED = 0
+
+
+def few_label_conditions(true_labels, labeled_index, num_classes):
+    """The labeled images' true labels; every other image the null class (num_classes)."""
+    conditions = torch.full_like(true_labels, num_classes)
+    conditions[labeled_index] = true_labels[labeled_index]
+    return conditions
+
+
+def every_label_folder(config, dataset):
+    """OUT/every_label/<dataset>-<its contents>-<the recipe>: a regenerated file or
+    another stage-2 recipe gets its own model; the settings that change nothing it
+    trains (which of stage 1's labels stage 2 keeps, the run's seed) share one."""
+    settings, _ = diffusion_settings(config)
+    ignored = unet.FREE_TO_CHANGE | {"dataset", "confident", "seed"}
+    recipe = {k: v for k, v in asdict(settings).items() if k not in ignored}
+    name = f"{dataset.name}-{contents_crc(dataset):08x}-{zlib.crc32(json.dumps(recipe).encode()):08x}"
+    return os.path.join(config.out, "every_label", name)
+
+
+def stage_references(config, run, dataset, labeled_index, images, device, rank, world, mirrored=None):
+    """{"few_labels": samples, "every_label": samples}: each reference trained
+    (or loaded) and sampled into the run folder."""
+    few = os.path.join(run, "few_labels")
+    train_few = lambda: train_diffusion(config, few, images, few_label_conditions(
+        dataset.train_y, labeled_index, dataset.num_classes), dataset.num_classes, mirrored)
+    once(os.path.join(few, "diffusion.pt"), train_few, timed=(run, "few_labels"))
+    every = every_label_folder(config, dataset)
+    if not os.path.exists(os.path.join(every, "diffusion.pt")):
+        with data.folder_claimed(every, rank, world, wait=True):
+            if not os.path.exists(os.path.join(every, "diffusion.pt")):  # not finished by the run we waited for
+                if rank == 0:
+                    print(f"training the every-label diffusion model once for {dataset.name}: {every}",
+                          file=sys.stderr)
+                train_diffusion(config, every, images, dataset.train_y, dataset.num_classes, mirrored,
+                                seed=EVERY_LABEL_SEED)
+            barrier()
+    timed = (run, "reference_samples")
+    return {"few_labels": sample_into(config, os.path.join(few, "diffusion.pt"), few, device, rank, world, timed),
+            "every_label": sample_into(config, os.path.join(every, "diffusion.pt"), os.path.join(run, "every_label"),
+                                       device, rank, world, timed)}
+
+
+def judge_generation(learner, oracle, sample_sets, num_classes):
+    """Each set of samples as the oracle sees it: the share it puts in the
+    intended class (overall and per class), and, against the test images, the
+    Fréchet distance and precision/recall (k = 3) of the oracle's penultimate
+    features (None without a test set). The share alone would flatter a model
+    that draws copies of its one image of a class; the distance and recall do not."""
+    test = learner.embed_test(oracle)
+    judged = {}
+    for name, samples in sample_sets.items():
+        share = sample.sample_accuracy(learner.predict_samples(oracle, samples), samples["labels"], num_classes)
+        features = (fid.feature_metrics(test, learner.embed_samples(oracle, samples)) if test is not None else
+                    dict.fromkeys(("feature_fd", "precision", "recall")))
+        judged[name] = {"oracle_share": share["accuracy"], "oracle_share_per_class": share["per_class"], **features}
+    return judged
+
+
+# -----------------------------------------------------------------------------
 # The learner of stages 1 and 3: a classifier trained on the images (fixmatch.py),
 # or in the imagenet preset a linear probe fit on frozen MSN features of them.
 # Both fit a stage into its folder, label images, and have an oracle.
@@ -667,6 +769,12 @@ class Classifier:
 
     def predict_samples(self, model, samples):
         return fixmatch.predict(model, samples["images"])[0]
+
+    def embed_test(self, model):
+        return None if self.dataset.test_x is None else fixmatch.embed(model, self.dataset.test_x)
+
+    def embed_samples(self, model, samples):
+        return fixmatch.embed(model, samples["images"])
 
     def oracle(self):
         return stage_oracle(self.config, self.dataset, self.device, self.rank, self.world)
@@ -706,6 +814,12 @@ class Probe:
     def predict_samples(self, weights, samples):
         return fixmatch.probe_predict(weights, samples["features"])[0]
 
+    def embed_test(self, weights):  # the probe reads frozen MSN features: the oracle's features are those
+        return None if self.encoded["test"] is None else self.encoded["test"]["features"].float()
+
+    def embed_samples(self, weights, samples):
+        return samples["features"].float()
+
     def oracle(self):
         path = os.path.join(self.run, "oracle.pt")
         return (*self.fit_into(path, "fid", slice(None), None), path)
@@ -724,9 +838,6 @@ LATENT_FIELDS = ("image_size", "autoencoder", "autoencoder_size", "msn_size", "m
 
 def check_latent(config):
     """Refuse what the imagenet preset cannot run, before any work."""
-    if config.baseline:
-        raise data.UserError("--baseline: the imagenet preset's stage 1 is already the probe on the labeled images "
-                             "alone (the paper's baseline); leave it out")
     if not config.autoencoder and not config.bench:  # --bench times random weights
         raise data.UserError(f"--preset imagenet needs --autoencoder PATH: the {unet.AUTOENCODER_SOURCE}")
     crop, patch = fixmatch.msn_crop(config.image_size), fixmatch.MSN_SIZES[config.msn_size]["patch"]
@@ -850,26 +961,45 @@ def run_stages(config, run, dataset, device, rank, world):
         stage_2(config, run, dataset.train_x, pseudo_labels, dataset.num_classes)
     samples = stage_sample(config, run, device, rank, world)
     _, stage3_metrics = learner.fit("stage3", labeled_index, samples)
-    baseline_metrics = learner.fit("baseline", labeled_index)[1] if config.baseline else None
-    fid_result = stage_fid(config, run, dataset, samples, device, rank, world)
+    # The baselines of both halves: the classifier on the labeled images alone (the
+    # imagenet preset's stage 1 is that already), the two reference diffusion models.
+    baseline_metrics = learner.fit("baseline", labeled_index)[1] if config.baseline and not folder else None
+    sample_sets = {"dpt": samples}
+    if config.baseline:
+        images, mirrored = ((encoded["train"]["latents"], encoded["train"]["flipped"]) if folder else
+                            (dataset.train_x, None))
+        references = stage_references(config, run, dataset, labeled_index, images, device, rank, world, mirrored)
+        sample_sets = {"few_labels": references["few_labels"], "dpt": samples,
+                       "every_label": references["every_label"]}
+    fid_results = stage_fid(config, run, dataset, {name: (generated, os.path.join(run, FID_FILES[name]))
+                                                   for name, generated in sample_sets.items()},
+                            device, rank, world)
     oracle, oracle_metrics, oracle_path = learner.oracle()
 
     if rank == 0:
         # Two judges of the generated images, neither of which saw them (stage 3
         # trained on them, so it would grade its own homework): the stage-1
         # learner says what DPT believes, the oracle what is true.
+        generation = judge_generation(learner, oracle, sample_sets, dataset.num_classes)
+        for name, measured in fid_results.items():
+            generation[name].update(fid=measured and measured["fid"],
+                                    inception_score=measured and measured["inception_score"])
         write_results(config, run, dataset, device, samples, stage1_metrics=stage1_metrics,
                       pseudo_labels=pseudo_labels, stage3_metrics=stage3_metrics, baseline_metrics=baseline_metrics,
-                      fid_result=fid_result, believed=learner.predict_samples(stage1, samples),
+                      fid_result=fid_results["dpt"], believed=learner.predict_samples(stage1, samples),
                       true=learner.predict_samples(oracle, samples), oracle_metrics=oracle_metrics,
-                      oracle_path=oracle_path)
+                      oracle_path=oracle_path, generation=generation)
     barrier()
 
 
+FID_FILES = {"dpt": "fid.json", "few_labels": "few_labels/fid.json", "every_label": "every_label/fid.json"}
+
+
 def write_results(config, run, dataset, device, samples, *, stage1_metrics, pseudo_labels, stage3_metrics,
-                  baseline_metrics, fid_result, believed, true, oracle_metrics, oracle_path):
-    """results.json from what the stages measured and the judges' labels of the
-    samples (believed: stage 1's, true: the oracle's), report.html, and the summary."""
+                  baseline_metrics, fid_result, believed, true, oracle_metrics, oracle_path, generation):
+    """results.json from what the stages measured, the judges' labels of the
+    samples (believed: stage 1's, true: the oracle's) and the oracle's view of
+    each diffusion model's samples (generation), report.html, and the summary."""
     believed, true = (sample.sample_accuracy(judged, samples["labels"], dataset.num_classes)
                       for judged in (believed, true))
     results = {
@@ -892,6 +1022,7 @@ def write_results(config, run, dataset, device, samples, *, stage1_metrics, pseu
         "oracle_sample_accuracy_per_class": true["per_class"],
         "oracle_accuracy": oracle_metrics.get("accuracy"),  # the oracle's own test accuracy
         "oracle": oracle_path,
+        "generation": generation,  # few_labels, dpt, every_label (the references with --baseline)
         "wall_time_s": data.read_json(os.path.join(run, "timings.json")),
         "config": asdict(config),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},

@@ -360,6 +360,60 @@ def inception_score(logits, splits=10):
     return float(np.mean(scores)), float(np.std(scores))
 
 
+# -----------------------------------------------------------------------------
+# The same questions in any classifier's feature space: how far the generated
+# images' features lie from the real ones' (a Fréchet distance, as FID's), and
+# which share of each set the other covers (precision and recall)
+
+
+def feature_statistics(features):
+    """Mean and covariance (float64) of features [N, D] held at once."""
+    features = torch.as_tensor(features).double()
+    if len(features) < 2:
+        raise FIDError(f"a Fréchet distance needs at least 2 images, got {len(features)}")
+    return {"mu": features.mean(0).numpy(), "sigma": torch.cov(features.T).reshape(features.shape[1], -1).numpy()}
+
+
+def kth_neighbour_distance(features, k, batch=1024):
+    """Each point's distance to its k-th nearest neighbour in the set, itself left out."""
+    return torch.cat([torch.cdist(part, features).kthvalue(k + 1, dim=1).values for part in features.split(batch)])
+
+
+def covered(points, centres, radii, batch=1024):
+    """Whether each point lies in some ball of centres[j] with radius radii[j]."""
+    return torch.cat([(torch.cdist(part, centres) <= radii).any(1) for part in points.split(batch)])
+
+
+def precision_recall(real, generated, k=3, most=10_000):
+    """Improved precision and recall (Kynkäänniemi et al. 2019, sec. 3): the
+    manifold of a set is the union of balls around its points, each reaching its
+    k-th nearest neighbour. Precision is the share of generated points inside
+    the real manifold (how many samples look real), recall the share of real
+    points inside the generated one (how much of the data the samples cover).
+    A model that draws copies of a few images has precision and no recall.
+    A set of more than `most` points is a fixed random subset of that many (the
+    distances are all pairs, in float64 on the CPU; the paper uses 50,000)."""
+    subset = lambda x: x if len(x) <= most else x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+                                                  [:most]]
+    real, generated = (subset(torch.as_tensor(x).double().cpu()) for x in (real, generated))
+    if min(len(real), len(generated)) <= k:
+        raise FIDError(f"precision and recall with k = {k} need more than {k} points in each set, "
+                       f"got {len(real)} and {len(generated)}")
+    precision = covered(generated, real, kth_neighbour_distance(real, k)).double().mean().item()
+    recall = covered(real, generated, kth_neighbour_distance(generated, k)).double().mean().item()
+    return precision, recall
+
+
+def feature_metrics(real, generated, k=3):
+    """The Fréchet distance and precision/recall of generated against real
+    features [N, D] of one network (dpt.py: the oracle classifier's penultimate layer)."""
+    real_stats, generated_stats = feature_statistics(real.cpu()), feature_statistics(generated.cpu())
+    distance = frechet_distance(generated_stats["mu"], generated_stats["sigma"], real_stats["mu"],
+                                real_stats["sigma"])
+    precision, recall = precision_recall(real, generated, k)
+    return {"feature_fd": distance, "precision": precision, "recall": recall}
+
+
 # ADM's (Dhariwal & Nichol 2021) ImageNet 256x256 reference batch, against which
 # DPT, U-ViT and most class-conditional ImageNet papers report FID; its mu and sigma
 # are TensorFlow Inception's, which pytorch-fid's port of the same network and

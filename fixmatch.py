@@ -146,9 +146,12 @@ class WideResNet(nn.Module):
                 nn.init.xavier_normal_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    def embed(self, images):
+        """The penultimate features, which the last layer classifies (the oracle's judge of samples, dpt.py)."""
+        return F.leaky_relu(self.bn(self.blocks(self.stem(self.normalize(images)))), 0.1).mean((2, 3))
+
     def forward(self, images):
-        x = self.blocks(self.stem(self.normalize(images)))
-        return self.fc(F.leaky_relu(self.bn(x), 0.1).mean((2, 3)))
+        return self.fc(self.embed(images))
 
 
 class SmallCNN(nn.Module):
@@ -165,8 +168,11 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(4 * width, num_classes)
 
+    def embed(self, images):
+        return self.features(self.normalize(images)).mean((2, 3))
+
     def forward(self, images):
-        return self.fc(self.features(self.normalize(images)).mean((2, 3)))
+        return self.fc(self.embed(images))
 
 
 ARCHITECTURES = {"wrn28_2": WideResNet, "small": SmallCNN}
@@ -282,6 +288,14 @@ def predict(model, images, batch=1024):
         labels.append(label.cpu())
         confidences.append(confidence.cpu())
     return torch.cat(labels), torch.cat(confidences)
+
+
+@torch.no_grad()
+def embed(model, images, batch=1024):
+    """The penultimate features [N, D] of every image, no augmentation."""
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model.embed(chunk.to(device)).float().cpu() for chunk in images.split(batch)])
 
 
 def accuracy(model, images, labels):

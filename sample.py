@@ -235,12 +235,12 @@ REPORT = """<p class="verdict">{verdict}</p>
 {accuracy}
 {loss}
 </div>
-<h2>Generated images, one row per class{some_classes}</h2>
+<h2>Generated images, {per_class}{some_classes}</h2>
 <p>Beside each row: the share of that class's generated images that each judge puts in the class they were
 generated for. Neither saw them. The stage-1 classifier says what DPT believes (it approves its own confusions);
 the oracle, the same classifier trained on every true label ({oracle_accuracy}
-on the test set), says what is true.</p>
-<table class="grid">{grid}</table>
+on the test set), says what is true.{models}</p>
+{copies}<table class="grid">{grid}</table>
 <h2>Wall time</h2>
 {timings}
 <details><summary>device, versions and the full config</summary><pre>{details}</pre>
@@ -255,7 +255,11 @@ def build_report(run):
                              "the run first (its command resumes it)")
     load = lambda name, redo: data.read_artifact(os.path.join(run, name), redo, mmap=True)
     loss = [("loss", thin(load("stage2/diffusion.pt", "stage2")["metrics"]["history"], 400))]
-    grid, shown, classes = sample_rows(results, load("samples.pt", "sample"))
+    generation = results.get("generation") or {}
+    references = "few_labels" in generation
+    sample_sets = {name: load(SAMPLE_FILES[name], "sample") for name in generation} or {"dpt": load("samples.pt",
+                                                                                                    "sample")}
+    grid, shown, classes = sample_rows(results, sample_sets)
     labels = results["labels_per_class"]
     title = (f"DPT on {results['dataset']}, {labels} label{'s' * (labels != 1)} per class, seed {results['seed']}, "
              f"preset {results['preset']}")
@@ -266,6 +270,11 @@ def build_report(run):
         accuracy=svg_plot(accuracy_curves(run, results, load), "optimizer step", "test accuracy (%)"),
         loss=svg_plot(loss, "images seen", "diffusion loss"),
         some_classes="" if shown == classes else f" (50 of the {classes})",
+        per_class="three rows per class: the labeled images alone, DPT, every label" if references else
+        "one row per class",
+        models=" The three diffusion models share stage 2's recipe, sampler and noise; only their labels differ: "
+        "the labeled images alone (the rest the null class), stage 1's pseudo labels (DPT), every true label."
+        * references, copies=copies_note(generation),
         oracle_accuracy=html.escape(percent(results["oracle_accuracy"])), grid=grid,
         timings=svg_bars(results["wall_time_s"]), details=html.escape(details, quote=False)))
 
@@ -287,22 +296,56 @@ def accuracy_curves(run, results, load):
             if results[field] is not None and os.path.exists(os.path.join(run, folder, "classifier.pt"))]
 
 
-def sample_rows(results, samples):
+# The diffusion models a run samples, in the order the report and the summary show
+# them: (results.json's name, what it is called there, its samples in the run folder).
+MODELS = (("few_labels", "labeled images alone", "few_labels/samples.pt"),
+          ("dpt", "DPT (pseudo labels)", "samples.pt"),
+          ("every_label", "every label", "every_label/samples.pt"))
+SAMPLE_FILES = {name: file for name, _, file in MODELS}
+
+
+def sample_rows(results, sample_sets):
     """(HTML rows, classes shown, classes): for each class (50 spread over them
-    at most) its name, its first ten generated images as one inline PNG (64 pixels
-    high at most), and each judge's share of them in the class as a bar."""
+    at most) its name, and a row per diffusion model in sample_sets: its first
+    ten generated images of the class as one inline PNG (64 pixels high at most)
+    and each judge's share of them in the class as a bar (the stage-1 judge's of
+    DPT's alone)."""
     names = results.get("classes") or [f"class {c}" for c in range(len(results["sample_accuracy_per_class"]))]
     shown = range(len(names)) if len(names) <= 50 else torch.linspace(0, len(names) - 1, 50).round().int().tolist()
     thumbnail = lambda x: x if x.shape[-1] <= 64 else F.interpolate(x.float(), size=64, mode="area").round().byte()
     bar = lambda share: ("<td class=\"judge\">-</td>" if share is None else
                          f'<td class="judge"><span class="track"><span style="width:{100 * share:.1f}%"></span>'
                          f'</span>{100 * share:.0f}%</td>')
-    rows = "<tr><th></th><th></th><th>stage-1 judge</th><th>oracle judge</th></tr>" + "".join(
-        f'<tr><th>{html.escape(str(names[c]))}</th><td><img alt="{html.escape(str(names[c]))}" '
-        f'src="data:image/png;base64,{png_row(thumbnail(samples["images"][samples["labels"] == c][:10]))}"></td>'
-        f'{bar(results["sample_accuracy_per_class"][c])}{bar(results["oracle_sample_accuracy_per_class"][c])}</tr>'
-        for c in shown)
+    generation = results.get("generation") or {}
+    models = [(name, called) for name, called, _ in MODELS if name in sample_sets]
+
+    def row(c, name, called):
+        samples = sample_sets[name]
+        believed = results["sample_accuracy_per_class"][c] if name == "dpt" else None
+        true = (generation[name]["oracle_share_per_class"] if name in generation else
+                results["oracle_sample_accuracy_per_class"])[c]
+        head = (f'<th rowspan="{len(models)}">{html.escape(str(names[c]))}</th>' if name == models[0][0] else "")
+        return (f'<tr class="{"first" if head else "next"}">{head}<td class="model">{called}</td><td><img alt="'
+                f'{html.escape(str(names[c]))}, {called}" src="data:image/png;base64,'
+                f'{png_row(thumbnail(samples["images"][samples["labels"] == c][:10]))}"></td>{bar(believed)}'
+                f'{bar(true)}</tr>')
+    rows = "<tr><th></th><th></th><th></th><th>stage-1 judge</th><th>oracle judge</th></tr>" + "".join(
+        row(c, name, called) for c in shown for name, called in models)
     return rows, len(shown), len(names)
+
+
+def copies_note(generation):
+    """A paragraph where the few-label model's class share flatters it: its
+    samples are of their class as often as DPT's, or more, yet cover less of
+    the test images (lower recall): copies of its few labeled images."""
+    few, dpt = generation.get("few_labels"), generation.get("dpt")
+    if few is None or few["recall"] is None or not (few["oracle_share"] >= dpt["oracle_share"]
+                                                    and few["recall"] < dpt["recall"]):
+        return ""
+    return (f'<p class="note">The few-label model\'s class share ({percent(few["oracle_share"])}, DPT\'s '
+            f'{percent(dpt["oracle_share"])}) flatters it: its recall is {few["recall"]:.2f} against DPT\'s '
+            f'{dpt["recall"]:.2f}, so its samples cover less of the test images, as copies of its few labeled '
+            "images would.</p>\n")
 
 
 def verdict(results):
@@ -318,11 +361,42 @@ def verdict(results):
     if baseline is not None and stage1 < baseline:
         return (f"Stage 1 fell {than(stage1 - baseline)} the labeled images alone: the semi-supervised stage "
                 f"failed, so stage 3's {100 * gain:+.2f} points over it are no success of DPT (stage 3 is "
-                f"{than(stage3 - baseline)} the labeled images alone).")
+                f"{than(stage3 - baseline)} the labeled images alone)." + generation_verdict(results))
     if gain > 0:
-        return f"DPT worked: stage 3 is {than(gain)} stage 1{versus_labeled and ' and ' + versus_labeled}."
+        return (f"DPT worked: stage 3 is {than(gain)} stage 1{versus_labeled and ' and ' + versus_labeled}."
+                + generation_verdict(results))
     return (f"Stage 3 is {than(gain)} stage 1{versus_labeled and ' (' + versus_labeled + ')'}: this run does not "
-            "show DPT's gain.")
+            "show DPT's gain." + generation_verdict(results))
+
+
+def generation_verdict(results):
+    """The generator's half, as a second sentence (empty without the references):
+    do DPT's samples beat the few-label model's in the oracle's eyes, more often
+    of their class and closer to the test images, and how far are they from
+    every label's?"""
+    generation = results.get("generation") or {}
+    few, dpt, every = generation.get("few_labels"), generation.get("dpt"), generation.get("every_label")
+    if few is None:
+        return ""
+    share = lambda model: f"{100 * model['oracle_share']:.2f}%"
+    distances = few["feature_fd"] is not None
+    more, closer = dpt["oracle_share"] > few["oracle_share"], distances and dpt["feature_fd"] < few["feature_fd"]
+    if more and (closer or not distances):
+        opening = "DPT's samples beat those of the labeled images alone"
+    elif more:
+        opening = ("DPT's samples are of their class more often than those of the labeled images alone, but lie "
+                   "farther from the test images")
+    elif closer:
+        opening = ("DPT's samples lie closer to the test images than those of the labeled images alone, but are of "
+                   "their class less often")
+    else:
+        opening = "DPT's samples do not beat those of the labeled images alone"
+    fd = lambda model: f"{model['feature_fd']:.2f}"
+    text = f" {opening}: the oracle puts {share(dpt)} of them in their class against {share(few)}"
+    text += f", at a Fréchet distance in its features of {fd(dpt)} against {fd(few)}" if distances else ""
+    if every is not None:
+        text += f"; with every label, {share(every)}" + (f" at {fd(every)}" if distances else "")
+    return text + "."
 
 
 def sample_accuracy(predicted, labels, num_classes):
@@ -368,8 +442,17 @@ def summary_rows(results):
     for name, stage in (("stage 1", "stage1"), ("stage 3", "stage3")):  # settled: at most a point
         rows.append((f"{name}: moved over its last 3 evaluations", points(results[f"{stage}_last_moves"]).lstrip("+")))
     rows += [("oracle (every true label): test accuracy", percent(results["oracle_accuracy"])),
-             ("FID of the samples", "-" if results["fid"] is None else f"{results['fid']:.2f}"),
-             ("wall time", f"{minutes(results):.1f} min")]
+             ("FID of the samples", "-" if results["fid"] is None else f"{results['fid']:.2f}")]
+    generation = results.get("generation") or {}
+    if "few_labels" in generation:  # one row per diffusion model, as the oracle judges its samples
+        rows.append(("diffusion models, judged by the oracle", "class share · Fréchet distance · precision · recall"))
+        number = lambda value, digits: "-" if value is None else f"{value:.{digits}f}"
+        for name, called, _ in MODELS:
+            model = generation[name]
+            rows.append((f"  {called}", f"{percent(model['oracle_share'])} · {number(model['feature_fd'], 2)} · "
+                         f"{number(model['precision'], 2)} · {number(model['recall'], 2)}"
+                         + ("" if model.get("fid") is None else f" · FID {model['fid']:.2f}")))
+    rows.append(("wall time", f"{minutes(results):.1f} min"))
     if results.get("skipped_images"):
         rows.append(("unreadable images left out (--skip-bad-images)", f"{results['skipped_images']:,}"))
     return rows
@@ -384,11 +467,24 @@ SWEEP_COLUMNS = (  # (heading, results.json field, a percentage)
     ("stage 3", "stage3_accuracy", True), ("gain", "stage3_gain", True),
     ("pseudo labels", "pseudo_label_accuracy", True), ("stage-1 judge", "sample_accuracy", True),
     ("oracle judge", "oracle_sample_accuracy", True), ("minutes", "minutes", False))
+# The generator's half: each diffusion model's figures, results.json's
+# generation[model][figure] as the field model_figure (few_labels_feature_fd).
+GENERATION_FIGURES = (("class share", "oracle_share", True), ("Fréchet distance", "feature_fd", False),
+                      ("precision", "precision", True), ("recall", "recall", True))
+GENERATION_COLUMNS = tuple((f"{figure}: {short_name}", f"{model}_{field}", is_percent)
+                           for figure, field, is_percent in GENERATION_FIGURES
+                           for model, short_name in (("few_labels", "few"), ("dpt", "DPT"), ("every_label", "every")))
 
 # The gains a paper states, each paired seed by seed: (name, the better field, the field it is measured over).
+# The generator's are DPT - few labels and every label - DPT of each figure (a Fréchet distance: lower is better).
 SWEEP_GAINS = (("stage 1 over labeled only", "stage1_accuracy", "baseline_accuracy"),
                ("stage 3 over stage 1", "stage3_accuracy", "stage1_accuracy"),
-               ("stage 3 over labeled only", "stage3_accuracy", "baseline_accuracy"))
+               ("stage 3 over labeled only", "stage3_accuracy", "baseline_accuracy"),
+               *((f"{figure}: {better_name} - {over_name}", f"{better}_{field}", f"{over}_{field}")
+                 for figure, field, _ in GENERATION_FIGURES
+                 for better, better_name, over, over_name in (("dpt", "DPT", "few_labels", "few labels"),
+                                                              ("every_label", "every label", "dpt", "DPT"))))
+IN_POINTS = {field for _, field, is_percent in SWEEP_COLUMNS + GENERATION_COLUMNS if is_percent}
 
 
 def paired_gain(differences):
@@ -409,40 +505,46 @@ def sweep_summary(runs):
     rows = []
     for run in runs:
         results = data.read_json(os.path.join(run, "results.json"))
+        generation = results.get("generation") or {}
         rows.append({"seed": results["seed"], "run": run, "minutes": minutes(results),
-                     **{field: results[field] for _, field, _ in SWEEP_COLUMNS if field != "minutes"}})
+                     **{field: results[field] for _, field, _ in SWEEP_COLUMNS if field != "minutes"},
+                     **{f"{model}_{field}": generation.get(model, {}).get(field)
+                        for model, _, _ in MODELS for _, field, _ in GENERATION_FIGURES}})
     summary = {"runs": rows, "mean": {}, "std": {}, "gains": {}}
-    for _, field, _ in SWEEP_COLUMNS:
+    for _, field, _ in SWEEP_COLUMNS + GENERATION_COLUMNS:
         values = [row[field] for row in rows if row[field] is not None]
         summary["mean"][field] = float(np.mean(values)) if values else None
         summary["std"][field] = float(np.std(values, ddof=1)) if len(values) > 1 else None
     for name, better, over in SWEEP_GAINS:
         differences = [row[better] - row[over] for row in rows if row[better] is not None and row[over] is not None]
         if differences:
-            summary["gains"][name] = paired_gain(differences)
+            summary["gains"][name] = {**paired_gain(differences), "points": better in IN_POINTS}
     gains = [row["stage3_gain"] for row in rows if row["stage3_gain"] is not None]
     summary["stage3_above_stage1"] = f"{sum(gain > 0 for gain in gains)} of {len(gains)}"
     return summary
 
 
-def sweep_table(summary):
+def sweep_table(summary, columns=SWEEP_COLUMNS):
     """The summary as text rows: a heading, one row per seed, mean +- std."""
     show = lambda value, is_percent: "-" if value is None else f"{100 * value:.2f}" if is_percent else f"{value:.1f}"
-    header = ["seed"] + [heading for heading, _, _ in SWEEP_COLUMNS]
-    rows = [[str(row["seed"])] + [show(row[field], is_percent) for _, field, is_percent in SWEEP_COLUMNS]
+    header = ["seed"] + [heading for heading, _, _ in columns]
+    rows = [[str(row["seed"])] + [show(row[field], is_percent) for _, field, is_percent in columns]
             for row in summary["runs"]]
     spread = lambda std, is_percent: "" if std is None else " ± " + show(std, is_percent)  # one seed has no spread
     rows.append(["mean ± std"] + [show(summary["mean"][field], is_percent) + spread(summary["std"][field], is_percent)
-                                  for _, field, is_percent in SWEEP_COLUMNS])
+                                  for _, field, is_percent in columns])
     return [header] + rows
 
 
 def gain_lines(summary):
-    """Each gain as a paper states it: mean [95% CI] in points, and the runs above zero."""
-    interval = lambda gain: ("" if gain["low"] is None else
-                             f" [{100 * gain['low']:+.2f}, {100 * gain['high']:+.2f}]")
-    return [f"{name}: {100 * gain['mean']:+.2f} points{interval(gain)} (95% CI, paired over seeds), "
-            f"above in {gain['above']} of {gain['runs']} runs" for name, gain in summary["gains"].items()]
+    """Each gain as a paper states it: mean [95% CI] (in points where the figure
+    is a percentage), and the runs above zero."""
+    def line(name, gain):
+        scale, unit = (100, " points") if gain.get("points", True) else (1, "")
+        interval = "" if gain["low"] is None else f" [{scale * gain['low']:+.2f}, {scale * gain['high']:+.2f}]"
+        return (f"{name}: {scale * gain['mean']:+.2f}{unit}{interval} (95% CI, paired over seeds), "
+                f"above in {gain['above']} of {gain['runs']} runs")
+    return [line(name, gain) for name, gain in summary["gains"].items()]
 
 
 def write_sweep(runs, path, title):
@@ -450,9 +552,18 @@ def write_sweep(runs, path, title):
     summary = sweep_summary(runs)
     data.write_json(summary, path + ".json")
     table = sweep_table(summary)
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    print("\n".join("  " + "  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in table))
+    generated = any(summary["mean"][field] is not None for _, field, _ in GENERATION_COLUMNS)
+    generation_table = sweep_table(summary, GENERATION_COLUMNS) if generated else None
+
+    def print_table(rows):
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        print("\n".join("  " + "  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows))
+    print_table(table)
     print(f"stage 3 above stage 1 in {summary['stage3_above_stage1']} runs (accuracies in %, gain in points)")
+    if generated:
+        print_table(generation_table)
+        print("the diffusion models of the labeled images alone (few), DPT's pseudo labels and every label, judged by "
+              "the oracle: class share, precision and recall in %, the Fréchet distance in its features")
     print("\n".join("  " + line for line in gain_lines(summary)))
     cells = lambda row, tag: "".join(f"<{tag}>{html.escape(cell)}</{tag}>" for cell in row)
     folder = os.path.dirname(path)
@@ -461,14 +572,22 @@ def write_sweep(runs, path, title):
     bars = [(name, [None if row[field] is None else 100 * row[field] for row in summary["runs"]])
             for name, field in (("baseline", "baseline_accuracy"), ("stage 1", "stage1_accuracy"),
                                 ("stage 3", "stage3_accuracy"))]
-    body = (f"<table class=\"sweep\"><tr>{cells(table[0], 'th')}</tr>"
-            + "".join(f"<tr><td>{link}</td>{cells(row[1:], 'td')}</tr>" for link, row in zip(links, table[1:]))
-            + f"<tr><th>{table[-1][0]}</th>{cells(table[-1][1:], 'th')}</tr></table>"
+    html_table = lambda rows: (f"<table class=\"sweep\"><tr>{cells(rows[0], 'th')}</tr>"
+                               + "".join(f"<tr><td>{link}</td>{cells(row[1:], 'td')}</tr>"
+                                         for link, row in zip(links, rows[1:]))
+                               + f"<tr><th>{rows[-1][0]}</th>{cells(rows[-1][1:], 'th')}</tr></table>")
+    body = (html_table(table)
+            + ("" if generation_table is None else
+               "<h2>The diffusion models, judged by the oracle</h2><p>Stage 2's recipe and noise on the labeled "
+               "images alone (few), on stage 1's pseudo labels (DPT) and on every true label (every): the share of "
+               "their samples the oracle puts in the intended class, precision and recall (k = 3) in %, and the "
+               "Fréchet distance, all in the oracle's penultimate features against the test images.</p>"
+               + html_table(generation_table))
             + "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in gain_lines(summary)) + "</ul>"
             + '<div class="plots">'
             + svg_seed_bars([str(row["seed"]) for row in summary["runs"]],
                             [(name, values) for name, values in bars if any(v is not None for v in values)])
-            + svg_intervals(summary["gains"]) + "</div>"
+            + svg_intervals({name: gain for name, gain in summary["gains"].items() if gain["points"]}) + "</div>"
             + f"<p>Stage 3 above stage 1 in {summary['stage3_above_stage1']} runs. Accuracies on the test set in %, "
             "the gain in points (stage 3 minus stage 1, seed by seed), standard deviation over seeds; each mean "
             "gain with its 95% confidence interval, Student's t over the seeds' paired differences. The stage-1 "
@@ -495,6 +614,8 @@ table {{ border-collapse: collapse }} th, td {{ padding: 2px 10px; text-align: l
 .summary td {{ font-weight: bold; text-align: right }}
 .plots {{ display: flex; flex-wrap: wrap; gap: 2em }}
 .grid img {{ height: 48px; image-rendering: pixelated; display: block }}
+.grid tr.first > * {{ border-top: 1px solid #ccc }} .grid .model {{ font-size: 13px; color: #555 }}
+.note {{ background: #fff4e0; padding: 0.5em 1em }}
 .judge {{ font-size: 13px; white-space: nowrap }} pre {{ background: #f4f4f4; padding: 1em; overflow: auto }}
 .track {{ display: inline-block; width: 120px; height: 12px; background: #e8e8e8; margin-right: 6px }}
 .track span {{ display: block; height: 100%; background: #1f77b4 }}

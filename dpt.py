@@ -142,7 +142,7 @@ STAGE_SCRIPTS = ((fixmatch.FixMatchConfig, CLASSIFIER_FLAGS), (fixmatch.FixMatch
 # images, Heun with 35 evaluations); DPT's classifier is FreeMatch.
 PRESETS = {
     # Two CPU cores, under 10 minutes, any dataset, and DPT must show. The tiny U-Net
-    # folds 2x2 pixels into channels (3.5x the images/s) and sees 80,000 images at
+    # folds 2x2 pixels into channels (3.5x the images/s) and sees 48,000 images at
     # noise levels centred on sigma = 1, where the class decides the shape (EDM's
     # -1.2 centres them on 0.3 and drew blobs of no class); guidance 3 makes the
     # class plain in each sample; half of each stage-3 labeled batch stays real (the
@@ -732,8 +732,13 @@ def judge_generation(learner, oracle, sample_sets, num_classes):
     judged = {}
     for name, samples in sample_sets.items():
         share = sample.sample_accuracy(learner.predict_samples(oracle, samples), samples["labels"], num_classes)
-        features = (fid.feature_metrics(test, learner.embed_samples(oracle, samples)) if test is not None else
-                    dict.fromkeys(("feature_fd", "precision", "recall")))
+        features = dict.fromkeys(("feature_fd", "precision", "recall"))
+        try:
+            if test is not None:
+                features = fid.feature_metrics(test, learner.embed_samples(oracle, samples))
+        except fid.FIDError as error:  # too few images, or features that are not finite: the run still ends
+            print(f"the oracle's Fréchet distance and precision/recall of the {name} samples skipped: {error}",
+                  file=sys.stderr)
         judged[name] = {"oracle_share": share["accuracy"], "oracle_share_per_class": share["per_class"], **features}
     return judged
 

@@ -471,8 +471,8 @@ SWEEP_COLUMNS = (  # (heading, results.json field, a percentage)
 # generation[model][figure] as the field model_figure (few_labels_feature_fd).
 GENERATION_FIGURES = (("class share", "oracle_share", True), ("Fréchet distance", "feature_fd", False),
                       ("precision", "precision", True), ("recall", "recall", True))
-GENERATION_COLUMNS = tuple((f"{figure}: {short_name}", f"{model}_{field}", is_percent)
-                           for figure, field, is_percent in GENERATION_FIGURES
+GENERATION_COLUMNS = tuple((f"{heading} {short_name}", f"{model}_{field}", is_percent)
+                           for (_, field, is_percent), heading in zip(GENERATION_FIGURES, ("share", "FD", "P", "R"))
                            for model, short_name in (("few_labels", "few"), ("dpt", "DPT"), ("every_label", "every")))
 
 # The gains a paper states, each paired seed by seed: (name, the better field, the field it is measured over).
@@ -563,7 +563,8 @@ def write_sweep(runs, path, title):
     if generated:
         print_table(generation_table)
         print("the diffusion models of the labeled images alone (few), DPT's pseudo labels and every label, judged by "
-              "the oracle: class share, precision and recall in %, the Fréchet distance in its features")
+              "the oracle: its class share, precision (P) and recall (R) in %, the Fréchet distance (FD) in its "
+              "features")
     print("\n".join("  " + line for line in gain_lines(summary)))
     cells = lambda row, tag: "".join(f"<{tag}>{html.escape(cell)}</{tag}>" for cell in row)
     folder = os.path.dirname(path)
@@ -580,8 +581,9 @@ def write_sweep(runs, path, title):
             + ("" if generation_table is None else
                "<h2>The diffusion models, judged by the oracle</h2><p>Stage 2's recipe and noise on the labeled "
                "images alone (few), on stage 1's pseudo labels (DPT) and on every true label (every): the share of "
-               "their samples the oracle puts in the intended class, precision and recall (k = 3) in %, and the "
-               "Fréchet distance, all in the oracle's penultimate features against the test images.</p>"
+               "their samples the oracle puts in the intended class (share), precision (P) and recall (R, k = 3) in "
+               "%, and the Fréchet distance (FD), the last three in the oracle's penultimate features against the "
+               "test images.</p>"
                + html_table(generation_table))
             + "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in gain_lines(summary)) + "</ul>"
             + '<div class="plots">'

@@ -2932,7 +2932,24 @@ def test_results_json_holds_every_metric_and_the_summary_shows_stage_3_next_to_s
     assert results["sample_accuracy"] == pytest.approx(right.float().mean().item())
     assert results["sample_accuracy_per_class"] == pytest.approx([right[c * 3:c * 3 + 3].float().mean().item()
                                                                    for c in range(10)])
-    assert {"split", "stage1", "stage2", "sample", "stage3", "baseline", "fid"} <= set(results["wall_time_s"])
+    assert {"split", "stage1", "stage2", "sample", "stage3", "baseline", "few_labels", "reference_samples",
+            "fid"} <= set(results["wall_time_s"])
+    # The generator's half: each diffusion model's samples as the oracle sees them, recomputed here.
+    oracle = fixmatch.load_classifier(results["oracle"])[0]
+    test_features = fixmatch.embed(oracle, shapes.test_x)
+    assert list(results["generation"]) == ["few_labels", "dpt", "every_label"]
+    for name, file in (("few_labels", "few_labels/samples.pt"), ("dpt", "samples.pt"),
+                       ("every_label", "every_label/samples.pt")):
+        generated, judged = torch.load(run / file), results["generation"][name]
+        right = fixmatch.predict(oracle, generated["images"])[0] == generated["labels"]
+        assert judged["oracle_share"] == pytest.approx(right.float().mean().item()), name
+        assert judged["oracle_share_per_class"] == pytest.approx([right[c * 3:c * 3 + 3].float().mean().item()
+                                                                   for c in range(10)]), name
+        expected = fid.feature_metrics(test_features, fixmatch.embed(oracle, generated["images"]))
+        assert {k: judged[k] for k in expected} == pytest.approx(expected), name
+        fid_file = json.loads((run / file.replace("samples.pt", "fid.json")).read_text())
+        assert (judged["fid"], judged["inception_score"]) == (fid_file["fid"], fid_file["inception_score"]), name
+    assert results["generation"]["dpt"]["oracle_share"] == results["oracle_sample_accuracy"]
     assert results["versions"]["torch"] == torch.__version__ and results["classes"] == list(data.SHAPES)
     lines = result.stdout.splitlines()
     stage1_line = next(i for i, line in enumerate(lines) if "stage 1: semi-supervised" in line)
@@ -2941,6 +2958,12 @@ def test_results_json_holds_every_metric_and_the_summary_shows_stage_3_next_to_s
     assert "generated images of the intended class, oracle judge" in lines[stage1_line + 3]
     assert f"{100 * results['oracle_sample_accuracy']:.2f}%" in lines[stage1_line + 3]
     assert "stage 3: with generated images" in lines[stage1_line + 4]
+    heading = next(i for i, line in enumerate(lines) if "diffusion models, judged by the oracle" in line)
+    for offset, name in enumerate(("few_labels", "dpt", "every_label"), 1):  # a row per model, in this order
+        judged = results["generation"][name]
+        assert lines[heading + offset].endswith(
+            f"{100 * judged['oracle_share']:.2f}% · {judged['feature_fd']:.2f} · {judged['precision']:.2f} · "
+            f"{judged['recall']:.2f} · FID {judged['fid']:.2f}"), name
 
 
 def vertices(page, series):
@@ -3031,18 +3054,28 @@ def test_report_html_shows_the_run_that_results_json_and_the_run_folder_hold(qui
     assert_affine(np.array(accuracies), np.array(ys), increasing=False)  # SVG's y grows downwards
     loss = np.array(torch.load(run / "stage2" / "diffusion.pt")["metrics"]["history"])
     assert len(vertices(page, "loss")) == len(loss) > 0
-    # The grid: a row of the class's own generated images, named, with both judges' shares beside it.
-    samples = torch.load(run / "samples.pt")
-    rows = re.findall(r'<tr><th>([^<]+)</th><td><img alt="[^"]*" src="data:image/png;base64,([^"]+)"></td>'
+    # The grid: for each class, named, a row per diffusion model (the labeled images alone, DPT, every label)
+    # of its own generated images of the class, with the oracle's share beside each (the stage-1 judge's: DPT's).
+    rows = re.findall(r'<tr class="(first|next)">(?:<th rowspan="3">([^<]+)</th>)?<td class="model">([^<]+)</td>'
+                      r'<td><img alt="[^"]*" src="data:image/png;base64,([^"]+)"></td>'
                       r'<td class="judge">(.*?)</td><td class="judge">(.*?)</td></tr>', page)
-    assert [name for name, _, _, _ in rows] == list(data.SHAPES)
-    for c, (_, png, *judges) in enumerate(rows):
+    assert [name for _, name, _, _, _, _ in rows[::3]] == list(data.SHAPES) and len(rows) == 30
+    assert [called for _, _, called, _, _, _ in rows] == ["labeled images alone", "DPT (pseudo labels)",
+                                                          "every label"] * 10
+    files = {"few_labels": "few_labels/samples.pt", "dpt": "samples.pt", "every_label": "every_label/samples.pt"}
+    for row, (_, _, _, png, believed, true) in enumerate(rows):
+        c, name = row // 3, list(files)[row % 3]
+        samples = torch.load(run / files[name])
         image = np.asarray(Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB"))  # PIL reads our PNG
         assert np.array_equal(image, torch.cat(list(samples["images"][samples["labels"] == c]), dim=2)
                               .permute(1, 2, 0).numpy())
-        for judge, field in zip(judges, ("sample_accuracy_per_class", "oracle_sample_accuracy_per_class")):
-            share = results[field][c]
-            assert f"width:{100 * share:.1f}%" in judge and judge.endswith(f"{100 * share:.0f}%")
+        share = results["generation"][name]["oracle_share_per_class"][c]
+        assert f"width:{100 * share:.1f}%" in true and true.endswith(f"{100 * share:.0f}%")
+        if name == "dpt":
+            share = results["sample_accuracy_per_class"][c]
+            assert f"width:{100 * share:.1f}%" in believed and believed.endswith(f"{100 * share:.0f}%")
+        else:
+            assert believed == "-"
     # Wall time: one bar per stage, as long as its share of the longest.
     bars = dict(re.findall(r'<rect data-stage="([^"]+)" x="80" y="[\d.]+" width="([\d.]+)"', page))
     longest = max(results["wall_time_s"].values())
@@ -3079,8 +3112,32 @@ def test_the_verdict_compares_stage_3_with_both_and_says_when_stage_1_fell_below
     assert verdict_of(0.4, None, 0.5).startswith("No test set")
 
 
-def stub_runs(folder, baseline, stage1, stage3):
-    """Run folders whose results.json hold these accuracies, one run a seed."""
+def generation_verdict(few, dpt_, every, distances=(30.0, 20.0, 10.0)):
+    """The verdict's second sentence for these class shares (and Fréchet distances) of the three models."""
+    model = lambda share, distance: {"oracle_share": share, "feature_fd": distance}
+    results = {"baseline_accuracy": 0.4, "stage1_accuracy": 0.5, "stage3_accuracy": 0.55, "stage3_gain": 0.05,
+               "generation": {"few_labels": model(few, distances[0]), "dpt": model(dpt_, distances[1]),
+                              "every_label": model(every, distances[2])}}
+    first, second = sample.verdict(results).split(". ", 1)
+    assert first.startswith("DPT worked")  # the classifier's half, as before
+    return second
+
+
+def test_the_verdicts_second_sentence_says_whether_dpts_samples_beat_the_few_label_models():
+    beat = generation_verdict(0.30, 0.80, 0.95)
+    assert beat == ("DPT's samples beat those of the labeled images alone: the oracle puts 80.00% of them in their "
+                    "class against 30.00%, at a Fréchet distance in its features of 20.00 against 30.00; with every "
+                    "label, 95.00% at 10.00.")
+    lost = generation_verdict(0.80, 0.30, 0.95, (20.0, 30.0, 10.0))
+    assert lost.startswith("DPT's samples do not beat") and "30.00% of them in their class against 80.00%" in lost
+    assert "but lie farther from the test images" in generation_verdict(0.3, 0.8, 0.9, (20.0, 30.0, 10.0))
+    assert "but are of their class less often" in generation_verdict(0.8, 0.3, 0.9)
+    assert "Fréchet" not in generation_verdict(0.3, 0.8, 0.9, (None, None, None))  # no test set: no distance
+    assert ". " not in verdict_of(0.40, 0.45, 0.50)[:-1]  # without the references, one sentence
+
+
+def stub_runs(folder, baseline, stage1, stage3, generation=None):
+    """Run folders whose results.json hold these accuracies (and generation[seed]), one run a seed."""
     runs = []
     for seed, (b, s1, s3) in enumerate(zip(baseline, stage1, stage3)):
         run = folder / f"stub-s{seed}"
@@ -3088,7 +3145,8 @@ def stub_runs(folder, baseline, stage1, stage3):
         (run / "results.json").write_text(json.dumps({
             "seed": seed, "baseline_accuracy": b, "stage1_accuracy": s1, "stage3_accuracy": s3,
             "stage3_gain": s3 - s1, "pseudo_label_accuracy": s1, "sample_accuracy": 0.9,
-            "oracle_sample_accuracy": 0.8, "wall_time_s": {"stage1": 60.0}}))
+            "oracle_sample_accuracy": 0.8, "wall_time_s": {"stage1": 60.0},
+            **({} if generation is None else {"generation": generation[seed]})}))
         runs.append(str(run))
     return runs
 
@@ -3128,7 +3186,36 @@ def test_a_sweep_states_each_mean_gain_with_its_paired_95_percent_interval_and_t
 def test_one_seed_has_a_mean_gain_but_no_interval(tmp_path):
     summary = sample.sweep_summary(stub_runs(tmp_path, [0.4], [0.5], [0.55]))
     assert summary["gains"]["stage 3 over stage 1"] == pytest.approx(
-        {"mean": 0.05, "low": None, "high": None, "above": 1, "runs": 1})
+        {"mean": 0.05, "low": None, "high": None, "above": 1, "runs": 1, "points": True})
+
+
+def test_a_sweep_states_dpt_minus_few_labels_and_every_label_minus_dpt_of_each_figure_paired(tmp_path, capsys):
+    shares = [(0.30, 0.70, 0.90), (0.40, 0.60, 0.95), (0.20, 0.80, 0.85)]  # few labels, DPT, every label a seed
+    distances = [(40.0, 20.0, 10.0), (35.0, 25.0, 5.0), (50.0, 15.0, 12.0)]
+    model = lambda share, distance: {"oracle_share": share, "feature_fd": distance, "precision": share / 2,
+                                     "recall": share / 3, "oracle_share_per_class": [share] * 10}
+    generation = [{name: model(share, distance) for name, share, distance in zip(("few_labels", "dpt", "every_label"),
+                                                                                 seed_shares, seed_distances)}
+                  for seed_shares, seed_distances in zip(shares, distances)]
+    runs = stub_runs(tmp_path, [0.4] * 3, [0.5] * 3, [0.55] * 3, generation)
+    html_path = sample.write_sweep(runs, str(tmp_path / "sweep"), "a sweep")
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    for figure, values, points in (("class share", shares, True), ("Fréchet distance", distances, False)):
+        for better, over, name in ((1, 0, "DPT - few labels"), (2, 1, "every label - DPT")):
+            differences = [seed[better] - seed[over] for seed in values]
+            half = 4.3026527 * np.std(differences, ddof=1) / math.sqrt(3)  # Student's t, 2 degrees of freedom
+            gain = summary["gains"][f"{figure}: {name}"]
+            assert (gain["mean"], gain["low"], gain["high"]) == pytest.approx(
+                (np.mean(differences), np.mean(differences) - half, np.mean(differences) + half), rel=1e-6)
+            assert gain["above"] == sum(d > 0 for d in differences) and gain["points"] == points
+    assert summary["mean"]["dpt_oracle_share"] == pytest.approx(0.7)
+    assert summary["std"]["few_labels_feature_fd"] == pytest.approx(np.std([40, 35, 50], ddof=1))
+    printed = capsys.readouterr().out
+    assert "class share: DPT - few labels: +40.00 points [" in printed and "above in 3 of 3 runs" in printed
+    assert "Fréchet distance: DPT - few labels: -21.67 [" in printed  # a distance, not in points
+    page = pathlib.Path(html_path).read_text()
+    assert "The diffusion models, judged by the oracle" in page and "70.00 ± 10.00" in page
+    assert "Fréchet distance: DPT - few labels" not in re.findall(r'data-gain="([^"]+)"', page)  # points only
 
 
 def test_the_tiny_preset_runs_the_labeled_only_baseline_unless_told_not_to():
@@ -3171,13 +3258,22 @@ def test_report_flag_redraws_the_page_of_a_finished_run_without_training(quick_r
     assert_one_line_error(run_script("dpt.py", "--report", str(tmp_path / "nothing")), "no results.json there")
 
 
-def test_stage_2_trains_on_the_pseudo_labels_and_stage_3_on_the_generated_images(tmp_path, monkeypatch):
-    trained_on = {}
+def test_each_model_trains_on_its_labels_the_three_diffusion_models_sample_one_noise_and_stage_3_the_samples(
+        tmp_path, monkeypatch):
+    trained_on, diffusion_settings, noise = {}, {}, {}
     real_unet_train, real_fixmatch_train = unet.train, fixmatch.train
+    real_generate, real_noise = sample.generate, sample.initial_noise
 
     def unet_train(settings, images, labels, num_classes, **kwargs):
-        trained_on["stage2"] = labels
+        name = os.path.basename(settings.out) if "every_label" not in settings.out else "every_label"
+        trained_on[name], diffusion_settings[name] = labels, settings
         return real_unet_train(settings, images, labels, num_classes, **kwargs)
+
+    def generate(model, per_class, *args, **kwargs):  # the noise each model's samples (not previews) start from
+        drawn = noise.setdefault(model, []) if per_class == 3 else []
+        monkeypatch.setattr(sample, "initial_noise", lambda *a: drawn.append(real_noise(*a)) or drawn[-1])
+        return real_generate(model, per_class, *args, **kwargs)
+    monkeypatch.setattr(sample, "generate", generate)
 
     def fixmatch_train(settings, dataset, labeled_index, generated=None, **kwargs):
         trained_on[os.path.basename(settings.out)] = generated
@@ -3197,6 +3293,22 @@ def test_stage_2_trains_on_the_pseudo_labels_and_stage_3_on_the_generated_images
     # Stage 2 sees the surer half of each class's pseudo labels; the rest as the null class (10).
     assert torch.equal(trained_on["stage2"].cpu(), unet.keep_confident(pseudo["labels"], pseudo["confidence"], 0.5, 10))
     assert 0.4 < (trained_on["stage2"] == 10).float().mean() < 0.6
+    # The references, with the tiny preset's --baseline: the labeled images alone with their true label and
+    # every other image as the null class; every true label, with seed 0 in OUT/every_label. Stage 2's recipe.
+    shapes, split = data.load_dataset(SHAPES_FILE), torch.load(run / "split.pt")["indices"]
+    few = trained_on["few_labels"].cpu()
+    assert torch.equal(few[split], shapes.train_y[split]) and (few[split] < 10).all()
+    assert (few == 10).sum() == 2000 - 10 and torch.equal(trained_on["every_label"].cpu(), shapes.train_y)
+    every = diffusion_settings["every_label"]
+    assert os.path.dirname(every.out) == str(tmp_path / "every_label") and every.seed == dpt.EVERY_LABEL_SEED
+    recipe = lambda settings: {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("out", "seed",
+                                                                                                   "labels_file")}
+    assert recipe(diffusion_settings["few_labels"]) == recipe(diffusion_settings["stage2"]) == recipe(every)
+    # The three sample sets: the same noise, image by image (and so the same sampler, guidance, K and seed).
+    first, *others = (torch.cat(drawn) for drawn in noise.values())
+    assert len(others) == 2 and first.shape == (30, 3, 32, 32) and all(torch.equal(first, other) for other in others)
+    for name in ("samples.pt", "few_labels/samples.pt", "every_label/samples.pt"):
+        assert torch.equal(torch.load(run / name)["labels"], torch.arange(10).repeat_interleave(3)), name
     samples = torch.load(run / "samples.pt")
     assert trained_on["stage1"] is None
     assert torch.equal(trained_on["stage3"][0], samples["images"]) and torch.equal(trained_on["stage3"][1],
@@ -3301,11 +3413,14 @@ def test_each_oracle_recipe_has_its_own_folder_and_free_settings_share_one(small
 def test_seeds_runs_one_folder_per_seed_resumes_them_and_summarizes_their_results(quick_run, fid_weights, tmp_path):
     shutil.copytree(quick_run[1], tmp_path / "shapes-1l-s0")  # seed 0 is finished already
     shutil.copytree(quick_run[1].parent / "oracle", tmp_path / "oracle")
+    shutil.copytree(quick_run[1].parent / "every_label", tmp_path / "every_label")
     finished = {path: path.stat().st_mtime_ns for path in (tmp_path / "shapes-1l-s0").rglob("*.pt")}
     command = ["dpt.py", *QUICK, "--baseline", "--seeds", "0-1", "--out", str(tmp_path), "--fid-weights", fid_weights]
     result = run_script(*command)
     assert result.returncode == 0, result.stderr[-3000:]
     assert {path: path.stat().st_mtime_ns for path in (tmp_path / "shapes-1l-s0").rglob("*.pt")} == finished
+    assert "training the every-label diffusion model" not in result.stderr  # seed 1 reuses seed 0's
+    assert "training the oracle" not in result.stderr
     summary = json.loads((tmp_path / "shapes-1l-seeds0-1.json").read_text())
     runs = [json.loads((tmp_path / f"shapes-1l-s{seed}" / "results.json").read_text()) for seed in (0, 1)]
     assert [row["seed"] for row in summary["runs"]] == [0, 1] and runs[1]["seed"] == 1
@@ -3328,6 +3443,76 @@ def test_seeds_runs_one_folder_per_seed_resumes_them_and_summarizes_their_result
     assert again.returncode == 0, again.stderr[-3000:]
     assert {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.pt")} == everything
     assert json.loads((tmp_path / "shapes-1l-seeds0-1.json").read_text()) == summary
+
+
+def test_the_every_label_model_is_one_per_dataset_and_stage_2_recipe_whatever_the_run_and_seed(small_shapes):
+    config = dpt.DPTConfig(dataset="shapes", preset="tiny", out="runs")
+    dpt.resolve(config)
+    folder = lambda **changes: dpt.every_label_folder(dataclasses.replace(config, **changes), small_shapes)
+    assert folder() == folder(seed=3, labels=4, diffusion_confident=1.0, ssl_steps=7, sample_guidance=2,
+                              stage3_steps=9, diffusion_micro_batch=8, compile=True)  # none changes what it trains
+    assert len({folder(), folder(diffusion_images=5), folder(diffusion_lr=0.1), folder(flip=not config.flip),
+                folder(diffusion_label_dropout=0.2), folder(bf16=True)}) == 6
+
+
+def test_redo_removes_the_references_with_the_stage_they_go_with(tmp_path):
+    made = ["stage2/diffusion.pt", "few_labels/diffusion.pt", "few_labels/samples.pt", "few_labels/fid.json",
+            "every_label/samples.pt", "every_label/fid.json", "samples.pt", "fid.json"]
+    for name in made:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("made")
+    timings = {"stage2": 1.0, "few_labels": 2.0, "sample": 3.0, "reference_samples": 4.0, "fid": 5.0}
+    (tmp_path / "timings.json").write_text(json.dumps(timings))
+    kept = lambda: sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*") if path.is_file())
+    dpt.remove_stages(str(tmp_path), ["fid"])
+    assert kept() == sorted(set(made) - {"few_labels/fid.json", "every_label/fid.json", "fid.json"} | {"timings.json"})
+    dpt.remove_stages(str(tmp_path), ["sample", "stage3", "fid"])  # new samples: the references' too
+    assert kept() == ["few_labels/diffusion.pt", "stage2/diffusion.pt", "timings.json"]
+    assert json.loads((tmp_path / "timings.json").read_text()) == {"stage2": 1.0, "few_labels": 2.0}
+    dpt.remove_stages(str(tmp_path), ["stage2", "sample", "stage3", "fid"])  # stage 2's recipe: the few-label model
+    assert kept() == ["timings.json"] and json.loads((tmp_path / "timings.json").read_text()) == {}
+
+
+def test_a_set_against_itself_has_distance_0_and_precision_and_recall_1():
+    features = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
+    measured = fid.feature_metrics(features, features.clone())
+    assert measured["feature_fd"] == pytest.approx(0, abs=1e-9)
+    assert (measured["precision"], measured["recall"]) == (1.0, 1.0)
+
+
+def test_two_disjoint_clusters_have_precision_and_recall_0_and_the_distance_of_their_means():
+    cluster = torch.randn(200, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    measured = fid.feature_metrics(cluster, cluster + 50)
+    assert (measured["precision"], measured["recall"]) == (0.0, 0.0)
+    assert measured["feature_fd"] == pytest.approx(8 * 50 ** 2, rel=1e-9)  # same covariance: |mean difference|^2
+
+
+def test_precision_and_recall_count_the_points_inside_the_other_sets_k_nn_balls_by_hand():
+    real, generated = torch.tensor([[0.0], [1.0], [3.0]]), torch.tensor([[0.5], [2.5], [6.0]])
+    # k = 1: the real balls are [-1, 1], [0, 2], [1, 5]: 0.5 and 2.5 are inside, 6 is not;
+    # the generated balls are radius 2, 2 and 3.5 around 0.5, 2.5, 6: every real point is inside.
+    assert fid.precision_recall(real, generated, k=1) == pytest.approx((2 / 3, 1.0))
+    assert fid.precision_recall(generated, real, k=1) == pytest.approx((1.0, 2 / 3))  # the roles swap
+
+
+def test_the_feature_frechet_distance_of_two_gaussians_is_the_closed_form():
+    generator = torch.Generator().manual_seed(2)
+    mean, scale = torch.tensor([1.0, -2.0, 0.5, 0.0]), torch.tensor([0.5, 1.0, 2.0, 3.0])
+    real, generated = torch.randn(200_000, 4, generator=generator), torch.randn(200_000, 4, generator=generator)
+    # N(0, I) against N(mean, diag(scale^2)): |mean|^2 + sum (1 - scale)^2
+    closed_form = (mean ** 2).sum() + ((1 - scale) ** 2).sum()
+    measured = fid.feature_metrics(real, generated * scale + mean)["feature_fd"]
+    assert measured == pytest.approx(closed_form.item(), rel=0.01)
+
+
+def test_the_oracles_features_are_its_penultimate_layer_that_its_last_layer_classifies():
+    for arch in ("small", "wrn28_2"):
+        model = fixmatch.make_classifier(arch, 10, [0.5] * 3, [0.25] * 3).eval()
+        images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+        features = fixmatch.embed(model, images)
+        assert features.shape == (5, model.fc.in_features)
+        with torch.no_grad():
+            assert torch.allclose(model.fc(features), model(images), atol=1e-5), arch
 
 
 @pytest.mark.parametrize("seeds", ["3-1", "x", "1,1", "-2"])
@@ -3464,6 +3649,28 @@ def test_a_run_killed_inside_stage_1_and_inside_stage_2_resumes_each_to_an_unint
     for name in ("stage1/classifier.pt", "stage2/diffusion.pt", "stage3/classifier.pt"):
         ours, theirs = torch.load(run / name, weights_only=False), torch.load(reference / name, weights_only=False)
         assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in theirs["model"]), name
+
+
+def test_a_run_killed_inside_each_reference_diffusion_model_resumes_to_an_uninterrupted_runs_samples(
+        quick_run, tmp_path):
+    command = [*QUICK, "--out", str(tmp_path)]  # the tiny preset: --baseline, so the references too
+    run, reference = tmp_path / "shapes-1l-s0", quick_run[1]
+    every = tmp_path / "every_label" / next((reference.parent / "every_label").iterdir()).name  # the same recipe
+    kill_when(start_run(*command), run / "few_labels" / "ckpt.pt")
+    assert not (run / "few_labels" / "diffusion.pt").exists()
+    few_images = torch.load(run / "few_labels" / "ckpt.pt")["images_seen"]
+    kill_when(start_run(*command), every / "ckpt.pt")
+    assert (run / "few_labels" / "diffusion.pt").exists() and not (every / "diffusion.pt").exists()
+    every_images = torch.load(every / "ckpt.pt")["images_seen"]
+    assert few_images < 256 and every_images < 256
+    result = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming {every / 'ckpt.pt'} at {every_images} of 256 images" in result.stderr
+    for name in ("few_labels/samples.pt", "every_label/samples.pt"):
+        ours, theirs = torch.load(run / name), torch.load(reference / name)
+        assert torch.equal(ours["images"], theirs["images"]) and torch.equal(ours["labels"], theirs["labels"]), name
+    ours, theirs = torch.load(run / "few_labels" / "diffusion.pt"), torch.load(reference / "few_labels" / "diffusion.pt")
+    assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in theirs["model"])
 
 
 def test_the_same_redo_command_after_a_kill_resumes_the_redone_stage_and_redoes_it_again_once_finished(
@@ -3923,7 +4130,8 @@ def imagenet_command(root, *extra):
 def imagenet_run(tmp_path_factory, fid_weights):
     root = tmp_path_factory.mktemp("imagenet")
     write_imagenet_like(root)
-    result = run_script("dpt.py", *imagenet_command(root, "--out", str(root / "runs"), "--fid-weights", fid_weights))
+    result = run_script("dpt.py", *imagenet_command(root, "--out", str(root / "runs"), "--fid-weights", fid_weights,
+                                                    "--baseline"))  # the references: stage 1 is the probe's baseline
     assert result.returncode == 0, result.stderr[-3000:]
     return root, root / "runs" / "folder-1l-s0"
 
@@ -3971,8 +4179,21 @@ def test_the_imagenet_preset_runs_end_to_end_on_a_folder_of_jpegs(imagenet_run):
         assert results[name] is not None, name
     assert results["preset"] == "imagenet" and results["classes"] == ["n0a", "n0b", "n0c"]
     assert json.loads((run / "fid.json").read_text())["reference_images"] == 18  # the folder's training images
+    # The references train on the same latents (few labels: the 3 labeled ones), their samples decoded and seen by
+    # MSN; the oracle's features are MSN's, which its probe reads. No classifier baseline: stage 1 is that.
+    assert results["baseline_accuracy"] is None and not (run / "baseline").exists()
+    oracle = torch.load(run / "oracle.pt")["weights"]
+    for name, file in (("few_labels", "few_labels/samples.pt"), ("every_label", "every_label/samples.pt")):
+        generated, judged = torch.load(run / file), results["generation"][name]
+        torch.testing.assert_close(generated["features"], fixmatch.msn_features(msn, generated["images"]))
+        right = fixmatch.probe_predict(oracle, generated["features"])[0] == generated["labels"]
+        assert judged["oracle_share"] == pytest.approx(right.float().mean().item()), name
+        expected = fid.feature_metrics(encoded["test"]["features"].float(), generated["features"].float())
+        assert {k: judged[k] for k in expected} == pytest.approx(expected) and judged["fid"] is not None, name
+    few = torch.load(run / "few_labels" / "diffusion.pt", weights_only=False)
+    assert (few["channels"], few["resolution"], few["config"]["arch"]) == (4, 8, "uvit")
     page = (run / "report.html").read_text()
-    assert page.count('src="data:image/png;base64,') == 3 and "n0c" in page
+    assert page.count('src="data:image/png;base64,') == 3 * 3 and "n0c" in page
 
 
 def test_the_imagenet_preset_killed_in_every_stage_resumes_to_an_uninterrupted_runs_results(imagenet_run, tmp_path):
@@ -4051,7 +4272,7 @@ def test_the_imagenet_preset_under_torchrun_encodes_and_fits_as_one_process_does
 
 @pytest.mark.parametrize("case", ["a folder with the tiny preset", "shapes with the imagenet preset",
                                   "no autoencoder", "a crop MSN cannot patch", "a side MSN was not released for",
-                                  "a baseline", "a label subset of another folder",
+                                  "a label subset of another folder",
                                   "no train folder",
                                   "a val class the training images lack", "an imagenet flag on shapes",
                                   "redo encode on shapes"])
@@ -4068,7 +4289,6 @@ def test_the_imagenet_preset_refuses_bad_input_in_one_line_before_any_work(tmp_p
         "no autoencoder": (without("--autoencoder"), "--autoencoder PATH"),
         "a crop MSN cannot patch": (good + ["--image-size", "48"], "--image-size 48"),
         "a side MSN was not released for": (good + ["--msn-size", "vitl7"], "--image-size 64"),
-        "a baseline": (good + ["--baseline"], "--baseline"),
         "a label subset of another folder": (good + ["--label-subset", str(tmp_path / "subset.txt")], "n0q_1.JPEG"),
         "no train folder": (["--dataset", str(tmp_path / "empty")] + good[2:], "no train/ folder"),
         "a val class the training images lack": (good, "n0z"),

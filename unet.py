@@ -2,7 +2,7 @@ r"""Stage 2 of DPT: a class-conditional diffusion model trained on the pseudo
 labels of stage 1, in the EDM formulation (Karras et al. 2022) with a DDPM++
 U-Net (Song et al. 2021) or a U-ViT (Bao et al. 2023) as the network.
 
-    python unet.py --dataset shapes --size tiny --images 80000 --batch 32 --lr 2e-3 --warmup 1000 \
+    python unet.py --dataset shapes --size tiny --images 48000 --batch 32 --lr 2e-3 --warmup 1000 \
         --ema-halflife 4000 --p-mean 0
     python unet.py --dataset cifar10 --labels-file pseudo_labels.pt     # EDM's CIFAR-10 recipe: 200M images
     python unet.py --bench --arch uvit                                  # images/s and MFU of every size

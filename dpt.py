@@ -578,6 +578,9 @@ def split_statistics(model, images, keep_logits, rank, world, read=None):
     return merged
 
 
+FID_FILES = {"dpt": "fid.json", "few_labels": "few_labels/fid.json", "every_label": "every_label/fid.json"}
+
+
 def stage_fid(config, run, dataset, sample_sets, device, rank, world):
     """{name: FID and IS} of each set of samples (sample_sets: {name: (samples,
     the json file to write)}) against the training images (or --fid-stats; ADM's
@@ -668,9 +671,9 @@ def stage_oracle(config, dataset, device, rank, world):
 
 
 # -----------------------------------------------------------------------------
-# The generator's half of DPT's claim (the paper's sec. 5.2, Table 2): is a diffusion
-# model trained on stage 1's pseudo labels better than one that has only the few
-# labels, and how far is it from one that has them all? Two references, stage 2's
+# The generator's half of DPT's claim (the "mutually" of the paper's title): is a
+# diffusion model trained on stage 1's pseudo labels better than one that has only
+# the few labels, and how far is it from one that has them all? Two references, stage 2's
 # recipe on other labels, sampled as stage 2 is from the same noise, so that only
 # the labels differ. Few labels: the labeled images keep their label and every
 # other image trains as the null class, what one would train without DPT (per run:
@@ -995,9 +998,6 @@ def run_stages(config, run, dataset, device, rank, world):
                       true=learner.predict_samples(oracle, samples), oracle_metrics=oracle_metrics,
                       oracle_path=oracle_path, generation=generation)
     barrier()
-
-
-FID_FILES = {"dpt": "fid.json", "few_labels": "few_labels/fid.json", "every_label": "every_label/fid.json"}
 
 
 def write_results(config, run, dataset, device, samples, *, stage1_metrics, pseudo_labels, stage3_metrics,

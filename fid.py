@@ -391,11 +391,13 @@ def precision_recall(real, generated, k=3, most=10_000):
     the real manifold (how many samples look real), recall the share of real
     points inside the generated one (how much of the data the samples cover).
     A model that draws copies of a few images has precision and no recall.
-    A set of more than `most` points is a fixed random subset of that many (the
-    distances are all pairs, in float64 on the CPU; the paper uses 50,000)."""
-    subset = lambda x: x if len(x) <= most else x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-                                                  [:most]]
-    real, generated = (subset(torch.as_tensor(x).double().cpu()) for x in (real, generated))
+    As in the paper, both sets have the same size, the larger a fixed random
+    subset of the smaller's (a larger set has smaller balls), and at most `most`
+    (the distances are all pairs, in float64 on the CPU; the paper uses 50,000)."""
+    real, generated = (torch.as_tensor(x).double().cpu() for x in (real, generated))
+    size = min(len(real), len(generated), most)
+    subset = lambda x: x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:size]]
+    real, generated = (x if len(x) == size else subset(x) for x in (real, generated))
     if min(len(real), len(generated)) <= k:
         raise FIDError(f"precision and recall with k = {k} need more than {k} points in each set, "
                        f"got {len(real)} and {len(generated)}")

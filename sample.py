@@ -281,8 +281,9 @@ def build_report(run):
 
 def summary_table(results):
     """The rows of the summary the command prints, as HTML table rows."""
-    return "".join(f"<tr><th>{html.escape(what)}</th><td>{html.escape(value)}</td></tr>"
-                   for what, value in summary_rows(results))
+    heading = lambda what: (f'<th class="sub">{html.escape(what.strip())}</th>' if what.startswith(" ") else
+                            f"<th>{html.escape(what)}</th>")  # a row indented under the one before it
+    return "".join(f"<tr>{heading(what)}<td>{html.escape(value)}</td></tr>" for what, value in summary_rows(results))
 
 
 def accuracy_curves(run, results, load):
@@ -612,7 +613,7 @@ def page(title, body):
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
 body {{ font: 15px/1.4 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222 }}
 table {{ border-collapse: collapse }} th, td {{ padding: 2px 10px; text-align: left }}
-.verdict {{ font-size: 18px }} .summary th {{ font-weight: normal }}
+.verdict {{ font-size: 18px }} .summary th {{ font-weight: normal }} .summary th.sub {{ padding-left: 2em }}
 .summary td {{ font-weight: bold; text-align: right }}
 .plots {{ display: flex; flex-wrap: wrap; gap: 2em }}
 .grid img {{ height: 48px; image-rendering: pixelated; display: block }}

@@ -4234,7 +4234,8 @@ def test_imagenet_fid_takes_50_samples_a_class_against_reference_statistics_and_
     dataset = data.Dataset("folder", None, torch.zeros(2, dtype=torch.long), None, None, 2)
     config = dpt.DPTConfig(dataset=str(tmp_path), preset="imagenet", fid_weights=fid_weights,
                            fid_stats=str(tmp_path / "reference.npz"))
-    score = dpt.stage_fid(config, str(tmp_path), dataset, samples, torch.device("cpu"), 0, 1)
+    score = dpt.stage_fid(config, str(tmp_path), dataset, {"dpt": (samples, str(tmp_path / "fid.json"))},
+                          torch.device("cpu"), 0, 1)["dpt"]
     first_50 = images.unflatten(0, (2, 51))[:, :50].flatten(0, 1)
     generated = fid.statistics(inception, first_50.split(50))
     assert score["generated_images"] == 100 and score["reference_images"] is None
@@ -4246,7 +4247,8 @@ def test_imagenet_fid_takes_50_samples_a_class_against_reference_statistics_and_
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     config = dpt.DPTConfig(dataset="imagenet", preset="imagenet", fid_weights=fid_weights)
-    assert dpt.stage_fid(config, str(tmp_path / "run"), dataset, samples, torch.device("cpu"), 0, 1) is None
+    assert dpt.stage_fid(config, str(tmp_path / "run"), dataset, {"dpt": (samples, str(tmp_path / "run" / "fid.json"))},
+                         torch.device("cpu"), 0, 1) == {"dpt": None}
     notice = capsys.readouterr().err
     assert "FID skipped" in notice and fid.ADM_IMAGENET256 in notice
     assert str(tmp_path / "hub" / "checkpoints" / "VIRTUAL_imagenet256_labeled.npz") in notice

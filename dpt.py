@@ -142,7 +142,8 @@ STAGE_SCRIPTS = ((fixmatch.FixMatchConfig, CLASSIFIER_FLAGS), (fixmatch.FixMatch
 # images, Heun with 35 evaluations); DPT's classifier is FreeMatch.
 PRESETS = {
     # Two CPU cores, under 10 minutes, any dataset, and DPT must show. The tiny U-Net
-    # folds 2x2 pixels into channels (3.5x the images/s) and sees 48,000 images at
+    # folds 2x2 pixels into channels (3.5x the images/s) and sees 48,000 images (80,000
+    # until the two reference models joined a run, each as long) at
     # noise levels centred on sigma = 1, where the class decides the shape (EDM's
     # -1.2 centres them on 0.3 and drew blobs of no class); guidance 3 makes the
     # class plain in each sample; half of each stage-3 labeled batch stays real (the

@@ -3754,16 +3754,17 @@ def test_a_split_of_other_data_or_an_unreadable_split_is_refused_and_the_advised
 
 def test_every_network_dpt_loads_goes_to_the_runs_device(quick_run, fid_weights, tmp_path, monkeypatch):
     """The meta device stands in for a GPU: both classifiers, the baseline, the
-    oracle, the diffusion model and Inception must be loaded onto the run's
-    device, and handed on to work there. The work itself is stubbed (meta
-    tensors hold no values); samples.pt and fid.json are removed so that the
-    diffusion model and Inception are loaded."""
+    oracle, the three diffusion models and Inception must be loaded onto the
+    run's device, and handed on to work there. The work itself is stubbed (meta
+    tensors hold no values); the samples and their fid.json are removed so that
+    the diffusion models and Inception are loaded."""
     out = tmp_path / "out"
     shutil.copytree(quick_run[1].parent, out)
     run = out / "shapes-1l-s0"
     samples = torch.load(run / "samples.pt")
-    (run / "samples.pt").unlink()
-    (run / "fid.json").unlink()
+    for folder in (run, run / "few_labels", run / "every_label"):
+        (folder / "samples.pt").unlink()
+        (folder / "fid.json").unlink()
     meta = torch.device("meta")
     loaded, used = [], []
 
@@ -3788,12 +3789,16 @@ def test_every_network_dpt_loads_goes_to_the_runs_device(quick_run, fid_weights,
                            "logits": torch.zeros(len(images), 10)})[1])
     monkeypatch.setattr(fixmatch, "predict", lambda judge, images, batch=1024: (
         device_of(judge), (samples["labels"], torch.ones(len(images))))[1])  # the two judges
+    monkeypatch.setattr(fixmatch, "embed", lambda judge, images, batch=1024: (
+        device_of(judge), torch.randn(len(images), 4))[1])  # the oracle's features
     monkeypatch.setattr(data, "distributed_setup", lambda: (0, 1, meta))
     monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--baseline", "--out", str(out), "--fid-weights", fid_weights])
     dpt.main()
-    assert sorted(name for name, _ in loaded) == ["load_classifier"] * 4 + ["load_diffusion", "load_inception"]
+    assert sorted(name for name, _ in loaded) == ["load_classifier"] * 4 + ["load_diffusion"] * 3 + ["load_inception"]
     assert all(devices == {meta} for _, devices in loaded), loaded
-    assert len(used) == 5 and set(used) == {meta}  # sampling, two FID passes, two judges
+    # Sampling three times; FID of the training images and of three sample sets; the stage-1 judge and the
+    # oracle of DPT's samples, then the oracle's share and features of each set and its features of the test images.
+    assert len(used) == 3 + 4 + 2 + 3 + 3 + 1 and set(used) == {meta}
 
 
 @pytest.mark.parametrize("damaged", ["stage1/classifier.pt", "stage2/diffusion.pt", "samples.pt",
@@ -4063,7 +4068,7 @@ def test_a_run_that_fills_a_real_disk_stops_in_one_line_and_resumes_once_space_i
     run = disk / "shapes-1l-s0"
     assert not list(disk.rglob("*.tmp*"))
     checkpoint = torch.load(run / "stage2" / "ckpt.pt")  # the previous checkpoint, whole
-    assert resize("80m")
+    assert resize("200m")  # stage 2, the few-label and the every-label models: three of them now
     result = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming {run / 'stage2' / 'ckpt.pt'} at {checkpoint['images_seen']} of" in result.stderr

@@ -25,11 +25,14 @@ import itertools
 import json
 import math
 import os
+import re
+import signal
 import socket
 import sys
 import time
+import zlib
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
@@ -179,7 +182,10 @@ def load_file(path):
         raise UserError(f"{path}: test images are {tuple(test_x.shape[1:])} but train images "
                         f"{tuple(train_x.shape[1:])}")
     num_classes = int(train_y.max()) + 1
-    missing = sorted(set(range(num_classes)) - set(train_y.unique().tolist()))
+    if num_classes > len(train_y):  # checked before anything is counted per class: a label of 10^12 allocates nothing
+        raise UserError(f"{path}: train_y holds the label {num_classes - 1} but only {len(train_y):,} images, so "
+                        "some classes have no training images; labels must run 0..C-1 with every class present")
+    missing = (torch.bincount(train_y, minlength=num_classes) == 0).nonzero().flatten().tolist()
     if missing:
         raise UserError(f"{path}: classes {missing[:5]} have no training images; labels must run 0..C-1 "
                         "with every class present")
@@ -193,8 +199,11 @@ def load_file(path):
 
 def file_images(x, path, key):
     if x.dtype != torch.uint8:
-        raise UserError(f"{path}: {key} is {x.dtype} but must be uint8 (0..255); "
-                        "convert with (x * 255).round().astype('uint8') if it holds floats in [0, 1]")
+        largest = 0 if x.dtype.is_floating_point or x.dtype.is_complex or not x.numel() else int(x.numpy().max())
+        advice = ("with (x * 255).round().astype('uint8') if it holds floats in [0, 1]" if x.dtype.is_floating_point
+                  else "with (x / 257).round().astype('uint8'), as it holds 16-bit pixels (0..65535)"
+                  if 255 < largest <= 65535 else "with x.astype('uint8') if it holds 0..255")
+        raise UserError(f"{path}: {key} is {x.dtype} but must be uint8 (0..255); convert {advice}")
     if x.ndim == 3:  # N x H x W grayscale
         x = x[:, None]
     channels_first = x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[2] == x.shape[3]
@@ -376,15 +385,38 @@ def write_glyphs(path, train=20_000, test=2_000):
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")  # ImageFolder's
 
 
-def class_images(folder):
+def class_images(folder, walked=None):
     """The image files under a class folder at any depth, sorted, as torchvision's
     ImageFolder finds them; a name starting with a dot (macOS's ._name.JPEG,
-    .ipynb_checkpoints) is never an image or a folder of them."""
+    .ipynb_checkpoints) is never an image or a folder of them. Links are followed
+    (a class folder may live on another disk), but each file and folder is read
+    once: a folder or file that `walked` (what the split's other classes hold)
+    already holds under another name, a link cycle included, is refused, since it
+    would count the same images twice, or in two classes."""
+    walked = {} if walked is None else walked  # (device, inode) -> the path it was first found under
     found = []
+
+    def visit(path, is_folder):
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:  # a broken link: a file that cannot be opened, named later as such
+            return True
+        first = walked.setdefault((stat.st_dev, stat.st_ino), path)
+        if first != path:
+            what = "folder" if is_folder else "file"
+            raise UserError(f"{path} is the {what} {first} again (a link); it would be read twice, "
+                            "or in two classes: remove the link, or copy what it points to")
+        return True
+    visit(folder, True)
     for parent, folders, files in os.walk(folder, followlinks=True):
         folders[:] = [name for name in folders if not name.startswith(".")]
-        found += [os.path.join(parent, name) for name in files
+        for name in folders:
+            visit(os.path.join(parent, name), True)
+        images = [os.path.join(parent, name) for name in files
                   if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)]
+        for path in images:
+            visit(path, False)
+        found += images
     return sorted(found)
 
 
@@ -400,9 +432,9 @@ def image_folder(root, split, classes=None):
     if unknown:
         raise UserError(f"{folder} holds classes the training images lack ({', '.join(unknown[:3])}); "
                         "remove them, or give their training images")
-    paths, labels = [], []
+    paths, labels, walked = [], [], {}
     for name in found:
-        files = class_images(os.path.join(folder, name))
+        files = class_images(os.path.join(folder, name), walked)
         if not files and classes is None:
             raise UserError(f"{os.path.join(folder, name)} holds no image ({', '.join(IMAGE_SUFFIXES)}); remove "
                             "the folder, or put its class's images in it")
@@ -812,7 +844,9 @@ def first_line(error, limit=200):
 
 def run_main(main):
     """Run a script's main(); a UserError ends it with one line and exit code 2.
-    Under torchrun, the process group ends with the script."""
+    Under torchrun, the process group ends with the script. SIGTERM (kill, a
+    scheduler's time limit) ends it as Ctrl-C does, so no half-written file stays."""
+    default = signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
     try:
         main()
         if dist.is_initialized():  # end together: a rank leaving the gloo group while another still
@@ -824,6 +858,7 @@ def run_main(main):
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     finally:
+        signal.signal(signal.SIGTERM, default)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -891,7 +926,9 @@ def parse_config(config_class, description, argv=None):
     unset = "the preset's, else the stage script's" if "preset" in {field.name for field in fields} else "unset"
     for field in fields:
         flag = "--" + field.name.replace("_", "-")
-        help_text = f"{comments.get(field.name, '')} (default: {unset if field.default is None else field.default})"
+        help_text = comments.get(field.name, "")
+        if "(unset" not in help_text:  # a comment that says what unset means says it best
+            help_text += f" (default: {unset if field.default is None else field.default})"
         kind = {"int": int, "float": float, "str": str, "bool": bool}.get(field.type, field.type)
         if field.default is dataclasses.MISSING:
             parser.add_argument(field.name, type=kind, help=comments.get(field.name))
@@ -915,7 +952,7 @@ def save_atomic(obj, path, writer=None):
     """writer(obj, file) (torch.save by default) into a temporary name, then
     rename: a run killed at any moment leaves either the old file or the new
     one, never half of one. A full disk is one line, with nothing left behind."""
-    temporary = f"{path}.tmp{os.getpid()}"
+    temporary = f"{path}.tmp{os.getpid()}"  # matches TEMPORARY
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(temporary, "wb") as file:  # a Python file, so that a full disk raises OSError
@@ -935,26 +972,63 @@ def save_atomic(obj, path, writer=None):
                         "then run the same command again to continue") from None
 
 
-def read_json(path):
+AGAIN = "remove it and run the same command again: it is made again from the files before it"
+
+
+def read_json(path, advice=AGAIN):
     if not os.path.exists(path):
         return None
     try:
         with open(path) as file:
             return json.load(file)
     except (OSError, ValueError) as error:
-        raise UserError(f"{path} is unreadable ({type(error).__name__}); delete it, or the run "
-                        "folder to start over") from None
+        raise UserError(f"{path} is damaged ({type(error).__name__}); {advice}") from None
 
 
 def write_json(obj, path):
     save_atomic(obj, path, writer=lambda obj, file: file.write(json.dumps(obj, indent=2).encode()))
 
 
-def read_artifact(path, redo, mmap=False):
+def read_artifact(path, redo=None, mmap=False):
+    """A file a stage wrote. A damaged one is refused with the cheapest true fix:
+    --redo `redo` where it holds what the run was made from (the split: the data),
+    else to remove it, since a missing file is made again from the ones before it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:
-        raise UserError(f"{path} is unreadable ({type(error).__name__}); rerun with --redo {redo}") from None
+        raise UserError(f"{path} is damaged ({type(error).__name__}); "
+                        + (f"rerun with --redo {redo}" if redo else AGAIN)) from None
+
+
+def file_identity(path):
+    """What a file holds, in words that change when its bytes do: its size and
+    CRC-32 ("" without a path). An input a stage read is recorded by this, so that
+    a file replaced under the same name is not taken for the one the stage read."""
+    if not path:
+        return ""
+    stat = os.stat(path)
+    return f"{stat.st_size:,} bytes, crc32 {file_crc(os.path.realpath(path), stat.st_size, stat.st_mtime_ns):08x}"
+
+
+@lru_cache(maxsize=64)
+def file_crc(path, size, mtime_ns):  # size and time in the key: a file rewritten since is read again
+    crc = 0
+    with open(path, "rb") as file:
+        while block := file.read(2 ** 24):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+TEMPORARY = re.compile(r"\.tmp\d+$")  # save_atomic's temporary names
+
+
+def remove_temporaries(folder):
+    """The half-written files of a process killed by SIGKILL inside save_atomic:
+    the folder's writer (who holds its lock) removes them."""
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            if TEMPORARY.search(name):
+                os.remove(os.path.join(parent, name))
 
 
 HELD_LOCKS = []  # open lock files: the kernel releases each when its process ends, SIGKILL included
@@ -1093,6 +1167,11 @@ def resume(path, config, free_to_change, world, rank, model, ema_model, optimize
     optimizer.load_state_dict(checkpoint["optimizer"])
     set_rng_state(checkpoint["rng"][rank])
     return checkpoint
+
+
+def memory_bytes():
+    """This machine's memory (its physical pages)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def device_name(device):

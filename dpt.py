@@ -48,8 +48,8 @@ class DPTConfig:
     dataset: str = "cifar10"        # cifar10 | cifar100 | svhn | shapes | glyphs | .pt/.npz | imagenet | a folder
     data_dir: str = "./data"        # where torchvision datasets are downloaded to
     labels: int = 1                 # labeled images per class
-    seed: int = 0                   # seed of the labeled split and of every stage
-    seeds: str = ""                 # A-B or A,B,C: one run per seed, then a sweep summary (mean and spread)
+    seed: int = None                # seed of the labeled split and of every stage (unset: 0)
+    seeds: str = ""                 # A-B or A,B,C: one run per seed instead of --seed, then their mean and spread
     preset: str = ""                # tiny | fast | cifar | imagenet; empty: fast with CUDA, tiny without
     out: str = "runs"               # the run lives in OUT/<dataset>-<labels>l-s<seed>
     redo: str = ""                  # rerun this stage and all after it: encode, stage1, stage2, sample, stage3, fid
@@ -208,6 +208,10 @@ def resolve(config):
         if not torch.cuda.is_available() and dist_rank() == 0:
             print("no CUDA device: running the tiny preset (give --preset to choose)", file=sys.stderr)
     data.check_fields(config, {"preset": data.one_of(*PRESETS)})
+    if config.seeds and config.seed is not None:
+        raise data.UserError(f"--seed {config.seed} --seeds {config.seeds}: give one of them (--seeds runs each "
+                             "of its seeds in turn)")
+    config.seed = 0 if config.seed is None else config.seed
     folder = config.dataset == "imagenet" or os.path.isdir(config.dataset)
     if folder != reads_folder(config) and not config.bench:  # --bench reads no dataset
         raise data.UserError(f"--dataset {config.dataset} --preset {config.preset}: "
@@ -256,7 +260,8 @@ REDO_STAGES = tuple(stage for stage in STAGES if stage != "split")  # --redo sta
 # glyphs.npz, a regenerated glyphs.npz is not. FREE_TO_CHANGE's settings change
 # nothing a stage made.
 FIELD_STAGE = {
-    **dict.fromkeys(("image_size", "autoencoder_size", "skip_bad_images", "msn_size"), "encode"),
+    **dict.fromkeys(("image_size", "autoencoder", "autoencoder_size", "skip_bad_images", "msn_size", "msn_weights"),
+                    "encode"),
     **dict.fromkeys(("labels", "seed", "label_subset"), "split"),
     **dict.fromkeys(("bf16", "flip", "probe_lambda", "ssl_arch", "ssl_steps", "ssl_batch", "ssl_uratio", "ssl_lr",
                      "ssl_lr_cosine", "ssl_ema", "ssl_precise_bn", "ssl_threshold", "ssl_tau",
@@ -266,14 +271,19 @@ FIELD_STAGE = {
                      "diffusion_augment", "diffusion_confident"), "stage2"),
     **dict.fromkeys(("sample_per_class", "sample_solver", "sample_steps", "sample_guidance"), "sample"),
     **dict.fromkeys(("stage3_steps", "stage3_real_fraction"), "stage3"),
-    **dict.fromkeys(("fid_reference", "fid_stats"), "fid"),
+    "fid_reference": "fid",
 }
 # Settings added after run folders were made with dpt.py, each with the value that
 # does what the versions before it did: a folder without one was made with that value.
 ADDED_SINCE = {"diffusion_confident": 1.0, "ssl_freematch_start": 0.0, "ssl_fairness": 0.0, "flip": True}
-FREE_TO_CHANGE = {"dataset", "data_dir", "out", "redo", "baseline", "fid_weights", "compile", "cuda_graphs",
-                  "preset", "ssl_eval_every", "diffusion_micro_batch", "bench", "report", "seeds", "autoencoder",
-                  "msn_weights"}
+# The files a stage reads are settings by what they hold (data.file_identity), not by
+# their path, so that a file replaced under its name is refused as another setting
+# would be; folders made before they were recorded take them as they are. The FID
+# stage's weights and reference statistics are recorded in each fid.json instead: they
+# may be found without a flag ($DPT_FID_WEIGHTS, torch's cache), or only later.
+FILE_SETTINGS = ("label_subset", "autoencoder", "msn_weights")
+FREE_TO_CHANGE = {"dataset", "data_dir", "out", "redo", "baseline", "fid_weights", "fid_stats", "compile",
+                  "cuda_graphs", "preset", "ssl_eval_every", "diffusion_micro_batch", "bench", "report", "seeds"}
 
 
 def classifier_settings(config, stage, out=""):
@@ -299,12 +309,14 @@ def sample_settings(config, out=""):
     return sample.SampleConfig(**settings, checkpoint="", out=out), SAMPLE_FLAGS
 
 
+MOST_SEEDS = 1000  # runs in one sweep: a typo such as 0-10000000000 is refused, not begun
 RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE, "labels": data.between(1, data.MOST_IMAGES),
          "seed": data.SEED, "out": data.NOT_A_FILE,
          "redo": ((lambda stage: stage in ("", *REDO_STAGES)), "one of " + ", ".join(REDO_STAGES)),
          "fid_weights": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
          "fid_reference": data.between(0, data.MOST_IMAGES),
-         "seeds": ((lambda text: not text or parse_seeds(text) is not None), "A-B or A,B,C: distinct seeds from 0"),
+         "seeds": ((lambda text: not text or parse_seeds(text) is not None),
+                   f"A-B or A,B,C: at most {MOST_SEEDS:,} distinct seeds, each {data.SEED[1]}"),
          "image_size": ((lambda side: side > 0 and side % 16 == 0), "a positive multiple of 16 (latents of side / 8)"),
          "autoencoder": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
          "autoencoder_size": data.one_of(*unet.AUTOENCODER_SIZES),
@@ -335,6 +347,13 @@ def check(config, world, dataset=None):
     side = config.image_size // 8 if latent else None if dataset is None else dataset.train_x.shape[-1]
     unet.check(settings, world, flags, resolution=side)
     sample.check(*sample_settings(config))
+    for flag, path, read in (("--fid-weights", config.fid_weights, fid.check_weights),
+                             ("--fid-stats", config.fid_stats, fid.read_stats)):
+        try:  # the files the last stage reads, read before the first: not a surprise after hours
+            if path:
+                read(path)
+        except fid.FIDError as error:
+            raise data.UserError(f"{flag}: {error}") from None
     if config.sample_guidance != 1 and not config.diffusion_label_dropout:  # the null class never learned
         raise data.UserError(f"--sample-guidance {config.sample_guidance}: guidance needs a diffusion model trained "
                              "with --diffusion-label-dropout above 0; give --sample-guidance 1, or "
@@ -344,6 +363,12 @@ def check(config, world, dataset=None):
         # FID's covariances need 2 images on every process, of the reference and of the samples.
         reference = min(config.fid_reference or len(dataset.train_y), len(dataset.train_y))
         generated = config.sample_per_class * dataset.num_classes
+        side = config.image_size if latent else dataset.train_x.shape[-1]
+        held = generated * 3 * side ** 2  # uint8 pixels, which every process holds at once
+        if held > data.memory_bytes():
+            raise data.UserError(f"--sample-per-class {config.sample_per_class}: {generated:,} images of {side}x"
+                                 f"{side} ({held / 2 ** 30:,.0f} GiB) do not fit in this machine's "
+                                 f"{data.memory_bytes() / 2 ** 30:,.0f} GiB; give fewer")
         if (reference < 2 * world and not config.fid_stats) or generated < 2 * world:
             raise data.UserError(f"--fid-reference {config.fid_reference} and --sample-per-class "
                                  f"{config.sample_per_class} give a process fewer than 2 images to compute FID "
@@ -416,30 +441,90 @@ def remove_stages(run, stages):
     data.write_json({k: v for k, v in timings.items() if k not in untimed}, os.path.join(run, "timings.json"))
 
 
-def check_run_folder(config, run):
-    """Refuse settings that differ from the ones this run folder was made with,
-    unless --redo reruns the first stage they affect; then remove that stage's
-    files and those of every later stage, once: until the run finishes,
-    redo.json remembers the redo, so that the same command after a kill resumes
-    it instead of throwing its progress away again."""
-    path = os.path.join(run, "config.json")
+def run_settings(config):
+    """What config.json records: the settings that change what a stage makes,
+    each input file by what it holds."""
     settings = {k: v for k, v in asdict(config).items() if k not in FREE_TO_CHANGE}
-    saved = data.read_json(path)
-    if saved is not None:
-        saved = {**{k: v for k, v in ADDED_SINCE.items() if k in settings}, **saved}
+    return {**settings, **{name: data.file_identity(getattr(config, name)) for name in FILE_SETTINGS}}
+
+
+def check_run_folder(config, run, dataset):
+    """Decide, then change files. Refuse settings or input files that differ
+    from the ones this run folder was made with, unless --redo reruns the first
+    stage they affect, and any file the run keeps that it could not go on from
+    (check_kept); only then remove that stage's files and those of every later
+    stage, once: until the run finishes, redo.json remembers the redo, so that the
+    same command after a kill resumes it instead of throwing its progress away
+    again. A refused command leaves the folder as it was."""
+    path = os.path.join(run, "config.json")
+    settings = run_settings(config)
+    saved = data.read_json(path, advice="the settings its files were made with are unknown; delete the folder "
+                                        f"{run} to start over, or choose another --out")
+    if saved is not None:  # settings added since the folder was made, and those no longer recorded there
+        saved = {**{k: v for k, v in ADDED_SINCE.items() if k in settings},
+                 **{k: settings[k] for k in FILE_SETTINGS}, **saved}
+        saved = {k: v for k, v in saved.items() if k not in FREE_TO_CHANGE}
     first = first_to_rerun(config, run, settings, saved)
     pending = data.read_json(os.path.join(run, "redo.json"))  # a --redo begun and not finished
     resumed = config.redo and saved == settings and pending == {"redo": config.redo}
+    removed = STAGES[first:] if saved is not None and not resumed else ()
+    check_kept(config, run, dataset, STAGES[:first], removed)
     if resumed and dist_rank() == 0:
         print(f"resuming the --redo {config.redo} begun earlier in {run} (its progress kept)", file=sys.stderr)
-    barrier()  # every rank has compared before rank 0 removes anything
-    if dist_rank() == 0 and not resumed:
-        removed = STAGES[first:] if saved is not None else ()
-        remove_stages(run, removed)
+    barrier()  # every rank has checked before rank 0 changes anything
+    if dist_rank() == 0:
+        if removed or saved is None:
+            remove_stages(run, removed)
         data.write_json(settings, path)
         if removed:
             data.write_json({"redo": config.redo}, os.path.join(run, "redo.json"))
+        data.remove_temporaries(run)  # a SIGKILL's half-written files: this run holds the folder's lock
     barrier()
+
+
+def check_kept(config, run, dataset, kept, removed):
+    """Refuse, in one line and before anything is removed, what would stop the run
+    later: a file of the `kept` stages made from other data than the dataset holds
+    now (the split's contents, the encoded folder's files), made with other FID
+    inputs, or damaged; and in the imagenet preset, networks that cannot be loaded
+    where a stage will load them (encoding, sampling)."""
+    def path(name):
+        return os.path.join(run, name)
+    if "split" in kept and os.path.exists(path("split.pt")):
+        split = data.read_artifact(path("split.pt"), "stage1", mmap=True)
+        if split.get("contents") != contents_crc(dataset) or split.get("size") != len(dataset.train_y):
+            raise data.UserError(f"{run} was made from other data than {config.dataset} holds now (a regenerated "
+                                 "or another file of that name); add --redo stage1 to start over on it, or choose "
+                                 "another --out")
+    if "encode" in kept and os.path.exists(path("encoded.pt")):
+        encoded = data.read_artifact(path("encoded.pt"), "encode", mmap=True)
+        records = {"train": dataset.train_files, "test": dataset.test_files}
+        changes = "; ".join(f"{split}: {changed}" for split, files in records.items() if (
+            changed := data.folder_changes((encoded[split] or {}).get("files", []),
+                                           data.file_records(files, dataset.root))))
+        if changes:  # never latents or features of other files than the folder's
+            raise data.UserError(f"{dataset.root} changed since {run} encoded it ({changes}); add --redo encode "
+                                 "to encode it again, or put the files back")
+    if "fid" in kept:
+        check_fid_inputs(config, [path(FID_FILES[name]) for name in FID_FILES])
+    for name in [name for stage in kept for name in MADE_BY[stage]] + ["timings.json", "results.json"]:
+        for file in files_under(path(name)):
+            if file.endswith(".pt"):
+                data.read_artifact(file, mmap=True)
+            elif file.endswith(".json"):
+                data.read_json(file)
+    made_again = lambda name: not os.path.exists(path(name)) or any(
+        name == made or name.startswith(made + "/") for stage in removed for made in MADE_BY[stage])
+    decoded = ["samples.pt"] + ["few_labels/samples.pt", "every_label/samples.pt"] * bool(config.baseline)
+    if reads_folder(config) and any(made_again(name) for name in ["encoded.pt", *decoded]):
+        load_msn(config, "cpu"), unet.load_autoencoder(config.autoencoder, config.autoencoder_size)
+
+
+def files_under(path):
+    """`path` if it is a file, the files under it if it is a folder, else none."""
+    if os.path.isfile(path):
+        return [path]
+    return [os.path.join(parent, name) for parent, _, names in os.walk(path) for name in sorted(names)]
 
 
 def once(path, make, load=None, every_rank=True, timed=None):
@@ -479,16 +564,13 @@ def labeled_split(config, dataset):
 
 def stage_split(config, run, dataset):
     """The labeled images, drawn once and kept with the contents they were drawn
-    from: a run folder never goes on with another dataset than the one it began."""
+    from, which check_kept compares with the dataset's: a run folder never goes on
+    with another dataset than the one it began."""
     path, contents = os.path.join(run, "split.pt"), contents_crc(dataset)
     make = lambda: data.save_atomic({"indices": labeled_split(config, dataset), "seed": config.seed,
                                      "dataset": dataset.name, "size": len(dataset.train_y), "contents": contents}, path)
     split = once(path, make, lambda path: data.read_artifact(path, "stage1"), every_rank=False, timed=(run, "split"))
-    if split.get("contents") != contents or split.get("size") != len(dataset.train_y):
-        raise data.UserError(f"{run} was made from other data than {config.dataset} holds now (a regenerated "
-                             "or another file of that name); add --redo stage1 to start over on it, or choose "
-                             "another --out")
-    return split["indices"]
+    return split["indices"]  # one kept from an earlier command: of this data (check_kept)
 
 
 def stage_pseudo_labels(run, learner, model, dataset):
@@ -560,6 +642,28 @@ def sample_into(config, checkpoint, folder, device, rank, world, timed=None):
     return once(path, make, lambda path: data.read_artifact(path, "sample"), timed=timed)
 
 
+def fid_inputs(config):
+    """The files FID reads, by what they hold: the Inception weights (None while
+    there are none: FID is skipped) and the reference statistics (None: the
+    training images', or the imagenet preset's ADM statistics)."""
+    weights = fid.weights_file(config.fid_weights or None)
+    return {"fid_weights": weights and data.file_identity(weights), "fid_stats": data.file_identity(config.fid_stats)
+            or None}
+
+
+def check_fid_inputs(config, paths):
+    """Refuse fid.json files computed with other FID weights or statistics than
+    these; a run that has none (offline) keeps them, as it could not remake them."""
+    current = fid_inputs(config)
+    for path in filter(os.path.exists, paths):
+        recorded = data.read_json(path)
+        changed = [key for key, identity in current.items() if identity and recorded.get(key, identity) != identity]
+        if changed:
+            raise data.UserError(f"{path} was computed with other --{changed[0].replace('_', '-')} "
+                                 f"({recorded.get(changed[0]) or 'none'}) than now ({current[changed[0]]}); add --redo fid to "
+                                 "compute it again, or give the file it was computed with")
+
+
 def split_statistics(model, images, keep_logits, rank, world, read=None):
     """Inception statistics of `images` (uint8, or files that read(file) turns
     into uint8 images), each rank taking every world-th image."""
@@ -618,8 +722,8 @@ def stage_fid(config, run, dataset, sample_sets, device, rank, world):
                     print(f"FID of the {name} samples skipped: {error}", file=sys.stderr)
                     continue
                 data.write_json({"fid": score, "inception_score": fid.inception_score(generated["logits"])[0],
-                                 "generated_images": generated["count"], "reference_images": real.get("count")},
-                                path)
+                                 "generated_images": generated["count"], "reference_images": real.get("count"),
+                                 **fid_inputs(config)}, path)
     if missing:
         start = time.perf_counter()
         make()
@@ -903,13 +1007,8 @@ def stage_encode(config, run, dataset, device):
         if rank == 0:
             data.save_atomic({"train": train, "test": test}, path)
             shutil.rmtree(folder)
-    encoded = once(path, make, lambda path: data.read_artifact(path, "encode", mmap=True), timed=(run, "encode"))
-    changes = "; ".join(f"{split}: {changed}" for split in records if (changed := data.folder_changes(
-        (encoded[split] or {}).get("files", []), records[split])))
-    if changes:  # never latents or features of other files than the folder's
-        raise data.UserError(f"{dataset.root} changed since {run} encoded it ({changes}); add --redo encode to "
-                             "encode it again, or put the files back")
-    return encoded
+    # One kept from an earlier command was made from the folder's files as they are (check_kept).
+    return once(path, make, lambda path: data.read_artifact(path, "encode", mmap=True), timed=(run, "encode"))
 
 
 # -----------------------------------------------------------------------------
@@ -951,9 +1050,7 @@ def run_dpt(config, dataset, device, rank, world):
 def run_stages(config, run, dataset, device, rank, world):
     """Each stage in order (each skipped when done), then results.json, report.html and the summary."""
     folder = reads_folder(config)
-    if folder and config.redo == "encode":  # the networks it would encode with load, before the redo removes anything
-        load_msn(config, "cpu"), unet.load_autoencoder(config.autoencoder, config.autoencoder_size)
-    check_run_folder(config, run)
+    check_run_folder(config, run, dataset)
     if rank == 0:
         print(f"DPT on {dataset.name}, {config.labels} labels per class, preset {config.preset}: {run}")
 
@@ -1052,16 +1149,20 @@ def write_results(config, run, dataset, device, samples, *, stage1_metrics, pseu
 
 
 def parse_seeds(text):
-    """[A, ..., B] from "A-B", [A, B, C] from "A,B,C"; None when it is neither."""
+    """[A, ..., B] from "A-B", [A, B, C] from "A,B,C": at most MOST_SEEDS distinct
+    seeds, each one --seed takes; None when it is not."""
     try:
         if "-" in text:
             first, last = (int(part) for part in text.split("-"))
+            if not 0 <= last - first < MOST_SEEDS:  # checked before the list is made: 0-10^11 allocates nothing
+                return None
             seeds = list(range(first, last + 1))
         else:
             seeds = [int(part) for part in text.split(",")]
     except ValueError:
         return None
-    return seeds if seeds and min(seeds) >= 0 and len(set(seeds)) == len(seeds) else None
+    valid = seeds and len(seeds) <= MOST_SEEDS and len(set(seeds)) == len(seeds) and all(map(data.SEED[0], seeds))
+    return seeds if valid else None
 
 
 def write_sweep(config, dataset, runs):

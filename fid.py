@@ -229,6 +229,30 @@ class FIDInception(nn.Module):
 # download checked against the hash in its name. Never other weights.
 
 
+def weights_file(weights=None):
+    """The file load_inception would read: --weights, $DPT_FID_WEIGHTS, else the
+    torch hub cache's copy; None where there is none (it would be downloaded)."""
+    weights = weights or os.environ.get(WEIGHTS_ENV)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URL))
+    return weights if weights and os.path.isfile(weights) else cached if not weights and os.path.isfile(cached) else None
+
+
+def check_weights(path):
+    """Refuse a file that is not pytorch-fid's Inception state dict from its header
+    (names and shapes; the values are not read), before any work that FID ends."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with torch.device("meta"):
+            expected = {name: tuple(value.shape) for name, value in FIDInception().state_dict().items()}
+        found = {name: tuple(value.shape) for name, value in state_dict.items()}
+    except Exception as error:
+        raise FIDError(f"{path} is not pytorch-fid's Inception weights ({type(error).__name__}); "
+                       f"download {WEIGHTS_URL}") from None
+    wrong = sorted(set(expected) ^ set(found)) or [name for name in expected if expected[name] != found[name]]
+    if wrong:
+        raise FIDError(f"{path} is not pytorch-fid's Inception weights ({wrong[0]} differs); download {WEIGHTS_URL}")
+
+
 def load_inception(weights=None, device="cpu"):
     weights = weights or os.environ.get(WEIGHTS_ENV)
     if weights:
@@ -445,12 +469,18 @@ def save_stats(stats, path):
 
 
 def read_stats(path):
+    """Reference statistics (mu [2048], sigma [2048, 2048]: Inception's pool3
+    features), refused in one line when they are not."""
     try:
         with np.load(path) as archive:
-            return {"mu": archive["mu"], "sigma": archive["sigma"]}
+            stats = {"mu": archive["mu"], "sigma": archive["sigma"]}
     except Exception as error:
         raise FIDError(f"cannot read statistics {path} ({type(error).__name__}); "
                        "expected an .npz with mu and sigma") from None
+    if stats["mu"].shape != (2048,) or stats["sigma"].shape != (2048, 2048):
+        raise FIDError(f"statistics {path} hold mu {stats['mu'].shape} and sigma {stats['sigma'].shape}, not "
+                       "Inception's (2048,) and (2048, 2048)")
+    return stats
 
 
 # -----------------------------------------------------------------------------

@@ -353,7 +353,7 @@ def check(config, world, dataset=None):
             if path:
                 read(path)
         except fid.FIDError as error:
-            raise data.UserError(f"{flag}: {error}") from None
+            raise data.UserError(f"{flag} {error}") from None  # "--fid-weights PATH is not ..."
     if config.sample_guidance != 1 and not config.diffusion_label_dropout:  # the null class never learned
         raise data.UserError(f"--sample-guidance {config.sample_guidance}: guidance needs a diffusion model trained "
                              "with --diffusion-label-dropout above 0; give --sample-guidance 1, or "
@@ -465,7 +465,8 @@ def check_run_folder(config, run, dataset):
                  **{k: settings[k] for k in FILE_SETTINGS}, **saved}
         saved = {k: v for k, v in saved.items() if k not in FREE_TO_CHANGE}
     first = first_to_rerun(config, run, settings, saved)
-    pending = data.read_json(os.path.join(run, "redo.json"))  # a --redo begun and not finished
+    pending = data.read_json(os.path.join(run, "redo.json"),  # a --redo begun and not finished
+                             advice="remove it and run the same command again (a --redo begins again)")
     resumed = config.redo and saved == settings and pending == {"redo": config.redo}
     removed = STAGES[first:] if saved is not None and not resumed else ()
     check_kept(config, run, dataset, STAGES[:first], removed)
@@ -490,12 +491,6 @@ def check_kept(config, run, dataset, kept, removed):
     where a stage will load them (encoding, sampling)."""
     def path(name):
         return os.path.join(run, name)
-    if "split" in kept and os.path.exists(path("split.pt")):
-        split = data.read_artifact(path("split.pt"), "stage1", mmap=True)
-        if split.get("contents") != contents_crc(dataset) or split.get("size") != len(dataset.train_y):
-            raise data.UserError(f"{run} was made from other data than {config.dataset} holds now (a regenerated "
-                                 "or another file of that name); add --redo stage1 to start over on it, or choose "
-                                 "another --out")
     if "encode" in kept and os.path.exists(path("encoded.pt")):
         encoded = data.read_artifact(path("encoded.pt"), "encode", mmap=True)
         records = {"train": dataset.train_files, "test": dataset.test_files}
@@ -505,14 +500,22 @@ def check_kept(config, run, dataset, kept, removed):
         if changes:  # never latents or features of other files than the folder's
             raise data.UserError(f"{dataset.root} changed since {run} encoded it ({changes}); add --redo encode "
                                  "to encode it again, or put the files back")
+    if "split" in kept and os.path.exists(path("split.pt")):
+        split = data.read_artifact(path("split.pt"), "stage1", mmap=True)
+        if split.get("contents") != contents_crc(dataset) or split.get("size") != len(dataset.train_y):
+            raise data.UserError(f"{run} was made from other data than {config.dataset} holds now (a regenerated "
+                                 "or another file of that name); add --redo stage1 to start over on it, or choose "
+                                 "another --out")
     if "fid" in kept:
         check_fid_inputs(config, [path(FID_FILES[name]) for name in FID_FILES])
-    for name in [name for stage in kept for name in MADE_BY[stage]] + ["timings.json", "results.json"]:
+    for name in [name for stage in kept for name in MADE_BY[stage]] + ["results.json"]:
         for file in files_under(path(name)):
             if file.endswith(".pt"):
                 data.read_artifact(file, mmap=True)
             elif file.endswith(".json"):
                 data.read_json(file)
+    data.read_json(path("timings.json"), advice="remove it and run the same command again (the wall times of "
+                                                "the stages done are lost)")
     made_again = lambda name: not os.path.exists(path(name)) or any(
         name == made or name.startswith(made + "/") for stage in removed for made in MADE_BY[stage])
     decoded = ["samples.pt"] + ["few_labels/samples.pt", "every_label/samples.pt"] * bool(config.baseline)
@@ -1126,7 +1129,7 @@ def write_results(config, run, dataset, device, samples, *, stage1_metrics, pseu
         "oracle_accuracy": oracle_metrics.get("accuracy"),  # the oracle's own test accuracy
         "oracle": oracle_path,
         "generation": generation,  # few_labels, dpt, every_label (the references with --baseline)
-        "wall_time_s": data.read_json(os.path.join(run, "timings.json")),
+        "wall_time_s": data.read_json(os.path.join(run, "timings.json")) or {},
         "config": asdict(config),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
         "device": data.device_name(device),

@@ -475,11 +475,11 @@ def read_stats(path):
         with np.load(path) as archive:
             stats = {"mu": archive["mu"], "sigma": archive["sigma"]}
     except Exception as error:
-        raise FIDError(f"cannot read statistics {path} ({type(error).__name__}); "
-                       "expected an .npz with mu and sigma") from None
+        raise FIDError(f"{path} is not an .npz of FID statistics ({type(error).__name__}); expected one with mu "
+                       "and sigma") from None
     if stats["mu"].shape != (2048,) or stats["sigma"].shape != (2048, 2048):
-        raise FIDError(f"statistics {path} hold mu {stats['mu'].shape} and sigma {stats['sigma'].shape}, not "
-                       "Inception's (2048,) and (2048, 2048)")
+        raise FIDError(f"{path} holds statistics of mu {stats['mu'].shape} and sigma {stats['sigma'].shape}, not "
+                       "of Inception's 2048 features")
     return stats
 
 

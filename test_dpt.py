@@ -253,7 +253,10 @@ def test_file_grayscale_becomes_rgb_and_odd_sides_are_zero_padded_to_a_multiple_
 
 BAD_FILES = {
     "no train_y":        (dict(train_x=torch.zeros(4, 3, 8, 8, dtype=torch.uint8)), "needs train_x and train_y"),
-    "float images":      (dict(train_x=torch.rand(4, 3, 8, 8), train_y=torch.arange(4)), "must be uint8"),
+    "float images":      (dict(train_x=torch.rand(4, 3, 8, 8), train_y=torch.arange(4)), "(x * 255).round()"),
+    "16-bit images":     (dict(train_x=torch.full((4, 3, 8, 8), 40_000, dtype=torch.uint16), train_y=torch.arange(4)),
+                          "(x / 257).round()"),
+    "int64 images":      (dict(train_x=torch.full((4, 3, 8, 8), 200), train_y=torch.arange(4)), "x.astype('uint8')"),
     "float labels":      (dict(train_x=torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
                                train_y=torch.zeros(4)), "integer class labels"),
     "not square":        (dict(train_x=torch.zeros(4, 3, 8, 6, dtype=torch.uint8),
@@ -266,6 +269,9 @@ BAD_FILES = {
                                train_y=torch.tensor([0, 1, -1, 1])), "negative label"),
     "missing class":     (dict(train_x=torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
                                train_y=torch.tensor([0, 2, 2, 0])), "no training images"),
+    # A label of 10^12 is refused before anything is counted per class (a set of 10^12 classes: MemoryError).
+    "a label of 10^12":  (dict(train_x=torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
+                               train_y=torch.tensor([0, 1, 10 ** 12, 1])), "the label 1000000000000 but only 4 images"),
     "test label range":  (dict(train_x=torch.zeros(4, 3, 8, 8, dtype=torch.uint8), train_y=torch.tensor([0, 1, 0, 1]),
                                test_x=torch.zeros(2, 3, 8, 8, dtype=torch.uint8), test_y=torch.tensor([0, 2])),
                           "test_y holds label 2"),
@@ -2749,10 +2755,17 @@ def test_a_run_folder_made_before_a_flag_was_renamed_is_refused_not_misread(tmp_
     old = {("arch" if name == "ssl_arch" else name): value for name, value in dataclasses.asdict(config).items()
            if name not in dpt.FREE_TO_CHANGE}
     (run / "config.json").write_text(json.dumps(old))
-    (run / "split.pt").write_text("kept")
+    dataset = write_split(run)
     with pytest.raises(data.UserError, match="another version of dpt.py .*arch, ssl_arch.*another --out"):
-        dpt.check_run_folder(config, str(run))
-    assert (run / "split.pt").read_text() == "kept"  # nothing was removed
+        dpt.check_run_folder(config, str(run), dataset)
+    assert (run / "split.pt").exists()  # nothing was removed
+
+
+def write_split(run):
+    """A split.pt of a small dataset, which is returned."""
+    dataset = data.Dataset("shapes", torch.zeros(10, 3, 8, 8, dtype=torch.uint8), torch.arange(10) % 2, None, None, 2)
+    torch.save({"indices": torch.arange(2), "contents": dpt.contents_crc(dataset), "size": 10}, run / "split.pt")
+    return dataset
 
 
 @pytest.mark.parametrize("dataset, told, flip", [("glyphs", [], False), ("shapes", [], True),
@@ -2783,15 +2796,15 @@ def test_a_run_folder_made_before_a_setting_was_added_reads_as_made_with_what_th
     old = {key: value for key, value in dataclasses.asdict(config).items()
            if key not in dpt.FREE_TO_CHANGE and key != name}
     (run / "config.json").write_text(json.dumps(old))
-    for kept in ("split.pt", stage):
-        (run / kept).write_text("kept")
+    dataset = write_split(run)
+    (run / stage).write_text("kept")
     with pytest.raises(data.UserError, match=rf"other settings \({name}\); add --redo {stage}"):
-        dpt.check_run_folder(config, str(run))
+        dpt.check_run_folder(config, str(run), dataset)
     assert (run / stage).read_text() == "kept"
-    dpt.check_run_folder(dataclasses.replace(config, **{name: then}), str(run))  # what it did: goes on
+    dpt.check_run_folder(dataclasses.replace(config, **{name: then}), str(run), dataset)  # what it did: goes on
     assert (run / stage).read_text() == "kept"
     assert json.loads((run / "config.json").read_text())[name] == then
-    dpt.check_run_folder(dataclasses.replace(config, redo=stage), str(run))
+    dpt.check_run_folder(dataclasses.replace(config, redo=stage), str(run), dataset)
     assert not (run / stage).exists()
     assert (run / "split.pt").exists() == (stage != "stage1")  # --redo stage1 draws the split again
 
@@ -3801,28 +3814,89 @@ def test_every_network_dpt_loads_goes_to_the_runs_device(quick_run, fid_weights,
     assert len(used) == 3 + 4 + 2 + 3 + 3 + 1 and set(used) == {meta}
 
 
-@pytest.mark.parametrize("damaged", ["stage1/classifier.pt", "stage2/diffusion.pt", "samples.pt",
-                                     "stage3/classifier.pt", "fid.json"])
-def test_a_damaged_artifact_is_one_line_whose_advice_followed_literally_finishes_the_run(
+@pytest.mark.parametrize("damaged", ["stage1/classifier.pt", "pseudo_labels.pt", "stage2/diffusion.pt",
+                                     "samples.pt", "stage3/classifier.pt", "fid.json", "timings.json"])
+def test_a_damaged_artifact_is_one_line_whose_advice_followed_literally_remakes_it_alone(
         quick_run, tmp_path, damaged):
+    """The cheapest true fix: a file that the files before it make again is
+    removed and made again alone, the same as before (a redo would rerun every
+    later stage too); its wall time aside, every other file stays as it was."""
     out = tmp_path / "out"
     shutil.copytree(quick_run[1].parent, out)
     run = out / "shapes-1l-s0"
+    whole = folder_state(run)
     (run / damaged).write_bytes(b"half a file")
-    if damaged == "stage2/diffusion.pt":
-        (run / "samples.pt").unlink()  # else the diffusion model is not needed again
     command = [*QUICK, "--out", str(out)]
     refused = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
-    assert_one_line_error(refused, damaged)
-    advice = refused.stderr
-    if "--redo" in advice:
-        command += ["--redo", re.search(r"--redo (\w+)", advice).group(1)]
-    else:
-        assert "delete it" in advice or "delete a damaged one" in advice, advice
-        (run / damaged).unlink()
+    assert_one_line_error(refused, damaged, "remove it and run the same command again")
+    (run / damaged).unlink()
     finished = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert (run / "results.json").exists()
+    remade = folder_state(run)
+    written = {"results.json", "report.html", "timings.json"}  # by every finished command
+    if damaged == "fid.json":  # without Inception weights (offline), FID is skipped instead
+        assert "FID skipped" in finished.stderr and "fid.json" not in remade
+        written.add("fid.json")
+    if damaged.endswith("classifier.pt") or damaged.endswith("diffusion.pt"):  # timed afresh: its weights
+        written.add(damaged)
+        assert_same_tensors(torch.load(run / damaged)["model"], torch.load(quick_run[1] / damaged)["model"])
+    assert {name: digest for name, digest in remade.items() if name not in written} == {
+        name: digest for name, digest in whole.items() if name not in written}
+
+
+def assert_same_tensors(found, expected):
+    assert found.keys() == expected.keys() and all(torch.equal(found[k], expected[k]) for k in expected)
+
+
+def folder_state(folder):
+    """Every file under `folder` and a digest of its bytes, but the lock's (it
+    names the last process that held it)."""
+    return {str(path.relative_to(folder)): zlib.crc32(path.read_bytes()) for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.name != "run.lock"}
+
+
+REFUSALS = {  # a finished run changed so, then its command with these flags: one line with these words
+    "the data regenerated": ([], "was made from other data", "--redo stage1"),
+    "the data regenerated, --redo stage2": (["--redo", "stage2"], "was made from other data", "--redo stage1"),
+    "another setting": (["--ssl-steps", "13"], "other settings (ssl_steps)", "--redo stage1"),
+    "other FID weights under the same name": ([], "fid.json was computed with other --fid-weights", "--redo fid"),
+    "a damaged pseudo_labels.pt, --redo sample": (["--redo", "sample"], "pseudo_labels.pt is damaged",
+                                                 "remove it"),
+    "a damaged split.pt, --redo stage2": (["--redo", "stage2"], "split.pt is damaged", "--redo stage1"),
+    "a damaged config.json": ([], "config.json is damaged", "delete the folder"),
+    "a damaged redo.json, --redo stage3": (["--redo", "stage3"], "redo.json is damaged", "remove it"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_a_refused_command_leaves_every_file_of_the_run_folder_as_it_was(quick_run, fid_weights, tmp_path, case,
+                                                                          monkeypatch):
+    """It decides before it removes: results.json, the stages a --redo would
+    rerun and their wall times are all still there after the refusal."""
+    flags, *words = REFUSALS[case]
+    run = tmp_path / "shapes-1l-s0"
+    shutil.copytree(quick_run[1], run)
+    dataset, weights = SHAPES_FILE, str(tmp_path / "inception.pth")
+    shutil.copy(fid_weights, weights)  # the run's FID weights, found where they were
+    if "regenerated" in case:  # another file of the same name: the same run folder
+        dataset = str(tmp_path / "regenerated" / "shapes.pt")
+        os.makedirs(os.path.dirname(dataset))
+        (train_x, train_y), (test_x, test_y) = data.make_shapes(2000, seed=7), data.make_shapes(500, seed=8)
+        torch.save({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y, "flips": True},
+                   dataset)
+    elif "FID weights" in case:
+        torch.manual_seed(1)
+        torch.save(fid.FIDInception().state_dict(), weights)
+    elif "damaged" in case:
+        (run / re.search(r"\w+\.(pt|json)", case).group(0)).write_bytes(b"half a file")
+    monkeypatch.setenv("DPT_FID_WEIGHTS", weights)
+    monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--out", str(tmp_path), *flags])
+    sys.argv[sys.argv.index("--dataset") + 1] = dataset
+    before = folder_state(run)
+    with pytest.raises(data.UserError) as refusal:
+        dpt.main()
+    assert all(word in str(refusal.value) for word in words) and "\n" not in str(refusal.value), refusal.value
+    assert folder_state(run) == before and "results.json" in before
 
 
 def test_a_library_user_can_call_dpt_main_again_after_it_refused_a_setting(quick_run, tmp_path, monkeypatch):
@@ -3928,9 +4002,45 @@ def test_every_count_has_a_ceiling_and_above_it_is_refused_before_any_work(name,
     assert_refused_before_any_work(name, ABOVE_CEILING[name], tmp_path, monkeypatch, capsys, "must be from ")
 
 
-def assert_refused_before_any_work(name, value, tmp_path, monkeypatch, capsys, words=""):
+# Refused where it is named, not after a run of the seeds before it, or of every stage before FID.
+REFUSED_WHERE_NAMED = {
+    "a seed numpy cannot take": ("seeds", "0,4294967296", (), "each from 0 to 2^31 - 1"),
+    "a seed beyond --seed's range": ("seeds", "0,2147483648", (), "each from 0 to 2^31 - 1"),
+    "10^11 seeds": ("seeds", "0-100000000000", (), "at most 1,000 distinct seeds"),
+    "--seed beside --seeds": ("seed", "7", ("--seeds", "0-1"), "give one of them"),
+    "FID weights that are not": ("fid_weights", A_FILE, (), "is not pytorch-fid's Inception weights"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_WHERE_NAMED)
+def test_seeds_and_the_fid_weights_are_checked_where_they_are_named(case, tmp_path, monkeypatch, capsys):
+    name, value, before, words = REFUSED_WHERE_NAMED[case]
+    assert_refused_before_any_work(name, value, tmp_path, monkeypatch, capsys, words, before)
+
+
+def test_fid_statistics_that_are_not_inceptions_are_refused_before_any_work(tmp_path):
+    np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
+    (tmp_path / "text.npz").write_text("mu, sigma")
+    for stats, words in (("small.npz", "not of Inception's 2048 features"), ("text.npz", "not an .npz of FID")):
+        config = dpt.DPTConfig(dataset=str(tmp_path), preset="imagenet", autoencoder=A_FILE,
+                               fid_stats=str(tmp_path / stats))
+        dpt.resolve(config)
+        with pytest.raises(data.UserError, match=f"--fid-stats {tmp_path / stats} .*{words}"):
+            dpt.check(config, 1)
+
+
+def test_more_samples_than_the_machine_holds_are_refused_before_stage_1(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--sample-per-class", str(10 ** 9), "--out", str(tmp_path)])
+    monkeypatch.setattr(data, "memory_bytes", lambda: 24 * 2 ** 30)
+    with pytest.raises(data.UserError, match=r"--sample-per-class 1000000000: 10,000,000,000 images of 32x32 "
+                                             r"\(28,610 GiB\) do not fit in this machine's 24 GiB"):
+        dpt.main()
+    assert os.listdir(tmp_path) == []
+
+
+def assert_refused_before_any_work(name, value, tmp_path, monkeypatch, capsys, words="", before=()):
     flag = "--" + name.replace("_", "-")
-    argv = [f"{flag}=yes"] if value is None else [flag, value]
+    argv = [*before, *([f"{flag}=yes"] if value is None else [flag, value])]
     monkeypatch.chdir(tmp_path)  # where ./data and a default --out would land
     monkeypatch.setattr(sys, "argv", ["dpt.py", "--dataset", "shapes", "--preset", "tiny", "--out", "runs", *argv])
     monkeypatch.setattr(data, "load_dataset", lambda *args: pytest.fail("the dataset loaded before the check"))
@@ -3972,11 +4082,12 @@ def test_a_corrupt_checkpoint_is_refused_and_kept(tmp_path):
     checkpoint.parent.parent.mkdir()
     config = data.parse_config(dpt.DPTConfig, "", [*QUICK, "--out", str(tmp_path)])
     dpt.resolve(config)
-    dpt.check_run_folder(config, str(checkpoint.parent.parent))  # the folder's config.json, as a run writes it
+    # the folder's config.json, as a run writes it
+    dpt.check_run_folder(config, str(checkpoint.parent.parent), data.load_dataset(SHAPES_FILE))
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(b"half a checkpoint")
     result = run_script("dpt.py", *QUICK, "--out", str(tmp_path))
-    assert_one_line_error(result, str(checkpoint), "unreadable")
+    assert_one_line_error(result, str(checkpoint), "damaged", "remove it")
     assert checkpoint.read_bytes() == b"half a checkpoint"  # never silently trained over
 
 
@@ -3993,6 +4104,36 @@ def test_a_full_disk_is_one_line_and_leaves_the_earlier_file_whole(tmp_path, mon
         data.save_atomic({"version": 2}, str(path))
     monkeypatch.undo()
     assert torch.load(path) == {"version": 1} and os.listdir(tmp_path) == ["artifact.pt"]
+
+
+def test_sigterm_inside_a_write_leaves_no_temporary_file_and_exits_as_killed(tmp_path):
+    path = tmp_path / "artifact.pt"
+    data.save_atomic({"version": 1}, str(path))
+    before = signal.getsignal(signal.SIGTERM)
+
+    def killed_while_writing():
+        def write(obj, file):
+            file.write(b"partial")
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` or a scheduler's time limit
+        data.save_atomic({"version": 2}, str(path), writer=write)
+    with pytest.raises(SystemExit) as exit:
+        data.run_main(killed_while_writing)
+    assert exit.value.code == 128 + signal.SIGTERM and os.listdir(tmp_path) == ["artifact.pt"]
+    assert torch.load(path) == {"version": 1} and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_sigkills_half_written_files_are_removed_by_the_next_run_into_the_folder(quick_run, tmp_path,
+                                                                                    monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(quick_run[1].parent, out)
+    run = out / "shapes-1l-s0"
+    (run / "stage2" / "ckpt.pt.tmp4242").write_bytes(b"")  # SIGKILL between open() and rename
+    (run / "samples.pt.tmp4243").write_bytes(b"half")
+    monkeypatch.setenv("DPT_FID_WEIGHTS", "/missing")
+    monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--out", str(out)])
+    dpt.main()
+    assert not [path for path in run.rglob("*") if data.TEMPORARY.search(path.name)]
+    assert (run / "stage2" / "ckpt.pt").exists() and (run / "samples.pt").exists()
 
 
 def test_only_a_full_disk_is_told_to_free_space_and_a_bug_met_while_writing_stays_a_traceback(tmp_path, monkeypatch):
@@ -4365,8 +4506,12 @@ def test_a_damaged_imagenet_artifact_is_one_line_whose_advice_followed_literally
     command = imagenet_command(root, "--out", str(tmp_path))
     refused = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert_one_line_error(refused, damaged)
-    redo = re.search(r"--redo (\w+)", refused.stderr).group(1)
-    finished = run_script("dpt.py", *command, "--redo", redo, DPT_FID_WEIGHTS="/missing")
+    if damaged == "encoded.pt":  # it records the files it encoded: made again by its stage, with all after it
+        command += ["--redo", re.search(r"--redo (\w+)", refused.stderr).group(1)]
+    else:  # a probe is fit again alone
+        assert "remove it and run the same command again" in refused.stderr
+        (run / damaged).unlink()
+    finished = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert (run / "results.json").exists() and ("encoding" in finished.stderr) == (damaged == "encoded.pt")
 
@@ -4449,6 +4594,26 @@ def test_classes_are_the_folders_that_hold_images_at_any_depth_and_never_hidden_
         data.load_folder(str(tmp_path))
 
 
+@pytest.mark.parametrize("link", ["a loop to the split", "a class linked into another", "an image in two classes"])
+def test_a_folder_holds_each_image_once_and_a_link_that_repeats_one_is_refused_naming_it(tmp_path, link):
+    """os.walk follows a link back up without noticing: 12 images read as 492 once."""
+    write_image_folder(tmp_path, per_class=2)
+    train = tmp_path / "train"
+    os.makedirs(tmp_path / "elsewhere" / "more")  # a link out of the folder is followed: one more image
+    Image.new("RGB", (8, 8)).save(tmp_path / "elsewhere" / "more" / "far.png")
+    os.symlink(tmp_path / "elsewhere" / "more", train / "n01" / "more")
+    dataset = data.load_folder(str(tmp_path))
+    assert torch.bincount(dataset.train_y).tolist() == [2, 3, 2]
+    linked, target = {"a loop to the split": (train / "n00" / "loop", ".."),
+                      "a class linked into another": (train / "n02" / "n00", train / "n00"),
+                      "an image in two classes": (train / "n02" / "twice.png", train / "n00" / "n00_0.JPEG")}[link]
+    os.symlink(target, linked)
+    with pytest.raises(data.UserError) as refusal:
+        data.load_folder(str(tmp_path))
+    assert "(a link)" in str(refusal.value) and "\n" not in str(refusal.value)
+    assert str(linked) in str(refusal.value) or str(target) in str(refusal.value), refusal.value
+
+
 def test_a_16_bit_grayscale_image_is_scaled_to_8_bits_not_clipped(tmp_path):
     levels = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
     Image.fromarray(levels).save(tmp_path / "deep.png")
@@ -4459,15 +4624,82 @@ def test_a_16_bit_grayscale_image_is_scaled_to_8_bits_not_clipped(tmp_path):
     assert all(torch.equal(channel, expected) for channel in crop)
 
 
-def test_a_redo_encode_whose_networks_cannot_load_removes_nothing(imagenet_run, tmp_path):
+INPUT_REFUSALS = {  # a finished imagenet-preset run, then its command with a file replaced or these flags
+    "the autoencoder replaced under its name": ("autoencoder", [], "other settings (autoencoder); add --redo encode"),
+    "MSN's weights replaced under their name": ("msn", [], "other settings (msn_weights); add --redo encode"),
+    "--redo sample, the autoencoder MSN's file": ("autoencoder", ["--redo", "sample"], "--redo encode"),
+    "--redo encode, MSN's weights the autoencoder's file": ("msn", ["--redo", "encode"], "is not MSN's tiny"),
+    "--redo stage1, a training image removed": ("folder", ["--redo", "stage1"], "1 removed (train/n0a/n0a_3.JPEG)"),
+}
+
+
+@pytest.mark.parametrize("case", INPUT_REFUSALS)
+def test_the_imagenet_presets_input_files_are_known_by_contents_and_a_refusal_removes_nothing(
+        imagenet_run, tmp_path, case, monkeypatch):
+    """Each network file is a setting of the encoding by what it holds (another file
+    of the same name encodes otherwise), and the networks a redo will load are
+    loaded before it removes anything."""
     root, reference = imagenet_run
-    shutil.copytree(reference, tmp_path / "folder-1l-s0")
-    before = sorted(path.name for path in (tmp_path / "folder-1l-s0").iterdir())
-    command = imagenet_command(root, "--out", str(tmp_path), "--redo", "encode")
-    command[command.index("--msn-weights") + 1] = str(root / "autoencoder_kl.pth")  # not an MSN's
-    result = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert sorted(path.name for path in (tmp_path / "folder-1l-s0").iterdir()) == before
+    replaced, flags, words = INPUT_REFUSALS[case]
+    run = tmp_path / "folder-1l-s0"
+    shutil.copytree(reference, run)
+    files = {"autoencoder": tmp_path / "autoencoder_kl.pth", "msn": tmp_path / "msn.pth.tar",
+             "folder": tmp_path / "folder"}
+    shutil.copy(root / "autoencoder_kl.pth", files["autoencoder"])
+    shutil.copy(root / "msn_tiny.pth.tar", files["msn"])
+    shutil.copytree(root / "folder", files["folder"])
+    command = imagenet_command(root, "--out", str(tmp_path), *flags)
+    for flag, name in (("--autoencoder", "autoencoder"), ("--msn-weights", "msn"), ("--dataset", "folder")):
+        command[command.index(flag) + 1] = str(files[name])
+    if case.endswith("under its name") or case.endswith("under their name"):
+        torch.manual_seed(1)  # other weights of the same network, written where the first were
+        if replaced == "autoencoder":
+            torch.save(unet.AutoencoderKL(**unet.AUTOENCODER_SIZES["tiny"]).state_dict(), files["autoencoder"])
+        else:
+            weights = torch.load(files["msn"], weights_only=True)
+            weights["target_encoder"] = {name: torch.randn_like(value)
+                                         for name, value in weights["target_encoder"].items()}
+            torch.save(weights, files["msn"])
+    elif replaced == "folder":
+        os.remove(files["folder"] / "train" / "n0a" / "n0a_3.JPEG")
+    else:  # the other network's file
+        shutil.copy(root / ("msn_tiny.pth.tar" if replaced == "autoencoder" else "autoencoder_kl.pth"),
+                    files[replaced])
+    monkeypatch.setenv("DPT_FID_WEIGHTS", "/missing")
+    monkeypatch.setattr(sys, "argv", ["dpt.py", *command])
+    before = folder_state(run)
+    with pytest.raises(data.UserError, match=re.escape(words)):
+        dpt.main()
+    assert folder_state(run) == before
+
+
+def test_a_label_subset_edited_after_a_run_is_refused_and_its_redo_is_a_fresh_run(imagenet_run, tmp_path):
+    """The subset file is a setting of the split by what it holds, not by its path."""
+    root, reference = imagenet_run
+    subset = tmp_path / "1imgs_class.txt"
+    subset.write_text("n0a_0.JPEG\nn0b_0.JPEG\nn0c_0.JPEG\n")
+    shutil.copytree(reference, tmp_path / "redone" / "folder-1l-s0")
+    command = imagenet_command(root, "--label-subset", str(subset))
+    first = run_script("dpt.py", *command, "--out", str(tmp_path / "redone"), "--redo", "stage1",
+                       DPT_FID_WEIGHTS="/missing")
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "redone" / "folder-1l-s0"
+    before = folder_state(run)
+    subset.write_text("n0a_4.JPEG\nn0b_2.JPEG\nn0c_5.JPEG\n")  # edited: the same path, other images
+    refused = run_script("dpt.py", *command, "--out", str(tmp_path / "redone"), DPT_FID_WEIGHTS="/missing")
+    assert_one_line_error(refused, "other settings (label_subset)", "--redo stage1")
+    assert folder_state(run) == before
+    redone = run_script("dpt.py", *command, "--out", str(tmp_path / "redone"), "--redo", "stage1",
+                        DPT_FID_WEIGHTS="/missing")
+    fresh = run_script("dpt.py", *command, "--out", str(tmp_path / "fresh"), DPT_FID_WEIGHTS="/missing")
+    assert redone.returncode == 0 and fresh.returncode == 0, redone.stderr[-2000:] + fresh.stderr[-2000:]
+    names = lambda folder: sorted(os.path.basename(data.load_folder(str(root / "folder")).train_files[i])
+                                  for i in torch.load(folder / "split.pt", weights_only=True)["indices"])
+    assert names(run) == names(tmp_path / "fresh" / "folder-1l-s0") == ["n0a_4.JPEG", "n0b_2.JPEG", "n0c_5.JPEG"]
+    results = [json.loads((folder / "results.json").read_text()) for folder in (run, tmp_path / "fresh" /
+                                                                                  "folder-1l-s0")]
+    for key in ("stage1_accuracy", "pseudo_label_accuracy", "stage3_accuracy", "sample_accuracy", "generation"):
+        assert results[0][key] == results[1][key], key
 
 
 def test_a_label_subset_file_names_the_labeled_images_as_msns_do(tmp_path):

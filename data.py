@@ -1023,8 +1023,8 @@ TEMPORARY = re.compile(r"\.tmp\d+$")  # save_atomic's temporary names
 
 
 def remove_temporaries(folder):
-    """The half-written files of a process killed by SIGKILL inside save_atomic:
-    the folder's writer (who holds its lock) removes them."""
+    """The half-written files of a process killed by SIGKILL inside save_atomic,
+    removed by the folder's next writer when it takes the lock (claim_folder)."""
     for parent, _, files in os.walk(folder):
         for name in files:
             if TEMPORARY.search(name):
@@ -1055,6 +1055,7 @@ def claim_folder(folder, rank=0, world=1, wait=False):
             file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
             file.flush()
             HELD_LOCKS.append(file)
+            remove_temporaries(folder)  # what a writer killed by SIGKILL left half-written: no one else writes
         except BlockingIOError:
             file.seek(0)
             refusal = (f"{folder} is in use by {file.read().strip() or 'another process'}; wait for it to end, "

@@ -479,7 +479,6 @@ def check_run_folder(config, run, dataset):
         data.write_json(settings, path)
         if removed:
             data.write_json({"redo": config.redo}, os.path.join(run, "redo.json"))
-        data.remove_temporaries(run)  # a SIGKILL's half-written files: this run holds the folder's lock
     barrier()
 
 

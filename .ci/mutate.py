@@ -1,0 +1,41 @@
+"""Prove that tests can fail: break the code on purpose, one mutation at a time,
+run the tests that should catch it, report CAUGHT or MISSED, and restore the file.
+
+    python .ci/mutate.py                      # every mutation (about 8 minutes on 2 cores)
+    python .ci/mutate.py "no label bound"     # one
+
+Each mutation is (file, text, replacement, pytest -k expression). A mutation whose
+text no longer occurs stops the script: update the table with the code it checks.
+"""
+import os
+import subprocess
+import sys
+
+os.chdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+MUTATIONS = {  # issue 44: a refusal costs nothing, every input known by its contents, every count bounded
+ "check after remove": ("dpt.py", "    check_kept(config, run, dataset, STAGES[:first], removed)\n", "", "refused_command_leaves"),
+ "walk unshared": ("data.py", "        files = class_images(os.path.join(folder, name), walked)", "        files = class_images(os.path.join(folder, name))", "holds_each_image"),
+ "no label bound": ("data.py", "    if num_classes > len(train_y):", "    if False:", "malformed_file and 10"),
+ "seed range": ("dpt.py", "and all(map(data.SEED[0], seeds))", "", "seeds_and"),
+ "no fid check": ("dpt.py", "                read(path)\n", "                pass\n", "seeds_and"),
+ "no memory bound": ("dpt.py", "        if held > data.memory_bytes():", "        if False:", "more_samples"),
+ "no sigterm": ("data.py", "    default = signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))", "    default = signal.getsignal(signal.SIGTERM)", "sigterm"),
+ "no temporaries removed": ("data.py", "            remove_temporaries(folder)  #", "            pass  #", "sigkill"),
+ "identity by path": ("dpt.py", "    return {**settings, **{name: data.file_identity(getattr(config, name)) for name in FILE_SETTINGS}}", "    return {**settings, **{name: getattr(config, name) for name in FILE_SETTINGS}}", "input_files_are_known or label_subset_edited"),
+ "no fid inputs": ("dpt.py", "        check_fid_inputs(config, [path(FID_FILES[name]) for name in FID_FILES])", "        pass", "refused_command_leaves and FID"),
+ "no network check": ("dpt.py", "        load_msn(config, \"cpu\"), unet.load_autoencoder(config.autoencoder, config.autoencoder_size)", "        pass", "input_files_are_known"),
+ "uint16 advice": ("data.py", "if 255 < largest <= 65535", "if False", "malformed_file"),
+ "config advice": ("dpt.py", 'advice="the settings its files were made with are unknown; delete the folder "', 'advice="the settings are unknown "', "refused_command_leaves and config"),
+}
+names = sys.argv[1:] or list(MUTATIONS)
+for name in names:
+    path, old, new, tests = MUTATIONS[name]
+    src = open(path).read()
+    assert src.count(old) == 1, (name, src.count(old))
+    open(path, "w").write(src.replace(old, new))
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--no-header", "-p", "no:cacheprovider", "-k", tests], capture_output=True, text=True)
+        last = r.stdout.strip().splitlines()[-1]
+        print(f"{name}: {'CAUGHT' if r.returncode else 'MISSED'}: {last}", flush=True)
+    finally:
+        open(path, "w").write(src)

@@ -778,7 +778,11 @@ def randaugment_step(x):
     computing every op for every image."""
     n = x.shape[0]
     names = list(RANDAUGMENT)
-    offset = int(torch.randint(len(names), ()))  # CPU generator: no sync
+    # Which ops take the n % 14 left-over images is drawn on the host's generator (no
+    # sync); a batch that 14 divides (the paper's 7 x 64) has none and draws nothing,
+    # so that its augmentation compiles to one graph (fixmatch.train). An empty one
+    # draws, as it always has: a CPU run's random numbers stay those it had.
+    offset = int(torch.randint(len(names), ())) if n % len(names) or not n else 0
     sizes = [n // len(names) + ((k - offset) % len(names) < n % len(names)) for k in range(len(names))]
     ends = dict(zip(names, itertools.accumulate(sizes)))
     starts = {name: ends[name] - size for name, size in zip(names, sizes)}
@@ -1196,14 +1200,23 @@ def for_training(model, loss, world, device, compile, cuda_graphs=False):
     the backward once each instead of a few hundred kernels. Several processes:
     the compiled model under DDP (outermost, as nanoGPT wraps it, so that a step
     of several micro-batches can set its require_backward_grad_sync) and the loss
-    eager, as DDP's graph splitting expects."""
+    eager, as DDP's graph splitting expects.
+
+    Each stage compiles afresh and static: the stages share their loss's code
+    object, and dynamo, which caches by code object, would take each new stage's
+    network for a recompile of the last, mark its shapes dynamic (weaker kernels)
+    and count every stage against one recompile limit."""
+    if compile:
+        torch.compiler.reset()
     if world > 1:
         forward = torch.nn.parallel.DistributedDataParallel(
-            torch.compile(model) if compile else model, device_ids=[device] if device.type == "cuda" else None)
+            torch.compile(model, dynamic=False) if compile else model,
+            device_ids=[device] if device.type == "cuda" else None)
         return forward, partial(loss, forward)
     if not compile:
         return model, partial(loss, model)
-    step_loss = torch.compile(partial(loss, model), fullgraph=True, mode="reduce-overhead" if cuda_graphs else None)
+    step_loss = torch.compile(partial(loss, model), fullgraph=True, dynamic=False,
+                              mode="reduce-overhead" if cuda_graphs else None)
     if not cuda_graphs:
         return model, step_loss
 
@@ -1211,6 +1224,30 @@ def for_training(model, loss, world, device, compile, cuda_graphs=False):
         torch.compiler.cudagraph_mark_step_begin()  # the last call's outputs are read: this replay may reuse them
         return step_loss(*batch)
     return model, replayed
+
+
+def zero_grad(optimizer):
+    """Before a step's backward: every gradient allocated once, then zeroed in
+    place, never set to None. A backward that finds .grad None adopts its output
+    as .grad; under CUDA graphs that output lives in the graphs' memory pool, and
+    the next replay (the step's next micro-batch) overwrites what the first
+    accumulated into (pytorch/pytorch#169545). Kept outside the pool, the
+    micro-batches add into it."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    if any(p.grad is None for p in params):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+    else:
+        torch._foreach_zero_([p.grad for p in params])
+
+
+def check_cuda_graphs(config, world, flags=None):
+    """CUDA graphs replay a compiled step on one GPU; anywhere else, refused, not ignored."""
+    if config.cuda_graphs and not (torch.cuda.is_available() and world == 1 and config.compile is not False):
+        where = ("several processes" if world > 1 else "--no-compile" if config.compile is False else
+                 "no CUDA device")
+        raise UserError(f"{flag('cuda_graphs', flags)}: CUDA graphs replay a compiled step on one GPU, not with "
+                        f"{where}; leave it out")
 
 
 # -----------------------------------------------------------------------------

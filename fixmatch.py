@@ -355,6 +355,7 @@ def check(config, world=1, flags=None):
     the name of each field's flag where it differs (dpt.py's --ssl-steps)."""
     data.check_fields(config, RULES, flags)
     data.check_divisible(config, world, flags)
+    data.check_cuda_graphs(config, world, flags)
     if config.fairness and config.threshold != "freematch":
         raise data.UserError(f"{data.flag('fairness', flags)} {config.fairness}: FreeMatch's fairness loss needs its "
                              f"thresholds; add {data.flag('threshold', flags)} freematch or set it to 0")
@@ -417,6 +418,11 @@ def train(config, dataset, labeled_index, generated=None, progress=True):
     flip = dataset.flips if config.flip is None else config.flip
     # Without the unlabeled loss (the labeled-only baseline, dpt.py's oracle) no unlabeled image is drawn.
     unlabeled_per_rank = per_rank * config.uratio if config.lambda_u else 0
+    # Compiled, the augmentation's ~500 small ops (RandAugment's) are a few fused kernels, where the
+    # host would launch each; only where RandAugment draws nothing on the host (data.randaugment_step).
+    augment = (torch.compile(augmented_batch, fullgraph=True, dynamic=False)
+               if compile and unlabeled_per_rank and unlabeled_per_rank % len(data.RANDAUGMENT) == 0
+               else augmented_batch)
     from tqdm import tqdm
     bar = tqdm(total=config.steps, initial=step, desc="fixmatch", disable=not progress or rank > 0, unit="step")
     model.train()
@@ -431,12 +437,16 @@ def train(config, dataset, labeled_index, generated=None, progress=True):
             group["lr"] = config.lr * math.cos(config.lr_cosine * math.pi * step / config.steps)
         labeled_pick = sample_labeled(per_rank, real_count, len(labeled_x), config.real_fraction, device)
         unlabeled_pick = torch.randint(len(train_x), (unlabeled_per_rank,), device=device)
-        inputs = augmented_batch(labeled_x[labeled_pick], train_x[unlabeled_pick], flip)
+        inputs = augment(labeled_x[labeled_pick], train_x[unlabeled_pick], flip)
         with autocast:
             loss, mask, pseudo_y = step_loss(inputs, labeled_y[labeled_pick], unlabeled_per_rank, config.lambda_u,
                                              config.tau, freematch, config.fairness)
         update_weights(loss, model, ema_model, optimizer, config.ema)
         step += 1
+        if step == config.steps and timer is not None:  # timed before the last evaluation and checkpoint
+            if on_cuda:
+                torch.cuda.synchronize()
+            metrics["steps_per_second"] = (step - first_step - 5) / (time.perf_counter() - timer)
 
         if (step % 50 == 0 or step == config.steps) and unlabeled_per_rank:
             correct = ((pseudo_y == unlabeled_y[unlabeled_pick]) & mask).sum() / mask.sum().clamp_min(1)
@@ -462,10 +472,6 @@ def train(config, dataset, labeled_index, generated=None, progress=True):
                                   "rng": rngs, "config": asdict(config)}, checkpoint_path)
         bar.update(1)
     bar.close()
-    if timer is not None:
-        if on_cuda:
-            torch.cuda.synchronize()
-        metrics["steps_per_second"] = (step - first_step - 5) / (time.perf_counter() - timer)
     if config.precise_bn:  # the saved model's statistics, with or without a test set
         precise_batch_norm(ema_model, train_x, config.precise_bn)
     return ema_model, metrics
@@ -491,7 +497,7 @@ def fixmatch_step_loss(forward, inputs, labeled_y, unlabeled_count, lambda_u, ta
 def update_weights(loss, model, ema_model, optimizer, ema):
     """Backward, SGD, and the EMA of the weights (one kernel per list); BN
     statistics are copied (and measured before evaluation)."""
-    optimizer.zero_grad(set_to_none=True)
+    data.zero_grad(optimizer)
     loss.backward()
     optimizer.step()
     with torch.no_grad():

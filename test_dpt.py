@@ -638,6 +638,24 @@ def test_strong_view_works_for_batches_smaller_than_the_number_of_ops(n):
         assert data.strong_augment(random_images(n)).shape == (n, 3, 32, 32)
 
 
+def test_a_step_whose_unlabeled_batch_14_divides_augments_in_one_graph_drawing_as_eager_does():
+    """The paper's 7 x 64 unlabeled images: RandAugment's slices are the same for
+    every step, so nothing is drawn on the host and nothing breaks the graph
+    (fullgraph: a break is an error); the eager backend runs the traced ops, so the
+    same seed gives the same images."""
+    labeled, unlabeled = random_images(4), random_images(28)
+    torch.manual_seed(0)
+    eager = fixmatch.augmented_batch(labeled, unlabeled)
+    torch.manual_seed(0)
+    traced = torch.compile(fixmatch.augmented_batch, fullgraph=True, dynamic=False, backend="eager")
+    assert torch.equal(traced(labeled, unlabeled), eager)
+    torch.manual_seed(0)  # and the host's generator is left as it was: one draw from it shows
+    expected = torch.rand(())
+    torch.manual_seed(0)
+    data.strong_augment(random_images(28).to("meta"))
+    assert torch.rand(()) == expected
+
+
 def test_strong_view_uses_every_randaugment_op(monkeypatch):
     calls = set()
     for name, op in data.PIXEL_OPS.items():
@@ -1893,14 +1911,37 @@ def test_compile_traces_each_training_network_whole_once_and_matches_eager(kind,
         model, backend="aot_eager", fullgraph=True))
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        # FreeMatch: its thresholds are updated in place inside the compiled step; CUDA graphs: the same
-        # compiled step, called through the wrapper that marks each step's start (on a CPU nothing is replayed)
+        # FreeMatch: its thresholds are updated in place inside the compiled step; with CUDA, CUDA graphs:
+        # the same compiled step, called through the wrapper that marks each step's start
         _, _, compiled = train_briefly(kind, arch, tmp_path / "compiled", freematch=True, compile=True,
-                                       cuda_graphs=True, bf16=False)
+                                       cuda_graphs=CUDA, bf16=False)
     assert len(compiled_models) == 1 and torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     _, _, eager = train_briefly(kind, arch, tmp_path / "eager", freematch=True, compile=False, bf16=False)
     for name in eager:
         assert torch.allclose(compiled[name].float(), eager[name].float(), atol=1e-5, rtol=1e-4), name
+
+
+def test_every_stage_of_one_process_compiles_its_own_static_graph_with_no_recompile(tmp_path, monkeypatch):
+    """Stage 1, the baseline, stage 3 and the oracle share their loss's code; stage 2
+    and the two references share theirs. Traced into a backend that keeps each graph
+    (nothing generated: fast), each stage's graph must have the stage's own static
+    shapes (no symbolic size, which dynamo marks after a guard fails on a shape) and
+    no stage may count as a recompile of another (an error here)."""
+    real_compile, traced = torch.compile, []
+
+    def keep(graph, example_inputs):
+        traced.append([tuple(x.shape) for x in example_inputs if torch.is_tensor(x)])
+        assert not any(isinstance(size, torch.SymInt) for x in example_inputs if torch.is_tensor(x)
+                       for size in x.shape), example_inputs
+        assert not any(isinstance(x, torch.SymInt) for x in example_inputs)
+        return graph.forward
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: real_compile(fn, **{**options, "backend": keep,
+                                                                                   "mode": None}))
+    monkeypatch.setenv("DPT_FID_WEIGHTS", "/missing")
+    monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--baseline", "--compile", "--out", str(tmp_path)])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        dpt.main()
+    assert len(traced) == 7  # stage 1, stage 2, stage 3, the baseline, the few-label and every-label models, oracle
 
 
 def test_compile_with_inductor_generates_cpu_code_that_trains_as_eager_does(tmp_path, monkeypatch):
@@ -2058,10 +2099,12 @@ def test_a_diffusion_training_step_queues_all_its_work_on_the_device_and_reads_n
 
 @pytest.mark.parametrize("kind, arch", [NETWORKS[0], NETWORKS[2]], ids=["classifier", "unet"])
 def test_on_the_gpu_steps_replayed_as_cuda_graphs_train_as_eager_steps_do(kind, arch, cuda, tmp_path):
-    torch._dynamo.reset()
+    """The U-Net's step in two micro-batches: the second backward adds into gradients
+    that the first left, which must not live in the graphs' memory pool."""
+    micro = {"micro_batch": 4} if kind == "diffusion" else {}
     _, _, replayed = train_briefly(kind, arch, tmp_path / "graphs", freematch=True, compile=True, cuda_graphs=True,
-                                   bf16=False)
-    _, _, eager = train_briefly(kind, arch, tmp_path / "eager", freematch=True, compile=False, bf16=False)
+                                   bf16=False, **micro)
+    _, _, eager = train_briefly(kind, arch, tmp_path / "eager", freematch=True, compile=False, bf16=False, **micro)
     floats = [name for name, value in eager.items() if value.is_floating_point()]
     distance = sum((replayed[name].float() - eager[name].float()).norm() ** 2 for name in floats).sqrt()
     assert distance <= 1e-3 * sum(eager[name].float().norm() ** 2 for name in floats).sqrt()  # fp32 round-off
@@ -2858,6 +2901,22 @@ def test_bench_prints_every_stage_beside_eager_fp32_and_the_presets_projected_ti
         total, *stages = (float(hours.replace(",", "")) for hours in re.findall(r"([\d,.]+) h", line))
         # Each of the five figures is rounded to 0.1 h: the total and the sum of the four parts may part by 0.25 h.
         assert len(stages) == 4 and total == pytest.approx(sum(stages), abs=0.25 + 1e-6), line
+
+
+@pytest.mark.parametrize("kind", ["classifier", "diffusion"])
+def test_a_training_rate_times_its_steps_and_not_the_checkpoint_written_after_them(kind, monkeypatch):
+    """Each write costs 1,000 s of a clock that otherwise runs true: a rate that timed
+    one would be some thousandths of a step or an image a second."""
+    real_clock, written = time.perf_counter, []
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + 1000 * len(written))
+    real_save = data.save_atomic
+    monkeypatch.setattr(data, "save_atomic", lambda obj, path, writer=None: (written.append(path),
+                                                                              real_save(obj, path, writer))[1])
+    if kind == "classifier":  # 3 steps timed after the 5 of warm-up
+        rate, _ = fixmatch.training_rate(fixmatch.FixMatchConfig(arch="small", batch=4, uratio=1), steps=8)
+    else:  # 2 steps of 2 images timed after the 2 of warm-up
+        rate, _ = unet.training_rate(unet.DiffusionConfig(arch="unet", size="tiny", batch=2), steps=4)
+    assert written and rate > 0.1, (written, rate)
 
 
 def test_the_share_of_the_peak_is_taken_against_the_named_gpus_own_peak(monkeypatch):

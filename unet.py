@@ -709,6 +709,7 @@ def check(config, world=1, flags=None, resolution=None):
     `resolution`, also a network that cannot take images of that side."""
     data.check_fields(config, RULES, flags)
     data.check_divisible(config, world, flags)
+    data.check_cuda_graphs(config, world, flags)
     share = config.batch // world
     if config.micro_batch and config.micro_batch < share and share % config.micro_batch:
         raise data.UserError(f"{data.flag('micro_batch', flags)} {config.micro_batch}: must divide each of the "
@@ -805,7 +806,7 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
             x = torch.where((torch.rand(share, 1, 1, 1, device=device) < 0.5) & flip, x.flip(3), x)
         x = x.contiguous(memory_format=torch.channels_last)
         noisy, sigma, conditions = edm_noise(x, labels[pick].to(device), num_classes, config)
-        optimizer.zero_grad(set_to_none=True)
+        data.zero_grad(optimizer)
         for start in range(0, share, micro):  # gradients add up over the micro-batches
             part = slice(start, start + micro)
             if world > 1:  # all-reduce once a step, in the last micro-batch's backward (as nanoGPT)
@@ -830,6 +831,10 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
         loss_steps += 1
 
         done = images_seen >= config.images
+        if done and timer is not None:  # timed before the last loss read, preview and checkpoint
+            if on_cuda:
+                torch.cuda.synchronize()
+            metrics["images_per_second"] = (images_seen - timed_images) / (time.perf_counter() - timer)
         if loss_steps == 50 or done:  # reading the loss waits for the GPU: not every step
             metrics["loss"] = (loss_sum / loss_steps).item()
             metrics["history"].append((images_seen, metrics["loss"]))
@@ -849,10 +854,6 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
                                   "channels": images.shape[1], "labels_crc": labels_crc}, checkpoint_path)
         bar.update(config.batch)
     bar.close()
-    if timer is not None:
-        if on_cuda:
-            torch.cuda.synchronize()
-        metrics["images_per_second"] = (images_seen - timed_images) / (time.perf_counter() - timer)
     return ema_model, metrics
 
 

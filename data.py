@@ -1317,16 +1317,19 @@ def peak_share(flops_per_second, device):
 
 
 def rate(work, count, device, repeats=5):
-    """Items/s of work(), which handles `count` items, timed over `repeats` calls
-    after a warm-up call (compilation and caches), waiting for a GPU at both ends."""
+    """Items/s of work(), which handles `count` items: the best of `repeats` calls
+    after a warm-up call (compilation and caches), each waited for on a GPU; the
+    best, since a shared machine only ever slows a call down."""
     synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
     work()
     synchronize()
-    start = time.perf_counter()
+    best = math.inf
     for _ in range(repeats):
+        start = time.perf_counter()
         work()
-    synchronize()
-    return repeats * count / (time.perf_counter() - start)
+        synchronize()
+        best = min(best, time.perf_counter() - start)
+    return count / best
 
 
 def augmentation_rate(augment, n, device, repeats=5):

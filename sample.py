@@ -26,7 +26,6 @@ import json
 import math
 import os
 import struct
-import time
 import zlib
 from dataclasses import asdict, dataclass
 
@@ -783,19 +782,13 @@ def svg_bars(seconds, width=600):
 
 
 def heun_rate(model, per_class, device, guidance=1.0, bf16=None, steps=18, batch=512):
-    """Images/s of Heun with 35 network evaluations (18 steps), timed after a
-    warm-up batch of 2 steps; with fewer steps, the time is scaled to 35
-    evaluations (each costs the same)."""
-    run = lambda steps: generate(model, per_class, "heun", steps, guidance, batch=batch, device=device, bf16=bf16,
-                                 progress=False)
-    run(2)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    images, _ = run(steps)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return len(images) / (time.perf_counter() - start) * (2 * steps - 1) / 35
+    """Images/s of Heun with 35 network evaluations (18 steps): the best of 3
+    runs after a warm-up batch of 2 steps; with fewer steps, the time is scaled
+    to 35 evaluations (each costs the same)."""
+    run = lambda: generate(model, per_class, "heun", steps, guidance, batch=batch, device=device, bf16=bf16,
+                           progress=False)
+    generate(model, per_class, "heun", 2, guidance, batch=batch, device=device, bf16=bf16, progress=False)
+    return data.rate(run, per_class * model.num_classes, device, repeats=3) * (2 * steps - 1) / 35
 
 
 def benchmark(model, config, device):

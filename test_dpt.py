@@ -2919,6 +2919,23 @@ def test_a_training_rate_times_its_steps_and_not_the_checkpoint_written_after_th
     assert written and rate > 0.1, (written, rate)
 
 
+def test_the_gpu_check_dry_runs_every_part_on_the_cpu(tmp_path):
+    """.ci/gpu is what a lent GPU runs, minutes of device time; its CPU dry run keeps
+    it from rotting while no GPU is lent: every part ends well, the smoke run was
+    killed in stage 2 and resumed to its report, and the profiler printed its table."""
+    result = subprocess.run(["bash", os.path.join(HERE, ".ci", "gpu")], env=script_env(
+        DPT_DEVICE="cpu", OUT=str(tmp_path), DPT_FID_WEIGHTS="/missing"), capture_output=True, text=True, timeout=600)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert result.returncode == 0, summary + result.stderr[-2000:]
+    for part in ("environment", "cuda_tests", "bench", "smoke", "profile"):
+        assert re.search(rf"^{part}: exit 0 after \d+ s \(limit \d+ s\)$", summary, re.M), summary
+    smoke = (tmp_path / "smoke.log").read_text()
+    assert "=== killed in stage 2 (its checkpoint there: " in smoke and "resuming" in smoke
+    assert (tmp_path / "smoke-runs" / "shapes-1l-s0" / "report.html").exists()
+    assert "Self CPU" in (tmp_path / "profile.log").read_text()
+    assert "FixMatch wrn28_2" in (tmp_path / "bench.log").read_text()
+
+
 def test_the_share_of_the_peak_is_taken_against_the_named_gpus_own_peak(monkeypatch):
     for name, peak in (("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12),
                        ("NVIDIA A100-SXM4-80GB", 312e12)):

@@ -128,7 +128,8 @@ def load_torchvision(name, data_dir):
         url, folder = cls.url, os.path.join(data_dir, cls.base_folder)
         get = lambda train: cls(data_dir, train=train, download=True)
     try:
-        train, test = get(True), get(False)
+        with download_timeout():
+            train, test = get(True), get(False)
     except Exception as error:  # urllib, socket and torchvision's own errors all mean the same here
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"{name} is missing or corrupt in {folder} and could not be downloaded ({reason}); "
@@ -1172,6 +1173,21 @@ def resume(path, config, free_to_change, world, rank, model, ema_model, optimize
     optimizer.load_state_dict(checkpoint["optimizer"])
     set_rng_state(checkpoint["rng"][rank])
     return checkpoint
+
+
+DOWNLOAD_TIMEOUT = 60  # seconds a download may wait for the network before it fails
+
+
+@contextlib.contextmanager
+def download_timeout(seconds=DOWNLOAD_TIMEOUT):
+    """Downloads inside fail after `seconds` without an answer, where an offline
+    machine that drops packets would hang them (urllib waits forever by default)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def memory_bytes():

@@ -16,6 +16,7 @@ everything runs in fp32 and the statistics accumulate in float64.
 import argparse
 import contextlib
 import os
+import socket
 import sys
 import time
 
@@ -229,6 +230,18 @@ class FIDInception(nn.Module):
 # download checked against the hash in its name. Never other weights.
 
 
+@contextlib.contextmanager
+def download_timeout(seconds=60):
+    """A download that gets no answer for `seconds` fails instead of hanging
+    (fid.py stands alone: data.download_timeout's twin)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def weights_file(weights=None):
     """The file load_inception would read: --weights, $DPT_FID_WEIGHTS, else the
     torch hub cache's copy; None where there is none (it would be downloaded)."""
@@ -262,7 +275,8 @@ def load_inception(weights=None, device="cpu"):
     else:
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URL))
         try:
-            state_dict = torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location="cpu", check_hash=True)
+            with download_timeout():
+                state_dict = torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location="cpu", check_hash=True)
         except Exception as error:  # offline, refused, or a download that fails its hash
             raise FIDError(f"cannot get the FID weights ({type(error).__name__}); download {WEIGHTS_URL} to "
                            f"{cached}, or pass --weights PATH or set {WEIGHTS_ENV}") from None
@@ -454,7 +468,8 @@ def download_stats(url):
     if not os.path.exists(path):
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.hub.download_url_to_file(url, path, progress=False)
+            with download_timeout():
+                torch.hub.download_url_to_file(url, path, progress=False)
         except Exception as error:  # offline, or refused
             raise FIDError(f"cannot download the reference statistics ({type(error).__name__}); download {url} "
                            f"to {path}, or pass their path") from None

@@ -602,7 +602,8 @@ def load_msn(size, resolution=224, path=None, device="cpu"):
     if path is None:
         url = MSN_URL.format(MSN_RELEASES.get(size, size))
         try:
-            saved = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=False)
+            with data.download_timeout():
+                saved = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=False)
         except Exception as error:  # offline, refused, cut short, or no such release
             cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
             raise data.UserError(f"cannot get MSN's {size} ({type(error).__name__}); download {url} to "

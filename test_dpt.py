@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import zlib
+from functools import partial
 
 import numpy as np
 import pytest
@@ -194,6 +195,27 @@ def test_svhn_loads_the_mat_files_and_maps_label_10_to_digit_0(tmp_path, skip_md
     assert torch.equal(dataset.train_x, torch.from_numpy(written["train"][0]))
     assert dataset.train_y.tolist() == written["train"][1].tolist()
     assert torch.equal(dataset.test_x, torch.from_numpy(written["test"][0]))
+
+
+def test_every_download_gives_up_after_a_minute_without_an_answer(tmp_path, monkeypatch):
+    """An offline machine that drops packets never answers: urllib would wait forever."""
+    import torchvision.datasets.cifar
+    waited = []
+
+    def stalled(*args, **kwargs):
+        waited.append(socket.getdefaulttimeout())
+        raise OSError("timed out")
+    for module, name in ((torch.hub, "load_state_dict_from_url"), (torch.hub, "download_url_to_file"),
+                         (torchvision.datasets.cifar, "download_and_extract_archive")):
+        monkeypatch.setattr(module, name, stalled)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
+    for download, error in ((fid.load_inception, fid.FIDError), (partial(fid.download_stats, fid.ADM_IMAGENET256),
+                            fid.FIDError), (partial(fixmatch.load_msn, "tiny"), data.UserError),
+                            (partial(data.load_dataset, "cifar10", str(tmp_path / "data")), data.UserError)):
+        with pytest.raises(error):
+            download()
+    assert waited == [data.DOWNLOAD_TIMEOUT] * 4 and socket.getdefaulttimeout() is None
 
 
 def test_missing_dataset_offline_names_the_folder_and_the_url(tmp_path):

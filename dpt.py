@@ -629,18 +629,22 @@ def sample_into(config, checkpoint, folder, device, rank, world, timed=None):
         if reads_folder(config):
             autoencoder = unet.load_autoencoder(config.autoencoder, config.autoencoder_size, device)
             decode = lambda latents: unet.decode_latents(autoencoder, latents)
+        # Decoded images (the imagenet preset's: 25 GB) are gathered to process 0 alone, with their features.
         images, labels = sample.generate(model, settings.per_class, solver=settings.solver, steps=settings.steps,
                                          guidance=settings.guidance, seed=settings.seed, device=device, rank=rank,
-                                         world=world, bf16=settings.bf16, decode=decode)
+                                         world=world, bf16=settings.bf16, decode=decode, gather=decode is None)
         artifact = {"images": images, "labels": labels}
         if decode is not None:  # each process sees its share, as it sampled them
-            features = fixmatch.msn_features(load_msn(config, device), images[rank::world], config.bf16)
-            artifact["features"] = (data.gather_shares(features.to(device), len(images), world).cpu()
-                                    if world > 1 else features)
+            artifact["features"] = fixmatch.msn_features(load_msn(config, device), images, config.bf16)
+            if world > 1:
+                artifact = {name: data.gather_to_first(share, len(labels), world, device)
+                            for name, share in artifact.items() if name != "labels"}
+                artifact["labels"] = labels
+            images = artifact["images"]
         if rank == 0:
             data.save_atomic(artifact, path)
             sample.save_grid(images, labels, os.path.join(folder, "samples.png"))
-    return once(path, make, lambda path: data.read_artifact(path, "sample"), timed=timed)
+    return once(path, make, lambda path: data.read_artifact(path, "sample", mmap=True), timed=timed)
 
 
 def fid_inputs(config):

@@ -159,11 +159,12 @@ def initial_noise(seed, index, shape):
 
 @torch.no_grad()
 def generate(model, per_class, solver="heun", steps=18, guidance=1.0, seed=0, batch=512, device="cpu",
-             rank=0, world=1, bf16=None, progress=True, decode=None):
+             rank=0, world=1, bf16=None, progress=True, decode=None, gather=True):
     """per_class images of every class, class by class: (uint8 [K*C, 3, H, W], int64 [K*C]).
     Process `rank` of `world` samples images i = rank (mod world) and every
-    process returns all of them (all_gather). A latent model's samples pass
-    through decode (latents -> images in [-1, 1]: the imagenet preset's autoencoder)."""
+    process returns all of them (all_gather), or with gather=False its own. A
+    latent model's samples pass through decode (latents -> images in [-1, 1]: the
+    imagenet preset's autoencoder)."""
     device = torch.device(device)
     solve = SOLVERS[solver]
     denoise = guided(model, guidance)
@@ -188,7 +189,7 @@ def generate(model, per_class, solver="heun", steps=18, guidance=1.0, seed=0, ba
         images[start:start + len(index)] = (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
         bar.update(len(index))
     bar.close()
-    if world > 1:
+    if world > 1 and gather:
         images = data.gather_shares(images, len(labels), world)
     return images.cpu(), labels
 

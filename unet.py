@@ -798,7 +798,9 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
             if mirrored is not None and flip:  # horizontal flips: the mirror image's latent
                 flipped = torch.rand(share) < 0.5
                 x[flipped] = mirrored[pick[flipped]]
-            x = x.to(device).float()
+            if on_cuda:  # from page-locked memory the copy runs beside the GPU's work, not before it
+                x = x.pin_memory()
+            x = x.to(device, non_blocking=True).float()
         elif config.augment:
             x, augment_labels = augment(images[pick].float() / 127.5 - 1, config.augment, flip=flip)
         else:  # horizontal flips, which a network need not be told of

@@ -2300,20 +2300,22 @@ def test_a_labels_file_of_the_wrong_length_is_one_line_and_exit_code_2_on_the_co
 
 
 def recorded_gradients(monkeypatch):
-    """Every gradient Adam is given, as a list of steps, each a list of tensors."""
-    steps, adam_step = [], torch.optim.Adam.step
+    """Every gradient Adam is given, as a list of steps, each a list of tensors, and
+    where each gradient lives (a list of steps, each a list of addresses)."""
+    steps, addresses, adam_step = [], [], torch.optim.Adam.step
 
     def step(self, *args, **kwargs):
         steps.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+        addresses.append([p.grad.data_ptr() for group in self.param_groups for p in group["params"]])
         return adam_step(self, *args, **kwargs)
     monkeypatch.setattr(torch.optim.Adam, "step", step)
-    return steps
+    return steps, addresses
 
 
 @pytest.mark.parametrize("arch", ["unet", "uvit"])
 def test_accumulated_micro_batches_give_the_whole_batchs_gradient_and_the_same_run(tmp_path, monkeypatch, arch):
     images, labels = shapes_16(32)
-    gradients, sizes = recorded_gradients(monkeypatch), []
+    (gradients, addresses), sizes = recorded_gradients(monkeypatch), []
     forward = unet.EDMPrecond.forward
     monkeypatch.setattr(unet.EDMPrecond, "forward", lambda self, x, *args: sizes.append(len(x)) or
                         forward(self, x, *args))
@@ -2324,6 +2326,9 @@ def test_accumulated_micro_batches_give_the_whole_batchs_gradient_and_the_same_r
         runs[micro] = unet.train(config, images, labels, 10, progress=False)
     assert sizes == [8, 8] + [2] * 8
     assert len(gradients) == 4
+    # Each run's gradients live where its first step put them: allocated once and zeroed in place, never
+    # adopted from a backward's output, which under CUDA graphs the next replay would overwrite.
+    assert addresses[0] == addresses[1] and addresses[2] == addresses[3]
     for whole, accumulated in zip(gradients[:2], gradients[2:]):  # each step's gradient, summed in another order
         for a, b in zip(whole, accumulated):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)

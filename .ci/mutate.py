@@ -1,7 +1,7 @@
 """Prove that tests can fail: break the code on purpose, one mutation at a time,
 run the tests that should catch it, report CAUGHT or MISSED, and restore the file.
 
-    python .ci/mutate.py                      # every mutation (about 8 minutes on 2 cores)
+    python .ci/mutate.py                      # every mutation (about 10 minutes on 2 cores)
     python .ci/mutate.py "no label bound"     # one
 
 Each mutation is (file, text, replacement, pytest -k expression). A mutation whose
@@ -26,6 +26,12 @@ MUTATIONS = {  # issue 44: a refusal costs nothing, every input known by its con
  "no network check": ("dpt.py", "        load_msn(config, \"cpu\"), unet.load_autoencoder(config.autoencoder, config.autoencoder_size)", "        pass", "input_files_are_known"),
  "uint16 advice": ("data.py", "if 255 < largest <= 65535", "if False", "malformed_file"),
  "config advice": ("dpt.py", 'advice="the settings its files were made with are unknown; delete the folder "', 'advice="the settings are unknown "', "refused_command_leaves and config"),
+ # issue 45: the GPU path
+ "gradients set to None": ("unet.py", "        data.zero_grad(optimizer)", "        optimizer.zero_grad(set_to_none=True)", "accumulated_micro"),
+ "no compiler reset": ("data.py", "        torch.compiler.reset()", "        pass", "own_static_graph"),
+ "rate timed after the checkpoint": ("fixmatch.py", "        if step == config.steps and timer is not None:", "        if False:", "training_rate_times and classifier"),
+ "RandAugment draws always": ("data.py", "    offset = int(torch.randint(len(names), ())) if n % len(names) or not n else 0", "    offset = int(torch.randint(len(names), ()))", "14_divides"),
+ "download without timeout": ("fid.py", "            with download_timeout():\n                state_dict", "            if True:\n                state_dict", "gives_up_after"),
 }
 names = sys.argv[1:] or list(MUTATIONS)
 for name in names:

@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 
 import data
+import plumbing
+from plumbing import UserError
 import fid
 import fixmatch
 import sample
@@ -206,14 +208,14 @@ def resolve(config):
         config.preset = "fast" if torch.cuda.is_available() else "tiny"
         if not torch.cuda.is_available() and dist_rank() == 0:
             print("no CUDA device: running the tiny preset (give --preset to choose)", file=sys.stderr)
-    data.check_fields(config, {"preset": data.one_of(*PRESETS)})
+    plumbing.check_fields(config, {"preset": plumbing.one_of(*PRESETS)})
     if config.seeds and config.seed is not None:
-        raise data.UserError(f"--seed {config.seed} --seeds {config.seeds}: give one of them (--seeds runs each "
+        raise UserError(f"--seed {config.seed} --seeds {config.seeds}: give one of them (--seeds runs each "
                              "of its seeds in turn)")
     config.seed = 0 if config.seed is None else config.seed
     folder = config.dataset == "imagenet" or os.path.isdir(config.dataset)
     if folder != reads_folder(config) and not config.bench:  # --bench reads no dataset
-        raise data.UserError(f"--dataset {config.dataset} --preset {config.preset}: "
+        raise UserError(f"--dataset {config.dataset} --preset {config.preset}: "
                              + ("a folder of images needs --preset imagenet" if folder else
                                 "--preset imagenet reads a folder in ImageNet's layout (FOLDER/train/CLASS/*.JPEG), "
                                 "or --dataset imagenet for DATA_DIR/imagenet"))
@@ -275,7 +277,7 @@ FIELD_STAGE = {
 # Settings added after run folders were made with dpt.py, each with the value that
 # does what the versions before it did: a folder without one was made with that value.
 ADDED_SINCE = {"diffusion_confident": 1.0, "ssl_freematch_start": 0.0, "ssl_fairness": 0.0, "flip": True}
-# The files a stage reads are settings by what they hold (data.file_identity), not by
+# The files a stage reads are settings by what they hold (plumbing.file_identity), not by
 # their path, so that a file replaced under its name is refused as another setting
 # would be; folders made before they were recorded take them as they are. The FID
 # stage's weights and reference statistics are recorded in each fid.json instead: they
@@ -309,19 +311,20 @@ def sample_settings(config, out=""):
 
 
 MOST_SEEDS = 1000  # runs in one sweep: a typo such as 0-10000000000 is refused, not begun
-RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE, "labels": data.between(1, data.MOST_IMAGES),
-         "seed": data.SEED, "out": data.NOT_A_FILE,
+RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE,
+         "labels": plumbing.between(1, plumbing.MOST_IMAGES),
+         "seed": plumbing.SEED, "out": data.NOT_A_FILE,
          "redo": ((lambda stage: stage in ("", *REDO_STAGES)), "one of " + ", ".join(REDO_STAGES)),
          "fid_weights": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
-         "fid_reference": data.between(0, data.MOST_IMAGES),
+         "fid_reference": plumbing.between(0, plumbing.MOST_IMAGES),
          "seeds": ((lambda text: not text or parse_seeds(text) is not None),
-                   f"A-B or A,B,C: at most {MOST_SEEDS:,} distinct seeds, each {data.SEED[1]}"),
+                   f"A-B or A,B,C: at most {MOST_SEEDS:,} distinct seeds, each {plumbing.SEED[1]}"),
          "image_size": ((lambda side: side > 0 and side % 16 == 0), "a positive multiple of 16 (latents of side / 8)"),
          "autoencoder": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
-         "autoencoder_size": data.one_of(*unet.AUTOENCODER_SIZES),
+         "autoencoder_size": plumbing.one_of(*unet.AUTOENCODER_SIZES),
          "msn_size": ((lambda size: size in ("", *fixmatch.MSN_SIZES)), "one of " + ", ".join(fixmatch.MSN_SIZES)),
          "msn_weights": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
-         "probe_lambda": data.POSITIVE,
+         "probe_lambda": plumbing.POSITIVE,
          "label_subset": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
          "fid_stats": ((lambda path: not path or os.path.isfile(path)), "an existing .npz file, or empty")}
 
@@ -330,7 +333,7 @@ def check(config, world, dataset=None):
     """Refuse a bad setting of any stage in one line naming its flag, before the
     dataset loads (and again with the dataset, before any stage runs): the rules
     are dpt.py's own and the stage scripts', which check their own flags the same way."""
-    data.check_fields(config, RULES)
+    plumbing.check_fields(config, RULES)
     latent = reads_folder(config)
     if latent:
         check_latent(config)
@@ -338,7 +341,7 @@ def check(config, world, dataset=None):
         given = [f"--{name.replace('_', '-')}" for name in LATENT_FIELDS
                  if getattr(config, name) != getattr(DPTConfig(), name)] + ["--redo encode"] * (config.redo == "encode")
         if given:
-            raise data.UserError(f"{given[0]} is for --preset imagenet, which reads a folder of images; leave it out")
+            raise UserError(f"{given[0]} is for --preset imagenet, which reads a folder of images; leave it out")
     for stage in ("stage1", "stage3"):
         settings, flags = classifier_settings(config, stage)
         fixmatch.check(settings, world, flags)
@@ -352,9 +355,9 @@ def check(config, world, dataset=None):
             if path:
                 read(path)
         except fid.FIDError as error:
-            raise data.UserError(f"{flag} {error}") from None  # "--fid-weights PATH is not ..."
+            raise UserError(f"{flag} {error}") from None  # "--fid-weights PATH is not ..."
     if config.sample_guidance != 1 and not config.diffusion_label_dropout:  # the null class never learned
-        raise data.UserError(f"--sample-guidance {config.sample_guidance}: guidance needs a diffusion model trained "
+        raise UserError(f"--sample-guidance {config.sample_guidance}: guidance needs a diffusion model trained "
                              "with --diffusion-label-dropout above 0; give --sample-guidance 1, or "
                              "--diffusion-label-dropout 0.1 (with --redo stage2 in an existing run folder)")
     if dataset is not None:
@@ -364,12 +367,12 @@ def check(config, world, dataset=None):
         generated = config.sample_per_class * dataset.num_classes
         side = config.image_size if latent else dataset.train_x.shape[-1]
         held = generated * 3 * side ** 2  # uint8 pixels, which every process holds at once
-        if held > data.memory_bytes():
-            raise data.UserError(f"--sample-per-class {config.sample_per_class}: {generated:,} images of {side}x"
+        if held > plumbing.memory_bytes():
+            raise UserError(f"--sample-per-class {config.sample_per_class}: {generated:,} images of {side}x"
                                  f"{side} ({held / 2 ** 30:,.0f} GiB) do not fit in this machine's "
-                                 f"{data.memory_bytes() / 2 ** 30:,.0f} GiB; give fewer")
+                                 f"{plumbing.memory_bytes() / 2 ** 30:,.0f} GiB; give fewer")
         if (reference < 2 * world and not config.fid_stats) or generated < 2 * world:
-            raise data.UserError(f"--fid-reference {config.fid_reference} and --sample-per-class "
+            raise UserError(f"--fid-reference {config.fid_reference} and --sample-per-class "
                                  f"{config.sample_per_class} give a process fewer than 2 images to compute FID "
                                  f"with; give at least {2 * world} reference and generated images")
 
@@ -410,10 +413,10 @@ def first_to_rerun(config, run, settings, saved):
     from --redo; refuses a folder made by settings no one knows, or by settings
     that differ in a stage before it."""
     if saved is None and set(os.listdir(run)) - {"run.lock", "timings.json"}:  # made by settings no one knows
-        raise data.UserError(f"{run} holds a run's files but no config.json, so the settings they were made with "
+        raise UserError(f"{run} holds a run's files but no config.json, so the settings they were made with "
                              "are unknown; delete the folder to start over, or choose another --out")
     if saved is not None and set(saved) != set(settings):  # made before a flag was renamed
-        raise data.UserError(f"{run} was made by another version of dpt.py (its settings are named "
+        raise UserError(f"{run} was made by another version of dpt.py (its settings are named "
                              f"{', '.join(sorted(set(saved) ^ set(settings)))}); start over with another "
                              "--out, or delete the folder")
     redo = "split" if config.redo == "stage1" else config.redo  # stage 1 draws its labeled split again too
@@ -422,7 +425,7 @@ def first_to_rerun(config, run, settings, saved):
     earliest = min((STAGES.index(FIELD_STAGE[k]) for k in changed), default=len(STAGES))
     if earliest < first:
         stage = "stage1" if STAGES[earliest] == "split" else STAGES[earliest]
-        raise data.UserError(f"{run} was made with other settings ({', '.join(changed)}); add "
+        raise UserError(f"{run} was made with other settings ({', '.join(changed)}); add "
                              f"--redo {stage} to rerun from the stage they change, or choose another --out")
     return first
 
@@ -436,15 +439,15 @@ def remove_stages(run, stages):
         elif os.path.exists(target):
             os.remove(target)
     untimed = set(stages) | {name for stage in stages for name in TIMED_WITH.get(stage, ())}
-    timings = data.read_json(os.path.join(run, "timings.json")) or {}
-    data.write_json({k: v for k, v in timings.items() if k not in untimed}, os.path.join(run, "timings.json"))
+    timings = plumbing.read_json(os.path.join(run, "timings.json")) or {}
+    plumbing.write_json({k: v for k, v in timings.items() if k not in untimed}, os.path.join(run, "timings.json"))
 
 
 def run_settings(config):
     """What config.json records: the settings that change what a stage makes,
     each input file by what it holds."""
     settings = {k: v for k, v in asdict(config).items() if k not in FREE_TO_CHANGE}
-    return {**settings, **{name: data.file_identity(getattr(config, name)) for name in FILE_SETTINGS}}
+    return {**settings, **{name: plumbing.file_identity(getattr(config, name)) for name in FILE_SETTINGS}}
 
 
 def check_run_folder(config, run, dataset):
@@ -457,14 +460,14 @@ def check_run_folder(config, run, dataset):
     again. A refused command leaves the folder as it was."""
     path = os.path.join(run, "config.json")
     settings = run_settings(config)
-    saved = data.read_json(path, advice="the settings its files were made with are unknown; delete the folder "
+    saved = plumbing.read_json(path, advice="the settings its files were made with are unknown; delete the folder "
                                         f"{run} to start over, or choose another --out")
     if saved is not None:  # settings added since the folder was made, and those no longer recorded there
         saved = {**{k: v for k, v in ADDED_SINCE.items() if k in settings},
                  **{k: settings[k] for k in FILE_SETTINGS}, **saved}
         saved = {k: v for k, v in saved.items() if k not in FREE_TO_CHANGE}
     first = first_to_rerun(config, run, settings, saved)
-    pending = data.read_json(os.path.join(run, "redo.json"),  # a --redo begun and not finished
+    pending = plumbing.read_json(os.path.join(run, "redo.json"),  # a --redo begun and not finished
                              advice="remove it and run the same command again (a --redo begins again)")
     resumed = config.redo and saved == settings and pending == {"redo": config.redo}
     removed = STAGES[first:] if saved is not None and not resumed else ()
@@ -475,9 +478,9 @@ def check_run_folder(config, run, dataset):
     if dist_rank() == 0:
         if removed or saved is None:
             remove_stages(run, removed)
-        data.write_json(settings, path)
+        plumbing.write_json(settings, path)
         if removed:
-            data.write_json({"redo": config.redo}, os.path.join(run, "redo.json"))
+            plumbing.write_json({"redo": config.redo}, os.path.join(run, "redo.json"))
     barrier()
 
 
@@ -490,18 +493,18 @@ def check_kept(config, run, dataset, kept, removed):
     def path(name):
         return os.path.join(run, name)
     if "encode" in kept and os.path.exists(path("encoded.pt")):
-        encoded = data.read_artifact(path("encoded.pt"), "encode", mmap=True)
+        encoded = plumbing.read_artifact(path("encoded.pt"), "encode", mmap=True)
         records = {"train": dataset.train_files, "test": dataset.test_files}
         changes = "; ".join(f"{split}: {changed}" for split, files in records.items() if (
             changed := data.folder_changes((encoded[split] or {}).get("files", []),
                                            data.file_records(files, dataset.root))))
         if changes:  # never latents or features of other files than the folder's
-            raise data.UserError(f"{dataset.root} changed since {run} encoded it ({changes}); add --redo encode "
+            raise UserError(f"{dataset.root} changed since {run} encoded it ({changes}); add --redo encode "
                                  "to encode it again, or put the files back")
     if "split" in kept and os.path.exists(path("split.pt")):
-        split = data.read_artifact(path("split.pt"), "stage1", mmap=True)
+        split = plumbing.read_artifact(path("split.pt"), "stage1", mmap=True)
         if split.get("contents") != contents_crc(dataset) or split.get("size") != len(dataset.train_y):
-            raise data.UserError(f"{run} was made from other data than {config.dataset} holds now (a regenerated "
+            raise UserError(f"{run} was made from other data than {config.dataset} holds now (a regenerated "
                                  "or another file of that name); add --redo stage1 to start over on it, or choose "
                                  "another --out")
     if "fid" in kept:
@@ -509,10 +512,10 @@ def check_kept(config, run, dataset, kept, removed):
     for name in [name for stage in kept for name in MADE_BY[stage]] + ["results.json"]:
         for file in files_under(path(name)):
             if file.endswith(".pt"):
-                data.read_artifact(file, mmap=True)
+                plumbing.read_artifact(file, mmap=True)
             elif file.endswith(".json"):
-                data.read_json(file)
-    data.read_json(path("timings.json"), advice="remove it and run the same command again (the wall times of "
+                plumbing.read_json(file)
+    plumbing.read_json(path("timings.json"), advice="remove it and run the same command again (the wall times of "
                                                 "the stages done are lost)")
     made_again = lambda name: not os.path.exists(path(name)) or any(
         name == made or name.startswith(made + "/") for stage in removed for made in MADE_BY[stage])
@@ -544,9 +547,9 @@ def once(path, make, load=None, every_rank=True, timed=None):
 
 def add_time(run, stage, seconds):
     if dist_rank() == 0:
-        timings = data.read_json(os.path.join(run, "timings.json")) or {}
+        timings = plumbing.read_json(os.path.join(run, "timings.json")) or {}
         timings[stage] = round(timings.get(stage, 0.0) + seconds, 1)
-        data.write_json(timings, os.path.join(run, "timings.json"))
+        plumbing.write_json(timings, os.path.join(run, "timings.json"))
 
 
 # -----------------------------------------------------------------------------
@@ -568,17 +571,19 @@ def stage_split(config, run, dataset):
     from, which check_kept compares with the dataset's: a run folder never goes on
     with another dataset than the one it began."""
     path, contents = os.path.join(run, "split.pt"), contents_crc(dataset)
-    make = lambda: data.save_atomic({"indices": labeled_split(config, dataset), "seed": config.seed,
+    make = lambda: plumbing.save_atomic({"indices": labeled_split(config, dataset), "seed": config.seed,
                                      "dataset": dataset.name, "size": len(dataset.train_y), "contents": contents}, path)
-    split = once(path, make, lambda path: data.read_artifact(path, "stage1"), every_rank=False, timed=(run, "split"))
+    split = once(path, make, lambda path: plumbing.read_artifact(path, "stage1"), every_rank=False,
+                 timed=(run, "split"))
     return split["indices"]  # one kept from an earlier command: of this data (check_kept)
 
 
 def stage_pseudo_labels(run, learner, model, dataset):
     """Stage 1's last step: its learner's label and confidence for every training image."""
     path = os.path.join(run, "pseudo_labels.pt")
-    make = lambda: data.save_atomic(fixmatch.pseudo_labels(learner.predict_training(model), dataset.train_y), path)
-    return once(path, make, lambda path: data.read_artifact(path, "stage1"), every_rank=False, timed=(run, "stage1"))
+    make = lambda: plumbing.save_atomic(fixmatch.pseudo_labels(learner.predict_training(model), dataset.train_y), path)
+    return once(path, make, lambda path: plumbing.read_artifact(path, "stage1"), every_rank=False,
+                timed=(run, "stage1"))
 
 
 def stage_2(config, run, images, pseudo_labels, num_classes, mirrored=None):
@@ -637,14 +642,14 @@ def sample_into(config, checkpoint, folder, device, rank, world, timed=None):
         if decode is not None:  # each process sees its share, as it sampled them
             artifact["features"] = fixmatch.msn_features(load_msn(config, device), images, config.bf16)
             if world > 1:
-                artifact = {name: data.gather_to_first(share, len(labels), world, device)
+                artifact = {name: plumbing.gather_to_first(share, len(labels), world, device)
                             for name, share in artifact.items() if name != "labels"}
                 artifact["labels"] = labels
             images = artifact["images"]
         if rank == 0:
-            data.save_atomic(artifact, path)
+            plumbing.save_atomic(artifact, path)
             sample.save_grid(images, labels, os.path.join(folder, "samples.png"))
-    return once(path, make, lambda path: data.read_artifact(path, "sample", mmap=True), timed=timed)
+    return once(path, make, lambda path: plumbing.read_artifact(path, "sample", mmap=True), timed=timed)
 
 
 def fid_inputs(config):
@@ -652,8 +657,8 @@ def fid_inputs(config):
     there are none: FID is skipped) and the reference statistics (None: the
     training images', or the imagenet preset's ADM statistics)."""
     weights = fid.weights_file(config.fid_weights or None)
-    return {"fid_weights": weights and data.file_identity(weights), "fid_stats": data.file_identity(config.fid_stats)
-            or None}
+    return {"fid_weights": weights and plumbing.file_identity(weights),
+            "fid_stats": plumbing.file_identity(config.fid_stats) or None}
 
 
 def check_fid_inputs(config, paths):
@@ -661,11 +666,12 @@ def check_fid_inputs(config, paths):
     these; a run that has none (offline) keeps them, as it could not remake them."""
     current = fid_inputs(config)
     for path in filter(os.path.exists, paths):
-        recorded = data.read_json(path)
+        recorded = plumbing.read_json(path)
         changed = [key for key, identity in current.items() if identity and recorded.get(key, identity) != identity]
         if changed:
-            raise data.UserError(f"{path} was computed with other --{changed[0].replace('_', '-')} "
-                                 f"({recorded.get(changed[0]) or 'none'}) than now ({current[changed[0]]}); add --redo fid to "
+            raise UserError(f"{path} was computed with other --{changed[0].replace('_', '-')} "
+                                 f"({recorded.get(changed[0]) or 'none'}) than now ({current[changed[0]]}); add "
+                                 "--redo fid to "
                                  "compute it again, or give the file it was computed with")
 
 
@@ -726,7 +732,7 @@ def stage_fid(config, run, dataset, sample_sets, device, rank, world):
                 except fid.FIDError as error:
                     print(f"FID of the {name} samples skipped: {error}", file=sys.stderr)
                     continue
-                data.write_json({"fid": score, "inception_score": fid.inception_score(generated["logits"])[0],
+                plumbing.write_json({"fid": score, "inception_score": fid.inception_score(generated["logits"])[0],
                                  "generated_images": generated["count"], "reference_images": real.get("count"),
                                  **fid_inputs(config)}, path)
     if missing:
@@ -734,7 +740,7 @@ def stage_fid(config, run, dataset, sample_sets, device, rank, world):
         make()
         add_time(run, "fid", time.perf_counter() - start)
     barrier()
-    return {name: data.read_json(path) for name, (_, path) in sample_sets.items()}  # None where it was skipped
+    return {name: plumbing.read_json(path) for name, (_, path) in sample_sets.items()}  # None where it was skipped
 
 
 # -----------------------------------------------------------------------------
@@ -769,7 +775,7 @@ def stage_oracle(config, dataset, device, rank, world):
     settings = oracle_settings(config, dataset)
     path = os.path.join(settings.out, "classifier.pt")
     if not os.path.exists(path):
-        with data.folder_claimed(settings.out, rank, world, wait=True):
+        with plumbing.folder_claimed(settings.out, rank, world, wait=True):
             if not os.path.exists(path):  # not finished by the run we waited for
                 if rank == 0:
                     print(f"training the oracle once for {dataset.name}: {settings.out}", file=sys.stderr)
@@ -821,7 +827,7 @@ def stage_references(config, run, dataset, labeled_index, images, device, rank, 
     once(os.path.join(few, "diffusion.pt"), train_few, timed=(run, "few_labels"))
     every = every_label_folder(config, dataset)
     if not os.path.exists(os.path.join(every, "diffusion.pt")):
-        with data.folder_claimed(every, rank, world, wait=True):
+        with plumbing.folder_claimed(every, rank, world, wait=True):
             if not os.path.exists(os.path.join(every, "diffusion.pt")):  # not finished by the run we waited for
                 if rank == 0:
                     print(f"training the every-label diffusion model once for {dataset.name}: {every}",
@@ -922,8 +928,8 @@ class Probe:
             test = None if self.encoded["test"] is None else (self.encoded["test"]["features"], self.dataset.test_y)
             weights, metrics = fixmatch.train_probe(features, labels, self.dataset.num_classes,
                                                     self.config.probe_lambda, test, self.device)
-            data.save_atomic({"weights": weights, "metrics": metrics}, path)
-        saved = once(path, make, lambda path: data.read_artifact(path, redo), every_rank=False, timed=timed)
+            plumbing.save_atomic({"weights": weights, "metrics": metrics}, path)
+        saved = once(path, make, lambda path: plumbing.read_artifact(path, redo), every_rank=False, timed=timed)
         return saved["weights"], saved["metrics"]
 
     def predict_training(self, weights):
@@ -957,13 +963,13 @@ LATENT_FIELDS = ("image_size", "autoencoder", "autoencoder_size", "msn_size", "m
 def check_latent(config):
     """Refuse what the imagenet preset cannot run, before any work."""
     if not config.autoencoder and not config.bench:  # --bench times random weights
-        raise data.UserError(f"--preset imagenet needs --autoencoder PATH: the {unet.AUTOENCODER_SOURCE}")
+        raise UserError(f"--preset imagenet needs --autoencoder PATH: the {unet.AUTOENCODER_SOURCE}")
     crop, patch = fixmatch.msn_crop(config.image_size), fixmatch.MSN_SIZES[config.msn_size]["patch"]
     if config.msn_size in fixmatch.MSN_RELEASES and crop != 224:  # its position embeddings are for 224 x 224
-        raise data.UserError(f"--image-size {config.image_size}: MSN's released {config.msn_size} sees 224x224 "
+        raise UserError(f"--image-size {config.image_size}: MSN's released {config.msn_size} sees 224x224 "
                              f"centre crops of 256x256 images, not {crop}x{crop}; give --image-size 256")
     if crop % patch:
-        raise data.UserError(f"--image-size {config.image_size}: MSN's {config.msn_size} sees a centre crop of "
+        raise UserError(f"--image-size {config.image_size}: MSN's {config.msn_size} sees a centre crop of "
                              f"{crop}, not a multiple of its patch {patch}; give a side whose 7/8 it divides (256)")
 
 
@@ -1010,10 +1016,10 @@ def stage_encode(config, run, dataset, device):
                                          world=world, records=records[split]) if files else None
                        for split, files, how in passes)
         if rank == 0:
-            data.save_atomic({"train": train, "test": test}, path)
+            plumbing.save_atomic({"train": train, "test": test}, path)
             shutil.rmtree(folder)
     # One kept from an earlier command was made from the folder's files as they are (check_kept).
-    return once(path, make, lambda path: data.read_artifact(path, "encode", mmap=True), timed=(run, "encode"))
+    return once(path, make, lambda path: plumbing.read_artifact(path, "encode", mmap=True), timed=(run, "encode"))
 
 
 # -----------------------------------------------------------------------------
@@ -1021,10 +1027,10 @@ def stage_encode(config, run, dataset, device):
 
 
 def main():
-    config = data.parse_config(DPTConfig, __doc__)
+    config = plumbing.parse_config(DPTConfig, __doc__)
     if config.report:
         return print(f"wrote {sample.write_report(config.report)}")
-    rank, world, device = data.distributed_setup()
+    rank, world, device = plumbing.distributed_setup()
     asked = config.ssl_arch, config.diffusion_size  # before the preset fills them in
     resolve(config)
     check(config, world)
@@ -1047,7 +1053,7 @@ def main():
 def run_dpt(config, dataset, device, rank, world):
     """One run of the three stages, resumed from its folder; returns the run folder."""
     run = run_folder(config)
-    with data.folder_claimed(run, rank, world):
+    with plumbing.folder_claimed(run, rank, world):
         run_stages(config, run, dataset, device, rank, world)
     return run
 
@@ -1131,13 +1137,13 @@ def write_results(config, run, dataset, device, samples, *, stage1_metrics, pseu
         "oracle_accuracy": oracle_metrics.get("accuracy"),  # the oracle's own test accuracy
         "oracle": oracle_path,
         "generation": generation,  # few_labels, dpt, every_label (the references with --baseline)
-        "wall_time_s": data.read_json(os.path.join(run, "timings.json")) or {},
+        "wall_time_s": plumbing.read_json(os.path.join(run, "timings.json")) or {},
         "config": asdict(config),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
-        "device": data.device_name(device),
+        "device": plumbing.device_name(device),
         "skipped_images": len(dataset.skipped),  # unreadable, left out by --skip-bad-images
     }
-    data.write_json(results, os.path.join(run, "results.json"))
+    plumbing.write_json(results, os.path.join(run, "results.json"))
     if os.path.exists(os.path.join(run, "redo.json")):
         os.remove(os.path.join(run, "redo.json"))  # the redo is done: the same command would redo it again
     sample.write_report(run)
@@ -1166,7 +1172,7 @@ def parse_seeds(text):
             seeds = [int(part) for part in text.split(",")]
     except ValueError:
         return None
-    valid = seeds and len(seeds) <= MOST_SEEDS and len(set(seeds)) == len(seeds) and all(map(data.SEED[0], seeds))
+    valid = seeds and len(seeds) <= MOST_SEEDS and len(set(seeds)) == len(seeds) and all(map(plumbing.SEED[0], seeds))
     return seeds if valid else None
 
 
@@ -1236,9 +1242,9 @@ def bench(config, device, arch, size):
     # a sampled image 35 forward evaluations, a classifier step its images'.
     per_step = ssl_batch * (1 + 2 * 7)  # images through the classifier in a step
     classifier = fixmatch.make_classifier(arch, 10, torch.zeros(3), torch.ones(3)).eval()
-    step_flops = 3 * per_step * data.forward_flops(classifier, torch.zeros(1, 3, 32, 32))
+    step_flops = 3 * per_step * plumbing.forward_flops(classifier, torch.zeros(1, 3, 32, 32))
     unet_flops = unet.flops_per_image(unet.make_diffusion("unet", size, 10, 32))
-    inception_flops = data.forward_flops(fid.FIDInception().eval(), torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    inception_flops = plumbing.forward_flops(fid.FIDInception().eval(), torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     replayed = " as CUDA graphs" * bool(graphs)
     # (row, its rate, unit, whether compile and bf16 apply to it, FLOPs a unit)
     rows = [("augmentation, weak + strong", augmentation, "images/s", False, None),
@@ -1283,14 +1289,14 @@ def bench_rows(config, device, rows):
         measured = row_rate(compile, bf16)
         rate, warmup = measured if isinstance(measured, tuple) else (measured, None)  # training rows time warm-up
         return rate, warmup, torch.cuda.max_memory_allocated() / 2 ** 30 if on_cuda else None
-    print(f"{data.device_name(device)}: compile={optimized[0]}, bf16={optimized[1]}, beside eager fp32")
+    print(f"{plumbing.device_name(device)}: compile={optimized[0]}, bf16={optimized[1]}, beside eager fp32")
     print(f"  {'stage':<40} {'rate':>10} {'eager fp32':>10} {'ratio':>6}  {'unit':<9} {'warm-up':>8} "
           f"{'of peak':>8}  peak memory")
     measured = []
     for name, row_rate, unit, optimizable, flops in rows:
         rate, warmup, memory = measure(row_rate, *optimized)
         baseline = (measure(row_rate, False, False)[0] if optimizable and optimized != (False, False) else rate)
-        share = flops and data.peak_share(rate * flops, device)
+        share = flops and plumbing.peak_share(rate * flops, device)
         measured.append(rate)
         print(f"  {name:<40} {rate:>10,.1f} {baseline:>10,.1f} {rate / baseline:>5.2f}x  {unit:<9} "
               f"{'-' if warmup is None else f'{warmup:.1f} s':>8} {'-' if share is None else f'{100 * share:.1f}%':>8}"
@@ -1324,7 +1330,7 @@ def bench_latent(config, device):
 
     # One function a row, as bench's.
     def encoding(compile, bf16):
-        return data.rate(lambda: encoder(autoencoder, msn, bf16)(images), batch, device, repeats=2)
+        return plumbing.rate(lambda: encoder(autoencoder, msn, bf16)(images), batch, device, repeats=2)
 
     def training(compile, bf16):
         return unet.training_rate(unet.DiffusionConfig(arch="uvit", size=config.diffusion_size, **step, augment=0.0,
@@ -1332,11 +1338,11 @@ def bench_latent(config, device):
 
     def evaluation(compile, bf16):
         with autocast(bf16):
-            return data.rate(lambda: denoise(x, 1.0, classes.to(device)), batch, device, repeats=2)
+            return plumbing.rate(lambda: denoise(x, 1.0, classes.to(device)), batch, device, repeats=2)
 
     def decoding(compile, bf16):
         with autocast(bf16):
-            return data.rate(lambda: unet.decode_latents(autoencoder, x), batch, device, repeats=2)
+            return plumbing.rate(lambda: unet.decode_latents(autoencoder, x), batch, device, repeats=2)
     forward = unet.flops_per_image(model)  # an evaluation under guidance runs the network twice
     rows = [(f"encoding {config.msn_size} + {config.autoencoder_size} at {side}, batch {batch}", encoding, "images/s",
              True, None),
@@ -1356,4 +1362,4 @@ def bench_latent(config, device):
 
 
 if __name__ == "__main__":
-    data.run_main(main)
+    plumbing.run_main(main)

@@ -31,7 +31,7 @@ WEIGHTS_ENV = "DPT_FID_WEIGHTS"  # a path to the weights, used when --weights is
 
 
 # fid.py stands alone (copy it into another project): it repeats the little it
-# needs of data.py, this error and a write under a temporary name.
+# needs of plumbing.py, this error and a write under a temporary name.
 class FIDError(Exception):
     """Bad input or missing weights: printed as one line on stderr, exit code 2."""
 
@@ -233,7 +233,7 @@ class FIDInception(nn.Module):
 @contextlib.contextmanager
 def download_timeout(seconds=60):
     """A download that gets no answer for `seconds` fails instead of hanging
-    (fid.py stands alone: data.download_timeout's twin)."""
+    (fid.py stands alone: plumbing.download_timeout's twin)."""
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(seconds)
     try:
@@ -247,7 +247,9 @@ def weights_file(weights=None):
     torch hub cache's copy; None where there is none (it would be downloaded)."""
     weights = weights or os.environ.get(WEIGHTS_ENV)
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URL))
-    return weights if weights and os.path.isfile(weights) else cached if not weights and os.path.isfile(cached) else None
+    if weights:
+        return weights if os.path.isfile(weights) else None
+    return cached if os.path.isfile(cached) else None
 
 
 def check_weights(path):

@@ -33,6 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import plumbing
+from plumbing import UserError
 
 # -----------------------------------------------------------------------------
 # Configuration: FixMatch's CIFAR-10 schedule by default (DPT's paper: --threshold freematch)
@@ -337,28 +339,30 @@ def precise_batch_norm(model, images, count, batch=512):
 # Training
 
 
-RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE, "labels": data.at_least(1),
-         "seed": data.SEED, "out": data.NOT_A_FILE, "arch": data.one_of(*ARCHITECTURES),
-         "steps": data.between(1, data.MOST_STEPS),
-         "batch": data.between(1, data.MOST_BATCH), "uratio": data.between(1, 1024), "lr": data.POSITIVE,
-         "lr_cosine": ((lambda value: 0 <= value <= 0.5), "between 0 and 0.5"), "momentum": data.FRACTION,
-         "weight_decay": data.at_least(0), "ema": data.FRACTION,
-         "precise_bn": data.between(0, data.MOST_IMAGES), "lambda_u": data.at_least(0),
-         "threshold": data.one_of("fixmatch", "freematch"), "tau": data.PROBABILITY, "freematch_ema": data.FRACTION,
-         "freematch_start": data.PROBABILITY, "fairness": data.at_least(0),
+RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE, "labels": plumbing.at_least(1),
+         "seed": plumbing.SEED, "out": data.NOT_A_FILE, "arch": plumbing.one_of(*ARCHITECTURES),
+         "steps": plumbing.between(1, plumbing.MOST_STEPS),
+         "batch": plumbing.between(1, plumbing.MOST_BATCH), "uratio": plumbing.between(1, 1024),
+         "lr": plumbing.POSITIVE,
+         "lr_cosine": ((lambda value: 0 <= value <= 0.5), "between 0 and 0.5"), "momentum": plumbing.FRACTION,
+         "weight_decay": plumbing.at_least(0), "ema": plumbing.FRACTION,
+         "precise_bn": plumbing.between(0, plumbing.MOST_IMAGES), "lambda_u": plumbing.at_least(0),
+         "threshold": plumbing.one_of("fixmatch", "freematch"), "tau": plumbing.PROBABILITY,
+         "freematch_ema": plumbing.FRACTION,
+         "freematch_start": plumbing.PROBABILITY, "fairness": plumbing.at_least(0),
          "real_fraction": ((lambda value: value == -1 or 0 <= value <= 1), "-1 (uniform) or between 0 and 1"),
-         "eval_every": data.between(1, data.MOST_STEPS), "ckpt_every": data.between(1, data.MOST_STEPS)}
+         "eval_every": plumbing.between(1, plumbing.MOST_STEPS), "ckpt_every": plumbing.between(1, plumbing.MOST_STEPS)}
 
 
 def check(config, world=1, flags=None):
     """Refuse a setting that cannot train, in one line, before any work. flags:
     the name of each field's flag where it differs (dpt.py's --ssl-steps)."""
-    data.check_fields(config, RULES, flags)
-    data.check_divisible(config, world, flags)
-    data.check_cuda_graphs(config, world, flags)
+    plumbing.check_fields(config, RULES, flags)
+    plumbing.check_divisible(config, world, flags)
+    plumbing.check_cuda_graphs(config, world, flags)
     if config.fairness and config.threshold != "freematch":
-        raise data.UserError(f"{data.flag('fairness', flags)} {config.fairness}: FreeMatch's fairness loss needs its "
-                             f"thresholds; add {data.flag('threshold', flags)} freematch or set it to 0")
+        raise UserError(f"{plumbing.flag('fairness', flags)} {config.fairness}: FreeMatch's fairness loss needs its "
+                             f"thresholds; add {plumbing.flag('threshold', flags)} freematch or set it to 0")
 
 
 def make_optimizer(model, config):
@@ -375,7 +379,7 @@ def train(config, dataset, labeled_index, generated=None, progress=True):
     """FixMatch from scratch (or from config.out/ckpt.pt) to config.steps.
     generated: optional (uint8 images, int64 labels) that join the labeled set (stage 3).
     Returns the EMA model and a dict of metrics; rank 0 writes the checkpoint."""
-    rank, world, device = data.distributed_setup()
+    rank, world, device = plumbing.distributed_setup()
     check(config, world)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     on_cuda = device.type == "cuda"
@@ -402,7 +406,7 @@ def train(config, dataset, labeled_index, generated=None, progress=True):
 
     step, metrics = 0, {"best_accuracy": 0.0, "history": []}
     checkpoint_path = os.path.join(config.out, "ckpt.pt")
-    checkpoint = data.resume(checkpoint_path, config, FREE_TO_CHANGE, world, rank, model, ema_model, optimizer)
+    checkpoint = plumbing.resume(checkpoint_path, config, FREE_TO_CHANGE, world, rank, model, ema_model, optimizer)
     if checkpoint is not None:
         step, metrics = checkpoint["step"], checkpoint["metrics"]
         if rank == 0 and progress:
@@ -410,9 +414,9 @@ def train(config, dataset, labeled_index, generated=None, progress=True):
         if freematch is not None:  # checkpoints from before the fairness loss have no histogram: its start
             freematch.load_state_dict({"label_hist": freematch.label_hist, **checkpoint["freematch"]})
 
-    compile = data.on_cuda_unless_set(config.compile, device)
-    _, step_loss = data.for_training(model, fixmatch_step_loss, world, device, compile, config.cuda_graphs)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=data.on_cuda_unless_set(config.bf16, device))
+    compile = plumbing.on_cuda_unless_set(config.compile, device)
+    _, step_loss = plumbing.for_training(model, fixmatch_step_loss, world, device, compile, config.cuda_graphs)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=plumbing.on_cuda_unless_set(config.bf16, device))
 
     per_rank = config.batch // world
     flip = dataset.flips if config.flip is None else config.flip
@@ -464,9 +468,9 @@ def train(config, dataset, labeled_index, generated=None, progress=True):
                           f"(best so far {100 * metrics['best_accuracy']:.2f}%, selected on the test set)")
             model.train()
         if step % config.ckpt_every == 0 or step == config.steps:
-            rngs = data.all_rng_states(world)
+            rngs = plumbing.all_rng_states(world)
             if rank == 0:
-                data.save_atomic({"model": model.state_dict(), "ema": ema_model.state_dict(),
+                plumbing.save_atomic({"model": model.state_dict(), "ema": ema_model.state_dict(),
                                   "optimizer": optimizer.state_dict(), "step": step, "metrics": metrics,
                                   "freematch": freematch.state_dict() if freematch else None,
                                   "rng": rngs, "config": asdict(config)}, checkpoint_path)
@@ -487,7 +491,7 @@ def augmented_batch(labeled, unlabeled, flip=True):
 
 def fixmatch_step_loss(forward, inputs, labeled_y, unlabeled_count, lambda_u, tau, freematch, fairness):
     """fixmatch_loss of an augmented_batch, through the network in one pass, so
-    that BN sees labeled and unlabeled images together; data.for_training
+    that BN sees labeled and unlabeled images together; plumbing.for_training
     compiles it with the network as one graph."""
     logits = forward(inputs)
     logits_labeled, logits_weak, logits_strong = logits.split([len(labeled_y), unlabeled_count, unlabeled_count])
@@ -497,7 +501,7 @@ def fixmatch_step_loss(forward, inputs, labeled_y, unlabeled_count, lambda_u, ta
 def update_weights(loss, model, ema_model, optimizer, ema):
     """Backward, SGD, and the EMA of the weights (one kernel per list); BN
     statistics are copied (and measured before evaluation)."""
-    data.zero_grad(optimizer)
+    plumbing.zero_grad(optimizer)
     loss.backward()
     optimizer.step()
     with torch.no_grad():
@@ -518,7 +522,7 @@ def sample_labeled(count, real_count, total, real_fraction, device):
 
 def save_classifier(model, config, metrics, path):
     """classifier.pt: the EMA weights (normalization included), config and metrics."""
-    data.save_atomic({"model": model.state_dict(), "config": asdict(config), "metrics": metrics}, path)
+    plumbing.save_atomic({"model": model.state_dict(), "config": asdict(config), "metrics": metrics}, path)
 
 
 def load_classifier(path, device="cpu"):
@@ -529,7 +533,7 @@ def load_classifier(path, device="cpu"):
         model = make_classifier(saved["config"]["arch"], len(weights["fc.bias"]), torch.zeros(3), torch.ones(3))
         model.load_state_dict(weights)  # the normalization's mean and std come with the weights
     except Exception as error:
-        raise data.UserError(f"classifier {path} is unreadable ({type(error).__name__}); delete it to train "
+        raise UserError(f"classifier {path} is unreadable ({type(error).__name__}); delete it to train "
                              "it again") from None
     return model.to(device).eval(), saved["metrics"]
 
@@ -602,11 +606,11 @@ def load_msn(size, resolution=224, path=None, device="cpu"):
     if path is None:
         url = MSN_URL.format(MSN_RELEASES.get(size, size))
         try:
-            with data.download_timeout():
+            with plumbing.download_timeout():
                 saved = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=False)
         except Exception as error:  # offline, refused, cut short, or no such release
             cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-            raise data.UserError(f"cannot get MSN's {size} ({type(error).__name__}); download {url} to "
+            raise UserError(f"cannot get MSN's {size} ({type(error).__name__}); download {url} to "
                                  f"{cache}") from None
     try:
         if path is not None:
@@ -616,8 +620,8 @@ def load_msn(size, resolution=224, path=None, device="cpu"):
         network.load_state_dict({name: value for name, value in weights.items()
                                  if not name.startswith(("fc.", "norm."))})
     except Exception as error:
-        raise data.UserError(f"{path or size} is not MSN's {size} checkpoint ({type(error).__name__}: "
-                             f"{data.first_line(error)})") from None
+        raise UserError(f"{path or size} is not MSN's {size} checkpoint ({type(error).__name__}: "
+                             f"{plumbing.first_line(error)})") from None
     return network.to(device).eval().requires_grad_(False)
 
 
@@ -635,21 +639,21 @@ def msn_subset(path, files, labels, per_class, folder):
     found = {line: [under[line]] if line in under else by_name.get(line, []) for line in lines}
     missing = [line for line in lines if not found[line]]
     if missing:
-        raise data.UserError(f"--label-subset {path}: {len(missing)} of its images are not among the training "
+        raise UserError(f"--label-subset {path}: {len(missing)} of its images are not among the training "
                              f"images (e.g. {missing[0]}); give the subset of this folder")
     shared = [line for line in lines if len(found[line]) > 1]
     if shared:
-        raise data.UserError(f"--label-subset {path} names {shared[0]}, a file name that {len(found[shared[0]])} "
+        raise UserError(f"--label-subset {path} names {shared[0]}, a file name that {len(found[shared[0]])} "
                              "classes hold; write its lines as CLASS/FILE")
     index = [found[line][0] for line in lines]
     if len(set(index)) < len(index):
         seen = set()
         twice = next(line for line, i in zip(lines, index) if i in seen or seen.add(i))
-        raise data.UserError(f"--label-subset {path} names {twice} more than once; name each labeled image once")
+        raise UserError(f"--label-subset {path} names {twice} more than once; name each labeled image once")
     index = torch.tensor(sorted(index), dtype=torch.long)
     counts = torch.bincount(labels[index], minlength=int(labels.max()) + 1)
     if (counts != per_class).any():
-        raise data.UserError(f"--label-subset {path} names {int(counts.min())} to {int(counts.max())} images a "
+        raise UserError(f"--label-subset {path} names {int(counts.min())} to {int(counts.max())} images a "
                              f"class, not --labels {per_class}; give the file for {per_class}")
     return index
 
@@ -757,13 +761,13 @@ def training_rate(config, steps=35):
 
 def benchmark(config):
     """Steps/s at --batch + 2 x --batch * --uratio (64 + 2 x 448 by default)."""
-    _, _, device = data.distributed_setup()
+    _, _, device = plumbing.distributed_setup()
     rate, warmup = training_rate(config)
-    where = data.device_name(device)
+    where = plumbing.device_name(device)
     print(f"{config.arch}, batch {config.batch} + 2 x {config.batch * config.uratio}: "
           f"{rate:.2f} steps/s after {warmup:.1f} s of warm-up ({where}, "
-          f"compile={data.on_cuda_unless_set(config.compile, device)}, "
-          f"bf16={data.on_cuda_unless_set(config.bf16, device)})")
+          f"compile={plumbing.on_cuda_unless_set(config.compile, device)}, "
+          f"bf16={plumbing.on_cuda_unless_set(config.bf16, device)})")
 
 
 def load_generated(path, dataset):
@@ -773,34 +777,34 @@ def load_generated(path, dataset):
         samples = torch.load(path, map_location="cpu", weights_only=True)
         images, labels = samples["images"], samples["labels"]
     except Exception as error:
-        raise data.UserError(f"cannot read generated images from {path} ({type(error).__name__}); "
+        raise UserError(f"cannot read generated images from {path} ({type(error).__name__}); "
                              "expected a samples.pt with 'images' and 'labels'") from None
     if images.dtype != torch.uint8 or images.shape[1:] != dataset.train_x.shape[1:] or len(images) != len(labels):
-        raise data.UserError(f"{path}: images {tuple(images.shape)} {images.dtype} do not fit {dataset.name}'s "
+        raise UserError(f"{path}: images {tuple(images.shape)} {images.dtype} do not fit {dataset.name}'s "
                              f"{tuple(dataset.train_x.shape[1:])} uint8 images, or do not match {len(labels)} labels")
     if labels.dtype != torch.int64 or len(labels) and (labels.min() < 0 or labels.max() >= dataset.num_classes):
-        raise data.UserError(f"{path}: labels must be int64 in 0..{dataset.num_classes - 1}")
+        raise UserError(f"{path}: labels must be int64 in 0..{dataset.num_classes - 1}")
     return images, labels
 
 
 def main():
-    config = data.parse_config(FixMatchConfig, __doc__)
+    config = plumbing.parse_config(FixMatchConfig, __doc__)
     if config.bench:
         return benchmark(config)
-    rank, world, _ = data.distributed_setup()
+    rank, world, _ = plumbing.distributed_setup()
     check(config, world)
     dataset = data.load_dataset(config.dataset, config.data_dir)
     labeled_index = data.labeled_split(dataset.train_y, config.labels, config.seed)
     generated = load_generated(config.pseudo_images, dataset) if config.pseudo_images else None
-    data.claim_folder(config.out, rank, world)  # after the input is read: bad input writes nothing
+    plumbing.claim_folder(config.out, rank, world)  # after the input is read: bad input writes nothing
     model, metrics = train(config, dataset, labeled_index, generated)
     if rank == 0:
         save_classifier(model, config, metrics, os.path.join(config.out, "classifier.pt"))
         labels = pseudo_labels(predict(model, dataset.train_x), dataset.train_y)
-        data.save_atomic(labels, os.path.join(config.out, "pseudo_labels.pt"))
+        plumbing.save_atomic(labels, os.path.join(config.out, "pseudo_labels.pt"))
         print(f"pseudo labels of {len(labels['labels'])} training images: {100 * labels['accuracy']:.2f}% correct; "
               f"test accuracy {100 * metrics.get('accuracy', float('nan')):.2f}%")
 
 
 if __name__ == "__main__":
-    data.run_main(main)
+    plumbing.run_main(main)

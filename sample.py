@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 import data
+import plumbing
+from plumbing import UserError
 import unet
 
 # -----------------------------------------------------------------------------
@@ -118,15 +120,15 @@ def dpmpp(denoise, x, labels, sigmas):
 SOLVERS = {"heun": heun, "euler": euler, "dpmpp": dpmpp}
 
 
-RULES = {"per_class": data.between(1, data.MOST_IMAGES), "solver": data.one_of(*SOLVERS),
+RULES = {"per_class": plumbing.between(1, plumbing.MOST_IMAGES), "solver": plumbing.one_of(*SOLVERS),
          "steps": ((lambda value: 2 <= value <= 1000), "from 2 (the noise levels sigma_max and sigma_min) to 1,000"),
          "guidance": ((lambda value: 0 <= value < math.inf), "at least 0 (1 is no guidance, 0 unconditional)"),
-         "seed": data.SEED, "batch": data.between(1, data.MOST_BATCH), "out": data.NOT_A_FILE}
+         "seed": plumbing.SEED, "batch": plumbing.between(1, plumbing.MOST_BATCH), "out": data.NOT_A_FILE}
 
 
 def check(config, flags=None):
     """Refuse a setting that cannot sample, in one line, before the model is loaded."""
-    data.check_fields(config, RULES, flags)
+    plumbing.check_fields(config, RULES, flags)
 
 
 # -----------------------------------------------------------------------------
@@ -173,7 +175,7 @@ def generate(model, per_class, solver="heun", steps=18, guidance=1.0, seed=0, ba
     labels = torch.arange(model.num_classes).repeat_interleave(per_class)
     mine = torch.arange(rank, len(labels), world)
     decode = decode or (lambda x: x)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=data.on_cuda_unless_set(bf16, device))
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=plumbing.on_cuda_unless_set(bf16, device))
     with autocast:
         image_shape = decode(torch.zeros((1, *shape), device=device)).shape[1:]  # the decoder's output side
     images = torch.empty((len(mine), *image_shape), dtype=torch.uint8, device=device)
@@ -190,7 +192,7 @@ def generate(model, per_class, solver="heun", steps=18, guidance=1.0, seed=0, ba
         bar.update(len(index))
     bar.close()
     if world > 1 and gather:
-        images = data.gather_shares(images, len(labels), world)
+        images = plumbing.gather_shares(images, len(labels), world)
     return images.cpu(), labels
 
 
@@ -224,7 +226,7 @@ def preview_grid(model, path, per_class=8, steps=18):
 
 def write_report(run):
     path = os.path.join(run, "report.html")
-    data.save_atomic(build_report(run), path, writer=lambda page, file: file.write(page.encode()))
+    plumbing.save_atomic(build_report(run), path, writer=lambda page, file: file.write(page.encode()))
     return path
 
 
@@ -249,11 +251,11 @@ on the test set), says what is true.{models}</p>
 
 def build_report(run):
     """The page, as a string, from the files of a finished run."""
-    results = data.read_json(os.path.join(run, "results.json"))
+    results = plumbing.read_json(os.path.join(run, "results.json"))
     if results is None:
-        raise data.UserError(f"--report {run}: no results.json there; give a finished run folder, or finish "
+        raise UserError(f"--report {run}: no results.json there; give a finished run folder, or finish "
                              "the run first (its command resumes it)")
-    load = lambda name, redo: data.read_artifact(os.path.join(run, name), redo, mmap=True)
+    load = lambda name, redo: plumbing.read_artifact(os.path.join(run, name), redo, mmap=True)
     loss = [("loss", thin(load("stage2/diffusion.pt", "stage2")["metrics"]["history"], 400))]
     generation = results.get("generation") or {}
     references = "few_labels" in generation
@@ -446,7 +448,8 @@ def summary_rows(results):
              ("FID of the samples", "-" if results["fid"] is None else f"{results['fid']:.2f}")]
     generation = results.get("generation") or {}
     if "few_labels" in generation:  # one row per diffusion model, as the oracle judges its samples
-        rows.append(("diffusion models, judged by the oracle", "class share · Fréchet distance · precision · recall"))
+        rows.append(("diffusion models, judged by the oracle",
+                     "class share · Fréchet distance · precision · recall"))
         number = lambda value, digits: "-" if value is None else f"{value:.{digits}f}"
         for name, called, _ in MODELS:
             model = generation[name]
@@ -505,7 +508,7 @@ def sweep_summary(runs):
     standard deviation over the seeds, and each gain's paired interval."""
     rows = []
     for run in runs:
-        results = data.read_json(os.path.join(run, "results.json"))
+        results = plumbing.read_json(os.path.join(run, "results.json"))
         generation = results.get("generation") or {}
         rows.append({"seed": results["seed"], "run": run, "minutes": minutes(results),
                      **{field: results[field] for _, field, _ in SWEEP_COLUMNS if field != "minutes"},
@@ -551,7 +554,7 @@ def gain_lines(summary):
 def write_sweep(runs, path, title):
     """The sweep's summary as path.json, a table printed, and path.html beside the runs."""
     summary = sweep_summary(runs)
-    data.write_json(summary, path + ".json")
+    plumbing.write_json(summary, path + ".json")
     table = sweep_table(summary)
     generated = any(summary["mean"][field] is not None for _, field, _ in GENERATION_COLUMNS)
     generation_table = sweep_table(summary, GENERATION_COLUMNS) if generated else None
@@ -596,7 +599,7 @@ def write_sweep(runs, path, title):
             "gain with its 95% confidence interval, Student's t over the seeds' paired differences. The stage-1 "
             "judge is the share of generated images the stage-1 classifier puts in their intended class, the "
             "oracle judge the same share by a classifier trained on every true label.</p>")
-    data.save_atomic(page(title, body), path + ".html", writer=lambda text, file: file.write(text.encode()))
+    plumbing.save_atomic(page(title, body), path + ".html", writer=lambda text, file: file.write(text.encode()))
     return path + ".html"
 
 
@@ -789,34 +792,34 @@ def heun_rate(model, per_class, device, guidance=1.0, bf16=None, steps=18, batch
     run = lambda: generate(model, per_class, "heun", steps, guidance, batch=batch, device=device, bf16=bf16,
                            progress=False)
     generate(model, per_class, "heun", 2, guidance, batch=batch, device=device, bf16=bf16, progress=False)
-    return data.rate(run, per_class * model.num_classes, device, repeats=3) * (2 * steps - 1) / 35
+    return plumbing.rate(run, per_class * model.num_classes, device, repeats=3) * (2 * steps - 1) / 35
 
 
 def benchmark(model, config, device):
     """Images/s of Heun with 18 steps (35 evaluations) on one batch of about --batch images."""
     per_class = max(1, config.batch // model.num_classes)
     rate = heun_rate(model, per_class, device, config.guidance, config.bf16, batch=config.batch)
-    where = data.device_name(device)
+    where = plumbing.device_name(device)
     print(f"heun, 35 evaluations, batch {per_class * model.num_classes}, guidance {config.guidance}: "
-          f"{rate:.1f} images/s ({where}, bf16={data.on_cuda_unless_set(config.bf16, device)})")
+          f"{rate:.1f} images/s ({where}, bf16={plumbing.on_cuda_unless_set(config.bf16, device)})")
 
 
 def main():
-    config = data.parse_config(SampleConfig, __doc__)
+    config = plumbing.parse_config(SampleConfig, __doc__)
     check(config)
-    rank, world, device = data.distributed_setup()
+    rank, world, device = plumbing.distributed_setup()
     model = unet.load_diffusion(config.checkpoint, device)
     if config.guidance != 1 and not model.label_dropout:
-        raise data.UserError(f"--guidance {config.guidance}: {config.checkpoint} was trained without label dropout, "
+        raise UserError(f"--guidance {config.guidance}: {config.checkpoint} was trained without label dropout, "
                              "so its null class never learned anything to guide with; give --guidance 1, or "
                              "train with --label-dropout 0.1")
     if config.bench:
         return benchmark(model, config, device)
-    data.claim_folder(config.out, rank, world)  # after the input is read: bad input writes nothing
+    plumbing.claim_folder(config.out, rank, world)  # after the input is read: bad input writes nothing
     images, labels = generate(model, config.per_class, config.solver, config.steps, config.guidance, config.seed,
                               config.batch, device, rank, world, config.bf16)
     if rank == 0:
-        data.save_atomic({"images": images, "labels": labels, "config": asdict(config)},
+        plumbing.save_atomic({"images": images, "labels": labels, "config": asdict(config)},
                          os.path.join(config.out, "samples.pt"))
         save_grid(images, labels, os.path.join(config.out, "samples.png"))
         evaluations = 2 * config.steps - 1 if config.solver == "heun" else config.steps
@@ -825,4 +828,4 @@ def main():
 
 
 if __name__ == "__main__":
-    data.run_main(main)
+    plumbing.run_main(main)

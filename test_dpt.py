@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
 import data
+import plumbing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -211,15 +212,15 @@ def test_every_download_gives_up_after_a_minute_without_an_answer(tmp_path, monk
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
     for download, error in ((fid.load_inception, fid.FIDError), (partial(fid.download_stats, fid.ADM_IMAGENET256),
-                            fid.FIDError), (partial(fixmatch.load_msn, "tiny"), data.UserError),
-                            (partial(data.load_dataset, "cifar10", str(tmp_path / "data")), data.UserError)):
+                            fid.FIDError), (partial(fixmatch.load_msn, "tiny"), plumbing.UserError),
+                            (partial(data.load_dataset, "cifar10", str(tmp_path / "data")), plumbing.UserError)):
         with pytest.raises(error):
             download()
-    assert waited == [data.DOWNLOAD_TIMEOUT] * 4 and socket.getdefaulttimeout() is None
+    assert waited == [plumbing.DOWNLOAD_TIMEOUT] * 4 and socket.getdefaulttimeout() is None
 
 
 def test_missing_dataset_offline_names_the_folder_and_the_url(tmp_path):
-    with pytest.raises(data.UserError) as error:
+    with pytest.raises(plumbing.UserError) as error:
         data.load_dataset("cifar10", str(tmp_path))
     message = str(error.value)
     assert str(tmp_path / "cifar-10-batches-py") in message and "cifar-10-python.tar.gz" in message
@@ -313,7 +314,7 @@ def test_malformed_file_is_refused_with_a_one_line_reason(tmp_path, case):
         torch.save(torch.zeros(3), path)
     else:
         save_arrays(path, **arrays)
-    with pytest.raises(data.UserError) as error:
+    with pytest.raises(plumbing.UserError) as error:
         data.load_dataset(str(path))
     assert reason in str(error.value) and "\n" not in str(error.value)
 
@@ -343,7 +344,7 @@ def test_an_image_folder_lists_its_images_with_classes_sorted_by_name(tmp_path):
     paths, labels, classes = data.image_folder(str(tmp_path), "train")
     assert classes == ("n00", "n01", "n02") and labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
     assert all(path.endswith(".JPEG") and f"/{classes[label]}/" in path for path, label in zip(paths, labels))
-    with pytest.raises(data.UserError, match="ImageNet's layout"):
+    with pytest.raises(plumbing.UserError, match="ImageNet's layout"):
         data.image_folder(str(tmp_path), "val")
 
 
@@ -381,17 +382,17 @@ def test_the_encoding_pass_resumes_at_its_first_missing_chunk_with_the_same_resu
     whole = data.encode_files(paths, read, encode, str(tmp_path / "whole"), chunk=6, batch=4, progress=False)
     assert whole["mean"].shape == (15,) and whole["corner"].shape == (15, 3)
 
-    real_save, saved = data.save_atomic, []
+    real_save, saved = plumbing.save_atomic, []
 
     def save_then_die(obj, path, **kwargs):
         real_save(obj, path, **kwargs)
         saved.append(path)
         if len(saved) == 2:
             raise KeyboardInterrupt  # killed after its second chunk
-    monkeypatch.setattr(data, "save_atomic", save_then_die)
+    monkeypatch.setattr(plumbing, "save_atomic", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         data.encode_files(paths, read, encode, str(tmp_path / "killed"), chunk=6, batch=4, progress=False)
-    monkeypatch.setattr(data, "save_atomic", real_save)
+    monkeypatch.setattr(plumbing, "save_atomic", real_save)
     read_files.clear()
     resumed = data.encode_files(paths, read, encode, str(tmp_path / "killed"), chunk=6, batch=4, progress=False)
     assert read_files == paths[12:]  # only the last chunk's files were read again
@@ -428,7 +429,7 @@ def test_a_file_that_fails_in_the_pass_keeps_what_its_chunk_encoded_before_it(tm
             raise OSError("image file is truncated")
         return read(path)
     read_files.clear()
-    with pytest.raises(data.UserError, match=f"{paths[8]} cannot be read .OSError: image file is truncated"):
+    with pytest.raises(plumbing.UserError, match=f"{paths[8]} cannot be read .OSError: image file is truncated"):
         data.encode_files(paths, fails_once, encode, str(tmp_path / "failed"), chunk=6, batch=2, progress=False,
                           records=records)
     read_files.clear()
@@ -542,7 +543,7 @@ def test_split_is_the_same_on_every_machine():
 @pytest.mark.parametrize("labels", [0, -1, 11])
 def test_split_refuses_impossible_label_counts(labels):
     y = torch.arange(100) % 10  # 10 images per class
-    with pytest.raises(data.UserError, match="give 1 to 10"):
+    with pytest.raises(plumbing.UserError, match="give 1 to 10"):
         data.labeled_split(y, labels, seed=0)
 
 
@@ -728,7 +729,7 @@ def test_augmentations_run_on_the_batch_device(cuda):
 
 
 def test_config_flags_come_from_the_dataclass():
-    config = data.parse_config(data.DataConfig, "",
+    config = plumbing.parse_config(data.DataConfig, "",
                                ["--dataset", "shapes", "--seed", "3", "--bench", "--data-dir", "d"])
     assert config == data.DataConfig(dataset="shapes", seed=3, bench=True, data_dir="d")
 
@@ -741,11 +742,12 @@ def test_data_command_prints_class_counts_and_saves_a_preview(tmp_path):
     assert width > height > 0  # 10 columns, 5 rows
 
 
-# The files a module may import, anywhere in it (inside a function too): data
+# The files a module may import, anywhere in it (inside a function too): plumbing
 # at the bottom, fid alone, dpt on top; a circle would make one of them unreadable
 # without the other.
-ALLOWED_IMPORTS = {"data": set(), "fid": set(), "fixmatch": {"data"}, "unet": {"data"},
-                   "sample": {"data", "unet"}, "dpt": {"data", "fid", "fixmatch", "sample", "unet"}}
+ALLOWED_IMPORTS = {"plumbing": set(), "data": {"plumbing"}, "fid": set(), "fixmatch": {"data", "plumbing"},
+                   "unet": {"data", "plumbing"}, "sample": {"data", "plumbing", "unet"},
+                   "dpt": {"data", "fid", "fixmatch", "plumbing", "sample", "unet"}}
 
 
 def test_imports_flow_one_way():
@@ -1013,7 +1015,7 @@ def test_freematch_fairness_loss_matches_the_paper_on_a_hand_computation():
         losses.append(loss.item())
     assert losses[1] - losses[0] == pytest.approx(0.5 * fixmatch.fairness_loss(logits_strong, mask, states[1]).item(),
                                                   rel=1e-5, abs=1e-6)
-    with pytest.raises(data.UserError, match="^--ssl-fairness 0.01: .* add --ssl-threshold freematch"):
+    with pytest.raises(plumbing.UserError, match="^--ssl-fairness 0.01: .* add --ssl-threshold freematch"):
         fixmatch.check(fixmatch.FixMatchConfig(threshold="fixmatch", fairness=0.01), flags=dpt.CLASSIFIER_FLAGS)
 
 
@@ -1098,18 +1100,18 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_pa
                               small_shapes, split, progress=False)
 
     saves = []
-    real_save = data.save_atomic
+    real_save = plumbing.save_atomic
 
     def save_then_die(obj, path):  # the process is killed right after its first checkpoint (step 3)
         real_save(obj, path)
         saves.append(path)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data, "save_atomic", save_then_die)
+    monkeypatch.setattr(plumbing, "save_atomic", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         fixmatch.train(tiny_config(tmp_path / "killed", threshold="freematch", freematch_ema=0.5),
                        small_shapes, split, progress=False)
-    monkeypatch.setattr(data, "save_atomic", real_save)
+    monkeypatch.setattr(plumbing, "save_atomic", real_save)
     at_kill = torch.load(saves[0], weights_only=False)
     assert at_kill["step"] == 3
     resumed, _ = fixmatch.train(tiny_config(tmp_path / "killed", threshold="freematch", freematch_ema=0.5),
@@ -1143,8 +1145,8 @@ def test_weight_decay_reaches_convolution_and_linear_weights_but_not_bn_or_biase
 
 def recorded_saves(monkeypatch):
     """Every object save_atomic writes, as it was at that moment."""
-    saves, real_save = [], data.save_atomic
-    monkeypatch.setattr(data, "save_atomic", lambda obj, path, **kw: (saves.append(copy.deepcopy(obj)),
+    saves, real_save = [], plumbing.save_atomic
+    monkeypatch.setattr(plumbing, "save_atomic", lambda obj, path, **kw: (saves.append(copy.deepcopy(obj)),
                                                                       real_save(obj, path, **kw)))
     return saves
 
@@ -1217,10 +1219,10 @@ def test_the_classifier_flips_where_the_dataset_allows_unless_told(tmp_path, sma
 def test_a_checkpoint_of_other_settings_or_a_corrupt_one_is_refused(tmp_path, small_shapes):
     split = data.labeled_split(small_shapes.train_y, 2, seed=0)
     fixmatch.train(tiny_config(tmp_path, steps=3), small_shapes, split, progress=False)
-    with pytest.raises(data.UserError, match="other settings \\(lr\\)"):
+    with pytest.raises(plumbing.UserError, match="other settings \\(lr\\)"):
         fixmatch.train(tiny_config(tmp_path, steps=3, lr=0.1), small_shapes, split, progress=False)
     (tmp_path / "ckpt.pt").write_bytes(b"garbage")
-    with pytest.raises(data.UserError, match="unreadable"):
+    with pytest.raises(plumbing.UserError, match="unreadable"):
         fixmatch.train(tiny_config(tmp_path, steps=3), small_shapes, split, progress=False)
 
 
@@ -1274,14 +1276,14 @@ STOP_AFTER_FIRST_CHECKPOINT = """
 import os, sys
 import data, fixmatch
 gathered = []
-real_gather = data.all_rng_states
+real_gather = plumbing.all_rng_states
 def gather_or_stop(world):
     gathered.append(world)
     if len(gathered) == 2:
         os._exit(0)
     return real_gather(world)
-data.all_rng_states = gather_or_stop
-data.run_main(fixmatch.main)
+plumbing.all_rng_states = gather_or_stop
+plumbing.run_main(fixmatch.main)
 """
 
 
@@ -1325,10 +1327,10 @@ def test_fixmatch_beats_training_on_the_labeled_images_alone_with_1_label_per_cl
 def test_fixmatch_refuses_generated_images_that_do_not_fit_the_dataset(tmp_path, small_shapes):
     bad = tmp_path / "samples.pt"
     torch.save({"images": random_images(4, side=16), "labels": torch.arange(4)}, bad)
-    with pytest.raises(data.UserError, match="do not fit"):
+    with pytest.raises(plumbing.UserError, match="do not fit"):
         fixmatch.load_generated(str(bad), small_shapes)
     torch.save({"images": random_images(4), "labels": torch.arange(4) + 8}, bad)
-    with pytest.raises(data.UserError, match="labels must be int64 in 0..9"):
+    with pytest.raises(plumbing.UserError, match="labels must be int64 in 0..9"):
         fixmatch.load_generated(str(bad), small_shapes)
     result = run_script("fixmatch.py", "--dataset", SHAPES_FILE, "--pseudo-images", str(tmp_path / "missing.pt"),
                         "--out", str(tmp_path / "out"))
@@ -1678,17 +1680,17 @@ def test_the_released_msn_and_autoencoder_checkpoints_load_from_files_in_their_l
         loaded = unet.load_autoencoder(str(tmp_path / name), size="tiny")
         assert all(torch.equal(a, b) for a, b in zip(autoencoder.state_dict().values(), loaded.state_dict().values()))
 
-    with pytest.raises(data.UserError, match="is not MSN's tiny checkpoint"):
+    with pytest.raises(plumbing.UserError, match="is not MSN's tiny checkpoint"):
         fixmatch.load_msn("tiny", 16, str(tmp_path / "sd.ckpt"))
-    with pytest.raises(data.UserError, match="is not Stable Diffusion's autoencoder"):
+    with pytest.raises(plumbing.UserError, match="is not Stable Diffusion's autoencoder"):
         unet.load_autoencoder(str(tmp_path / "vit_tiny.pth.tar"), size="tiny")
-    with pytest.raises(data.UserError, match="drive.google.com"):
+    with pytest.raises(plumbing.UserError, match="drive.google.com"):
         unet.load_autoencoder(str(tmp_path / "missing.pth"))
 
     def offline(url, **kwargs):
         raise OSError("no network here")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(data.UserError, match=re.escape("download https://dl.fbaipublicfiles.com/msn/vitl7_200ep")):
+    with pytest.raises(plumbing.UserError, match=re.escape("download https://dl.fbaipublicfiles.com/msn/vitl7_200ep")):
         fixmatch.load_msn("vitl7")
 
 
@@ -1768,7 +1770,7 @@ def test_unknown_sizes_and_unfit_resolutions_are_refused_in_one_line():
                                        (dict(size="tiny"), 28, "multiple of 8, not 28"),
                                        (dict(arch="uvit", size="tiny"), 31, "multiple of 2, not 31"),
                                        (dict(size="large"), 32, "the unet comes in tiny, fast, cifar")]:
-        with pytest.raises(data.UserError, match=words) as error:
+        with pytest.raises(plumbing.UserError, match=words) as error:
             unet.check(unet.DiffusionConfig(**changes), resolution=resolution)
         assert "\n" not in str(error.value)
     unet.check(unet.DiffusionConfig(size="tiny"), resolution=32)  # 32 = 4 x 8 fits
@@ -2073,7 +2075,7 @@ def test_a_classifier_training_step_queues_all_its_work_on_the_device_and_reads_
     optimizer = (fixmatch.make_optimizer(model, config) if device.type == "cuda" else
                  torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4))
     freematch = fixmatch.FreeMatchThreshold(10, 0.999).to(device) if threshold == "freematch" else None
-    _, step_loss = data.for_training(model, fixmatch.fixmatch_step_loss, 1, device, compile=False)
+    _, step_loss = plumbing.for_training(model, fixmatch.fixmatch_step_loss, 1, device, compile=False)
 
     def step(real_fraction):
         labeled_pick = fixmatch.sample_labeled(4, 12, 16, real_fraction, device)
@@ -2101,7 +2103,7 @@ def test_a_diffusion_training_step_queues_all_its_work_on_the_device_and_reads_n
     ema_model = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda")
     images, labels = torch.zeros(8, 3, 16, 16, device=device), torch.zeros(8, dtype=torch.long, device=device)
-    _, step_loss = data.for_training(model, unet.edm_loss, 1, device, compile=False)
+    _, step_loss = plumbing.for_training(model, unet.edm_loss, 1, device, compile=False)
 
     def step():
         x, augment_labels = unet.augment(images, 0.5)
@@ -2152,17 +2154,17 @@ def test_a_killed_diffusion_run_resumes_to_the_same_weights_as_an_uninterrupted_
     images, labels = shapes_16(64)
     whole, _ = unet.train(diffusion_config(tmp_path / "whole", augment=augment), images, labels, 10, progress=False)
 
-    saves, real_save = [], data.save_atomic
+    saves, real_save = [], plumbing.save_atomic
 
     def save_then_die(obj, path):  # the process is killed right after its first checkpoint
         real_save(obj, path)
         saves.append(path)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data, "save_atomic", save_then_die)
+    monkeypatch.setattr(plumbing, "save_atomic", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         unet.train(diffusion_config(tmp_path / "killed", augment=augment), images, labels, 10, progress=False)
-    monkeypatch.setattr(data, "save_atomic", real_save)
+    monkeypatch.setattr(plumbing, "save_atomic", real_save)
     assert torch.load(saves[0], weights_only=True)["images_seen"] == 12
     resumed, _ = unet.train(diffusion_config(tmp_path / "killed", augment=augment), images, labels, 10,
                             progress=False)
@@ -2181,7 +2183,7 @@ def test_a_diffusion_checkpoint_resumes_under_another_labels_file_name_but_never
     moved, _ = unet.train(diffusion_config(tmp_path, labels_file="b/pseudo_labels.pt"), images, labels, 10,
                           progress=False)  # the run folder moved: the same labels, found where the checkpoint is
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), moved.state_dict().values()))
-    with pytest.raises(data.UserError, match="other labels"):
+    with pytest.raises(plumbing.UserError, match="other labels"):
         unet.train(diffusion_config(tmp_path, labels_file="a/pseudo_labels.pt"), images, (labels + 1) % 10, 10,
                    progress=False)
 
@@ -2223,10 +2225,10 @@ def test_previews_come_every_preview_every_images_and_do_not_change_training(tmp
 def test_a_diffusion_checkpoint_of_other_settings_or_a_corrupt_one_is_refused(tmp_path):
     images, labels = shapes_16(16)
     unet.train(diffusion_config(tmp_path, images=4), images, labels, 10, progress=False)
-    with pytest.raises(data.UserError, match="other settings \\(lr\\)"):
+    with pytest.raises(plumbing.UserError, match="other settings \\(lr\\)"):
         unet.train(diffusion_config(tmp_path, images=4, lr=0.1), images, labels, 10, progress=False)
     (tmp_path / "ckpt.pt").write_bytes(b"garbage")
-    with pytest.raises(data.UserError, match="unreadable"):
+    with pytest.raises(plumbing.UserError, match="unreadable"):
         unet.train(diffusion_config(tmp_path, images=4), images, labels, 10, progress=False)
 
 
@@ -2251,7 +2253,7 @@ def test_a_labels_file_that_does_not_fit_the_dataset_is_refused(tmp_path, case):
     else:
         torch.save(torch.zeros(3) if labels is None else {"labels": labels}, tmp_path / "labels.pt")
     dataset = data.Dataset("tiny", torch.zeros(20, 3, 8, 8, dtype=torch.uint8), torch.arange(20) % 10, None, None, 10)
-    with pytest.raises(data.UserError, match=words) as error:
+    with pytest.raises(plumbing.UserError, match=words) as error:
         unet.load_labels(str(tmp_path / "labels.pt"), dataset)
     assert "\n" not in str(error.value)
 
@@ -2378,7 +2380,7 @@ def test_each_gpu_presets_training_step_keeps_under_40_gib_for_backward_on_one_g
 
 def test_a_micro_batch_that_does_not_divide_a_processs_share_is_refused(tmp_path):
     unet.check(diffusion_config(tmp_path, batch=8, micro_batch=16), world=1)  # larger than the share: the share
-    with pytest.raises(data.UserError, match="--micro-batch 3: must divide each of the 2 processes' 4 images"):
+    with pytest.raises(plumbing.UserError, match="--micro-batch 3: must divide each of the 2 processes' 4 images"):
         unet.check(diffusion_config(tmp_path, batch=8, micro_batch=3), world=2)
 
 
@@ -2485,7 +2487,7 @@ def test_sample_py_guides_a_saved_model_by_the_asked_weight(tmp_path, monkeypatc
     monkeypatch.setattr(sys, "argv", ["sample.py", str(tmp_path / "diffusion.pt"), "--per-class", "2", "--steps", "4",
                                       "--solver", "heun", "--guidance", "3", "--out", str(tmp_path / "samples")])
     sample.main()
-    data.HELD_LOCKS.pop().close()
+    plumbing.HELD_LOCKS.pop().close()
     images = torch.load(tmp_path / "samples" / "samples.pt")["images"]
     guided, unguided = (sample.generate(model, 2, steps=4, guidance=w, progress=False)[0] for w in (3.0, 1.0))
     assert torch.equal(images, guided) and not torch.equal(guided, unguided)
@@ -2494,7 +2496,7 @@ def test_sample_py_guides_a_saved_model_by_the_asked_weight(tmp_path, monkeypatc
 def test_load_diffusion_refuses_a_file_that_is_not_a_diffusion_model(tmp_path):
     torch.save({"model": {}, "config": {"arch": "wrn28_2"}}, tmp_path / "classifier.pt")
     for path in (tmp_path / "classifier.pt", tmp_path / "missing.pt"):
-        with pytest.raises(data.UserError, match="cannot read a diffusion model") as error:
+        with pytest.raises(plumbing.UserError, match="cannot read a diffusion model") as error:
             unet.load_diffusion(str(path))
         assert "\n" not in str(error.value)
 
@@ -2772,8 +2774,8 @@ def test_guidance_is_refused_for_a_diffusion_model_that_never_learned_its_null_c
     (["--batch", "0"], "--batch 0"),
 ])
 def test_sample_refuses_settings_that_cannot_sample(flags, words):
-    config = data.parse_config(sample.SampleConfig, "", ["diffusion.pt", *flags])
-    with pytest.raises(data.UserError, match=words):
+    config = plumbing.parse_config(sample.SampleConfig, "", ["diffusion.pt", *flags])
+    with pytest.raises(plumbing.UserError, match=words):
         sample.check(config)
 
 
@@ -2826,7 +2828,7 @@ def test_a_run_folder_made_before_a_flag_was_renamed_is_refused_not_misread(tmp_
            if name not in dpt.FREE_TO_CHANGE}
     (run / "config.json").write_text(json.dumps(old))
     dataset = write_split(run)
-    with pytest.raises(data.UserError, match="another version of dpt.py .*arch, ssl_arch.*another --out"):
+    with pytest.raises(plumbing.UserError, match="another version of dpt.py .*arch, ssl_arch.*another --out"):
         dpt.check_run_folder(config, str(run), dataset)
     assert (run / "split.pt").exists()  # nothing was removed
 
@@ -2845,7 +2847,7 @@ def test_each_stage_flips_as_the_dataset_allows_unless_told(dataset, told, flip,
     monkeypatch.setattr(dpt, "run_dpt", lambda config, *args: ran.append(config))
     monkeypatch.setattr(sys, "argv", ["dpt.py", "--dataset", dataset, "--preset", "tiny", "--out", str(tmp_path),
                                       *told])
-    data.run_main(dpt.main)
+    plumbing.run_main(dpt.main)
     config = ran[0]
     assert config.flip == flip
     for stage in ("stage1", "stage3", "baseline"):
@@ -2868,7 +2870,7 @@ def test_a_run_folder_made_before_a_setting_was_added_reads_as_made_with_what_th
     (run / "config.json").write_text(json.dumps(old))
     dataset = write_split(run)
     (run / stage).write_text("kept")
-    with pytest.raises(data.UserError, match=rf"other settings \({name}\); add --redo {stage}"):
+    with pytest.raises(plumbing.UserError, match=rf"other settings \({name}\); add --redo {stage}"):
         dpt.check_run_folder(config, str(run), dataset)
     assert (run / stage).read_text() == "kept"
     dpt.check_run_folder(dataclasses.replace(config, **{name: then}), str(run), dataset)  # what it did: goes on
@@ -2936,8 +2938,8 @@ def test_a_training_rate_times_its_steps_and_not_the_checkpoint_written_after_th
     one would be some thousandths of a step or an image a second."""
     real_clock, written = time.perf_counter, []
     monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + 1000 * len(written))
-    real_save = data.save_atomic
-    monkeypatch.setattr(data, "save_atomic", lambda obj, path, writer=None: (written.append(path),
+    real_save = plumbing.save_atomic
+    monkeypatch.setattr(plumbing, "save_atomic", lambda obj, path, writer=None: (written.append(path),
                                                                               real_save(obj, path, writer))[1])
     if kind == "classifier":  # 3 steps timed after the 5 of warm-up
         rate, _ = fixmatch.training_rate(fixmatch.FixMatchConfig(arch="small", batch=4, uratio=1), steps=8)
@@ -2966,10 +2968,10 @@ def test_the_gpu_check_dry_runs_every_part_on_the_cpu(tmp_path):
 def test_the_share_of_the_peak_is_taken_against_the_named_gpus_own_peak(monkeypatch):
     for name, peak in (("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12),
                        ("NVIDIA A100-SXM4-80GB", 312e12)):
-        monkeypatch.setattr(data, "device_name", lambda device: name)
-        assert data.peak_share(peak / 4, "cuda") == pytest.approx(0.25), name
-    monkeypatch.setattr(data, "device_name", lambda device: "cpu, 2 threads")
-    assert data.peak_share(1e12, "cpu") is None
+        monkeypatch.setattr(plumbing, "device_name", lambda device: name)
+        assert plumbing.peak_share(peak / 4, "cuda") == pytest.approx(0.25), name
+    monkeypatch.setattr(plumbing, "device_name", lambda device: "cpu, 2 threads")
+    assert plumbing.peak_share(1e12, "cpu") is None
 
 
 def test_without_cuda_or_preset_the_tiny_preset_runs_and_says_so(capsys, monkeypatch):
@@ -3340,7 +3342,7 @@ def test_the_tiny_preset_runs_the_labeled_only_baseline_unless_told_not_to():
     for config in (tiny, fast, off):
         dpt.resolve(config)
     assert (tiny.baseline, fast.baseline, off.baseline) == (True, False, False)
-    config = data.parse_config(dpt.DPTConfig, "", ["--no-baseline"])
+    config = plumbing.parse_config(dpt.DPTConfig, "", ["--no-baseline"])
     assert config.baseline is False
 
 
@@ -3400,9 +3402,9 @@ def test_each_model_trains_on_its_labels_the_three_diffusion_models_sample_one_n
     monkeypatch.setattr(fixmatch, "train", fixmatch_train)
     monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--diffusion-confident", "0.5", "--out", str(tmp_path)])
     monkeypatch.setenv("DPT_FID_WEIGHTS", "/missing")
-    data.run_main(dpt.main)
+    plumbing.run_main(dpt.main)
     # A finished run lets go of its folders (the run's and the oracle's): a library user may run again.
-    assert not [lock for lock in data.HELD_LOCKS if lock.name.startswith(str(tmp_path))]
+    assert not [lock for lock in plumbing.HELD_LOCKS if lock.name.startswith(str(tmp_path))]
     run = tmp_path / "shapes-1l-s0"
     pseudo = torch.load(run / "pseudo_labels.pt")
     assert (pseudo["labels"] != data.load_dataset(SHAPES_FILE).train_y).any()
@@ -3785,7 +3787,7 @@ def test_a_run_killed_inside_each_reference_diffusion_model_resumes_to_an_uninte
     for name in ("few_labels/samples.pt", "every_label/samples.pt"):
         ours, theirs = torch.load(run / name), torch.load(reference / name)
         assert torch.equal(ours["images"], theirs["images"]) and torch.equal(ours["labels"], theirs["labels"]), name
-    ours, theirs = torch.load(run / "few_labels" / "diffusion.pt"), torch.load(reference / "few_labels" / "diffusion.pt")
+    ours, theirs = (torch.load(folder / "few_labels" / "diffusion.pt") for folder in (run, reference))
     assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in theirs["model"])
 
 
@@ -3907,7 +3909,7 @@ def test_every_network_dpt_loads_goes_to_the_runs_device(quick_run, fid_weights,
         device_of(judge), (samples["labels"], torch.ones(len(images))))[1])  # the two judges
     monkeypatch.setattr(fixmatch, "embed", lambda judge, images, batch=1024: (
         device_of(judge), torch.randn(len(images), 4))[1])  # the oracle's features
-    monkeypatch.setattr(data, "distributed_setup", lambda: (0, 1, meta))
+    monkeypatch.setattr(plumbing, "distributed_setup", lambda: (0, 1, meta))
     monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--baseline", "--out", str(out), "--fid-weights", fid_weights])
     dpt.main()
     assert sorted(name for name, _ in loaded) == ["load_classifier"] * 4 + ["load_diffusion"] * 3 + ["load_inception"]
@@ -3996,7 +3998,7 @@ def test_a_refused_command_leaves_every_file_of_the_run_folder_as_it_was(quick_r
     monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--out", str(tmp_path), *flags])
     sys.argv[sys.argv.index("--dataset") + 1] = dataset
     before = folder_state(run)
-    with pytest.raises(data.UserError) as refusal:
+    with pytest.raises(plumbing.UserError) as refusal:
         dpt.main()
     assert all(word in str(refusal.value) for word in words) and "\n" not in str(refusal.value), refusal.value
     assert folder_state(run) == before and "results.json" in before
@@ -4007,11 +4009,11 @@ def test_a_library_user_can_call_dpt_main_again_after_it_refused_a_setting(quick
     shutil.copytree(quick_run[1].parent, out)
     monkeypatch.setenv("DPT_FID_WEIGHTS", "/missing")
     monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--out", str(out), "--stage3-steps", "13"])
-    with pytest.raises(data.UserError, match="--redo stage3"):  # refused after the folder was claimed
+    with pytest.raises(plumbing.UserError, match="--redo stage3"):  # refused after the folder was claimed
         dpt.main()
     monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--out", str(out)])
     dpt.main()  # the folder is free again: no "in use by process <this one>"
-    assert not [lock for lock in data.HELD_LOCKS if lock.name.startswith(str(out))]  # and let go again
+    assert not [lock for lock in plumbing.HELD_LOCKS if lock.name.startswith(str(out))]  # and let go again
 
 
 def test_a_second_run_into_the_folder_of_a_live_one_stops_at_once_naming_it(tmp_path):
@@ -4035,7 +4037,7 @@ def read_or_empty(path):
 
 @pytest.mark.parametrize("script", ["fixmatch.py", "unet.py", "sample.py"])
 def test_a_stage_script_refuses_a_held_out_folder_and_the_lock_dies_with_its_holder(tmp_path, script):
-    holder = subprocess.Popen([sys.executable, "-c", "import data, sys, time; data.claim_folder(sys.argv[1]); "
+    holder = subprocess.Popen([sys.executable, "-c", "import data, sys, time; plumbing.claim_folder(sys.argv[1]); "
                                "print('held', flush=True); time.sleep(120)", str(tmp_path)],
                               cwd=HERE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
@@ -4046,8 +4048,8 @@ def test_a_stage_script_refuses_a_held_out_folder_and_the_lock_dies_with_its_hol
     assert_one_line_error(run_script(script, *args, "--out", str(tmp_path)), f"process {holder.pid} ")
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    data.claim_folder(str(tmp_path))  # free again: the kernel dropped the lock with its holder
-    data.HELD_LOCKS.pop().close()
+    plumbing.claim_folder(str(tmp_path))  # free again: the kernel dropped the lock with its holder
+    plumbing.HELD_LOCKS.pop().close()
 
 
 # One bad value of every DPTConfig field. Booleans take no value, so "--flag=yes" is theirs.
@@ -4128,14 +4130,14 @@ def test_fid_statistics_that_are_not_inceptions_are_refused_before_any_work(tmp_
         config = dpt.DPTConfig(dataset=str(tmp_path), preset="imagenet", autoencoder=A_FILE,
                                fid_stats=str(tmp_path / stats))
         dpt.resolve(config)
-        with pytest.raises(data.UserError, match=f"--fid-stats {tmp_path / stats} .*{words}"):
+        with pytest.raises(plumbing.UserError, match=f"--fid-stats {tmp_path / stats} .*{words}"):
             dpt.check(config, 1)
 
 
 def test_more_samples_than_the_machine_holds_are_refused_before_stage_1(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--sample-per-class", str(10 ** 9), "--out", str(tmp_path)])
-    monkeypatch.setattr(data, "memory_bytes", lambda: 24 * 2 ** 30)
-    with pytest.raises(data.UserError, match=r"--sample-per-class 1000000000: 10,000,000,000 images of 32x32 "
+    monkeypatch.setattr(plumbing, "memory_bytes", lambda: 24 * 2 ** 30)
+    with pytest.raises(plumbing.UserError, match=r"--sample-per-class 1000000000: 10,000,000,000 images of 32x32 "
                                              r"\(28,610 GiB\) do not fit in this machine's 24 GiB"):
         dpt.main()
     assert os.listdir(tmp_path) == []
@@ -4148,7 +4150,7 @@ def assert_refused_before_any_work(name, value, tmp_path, monkeypatch, capsys, w
     monkeypatch.setattr(sys, "argv", ["dpt.py", "--dataset", "shapes", "--preset", "tiny", "--out", "runs", *argv])
     monkeypatch.setattr(data, "load_dataset", lambda *args: pytest.fail("the dataset loaded before the check"))
     with pytest.raises(SystemExit) as exit:
-        data.run_main(dpt.main)
+        plumbing.run_main(dpt.main)
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit.value.code == 2 and len(lines) == 1, lines
     assert re.search(f"(error: |argument ){flag}[ /=]", lines[0]), lines[0]  # the flag the user typed, not a stage's
@@ -4183,7 +4185,7 @@ def test_bad_input_is_one_line_and_exit_code_2_before_any_work(tmp_path, case):
 def test_a_corrupt_checkpoint_is_refused_and_kept(tmp_path):
     checkpoint = tmp_path / "shapes-1l-s0" / "stage1" / "ckpt.pt"
     checkpoint.parent.parent.mkdir()
-    config = data.parse_config(dpt.DPTConfig, "", [*QUICK, "--out", str(tmp_path)])
+    config = plumbing.parse_config(dpt.DPTConfig, "", [*QUICK, "--out", str(tmp_path)])
     dpt.resolve(config)
     # the folder's config.json, as a run writes it
     dpt.check_run_folder(config, str(checkpoint.parent.parent), data.load_dataset(SHAPES_FILE))
@@ -4197,30 +4199,30 @@ def test_a_corrupt_checkpoint_is_refused_and_kept(tmp_path):
 def test_a_full_disk_is_one_line_and_leaves_the_earlier_file_whole(tmp_path, monkeypatch):
     """Wherever mount is refused, the tests below skip; this one still checks the path."""
     path = tmp_path / "artifact.pt"
-    data.save_atomic({"version": 1}, str(path))
+    plumbing.save_atomic({"version": 1}, str(path))
 
     def full_disk(obj, file):
         file.write(b"partial")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(data.UserError, match="No space left on device"):
-        data.save_atomic({"version": 2}, str(path))
+    with pytest.raises(plumbing.UserError, match="No space left on device"):
+        plumbing.save_atomic({"version": 2}, str(path))
     monkeypatch.undo()
     assert torch.load(path) == {"version": 1} and os.listdir(tmp_path) == ["artifact.pt"]
 
 
 def test_sigterm_inside_a_write_leaves_no_temporary_file_and_exits_as_killed(tmp_path):
     path = tmp_path / "artifact.pt"
-    data.save_atomic({"version": 1}, str(path))
+    plumbing.save_atomic({"version": 1}, str(path))
     before = signal.getsignal(signal.SIGTERM)
 
     def killed_while_writing():
         def write(obj, file):
             file.write(b"partial")
             os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` or a scheduler's time limit
-        data.save_atomic({"version": 2}, str(path), writer=write)
+        plumbing.save_atomic({"version": 2}, str(path), writer=write)
     with pytest.raises(SystemExit) as exit:
-        data.run_main(killed_while_writing)
+        plumbing.run_main(killed_while_writing)
     assert exit.value.code == 128 + signal.SIGTERM and os.listdir(tmp_path) == ["artifact.pt"]
     assert torch.load(path) == {"version": 1} and signal.getsignal(signal.SIGTERM) is before
 
@@ -4235,7 +4237,7 @@ def test_a_sigkills_half_written_files_are_removed_by_the_next_run_into_the_fold
     monkeypatch.setenv("DPT_FID_WEIGHTS", "/missing")
     monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--out", str(out)])
     dpt.main()
-    assert not [path for path in run.rglob("*") if data.TEMPORARY.search(path.name)]
+    assert not [path for path in run.rglob("*") if plumbing.TEMPORARY.search(path.name)]
     assert (run / "stage2" / "ckpt.pt").exists() and (run / "samples.pt").exists()
 
 
@@ -4249,13 +4251,13 @@ def test_only_a_full_disk_is_told_to_free_space_and_a_bug_met_while_writing_stay
             raise TypeError("cannot pickle this object")  # its __context__ is the FileNotFoundError
     monkeypatch.setattr(torch, "save", bug_after_a_handled_oserror)
     with pytest.raises(TypeError, match="cannot pickle"):
-        data.save_atomic({}, path)
+        plumbing.save_atomic({}, path)
 
     def read_only(obj, file):
         raise OSError(errno.EROFS, "Read-only file system")
     monkeypatch.setattr(torch, "save", read_only)
-    with pytest.raises(data.UserError) as error:
-        data.save_atomic({}, path)
+    with pytest.raises(plumbing.UserError) as error:
+        plumbing.save_atomic({}, path)
     assert "Read-only file system" in str(error.value) and "free some space" not in str(error.value)
     assert os.listdir(tmp_path) == []
 
@@ -4280,9 +4282,9 @@ def write_big(kind, path):
     """Over 1 MiB written by each writer a run uses."""
     noise = torch.randint(0, 256, (600, 3, 32, 32), dtype=torch.uint8)  # random pixels do not compress
     if kind == "checkpoint":
-        data.save_atomic({"weights": noise}, path)
+        plumbing.save_atomic({"weights": noise}, path)
     elif kind == "json":
-        data.write_json({"history": noise.flatten()[:400_000].tolist()}, path)
+        plumbing.write_json({"history": noise.flatten()[:400_000].tolist()}, path)
     elif kind == "png":
         sample.save_grid(noise, torch.arange(600) // 6, path)  # 100 rows of 6
     else:
@@ -4293,8 +4295,8 @@ def write_big(kind, path):
 def test_a_real_full_disk_at_any_write_is_one_line_and_leaves_the_earlier_file_whole(small_disk, kind):
     disk, _ = small_disk
     path = str(disk / f"artifact.{kind}")
-    data.save_atomic({"version": 1}, path)
-    with pytest.raises(data.UserError, match="No space left on device") as error:
+    plumbing.save_atomic({"version": 1}, path)
+    with pytest.raises(plumbing.UserError, match="No space left on device") as error:
         write_big(kind, path)
     assert "\n" not in str(error.value) and path in str(error.value)
     assert torch.load(path) == {"version": 1} and os.listdir(disk) == [f"artifact.{kind}"]  # no temporary file
@@ -4552,7 +4554,7 @@ def test_the_imagenet_preset_refuses_bad_input_in_one_line_before_any_work(tmp_p
         shutil.rmtree(tmp_path / "folder" / "val" / "n0z")
     monkeypatch.setattr(sys, "argv", ["dpt.py", *argv, "--out", str(tmp_path / "runs")])
     with pytest.raises(SystemExit) as exit:
-        data.run_main(dpt.main)
+        plumbing.run_main(dpt.main)
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit.value.code == 2 and len(lines) == 1 and words in lines[0], lines
     assert not (tmp_path / "runs").exists()  # nothing written
@@ -4693,7 +4695,7 @@ def test_classes_are_the_folders_that_hold_images_at_any_depth_and_never_hidden_
     assert "has no val/ folder: no accuracy can be measured" in capsys.readouterr().err
     os.makedirs(train / "n03")
     (train / "n03" / "only.txt").write_text("a note")
-    with pytest.raises(data.UserError, match=r"train/n03 holds no image \(.jpeg, .jpg, .png, .webp"):
+    with pytest.raises(plumbing.UserError, match=r"train/n03 holds no image \(.jpeg, .jpg, .png, .webp"):
         data.load_folder(str(tmp_path))
 
 
@@ -4711,7 +4713,7 @@ def test_a_folder_holds_each_image_once_and_a_link_that_repeats_one_is_refused_n
                       "a class linked into another": (train / "n02" / "n00", train / "n00"),
                       "an image in two classes": (train / "n02" / "twice.png", train / "n00" / "n00_0.JPEG")}[link]
     os.symlink(target, linked)
-    with pytest.raises(data.UserError) as refusal:
+    with pytest.raises(plumbing.UserError) as refusal:
         data.load_folder(str(tmp_path))
     assert "(a link)" in str(refusal.value) and "\n" not in str(refusal.value)
     assert str(linked) in str(refusal.value) or str(target) in str(refusal.value), refusal.value
@@ -4771,7 +4773,7 @@ def test_the_imagenet_presets_input_files_are_known_by_contents_and_a_refusal_re
     monkeypatch.setenv("DPT_FID_WEIGHTS", "/missing")
     monkeypatch.setattr(sys, "argv", ["dpt.py", *command])
     before = folder_state(run)
-    with pytest.raises(data.UserError, match=re.escape(words)):
+    with pytest.raises(plumbing.UserError, match=re.escape(words)):
         dpt.main()
     assert folder_state(run) == before
 
@@ -4816,7 +4818,7 @@ def test_a_label_subset_file_names_the_labeled_images_as_msns_do(tmp_path):
     for text, words in (("n0a_2.JPEG\nn0b_0.JPEG\nn0z_1.JPEG\n", "n0z_1.JPEG"),  # not in this folder
                         ("n0a_2.JPEG\nn0a_3.JPEG\nn0b_0.JPEG\nn0c_4.JPEG\n", "not --labels 1")):  # two of n0a
         subset.write_text(text)
-        with pytest.raises(data.UserError, match=words):
+        with pytest.raises(plumbing.UserError, match=words):
             dpt.labeled_split(config, dataset)
 
 
@@ -4836,7 +4838,7 @@ def test_a_label_subset_matches_class_and_file_and_refuses_repeats_and_names_sev
                         ("n0a/9.JPEG\nn0b/0.JPEG\n", "1 of its images are not among the training images (e.g. n0a/9"),
                         ("n0a/0.JPEG\nn0a/1.JPEG\n", "names 0 to 2 images a class, not --labels 1")):
         subset.write_text(text)
-        with pytest.raises(data.UserError, match=re.escape(words)):
+        with pytest.raises(plumbing.UserError, match=re.escape(words)):
             dpt.labeled_split(config, dataset)
 
 

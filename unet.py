@@ -41,6 +41,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import data
+import plumbing
+from plumbing import UserError
 
 # -----------------------------------------------------------------------------
 # Configuration: EDM's CIFAR-10 recipe (Karras et al. 2022, Table 7) by default
@@ -640,7 +642,7 @@ def load_autoencoder(path, size="sd", device="cpu"):
     as U-ViT and DPT keep them) or from a Stable Diffusion checkpoint (under
     state_dict, prefixed first_stage_model.); frozen, in eval mode."""
     if not os.path.isfile(path):
-        raise data.UserError(f"autoencoder weights {path} do not exist; put there the {AUTOENCODER_SOURCE}")
+        raise UserError(f"autoencoder weights {path} do not exist; put there the {AUTOENCODER_SOURCE}")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=False)
         if "state_dict" in saved:
@@ -649,8 +651,8 @@ def load_autoencoder(path, size="sd", device="cpu"):
         network = AutoencoderKL(**AUTOENCODER_SIZES[size])
         network.load_state_dict(saved)
     except Exception as error:
-        raise data.UserError(f"{path} is not Stable Diffusion's autoencoder ({type(error).__name__}: "
-                             f"{data.first_line(error)}); give the {AUTOENCODER_SOURCE}") from None
+        raise UserError(f"{path} is not Stable Diffusion's autoencoder ({type(error).__name__}: "
+                             f"{plumbing.first_line(error)}); give the {AUTOENCODER_SOURCE}") from None
     return network.to(device).eval().requires_grad_(False)
 
 
@@ -667,7 +669,7 @@ def make_diffusion(arch, size, num_classes, resolution, channels=3, dropout=None
 
 def save_diffusion(model, config, metrics, path):
     """Stage 2's artifact: the EMA weights and what rebuilds their network."""
-    data.save_atomic({"model": model.state_dict(), "config": asdict(config), "num_classes": model.num_classes,
+    plumbing.save_atomic({"model": model.state_dict(), "config": asdict(config), "num_classes": model.num_classes,
                       "resolution": model.resolution, "channels": model.channels, "metrics": metrics}, path)
 
 
@@ -682,7 +684,7 @@ def load_diffusion(path, device="cpu"):
         model.load_state_dict(weights)
         model.label_dropout = saved["config"]["label_dropout"]  # guidance needs a learned null class
     except Exception as error:
-        raise data.UserError(f"cannot read a diffusion model from {path} ({type(error).__name__}); give the "
+        raise UserError(f"cannot read a diffusion model from {path} ({type(error).__name__}); give the "
                              "diffusion.pt or ckpt.pt of unet.py, or delete a damaged one to train it again") from None
     return model.to(device).eval().requires_grad_(False)
 
@@ -692,36 +694,36 @@ def load_diffusion(path, device="cpu"):
 
 
 RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE, "out": data.NOT_A_FILE,
-         "arch": data.one_of(*SIZES),
-         "size": data.one_of(*SIZES["uvit"]),  # the U-Net's sizes are the U-ViT's pixel sizes
+         "arch": plumbing.one_of(*SIZES),
+         "size": plumbing.one_of(*SIZES["uvit"]),  # the U-Net's sizes are the U-ViT's pixel sizes
          "dropout": ((lambda value: -math.inf < value < 1), "below 1 (negative: the size's own)"),
-         "images": data.between(1, data.MOST_IMAGES), "batch": data.between(1, data.MOST_BATCH),
-         "micro_batch": data.between(0, data.MOST_BATCH), "lr": data.POSITIVE,
-         "warmup": data.between(0, data.MOST_IMAGES), "ema_halflife": data.between(0, data.MOST_IMAGES),
-         "ema_rampup": data.at_least(0), "label_dropout": data.FRACTION, "augment": data.PROBABILITY,
+         "images": plumbing.between(1, plumbing.MOST_IMAGES), "batch": plumbing.between(1, plumbing.MOST_BATCH),
+         "micro_batch": plumbing.between(0, plumbing.MOST_BATCH), "lr": plumbing.POSITIVE,
+         "warmup": plumbing.between(0, plumbing.MOST_IMAGES), "ema_halflife": plumbing.between(0, plumbing.MOST_IMAGES),
+         "ema_rampup": plumbing.at_least(0), "label_dropout": plumbing.FRACTION, "augment": plumbing.PROBABILITY,
          "confident": ((lambda value: 0 < value <= 1), "above 0 and at most 1"),
-         "p_mean": data.FINITE, "p_std": data.POSITIVE, "seed": data.SEED,
-         "ckpt_every": data.between(1, data.MOST_IMAGES)}
+         "p_mean": plumbing.FINITE, "p_std": plumbing.POSITIVE, "seed": plumbing.SEED,
+         "ckpt_every": plumbing.between(1, plumbing.MOST_IMAGES)}
 
 
 def check(config, world=1, flags=None, resolution=None):
     """Refuse a setting that cannot train, in one line, before any work; with
     `resolution`, also a network that cannot take images of that side."""
-    data.check_fields(config, RULES, flags)
-    data.check_divisible(config, world, flags)
-    data.check_cuda_graphs(config, world, flags)
+    plumbing.check_fields(config, RULES, flags)
+    plumbing.check_divisible(config, world, flags)
+    plumbing.check_cuda_graphs(config, world, flags)
     share = config.batch // world
     if config.micro_batch and config.micro_batch < share and share % config.micro_batch:
-        raise data.UserError(f"{data.flag('micro_batch', flags)} {config.micro_batch}: must divide each of the "
-                             f"{world} processes' {share} images of {data.flag('batch', flags)} {config.batch}")
+        raise UserError(f"{plumbing.flag('micro_batch', flags)} {config.micro_batch}: must divide each of the "
+                             f"{world} processes' {share} images of {plumbing.flag('batch', flags)} {config.batch}")
     if config.size not in SIZES[config.arch]:
-        raise data.UserError(f"{data.flag('size', flags)} {config.size!r}: the {config.arch} comes in "
-                             f"{', '.join(SIZES[config.arch])}; choose one, or {data.flag('arch', flags)} uvit")
+        raise UserError(f"{plumbing.flag('size', flags)} {config.size!r}: the {config.arch} comes in "
+                             f"{', '.join(SIZES[config.arch])}; choose one, or {plumbing.flag('arch', flags)} uvit")
     shape = SIZES[config.arch][config.size]
     halvings = 0 if config.arch == "uvit" else len(shape["channel_mult"]) - 1
     multiple = shape.get("patch", 1) * 2 ** halvings
     if resolution is not None and resolution % multiple:
-        raise data.UserError(f"{data.flag('size', flags)} {config.size!r}: the {config.size} {config.arch} needs "
+        raise UserError(f"{plumbing.flag('size', flags)} {config.size!r}: the {config.size} {config.arch} needs "
                              f"images whose side is a multiple of {multiple}, not {resolution}; choose another size")
 
 
@@ -740,12 +742,12 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
     a latent is not one. labels: int64 [N]. Returns the EMA model and a dict of
     metrics; rank 0 writes the checkpoint and calls preview(ema_model, images_seen)
     every preview_every images (dpt.py's grid of samples)."""
-    rank, world, device = data.distributed_setup()
+    rank, world, device = plumbing.distributed_setup()
     check(config, world, resolution=images.shape[-1])
     on_cuda, pixels = device.type == "cuda", images.dtype == torch.uint8
     flip = config.flip is not False  # unset: as for photos (main sets the dataset's)
     if not pixels and config.augment:
-        raise data.UserError(f"--augment {config.augment}: EDM's augmentation transforms pixels, not latents; "
+        raise UserError(f"--augment {config.augment}: EDM's augmentation transforms pixels, not latents; "
                              "give --augment 0")
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = make_diffusion(config.arch, config.size, num_classes, images.shape[-1], images.shape[1],
@@ -761,18 +763,18 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
 
     images_seen, metrics = 0, {"history": []}
     checkpoint_path = os.path.join(config.out, "ckpt.pt")
-    checkpoint = data.resume(checkpoint_path, config, FREE_TO_CHANGE, world, rank, model, ema_model, optimizer)
+    checkpoint = plumbing.resume(checkpoint_path, config, FREE_TO_CHANGE, world, rank, model, ema_model, optimizer)
     if checkpoint is not None:
         if checkpoint.get("labels_crc") != labels_crc:
-            raise data.UserError(f"checkpoint {checkpoint_path} was trained on other labels; delete it to start "
+            raise UserError(f"checkpoint {checkpoint_path} was trained on other labels; delete it to start "
                                  "over, or use another --out")
         images_seen, metrics = checkpoint["images_seen"], checkpoint["metrics"]
         if rank == 0 and progress:
             print(f"resuming {checkpoint_path} at {images_seen:,} of {config.images:,} images", file=sys.stderr)
 
-    compile = data.on_cuda_unless_set(config.compile, device)
-    forward, step_loss = data.for_training(model, edm_loss, world, device, compile, config.cuda_graphs)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=data.on_cuda_unless_set(config.bf16, device))
+    compile = plumbing.on_cuda_unless_set(config.compile, device)
+    forward, step_loss = plumbing.for_training(model, edm_loss, world, device, compile, config.cuda_graphs)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=plumbing.on_cuda_unless_set(config.bf16, device))
 
     share = config.batch // world  # images a process puts through the network each step
     micro = min(config.micro_batch or share, share)  # ... in forward passes of this many
@@ -808,7 +810,7 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
             x = torch.where((torch.rand(share, 1, 1, 1, device=device) < 0.5) & flip, x.flip(3), x)
         x = x.contiguous(memory_format=torch.channels_last)
         noisy, sigma, conditions = edm_noise(x, labels[pick].to(device), num_classes, config)
-        data.zero_grad(optimizer)
+        plumbing.zero_grad(optimizer)
         for start in range(0, share, micro):  # gradients add up over the micro-batches
             part = slice(start, start + micro)
             if world > 1:  # all-reduce once a step, in the last micro-batch's backward (as nanoGPT)
@@ -847,9 +849,9 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
             with torch.random.fork_rng(devices=[device] if on_cuda else []):  # training draws the same numbers
                 preview(ema_model, images_seen)
         if crossed(config.ckpt_every, images_seen - config.batch, images_seen) or done:
-            rngs = data.all_rng_states(world)
+            rngs = plumbing.all_rng_states(world)
             if rank == 0:
-                data.save_atomic({"model": model.state_dict(), "ema": ema_model.state_dict(),
+                plumbing.save_atomic({"model": model.state_dict(), "ema": ema_model.state_dict(),
                                   "optimizer": optimizer.state_dict(), "images_seen": images_seen,
                                   "metrics": metrics, "rng": rngs, "config": asdict(config),
                                   "num_classes": num_classes, "resolution": images.shape[-1],
@@ -864,9 +866,9 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
 
 
 def flops_per_image(model):
-    """Forward FLOPs of one image (data.forward_flops)."""
+    """Forward FLOPs of one image (plumbing.forward_flops)."""
     x = torch.zeros(1, model.channels, model.resolution, model.resolution)
-    return data.forward_flops(model, x, torch.ones(1), torch.zeros(1, dtype=torch.long))
+    return plumbing.forward_flops(model, x, torch.ones(1), torch.zeros(1, dtype=torch.long))
 
 
 def training_rate(config, steps=12, images=None):
@@ -886,14 +888,14 @@ def flop_utilisation(model, rate, device):
     """The share of the GPU's bf16 peak that training at `rate` images/s uses:
     training costs about 3x the forward FLOPs (forward, and a backward of twice).
     None where the peak is unknown (a CPU)."""
-    return data.peak_share(3 * flops_per_image(model) * rate, device)
+    return plumbing.peak_share(3 * flops_per_image(model) * rate, device)
 
 
 def benchmark(config, steps=12):
     """Training images/s and model FLOP utilisation of every size of --arch."""
-    _, _, device = data.distributed_setup()
+    _, _, device = plumbing.distributed_setup()
     batch, steps = (config.batch, steps) if device.type == "cuda" else (4, 6)  # a CPU is 1000x slower
-    name = data.device_name(device)
+    name = plumbing.device_name(device)
     for size in PIXEL_SIZES:
         model = make_diffusion(config.arch, size, 10, 32)
         rate, warmup = training_rate(replace(config, size=size, batch=batch), steps)
@@ -902,8 +904,8 @@ def benchmark(config, steps=12):
               f"{flops_per_image(model) / 1e9:.2f} GFLOP/image forward, batch {batch}: {rate:,.1f} images/s "
               f"after {warmup:.1f} s of warm-up"
               f"{'' if mfu is None else f', MFU {100 * mfu:.1f}%'} ({name}, "
-              f"compile={data.on_cuda_unless_set(config.compile, device)}, "
-              f"bf16={data.on_cuda_unless_set(config.bf16, device)})")
+              f"compile={plumbing.on_cuda_unless_set(config.compile, device)}, "
+              f"bf16={plumbing.on_cuda_unless_set(config.bf16, device)})")
 
 
 def load_labels(path, dataset, confident=1.0):
@@ -912,23 +914,23 @@ def load_labels(path, dataset, confident=1.0):
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise data.UserError(f"cannot read labels from {path} ({type(error).__name__}); "
+        raise UserError(f"cannot read labels from {path} ({type(error).__name__}); "
                              "expected the pseudo_labels.pt of fixmatch.py") from None
     if not isinstance(saved, dict) or "labels" not in saved:
-        raise data.UserError(f"{path} holds no 'labels'; expected the pseudo_labels.pt of fixmatch.py")
+        raise UserError(f"{path} holds no 'labels'; expected the pseudo_labels.pt of fixmatch.py")
     labels = saved["labels"]
     if not torch.is_tensor(labels) or labels.dtype != torch.int64 or labels.shape != dataset.train_y.shape:
-        raise data.UserError(f"{path}: labels must be int64 of shape ({len(dataset.train_y)},), one per training "
+        raise UserError(f"{path}: labels must be int64 of shape ({len(dataset.train_y)},), one per training "
                              f"image of {dataset.name}, not {getattr(labels, 'dtype', type(labels).__name__)} "
                              f"{tuple(getattr(labels, 'shape', ()))}")
     if len(labels) and (labels.min() < 0 or labels.max() >= dataset.num_classes):
-        raise data.UserError(f"{path}: labels must lie in 0..{dataset.num_classes - 1}, "
+        raise UserError(f"{path}: labels must lie in 0..{dataset.num_classes - 1}, "
                              f"found {int(labels.min())}..{int(labels.max())}")
     if confident == 1:
         return labels
     confidence = saved.get("confidence")
     if not torch.is_tensor(confidence) or confidence.shape != labels.shape:
-        raise data.UserError(f"--confident {confident}: {path} holds no 'confidence' of shape ({len(labels)},), "
+        raise UserError(f"--confident {confident}: {path} holds no 'confidence' of shape ({len(labels)},), "
                              "one per label as fixmatch.py writes it; give --confident 1")
     return keep_confident(labels, confidence, confident, dataset.num_classes)
 
@@ -950,17 +952,17 @@ def keep_confident(labels, confidence, share, null_class):
 
 
 def main():
-    config = data.parse_config(DiffusionConfig, __doc__)
+    config = plumbing.parse_config(DiffusionConfig, __doc__)
     if config.bench:
         return benchmark(config)
-    rank, world, _ = data.distributed_setup()
+    rank, world, _ = plumbing.distributed_setup()
     check(config, world)
     if config.confident < 1 and not config.labels_file:  # true labels have no confidence to choose by
-        raise data.UserError(f"--confident {config.confident}: keeps the pseudo labels stage 1 is surest of, and "
+        raise UserError(f"--confident {config.confident}: keeps the pseudo labels stage 1 is surest of, and "
                              "needs them: add --labels-file pseudo_labels.pt, or leave --confident out")
     dataset = data.load_dataset(config.dataset, config.data_dir)
     labels = load_labels(config.labels_file, dataset, config.confident) if config.labels_file else dataset.train_y
-    data.claim_folder(config.out, rank, world)  # after the input is read: bad input writes nothing
+    plumbing.claim_folder(config.out, rank, world)  # after the input is read: bad input writes nothing
     config = replace(config, flip=dataset.flips if config.flip is None else config.flip)
     model, metrics = train(config, dataset.train_x, labels, dataset.num_classes)
     if rank == 0:
@@ -972,4 +974,4 @@ def main():
 
 
 if __name__ == "__main__":
-    data.run_main(main)
+    plumbing.run_main(main)

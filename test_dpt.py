@@ -1274,7 +1274,7 @@ def test_stage_3_learns_the_labels_of_the_generated_images(tmp_path, shapes16):
 # the second gathering of the generators' states comes at step 4, after that write.
 STOP_AFTER_FIRST_CHECKPOINT = """
 import os, sys
-import data, fixmatch
+import fixmatch, plumbing
 gathered = []
 real_gather = plumbing.all_rng_states
 def gather_or_stop(world):
@@ -4037,7 +4037,7 @@ def read_or_empty(path):
 
 @pytest.mark.parametrize("script", ["fixmatch.py", "unet.py", "sample.py"])
 def test_a_stage_script_refuses_a_held_out_folder_and_the_lock_dies_with_its_holder(tmp_path, script):
-    holder = subprocess.Popen([sys.executable, "-c", "import data, sys, time; plumbing.claim_folder(sys.argv[1]); "
+    holder = subprocess.Popen([sys.executable, "-c", "import plumbing, sys, time; plumbing.claim_folder(sys.argv[1]); "
                                "print('held', flush=True); time.sleep(120)", str(tmp_path)],
                               cwd=HERE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"

@@ -33,12 +33,13 @@ import torch
 import torch.distributed as dist
 
 import data
-import plumbing
-from plumbing import UserError
 import fid
 import fixmatch
+import plumbing
+import report
 import sample
 import unet
+from plumbing import UserError
 
 # -----------------------------------------------------------------------------
 # Configuration: a preset fills every field the user leaves out
@@ -850,7 +851,7 @@ def judge_generation(learner, oracle, sample_sets, num_classes):
     test = learner.embed_test(oracle)
     judged = {}
     for name, samples in sample_sets.items():
-        share = sample.sample_accuracy(learner.predict_samples(oracle, samples), samples["labels"], num_classes)
+        share = report.sample_accuracy(learner.predict_samples(oracle, samples), samples["labels"], num_classes)
         features = dict.fromkeys(("feature_fd", "precision", "recall"))
         try:
             if test is not None:
@@ -1029,7 +1030,7 @@ def stage_encode(config, run, dataset, device):
 def main():
     config = plumbing.parse_config(DPTConfig, __doc__)
     if config.report:
-        return print(f"wrote {sample.write_report(config.report)}")
+        return print(f"wrote {report.write_report(config.report)}")
     rank, world, device = plumbing.distributed_setup()
     asked = config.ssl_arch, config.diffusion_size  # before the preset fills them in
     resolve(config)
@@ -1114,7 +1115,7 @@ def write_results(config, run, dataset, device, samples, *, stage1_metrics, pseu
     """results.json from what the stages measured, the judges' labels of the
     samples (believed: stage 1's, true: the oracle's) and the oracle's view of
     each diffusion model's samples (generation), report.html, and the summary."""
-    believed, true = (sample.sample_accuracy(judged, samples["labels"], dataset.num_classes)
+    believed, true = (report.sample_accuracy(judged, samples["labels"], dataset.num_classes)
                       for judged in (believed, true))
     results = {
         "dataset": dataset.name, "labels_per_class": config.labels, "seed": config.seed, "preset": config.preset,
@@ -1122,11 +1123,11 @@ def write_results(config, run, dataset, device, samples, *, stage1_metrics, pseu
         "baseline_accuracy": baseline_metrics and baseline_metrics.get("accuracy"),
         "stage1_accuracy": stage1_metrics.get("accuracy"),
         "stage1_best_accuracy": stage1_metrics.get("best_accuracy"),  # selected on the test set
-        "stage1_last_moves": sample.last_moves(stage1_metrics["history"]),
+        "stage1_last_moves": report.last_moves(stage1_metrics["history"]),
         "pseudo_label_accuracy": pseudo_labels.get("accuracy"),
         "stage3_accuracy": stage3_metrics.get("accuracy"),
         "stage3_best_accuracy": stage3_metrics.get("best_accuracy"),
-        "stage3_last_moves": sample.last_moves(stage3_metrics["history"]),
+        "stage3_last_moves": report.last_moves(stage3_metrics["history"]),
         "stage3_gain": (stage3_metrics["accuracy"] - stage1_metrics["accuracy"]
                         if "accuracy" in stage1_metrics else None),
         "fid": fid_result and fid_result["fid"], "inception_score": fid_result and fid_result["inception_score"],
@@ -1146,9 +1147,9 @@ def write_results(config, run, dataset, device, samples, *, stage1_metrics, pseu
     plumbing.write_json(results, os.path.join(run, "results.json"))
     if os.path.exists(os.path.join(run, "redo.json")):
         os.remove(os.path.join(run, "redo.json"))  # the redo is done: the same command would redo it again
-    sample.write_report(run)
-    print(sample.verdict(results))
-    rows = sample.summary_rows(results)
+    report.write_report(run)
+    print(report.verdict(results))
+    rows = report.summary_rows(results)
     width = max(len(what) for what, _ in rows)
     print("\n".join(f"  {what:<{width}}  {value}" for what, value in rows))
     print(f"everything is in {run}: report.html (open it in a browser), results.json, samples.png, samples.pt")
@@ -1181,7 +1182,7 @@ def write_sweep(config, dataset, runs):
     path = os.path.join(config.out, f"{dataset.name}-{config.labels}l-seeds{config.seeds.replace(',', '_')}")
     title = (f"DPT on {dataset.name}, {config.labels} label{'s' * (config.labels != 1)} per class, "
              f"preset {config.preset}, seeds {config.seeds}")
-    return sample.write_sweep(runs, path, title)
+    return report.write_sweep(runs, path, title)
 
 
 # -----------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 import data
 import plumbing
+import report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -746,8 +747,8 @@ def test_data_command_prints_class_counts_and_saves_a_preview(tmp_path):
 # at the bottom, fid alone, dpt on top; a circle would make one of them unreadable
 # without the other.
 ALLOWED_IMPORTS = {"plumbing": set(), "data": {"plumbing"}, "fid": set(), "fixmatch": {"data", "plumbing"},
-                   "unet": {"data", "plumbing"}, "sample": {"data", "plumbing", "unet"},
-                   "dpt": {"data", "fid", "fixmatch", "plumbing", "sample", "unet"}}
+                   "unet": {"data", "plumbing"}, "sample": {"data", "plumbing", "unet"}, "report": {"plumbing"},
+                   "dpt": {"data", "fid", "fixmatch", "plumbing", "report", "sample", "unet"}}
 
 
 def test_imports_flow_one_way():
@@ -3101,7 +3102,7 @@ def assert_affine(values, coordinates, increasing):
 
 def test_a_plot_places_every_point_by_one_affine_map_and_ticks_its_axes():
     series = [("stage 1", [(0, 50.0), (100, 70.0), (250, 65.0)]), ("stage 3", [(0, 60.0), (250, 90.0)])]
-    page = sample.svg_plot(series, "optimizer step", "test accuracy (%)")
+    page = report.svg_plot(series, "optimizer step", "test accuracy (%)")
     drawn = np.concatenate([vertices(page, "stage 1"), vertices(page, "stage 3")])
     values = np.array([point for _, line in series for point in line])
     assert_affine(values[:, 0], drawn[:, 0], increasing=True)
@@ -3114,7 +3115,7 @@ def test_a_plot_places_every_point_by_one_affine_map_and_ticks_its_axes():
     assert_affine(np.array([*values[:, 0], *x_ticks]), np.array([*drawn[:, 0], *x_ticks.values()]), True)
     assert_affine(np.array([*values[:, 1], *y_ticks]), np.array([*drawn[:, 1], *y_ticks.values()]), False)
     assert "optimizer step" in page and "test accuracy (%)" in page
-    flat = vertices(sample.svg_plot([("loss", [(5, 1.0), (9, 1.0)])], "images seen", "loss"), "loss")
+    flat = vertices(report.svg_plot([("loss", [(5, 1.0), (9, 1.0)])], "images seen", "loss"), "loss")
     assert flat[:, 1].tolist() == [122.5, 122.5]  # equal values: across the middle of the plot
 
 
@@ -3141,7 +3142,7 @@ def test_the_reports_png_rows_are_pngs_that_pil_reads_back_pixel_for_pixel_in_gr
     for channels in (1, 3):  # 7 x 5 images, four side by side: a row 20 wide, 7 high
         images = torch.randint(0, 256, (4, channels, 7, 5), dtype=torch.uint8,
                                generator=torch.Generator().manual_seed(channels))
-        decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(sample.png_row(images)))))
+        decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(report.png_row(images)))))
         assert np.array_equal(decoded.reshape(7, 20, channels), torch.cat(list(images), 2).permute(1, 2, 0).numpy())
 
 
@@ -3159,7 +3160,7 @@ def test_report_html_shows_the_run_that_results_json_and_the_run_folder_hold(qui
                     sample_accuracy=0.55, oracle_sample_accuracy=0.45, oracle_accuracy=0.95, stage1_last_moves=0.015,
                     stage3_last_moves=0.005, stage3_accuracy=0.75, stage3_gain=0.25, fid=12.34)
     (copy / "results.json").write_text(json.dumps(distinct))
-    assert_summary_shows(sample.build_report(str(copy)), distinct)
+    assert_summary_shows(report.build_report(str(copy)), distinct)
     # Accuracy against step: every evaluation of the three classifiers on one pair of axes.
     steps, accuracies, xs, ys = [], [], [], []
     for series, stage in (("stage 1", "stage1"), ("stage 3", "stage3"), ("baseline", "baseline")):
@@ -3205,12 +3206,12 @@ def test_report_html_shows_the_run_that_results_json_and_the_run_folder_hold(qui
 def test_report_and_terminal_open_with_the_verdict_of_the_run(quick_run):
     result, run = quick_run
     results = json.loads((run / "results.json").read_text())
-    assert f'<p class="verdict">{html.escape(sample.verdict(results))}</p>' in (run / "report.html").read_text()
-    assert sample.verdict(results) in result.stdout.splitlines()
+    assert f'<p class="verdict">{html.escape(report.verdict(results))}</p>' in (run / "report.html").read_text()
+    assert report.verdict(results) in result.stdout.splitlines()
 
 
 def verdict_of(baseline, stage1, stage3):
-    return sample.verdict({"baseline_accuracy": baseline, "stage1_accuracy": stage1, "stage3_accuracy": stage3,
+    return report.verdict({"baseline_accuracy": baseline, "stage1_accuracy": stage1, "stage3_accuracy": stage3,
                            "stage3_gain": None if stage1 is None else stage3 - stage1})
 
 
@@ -3236,7 +3237,7 @@ def generation_verdict(few, dpt_, every, distances=(30.0, 20.0, 10.0)):
     results = {"baseline_accuracy": 0.4, "stage1_accuracy": 0.5, "stage3_accuracy": 0.55, "stage3_gain": 0.05,
                "generation": {"few_labels": model(few, distances[0]), "dpt": model(dpt_, distances[1]),
                               "every_label": model(every, distances[2])}}
-    first, second = sample.verdict(results).split(". ", 1)
+    first, second = report.verdict(results).split(". ", 1)
     assert first.startswith("DPT worked")  # the classifier's half, as before
     return second
 
@@ -3274,7 +3275,7 @@ def test_a_sweep_states_each_mean_gain_with_its_paired_95_percent_interval_and_t
     stage1 = [b + d for b, d in zip(baseline, [0.10, 0.12, -0.02, 0.11, 0.09])]
     stage3 = [s + d for s, d in zip(stage1, [0.01, 0.02, 0.03, 0.04, 0.05])]
     runs = stub_runs(tmp_path, baseline, stage1, stage3)
-    html_path = sample.write_sweep(runs, str(tmp_path / "sweep"), "a sweep")
+    html_path = report.write_sweep(runs, str(tmp_path / "sweep"), "a sweep")
     summary = json.loads((tmp_path / "sweep.json").read_text())
     # By hand: stage 3 over stage 1 has mean 0.03 and sample sd sqrt(0.00025) over 5 seeds; Student's
     # t with 4 degrees of freedom at 0.975 is 2.776445 (a table's value), so the half width is
@@ -3302,7 +3303,7 @@ def test_a_sweep_states_each_mean_gain_with_its_paired_95_percent_interval_and_t
 
 
 def test_one_seed_has_a_mean_gain_but_no_interval(tmp_path):
-    summary = sample.sweep_summary(stub_runs(tmp_path, [0.4], [0.5], [0.55]))
+    summary = report.sweep_summary(stub_runs(tmp_path, [0.4], [0.5], [0.55]))
     assert summary["gains"]["stage 3 over stage 1"] == pytest.approx(
         {"mean": 0.05, "low": None, "high": None, "above": 1, "runs": 1, "points": True})
 
@@ -3316,7 +3317,7 @@ def test_a_sweep_states_dpt_minus_few_labels_and_every_label_minus_dpt_of_each_f
                                                                                  seed_shares, seed_distances)}
                   for seed_shares, seed_distances in zip(shares, distances)]
     runs = stub_runs(tmp_path, [0.4] * 3, [0.5] * 3, [0.55] * 3, generation)
-    html_path = sample.write_sweep(runs, str(tmp_path / "sweep"), "a sweep")
+    html_path = report.write_sweep(runs, str(tmp_path / "sweep"), "a sweep")
     summary = json.loads((tmp_path / "sweep.json").read_text())
     for figure, values, points in (("class share", shares, True), ("Fréchet distance", distances, False)):
         for better, over, name in ((1, 0, "DPT - few labels"), (2, 1, "every label - DPT")):
@@ -3543,7 +3544,7 @@ def test_seeds_runs_one_folder_per_seed_resumes_them_and_summarizes_their_result
     runs = [json.loads((tmp_path / f"shapes-1l-s{seed}" / "results.json").read_text()) for seed in (0, 1)]
     assert [row["seed"] for row in summary["runs"]] == [0, 1] and runs[1]["seed"] == 1
     assert runs[0]["stage1_accuracy"] != runs[1]["stage1_accuracy"]  # two different runs
-    for _, field, _ in sample.SWEEP_COLUMNS:
+    for _, field, _ in report.SWEEP_COLUMNS:
         values = ([sum(r["wall_time_s"].values()) / 60 for r in runs] if field == "minutes"
                   else [r[field] for r in runs])
         assert [row[field] for row in summary["runs"]] == pytest.approx(values), field
@@ -3640,8 +3641,8 @@ def test_seeds_that_are_not_a_range_or_a_list_are_refused_before_any_work(tmp_pa
 
 
 def test_last_moves_is_how_far_the_last_three_evaluations_spread(quick_run):
-    assert sample.last_moves([(1, 0.5), (2, 0.9), (3, 0.92), (4, 0.91)]) == pytest.approx(0.02)
-    assert sample.last_moves([(1, 0.5), (2, 0.9)]) is None
+    assert report.last_moves([(1, 0.5), (2, 0.9), (3, 0.92), (4, 0.91)]) == pytest.approx(0.02)
+    assert report.last_moves([(1, 0.5), (2, 0.9)]) is None
     results = json.loads((quick_run[1] / "results.json").read_text())
     for stage in ("stage1", "stage3"):  # QUICK evaluates 3 times: the check runs on a short run
         history = fixmatch.load_classifier(quick_run[1] / stage / "classifier.pt")[1]["history"]
@@ -3665,7 +3666,7 @@ def test_the_judge_counts_the_generated_images_it_puts_in_their_intended_class()
     answers = torch.tensor([0, 0, 0, 0, 1, 1, 1, 3, 0, 1, 3, 3])  # 4, 3 and 0 right of 4
     images = torch.zeros(12, 3, 8, 8, dtype=torch.uint8)
     images[:, 0, 0, 0] = answers
-    fidelity = sample.sample_accuracy(fixmatch.predict(FirstPixelJudge(4), images)[0], labels, num_classes=4)
+    fidelity = report.sample_accuracy(fixmatch.predict(FirstPixelJudge(4), images)[0], labels, num_classes=4)
     assert fidelity["accuracy"] == pytest.approx(7 / 12)
     assert fidelity["per_class"] == [1.0, 0.75, 0.0, None]
 

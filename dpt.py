@@ -35,6 +35,7 @@ import torch.distributed as dist
 import data
 import fid
 import fixmatch
+import imagenet
 import plumbing
 import report
 import sample
@@ -322,8 +323,8 @@ RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE,
                    f"A-B or A,B,C: at most {MOST_SEEDS:,} distinct seeds, each {plumbing.SEED[1]}"),
          "image_size": ((lambda side: side > 0 and side % 16 == 0), "a positive multiple of 16 (latents of side / 8)"),
          "autoencoder": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
-         "autoencoder_size": plumbing.one_of(*unet.AUTOENCODER_SIZES),
-         "msn_size": ((lambda size: size in ("", *fixmatch.MSN_SIZES)), "one of " + ", ".join(fixmatch.MSN_SIZES)),
+         "autoencoder_size": plumbing.one_of(*imagenet.AUTOENCODER_SIZES),
+         "msn_size": ((lambda size: size in ("", *imagenet.MSN_SIZES)), "one of " + ", ".join(imagenet.MSN_SIZES)),
          "msn_weights": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
          "probe_lambda": plumbing.POSITIVE,
          "label_subset": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
@@ -522,7 +523,7 @@ def check_kept(config, run, dataset, kept, removed):
         name == made or name.startswith(made + "/") for stage in removed for made in MADE_BY[stage])
     decoded = ["samples.pt"] + ["few_labels/samples.pt", "every_label/samples.pt"] * bool(config.baseline)
     if reads_folder(config) and any(made_again(name) for name in ["encoded.pt", *decoded]):
-        load_msn(config, "cpu"), unet.load_autoencoder(config.autoencoder, config.autoencoder_size)
+        load_msn(config, "cpu"), imagenet.load_autoencoder(config.autoencoder, config.autoencoder_size)
 
 
 def files_under(path):
@@ -563,7 +564,7 @@ def labeled_split(config, dataset):
     files --label-subset names, one a line (MSN's and DPT's ImageNet subsets)."""
     if not config.label_subset:
         return data.labeled_split(dataset.train_y, config.labels, config.seed)
-    return fixmatch.msn_subset(config.label_subset, dataset.train_files, dataset.train_y, config.labels,
+    return imagenet.msn_subset(config.label_subset, dataset.train_files, dataset.train_y, config.labels,
                                os.path.join(dataset.root, "train"))
 
 
@@ -633,15 +634,15 @@ def sample_into(config, checkpoint, folder, device, rank, world, timed=None):
         settings, _ = sample_settings(config, out=folder)
         decode = None
         if reads_folder(config):
-            autoencoder = unet.load_autoencoder(config.autoencoder, config.autoencoder_size, device)
-            decode = lambda latents: unet.decode_latents(autoencoder, latents)
+            autoencoder = imagenet.load_autoencoder(config.autoencoder, config.autoencoder_size, device)
+            decode = lambda latents: imagenet.decode_latents(autoencoder, latents)
         # Decoded images (the imagenet preset's: 25 GB) are gathered to process 0 alone, with their features.
         images, labels = sample.generate(model, settings.per_class, solver=settings.solver, steps=settings.steps,
                                          guidance=settings.guidance, seed=settings.seed, device=device, rank=rank,
                                          world=world, bf16=settings.bf16, decode=decode, gather=decode is None)
         artifact = {"images": images, "labels": labels}
         if decode is not None:  # each process sees its share, as it sampled them
-            artifact["features"] = fixmatch.msn_features(load_msn(config, device), images, config.bf16)
+            artifact["features"] = imagenet.msn_features(load_msn(config, device), images, config.bf16)
             if world > 1:
                 artifact = {name: plumbing.gather_to_first(share, len(labels), world, device)
                             for name, share in artifact.items() if name != "labels"}
@@ -927,17 +928,17 @@ class Probe:
             if samples is not None:  # the generated images join the labeled ones
                 features, labels = torch.cat([features, samples["features"]]), torch.cat([labels, samples["labels"]])
             test = None if self.encoded["test"] is None else (self.encoded["test"]["features"], self.dataset.test_y)
-            weights, metrics = fixmatch.train_probe(features, labels, self.dataset.num_classes,
+            weights, metrics = imagenet.train_probe(features, labels, self.dataset.num_classes,
                                                     self.config.probe_lambda, test, self.device)
             plumbing.save_atomic({"weights": weights, "metrics": metrics}, path)
         saved = once(path, make, lambda path: plumbing.read_artifact(path, redo), every_rank=False, timed=timed)
         return saved["weights"], saved["metrics"]
 
     def predict_training(self, weights):
-        return fixmatch.probe_predict(weights, self.encoded["train"]["features"])
+        return imagenet.probe_predict(weights, self.encoded["train"]["features"])
 
     def predict_samples(self, weights, samples):
-        return fixmatch.probe_predict(weights, samples["features"])[0]
+        return imagenet.probe_predict(weights, samples["features"])[0]
 
     def embed_test(self, weights):  # the probe reads frozen MSN features: the oracle's features are those
         return None if self.encoded["test"] is None else self.encoded["test"]["features"].float()
@@ -964,9 +965,9 @@ LATENT_FIELDS = ("image_size", "autoencoder", "autoencoder_size", "msn_size", "m
 def check_latent(config):
     """Refuse what the imagenet preset cannot run, before any work."""
     if not config.autoencoder and not config.bench:  # --bench times random weights
-        raise UserError(f"--preset imagenet needs --autoencoder PATH: the {unet.AUTOENCODER_SOURCE}")
-    crop, patch = fixmatch.msn_crop(config.image_size), fixmatch.MSN_SIZES[config.msn_size]["patch"]
-    if config.msn_size in fixmatch.MSN_RELEASES and crop != 224:  # its position embeddings are for 224 x 224
+        raise UserError(f"--preset imagenet needs --autoencoder PATH: the {imagenet.AUTOENCODER_SOURCE}")
+    crop, patch = imagenet.msn_crop(config.image_size), imagenet.MSN_SIZES[config.msn_size]["patch"]
+    if config.msn_size in imagenet.MSN_RELEASES and crop != 224:  # its position embeddings are for 224 x 224
         raise UserError(f"--image-size {config.image_size}: MSN's released {config.msn_size} sees 224x224 "
                              f"centre crops of 256x256 images, not {crop}x{crop}; give --image-size 256")
     if crop % patch:
@@ -975,7 +976,7 @@ def check_latent(config):
 
 
 def load_msn(config, device):
-    return fixmatch.load_msn(config.msn_size, fixmatch.msn_crop(config.image_size), config.msn_weights or None,
+    return imagenet.load_msn(config.msn_size, imagenet.msn_crop(config.image_size), config.msn_weights or None,
                              device)
 
 
@@ -989,9 +990,9 @@ def encoder(autoencoder, msn, bf16):
     """encode(uint8 images, latents=True) -> MSN's features and (with latents)
     the latents of each image and of its mirror."""
     def encode(images, latents=True):
-        encoded = {"features": fixmatch.msn_features(msn, images, bf16)}
+        encoded = {"features": imagenet.msn_features(msn, images, bf16)}
         if latents:
-            encoded["latents"], encoded["flipped"] = unet.encode_latents(autoencoder, images, bf16)
+            encoded["latents"], encoded["flipped"] = imagenet.encode_latents(autoencoder, images, bf16)
         return encoded
     return encode
 
@@ -1007,7 +1008,7 @@ def stage_encode(config, run, dataset, device):
 
     def make():
         rank, world = dist_rank(), dist.get_world_size() if dist.is_initialized() else 1
-        encode = encoder(unet.load_autoencoder(config.autoencoder, config.autoencoder_size, device),
+        encode = encoder(imagenet.load_autoencoder(config.autoencoder, config.autoencoder_size, device),
                          load_msn(config, device), config.bf16)
         read = lambda file: read_image(config, file)
         workers = min(16, os.cpu_count() or 1) if device.type == "cuda" else 0  # JPEG decoding keeps a GPU fed
@@ -1315,18 +1316,18 @@ def bench_latent(config, device):
     on_cuda = device.type == "cuda"
     batch = 64 if on_cuda else 2
     side, latent = config.image_size, config.image_size // 8
-    autoencoder = unet.AutoencoderKL(**unet.AUTOENCODER_SIZES[config.autoencoder_size]).to(device).eval()
-    msn = fixmatch.MSNViT(fixmatch.msn_crop(side), **fixmatch.MSN_SIZES[config.msn_size]).to(device).eval()
+    autoencoder = imagenet.AutoencoderKL(**imagenet.AUTOENCODER_SIZES[config.autoencoder_size]).to(device).eval()
+    msn = imagenet.MSNViT(imagenet.msn_crop(side), **imagenet.MSN_SIZES[config.msn_size]).to(device).eval()
     autoencoder.requires_grad_(False)
     msn.requires_grad_(False)
     images = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8)
-    latents = 0.5 * torch.randn(4096 if on_cuda else 64, unet.LATENT_CHANNELS, latent, latent).half()
+    latents = 0.5 * torch.randn(4096 if on_cuda else 64, imagenet.LATENT_CHANNELS, latent, latent).half()
     step = dict(batch=config.diffusion_batch, micro_batch=config.diffusion_micro_batch) if on_cuda else dict(batch=2)
 
-    model = unet.make_diffusion("uvit", config.diffusion_size, 1000, latent, unet.LATENT_CHANNELS).to(device).eval()
+    model = unet.make_diffusion("uvit", config.diffusion_size, 1000, latent, imagenet.LATENT_CHANNELS).to(device).eval()
     model.requires_grad_(False)
     denoise = sample.guided(model, config.sample_guidance)
-    x, classes = torch.randn(batch, unet.LATENT_CHANNELS, latent, latent, device=device), torch.arange(batch) % 1000
+    x, classes = torch.randn(batch, imagenet.LATENT_CHANNELS, latent, latent, device=device), torch.arange(batch) % 1000
     autocast = lambda bf16: torch.autocast(device.type, torch.bfloat16, enabled=bool(bf16))
 
     # One function a row, as bench's.
@@ -1343,7 +1344,7 @@ def bench_latent(config, device):
 
     def decoding(compile, bf16):
         with autocast(bf16):
-            return plumbing.rate(lambda: unet.decode_latents(autoencoder, x), batch, device, repeats=2)
+            return plumbing.rate(lambda: imagenet.decode_latents(autoencoder, x), batch, device, repeats=2)
     forward = unet.flops_per_image(model)  # an evaluation under guidance runs the network twice
     rows = [(f"encoding {config.msn_size} + {config.autoencoder_size} at {side}, batch {batch}", encoding, "images/s",
              True, None),

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
 import data
+import imagenet
 import plumbing
 import report
 
@@ -213,7 +214,7 @@ def test_every_download_gives_up_after_a_minute_without_an_answer(tmp_path, monk
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
     for download, error in ((fid.load_inception, fid.FIDError), (partial(fid.download_stats, fid.ADM_IMAGENET256),
-                            fid.FIDError), (partial(fixmatch.load_msn, "tiny"), plumbing.UserError),
+                            fid.FIDError), (partial(imagenet.load_msn, "tiny"), plumbing.UserError),
                             (partial(data.load_dataset, "cifar10", str(tmp_path / "data")), plumbing.UserError)):
         with pytest.raises(error):
             download()
@@ -748,7 +749,8 @@ def test_data_command_prints_class_counts_and_saves_a_preview(tmp_path):
 # without the other.
 ALLOWED_IMPORTS = {"plumbing": set(), "data": {"plumbing"}, "fid": set(), "fixmatch": {"data", "plumbing"},
                    "unet": {"data", "plumbing"}, "sample": {"data", "plumbing", "unet"}, "report": {"plumbing"},
-                   "dpt": {"data", "fid", "fixmatch", "plumbing", "report", "sample", "unet"}}
+                   "imagenet": {"fixmatch", "plumbing", "unet"},
+                   "dpt": {"data", "fid", "fixmatch", "imagenet", "plumbing", "report", "sample", "unet"}}
 
 
 def test_imports_flow_one_way():
@@ -1567,7 +1569,7 @@ def wave(count, frequency, phase=0.0):
 def fixed_network(arch):
     """REFERENCE_NETWORKS[arch] in float64 with weights from a formula: weight
     matrices at a unit-gain scale, norm scales near 1, tables and biases small."""
-    build = {"autoencoder": unet.AutoencoderKL, "msn": fixmatch.MSNViT, **unet.ARCHITECTURES}[arch]
+    build = {"autoencoder": imagenet.AutoencoderKL, "msn": imagenet.MSNViT, **unet.ARCHITECTURES}[arch]
     network = build(**REFERENCE_NETWORKS[arch]).double()
     with torch.no_grad():
         for index, (name, tensor) in enumerate(network.state_dict().items()):
@@ -1644,7 +1646,7 @@ def test_the_autoencoder_computes_what_ldms_autoencoder_kl_computes_and_has_the_
     for name, output in outputs.items():
         assert fingerprint(output) == pytest.approx(REFERENCE_OUTPUTS[f"autoencoder-{name}"], rel=1e-10, abs=1e-12)
     with torch.device("meta"):  # names and shapes only
-        stable_diffusion = unet.AutoencoderKL(**unet.AUTOENCODER_SIZES["sd"])
+        stable_diffusion = imagenet.AutoencoderKL(**imagenet.AUTOENCODER_SIZES["sd"])
     assert layout_checksum(stable_diffusion) == CHECKPOINT_LAYOUTS["autoencoder sd"]
     assert sum(p.numel() for p in stable_diffusion.parameters()) == 83_653_863
 
@@ -1656,43 +1658,43 @@ def test_the_msn_vit_computes_msns_feature_and_has_the_layout_of_its_checkpoints
     assert fingerprint(feature) == pytest.approx(REFERENCE_OUTPUTS["msn"], rel=1e-10, abs=1e-12)
     for size in ("vitl7", "vitb4"):
         with torch.device("meta"):
-            released = fixmatch.MSNViT(224, **fixmatch.MSN_SIZES[size])
+            released = imagenet.MSNViT(224, **imagenet.MSN_SIZES[size])
         assert layout_checksum(released) == CHECKPOINT_LAYOUTS[f"msn {size}"]
 
 
 def test_the_released_msn_and_autoencoder_checkpoints_load_from_files_in_their_layout(tmp_path, monkeypatch):
-    msn = fixmatch.MSNViT(16, **fixmatch.MSN_SIZES["tiny"])
+    msn = imagenet.MSNViT(16, **imagenet.MSN_SIZES["tiny"])
     released = {"target_encoder": {"module." + name: value for name, value in msn.state_dict().items()},
                 "epoch": 200}  # MSN's file: every key under module., with its head and last LayerNorm
-    width = fixmatch.MSN_SIZES["tiny"]["width"]
+    width = imagenet.MSN_SIZES["tiny"]["width"]
     released["target_encoder"].update({"module.norm.weight": torch.ones(width), "module.norm.bias": torch.zeros(width),
                                        "module.fc.0.weight": torch.zeros(8, width)})
     torch.save(released, tmp_path / "vit_tiny.pth.tar")
-    loaded = fixmatch.load_msn("tiny", 16, str(tmp_path / "vit_tiny.pth.tar"))
+    loaded = imagenet.load_msn("tiny", 16, str(tmp_path / "vit_tiny.pth.tar"))
     assert all(torch.equal(a, b) for a, b in zip(msn.state_dict().values(), loaded.state_dict().values()))
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
 
-    autoencoder = unet.AutoencoderKL(**unet.AUTOENCODER_SIZES["tiny"])
+    autoencoder = imagenet.AutoencoderKL(**imagenet.AUTOENCODER_SIZES["tiny"])
     torch.save(autoencoder.state_dict(), tmp_path / "autoencoder_kl.pth")  # U-ViT's and DPT's file
     torch.save({"state_dict": {"model.diffusion_model.out.weight": torch.zeros(1),  # a Stable Diffusion checkpoint
                                **{"first_stage_model." + k: v for k, v in autoencoder.state_dict().items()}}},
                tmp_path / "sd.ckpt")
     for name in ("autoencoder_kl.pth", "sd.ckpt"):
-        loaded = unet.load_autoencoder(str(tmp_path / name), size="tiny")
+        loaded = imagenet.load_autoencoder(str(tmp_path / name), size="tiny")
         assert all(torch.equal(a, b) for a, b in zip(autoencoder.state_dict().values(), loaded.state_dict().values()))
 
     with pytest.raises(plumbing.UserError, match="is not MSN's tiny checkpoint"):
-        fixmatch.load_msn("tiny", 16, str(tmp_path / "sd.ckpt"))
+        imagenet.load_msn("tiny", 16, str(tmp_path / "sd.ckpt"))
     with pytest.raises(plumbing.UserError, match="is not Stable Diffusion's autoencoder"):
-        unet.load_autoencoder(str(tmp_path / "vit_tiny.pth.tar"), size="tiny")
+        imagenet.load_autoencoder(str(tmp_path / "vit_tiny.pth.tar"), size="tiny")
     with pytest.raises(plumbing.UserError, match="drive.google.com"):
-        unet.load_autoencoder(str(tmp_path / "missing.pth"))
+        imagenet.load_autoencoder(str(tmp_path / "missing.pth"))
 
     def offline(url, **kwargs):
         raise OSError("no network here")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(plumbing.UserError, match=re.escape("download https://dl.fbaipublicfiles.com/msn/vitl7_200ep")):
-        fixmatch.load_msn("vitl7")
+        imagenet.load_msn("vitl7")
 
 
 def newton(objective, weights, steps=30):
@@ -1711,14 +1713,14 @@ def test_the_probe_reaches_the_optimum_of_its_objective():
     features = torch.randn(60, 12, generator=generator, dtype=torch.float64) + 3  # an offset the centring removes
     labels = torch.randint(5, (60,), generator=generator)
     lambd = 0.0025 * 100 / len(features)  # MSN's strength, stronger: Newton converges from zero
-    weights = fixmatch.fit_probe(features, labels, 5, lambd)
-    inputs = fixmatch.probe_inputs(features)
-    objective = lambda w: fixmatch.probe_objective(w, inputs, labels, lambd)
+    weights = imagenet.fit_probe(features, labels, 5, lambd)
+    inputs = imagenet.probe_inputs(features)
+    objective = lambda w: imagenet.probe_objective(w, inputs, labels, lambd)
     optimum = newton(objective, torch.zeros(5, 12, dtype=torch.float64))
     assert torch.allclose(weights, optimum, rtol=0, atol=1e-7 * optimum.abs().max())
     assert torch.allclose(inputs.mean(1), torch.zeros(60, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(inputs.norm(dim=1), torch.ones(60, dtype=torch.float64))
-    predicted, confidence = fixmatch.probe_predict(weights, features)
+    predicted, confidence = imagenet.probe_predict(weights, features)
     assert torch.equal(predicted, (inputs @ optimum.T).argmax(1)) and (confidence > 1 / 5).all()
 
 
@@ -2001,8 +2003,8 @@ def test_bf16_autocast_trains_every_network_on_cpu_close_to_float32(kind, arch, 
 @pytest.mark.parametrize("part", ["encode", "decode", "msn"])
 def test_the_frozen_imagenet_networks_compile_whole_and_run_in_bf16_close_to_float32(part):
     torch.manual_seed(0)  # PyTorch's initialization: activations of a realistic scale for bf16
-    autoencoder = unet.AutoencoderKL(**REFERENCE_NETWORKS["autoencoder"]).eval()
-    msn = fixmatch.MSNViT(**REFERENCE_NETWORKS["msn"]).eval()
+    autoencoder = imagenet.AutoencoderKL(**REFERENCE_NETWORKS["autoencoder"]).eval()
+    msn = imagenet.MSNViT(**REFERENCE_NETWORKS["msn"]).eval()
     images, latents = (tensor.float() for tensor in fixed_autoencoder_inputs())
     function, inputs = {"encode": (lambda x: autoencoder.encode(x)[0], images), "decode": (autoencoder.decode, latents),
                         "msn": (msn, images)}[part]
@@ -2366,7 +2368,7 @@ def test_each_gpu_presets_training_step_keeps_under_40_gib_for_backward_on_one_g
     dpt.resolve(config)
     diffusion = dpt.diffusion_settings(config)[0]
     latent = preset == "imagenet"
-    side, channels, classes = (config.image_size // 8, unet.LATENT_CHANNELS, 1000) if latent else (32, 3, 10)
+    side, channels, classes = (config.image_size // 8, imagenet.LATENT_CHANNELS, 1000) if latent else (32, 3, 10)
     with torch.device("meta"):
         model = unet.make_diffusion(diffusion.arch, diffusion.size, classes, side, channels).train()
     one, two = (bytes_kept_for_backward(model, batch, channels, side, side) for batch in (1, 2))
@@ -2415,13 +2417,13 @@ def test_a_checkpointed_u_vit_computes_and_trains_as_the_plain_one_keeping_only_
 
 def test_decoding_in_chunks_gives_the_images_of_one_batch_and_never_decodes_more_at_once(monkeypatch):
     torch.manual_seed(0)
-    autoencoder = unet.AutoencoderKL(**unet.AUTOENCODER_SIZES["tiny"]).eval().requires_grad_(False)
+    autoencoder = imagenet.AutoencoderKL(**imagenet.AUTOENCODER_SIZES["tiny"]).eval().requires_grad_(False)
     randomized(autoencoder)
-    latents = torch.randn(5, unet.LATENT_CHANNELS, 4, 4)
+    latents = torch.randn(5, imagenet.LATENT_CHANNELS, 4, 4)
     whole = autoencoder.decode(latents / unet.SIGMA_DATA)
     seen, decode = [], autoencoder.decode
     monkeypatch.setattr(autoencoder, "decode", lambda z: seen.append(len(z)) or decode(z))
-    chunked = unet.decode_latents(autoencoder, latents, batch=2)
+    chunked = imagenet.decode_latents(autoencoder, latents, batch=2)
     assert seen == [2, 2, 1]
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
 
@@ -4362,8 +4364,8 @@ def write_imagenet_like(root):
                 pixels = (pixels + rng.integers(0, 50, pixels.shape)).clip(0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(root / "folder" / split / name / f"{name}_{i}.JPEG")
     torch.manual_seed(0)
-    torch.save(unet.AutoencoderKL(**unet.AUTOENCODER_SIZES["tiny"]).state_dict(), root / "autoencoder_kl.pth")
-    msn = fixmatch.MSNViT(56, **fixmatch.MSN_SIZES["tiny"])
+    torch.save(imagenet.AutoencoderKL(**imagenet.AUTOENCODER_SIZES["tiny"]).state_dict(), root / "autoencoder_kl.pth")
+    msn = imagenet.MSNViT(56, **imagenet.MSN_SIZES["tiny"])
     weights = {"module." + name: value for name, value in msn.state_dict().items()}
     weights.update({"module.norm.weight": torch.ones(64), "module.norm.bias": torch.zeros(64),
                     "module.fc.weight": torch.zeros(8, 64)})  # in the release, dropped by the loader
@@ -4391,18 +4393,18 @@ def imagenet_run(tmp_path_factory, fid_weights):
 def test_the_imagenet_preset_runs_end_to_end_on_a_folder_of_jpegs(imagenet_run):
     root, run = imagenet_run
     config = dpt.DPTConfig(**{**json.loads((run / "config.json").read_text()), "dataset": str(root / "folder")})
-    autoencoder = unet.load_autoencoder(str(root / "autoencoder_kl.pth"), "tiny")
-    msn = fixmatch.load_msn("tiny", 56, str(root / "msn_tiny.pth.tar"))
+    autoencoder = imagenet.load_autoencoder(str(root / "autoencoder_kl.pth"), "tiny")
+    msn = imagenet.load_msn("tiny", 56, str(root / "msn_tiny.pth.tar"))
     dataset = data.load_dataset(str(root / "folder"), folders=True)
     # Encoding: every file once, as the networks see its ADM crop; the mirror its own latent.
     encoded = torch.load(run / "encoded.pt")
     crops = torch.stack([dpt.read_image(config, file) for file in dataset.train_files])
     x = crops.float() / 127.5 - 1
     for name, images in (("latents", x), ("flipped", x.flip(3))):
-        expected = autoencoder.encode(images)[0] * unet.LATENT_SCALE * unet.SIGMA_DATA
+        expected = autoencoder.encode(images)[0] * imagenet.LATENT_SCALE * unet.SIGMA_DATA
         assert encoded["train"][name].dtype == torch.float16 and encoded["train"][name].shape == (18, 4, 8, 8)
         torch.testing.assert_close(encoded["train"][name].float(), expected, atol=2e-3, rtol=2e-3)
-    torch.testing.assert_close(encoded["train"]["features"], fixmatch.msn_features(msn, crops))
+    torch.testing.assert_close(encoded["train"]["features"], imagenet.msn_features(msn, crops))
     assert encoded["test"]["features"].shape == (6, 64) and set(encoded["test"]) == {"features", "files"}
     assert not (run / "encoded").exists()  # the chunks, once joined
     # Stage 1: the probe on the 3 labeled images' features; the pseudo labels are its argmax.
@@ -4410,19 +4412,20 @@ def test_the_imagenet_preset_runs_end_to_end_on_a_folder_of_jpegs(imagenet_run):
     stage1 = torch.load(run / "stage1" / "probe.pt")
     assert stage1["metrics"]["images"] == 3 and dataset.train_y[split].tolist() == [0, 1, 2]
     assert torch.equal(torch.load(run / "pseudo_labels.pt")["labels"],
-                       fixmatch.probe_predict(stage1["weights"], encoded["train"]["features"])[0])
+                       imagenet.probe_predict(stage1["weights"], encoded["train"]["features"])[0])
     # Stage 2 on latents; the samples decoded to images, their features MSN's of those images.
     diffusion = torch.load(run / "stage2" / "diffusion.pt", weights_only=False)
     assert (diffusion["channels"], diffusion["resolution"], diffusion["config"]["arch"]) == (4, 8, "uvit")
-    decode = lambda latents: unet.decode_latents(autoencoder, latents)  # what the autoencoder alone makes of the crops
+    decode = lambda latents: imagenet.decode_latents(autoencoder, latents)  # what the autoencoder alone makes of them
     torch.testing.assert_close(decode(encoded["train"]["latents"][:4]),
-                               autoencoder.decode(autoencoder.encode(x[:4])[0] * unet.LATENT_SCALE), atol=2e-3, rtol=0)
+                               autoencoder.decode(autoencoder.encode(x[:4])[0] * imagenet.LATENT_SCALE), atol=2e-3,
+                               rtol=0)
     samples = torch.load(run / "samples.pt")
     assert samples["images"].dtype == torch.uint8 and samples["images"].shape == (6, 3, 64, 64)
     again, _ = sample.generate(unet.load_diffusion(run / "stage2" / "diffusion.pt"), 2, "dpmpp", 2, guidance=1.4,
                                decode=decode, progress=False)
     assert torch.equal(again, samples["images"])  # the diffusion model's samples, decoded
-    torch.testing.assert_close(samples["features"], fixmatch.msn_features(msn, samples["images"]))
+    torch.testing.assert_close(samples["features"], imagenet.msn_features(msn, samples["images"]))
     # Stage 3: the labeled images' features and the 6 generated ones.
     assert torch.load(run / "stage3" / "probe.pt")["metrics"]["images"] == 3 + 6
     results = json.loads((run / "results.json").read_text())
@@ -4437,8 +4440,8 @@ def test_the_imagenet_preset_runs_end_to_end_on_a_folder_of_jpegs(imagenet_run):
     oracle = torch.load(run / "oracle.pt")["weights"]
     for name, file in (("few_labels", "few_labels/samples.pt"), ("every_label", "every_label/samples.pt")):
         generated, judged = torch.load(run / file), results["generation"][name]
-        torch.testing.assert_close(generated["features"], fixmatch.msn_features(msn, generated["images"]))
-        right = fixmatch.probe_predict(oracle, generated["features"])[0] == generated["labels"]
+        torch.testing.assert_close(generated["features"], imagenet.msn_features(msn, generated["images"]))
+        right = imagenet.probe_predict(oracle, generated["features"])[0] == generated["labels"]
         assert judged["oracle_share"] == pytest.approx(right.float().mean().item()), name
         expected = fid.feature_metrics(encoded["test"]["features"].float(), generated["features"].float())
         assert {k: judged[k] for k in expected} == pytest.approx(expected) and judged["fid"] is not None, name
@@ -4520,8 +4523,8 @@ def test_the_imagenet_preset_under_torchrun_encodes_and_fits_as_one_process_does
     assert torch.equal(*pseudo)
     samples = torch.load(run / "samples.pt")
     assert samples["images"].shape == (6, 3, 64, 64) and samples["features"].shape == (6, 64)
-    msn = fixmatch.load_msn("tiny", 56, str(root / "msn_tiny.pth.tar"))  # each rank saw its share: back in order
-    torch.testing.assert_close(samples["features"], fixmatch.msn_features(msn, samples["images"]))
+    msn = imagenet.load_msn("tiny", 56, str(root / "msn_tiny.pth.tar"))  # each rank saw its share: back in order
+    torch.testing.assert_close(samples["features"], imagenet.msn_features(msn, samples["images"]))
 
 
 @pytest.mark.parametrize("case", ["a folder with the tiny preset", "shapes with the imagenet preset",
@@ -4584,21 +4587,21 @@ def test_the_imagenet_preset_gives_each_stage_the_official_u_vit_l2_recipe(monke
     assert 0.5 ** (diffusion.batch / diffusion.ema_halflife) == pytest.approx(0.9999, abs=1e-9)  # a step's EMA
     large = unet.SIZES["uvit"]["large"]
     assert (large["width"], large["depth"], large["heads"], large["patch"]) == (1024, 20, 16, 2)
-    assert fixmatch.msn_crop(256) == 224  # MSN's Resize(256), CenterCrop(224)
+    assert imagenet.msn_crop(256) == 224  # MSN's Resize(256), CenterCrop(224)
     # SD's latent scale: the posterior's mean times 0.18215 (then EDM's sigma_data 0.5)
     stub = torch.nn.Linear(1, 1)
     stub.encode = lambda x: (x[:, :1, ::8, ::8] + 2, None)  # a mean that a wrong scale would show
     images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
-    latents, mirrored = unet.encode_latents(stub, images)
+    latents, mirrored = imagenet.encode_latents(stub, images)
     x = images.float() / 127.5 - 1
     torch.testing.assert_close(latents.float(), ((x[:, :1, ::8, ::8] + 2) * 0.18215 * 0.5).half().float())
     torch.testing.assert_close(mirrored.float(), ((x.flip(3)[:, :1, ::8, ::8] + 2) * 0.18215 * 0.5).half().float())
     # the probe's penalty: lambda / N, N the images it is fit on (cyanure's mean loss + lambda/2 |W|^2)
     penalties = []
-    monkeypatch.setattr(fixmatch, "fit_probe", lambda features, labels, classes, lambd: penalties.append(lambd) or
+    monkeypatch.setattr(imagenet, "fit_probe", lambda features, labels, classes, lambd: penalties.append(lambd) or
                         torch.zeros(classes, features.shape[1] + 1, dtype=torch.float64))
     for count in (10, 40):
-        fixmatch.train_probe(torch.randn(count, 6), torch.arange(count) % 2, 2, config.probe_lambda)
+        imagenet.train_probe(torch.randn(count, 6), torch.arange(count) % 2, 2, config.probe_lambda)
     assert penalties == [pytest.approx(0.0025 / 10), pytest.approx(0.0025 / 40)]
 
 
@@ -4760,7 +4763,7 @@ def test_the_imagenet_presets_input_files_are_known_by_contents_and_a_refusal_re
     if case.endswith("under its name") or case.endswith("under their name"):
         torch.manual_seed(1)  # other weights of the same network, written where the first were
         if replaced == "autoencoder":
-            torch.save(unet.AutoencoderKL(**unet.AUTOENCODER_SIZES["tiny"]).state_dict(), files["autoencoder"])
+            torch.save(imagenet.AutoencoderKL(**imagenet.AUTOENCODER_SIZES["tiny"]).state_dict(), files["autoencoder"])
         else:
             weights = torch.load(files["msn"], weights_only=True)
             weights["target_encoder"] = {name: torch.randn_like(value)

@@ -23,7 +23,7 @@ MUTATIONS = {  # issue 44: a refusal costs nothing, every input known by its con
  "no temporaries removed": ("plumbing.py", "            remove_temporaries(folder)  #", "            pass  #", "sigkill"),
  "identity by path": ("dpt.py", "    return {**settings, **{name: plumbing.file_identity(getattr(config, name)) for name in FILE_SETTINGS}}", "    return {**settings, **{name: getattr(config, name) for name in FILE_SETTINGS}}", "input_files_are_known or label_subset_edited"),
  "no fid inputs": ("dpt.py", "        check_fid_inputs(config, [path(FID_FILES[name]) for name in FID_FILES])", "        pass", "refused_command_leaves and FID"),
- "no network check": ("dpt.py", "        load_msn(config, \"cpu\"), unet.load_autoencoder(config.autoencoder, config.autoencoder_size)", "        pass", "input_files_are_known"),
+ "no network check": ("dpt.py", "        load_msn(config, \"cpu\"), imagenet.load_autoencoder(config.autoencoder, config.autoencoder_size)", "        pass", "input_files_are_known"),
  "uint16 advice": ("data.py", "if 255 < largest <= 65535", "if False", "malformed_file"),
  "config advice": ("dpt.py", 'advice="the settings its files were made with are unknown; delete the folder "', 'advice="the settings are unknown "', "refused_command_leaves and config"),
  # issue 45: the GPU path

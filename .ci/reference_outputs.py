@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import fixmatch  # noqa: E402
+import imagenet  # noqa: E402
 import test_dpt  # noqa: E402  (the networks, weights, inputs and fingerprint the tests use)
 import unet  # noqa: E402
 
@@ -119,10 +119,10 @@ def autoencoder_original(uvit_clone, ours, shape):
     from libs import autoencoder
     path = os.path.join(tempfile.mkdtemp(), "autoencoder_kl.pth")
     torch.save(ours.state_dict(), path)
-    ddconfig = dict(double_z=True, z_channels=unet.LATENT_CHANNELS, resolution=256, in_channels=3, out_ch=3,
+    ddconfig = dict(double_z=True, z_channels=imagenet.LATENT_CHANNELS, resolution=256, in_channels=3, out_ch=3,
                     ch=shape["channels"], ch_mult=list(shape["channel_mult"]), num_res_blocks=shape["num_blocks"],
                     attn_resolutions=[], dropout=0.0)
-    original = autoencoder.FrozenAutoencoderKL(ddconfig, unet.LATENT_CHANNELS, path).double()
+    original = autoencoder.FrozenAutoencoderKL(ddconfig, imagenet.LATENT_CHANNELS, path).double()
     original.load_state_dict(ours.state_dict())  # again in float64: the file was read into float32 layers
     return original
 
@@ -142,7 +142,7 @@ def msn_layouts_agree(deit):
     deit_base_p4 at 224x224, but for the final LayerNorm and the head, which the
     feature does not use (and which the loader drops)."""
     for ours, theirs in (("vitl7", deit.deit_large_p7), ("vitb4", deit.deit_base_p4)):
-        network = fixmatch.MSNViT(224, **fixmatch.MSN_SIZES[ours])
+        network = imagenet.MSNViT(224, **imagenet.MSN_SIZES[ours])
         their_layout = {name: tuple(t.shape) for name, t in theirs().state_dict().items()
                         if not name.startswith(("norm.", "fc."))}
         assert their_layout == {name: tuple(t.shape) for name, t in network.state_dict().items()}, ours
@@ -182,8 +182,8 @@ def main(edm_clone, uvit_clone, msn_clone):
         print(f"uvit {mode}: largest difference from libs/uvit.py {difference:.1e}", file=sys.stderr)
         assert difference < 1e-12
         outputs[f"uvit-{mode}"] = test_dpt.fingerprint(theirs)
-    stable_diffusion = unet.AutoencoderKL(**unet.AUTOENCODER_SIZES["sd"])
-    autoencoder_original(uvit_clone, stable_diffusion, unet.AUTOENCODER_SIZES["sd"])  # loads: the same layout
+    stable_diffusion = imagenet.AutoencoderKL(**imagenet.AUTOENCODER_SIZES["sd"])
+    autoencoder_original(uvit_clone, stable_diffusion, imagenet.AUTOENCODER_SIZES["sd"])  # loads: the same layout
     print(f"autoencoder: Stable Diffusion's layout, checksum {test_dpt.layout_checksum(stable_diffusion)}",
           file=sys.stderr)
     ours = test_dpt.fixed_network("autoencoder")

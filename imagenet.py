@@ -1,0 +1,396 @@
+"""The imagenet preset's networks (the paper's sec. 5.2): ImageNet is learned
+through frozen networks, not from pixels. MSN's self-supervised ViT (Assran et
+al. 2022) gives every image a feature, on which stages 1 and 3 fit a linear
+probe; Stable Diffusion's KL-f8 autoencoder (Rombach et al. 2022) gives every
+image a latent, on which stage 2 trains a U-ViT, and decodes the samples. Both
+load their released checkpoints as they are. dpt.py's `--preset imagenet` uses
+them; the CIFAR path never does.
+"""
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import plumbing
+from fixmatch import Normalize
+from plumbing import UserError
+from unet import SIGMA_DATA
+
+# -----------------------------------------------------------------------------
+# The ImageNet learner of the paper (its sec. 5.2): no FixMatch, but a frozen
+# self-supervised ViT from MSN (Assran et al. 2022) and a multinomial logistic
+# regression on its features, fit on the labeled images in stage 1 and on the
+# labeled plus the generated ones in stage 3. The module names are those of
+# MSN's released target_encoder (its `module.` prefix dropped), so that the
+# checkpoint loads as it is.
+
+MSN_SIZES = {
+    "vitl7": dict(patch=7, width=1024, depth=24, heads=16),  # vitl7_200ep.pth.tar: one label per class
+    "vitb4": dict(patch=4, width=768,  depth=12, heads=12),  # vitb4_300ep.pth.tar: two labels per class
+    "tiny":  dict(patch=8, width=64,   depth=2,  heads=2),   # the same family, for CPU tests
+}
+
+
+class MSNBlock(nn.Module):
+    """Pre-LayerNorm transformer block (timm's, as MSN's deit.py)."""
+
+    def __init__(self, width, heads, mlp_ratio=4):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width, eps=1e-6), nn.LayerNorm(width, eps=1e-6)
+        self.attn, self.mlp = nn.Module(), nn.Module()
+        self.attn.qkv, self.attn.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(width, mlp_ratio * width), nn.Linear(mlp_ratio * width, width)
+
+    def forward(self, x):
+        n, length, width = x.shape
+        qkv = self.attn.qkv(self.norm1(x)).reshape(n, length, 3, self.heads, width // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        x = x + self.attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, width))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+class MSNViT(nn.Module):
+    """Images [N, 3, R, R], normalized with ImageNet's mean and std -> the class
+    token after the last block [N, width]: MSN's forward_blocks(images, 1), the
+    feature its linear evaluation uses (before the final LayerNorm, which is why
+    this network has none)."""
+
+    def __init__(self, resolution, patch, width, depth, heads):
+        super().__init__()
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, width, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (resolution // patch) ** 2, width))
+        self.blocks = nn.ModuleList([MSNBlock(width, heads) for _ in range(depth)])
+
+    def forward(self, images):
+        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return x[:, 0]
+
+
+MSN_URL = "https://dl.fbaipublicfiles.com/msn/{}.pth.tar"
+MSN_RELEASES = {"vitl7": "vitl7_200ep", "vitb4": "vitb4_300ep"}
+
+
+def load_msn(size, resolution=224, path=None, device="cpu"):
+    """The frozen MSN ViT of MSN_SIZES[size] from its released checkpoint (its
+    target_encoder; the projection head `fc` and the final LayerNorm, which the
+    feature does not pass through, dropped): from `path`, else downloaded once
+    into torch's cache."""
+    if path is None:
+        url = MSN_URL.format(MSN_RELEASES.get(size, size))
+        try:
+            with plumbing.download_timeout():
+                saved = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=False)
+        except Exception as error:  # offline, refused, cut short, or no such release
+            cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+            raise UserError(f"cannot get MSN's {size} ({type(error).__name__}); download {url} to "
+                                 f"{cache}") from None
+    try:
+        if path is not None:
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+        weights = {name.removeprefix("module."): value for name, value in saved["target_encoder"].items()}
+        network = MSNViT(resolution, **MSN_SIZES[size])
+        network.load_state_dict({name: value for name, value in weights.items()
+                                 if not name.startswith(("fc.", "norm."))})
+    except Exception as error:
+        raise UserError(f"{path or size} is not MSN's {size} checkpoint ({type(error).__name__}: "
+                             f"{plumbing.first_line(error)})") from None
+    return network.to(device).eval().requires_grad_(False)
+
+
+def msn_subset(path, files, labels, per_class, folder):
+    """The indices of the labeled images that a subset file names, one a line:
+    CLASS/FILE under `folder` (the training images'), or a file name alone where no
+    other class has one of that name (MSN's imagenet_subsets2/1imgs_class.txt, DPT's
+    for one label a class): each image once, exactly per_class of every class."""
+    with open(path) as file:
+        lines = [line.strip() for line in file if line.strip()]
+    under = {os.path.relpath(name, folder): i for i, name in enumerate(files)}
+    by_name = {}
+    for name, i in under.items():
+        by_name.setdefault(os.path.basename(name), []).append(i)
+    found = {line: [under[line]] if line in under else by_name.get(line, []) for line in lines}
+    missing = [line for line in lines if not found[line]]
+    if missing:
+        raise UserError(f"--label-subset {path}: {len(missing)} of its images are not among the training "
+                             f"images (e.g. {missing[0]}); give the subset of this folder")
+    shared = [line for line in lines if len(found[line]) > 1]
+    if shared:
+        raise UserError(f"--label-subset {path} names {shared[0]}, a file name that {len(found[shared[0]])} "
+                             "classes hold; write its lines as CLASS/FILE")
+    index = [found[line][0] for line in lines]
+    if len(set(index)) < len(index):
+        seen = set()
+        twice = next(line for line, i in zip(lines, index) if i in seen or seen.add(i))
+        raise UserError(f"--label-subset {path} names {twice} more than once; name each labeled image once")
+    index = torch.tensor(sorted(index), dtype=torch.long)
+    counts = torch.bincount(labels[index], minlength=int(labels.max()) + 1)
+    if (counts != per_class).any():
+        raise UserError(f"--label-subset {path} names {int(counts.min())} to {int(counts.max())} images a "
+                             f"class, not --labels {per_class}; give the file for {per_class}")
+    return index
+
+
+def probe_inputs(features):
+    """MSN's preprocessing of each feature vector (cyanure's preprocess with
+    centering and normalize, by rows): minus its own mean, to unit length."""
+    centred = features.double() - features.double().mean(1, keepdim=True)
+    return centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def probe_objective(weights, inputs, labels, penalty):
+    """cyanure's multiclass logistic loss with an L2 penalty and no intercept:
+    mean_i [logsumexp(W x_i) - (W x_i)_{y_i}] + penalty / 2 ||W||^2."""
+    return F.cross_entropy(inputs @ weights.T, labels) + penalty / 2 * weights.square().sum()
+
+
+def fit_probe(features, labels, num_classes, penalty, tolerance=1e-10):
+    """The weights W [classes, D] that minimize probe_objective (strictly convex:
+    one optimum), by L-BFGS in float64 from zero until the gradient vanishes.
+    MSN and DPT take penalty = 0.0025 / the number of training images."""
+    inputs = probe_inputs(features)
+    weights = torch.zeros(num_classes, inputs.shape[1], dtype=torch.float64, device=inputs.device,
+                          requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights], lr=1, max_iter=10_000, tolerance_grad=tolerance,
+                                  tolerance_change=0, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = probe_objective(weights, inputs, labels, penalty)
+        loss.backward()
+        return loss
+    optimizer.step(closure)
+    return weights.detach()
+
+
+def probe_predict(weights, features, batch=65_536):
+    """(labels, confidences) of the probe, on the CPU, in batches (1.28M float64
+    feature rows at once would take 10 GB)."""
+    labels, confidences = [], []
+    for chunk in features.split(batch):
+        confidence, label = (probe_inputs(chunk.to(weights.device)) @ weights.T).softmax(1).max(1)
+        labels.append(label.cpu())
+        confidences.append(confidence.float().cpu())
+    return torch.cat(labels), torch.cat(confidences)
+
+
+# MSN's view of an image: its centre crop, normalized with ImageNet's statistics.
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def msn_crop(side):
+    """The side of the centre crop MSN sees of an image of `side` (MSN's evaluation: 224 of 256)."""
+    return round(side * 224 / 256)
+
+
+@torch.no_grad()
+def msn_features(msn, images, bf16=False, batch=256):
+    """MSN's features [N, D] (float32, on the CPU) of uint8 images [N, 3, S, S]
+    (ADM's centre crops at S, real or generated): the centre S * 7/8, normalized."""
+    device = next(msn.parameters()).device
+    side = images.shape[-1]
+    crop = msn_crop(side)
+    normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD).to(device)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bool(bf16))
+    features = []
+    for chunk in images.split(batch):
+        top = (side - crop) // 2
+        with autocast:
+            features.append(msn(normalize(chunk.to(device)[:, :, top:top + crop, top:top + crop])).float().cpu())
+    return torch.cat(features)
+
+
+# The probe as DPT's ImageNet learner, in the shape of train() and predict():
+# stage 1 fits it on the labeled images' features, stage 3 on those and the
+# generated images', the oracle on every training image's true label.
+
+
+def train_probe(features, labels, num_classes, probe_lambda, test=None, device="cpu"):
+    """fit_probe with MSN's and DPT's penalty probe_lambda / N (N images fit on), on the
+    device; returns (weights, metrics) as train() does: the test accuracy where
+    test = (features, labels) is given."""
+    weights = fit_probe(features.to(device), labels.to(device), num_classes, probe_lambda / len(labels))
+    metrics = {"history": [], "images": len(labels)}
+    if test is not None:
+        metrics["accuracy"] = (probe_predict(weights, test[0])[0] == test[1]).float().mean().item()
+    return weights.cpu(), metrics
+
+
+# -----------------------------------------------------------------------------
+# Stable Diffusion's KL-f8 autoencoder (Rombach et al. 2022): the latent space of
+# the ImageNet preset. An image of side 8n in [-1, 1] becomes a 4 x n x n latent
+# and back. The module names are those of the released checkpoint (LDM's
+# ldm/modules/diffusionmodules/model.py, with U-ViT's and DPT's autoencoder_kl.pth),
+# so that its state dict loads as it is; the diffusion model sees the latents
+# scaled by LATENT_SCALE to about unit variance.
+
+AUTOENCODER_SIZES = {
+    "sd":   dict(channels=128, channel_mult=(1, 2, 4, 4), num_blocks=2),  # 83.7M: Stable Diffusion's
+    "tiny": dict(channels=32,  channel_mult=(1, 2, 2, 2), num_blocks=1),  # the same family, for CPU tests
+}
+LATENT_CHANNELS = 4
+LATENT_SCALE = 0.18215  # 1 / the standard deviation of SD's latents on its training images
+
+
+def autoencoder_norm(channels):
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class AutoencoderBlock(nn.Module):
+    """GroupNorm, SiLU, 3x3 conv, twice; added to the input (1x1-projected if the width changes)."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.norm1, self.conv1 = autoencoder_norm(in_channels), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2, self.conv2 = autoencoder_norm(out_channels), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class AutoencoderAttention(nn.Module):
+    """Single-head self-attention over the pixels, residual (only at the lowest resolution)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = autoencoder_norm(channels)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        normed = self.norm(x)
+        q, k, v = (layer(normed).flatten(2).transpose(1, 2)[:, None] for layer in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v)[:, 0]  # [n, pixels, c]
+        return x + self.proj_out(a.transpose(1, 2).reshape(n, c, h, w))
+
+
+def autoencoder_middle(channels):
+    middle = nn.Module()
+    middle.block_1, middle.attn_1, middle.block_2 = (AutoencoderBlock(channels, channels),
+                                                     AutoencoderAttention(channels),
+                                                     AutoencoderBlock(channels, channels))
+    return middle
+
+
+def autoencoder_level(blocks, resample=None):
+    level = nn.Module()
+    level.block = nn.ModuleList(blocks)
+    if resample is not None:
+        setattr(level, resample, nn.Module())
+        getattr(level, resample).conv = nn.Conv2d(blocks[-1].conv2.out_channels, blocks[-1].conv2.out_channels, 3,
+                                                  stride=2 if resample == "downsample" else 1,
+                                                  padding=0 if resample == "downsample" else 1)
+    return level
+
+
+class AutoencoderKL(nn.Module):
+    """encode: images [N, 3, 8n, 8n] in [-1, 1] -> the mean and log-variance of
+    the latent's Gaussian [N, 4, n, n] each (unscaled); decode: scaled latents
+    [N, 4, n, n] -> images in about [-1, 1]."""
+
+    def __init__(self, channels, channel_mult, num_blocks, image_channels=3):
+        super().__init__()
+        widths = [channels * mult for mult in channel_mult]
+        self.encoder, self.decoder = nn.Module(), nn.Module()
+        # Encoder: num_blocks blocks a level, a stride-2 conv between levels.
+        self.encoder.conv_in = nn.Conv2d(image_channels, channels, 3, padding=1)
+        self.encoder.down, width = nn.ModuleList(), channels
+        for level, out in enumerate(widths):
+            blocks = [AutoencoderBlock(width if i == 0 else out, out) for i in range(num_blocks)]
+            self.encoder.down.append(autoencoder_level(blocks, "downsample" if level < len(widths) - 1 else None))
+            width = out
+        self.encoder.mid = autoencoder_middle(width)
+        self.encoder.norm_out = autoencoder_norm(width)
+        self.encoder.conv_out = nn.Conv2d(width, 2 * LATENT_CHANNELS, 3, padding=1)
+        self.quant_conv = nn.Conv2d(2 * LATENT_CHANNELS, 2 * LATENT_CHANNELS, 1)
+        # Decoder: the mirror, num_blocks + 1 blocks a level, nearest-neighbour
+        # upsampling and a conv between levels; up[level] is stored by level.
+        self.post_quant_conv = nn.Conv2d(LATENT_CHANNELS, LATENT_CHANNELS, 1)
+        self.decoder.conv_in = nn.Conv2d(LATENT_CHANNELS, width, 3, padding=1)
+        self.decoder.mid = autoencoder_middle(width)
+        levels = []
+        for level, out in reversed(list(enumerate(widths))):
+            blocks = [AutoencoderBlock(width if i == 0 else out, out) for i in range(num_blocks + 1)]
+            levels.insert(0, autoencoder_level(blocks, "upsample" if level > 0 else None))
+            width = out
+        self.decoder.up = nn.ModuleList(levels)
+        self.decoder.norm_out = autoencoder_norm(width)
+        self.decoder.conv_out = nn.Conv2d(width, image_channels, 3, padding=1)
+
+    def encode(self, images):
+        x = self.encoder.conv_in(images)
+        for level in self.encoder.down:
+            for block in level.block:
+                x = block(x)
+            if hasattr(level, "downsample"):
+                x = level.downsample.conv(F.pad(x, (0, 1, 0, 1)))  # LDM's asymmetric padding
+        middle = self.encoder.mid
+        x = middle.block_2(middle.attn_1(middle.block_1(x)))
+        moments = self.quant_conv(self.encoder.conv_out(F.silu(self.encoder.norm_out(x))))
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, latents):
+        x = self.decoder.conv_in(self.post_quant_conv(latents / LATENT_SCALE))
+        middle = self.decoder.mid
+        x = middle.block_2(middle.attn_1(middle.block_1(x)))
+        for level in reversed(self.decoder.up):
+            for block in level.block:
+                x = block(x)
+            if hasattr(level, "upsample"):
+                x = level.upsample.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.decoder.conv_out(F.silu(self.decoder.norm_out(x)))
+
+
+@torch.no_grad()
+def encode_latents(autoencoder, images, bf16=False):
+    """(latents, latents of the mirror images), float16 on the CPU, of uint8
+    images: the mean of the autoencoder's posterior, scaled by LATENT_SCALE to
+    about unit variance and by SIGMA_DATA to EDM's (as EDM2 scales its latents)."""
+    device = next(autoencoder.parameters()).device
+    x = images.to(device).float() / 127.5 - 1
+    with torch.autocast(device.type, torch.bfloat16, enabled=bool(bf16)):
+        mean, _ = autoencoder.encode(torch.cat([x, x.flip(3)]))
+    return (mean.float() * LATENT_SCALE * SIGMA_DATA).half().cpu().chunk(2)
+
+
+def decode_latents(autoencoder, latents, batch=32):
+    """encode_latents' inverse: images in about [-1, 1], `batch` at a time:
+    a 256x256 decode keeps about 0.15 GB an image in flight (its last level holds
+    128 channels at full size), so a sampler's batch of 512 at once would fill 80 GB."""
+    return torch.cat([autoencoder.decode(part.float() / SIGMA_DATA) for part in latents.split(batch)])
+
+
+AUTOENCODER_SOURCE = ("autoencoder_kl.pth of the stable-diffusion folder that DPT's README links "
+                      "(drive.google.com/drive/folders/1yo-XhqbPue3rp5P57j6QbA5QZx6KybvP), or a Stable Diffusion "
+                      "v1 checkpoint")
+
+
+def load_autoencoder(path, size="sd", device="cpu"):
+    """Stable Diffusion's autoencoder from autoencoder_kl.pth (its weights alone,
+    as U-ViT and DPT keep them) or from a Stable Diffusion checkpoint (under
+    state_dict, prefixed first_stage_model.); frozen, in eval mode."""
+    if not os.path.isfile(path):
+        raise UserError(f"autoencoder weights {path} do not exist; put there the {AUTOENCODER_SOURCE}")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        if "state_dict" in saved:
+            saved = {name.removeprefix("first_stage_model."): value for name, value in saved["state_dict"].items()
+                     if name.startswith("first_stage_model.")}
+        network = AutoencoderKL(**AUTOENCODER_SIZES[size])
+        network.load_state_dict(saved)
+    except Exception as error:
+        raise UserError(f"{path} is not Stable Diffusion's autoencoder ({type(error).__name__}: "
+                             f"{plumbing.first_line(error)}); give the {AUTOENCODER_SOURCE}") from None
+    return network.to(device).eval().requires_grad_(False)

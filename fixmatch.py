@@ -9,7 +9,8 @@ label for every training image.
 
 The whole dataset lives on the device as uint8; every batch is drawn and
 augmented there (data.py), so no data loader and no CPU augmentation stand
-between the GPU and its next step, and no step reads anything back. Stage 3 is
+between the GPU and its next step, and a step reads nothing back but the loss
+every 50 steps (the progress bar's) and the evaluations. Stage 3 is
 the same training with generated images joining the labeled set
 (--pseudo-images samples.pt).
 

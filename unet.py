@@ -3,12 +3,13 @@ labels of stage 1, in the EDM formulation (Karras et al. 2022) with a DDPM++
 U-Net (Song et al. 2021) or a U-ViT (Bao et al. 2023) as the network.
 
     python unet.py --dataset shapes --size tiny --images 48000 --batch 32 --lr 2e-3 --warmup 1000 \
-        --ema-halflife 4000 --p-mean 0
+        --ema-halflife 4000 --p-mean 0 --label-dropout 0.1 --augment 0
     python unet.py --dataset cifar10 --labels-file pseudo_labels.pt     # EDM's CIFAR-10 recipe: 200M images
     python unet.py --bench --arch uvit                                  # images/s and MFU of every size
 
-The first command (the tiny preset's stage 2) takes under 5 minutes on 2 CPU
-cores and draws the ten shapes, rough at the edges, with guidance 3 (sample.py);
+The first command (the tiny preset's stage 2, on true labels) takes under 5
+minutes on 2 CPU cores and draws the ten shapes, rough at the edges, with
+guidance 3 (sample.py, which needs the label dropout for it);
 the second took EDM ~2 days on 8 V100s.
 
 Training lengths, warm-up, EMA half-life and the intervals are counted in

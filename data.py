@@ -364,8 +364,8 @@ def write_glyphs(path, train=20_000, test=2_000):
     """The glyphs dataset as a .npz that load_dataset reads like any user's file."""
     (train_x, train_y), (test_x, test_y) = make_glyphs(train, seed=0), make_glyphs(test, seed=1)
     plumbing.save_atomic({"train_x": train_x.numpy(), "train_y": train_y.numpy(), "test_x": test_x.numpy(),
-                 "test_y": test_y.numpy(), "classes": np.array(GLYPH_NAMES)},
-                path, writer=lambda arrays, file: np.savez(file, **arrays))
+                          "test_y": test_y.numpy(), "classes": np.array(GLYPH_NAMES)},
+                         path, writer=lambda arrays, file: np.savez(file, **arrays))
 
 
 # -----------------------------------------------------------------------------

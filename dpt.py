@@ -213,14 +213,14 @@ def resolve(config):
     plumbing.check_fields(config, {"preset": plumbing.one_of(*PRESETS)})
     if config.seeds and config.seed is not None:
         raise UserError(f"--seed {config.seed} --seeds {config.seeds}: give one of them (--seeds runs each "
-                             "of its seeds in turn)")
+                        "of its seeds in turn)")
     config.seed = 0 if config.seed is None else config.seed
     folder = config.dataset == "imagenet" or os.path.isdir(config.dataset)
     if folder != reads_folder(config) and not config.bench:  # --bench reads no dataset
         raise UserError(f"--dataset {config.dataset} --preset {config.preset}: "
-                             + ("a folder of images needs --preset imagenet" if folder else
-                                "--preset imagenet reads a folder in ImageNet's layout (FOLDER/train/CLASS/*.JPEG), "
-                                "or --dataset imagenet for DATA_DIR/imagenet"))
+                        + ("a folder of images needs --preset imagenet" if folder else
+                           "--preset imagenet reads a folder in ImageNet's layout (FOLDER/train/CLASS/*.JPEG), "
+                           "or --dataset imagenet for DATA_DIR/imagenet"))
     if not config.msn_size and reads_folder(config):
         config.msn_size = "vitl7" if config.labels == 1 else "vitb4"
     if os.path.isfile(config.dataset):  # one spelling of a file, so that a stage's checkpoint knows it again
@@ -360,8 +360,8 @@ def check(config, world, dataset=None):
             raise UserError(f"{flag} {error}") from None  # "--fid-weights PATH is not ..."
     if config.sample_guidance != 1 and not config.diffusion_label_dropout:  # the null class never learned
         raise UserError(f"--sample-guidance {config.sample_guidance}: guidance needs a diffusion model trained "
-                             "with --diffusion-label-dropout above 0; give --sample-guidance 1, or "
-                             "--diffusion-label-dropout 0.1 (with --redo stage2 in an existing run folder)")
+                        "with --diffusion-label-dropout above 0; give --sample-guidance 1, or "
+                        "--diffusion-label-dropout 0.1 (with --redo stage2 in an existing run folder)")
     if dataset is not None:
         labeled_split(config, dataset)  # an impossible --labels, or a subset file that does not fit
         # FID's covariances need 2 images on every process, of the reference and of the samples.
@@ -371,12 +371,12 @@ def check(config, world, dataset=None):
         held = generated * 3 * side ** 2  # uint8 pixels, which every process holds at once
         if held > plumbing.memory_bytes():
             raise UserError(f"--sample-per-class {config.sample_per_class}: {generated:,} images of {side}x"
-                                 f"{side} ({held / 2 ** 30:,.0f} GiB) do not fit in this machine's "
-                                 f"{plumbing.memory_bytes() / 2 ** 30:,.0f} GiB; give fewer")
+                            f"{side} ({held / 2 ** 30:,.0f} GiB) do not fit in this machine's "
+                            f"{plumbing.memory_bytes() / 2 ** 30:,.0f} GiB; give fewer")
         if (reference < 2 * world and not config.fid_stats) or generated < 2 * world:
             raise UserError(f"--fid-reference {config.fid_reference} and --sample-per-class "
-                                 f"{config.sample_per_class} give a process fewer than 2 images to compute FID "
-                                 f"with; give at least {2 * world} reference and generated images")
+                            f"{config.sample_per_class} give a process fewer than 2 images to compute FID "
+                            f"with; give at least {2 * world} reference and generated images")
 
 
 def run_folder(config):
@@ -416,11 +416,11 @@ def first_to_rerun(config, run, settings, saved):
     that differ in a stage before it."""
     if saved is None and set(os.listdir(run)) - {"run.lock", "timings.json"}:  # made by settings no one knows
         raise UserError(f"{run} holds a run's files but no config.json, so the settings they were made with "
-                             "are unknown; delete the folder to start over, or choose another --out")
+                        "are unknown; delete the folder to start over, or choose another --out")
     if saved is not None and set(saved) != set(settings):  # made before a flag was renamed
         raise UserError(f"{run} was made by another version of dpt.py (its settings are named "
-                             f"{', '.join(sorted(set(saved) ^ set(settings)))}); start over with another "
-                             "--out, or delete the folder")
+                        f"{', '.join(sorted(set(saved) ^ set(settings)))}); start over with another "
+                        "--out, or delete the folder")
     redo = "split" if config.redo == "stage1" else config.redo  # stage 1 draws its labeled split again too
     first = STAGES.index(redo) if redo else len(STAGES)
     changed = sorted(k for k, v in settings.items() if saved is not None and saved.get(k) != v)
@@ -428,7 +428,7 @@ def first_to_rerun(config, run, settings, saved):
     if earliest < first:
         stage = "stage1" if STAGES[earliest] == "split" else STAGES[earliest]
         raise UserError(f"{run} was made with other settings ({', '.join(changed)}); add "
-                             f"--redo {stage} to rerun from the stage they change, or choose another --out")
+                        f"--redo {stage} to rerun from the stage they change, or choose another --out")
     return first
 
 
@@ -463,14 +463,14 @@ def check_run_folder(config, run, dataset):
     path = os.path.join(run, "config.json")
     settings = run_settings(config)
     saved = plumbing.read_json(path, advice="the settings its files were made with are unknown; delete the folder "
-                                        f"{run} to start over, or choose another --out")
+                               f"{run} to start over, or choose another --out")
     if saved is not None:  # settings added since the folder was made, and those no longer recorded there
         saved = {**{k: v for k, v in ADDED_SINCE.items() if k in settings},
                  **{k: settings[k] for k in FILE_SETTINGS}, **saved}
         saved = {k: v for k, v in saved.items() if k not in FREE_TO_CHANGE}
     first = first_to_rerun(config, run, settings, saved)
     pending = plumbing.read_json(os.path.join(run, "redo.json"),  # a --redo begun and not finished
-                             advice="remove it and run the same command again (a --redo begins again)")
+                                 advice="remove it and run the same command again (a --redo begins again)")
     resumed = config.redo and saved == settings and pending == {"redo": config.redo}
     removed = STAGES[first:] if saved is not None and not resumed else ()
     check_kept(config, run, dataset, STAGES[:first], removed)
@@ -502,13 +502,13 @@ def check_kept(config, run, dataset, kept, removed):
                                            data.file_records(files, dataset.root))))
         if changes:  # never latents or features of other files than the folder's
             raise UserError(f"{dataset.root} changed since {run} encoded it ({changes}); add --redo encode "
-                                 "to encode it again, or put the files back")
+                            "to encode it again, or put the files back")
     if "split" in kept and os.path.exists(path("split.pt")):
         split = plumbing.read_artifact(path("split.pt"), "stage1", mmap=True)
         if split.get("contents") != contents_crc(dataset) or split.get("size") != len(dataset.train_y):
             raise UserError(f"{run} was made from other data than {config.dataset} holds now (a regenerated "
-                                 "or another file of that name); add --redo stage1 to start over on it, or choose "
-                                 "another --out")
+                            "or another file of that name); add --redo stage1 to start over on it, or choose "
+                            "another --out")
     if "fid" in kept:
         check_fid_inputs(config, [path(FID_FILES[name]) for name in FID_FILES])
     for name in [name for stage in kept for name in MADE_BY[stage]] + ["results.json"]:
@@ -574,7 +574,7 @@ def stage_split(config, run, dataset):
     with another dataset than the one it began."""
     path, contents = os.path.join(run, "split.pt"), contents_crc(dataset)
     make = lambda: plumbing.save_atomic({"indices": labeled_split(config, dataset), "seed": config.seed,
-                                     "dataset": dataset.name, "size": len(dataset.train_y), "contents": contents}, path)
+                                         "dataset": dataset.name, "size": len(dataset.train_y), "contents": contents}, path)
     split = once(path, make, lambda path: plumbing.read_artifact(path, "stage1"), every_rank=False,
                  timed=(run, "split"))
     return split["indices"]  # one kept from an earlier command: of this data (check_kept)
@@ -672,9 +672,9 @@ def check_fid_inputs(config, paths):
         changed = [key for key, identity in current.items() if identity and recorded.get(key, identity) != identity]
         if changed:
             raise UserError(f"{path} was computed with other --{changed[0].replace('_', '-')} "
-                                 f"({recorded.get(changed[0]) or 'none'}) than now ({current[changed[0]]}); add "
-                                 "--redo fid to "
-                                 "compute it again, or give the file it was computed with")
+                            f"({recorded.get(changed[0]) or 'none'}) than now ({current[changed[0]]}); add "
+                            "--redo fid to "
+                            "compute it again, or give the file it was computed with")
 
 
 def split_statistics(model, images, keep_logits, rank, world, read=None):
@@ -735,8 +735,8 @@ def stage_fid(config, run, dataset, sample_sets, device, rank, world):
                     print(f"FID of the {name} samples skipped: {error}", file=sys.stderr)
                     continue
                 plumbing.write_json({"fid": score, "inception_score": fid.inception_score(generated["logits"])[0],
-                                 "generated_images": generated["count"], "reference_images": real.get("count"),
-                                 **fid_inputs(config)}, path)
+                                     "generated_images": generated["count"], "reference_images": real.get("count"),
+                                     **fid_inputs(config)}, path)
     if missing:
         start = time.perf_counter()
         make()
@@ -969,10 +969,10 @@ def check_latent(config):
     crop, patch = imagenet.msn_crop(config.image_size), imagenet.MSN_SIZES[config.msn_size]["patch"]
     if config.msn_size in imagenet.MSN_RELEASES and crop != 224:  # its position embeddings are for 224 x 224
         raise UserError(f"--image-size {config.image_size}: MSN's released {config.msn_size} sees 224x224 "
-                             f"centre crops of 256x256 images, not {crop}x{crop}; give --image-size 256")
+                        f"centre crops of 256x256 images, not {crop}x{crop}; give --image-size 256")
     if crop % patch:
         raise UserError(f"--image-size {config.image_size}: MSN's {config.msn_size} sees a centre crop of "
-                             f"{crop}, not a multiple of its patch {patch}; give a side whose 7/8 it divides (256)")
+                        f"{crop}, not a multiple of its patch {patch}; give a side whose 7/8 it divides (256)")
 
 
 def load_msn(config, device):

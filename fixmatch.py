@@ -360,7 +360,7 @@ def check(config, world=1, flags=None):
     plumbing.check_cuda_graphs(config, world, flags)
     if config.fairness and config.threshold != "freematch":
         raise UserError(f"{plumbing.flag('fairness', flags)} {config.fairness}: FreeMatch's fairness loss needs its "
-                             f"thresholds; add {plumbing.flag('threshold', flags)} freematch or set it to 0")
+                        f"thresholds; add {plumbing.flag('threshold', flags)} freematch or set it to 0")
 
 
 def make_optimizer(model, config):
@@ -469,9 +469,9 @@ def train(config, dataset, labeled_index, generated=None, progress=True):
             rngs = plumbing.all_rng_states(world)
             if rank == 0:
                 plumbing.save_atomic({"model": model.state_dict(), "ema": ema_model.state_dict(),
-                                  "optimizer": optimizer.state_dict(), "step": step, "metrics": metrics,
-                                  "freematch": freematch.state_dict() if freematch else None,
-                                  "rng": rngs, "config": asdict(config)}, checkpoint_path)
+                                      "optimizer": optimizer.state_dict(), "step": step, "metrics": metrics,
+                                      "freematch": freematch.state_dict() if freematch else None,
+                                      "rng": rngs, "config": asdict(config)}, checkpoint_path)
         bar.update(1)
     bar.close()
     if config.precise_bn:  # the saved model's statistics, with or without a test set
@@ -532,7 +532,7 @@ def load_classifier(path, device="cpu"):
         model.load_state_dict(weights)  # the normalization's mean and std come with the weights
     except Exception as error:
         raise UserError(f"classifier {path} is unreadable ({type(error).__name__}); delete it to train "
-                             "it again") from None
+                        "it again") from None
     return model.to(device).eval(), saved["metrics"]
 
 
@@ -570,10 +570,10 @@ def load_generated(path, dataset):
         images, labels = samples["images"], samples["labels"]
     except Exception as error:
         raise UserError(f"cannot read generated images from {path} ({type(error).__name__}); "
-                             "expected a samples.pt with 'images' and 'labels'") from None
+                        "expected a samples.pt with 'images' and 'labels'") from None
     if images.dtype != torch.uint8 or images.shape[1:] != dataset.train_x.shape[1:] or len(images) != len(labels):
         raise UserError(f"{path}: images {tuple(images.shape)} {images.dtype} do not fit {dataset.name}'s "
-                             f"{tuple(dataset.train_x.shape[1:])} uint8 images, or do not match {len(labels)} labels")
+                        f"{tuple(dataset.train_x.shape[1:])} uint8 images, or do not match {len(labels)} labels")
     if labels.dtype != torch.int64 or len(labels) and (labels.min() < 0 or labels.max() >= dataset.num_classes):
         raise UserError(f"{path}: labels must be int64 in 0..{dataset.num_classes - 1}")
     return images, labels

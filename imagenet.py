@@ -91,7 +91,7 @@ def load_msn(size, resolution=224, path=None, device="cpu"):
         except Exception as error:  # offline, refused, cut short, or no such release
             cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
             raise UserError(f"cannot get MSN's {size} ({type(error).__name__}); download {url} to "
-                                 f"{cache}") from None
+                            f"{cache}") from None
     try:
         if path is not None:
             saved = torch.load(path, map_location="cpu", weights_only=False)
@@ -101,7 +101,7 @@ def load_msn(size, resolution=224, path=None, device="cpu"):
                                  if not name.startswith(("fc.", "norm."))})
     except Exception as error:
         raise UserError(f"{path or size} is not MSN's {size} checkpoint ({type(error).__name__}: "
-                             f"{plumbing.first_line(error)})") from None
+                        f"{plumbing.first_line(error)})") from None
     return network.to(device).eval().requires_grad_(False)
 
 
@@ -120,11 +120,11 @@ def msn_subset(path, files, labels, per_class, folder):
     missing = [line for line in lines if not found[line]]
     if missing:
         raise UserError(f"--label-subset {path}: {len(missing)} of its images are not among the training "
-                             f"images (e.g. {missing[0]}); give the subset of this folder")
+                        f"images (e.g. {missing[0]}); give the subset of this folder")
     shared = [line for line in lines if len(found[line]) > 1]
     if shared:
         raise UserError(f"--label-subset {path} names {shared[0]}, a file name that {len(found[shared[0]])} "
-                             "classes hold; write its lines as CLASS/FILE")
+                        "classes hold; write its lines as CLASS/FILE")
     index = [found[line][0] for line in lines]
     if len(set(index)) < len(index):
         seen = set()
@@ -134,7 +134,7 @@ def msn_subset(path, files, labels, per_class, folder):
     counts = torch.bincount(labels[index], minlength=int(labels.max()) + 1)
     if (counts != per_class).any():
         raise UserError(f"--label-subset {path} names {int(counts.min())} to {int(counts.max())} images a "
-                             f"class, not --labels {per_class}; give the file for {per_class}")
+                        f"class, not --labels {per_class}; give the file for {per_class}")
     return index
 
 
@@ -392,5 +392,5 @@ def load_autoencoder(path, size="sd", device="cpu"):
         network.load_state_dict(saved)
     except Exception as error:
         raise UserError(f"{path} is not Stable Diffusion's autoencoder ({type(error).__name__}: "
-                             f"{plumbing.first_line(error)}); give the {AUTOENCODER_SOURCE}") from None
+                        f"{plumbing.first_line(error)}); give the {AUTOENCODER_SOURCE}") from None
     return network.to(device).eval().requires_grad_(False)

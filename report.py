@@ -59,7 +59,7 @@ def build_report(run):
     results = plumbing.read_json(os.path.join(run, "results.json"))
     if results is None:
         raise UserError(f"--report {run}: no results.json there; give a finished run folder, or finish "
-                             "the run first (its command resumes it)")
+                        "the run first (its command resumes it)")
     load = lambda name, redo: plumbing.read_artifact(os.path.join(run, name), redo, mmap=True)
     loss = [("loss", thin(load("stage2/diffusion.pt", "stage2")["metrics"]["history"], 400))]
     generation = results.get("generation") or {}

@@ -237,8 +237,8 @@ def main():
     model = unet.load_diffusion(config.checkpoint, device)
     if config.guidance != 1 and not model.label_dropout:
         raise UserError(f"--guidance {config.guidance}: {config.checkpoint} was trained without label dropout, "
-                             "so its null class never learned anything to guide with; give --guidance 1, or "
-                             "train with --label-dropout 0.1")
+                        "so its null class never learned anything to guide with; give --guidance 1, or "
+                        "train with --label-dropout 0.1")
     if config.bench:
         return benchmark(model, config, device)
     plumbing.claim_folder(config.out, rank, world)  # after the input is read: bad input writes nothing
@@ -246,7 +246,7 @@ def main():
                               config.batch, device, rank, world, config.bf16)
     if rank == 0:
         plumbing.save_atomic({"images": images, "labels": labels, "config": asdict(config)},
-                         os.path.join(config.out, "samples.pt"))
+                             os.path.join(config.out, "samples.pt"))
         save_grid(images, labels, os.path.join(config.out, "samples.png"))
         evaluations = 2 * config.steps - 1 if config.solver == "heun" else config.steps
         print(f"saved {len(images)} images ({config.per_class} per class, {evaluations} network evaluations each) "

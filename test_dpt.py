@@ -732,7 +732,7 @@ def test_augmentations_run_on_the_batch_device(cuda):
 
 def test_config_flags_come_from_the_dataclass():
     config = plumbing.parse_config(data.DataConfig, "",
-                               ["--dataset", "shapes", "--seed", "3", "--bench", "--data-dir", "d"])
+                                   ["--dataset", "shapes", "--seed", "3", "--bench", "--data-dir", "d"])
     assert config == data.DataConfig(dataset="shapes", seed=3, bench=True, data_dir="d")
 
 
@@ -1150,7 +1150,7 @@ def recorded_saves(monkeypatch):
     """Every object save_atomic writes, as it was at that moment."""
     saves, real_save = [], plumbing.save_atomic
     monkeypatch.setattr(plumbing, "save_atomic", lambda obj, path, **kw: (saves.append(copy.deepcopy(obj)),
-                                                                      real_save(obj, path, **kw)))
+                                                                          real_save(obj, path, **kw)))
     return saves
 
 
@@ -1963,7 +1963,7 @@ def test_every_stage_of_one_process_compiles_its_own_static_graph_with_no_recomp
         assert not any(isinstance(x, torch.SymInt) for x in example_inputs)
         return graph.forward
     monkeypatch.setattr(torch, "compile", lambda fn, **options: real_compile(fn, **{**options, "backend": keep,
-                                                                                   "mode": None}))
+                                                                                    "mode": None}))
     monkeypatch.setenv("DPT_FID_WEIGHTS", "/missing")
     monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--baseline", "--compile", "--out", str(tmp_path)])
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -3969,7 +3969,7 @@ REFUSALS = {  # a finished run changed so, then its command with these flags: on
     "another setting": (["--ssl-steps", "13"], "other settings (ssl_steps)", "--redo stage1"),
     "other FID weights under the same name": ([], "fid.json was computed with other --fid-weights", "--redo fid"),
     "a damaged pseudo_labels.pt, --redo sample": (["--redo", "sample"], "pseudo_labels.pt is damaged",
-                                                 "remove it"),
+                                                  "remove it"),
     "a damaged split.pt, --redo stage2": (["--redo", "stage2"], "split.pt is damaged", "--redo stage1"),
     "a damaged config.json": ([], "config.json is damaged", "delete the folder"),
     "a damaged redo.json, --redo stage3": (["--redo", "stage3"], "redo.json is damaged", "remove it"),
@@ -3978,7 +3978,7 @@ REFUSALS = {  # a finished run changed so, then its command with these flags: on
 
 @pytest.mark.parametrize("case", REFUSALS)
 def test_a_refused_command_leaves_every_file_of_the_run_folder_as_it_was(quick_run, fid_weights, tmp_path, case,
-                                                                          monkeypatch):
+                                                                         monkeypatch):
     """It decides before it removes: results.json, the stages a --redo would
     rerun and their wall times are all still there after the refusal."""
     flags, *words = REFUSALS[case]
@@ -4231,7 +4231,7 @@ def test_sigterm_inside_a_write_leaves_no_temporary_file_and_exits_as_killed(tmp
 
 
 def test_a_sigkills_half_written_files_are_removed_by_the_next_run_into_the_folder(quick_run, tmp_path,
-                                                                                    monkeypatch):
+                                                                                   monkeypatch):
     out = tmp_path / "out"
     shutil.copytree(quick_run[1].parent, out)
     run = out / "shapes-1l-s0"

@@ -497,7 +497,7 @@ def make_diffusion(arch, size, num_classes, resolution, channels=3, dropout=None
 def save_diffusion(model, config, metrics, path):
     """Stage 2's artifact: the EMA weights and what rebuilds their network."""
     plumbing.save_atomic({"model": model.state_dict(), "config": asdict(config), "num_classes": model.num_classes,
-                      "resolution": model.resolution, "channels": model.channels, "metrics": metrics}, path)
+                          "resolution": model.resolution, "channels": model.channels, "metrics": metrics}, path)
 
 
 def load_diffusion(path, device="cpu"):
@@ -512,7 +512,7 @@ def load_diffusion(path, device="cpu"):
         model.label_dropout = saved["config"]["label_dropout"]  # guidance needs a learned null class
     except Exception as error:
         raise UserError(f"cannot read a diffusion model from {path} ({type(error).__name__}); give the "
-                             "diffusion.pt or ckpt.pt of unet.py, or delete a damaged one to train it again") from None
+                        "diffusion.pt or ckpt.pt of unet.py, or delete a damaged one to train it again") from None
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -542,16 +542,16 @@ def check(config, world=1, flags=None, resolution=None):
     share = config.batch // world
     if config.micro_batch and config.micro_batch < share and share % config.micro_batch:
         raise UserError(f"{plumbing.flag('micro_batch', flags)} {config.micro_batch}: must divide each of the "
-                             f"{world} processes' {share} images of {plumbing.flag('batch', flags)} {config.batch}")
+                        f"{world} processes' {share} images of {plumbing.flag('batch', flags)} {config.batch}")
     if config.size not in SIZES[config.arch]:
         raise UserError(f"{plumbing.flag('size', flags)} {config.size!r}: the {config.arch} comes in "
-                             f"{', '.join(SIZES[config.arch])}; choose one, or {plumbing.flag('arch', flags)} uvit")
+                        f"{', '.join(SIZES[config.arch])}; choose one, or {plumbing.flag('arch', flags)} uvit")
     shape = SIZES[config.arch][config.size]
     halvings = 0 if config.arch == "uvit" else len(shape["channel_mult"]) - 1
     multiple = shape.get("patch", 1) * 2 ** halvings
     if resolution is not None and resolution % multiple:
         raise UserError(f"{plumbing.flag('size', flags)} {config.size!r}: the {config.size} {config.arch} needs "
-                             f"images whose side is a multiple of {multiple}, not {resolution}; choose another size")
+                        f"images whose side is a multiple of {multiple}, not {resolution}; choose another size")
 
 
 def crossed(every, before, after):
@@ -575,7 +575,7 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
     flip = config.flip is not False  # unset: as for photos (main sets the dataset's)
     if not pixels and config.augment:
         raise UserError(f"--augment {config.augment}: EDM's augmentation transforms pixels, not latents; "
-                             "give --augment 0")
+                        "give --augment 0")
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = make_diffusion(config.arch, config.size, num_classes, images.shape[-1], images.shape[1],
                            None if config.dropout < 0 else config.dropout, AUGMENT_DIM if config.augment else 0)
@@ -594,7 +594,7 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
     if checkpoint is not None:
         if checkpoint.get("labels_crc") != labels_crc:
             raise UserError(f"checkpoint {checkpoint_path} was trained on other labels; delete it to start "
-                                 "over, or use another --out")
+                            "over, or use another --out")
         images_seen, metrics = checkpoint["images_seen"], checkpoint["metrics"]
         if rank == 0 and progress:
             print(f"resuming {checkpoint_path} at {images_seen:,} of {config.images:,} images", file=sys.stderr)
@@ -679,10 +679,10 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
             rngs = plumbing.all_rng_states(world)
             if rank == 0:
                 plumbing.save_atomic({"model": model.state_dict(), "ema": ema_model.state_dict(),
-                                  "optimizer": optimizer.state_dict(), "images_seen": images_seen,
-                                  "metrics": metrics, "rng": rngs, "config": asdict(config),
-                                  "num_classes": num_classes, "resolution": images.shape[-1],
-                                  "channels": images.shape[1], "labels_crc": labels_crc}, checkpoint_path)
+                                      "optimizer": optimizer.state_dict(), "images_seen": images_seen,
+                                      "metrics": metrics, "rng": rngs, "config": asdict(config),
+                                      "num_classes": num_classes, "resolution": images.shape[-1],
+                                      "channels": images.shape[1], "labels_crc": labels_crc}, checkpoint_path)
         bar.update(config.batch)
     bar.close()
     return ema_model, metrics
@@ -742,23 +742,23 @@ def load_labels(path, dataset, confident=1.0):
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise UserError(f"cannot read labels from {path} ({type(error).__name__}); "
-                             "expected the pseudo_labels.pt of fixmatch.py") from None
+                        "expected the pseudo_labels.pt of fixmatch.py") from None
     if not isinstance(saved, dict) or "labels" not in saved:
         raise UserError(f"{path} holds no 'labels'; expected the pseudo_labels.pt of fixmatch.py")
     labels = saved["labels"]
     if not torch.is_tensor(labels) or labels.dtype != torch.int64 or labels.shape != dataset.train_y.shape:
         raise UserError(f"{path}: labels must be int64 of shape ({len(dataset.train_y)},), one per training "
-                             f"image of {dataset.name}, not {getattr(labels, 'dtype', type(labels).__name__)} "
-                             f"{tuple(getattr(labels, 'shape', ()))}")
+                        f"image of {dataset.name}, not {getattr(labels, 'dtype', type(labels).__name__)} "
+                        f"{tuple(getattr(labels, 'shape', ()))}")
     if len(labels) and (labels.min() < 0 or labels.max() >= dataset.num_classes):
         raise UserError(f"{path}: labels must lie in 0..{dataset.num_classes - 1}, "
-                             f"found {int(labels.min())}..{int(labels.max())}")
+                        f"found {int(labels.min())}..{int(labels.max())}")
     if confident == 1:
         return labels
     confidence = saved.get("confidence")
     if not torch.is_tensor(confidence) or confidence.shape != labels.shape:
         raise UserError(f"--confident {confident}: {path} holds no 'confidence' of shape ({len(labels)},), "
-                             "one per label as fixmatch.py writes it; give --confident 1")
+                        "one per label as fixmatch.py writes it; give --confident 1")
     return keep_confident(labels, confidence, confident, dataset.num_classes)
 
 
@@ -786,7 +786,7 @@ def main():
     check(config, world)
     if config.confident < 1 and not config.labels_file:  # true labels have no confidence to choose by
         raise UserError(f"--confident {config.confident}: keeps the pseudo labels stage 1 is surest of, and "
-                             "needs them: add --labels-file pseudo_labels.pt, or leave --confident out")
+                        "needs them: add --labels-file pseudo_labels.pt, or leave --confident out")
     dataset = data.load_dataset(config.dataset, config.data_dir)
     labels = load_labels(config.labels_file, dataset, config.confident) if config.labels_file else dataset.train_y
     plumbing.claim_folder(config.out, rank, world)  # after the input is read: bad input writes nothing

@@ -391,13 +391,12 @@ def class_images(folder, walked=None):
         try:
             stat = os.stat(path)
         except FileNotFoundError:  # a broken link: a file that cannot be opened, named later as such
-            return True
+            return
         first = walked.setdefault((stat.st_dev, stat.st_ino), path)
         if first != path:
             what = "folder" if is_folder else "file"
             raise UserError(f"{path} is the {what} {first} again (a link); it would be read twice, "
                             "or in two classes: remove the link, or copy what it points to")
-        return True
     visit(folder, True)
     for parent, folders, files in os.walk(folder, followlinks=True):
         folders[:] = [name for name in folders if not name.startswith(".")]

@@ -367,11 +367,11 @@ def check(config, world, dataset=None):
         # FID's covariances need 2 images on every process, of the reference and of the samples.
         reference = min(config.fid_reference or len(dataset.train_y), len(dataset.train_y))
         generated = config.sample_per_class * dataset.num_classes
-        side = config.image_size if latent else dataset.train_x.shape[-1]
-        held = generated * 3 * side ** 2  # uint8 pixels, which every process holds at once
+        pixels = config.image_size if latent else dataset.train_x.shape[-1]  # the samples' side, decoded
+        held = generated * 3 * pixels ** 2  # uint8 pixels, which every process holds at once
         if held > plumbing.memory_bytes():
-            raise UserError(f"--sample-per-class {config.sample_per_class}: {generated:,} images of {side}x"
-                            f"{side} ({held / 2 ** 30:,.0f} GiB) do not fit in this machine's "
+            raise UserError(f"--sample-per-class {config.sample_per_class}: {generated:,} images of {pixels}x"
+                            f"{pixels} ({held / 2 ** 30:,.0f} GiB) do not fit in this machine's "
                             f"{plumbing.memory_bytes() / 2 ** 30:,.0f} GiB; give fewer")
         if (reference < 2 * world and not config.fid_stats) or generated < 2 * world:
             raise UserError(f"--fid-reference {config.fid_reference} and --sample-per-class "
@@ -511,8 +511,11 @@ def check_kept(config, run, dataset, kept, removed):
                             "another --out")
     if "fid" in kept:
         check_fid_inputs(config, [path(FID_FILES[name]) for name in FID_FILES])
+    checked = {path("split.pt"), path("encoded.pt")}  # read above
     for name in [name for stage in kept for name in MADE_BY[stage]] + ["results.json"]:
         for file in files_under(path(name)):
+            if file in checked:
+                continue
             if file.endswith(".pt"):
                 plumbing.read_artifact(file, mmap=True)
             elif file.endswith(".json"):
@@ -572,9 +575,10 @@ def stage_split(config, run, dataset):
     """The labeled images, drawn once and kept with the contents they were drawn
     from, which check_kept compares with the dataset's: a run folder never goes on
     with another dataset than the one it began."""
-    path, contents = os.path.join(run, "split.pt"), contents_crc(dataset)
+    path = os.path.join(run, "split.pt")
     make = lambda: plumbing.save_atomic({"indices": labeled_split(config, dataset), "seed": config.seed,
-                                         "dataset": dataset.name, "size": len(dataset.train_y), "contents": contents}, path)
+                                         "dataset": dataset.name, "size": len(dataset.train_y),
+                                         "contents": contents_crc(dataset)}, path)  # read only to draw a split
     split = once(path, make, lambda path: plumbing.read_artifact(path, "stage1"), every_rank=False,
                  timed=(run, "split"))
     return split["indices"]  # one kept from an earlier command: of this data (check_kept)
@@ -673,8 +677,7 @@ def check_fid_inputs(config, paths):
         if changed:
             raise UserError(f"{path} was computed with other --{changed[0].replace('_', '-')} "
                             f"({recorded.get(changed[0]) or 'none'}) than now ({current[changed[0]]}); add "
-                            "--redo fid to "
-                            "compute it again, or give the file it was computed with")
+                            "--redo fid to compute it again, or give the file it was computed with")
 
 
 def split_statistics(model, images, keep_logits, rank, world, read=None):

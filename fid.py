@@ -242,14 +242,16 @@ def download_timeout(seconds=60):
         socket.setdefaulttimeout(previous)
 
 
+def cached_weights():
+    """Where torch.hub keeps the downloaded weights."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URL))
+
+
 def weights_file(weights=None):
     """The file load_inception would read: --weights, $DPT_FID_WEIGHTS, else the
     torch hub cache's copy; None where there is none (it would be downloaded)."""
-    weights = weights or os.environ.get(WEIGHTS_ENV)
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URL))
-    if weights:
-        return weights if os.path.isfile(weights) else None
-    return cached if os.path.isfile(cached) else None
+    path = weights or os.environ.get(WEIGHTS_ENV) or cached_weights()
+    return path if os.path.isfile(path) else None
 
 
 def check_weights(path):
@@ -275,13 +277,12 @@ def load_inception(weights=None, device="cpu"):
             raise FIDError(f"FID weights {weights} do not exist; download {WEIGHTS_URL} there")
         state_dict = torch.load(weights, map_location="cpu", weights_only=True)
     else:
-        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URL))
         try:
             with download_timeout():
                 state_dict = torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location="cpu", check_hash=True)
         except Exception as error:  # offline, refused, or a download that fails its hash
             raise FIDError(f"cannot get the FID weights ({type(error).__name__}); download {WEIGHTS_URL} to "
-                           f"{cached}, or pass --weights PATH or set {WEIGHTS_ENV}") from None
+                           f"{cached_weights()}, or pass --weights PATH or set {WEIGHTS_ENV}") from None
     model = FIDInception()
     try:
         model.load_state_dict(state_dict)

@@ -97,6 +97,7 @@ class DPTConfig:
     diffusion_label_dropout: float = None  # share of training labels replaced by the null class (for guidance)
     diffusion_augment: float = None  # EDM's augmentation probability (its CIFAR-10 recipe: 0.12); 0: x-flips only
     diffusion_confident: float = None  # share of each class's pseudo labels kept, the surest; the rest: null class
+    diffusion_ckpt_every: int = 0   # images between checkpoints (0: every 5% of the run, at most 2M apart)
     # sampling (sample.py)
     sample_per_class: int = None    # K: generated images per class
     sample_solver: str = None       # heun | euler | dpmpp
@@ -133,7 +134,7 @@ DIFFUSION_FLAGS = {  # unet.py: stage 2
     "batch": "diffusion_batch", "micro_batch": "diffusion_micro_batch", "lr": "diffusion_lr",
     "warmup": "diffusion_warmup", "ema_halflife": "diffusion_ema_halflife", "p_mean": "diffusion_p_mean",
     "label_dropout": "diffusion_label_dropout", "augment": "diffusion_augment",
-    "confident": "diffusion_confident"}
+    "confident": "diffusion_confident", "ckpt_every": "diffusion_ckpt_every"}
 SAMPLE_FLAGS = {  # sample.py: the samples
     "seed": "seed", "bf16": "bf16", "per_class": "sample_per_class", "solver": "sample_solver",
     "steps": "sample_steps", "guidance": "sample_guidance"}
@@ -286,7 +287,8 @@ ADDED_SINCE = {"diffusion_confident": 1.0, "ssl_freematch_start": 0.0, "ssl_fair
 # may be found without a flag ($DPT_FID_WEIGHTS, torch's cache), or only later.
 FILE_SETTINGS = ("label_subset", "autoencoder", "msn_weights")
 FREE_TO_CHANGE = {"dataset", "data_dir", "out", "redo", "baseline", "fid_weights", "fid_stats", "compile",
-                  "cuda_graphs", "preset", "ssl_eval_every", "diffusion_micro_batch", "bench", "report", "seeds"}
+                  "cuda_graphs", "preset", "ssl_eval_every", "diffusion_micro_batch", "diffusion_ckpt_every",
+                  "bench", "report", "seeds"}
 
 
 def classifier_settings(config, stage, out=""):
@@ -299,11 +301,12 @@ def classifier_settings(config, stage, out=""):
 
 
 def diffusion_settings(config, out="", labels_file=""):
-    """unet.py's settings for stage 2, and the flags they come from: a checkpoint
-    every 5% of the run (at most 2M images apart)."""
+    """unet.py's settings for stage 2, and the flags they come from; unless
+    --diffusion-ckpt-every says otherwise, a checkpoint every 5% of the run (at most
+    2M images apart)."""
     settings = {name: getattr(config, ours) for name, ours in DIFFUSION_FLAGS.items()}
-    return unet.DiffusionConfig(**settings, out=out, labels_file=labels_file,
-                                ckpt_every=min(max(config.diffusion_images // 20, 1), 2_000_000)), DIFFUSION_FLAGS
+    settings["ckpt_every"] = settings["ckpt_every"] or min(max(config.diffusion_images // 20, 1), 2_000_000)
+    return unet.DiffusionConfig(**settings, out=out, labels_file=labels_file), DIFFUSION_FLAGS
 
 
 def sample_settings(config, out=""):

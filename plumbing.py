@@ -129,6 +129,7 @@ def parse_config(config_class, description, argv=None):
         help_text = comments.get(field.name, "")
         if "(unset" not in help_text:  # a comment that says what unset means says it best
             help_text += f" (default: {unset if field.default is None else field.default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %: "5%" is text
         kind = {"int": int, "float": float, "str": str, "bool": bool}.get(field.type, field.type)
         if field.default is dataclasses.MISSING:
             parser.add_argument(field.name, type=kind, help=comments.get(field.name))

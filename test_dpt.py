@@ -2822,6 +2822,25 @@ def test_presets_name_only_what_they_change_and_every_setting_is_filled():
         assert all(ours.endswith(name) for name, ours in fields.items() if name != "ckpt_every"), fields
 
 
+@pytest.mark.parametrize("script", [dpt.DPTConfig, fixmatch.FixMatchConfig, unet.DiffusionConfig, sample.SampleConfig,
+                                    data.DataConfig])
+def test_every_scripts_help_prints_every_flag(script, capsys):
+    with pytest.raises(SystemExit) as exit:
+        plumbing.parse_config(script, "", ["--help"])
+    assert exit.value.code == 0  # a help text with "5%" once crashed argparse's formatting
+    shown = capsys.readouterr().out
+    assert all("--" + field.name.replace("_", "-") in shown for field in dataclasses.fields(script)
+               if field.default is not dataclasses.MISSING)
+
+
+def test_stage_2_checkpoints_every_5_percent_of_its_images_unless_told_how_often():
+    config = dpt.DPTConfig(dataset="shapes", preset="tiny", diffusion_images=200_000)
+    dpt.resolve(config)
+    assert dpt.diffusion_settings(config)[0].ckpt_every == 10_000
+    assert dpt.diffusion_settings(dataclasses.replace(config, diffusion_images=10 ** 9))[0].ckpt_every == 2_000_000
+    assert dpt.diffusion_settings(dataclasses.replace(config, diffusion_ckpt_every=100_000))[0].ckpt_every == 100_000
+
+
 def test_a_run_folder_made_before_a_flag_was_renamed_is_refused_not_misread(tmp_path):
     run = tmp_path / "shapes-1l-s0"
     run.mkdir()

@@ -623,12 +623,13 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
         pick = torch.randint(len(images), (share,), device=images.device)
         augment_labels = None
         if not pixels:
-            x = images[pick]
+            # Gathered on the host while the GPU still runs the step before (nothing in a step
+            # waits for it), straight into page-locked memory, whose copy runs beside the GPU's work.
+            x = torch.empty((share, *images.shape[1:]), dtype=images.dtype, pin_memory=on_cuda)
+            torch.index_select(images, 0, pick, out=x)
             if mirrored is not None and flip:  # horizontal flips: the mirror image's latent
                 flipped = torch.rand(share) < 0.5
                 x[flipped] = mirrored[pick[flipped]]
-            if on_cuda:  # from page-locked memory the copy runs beside the GPU's work, not before it
-                x = x.pin_memory()
             x = x.to(device, non_blocking=True).float()
         elif config.augment:
             x, augment_labels = augment(images[pick].float() / 127.5 - 1, config.augment, flip=flip)

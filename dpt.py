@@ -1217,7 +1217,9 @@ def bench(config, device, arch, size):
     on_cuda = device.type == "cuda"
     # On a GPU the cifar preset's real steps (64 + 2 x 448 images; EDM's 512 in micro-batches of 256), whose
     # peak memory is the run's; a CPU runs small batches and few steps.
-    ssl_batch, diffusion_batch, micro_batch, steps = (64, 512, 256, 30) if on_cuda else (4, 2, 0, 6)
+    # Timed steps after the 5 of warm-up: on a CPU each is timed and the fastest counts (plumbing.StepClock).
+    ssl_batch, diffusion_batch, micro_batch = (64, 512, 256) if on_cuda else (4, 2, 0)
+    ssl_steps, diffusion_steps = (30, 20) if on_cuda else (10, 20)
     sampler = unet.make_diffusion("unet", size, 10, 32).to(device).eval()
     inception = fid.for_inference(fid.FIDInception(), device)
     graphs = config.cuda_graphs  # on the optimized rows only: the eager ones cannot replay
@@ -1225,18 +1227,18 @@ def bench(config, device, arch, size):
     # One function a row: its rate with compile and bf16 on or off.
     def augmentation(compile, bf16):
         weak_then_strong = lambda images: data.strong_augment(data.weak_augment(images))
-        return data.augmentation_rate(weak_then_strong, 65536 if on_cuda else 4096, device.type)
+        return data.augmentation_rate(weak_then_strong, 65536 if on_cuda else 1024, device.type)
 
     def classifier_training(compile, bf16):
         return fixmatch.training_rate(fixmatch.FixMatchConfig(arch=arch, batch=ssl_batch, uratio=7, compile=compile,
                                                               cuda_graphs=graphs and compile, bf16=bf16),
-                                      steps=steps + 5)
+                                      steps=ssl_steps + 5)
 
     def diffusion_training(compile, bf16):
         return unet.training_rate(unet.DiffusionConfig(arch="unet", size=size, batch=diffusion_batch,
                                                        micro_batch=micro_batch, compile=compile,
                                                        cuda_graphs=graphs and compile, bf16=bf16),
-                                  steps=steps * 2 // 3 + 5)
+                                  steps=diffusion_steps + 5)
 
     def heun_sampling(compile, bf16):  # on a GPU 1,000 images in one batch, the sampling stage's batch
         return sample.heun_rate(sampler, 100 if on_cuda else 1, device, bf16=bf16, steps=18 if on_cuda else 2,
@@ -1244,7 +1246,8 @@ def bench(config, device, arch, size):
 
     def fid_features(compile, bf16):
         images = torch.randint(0, 256, (100 if on_cuda else 8, 3, 32, 32), dtype=torch.uint8, device=device)
-        return fid.feature_rates({"ours": lambda: inception(images)}, len(images), device.type, repeats=3)["ours"]
+        with torch.inference_mode(), fid.full_fp32():
+            return plumbing.rate(lambda: inception(images), len(images), device)
 
     # FLOPs of one unit of each row's rate: a training image costs 3x its forward (a backward of twice),
     # a sampled image 35 forward evaluations, a classifier step its images'.

@@ -380,7 +380,6 @@ def train(config, dataset, labeled_index, generated=None, progress=True):
     rank, world, device = plumbing.distributed_setup()
     check(config, world)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    on_cuda = device.type == "cuda"
 
     train_x = dataset.train_x.to(device)
     labeled_x, labeled_y = train_x[labeled_index.to(device)], dataset.train_y[labeled_index].to(device)
@@ -428,13 +427,13 @@ def train(config, dataset, labeled_index, generated=None, progress=True):
     from tqdm import tqdm
     bar = tqdm(total=config.steps, initial=step, desc="fixmatch", disable=not progress or rank > 0, unit="step")
     model.train()
-    first_step, timer, started = step, None, time.perf_counter()
+    first_step, clock, started = step, plumbing.StepClock(device), time.perf_counter()
     while step < config.steps:  # nothing in a step reads the device: the host queues steps ahead of the GPU
-        if step == first_step + 5:  # speed is timed after warm-up and compilation
-            if on_cuda:
-                torch.cuda.synchronize()
-            timer = time.perf_counter()
-            metrics["warmup_seconds"] = timer - started  # compilation happens in the first step
+        timed = step >= first_step + 5  # speed is timed after warm-up and compilation
+        if timed:
+            clock.begin()
+            if step == first_step + 5:
+                metrics["warmup_seconds"] = clock.started - started  # compilation happens in the first step
         for group in optimizer.param_groups:  # FixMatch's cosine decay, eq. in Sohn et al. 2020, sec. 3
             group["lr"] = config.lr * math.cos(config.lr_cosine * math.pi * step / config.steps)
         labeled_pick = sample_labeled(per_rank, real_count, len(labeled_x), config.real_fraction, device)
@@ -445,10 +444,10 @@ def train(config, dataset, labeled_index, generated=None, progress=True):
                                              config.tau, freematch, config.fairness)
         update_weights(loss, model, ema_model, optimizer, config.ema)
         step += 1
-        if step == config.steps and timer is not None:  # timed before the last evaluation and checkpoint
-            if on_cuda:
-                torch.cuda.synchronize()
-            metrics["steps_per_second"] = (step - first_step - 5) / (time.perf_counter() - timer)
+        if timed:  # the step alone, not the evaluation and checkpoint after it
+            clock.end(last=step == config.steps)
+            if step == config.steps:
+                metrics["steps_per_second"] = clock.per_second()
 
         if (step % 50 == 0 or step == config.steps) and unlabeled_per_rank:
             correct = ((pseudo_y == unlabeled_y[unlabeled_pick]) & mask).sum() / mask.sum().clamp_min(1)

@@ -510,17 +510,50 @@ def peak_share(flops_per_second, device):
     return peak and flops_per_second / peak
 
 
-def rate(work, count, device, repeats=5):
-    """Items/s of work(), which handles `count` items: the best of `repeats` calls
-    after a warm-up call (compilation and caches), each waited for on a GPU; the
-    best, since a shared machine only ever slows a call down."""
+def rate(work, count, device, repeats=5, seconds=3.0):
+    """Items/s of work(), which handles `count` items: the best of at least `repeats`
+    calls and `seconds` of calls after a warm-up call (compilation and caches), each
+    waited for on a GPU; the best, since a shared machine only ever slows a call
+    down, and of many, since one slowed call in a few moves the figure (RESULTS.md,
+    "--bench on the CPU")."""
     synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
     work()
     synchronize()
-    best = math.inf
-    for _ in range(repeats):
+    best, calls, started = math.inf, 0, time.perf_counter()
+    while calls < repeats or time.perf_counter() - started < seconds:
         start = time.perf_counter()
         work()
         synchronize()
-        best = min(best, time.perf_counter() - start)
+        best, calls = min(best, time.perf_counter() - start), calls + 1
     return count / best
+
+
+class StepClock:
+    """The speed of a training loop's steps: begin() and end() bracket each step
+    after the warm-up. On a CPU each step is timed and the fastest counts, as in
+    rate(). On a GPU the time from the first begin() to the last end() counts,
+    waited for there only: waiting after each step would empty the queue of steps
+    that keeps the GPU busy (--bench evaluates and saves after its last step only)."""
+
+    def __init__(self, device):
+        self.on_cuda, self.started, self.steps, self.seconds = torch.device(device).type == "cuda", None, 0, None
+
+    def begin(self):
+        if self.on_cuda and self.started is not None:
+            return
+        if self.on_cuda:
+            torch.cuda.synchronize()
+        self.started = time.perf_counter()
+
+    def end(self, last):
+        self.steps += 1
+        if self.on_cuda and not last:
+            return
+        if self.on_cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - self.started
+        self.seconds = elapsed / self.steps if self.on_cuda else min(self.seconds or math.inf, elapsed)
+
+    def per_second(self):
+        """Steps a second: 1 / the fastest step on a CPU, steps / their time on a GPU."""
+        return 1 / self.seconds

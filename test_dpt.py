@@ -2954,6 +2954,23 @@ def test_bench_prints_every_stage_beside_eager_fp32_and_the_presets_projected_ti
         assert len(stages) == 4 and total == pytest.approx(sum(stages), abs=0.25 + 1e-6), line
 
 
+@pytest.mark.parametrize("device, steps_per_second, waits", [("cpu", 1 / 1.0, 0),
+                                                              ("cuda", 3 / (2 + 10 + 1 + 10 + 4), 2)])
+def test_a_step_clock_takes_the_fastest_step_on_a_cpu_and_the_whole_span_on_a_gpu(device, steps_per_second, waits,
+                                                                                    monkeypatch):
+    now, waited = [0.0], []  # a clock that moves only when told: steps of 2, 1 and 4 s, 10 s apart
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: waited.append(now[0]))
+    clock = plumbing.StepClock(device)
+    for index, seconds in enumerate((2, 1, 4)):
+        clock.begin()
+        now[0] += seconds
+        clock.end(last=index == 2)
+        now[0] += 10  # an evaluation or a checkpoint between steps
+    assert clock.per_second() == pytest.approx(steps_per_second)
+    assert len(waited) == waits  # on a GPU before the first step and after the last only
+
+
 @pytest.mark.parametrize("kind", ["classifier", "diffusion"])
 def test_a_training_rate_times_its_steps_and_not_the_checkpoint_written_after_them(kind, monkeypatch):
     """Each write costs 1,000 s of a clock that otherwise runs true: a rate that timed

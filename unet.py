@@ -611,13 +611,14 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
     bar = tqdm(total=config.images, initial=images_seen, desc="diffusion", disable=not progress or rank > 0,
                unit="img", unit_scale=True)
     model.train()
-    step, timer, loss_sum, loss_steps, started = 0, None, torch.zeros((), device=device), 0, time.perf_counter()
+    step, clock, loss_sum, loss_steps, started = 0, plumbing.StepClock(device), torch.zeros((), device=device), 0, \
+        time.perf_counter()
     while images_seen < config.images:
-        if step == timed_from:
-            if on_cuda:
-                torch.cuda.synchronize()
-            timer, timed_images = time.perf_counter(), images_seen
-            metrics["warmup_seconds"] = timer - started  # compilation happens in the first step
+        timed = step >= timed_from
+        if timed:
+            clock.begin()
+            if step == timed_from:
+                metrics["warmup_seconds"] = clock.started - started  # compilation happens in the first step
         for group in optimizer.param_groups:  # EDM's linear warm-up
             group["lr"] = config.lr * min(images_seen / max(config.warmup, 1e-8), 1)
         pick = torch.randint(len(images), (share,), device=images.device)
@@ -663,10 +664,10 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
         loss_steps += 1
 
         done = images_seen >= config.images
-        if done and timer is not None:  # timed before the last loss read, preview and checkpoint
-            if on_cuda:
-                torch.cuda.synchronize()
-            metrics["images_per_second"] = (images_seen - timed_images) / (time.perf_counter() - timer)
+        if timed:  # the step alone, not the loss read, preview and checkpoint after it
+            clock.end(last=done)
+            if done:
+                metrics["images_per_second"] = clock.per_second() * config.batch
         if loss_steps == 50 or done:  # reading the loss waits for the GPU: not every step
             metrics["loss"] = (loss_sum / loss_steps).item()
             metrics["history"].append((images_seen, metrics["loss"]))

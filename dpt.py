@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import bench
 import data
 import fid
 import fixmatch
@@ -209,7 +210,7 @@ def resolve(config):
     and FID against every training image."""
     if not config.preset:
         config.preset = "fast" if torch.cuda.is_available() else "tiny"
-        if not torch.cuda.is_available() and dist_rank() == 0:
+        if not torch.cuda.is_available() and plumbing.dist_rank() == 0:
             print("no CUDA device: running the tiny preset (give --preset to choose)", file=sys.stderr)
     plumbing.check_fields(config, {"preset": plumbing.one_of(*PRESETS)})
     if config.seeds and config.seed is not None:
@@ -291,6 +292,12 @@ FREE_TO_CHANGE = {"dataset", "data_dir", "out", "redo", "baseline", "fid_weights
                   "bench", "report", "seeds"}
 
 
+def resolved(config):
+    """config, every field filled (resolve)."""
+    resolve(config)
+    return config
+
+
 def classifier_settings(config, stage, out=""):
     """fixmatch.py's settings for stage 1, stage 3 or the baseline, and the flags
     they come from. One recipe for all three: the baseline drops the unlabeled
@@ -341,9 +348,9 @@ def check(config, world, dataset=None):
     plumbing.check_fields(config, RULES)
     latent = reads_folder(config)
     if latent:
-        check_latent(config)
+        imagenet.check_latent(config)
     else:
-        given = [f"--{name.replace('_', '-')}" for name in LATENT_FIELDS
+        given = [f"--{name.replace('_', '-')}" for name in imagenet.LATENT_FIELDS
                  if getattr(config, name) != getattr(DPTConfig(), name)] + ["--redo encode"] * (config.redo == "encode")
         if given:
             raise UserError(f"{given[0]} is for --preset imagenet, which reads a folder of images; leave it out")
@@ -399,18 +406,9 @@ def contents_crc(dataset):
     return zlib.crc32(dataset.train_y.numpy().tobytes() + dataset.train_x[::97].numpy().tobytes())
 
 
-def dist_rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 # -----------------------------------------------------------------------------
 # The run folder: refusing one made with other settings, removing what a --redo
-# reruns, and the pattern of every stage: the missing work done once, then loaded
+# reruns (every stage's pattern, the missing work done once, then loaded: plumbing.once)
 
 
 def first_to_rerun(config, run, settings, saved):
@@ -477,16 +475,16 @@ def check_run_folder(config, run, dataset):
     resumed = config.redo and saved == settings and pending == {"redo": config.redo}
     removed = STAGES[first:] if saved is not None and not resumed else ()
     check_kept(config, run, dataset, STAGES[:first], removed)
-    if resumed and dist_rank() == 0:
+    if resumed and plumbing.dist_rank() == 0:
         print(f"resuming the --redo {config.redo} begun earlier in {run} (its progress kept)", file=sys.stderr)
-    barrier()  # every rank has checked before rank 0 changes anything
-    if dist_rank() == 0:
+    plumbing.barrier()  # every rank has checked before rank 0 changes anything
+    if plumbing.dist_rank() == 0:
         if removed or saved is None:
             remove_stages(run, removed)
         plumbing.write_json(settings, path)
         if removed:
             plumbing.write_json({"redo": config.redo}, os.path.join(run, "redo.json"))
-    barrier()
+    plumbing.barrier()
 
 
 def check_kept(config, run, dataset, kept, removed):
@@ -516,7 +514,7 @@ def check_kept(config, run, dataset, kept, removed):
         check_fid_inputs(config, [path(FID_FILES[name]) for name in FID_FILES])
     checked = {path("split.pt"), path("encoded.pt")}  # read above
     for name in [name for stage in kept for name in MADE_BY[stage]] + ["results.json"]:
-        for file in files_under(path(name)):
+        for file in plumbing.files_under(path(name)):
             if file in checked:
                 continue
             if file.endswith(".pt"):
@@ -529,35 +527,7 @@ def check_kept(config, run, dataset, kept, removed):
         name == made or name.startswith(made + "/") for stage in removed for made in MADE_BY[stage])
     decoded = ["samples.pt"] + ["few_labels/samples.pt", "every_label/samples.pt"] * bool(config.baseline)
     if reads_folder(config) and any(made_again(name) for name in ["encoded.pt", *decoded]):
-        load_msn(config, "cpu"), imagenet.load_autoencoder(config.autoencoder, config.autoencoder_size)
-
-
-def files_under(path):
-    """`path` if it is a file, the files under it if it is a folder, else none."""
-    if os.path.isfile(path):
-        return [path]
-    return [os.path.join(parent, name) for parent, _, names in os.walk(path) for name in sorted(names)]
-
-
-def once(path, make, load=None, every_rank=True, timed=None):
-    """What every stage does: when `path` is missing, make() does the work (on
-    every process, or on rank 0 alone) and writes it there; then every process
-    waits for the others and loads it. timed = (run, stage) adds the work's wall
-    time to the stage's in timings.json (a resumed stage adds up its parts)."""
-    if not os.path.exists(path) and (every_rank or dist_rank() == 0):
-        start = time.perf_counter()
-        make()
-        if timed:
-            add_time(*timed, time.perf_counter() - start)
-    barrier()
-    return load(path) if load else None
-
-
-def add_time(run, stage, seconds):
-    if dist_rank() == 0:
-        timings = plumbing.read_json(os.path.join(run, "timings.json")) or {}
-        timings[stage] = round(timings.get(stage, 0.0) + seconds, 1)
-        plumbing.write_json(timings, os.path.join(run, "timings.json"))
+        imagenet.msn_for(config, "cpu"), imagenet.load_autoencoder(config.autoencoder, config.autoencoder_size)
 
 
 # -----------------------------------------------------------------------------
@@ -582,7 +552,7 @@ def stage_split(config, run, dataset):
     make = lambda: plumbing.save_atomic({"indices": labeled_split(config, dataset), "seed": config.seed,
                                          "dataset": dataset.name, "size": len(dataset.train_y),
                                          "contents": contents_crc(dataset)}, path)  # read only to draw a split
-    split = once(path, make, lambda path: plumbing.read_artifact(path, "stage1"), every_rank=False,
+    split = plumbing.once(path, make, lambda path: plumbing.read_artifact(path, "stage1"), every_rank=False,
                  timed=(run, "split"))
     return split["indices"]  # one kept from an earlier command: of this data (check_kept)
 
@@ -591,7 +561,7 @@ def stage_pseudo_labels(run, learner, model, dataset):
     """Stage 1's last step: its learner's label and confidence for every training image."""
     path = os.path.join(run, "pseudo_labels.pt")
     make = lambda: plumbing.save_atomic(fixmatch.pseudo_labels(learner.predict_training(model), dataset.train_y), path)
-    return once(path, make, lambda path: plumbing.read_artifact(path, "stage1"), every_rank=False,
+    return plumbing.once(path, make, lambda path: plumbing.read_artifact(path, "stage1"), every_rank=False,
                 timed=(run, "stage1"))
 
 
@@ -606,7 +576,7 @@ def stage_2(config, run, images, pseudo_labels, num_classes, mirrored=None):
                                      num_classes)
         train_diffusion(config, out, images, labels, num_classes, mirrored,
                         labels_file=os.path.join(run, "pseudo_labels.pt"))
-    once(os.path.join(out, "diffusion.pt"), make, timed=(run, "stage2"))
+    plumbing.once(os.path.join(out, "diffusion.pt"), make, timed=(run, "stage2"))
 
 
 def train_diffusion(config, out, images, labels, num_classes, mirrored=None, labels_file="", seed=None):
@@ -618,7 +588,7 @@ def train_diffusion(config, out, images, labels, num_classes, mirrored=None, lab
     preview = lambda model, images_seen: sample.preview_grid(model, os.path.join(out, "grid.png"), per_class=4, steps=8)
     model, metrics = unet.train(settings, images, labels, num_classes, preview=preview if pixels else None,
                                 preview_every=max(config.diffusion_images // 2, 1), mirrored=mirrored)
-    if dist_rank() == 0:
+    if plumbing.dist_rank() == 0:
         unet.save_diffusion(model, settings, metrics, os.path.join(out, "diffusion.pt"))
 
 
@@ -649,7 +619,7 @@ def sample_into(config, checkpoint, folder, device, rank, world, timed=None):
                                          world=world, bf16=settings.bf16, decode=decode, gather=decode is None)
         artifact = {"images": images, "labels": labels}
         if decode is not None:  # each process sees its share, as it sampled them
-            artifact["features"] = imagenet.msn_features(load_msn(config, device), images, config.bf16)
+            artifact["features"] = imagenet.msn_features(imagenet.msn_for(config, device), images, config.bf16)
             if world > 1:
                 artifact = {name: plumbing.gather_to_first(share, len(labels), world, device)
                             for name, share in artifact.items() if name != "labels"}
@@ -658,7 +628,7 @@ def sample_into(config, checkpoint, folder, device, rank, world, timed=None):
         if rank == 0:
             plumbing.save_atomic(artifact, path)
             sample.save_grid(images, labels, os.path.join(folder, "samples.png"))
-    return once(path, make, lambda path: plumbing.read_artifact(path, "sample", mmap=True), timed=timed)
+    return plumbing.once(path, make, lambda path: plumbing.read_artifact(path, "sample", mmap=True), timed=timed)
 
 
 def fid_inputs(config):
@@ -726,7 +696,7 @@ def stage_fid(config, run, dataset, sample_sets, device, rank, world):
         if real is None and dataset.train_x is None:  # a folder: a fixed random subset of its files
             order = torch.randperm(len(dataset.train_files), generator=torch.Generator().manual_seed(0))
             files = [dataset.train_files[i] for i in order[:config.fid_reference or None]]
-            real = split_statistics(model, files, False, rank, world, read=lambda file: read_image(config, file))
+            real = split_statistics(model, files, False, rank, world, read=lambda file: imagenet.read_image(config, file))
         elif real is None:
             real = split_statistics(model, dataset.train_x[:config.fid_reference or None], False, rank, world)
         for name, (samples, path) in missing.items():
@@ -746,8 +716,8 @@ def stage_fid(config, run, dataset, sample_sets, device, rank, world):
     if missing:
         start = time.perf_counter()
         make()
-        add_time(run, "fid", time.perf_counter() - start)
-    barrier()
+        plumbing.add_time(run, "fid", time.perf_counter() - start)
+    plumbing.barrier()
     return {name: plumbing.read_json(path) for name, (_, path) in sample_sets.items()}  # None where it was skipped
 
 
@@ -790,7 +760,7 @@ def stage_oracle(config, dataset, device, rank, world):
                 model, metrics = fixmatch.train(settings, dataset, torch.arange(len(dataset.train_y)))
                 if rank == 0:
                     fixmatch.save_classifier(model, settings, metrics, path)
-            barrier()
+            plumbing.barrier()
     return (*fixmatch.load_classifier(path, device), path)
 
 
@@ -832,7 +802,7 @@ def stage_references(config, run, dataset, labeled_index, images, device, rank, 
     few = os.path.join(run, "few_labels")
     train_few = lambda: train_diffusion(config, few, images, few_label_conditions(
         dataset.train_y, labeled_index, dataset.num_classes), dataset.num_classes, mirrored)
-    once(os.path.join(few, "diffusion.pt"), train_few, timed=(run, "few_labels"))
+    plumbing.once(os.path.join(few, "diffusion.pt"), train_few, timed=(run, "few_labels"))
     every = every_label_folder(config, dataset)
     if not os.path.exists(os.path.join(every, "diffusion.pt")):
         with plumbing.folder_claimed(every, rank, world, wait=True):
@@ -842,7 +812,7 @@ def stage_references(config, run, dataset, labeled_index, images, device, rank, 
                           file=sys.stderr)
                 train_diffusion(config, every, images, dataset.train_y, dataset.num_classes, mirrored,
                                 seed=EVERY_LABEL_SEED)
-            barrier()
+            plumbing.barrier()
     timed = (run, "reference_samples")
     return {"few_labels": sample_into(config, os.path.join(few, "diffusion.pt"), few, device, rank, world, timed),
             "every_label": sample_into(config, os.path.join(every, "diffusion.pt"), os.path.join(run, "every_label"),
@@ -892,9 +862,9 @@ class Classifier:
             settings, _ = classifier_settings(self.config, stage, out=os.path.join(self.run, stage))
             generated = None if samples is None else (samples["images"], samples["labels"])
             model, metrics = fixmatch.train(settings, self.dataset, labeled_index, generated)
-            if dist_rank() == 0:
+            if plumbing.dist_rank() == 0:
                 fixmatch.save_classifier(model, settings, metrics, path)
-        return once(path, make, lambda path: fixmatch.load_classifier(path, self.device), timed=(self.run, stage))
+        return plumbing.once(path, make, lambda path: fixmatch.load_classifier(path, self.device), timed=(self.run, stage))
 
     def predict_training(self, model):
         return fixmatch.predict(model, self.dataset.train_x)
@@ -912,124 +882,6 @@ class Classifier:
         return stage_oracle(self.config, self.dataset, self.device, self.rank, self.world)
 
 
-class Probe:
-    """The imagenet preset's learner: a linear probe on the MSN features of the
-    labeled images (and of the samples: stage 3), each into run/STAGE/probe.pt; the
-    oracle is the probe fit on every training image's true label (no network to
-    train: cheap), into run/oracle.pt, removed with the last stage's files."""
-
-    def __init__(self, config, run, dataset, encoded, device):
-        self.config, self.run, self.dataset, self.encoded, self.device = config, run, dataset, encoded, device
-
-    def fit(self, stage, labeled_index, samples=None):
-        """(weights, metrics) of the stage."""
-        return self.fit_into(os.path.join(self.run, stage, "probe.pt"), stage, labeled_index, samples,
-                             timed=(self.run, stage))
-
-    def fit_into(self, path, redo, index, samples, timed=None):
-        """The probe on the features of the training images `index` picks (and of
-        the samples), into `path` once; a damaged file is remade by --redo `redo`."""
-        def make():
-            features, labels = self.encoded["train"]["features"][index], self.dataset.train_y[index]
-            if samples is not None:  # the generated images join the labeled ones
-                features, labels = torch.cat([features, samples["features"]]), torch.cat([labels, samples["labels"]])
-            test = None if self.encoded["test"] is None else (self.encoded["test"]["features"], self.dataset.test_y)
-            weights, metrics = imagenet.train_probe(features, labels, self.dataset.num_classes,
-                                                    self.config.probe_lambda, test, self.device)
-            plumbing.save_atomic({"weights": weights, "metrics": metrics}, path)
-        saved = once(path, make, lambda path: plumbing.read_artifact(path, redo), every_rank=False, timed=timed)
-        return saved["weights"], saved["metrics"]
-
-    def predict_training(self, weights):
-        return imagenet.probe_predict(weights, self.encoded["train"]["features"])
-
-    def predict_samples(self, weights, samples):
-        return imagenet.probe_predict(weights, samples["features"])[0]
-
-    def embed_test(self, weights):  # the probe reads frozen MSN features: the oracle's features are those
-        return None if self.encoded["test"] is None else self.encoded["test"]["features"].float()
-
-    def embed_samples(self, weights, samples):
-        return samples["features"].float()
-
-    def oracle(self):
-        path = os.path.join(self.run, "oracle.pt")
-        return (*self.fit_into(path, "fid", slice(None), None), path)
-
-
-# -----------------------------------------------------------------------------
-# The imagenet preset (the paper's sec. 5.2): ImageNet, or any folder in its
-# layout, too large to hold as pixels, is read once into Stable Diffusion's
-# latents (stage 2's data) and MSN's features (the probe's). Stages 1 and 3 fit
-# the probe, stage 2 trains a U-ViT on the latents, and the samples are decoded
-# and seen by MSN as the real images are. The same run folder, resume and redo.
-
-LATENT_FIELDS = ("image_size", "autoencoder", "autoencoder_size", "msn_size", "msn_weights", "probe_lambda",
-                 "label_subset", "fid_stats", "skip_bad_images")
-
-
-def check_latent(config):
-    """Refuse what the imagenet preset cannot run, before any work."""
-    if not config.autoencoder and not config.bench:  # --bench times random weights
-        raise UserError(f"--preset imagenet needs --autoencoder PATH: the {imagenet.AUTOENCODER_SOURCE}")
-    crop, patch = imagenet.msn_crop(config.image_size), imagenet.MSN_SIZES[config.msn_size]["patch"]
-    if config.msn_size in imagenet.MSN_RELEASES and crop != 224:  # its position embeddings are for 224 x 224
-        raise UserError(f"--image-size {config.image_size}: MSN's released {config.msn_size} sees 224x224 "
-                        f"centre crops of 256x256 images, not {crop}x{crop}; give --image-size 256")
-    if crop % patch:
-        raise UserError(f"--image-size {config.image_size}: MSN's {config.msn_size} sees a centre crop of "
-                        f"{crop}, not a multiple of its patch {patch}; give a side whose 7/8 it divides (256)")
-
-
-def load_msn(config, device):
-    return imagenet.load_msn(config.msn_size, imagenet.msn_crop(config.image_size), config.msn_weights or None,
-                             device)
-
-
-def read_image(config, file):
-    from PIL import Image
-    with Image.open(file) as image:
-        return data.adm_center_crop(image, config.image_size)
-
-
-def encoder(autoencoder, msn, bf16):
-    """encode(uint8 images, latents=True) -> MSN's features and (with latents)
-    the latents of each image and of its mirror."""
-    def encode(images, latents=True):
-        encoded = {"features": imagenet.msn_features(msn, images, bf16)}
-        if latents:
-            encoded["latents"], encoded["flipped"] = imagenet.encode_latents(autoencoder, images, bf16)
-        return encoded
-    return encode
-
-
-def stage_encode(config, run, dataset, device):
-    """Every training image and its mirror as a latent (the autoencoder's mean,
-    scaled to EDM's sigma_data) and every image, training and val, as an MSN
-    feature: each file read once, in resumable chunks (encoded/) shared out among
-    the processes, then encoded.pt."""
-    path = os.path.join(run, "encoded.pt")
-    records = {split: data.file_records(files, dataset.root) for split, files in
-               (("train", dataset.train_files), ("test", dataset.test_files))}  # what each encoding comes from
-
-    def make():
-        rank, world = dist_rank(), dist.get_world_size() if dist.is_initialized() else 1
-        encode = encoder(imagenet.load_autoencoder(config.autoencoder, config.autoencoder_size, device),
-                         load_msn(config, device), config.bf16)
-        read = lambda file: read_image(config, file)
-        workers = min(16, os.cpu_count() or 1) if device.type == "cuda" else 0  # JPEG decoding keeps a GPU fed
-        folder = os.path.join(run, "encoded")
-        passes = [("train", dataset.train_files, encode), ("test", dataset.test_files, lambda x: encode(x, False))]
-        train, test = (data.encode_files(files, read, how, os.path.join(folder, split), workers=workers, rank=rank,
-                                         world=world, records=records[split]) if files else None
-                       for split, files, how in passes)
-        if rank == 0:
-            plumbing.save_atomic({"train": train, "test": test}, path)
-            shutil.rmtree(folder)
-    # One kept from an earlier command was made from the folder's files as they are (check_kept).
-    return once(path, make, lambda path: plumbing.read_artifact(path, "encode", mmap=True), timed=(run, "encode"))
-
-
 # -----------------------------------------------------------------------------
 # The run: every stage in order, then results.json and a summary table
 
@@ -1043,9 +895,10 @@ def main():
     resolve(config)
     check(config, world)
     if config.bench and reads_folder(config):
-        return bench_latent(config, device)
+        return bench.bench_latent(config, device)
     if config.bench:
-        return bench(config, device, arch=asked[0] or "wrn28_2", size=asked[1] or "cifar")
+        return bench.bench(config, device, arch=asked[0] or "wrn28_2", size=asked[1] or "cifar",
+                           presets={name: resolved(DPTConfig(preset=name)) for name in ("fast", "cifar")})
     dataset = data.load_dataset(config.dataset, config.data_dir, folders=True)
     if reads_folder(config):
         dataset = data.without_unreadable(dataset, config.skip_bad_images)
@@ -1073,9 +926,9 @@ def run_stages(config, run, dataset, device, rank, world):
     if rank == 0:
         print(f"DPT on {dataset.name}, {config.labels} labels per class, preset {config.preset}: {run}")
 
-    encoded = stage_encode(config, run, dataset, device) if folder else None
+    encoded = imagenet.stage_encode(config, run, dataset, device) if folder else None
     labeled_index = stage_split(config, run, dataset)
-    learner = Probe(config, run, dataset, encoded, device) if folder else Classifier(config, run, dataset, device,
+    learner = imagenet.Probe(config, run, dataset, encoded, device) if folder else Classifier(config, run, dataset, device,
                                                                                        rank, world)
     stage1, stage1_metrics = learner.fit("stage1", labeled_index)
     pseudo_labels = stage_pseudo_labels(run, learner, stage1, dataset)
@@ -1114,7 +967,7 @@ def run_stages(config, run, dataset, device, rank, world):
                       fid_result=fid_results["dpt"], believed=learner.predict_samples(stage1, samples),
                       true=learner.predict_samples(oracle, samples), oracle_metrics=oracle_metrics,
                       oracle_path=oracle_path, generation=generation)
-    barrier()
+    plumbing.barrier()
 
 
 def write_results(config, run, dataset, device, samples, *, stage1_metrics, pseudo_labels, stage3_metrics,
@@ -1190,186 +1043,6 @@ def write_sweep(config, dataset, runs):
     title = (f"DPT on {dataset.name}, {config.labels} label{'s' * (config.labels != 1)} per class, "
              f"preset {config.preset}, seeds {config.seeds}")
     return report.write_sweep(runs, path, title)
-
-
-# -----------------------------------------------------------------------------
-# The benchmark: each stage's speed, and what the GPU presets would take here
-
-
-# FixMatch's CIFAR-10 step (Sohn et al. 2020): 64 labeled images and 7 x 64 unlabeled ones, each seen twice.
-PAPER_STEP_IMAGES = 64 * (1 + 2 * 7)
-# ImageNet-1k's 1,281,167 training and 50,000 validation images, all of which the imagenet preset encodes.
-IMAGENET_IMAGES = 1_281_167 + 50_000
-
-
-def bench(config, device, arch, size):
-    """One row per stage with this run's settings (compile, bf16 and CUDA graphs as
-    the preset or the flags set them) beside the same code eager in fp32, as the
-    official code runs (TorchSSL and EDM); then the fast and cifar presets'
-    projected wall time from the measured rates. A CPU runs small batches and
-    few steps (each row's size is printed); rates are per image, so they project.
-    The networks are the paper's (WRN-28-2, the cifar size) unless --ssl-arch
-    and --diffusion-size ask for others. Each training row times its steps only,
-    after 5 of warm-up (compilation), never its checkpoint. On one H100 the rows
-    should take (not yet measured on a GPU): augmentation 5 s; FixMatch 30 timed
-    steps, about 60 s with its compilation and eager run; U-Net 20 steps of 512, about
-    100 s; Heun 10 s; FID 5 s: under 3 minutes."""
-    on_cuda = device.type == "cuda"
-    # On a GPU the cifar preset's real steps (64 + 2 x 448 images; EDM's 512 in micro-batches of 256), whose
-    # peak memory is the run's; a CPU runs small batches and few steps.
-    # Timed steps after the 5 of warm-up: on a CPU each is timed and the fastest counts (plumbing.StepClock).
-    ssl_batch, diffusion_batch, micro_batch = (64, 512, 256) if on_cuda else (4, 2, 0)
-    ssl_steps, diffusion_steps = (30, 20) if on_cuda else (10, 20)
-    sampler = unet.make_diffusion("unet", size, 10, 32).to(device).eval()
-    inception = fid.for_inference(fid.FIDInception(), device)
-    graphs = config.cuda_graphs  # on the optimized rows only: the eager ones cannot replay
-
-    # One function a row: its rate with compile and bf16 on or off.
-    def augmentation(compile, bf16):
-        weak_then_strong = lambda images: data.strong_augment(data.weak_augment(images))
-        return data.augmentation_rate(weak_then_strong, 65536 if on_cuda else 1024, device.type)
-
-    def classifier_training(compile, bf16):
-        return fixmatch.training_rate(fixmatch.FixMatchConfig(arch=arch, batch=ssl_batch, uratio=7, compile=compile,
-                                                              cuda_graphs=graphs and compile, bf16=bf16),
-                                      steps=ssl_steps + 5)
-
-    def diffusion_training(compile, bf16):
-        return unet.training_rate(unet.DiffusionConfig(arch="unet", size=size, batch=diffusion_batch,
-                                                       micro_batch=micro_batch, compile=compile,
-                                                       cuda_graphs=graphs and compile, bf16=bf16),
-                                  steps=diffusion_steps + 5)
-
-    def heun_sampling(compile, bf16):  # on a GPU 1,000 images in one batch, the sampling stage's batch
-        return sample.heun_rate(sampler, 100 if on_cuda else 1, device, bf16=bf16, steps=18 if on_cuda else 2,
-                                batch=1000)
-
-    def fid_features(compile, bf16):
-        images = torch.randint(0, 256, (100 if on_cuda else 8, 3, 32, 32), dtype=torch.uint8, device=device)
-        with torch.inference_mode(), fid.full_fp32():
-            return plumbing.rate(lambda: inception(images), len(images), device)
-
-    # FLOPs of one unit of each row's rate: a training image costs 3x its forward (a backward of twice),
-    # a sampled image 35 forward evaluations, a classifier step its images'.
-    per_step = ssl_batch * (1 + 2 * 7)  # images through the classifier in a step
-    classifier = fixmatch.make_classifier(arch, 10, torch.zeros(3), torch.ones(3)).eval()
-    step_flops = 3 * per_step * plumbing.forward_flops(classifier, torch.zeros(1, 3, 32, 32))
-    unet_flops = unet.flops_per_image(unet.make_diffusion("unet", size, 10, 32))
-    inception_flops = plumbing.forward_flops(fid.FIDInception().eval(), torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
-    replayed = " as CUDA graphs" * bool(graphs)
-    # (row, its rate, unit, whether compile and bf16 apply to it, FLOPs a unit)
-    rows = [("augmentation, weak + strong", augmentation, "images/s", False, None),
-            (f"FixMatch {arch}, {ssl_batch} + 2 x {7 * ssl_batch}{replayed}", classifier_training, "steps/s", True,
-             step_flops),
-            (f"U-Net {size} training, batch {diffusion_batch}{replayed}", diffusion_training, "images/s", True,
-             3 * unet_flops),
-            (f"Heun, 35 evaluations, U-Net {size}", heun_sampling, "images/s", True, 35 * unet_flops),
-            ("FID features (always eager fp32)", fid_features, "images/s", False, inception_flops)]
-    rate = dict(zip(("augment", "classifier", "unet", "heun", "fid"), bench_rows(config, device, rows)))
-
-    # Projection: every stage's work at its measured rate; a preset's U-Net of
-    # another size than the one measured is scaled by forward FLOPs.
-    if arch != "wrn28_2":
-        return print("the presets' projected time needs the classifier they train: leave out --ssl-arch")
-    paper_steps_per_second = rate["classifier"] * per_step / PAPER_STEP_IMAGES
-    for preset in ("fast", "cifar"):
-        settings = DPTConfig(preset=preset)
-        resolve(settings)
-        network = unet.make_diffusion(settings.diffusion_arch, settings.diffusion_size, 10, 32)
-        scale = unet_flops / unet.flops_per_image(network)
-        evaluations = 2 * settings.sample_steps - 1
-        seconds = {"stages 1 and 3": (settings.ssl_steps + settings.stage3_steps) / paper_steps_per_second,
-                   "stage 2": settings.diffusion_images / (rate["unet"] * scale),
-                   "sampling": settings.sample_per_class * 10 * evaluations / 35 / (rate["heun"] * scale),
-                   "FID": 60_000 / rate["fid"]}
-        print(f"{preset} preset here: {sum(seconds.values()) / 3600:,.1f} h (" +
-              ", ".join(f"{stage} {time / 3600:,.1f} h" for stage, time in seconds.items()) + ")")
-
-
-def bench_rows(config, device, rows):
-    """Print each row's rate with this run's compile and bf16 (as resolve() filled
-    them) beside eager fp32 where they apply, the seconds its training steps took to
-    warm up (compilation included; '-' where nothing compiles), the share of the
-    GPU's bf16 peak its FLOPs reach, and its peak device memory; return the rates."""
-    on_cuda, optimized = device.type == "cuda", (config.compile, config.bf16)
-
-    def measure(row_rate, compile, bf16):
-        """(rate, warm-up seconds or None, peak device memory in GiB or None) of row_rate(compile, bf16)."""
-        if on_cuda:
-            torch.cuda.reset_peak_memory_stats()
-        measured = row_rate(compile, bf16)
-        rate, warmup = measured if isinstance(measured, tuple) else (measured, None)  # training rows time warm-up
-        return rate, warmup, torch.cuda.max_memory_allocated() / 2 ** 30 if on_cuda else None
-    print(f"{plumbing.device_name(device)}: compile={optimized[0]}, bf16={optimized[1]}, beside eager fp32")
-    print(f"  {'stage':<40} {'rate':>10} {'eager fp32':>10} {'ratio':>6}  {'unit':<9} {'warm-up':>8} "
-          f"{'of peak':>8}  peak memory")
-    measured = []
-    for name, row_rate, unit, optimizable, flops in rows:
-        rate, warmup, memory = measure(row_rate, *optimized)
-        baseline = (measure(row_rate, False, False)[0] if optimizable and optimized != (False, False) else rate)
-        share = flops and plumbing.peak_share(rate * flops, device)
-        measured.append(rate)
-        print(f"  {name:<40} {rate:>10,.1f} {baseline:>10,.1f} {rate / baseline:>5.2f}x  {unit:<9} "
-              f"{'-' if warmup is None else f'{warmup:.1f} s':>8} {'-' if share is None else f'{100 * share:.1f}%':>8}"
-              f"  {'-' if memory is None else f'{memory:.1f} GiB'}", flush=True)
-    return measured
-
-
-def bench_latent(config, device):
-    """The imagenet preset's rows, with its networks (random weights: speed needs
-    no checkpoint): encoding (MSN and the autoencoder, an image and its mirror),
-    U-ViT training on latents (on a GPU the preset's real step: its batch in its
-    micro-batches, the large U-ViT checkpointed, so its peak memory is the run's),
-    guided denoising and decoding, then the preset's projected wall time on this
-    device. A CPU runs a batch of 2 and 2 solver steps."""
-    on_cuda = device.type == "cuda"
-    batch = 64 if on_cuda else 2
-    side, latent = config.image_size, config.image_size // 8
-    autoencoder = imagenet.AutoencoderKL(**imagenet.AUTOENCODER_SIZES[config.autoencoder_size]).to(device).eval()
-    msn = imagenet.MSNViT(imagenet.msn_crop(side), **imagenet.MSN_SIZES[config.msn_size]).to(device).eval()
-    autoencoder.requires_grad_(False)
-    msn.requires_grad_(False)
-    images = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8)
-    latents = 0.5 * torch.randn(4096 if on_cuda else 64, imagenet.LATENT_CHANNELS, latent, latent).half()
-    step = dict(batch=config.diffusion_batch, micro_batch=config.diffusion_micro_batch) if on_cuda else dict(batch=2)
-
-    model = unet.make_diffusion("uvit", config.diffusion_size, 1000, latent, imagenet.LATENT_CHANNELS).to(device).eval()
-    model.requires_grad_(False)
-    denoise = sample.guided(model, config.sample_guidance)
-    x, classes = torch.randn(batch, imagenet.LATENT_CHANNELS, latent, latent, device=device), torch.arange(batch) % 1000
-    autocast = lambda bf16: torch.autocast(device.type, torch.bfloat16, enabled=bool(bf16))
-
-    # One function a row, as bench's.
-    def encoding(compile, bf16):
-        return plumbing.rate(lambda: encoder(autoencoder, msn, bf16)(images), batch, device, repeats=2)
-
-    def training(compile, bf16):
-        return unet.training_rate(unet.DiffusionConfig(arch="uvit", size=config.diffusion_size, **step, augment=0.0,
-                                                       compile=compile, bf16=bf16), 3, latents)
-
-    def evaluation(compile, bf16):
-        with autocast(bf16):
-            return plumbing.rate(lambda: denoise(x, 1.0, classes.to(device)), batch, device, repeats=2)
-
-    def decoding(compile, bf16):
-        with autocast(bf16):
-            return plumbing.rate(lambda: imagenet.decode_latents(autoencoder, x), batch, device, repeats=2)
-    forward = unet.flops_per_image(model)  # an evaluation under guidance runs the network twice
-    rows = [(f"encoding {config.msn_size} + {config.autoencoder_size} at {side}, batch {batch}", encoding, "images/s",
-             True, None),
-            (f"U-ViT {config.diffusion_size} training, batch {step['batch']}", training, "images/s", True, 3 * forward),
-            (f"guided U-ViT {config.diffusion_size} evaluation", evaluation, "images/s", True,
-             forward * (1 if config.sample_guidance == 1 else 2)),
-            (f"decoding {config.autoencoder_size} to {side}", decoding, "images/s", True, None)]
-    encode, train, evaluate, decode = bench_rows(config, device, rows)
-    sampling = 1 / (config.sample_steps / evaluate + 1 / decode)  # DPM-Solver++(2M): one evaluation a step
-    print(f"  sampling with decoding, {config.sample_steps} DPM-Solver++ steps: {sampling:,.2f} images/s")
-    seconds = {"encoding": IMAGENET_IMAGES / encode,
-               "stage 2": config.diffusion_images / train,
-               "sampling": config.sample_per_class * 1000 / sampling}
-    print(f"imagenet preset here, one device: {sum(seconds.values()) / 3600:,.1f} h (" +
-          ", ".join(f"{stage} {time / 3600:,.1f} h" for stage, time in seconds.items()) +
-          "; the probes and FID take minutes)")
 
 
 if __name__ == "__main__":

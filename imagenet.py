@@ -8,11 +8,14 @@ them; the CIFAR path never does.
 """
 
 import os
+import shutil
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 import plumbing
 from fixmatch import Normalize
 from plumbing import UserError
@@ -394,3 +397,123 @@ def load_autoencoder(path, size="sd", device="cpu"):
         raise UserError(f"{path} is not Stable Diffusion's autoencoder ({type(error).__name__}: "
                         f"{plumbing.first_line(error)}); give the {AUTOENCODER_SOURCE}") from None
     return network.to(device).eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# The imagenet preset (the paper's sec. 5.2): ImageNet, or any folder in its
+# layout, too large to hold as pixels, is read once into Stable Diffusion's
+# latents (stage 2's data) and MSN's features (the probe's). Stages 1 and 3 fit
+# the probe, stage 2 trains a U-ViT on the latents, and the samples are decoded
+# and seen by MSN as the real images are. The same run folder, resume and redo.
+
+LATENT_FIELDS = ("image_size", "autoencoder", "autoencoder_size", "msn_size", "msn_weights", "probe_lambda",
+                 "label_subset", "fid_stats", "skip_bad_images")
+
+
+def check_latent(config):
+    """Refuse what the imagenet preset cannot run, before any work."""
+    if not config.autoencoder and not config.bench:  # --bench times random weights
+        raise UserError(f"--preset imagenet needs --autoencoder PATH: the {AUTOENCODER_SOURCE}")
+    crop, patch = msn_crop(config.image_size), MSN_SIZES[config.msn_size]["patch"]
+    if config.msn_size in MSN_RELEASES and crop != 224:  # its position embeddings are for 224 x 224
+        raise UserError(f"--image-size {config.image_size}: MSN's released {config.msn_size} sees 224x224 "
+                        f"centre crops of 256x256 images, not {crop}x{crop}; give --image-size 256")
+    if crop % patch:
+        raise UserError(f"--image-size {config.image_size}: MSN's {config.msn_size} sees a centre crop of "
+                        f"{crop}, not a multiple of its patch {patch}; give a side whose 7/8 it divides (256)")
+
+
+def msn_for(config, device):
+    """MSN as config sets it (--msn-size, --image-size's crop, --msn-weights)."""
+    return load_msn(config.msn_size, msn_crop(config.image_size), config.msn_weights or None,
+                             device)
+
+
+def read_image(config, file):
+    from PIL import Image
+    with Image.open(file) as image:
+        return data.adm_center_crop(image, config.image_size)
+
+
+def encoder(autoencoder, msn, bf16):
+    """encode(uint8 images, latents=True) -> MSN's features and (with latents)
+    the latents of each image and of its mirror."""
+    def encode(images, latents=True):
+        encoded = {"features": msn_features(msn, images, bf16)}
+        if latents:
+            encoded["latents"], encoded["flipped"] = encode_latents(autoencoder, images, bf16)
+        return encoded
+    return encode
+
+
+def stage_encode(config, run, dataset, device):
+    """Every training image and its mirror as a latent (the autoencoder's mean,
+    scaled to EDM's sigma_data) and every image, training and val, as an MSN
+    feature: each file read once, in resumable chunks (encoded/) shared out among
+    the processes, then encoded.pt."""
+    path = os.path.join(run, "encoded.pt")
+    records = {split: data.file_records(files, dataset.root) for split, files in
+               (("train", dataset.train_files), ("test", dataset.test_files))}  # what each encoding comes from
+
+    def make():
+        rank, world = plumbing.dist_rank(), dist.get_world_size() if dist.is_initialized() else 1
+        encode = encoder(load_autoencoder(config.autoencoder, config.autoencoder_size, device),
+                         msn_for(config, device), config.bf16)
+        read = lambda file: read_image(config, file)
+        workers = min(16, os.cpu_count() or 1) if device.type == "cuda" else 0  # JPEG decoding keeps a GPU fed
+        folder = os.path.join(run, "encoded")
+        passes = [("train", dataset.train_files, encode), ("test", dataset.test_files, lambda x: encode(x, False))]
+        train, test = (data.encode_files(files, read, how, os.path.join(folder, split), workers=workers, rank=rank,
+                                         world=world, records=records[split]) if files else None
+                       for split, files, how in passes)
+        if rank == 0:
+            plumbing.save_atomic({"train": train, "test": test}, path)
+            shutil.rmtree(folder)
+    # One kept from an earlier command was made from the folder's files as they are (check_kept).
+    return plumbing.once(path, make, lambda path: plumbing.read_artifact(path, "encode", mmap=True),
+                         timed=(run, "encode"))
+
+
+class Probe:
+    """The imagenet preset's learner: a linear probe on the MSN features of the
+    labeled images (and of the samples: stage 3), each into run/STAGE/probe.pt; the
+    oracle is the probe fit on every training image's true label (no network to
+    train: cheap), into run/oracle.pt, removed with the last stage's files."""
+
+    def __init__(self, config, run, dataset, encoded, device):
+        self.config, self.run, self.dataset, self.encoded, self.device = config, run, dataset, encoded, device
+
+    def fit(self, stage, labeled_index, samples=None):
+        """(weights, metrics) of the stage."""
+        return self.fit_into(os.path.join(self.run, stage, "probe.pt"), stage, labeled_index, samples,
+                             timed=(self.run, stage))
+
+    def fit_into(self, path, redo, index, samples, timed=None):
+        """The probe on the features of the training images `index` picks (and of
+        the samples), into `path` once; a damaged file is remade by --redo `redo`."""
+        def make():
+            features, labels = self.encoded["train"]["features"][index], self.dataset.train_y[index]
+            if samples is not None:  # the generated images join the labeled ones
+                features, labels = torch.cat([features, samples["features"]]), torch.cat([labels, samples["labels"]])
+            test = None if self.encoded["test"] is None else (self.encoded["test"]["features"], self.dataset.test_y)
+            weights, metrics = train_probe(features, labels, self.dataset.num_classes,
+                                                    self.config.probe_lambda, test, self.device)
+            plumbing.save_atomic({"weights": weights, "metrics": metrics}, path)
+        saved = plumbing.once(path, make, lambda path: plumbing.read_artifact(path, redo), every_rank=False, timed=timed)
+        return saved["weights"], saved["metrics"]
+
+    def predict_training(self, weights):
+        return probe_predict(weights, self.encoded["train"]["features"])
+
+    def predict_samples(self, weights, samples):
+        return probe_predict(weights, samples["features"])[0]
+
+    def embed_test(self, weights):  # the probe reads frozen MSN features: the oracle's features are those
+        return None if self.encoded["test"] is None else self.encoded["test"]["features"].float()
+
+    def embed_samples(self, weights, samples):
+        return samples["features"].float()
+
+    def oracle(self):
+        path = os.path.join(self.run, "oracle.pt")
+        return (*self.fit_into(path, "fid", slice(None), None), path)

@@ -220,6 +220,35 @@ def file_crc(path, size, mtime_ns):  # size and time in the key: a file rewritte
     return crc
 
 
+def files_under(path):
+    """`path` if it is a file, the files under it if it is a folder, else none."""
+    if os.path.isfile(path):
+        return [path]
+    return [os.path.join(parent, name) for parent, _, names in os.walk(path) for name in sorted(names)]
+
+
+def once(path, make, load=None, every_rank=True, timed=None):
+    """What every stage does: when `path` is missing, make() does the work (on
+    every process, or on rank 0 alone) and writes it there; then every process
+    waits for the others and loads it. timed = (run, stage) adds the work's wall
+    time to the stage's in timings.json (a resumed stage adds up its parts)."""
+    if not os.path.exists(path) and (every_rank or dist_rank() == 0):
+        start = time.perf_counter()
+        make()
+        if timed:
+            add_time(*timed, time.perf_counter() - start)
+    barrier()
+    return load(path) if load else None
+
+
+def add_time(run, stage, seconds):
+    """Add seconds to the stage's wall time in RUN/timings.json (rank 0)."""
+    if dist_rank() == 0:
+        timings = read_json(os.path.join(run, "timings.json")) or {}
+        timings[stage] = round(timings.get(stage, 0.0) + seconds, 1)
+        write_json(timings, os.path.join(run, "timings.json"))
+
+
 TEMPORARY = re.compile(r"\.tmp\d+$")  # save_atomic's temporary names
 
 
@@ -307,6 +336,17 @@ def distributed_setup():
     else:
         device = torch.device("cpu")
     return rank, world, device
+
+
+def dist_rank():
+    """This process's rank (0 without torchrun)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier():
+    """Wait for every process (nothing to wait for without torchrun)."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def gather_shares(share, total, world):

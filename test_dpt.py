@@ -749,8 +749,9 @@ def test_data_command_prints_class_counts_and_saves_a_preview(tmp_path):
 # without the other.
 ALLOWED_IMPORTS = {"plumbing": set(), "data": {"plumbing"}, "fid": set(), "fixmatch": {"data", "plumbing"},
                    "unet": {"data", "plumbing"}, "sample": {"data", "plumbing", "unet"}, "report": {"plumbing"},
-                   "imagenet": {"fixmatch", "plumbing", "unet"},
-                   "dpt": {"data", "fid", "fixmatch", "imagenet", "plumbing", "report", "sample", "unet"}}
+                   "imagenet": {"data", "fixmatch", "plumbing", "unet"},
+                   "bench": {"data", "fid", "fixmatch", "imagenet", "plumbing", "sample", "unet"},
+                   "dpt": {"bench", "data", "fid", "fixmatch", "imagenet", "plumbing", "report", "sample", "unet"}}
 
 
 def test_imports_flow_one_way():
@@ -4434,7 +4435,7 @@ def test_the_imagenet_preset_runs_end_to_end_on_a_folder_of_jpegs(imagenet_run):
     dataset = data.load_dataset(str(root / "folder"), folders=True)
     # Encoding: every file once, as the networks see its ADM crop; the mirror its own latent.
     encoded = torch.load(run / "encoded.pt")
-    crops = torch.stack([dpt.read_image(config, file) for file in dataset.train_files])
+    crops = torch.stack([imagenet.read_image(config, file) for file in dataset.train_files])
     x = crops.float() / 127.5 - 1
     for name, images in (("latents", x), ("flipped", x.flip(3))):
         expected = autoencoder.encode(images)[0] * imagenet.LATENT_SCALE * unet.SIGMA_DATA

@@ -426,7 +426,7 @@ def check_latent(config):
 def msn_for(config, device):
     """MSN as config sets it (--msn-size, --image-size's crop, --msn-weights)."""
     return load_msn(config.msn_size, msn_crop(config.image_size), config.msn_weights or None,
-                             device)
+                    device)
 
 
 def read_image(config, file):
@@ -497,9 +497,10 @@ class Probe:
                 features, labels = torch.cat([features, samples["features"]]), torch.cat([labels, samples["labels"]])
             test = None if self.encoded["test"] is None else (self.encoded["test"]["features"], self.dataset.test_y)
             weights, metrics = train_probe(features, labels, self.dataset.num_classes,
-                                                    self.config.probe_lambda, test, self.device)
+                                           self.config.probe_lambda, test, self.device)
             plumbing.save_atomic({"weights": weights, "metrics": metrics}, path)
-        saved = plumbing.once(path, make, lambda path: plumbing.read_artifact(path, redo), every_rank=False, timed=timed)
+        saved = plumbing.once(path, make, lambda path: plumbing.read_artifact(path, redo), every_rank=False,
+                              timed=timed)
         return saved["weights"], saved["metrics"]
 
     def predict_training(self, weights):

@@ -751,7 +751,9 @@ ALLOWED_IMPORTS = {"plumbing": set(), "data": {"plumbing"}, "fid": set(), "fixma
                    "unet": {"data", "plumbing"}, "sample": {"data", "plumbing", "unet"}, "report": {"plumbing"},
                    "imagenet": {"data", "fixmatch", "plumbing", "unet"},
                    "bench": {"data", "fid", "fixmatch", "imagenet", "plumbing", "sample", "unet"},
-                   "dpt": {"bench", "data", "fid", "fixmatch", "imagenet", "plumbing", "report", "sample", "unet"}}
+                   "configuration": {"data", "fid", "fixmatch", "imagenet", "plumbing", "sample", "unet"},
+                   "dpt": {"bench", "configuration", "data", "fid", "fixmatch", "imagenet", "plumbing", "report", "sample",
+                           "unet"}}
 
 
 def test_imports_flow_one_way():
@@ -1020,7 +1022,7 @@ def test_freematch_fairness_loss_matches_the_paper_on_a_hand_computation():
     assert losses[1] - losses[0] == pytest.approx(0.5 * fixmatch.fairness_loss(logits_strong, mask, states[1]).item(),
                                                   rel=1e-5, abs=1e-6)
     with pytest.raises(plumbing.UserError, match="^--ssl-fairness 0.01: .* add --ssl-threshold freematch"):
-        fixmatch.check(fixmatch.FixMatchConfig(threshold="fixmatch", fairness=0.01), flags=dpt.CLASSIFIER_FLAGS)
+        fixmatch.check(fixmatch.FixMatchConfig(threshold="fixmatch", fairness=0.01), flags=configuration.CLASSIFIER_FLAGS)
 
 
 def test_freematch_started_at_1_lets_no_guess_of_an_untrained_network_through_and_from_1_over_c_all():
@@ -1037,7 +1039,7 @@ def test_freematch_started_at_1_lets_no_guess_of_an_untrained_network_through_an
             lambda_u=1.0, freematch=fixmatch.FreeMatchThreshold(10, decay=0.999, start=start))
         assert pseudo[-1].item() == 4
     assert masks[0.0].all() and masks[1.0].tolist() == [False] * 10 + [True]
-    assert dpt.PRESETS["tiny"]["ssl_freematch_start"] == 1.0
+    assert configuration.PRESETS["tiny"]["ssl_freematch_start"] == 1.0
 
 
 def test_freematch_masks_the_images_below_their_class_threshold_and_only_those():
@@ -1096,7 +1098,7 @@ def small_shapes():
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path, small_shapes, monkeypatch,
-                                                                           request, device):
+                                                                          request, device):
     if device == "cuda":
         request.getfixturevalue("cuda")  # the GPU shown to this test (bf16 on, as a CUDA run has it)
     split = data.labeled_split(small_shapes.train_y, 2, seed=0)
@@ -1156,7 +1158,7 @@ def recorded_saves(monkeypatch):
 
 
 def test_fixmatch_steps_follow_the_cosine_schedule_and_the_ema_keeps_bn_statistics(tmp_path, small_shapes,
-                                                                                    monkeypatch):
+                                                                                   monkeypatch):
     saves = recorded_saves(monkeypatch)
     config = tiny_config(tmp_path, steps=2, ckpt_every=1, eval_every=2, ema=0.9)
     fixmatch.train(config, small_shapes, data.labeled_split(small_shapes.train_y, 2, seed=0), progress=False)
@@ -1923,7 +1925,7 @@ def train_briefly(kind, arch, tmp_path, freematch=False, **speed):
         ema, metrics = unet.train(config, images, labels, 10, progress=False)
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     return ema, metrics, {**checkpoint["model"], **{f"freematch.{name}": value for name, value in
-                                                   (checkpoint.get("freematch") or {}).items()}}
+                                                    (checkpoint.get("freematch") or {}).items()}}
 
 
 NETWORKS = [("classifier", "small"), ("classifier", "wrn28_2"), ("diffusion", "unet"), ("diffusion", "uvit")]
@@ -2066,7 +2068,7 @@ def no_host_device_traffic(device):
 @pytest.mark.parametrize("device", ["meta", "cuda"])
 @pytest.mark.parametrize("threshold", ["fixmatch", "freematch"])
 def test_a_classifier_training_step_queues_all_its_work_on_the_device_and_reads_nothing_back(threshold, device,
-                                                                                              request):
+                                                                                             request):
     # The meta device stands in for a GPU: every function the training loop's step calls, on
     # meta tensors, under modes that fail where data crosses to or from the host.
     device = request.getfixturevalue("cuda") if device == "cuda" else torch.device(device)
@@ -2365,9 +2367,9 @@ def bytes_kept_for_backward(model, batch, *shape):
 def test_each_gpu_presets_training_step_keeps_under_40_gib_for_backward_on_one_gpu(preset):
     """Half of an 80 GB card for what backward needs, the other half for weights, gradients,
     optimizer states, one checkpointed block's recomputation and the allocator's slack."""
-    config = dpt.DPTConfig(preset=preset, dataset="imagenet" if preset == "imagenet" else "cifar10")
-    dpt.resolve(config)
-    diffusion = dpt.diffusion_settings(config)[0]
+    config = configuration.DPTConfig(preset=preset, dataset="imagenet" if preset == "imagenet" else "cifar10")
+    configuration.resolve(config)
+    diffusion = configuration.diffusion_settings(config)[0]
     latent = preset == "imagenet"
     side, channels, classes = (config.image_size // 8, imagenet.LATENT_CHANNELS, 1000) if latent else (32, 3, 10)
     with torch.device("meta"):
@@ -2375,7 +2377,7 @@ def test_each_gpu_presets_training_step_keeps_under_40_gib_for_backward_on_one_g
     one, two = (bytes_kept_for_backward(model, batch, channels, side, side) for batch in (1, 2))
     assert one + (two - one) * ((diffusion.micro_batch or diffusion.batch) - 1) < 40 * 2 ** 30, (two - one) / 2 ** 20
     if not latent:  # the classifier's step: its labeled batch and two views of 7 unlabeled images per labeled one
-        stage1 = dpt.classifier_settings(config, "stage1")[0]
+        stage1 = configuration.classifier_settings(config, "stage1")[0]
         with torch.device("meta"):
             classifier = fixmatch.make_classifier(stage1.arch, 10, [0.5] * 3, [0.25] * 3).train()
         one, two = (bytes_kept_for_backward(classifier, batch, 3, 32, 32) for batch in (1, 2))
@@ -2796,6 +2798,7 @@ def test_sample_command_refuses_bad_input_with_one_line_and_exit_code_2(tmp_path
 # -----------------------------------------------------------------------------
 # dpt.py: the three stages in one resumable command
 
+import configuration  # noqa: E402
 import dpt  # noqa: E402
 
 # The tiny preset cut down to seconds: every stage runs, none learns much.
@@ -2805,25 +2808,25 @@ QUICK = ["--dataset", SHAPES_FILE, "--labels", "1", "--preset", "tiny", "--ssl-s
 
 
 def test_every_setting_belongs_to_one_stage_or_is_free_to_change():
-    names = {field.name for field in dataclasses.fields(dpt.DPTConfig)}
-    assert set(dpt.FIELD_STAGE) | dpt.FREE_TO_CHANGE == names and not set(dpt.FIELD_STAGE) & dpt.FREE_TO_CHANGE
+    names = {field.name for field in dataclasses.fields(configuration.DPTConfig)}
+    assert set(configuration.FIELD_STAGE) | configuration.FREE_TO_CHANGE == names and not set(configuration.FIELD_STAGE) & configuration.FREE_TO_CHANGE
 
 
 def test_presets_name_only_what_they_change_and_every_setting_is_filled():
-    defaults = {ours: getattr(stage_config, name) for stage_config, fields in dpt.STAGE_SCRIPTS
+    defaults = {ours: getattr(stage_config, name) for stage_config, fields in configuration.STAGE_SCRIPTS
                 for name, ours in fields.items()}  # compile and bf16: None, with CUDA only
-    for name, preset in dpt.PRESETS.items():
+    for name, preset in configuration.PRESETS.items():
         assert all(defaults.get(field, "no stage default") != value for field, value in preset.items()), name
-        config = dpt.DPTConfig(preset=name, dataset="imagenet" if name == "imagenet" else "cifar10")
-        dpt.resolve(config)
+        config = configuration.DPTConfig(preset=name, dataset="imagenet" if name == "imagenet" else "cifar10")
+        configuration.resolve(config)
         assert None not in dataclasses.asdict(config).values(), name
         assert {field: getattr(config, field) for field in preset} == preset, name
     # A stage script's flag is dpt.py's under the stage's prefix (--ssl-lr is fixmatch.py's --lr).
-    for fields in (dpt.CLASSIFIER_FLAGS, dpt.DIFFUSION_FLAGS, dpt.SAMPLE_FLAGS):
+    for fields in (configuration.CLASSIFIER_FLAGS, configuration.DIFFUSION_FLAGS, configuration.SAMPLE_FLAGS):
         assert all(ours.endswith(name) for name, ours in fields.items() if name != "ckpt_every"), fields
 
 
-@pytest.mark.parametrize("script", [dpt.DPTConfig, fixmatch.FixMatchConfig, unet.DiffusionConfig, sample.SampleConfig,
+@pytest.mark.parametrize("script", [configuration.DPTConfig, fixmatch.FixMatchConfig, unet.DiffusionConfig, sample.SampleConfig,
                                     data.DataConfig])
 def test_every_scripts_help_prints_every_flag(script, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -2835,20 +2838,20 @@ def test_every_scripts_help_prints_every_flag(script, capsys):
 
 
 def test_stage_2_checkpoints_every_5_percent_of_its_images_unless_told_how_often():
-    config = dpt.DPTConfig(dataset="shapes", preset="tiny", diffusion_images=200_000)
-    dpt.resolve(config)
-    assert dpt.diffusion_settings(config)[0].ckpt_every == 10_000
-    assert dpt.diffusion_settings(dataclasses.replace(config, diffusion_images=10 ** 9))[0].ckpt_every == 2_000_000
-    assert dpt.diffusion_settings(dataclasses.replace(config, diffusion_ckpt_every=100_000))[0].ckpt_every == 100_000
+    config = configuration.DPTConfig(dataset="shapes", preset="tiny", diffusion_images=200_000)
+    configuration.resolve(config)
+    assert configuration.diffusion_settings(config)[0].ckpt_every == 10_000
+    assert configuration.diffusion_settings(dataclasses.replace(config, diffusion_images=10 ** 9))[0].ckpt_every == 2_000_000
+    assert configuration.diffusion_settings(dataclasses.replace(config, diffusion_ckpt_every=100_000))[0].ckpt_every == 100_000
 
 
 def test_a_run_folder_made_before_a_flag_was_renamed_is_refused_not_misread(tmp_path):
     run = tmp_path / "shapes-1l-s0"
     run.mkdir()
-    config = dpt.DPTConfig(dataset="shapes", out=str(tmp_path), preset="tiny")
-    dpt.resolve(config)
+    config = configuration.DPTConfig(dataset="shapes", out=str(tmp_path), preset="tiny")
+    configuration.resolve(config)
     old = {("arch" if name == "ssl_arch" else name): value for name, value in dataclasses.asdict(config).items()
-           if name not in dpt.FREE_TO_CHANGE}
+           if name not in configuration.FREE_TO_CHANGE}
     (run / "config.json").write_text(json.dumps(old))
     dataset = write_split(run)
     with pytest.raises(plumbing.UserError, match="another version of dpt.py .*arch, ssl_arch.*another --out"):
@@ -2864,7 +2867,7 @@ def write_split(run):
 
 
 @pytest.mark.parametrize("dataset, told, flip", [("glyphs", [], False), ("shapes", [], True),
-                                                  ("glyphs", ["--flip"], True)])
+                                                 ("glyphs", ["--flip"], True)])
 def test_each_stage_flips_as_the_dataset_allows_unless_told(dataset, told, flip, tmp_path, monkeypatch):
     ran = []
     monkeypatch.setattr(dpt, "run_dpt", lambda config, *args: ran.append(config))
@@ -2874,8 +2877,8 @@ def test_each_stage_flips_as_the_dataset_allows_unless_told(dataset, told, flip,
     config = ran[0]
     assert config.flip == flip
     for stage in ("stage1", "stage3", "baseline"):
-        assert dpt.classifier_settings(config, stage)[0].flip == flip
-    assert dpt.diffusion_settings(config)[0].flip == flip
+        assert configuration.classifier_settings(config, stage)[0].flip == flip
+    assert configuration.diffusion_settings(config)[0].flip == flip
 
 
 @pytest.mark.parametrize("name, then, stage", [
@@ -2886,10 +2889,10 @@ def test_a_run_folder_made_before_a_setting_was_added_reads_as_made_with_what_th
         tmp_path, name, then, stage):
     run = tmp_path / "shapes-1l-s0"
     run.mkdir()
-    config = dpt.DPTConfig(dataset="shapes", out=str(tmp_path), preset="tiny", flip=False)  # each differs from then
-    dpt.resolve(config)
+    config = configuration.DPTConfig(dataset="shapes", out=str(tmp_path), preset="tiny", flip=False)  # each differs from then
+    configuration.resolve(config)
     old = {key: value for key, value in dataclasses.asdict(config).items()
-           if key not in dpt.FREE_TO_CHANGE and key != name}
+           if key not in configuration.FREE_TO_CHANGE and key != name}
     (run / "config.json").write_text(json.dumps(old))
     dataset = write_split(run)
     (run / stage).write_text("kept")
@@ -2921,12 +2924,12 @@ PAPER_CIFAR10 = {
 
 
 def test_the_cifar_preset_gives_each_stage_the_papers_recipe():
-    config = dpt.DPTConfig(preset="cifar")
-    dpt.resolve(config)
-    stage1, _ = dpt.classifier_settings(config, "stage1")
-    stage3, _ = dpt.classifier_settings(config, "stage3")
-    diffusion, _ = dpt.diffusion_settings(config)
-    sampling, _ = dpt.sample_settings(config)
+    config = configuration.DPTConfig(preset="cifar")
+    configuration.resolve(config)
+    stage1, _ = configuration.classifier_settings(config, "stage1")
+    stage3, _ = configuration.classifier_settings(config, "stage3")
+    diffusion, _ = configuration.diffusion_settings(config)
+    sampling, _ = configuration.sample_settings(config)
     for settings, recipe in [(stage1, "classifier"), (stage3, "classifier"), (diffusion, "diffusion"),
                              (sampling, "sample")]:
         assert {k: getattr(settings, k) for k in PAPER_CIFAR10[recipe]} == PAPER_CIFAR10[recipe], recipe
@@ -2956,9 +2959,9 @@ def test_bench_prints_every_stage_beside_eager_fp32_and_the_presets_projected_ti
 
 
 @pytest.mark.parametrize("device, steps_per_second, waits", [("cpu", 1 / 1.0, 0),
-                                                              ("cuda", 3 / (2 + 10 + 1 + 10 + 4), 2)])
+                                                             ("cuda", 3 / (2 + 10 + 1 + 10 + 4), 2)])
 def test_a_step_clock_takes_the_fastest_step_on_a_cpu_and_the_whole_span_on_a_gpu(device, steps_per_second, waits,
-                                                                                    monkeypatch):
+                                                                                  monkeypatch):
     now, waited = [0.0], []  # a clock that moves only when told: steps of 2, 1 and 4 s, 10 s apart
     monkeypatch.setattr(time, "perf_counter", lambda: now[0])
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: waited.append(now[0]))
@@ -2980,7 +2983,7 @@ def test_a_training_rate_times_its_steps_and_not_the_checkpoint_written_after_th
     monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + 1000 * len(written))
     real_save = plumbing.save_atomic
     monkeypatch.setattr(plumbing, "save_atomic", lambda obj, path, writer=None: (written.append(path),
-                                                                              real_save(obj, path, writer))[1])
+                                                                                 real_save(obj, path, writer))[1])
     if kind == "classifier":  # 3 steps timed after the 5 of warm-up
         rate, _ = fixmatch.training_rate(fixmatch.FixMatchConfig(arch="small", batch=4, uratio=1), steps=8)
     else:  # 2 steps of 2 images timed after the 2 of warm-up
@@ -3016,10 +3019,10 @@ def test_the_share_of_the_peak_is_taken_against_the_named_gpus_own_peak(monkeypa
 
 def test_without_cuda_or_preset_the_tiny_preset_runs_and_says_so(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    config = dpt.DPTConfig(ssl_steps=7)
-    dpt.resolve(config)
+    config = configuration.DPTConfig(ssl_steps=7)
+    configuration.resolve(config)
     assert config.preset == "tiny" and "tiny preset" in capsys.readouterr().err
-    assert config.ssl_steps == 7 and config.ssl_arch == dpt.PRESETS["tiny"]["ssl_arch"]  # a flag beats the preset
+    assert config.ssl_steps == 7 and config.ssl_arch == configuration.PRESETS["tiny"]["ssl_arch"]  # a flag beats the preset
 
 
 @pytest.fixture(scope="module")
@@ -3080,8 +3083,8 @@ def test_results_json_holds_every_metric_and_the_summary_shows_stage_3_next_to_s
     assert results["wall_time_s"] == json.loads((run / "timings.json").read_text())
     given = {flag[2:].replace("-", "_"): value for flag, value in zip(QUICK[::2], QUICK[1::2])}
     given.update(out=str(run.parent), baseline="True", fid_weights=results["config"]["fid_weights"])  # quick_run's
-    resolved = dpt.DPTConfig(preset="tiny")
-    dpt.resolve(resolved)
+    resolved = configuration.DPTConfig(preset="tiny")
+    configuration.resolve(resolved)
     for name, value in results["config"].items():  # the flags given, the preset's values for the rest
         assert str(value) == given[name] if name in given else value == getattr(resolved, name), name
     judge = fixmatch.load_classifier(run / "stage1" / "classifier.pt")[0]  # the stage-1 classifier, not stage 3's
@@ -3089,7 +3092,7 @@ def test_results_json_holds_every_metric_and_the_summary_shows_stage_3_next_to_s
     right = fixmatch.predict(judge, samples["images"])[0] == samples["labels"]
     assert results["sample_accuracy"] == pytest.approx(right.float().mean().item())
     assert results["sample_accuracy_per_class"] == pytest.approx([right[c * 3:c * 3 + 3].float().mean().item()
-                                                                   for c in range(10)])
+                                                                  for c in range(10)])
     assert {"split", "stage1", "stage2", "sample", "stage3", "baseline", "few_labels", "reference_samples",
             "fid"} <= set(results["wall_time_s"])
     # The generator's half: each diffusion model's samples as the oracle sees them, recomputed here.
@@ -3102,7 +3105,7 @@ def test_results_json_holds_every_metric_and_the_summary_shows_stage_3_next_to_s
         right = fixmatch.predict(oracle, generated["images"])[0] == generated["labels"]
         assert judged["oracle_share"] == pytest.approx(right.float().mean().item()), name
         assert judged["oracle_share_per_class"] == pytest.approx([right[c * 3:c * 3 + 3].float().mean().item()
-                                                                   for c in range(10)]), name
+                                                                  for c in range(10)]), name
         expected = fid.feature_metrics(test_features, fixmatch.embed(oracle, generated["images"]))
         assert {k: judged[k] for k in expected} == pytest.approx(expected), name
         fid_file = json.loads((run / file.replace("samples.pt", "fid.json")).read_text())
@@ -3377,12 +3380,12 @@ def test_a_sweep_states_dpt_minus_few_labels_and_every_label_minus_dpt_of_each_f
 
 
 def test_the_tiny_preset_runs_the_labeled_only_baseline_unless_told_not_to():
-    tiny, fast, off = dpt.DPTConfig(preset="tiny"), dpt.DPTConfig(preset="fast"), dpt.DPTConfig(preset="tiny",
-                                                                                                  baseline=False)
+    tiny, fast, off = configuration.DPTConfig(preset="tiny"), configuration.DPTConfig(preset="fast"), configuration.DPTConfig(preset="tiny",
+                                                                                                                              baseline=False)
     for config in (tiny, fast, off):
-        dpt.resolve(config)
+        configuration.resolve(config)
     assert (tiny.baseline, fast.baseline, off.baseline) == (True, False, False)
-    config = plumbing.parse_config(dpt.DPTConfig, "", ["--no-baseline"])
+    config = plumbing.parse_config(configuration.DPTConfig, "", ["--no-baseline"])
     assert config.baseline is False
 
 
@@ -3460,7 +3463,7 @@ def test_each_model_trains_on_its_labels_the_three_diffusion_models_sample_one_n
     every = diffusion_settings["every_label"]
     assert os.path.dirname(every.out) == str(tmp_path / "every_label") and every.seed == dpt.EVERY_LABEL_SEED
     recipe = lambda settings: {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("out", "seed",
-                                                                                                   "labels_file")}
+                                                                                                  "labels_file")}
     assert recipe(diffusion_settings["few_labels"]) == recipe(diffusion_settings["stage2"]) == recipe(every)
     # The three sample sets: the same noise, image by image (and so the same sampler, guidance, K and seed).
     first, *others = (torch.cat(drawn) for drawn in noise.values())
@@ -3553,12 +3556,12 @@ def test_the_oracle_is_trained_once_per_dataset_and_changes_nothing_that_dpt_mak
         first, second = (first.get("model", first), second.get("model", second))
         assert all(torch.equal(first[key], second[key]) for key in first if torch.is_tensor(first[key])), name
     assert (rerun["stage1_accuracy"], rerun["stage3_accuracy"]) == (results["stage1_accuracy"],
-                                                                     results["stage3_accuracy"])
+                                                                    results["stage3_accuracy"])
 
 
 def test_each_oracle_recipe_has_its_own_folder_and_free_settings_share_one(small_shapes):
-    config = dpt.DPTConfig(dataset="shapes", preset="tiny", out="runs")
-    dpt.resolve(config)
+    config = configuration.DPTConfig(dataset="shapes", preset="tiny", out="runs")
+    configuration.resolve(config)
     folder = lambda **changes: dpt.oracle_settings(dataclasses.replace(config, **changes), small_shapes).out
     assert folder() == folder(ssl_eval_every=7, seed=3, stage3_steps=9, diffusion_images=5)  # not the oracle's recipe
     # the oracle has no unlabeled loss: its settings change nothing it trains
@@ -3604,8 +3607,8 @@ def test_seeds_runs_one_folder_per_seed_resumes_them_and_summarizes_their_result
 
 
 def test_the_every_label_model_is_one_per_dataset_and_stage_2_recipe_whatever_the_run_and_seed(small_shapes):
-    config = dpt.DPTConfig(dataset="shapes", preset="tiny", out="runs")
-    dpt.resolve(config)
+    config = configuration.DPTConfig(dataset="shapes", preset="tiny", out="runs")
+    configuration.resolve(config)
     folder = lambda **changes: dpt.every_label_folder(dataclasses.replace(config, **changes), small_shapes)
     assert folder() == folder(seed=3, labels=4, diffusion_confident=1.0, ssl_steps=7, sample_guidance=2,
                               stage3_steps=9, diffusion_micro_batch=8, compile=True)  # none changes what it trains
@@ -3747,7 +3750,7 @@ def test_a_run_folder_without_its_config_json_is_refused_not_adopted(quick_run, 
 
 
 def test_redo_stage1_drops_the_old_baseline_from_timings_and_report_and_advice_names_a_valid_redo(quick_run,
-                                                                                                 tmp_path):
+                                                                                                  tmp_path):
     run = tmp_path / "shapes-1l-s0"
     shutil.copytree(quick_run[1], run)
     shutil.copytree(quick_run[1].parent / "oracle", tmp_path / "oracle")
@@ -3860,26 +3863,26 @@ def test_one_file_spelled_another_way_is_the_same_run_and_trains_nothing(quick_r
                         DPT_FID_WEIGHTS="/missing")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test accuracy" not in result.stderr and "images/s" not in result.stderr  # every stage was done
-    configs = [dpt.DPTConfig(dataset=spelling, preset="tiny") for spelling in (SHAPES_FILE, respelled)]
+    configs = [configuration.DPTConfig(dataset=spelling, preset="tiny") for spelling in (SHAPES_FILE, respelled)]
     for config in configs:
-        dpt.resolve(config)
-    assert dpt.classifier_settings(configs[0], "stage1") == dpt.classifier_settings(configs[1], "stage1")
+        configuration.resolve(config)
+    assert configuration.classifier_settings(configs[0], "stage1") == configuration.classifier_settings(configs[1], "stage1")
 
 
 def test_no_stage_reads_a_setting_of_a_later_stage():
     """Else a --redo of the later stage changes the settings of an earlier stage
     that a kill left unfinished, and its checkpoint refuses to resume."""
-    config = dpt.DPTConfig(dataset="shapes", preset="tiny")
-    dpt.resolve(config)
-    settings = {"stage1": lambda c: dpt.classifier_settings(c, "stage1")[0],
-                "stage2": lambda c: dpt.diffusion_settings(c)[0], "sample": lambda c: dpt.sample_settings(c)[0],
-                "stage3": lambda c: dpt.classifier_settings(c, "stage3")[0]}
+    config = configuration.DPTConfig(dataset="shapes", preset="tiny")
+    configuration.resolve(config)
+    settings = {"stage1": lambda c: configuration.classifier_settings(c, "stage1")[0],
+                "stage2": lambda c: configuration.diffusion_settings(c)[0], "sample": lambda c: configuration.sample_settings(c)[0],
+                "stage3": lambda c: configuration.classifier_settings(c, "stage3")[0]}
     other = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v + 0.125, str: lambda v: v + "x"}
-    for name, stage in dpt.FIELD_STAGE.items():
+    for name, stage in configuration.FIELD_STAGE.items():
         value = getattr(config, name)
         changed = dataclasses.replace(config, **{name: other[type(value)](value)})
         for earlier, make in settings.items():
-            if dpt.STAGES.index(earlier) < dpt.STAGES.index(stage):
+            if configuration.STAGES.index(earlier) < configuration.STAGES.index(stage):
                 assert make(changed) == make(config), (name, earlier)
 
 
@@ -4113,7 +4116,7 @@ BAD_SETTINGS = {
 
 def test_no_rule_admits_an_infinite_or_nan_number_or_a_seed_numpy_cannot_take():
     for script, config_class in ((fixmatch, fixmatch.FixMatchConfig), (unet, unet.DiffusionConfig),
-                                 (sample, sample.SampleConfig), (dpt, dpt.DPTConfig)):
+                                 (sample, sample.SampleConfig), (dpt, configuration.DPTConfig)):
         numbers = {field.name for field in dataclasses.fields(config_class) if field.type in (int, float)}
         for name, (valid, _) in script.RULES.items():
             if name in numbers:
@@ -4122,7 +4125,7 @@ def test_no_rule_admits_an_infinite_or_nan_number_or_a_seed_numpy_cannot_take():
 
 
 def test_bad_settings_cover_every_field_of_the_config():
-    assert set(BAD_SETTINGS) == {field.name for field in dataclasses.fields(dpt.DPTConfig)}
+    assert set(BAD_SETTINGS) == {field.name for field in dataclasses.fields(configuration.DPTConfig)}
 
 
 @pytest.mark.parametrize("name", BAD_SETTINGS)
@@ -4167,18 +4170,18 @@ def test_fid_statistics_that_are_not_inceptions_are_refused_before_any_work(tmp_
     np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
     (tmp_path / "text.npz").write_text("mu, sigma")
     for stats, words in (("small.npz", "not of Inception's 2048 features"), ("text.npz", "not an .npz of FID")):
-        config = dpt.DPTConfig(dataset=str(tmp_path), preset="imagenet", autoencoder=A_FILE,
-                               fid_stats=str(tmp_path / stats))
-        dpt.resolve(config)
+        config = configuration.DPTConfig(dataset=str(tmp_path), preset="imagenet", autoencoder=A_FILE,
+                                         fid_stats=str(tmp_path / stats))
+        configuration.resolve(config)
         with pytest.raises(plumbing.UserError, match=f"--fid-stats {tmp_path / stats} .*{words}"):
-            dpt.check(config, 1)
+            configuration.check(config, 1)
 
 
 def test_more_samples_than_the_machine_holds_are_refused_before_stage_1(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--sample-per-class", str(10 ** 9), "--out", str(tmp_path)])
     monkeypatch.setattr(plumbing, "memory_bytes", lambda: 24 * 2 ** 30)
     with pytest.raises(plumbing.UserError, match=r"--sample-per-class 1000000000: 10,000,000,000 images of 32x32 "
-                                             r"\(28,610 GiB\) do not fit in this machine's 24 GiB"):
+                       r"\(28,610 GiB\) do not fit in this machine's 24 GiB"):
         dpt.main()
     assert os.listdir(tmp_path) == []
 
@@ -4225,8 +4228,8 @@ def test_bad_input_is_one_line_and_exit_code_2_before_any_work(tmp_path, case):
 def test_a_corrupt_checkpoint_is_refused_and_kept(tmp_path):
     checkpoint = tmp_path / "shapes-1l-s0" / "stage1" / "ckpt.pt"
     checkpoint.parent.parent.mkdir()
-    config = plumbing.parse_config(dpt.DPTConfig, "", [*QUICK, "--out", str(tmp_path)])
-    dpt.resolve(config)
+    config = plumbing.parse_config(configuration.DPTConfig, "", [*QUICK, "--out", str(tmp_path)])
+    configuration.resolve(config)
     # the folder's config.json, as a run writes it
     dpt.check_run_folder(config, str(checkpoint.parent.parent), data.load_dataset(SHAPES_FILE))
     checkpoint.parent.mkdir()
@@ -4429,7 +4432,7 @@ def imagenet_run(tmp_path_factory, fid_weights):
 
 def test_the_imagenet_preset_runs_end_to_end_on_a_folder_of_jpegs(imagenet_run):
     root, run = imagenet_run
-    config = dpt.DPTConfig(**{**json.loads((run / "config.json").read_text()), "dataset": str(root / "folder")})
+    config = configuration.DPTConfig(**{**json.loads((run / "config.json").read_text()), "dataset": str(root / "folder")})
     autoencoder = imagenet.load_autoencoder(str(root / "autoencoder_kl.pth"), "tiny")
     msn = imagenet.load_msn("tiny", 56, str(root / "msn_tiny.pth.tar"))
     dataset = data.load_dataset(str(root / "folder"), folders=True)
@@ -4524,8 +4527,8 @@ def test_imagenet_fid_takes_50_samples_a_class_against_reference_statistics_and_
     reference = fid.statistics(inception, torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8).split(8))
     fid.save_stats(reference, str(tmp_path / "reference.npz"))
     dataset = data.Dataset("folder", None, torch.zeros(2, dtype=torch.long), None, None, 2)
-    config = dpt.DPTConfig(dataset=str(tmp_path), preset="imagenet", fid_weights=fid_weights,
-                           fid_stats=str(tmp_path / "reference.npz"))
+    config = configuration.DPTConfig(dataset=str(tmp_path), preset="imagenet", fid_weights=fid_weights,
+                                     fid_stats=str(tmp_path / "reference.npz"))
     score = dpt.stage_fid(config, str(tmp_path), dataset, {"dpt": (samples, str(tmp_path / "fid.json"))},
                           torch.device("cpu"), 0, 1)["dpt"]
     first_50 = images.unflatten(0, (2, 51))[:, :50].flatten(0, 1)
@@ -4538,7 +4541,7 @@ def test_imagenet_fid_takes_50_samples_a_class_against_reference_statistics_and_
         raise OSError("no network")
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    config = dpt.DPTConfig(dataset="imagenet", preset="imagenet", fid_weights=fid_weights)
+    config = configuration.DPTConfig(dataset="imagenet", preset="imagenet", fid_weights=fid_weights)
     assert dpt.stage_fid(config, str(tmp_path / "run"), dataset, {"dpt": (samples, str(tmp_path / "run" / "fid.json"))},
                          torch.device("cpu"), 0, 1) == {"dpt": None}
     notice = capsys.readouterr().err
@@ -4615,10 +4618,10 @@ PAPER_IMAGENET = {
 
 def test_the_imagenet_preset_gives_each_stage_the_official_u_vit_l2_recipe(monkeypatch):
     for labels, msn in ((1, "vitl7"), (2, "vitb4"), (5, "vitb4")):
-        config = dpt.DPTConfig(dataset="imagenet", preset="imagenet", labels=labels)
-        dpt.resolve(config)
+        config = configuration.DPTConfig(dataset="imagenet", preset="imagenet", labels=labels)
+        configuration.resolve(config)
         assert config.msn_size == msn
-    diffusion, sampling = dpt.diffusion_settings(config)[0], dpt.sample_settings(config)[0]
+    diffusion, sampling = configuration.diffusion_settings(config)[0], configuration.sample_settings(config)[0]
     for settings, recipe in ((diffusion, "diffusion"), (sampling, "sample"), (config, "dpt")):
         assert {k: getattr(settings, k) for k in PAPER_IMAGENET[recipe]} == PAPER_IMAGENET[recipe], recipe
     assert 0.5 ** (diffusion.batch / diffusion.ema_halflife) == pytest.approx(0.9999, abs=1e-9)  # a step's EMA
@@ -4843,7 +4846,7 @@ def test_a_label_subset_edited_after_a_run_is_refused_and_its_redo_is_a_fresh_ru
                                   for i in torch.load(folder / "split.pt", weights_only=True)["indices"])
     assert names(run) == names(tmp_path / "fresh" / "folder-1l-s0") == ["n0a_4.JPEG", "n0b_2.JPEG", "n0c_5.JPEG"]
     results = [json.loads((folder / "results.json").read_text()) for folder in (run, tmp_path / "fresh" /
-                                                                                  "folder-1l-s0")]
+                                                                                "folder-1l-s0")]
     for key in ("stage1_accuracy", "pseudo_label_accuracy", "stage3_accuracy", "sample_accuracy", "generation"):
         assert results[0][key] == results[1][key], key
 
@@ -4853,7 +4856,7 @@ def test_a_label_subset_file_names_the_labeled_images_as_msns_do(tmp_path):
     dataset = data.load_dataset(str(tmp_path / "folder"), folders=True)
     subset = tmp_path / "1imgs_class.txt"
     subset.write_text("n0c_4.JPEG\nn0a_2.JPEG\nn0b_0.JPEG\n")  # MSN's layout: a file name a line
-    config = dpt.DPTConfig(dataset=str(tmp_path / "folder"), preset="imagenet", label_subset=str(subset))
+    config = configuration.DPTConfig(dataset=str(tmp_path / "folder"), preset="imagenet", label_subset=str(subset))
     index = dpt.labeled_split(config, dataset)
     assert [os.path.basename(dataset.train_files[i]) for i in index] == ["n0a_2.JPEG", "n0b_0.JPEG", "n0c_4.JPEG"]
     for text, words in (("n0a_2.JPEG\nn0b_0.JPEG\nn0z_1.JPEG\n", "n0z_1.JPEG"),  # not in this folder
@@ -4870,7 +4873,7 @@ def test_a_label_subset_matches_class_and_file_and_refuses_repeats_and_names_sev
             Image.new("RGB", (8, 8)).save(tmp_path / "folder" / "train" / c / f"{i}.JPEG")
     dataset = data.load_dataset(str(tmp_path / "folder"), folders=True)
     subset = tmp_path / "subset.txt"
-    config = dpt.DPTConfig(dataset=str(tmp_path / "folder"), preset="imagenet", label_subset=str(subset))
+    config = configuration.DPTConfig(dataset=str(tmp_path / "folder"), preset="imagenet", label_subset=str(subset))
     subset.write_text("n0b/0.JPEG\nn0a/1.JPEG\n")
     assert [dataset.train_files[i][-10:] for i in dpt.labeled_split(config, dataset)] == ["n0a/1.JPEG", "n0b/0.JPEG"]
     for text, words in (("0.JPEG\nn0b/1.JPEG\n", "names 0.JPEG, a file name that 2 classes hold; write its lines as "

@@ -1,0 +1,353 @@
+"""dpt.py's settings: every flag with its help, the presets that fill the flags a
+user leaves out, the stage each setting belongs to in a run folder, how each
+reaches its stage script (--ssl-lr is fixmatch.py's --lr), and the rules that
+refuse a bad one in one line before any work.
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+import data
+import fid
+import fixmatch
+import imagenet
+import plumbing
+import sample
+import unet
+from plumbing import UserError
+
+# -----------------------------------------------------------------------------
+# Configuration: a preset fills every field the user leaves out
+
+
+@dataclass
+class DPTConfig:
+    dataset: str = "cifar10"        # cifar10 | cifar100 | svhn | shapes | glyphs | .pt/.npz | imagenet | a folder
+    data_dir: str = "./data"        # where torchvision datasets are downloaded to
+    labels: int = 1                 # labeled images per class
+    seed: int = None                # seed of the labeled split and of every stage (unset: 0)
+    seeds: str = ""                 # A-B or A,B,C: one run per seed instead of --seed, then their mean and spread
+    preset: str = ""                # tiny | fast | cifar | imagenet; empty: fast with CUDA, tiny without
+    out: str = "runs"               # the run lives in OUT/<dataset>-<labels>l-s<seed>
+    redo: str = ""                  # rerun this stage and all after it: encode, stage1, stage2, sample, stage3, fid
+    baseline: bool = None           # also train on the labeled images alone, for comparison (unset: tiny's on)
+    fid_weights: str = ""           # FID Inception weights (else $DPT_FID_WEIGHTS, the hub cache, or download)
+    fid_reference: int = None       # training images FID compares against (0: all)
+    bench: bool = False             # print every stage's speed on this device and the presets' projected time, and exit
+    report: str = ""                # (re)write RUN/report.html from a finished run folder RUN, and exit
+    compile: bool = None            # torch.compile the networks (unset: the preset's, else with CUDA only)
+    cuda_graphs: bool = False       # with compile on one GPU: replay each training step as CUDA graphs
+    bf16: bool = None               # bf16 autocast (unset: the preset's, else with CUDA only)
+    flip: bool = None               # mirror images in augmentation (unset: the dataset's; not digits or glyphs)
+    # Each field below is a stage script's flag under its stage's prefix: --ssl-lr is
+    # fixmatch.py's --lr, --diffusion-warmup unet.py's --warmup. Unset, it is the
+    # preset's, else the stage script's default, which is the paper's recipe.
+    # stages 1 and 3: the classifier (fixmatch.py)
+    ssl_arch: str = None            # wrn28_2 | small
+    ssl_steps: int = None           # stage-1 optimizer steps
+    ssl_batch: int = None           # labeled images per step
+    ssl_uratio: int = None          # unlabeled images per labeled image
+    ssl_lr: float = None            # SGD learning rate
+    ssl_lr_cosine: float = None     # the learning rate decays as cos(ssl_lr_cosine pi k / K): 7/16 FixMatch, 1/2 to 0
+    ssl_ema: float = None           # EMA of the classifier's weights
+    ssl_precise_bn: int = None      # training images the EMA model's BN statistics are measured on (0: copied)
+    ssl_threshold: str = None       # fixmatch | freematch
+    ssl_tau: float = None           # FixMatch's confidence threshold
+    ssl_freematch_start: float = None  # FreeMatch's global threshold at step 0 (0: the paper's 1/C)
+    ssl_fairness: float = None      # weight of FreeMatch's self-adaptive fairness loss (0: none)
+    ssl_eval_every: int = None      # steps between test evaluations (and checkpoints)
+    stage3_steps: int = None        # stage-3 optimizer steps
+    stage3_real_fraction: float = None  # share of real images in a stage-3 labeled batch (-1: uniform)
+    # stage 2: the diffusion model (unet.py)
+    diffusion_arch: str = None      # unet | uvit
+    diffusion_size: str = None      # tiny | fast | cifar
+    diffusion_images: int = None    # training length in images
+    diffusion_batch: int = None     # images per step
+    diffusion_micro_batch: int = None  # images per forward pass on a process (0: its whole share of the batch)
+    diffusion_lr: float = None      # Adam learning rate
+    diffusion_warmup: int = None    # images of learning-rate warm-up
+    diffusion_ema_halflife: int = None  # half-life of the EMA of the weights, in images
+    diffusion_p_mean: float = None  # training noise levels ln(sigma) ~ N(p_mean, 1.2^2) (EDM: -1.2)
+    diffusion_label_dropout: float = None  # share of training labels replaced by the null class (for guidance)
+    diffusion_augment: float = None  # EDM's augmentation probability (its CIFAR-10 recipe: 0.12); 0: x-flips only
+    diffusion_confident: float = None  # share of each class's pseudo labels kept, the surest; the rest: null class
+    diffusion_ckpt_every: int = 0   # images between checkpoints (0: every 5% of the run, at most 2M apart)
+    # sampling (sample.py)
+    sample_per_class: int = None    # K: generated images per class
+    sample_solver: str = None       # heun | euler | dpmpp
+    sample_steps: int = None        # solver steps (Heun: 2 N - 1 network evaluations)
+    sample_guidance: float = None   # classifier-free guidance weight (1: none)
+    # the imagenet preset: frozen networks read every image once, the learner is a linear probe
+    image_size: int = 256           # ADM's centre crop of every image; the latents are a side of image_size / 8
+    autoencoder: str = ""           # Stable Diffusion's autoencoder_kl.pth (no stable URL: see the README)
+    autoencoder_size: str = "sd"    # sd | tiny (the same family, for CPU tests)
+    msn_size: str = ""              # vitl7 | vitb4 | tiny; empty: vitl7 for 1 label per class, else vitb4 (DPT's)
+    msn_weights: str = ""           # MSN's checkpoint (else downloaded once into torch's cache)
+    probe_lambda: float = 0.0025    # the probe's L2 penalty times the number of images it is fit on (MSN's)
+    skip_bad_images: bool = False   # leave out the images that cannot be opened (counted in results.json)
+    label_subset: str = ""          # the labeled images named in a file (MSN's imagenet_subsets2/1imgs_class.txt)
+    fid_stats: str = ""             # FID reference .npz (mu, sigma); empty: ADM's for imagenet, else training images
+
+
+# Each stage script's settings, written out: the stage script's field on the left,
+# the DPTConfig field that sets it on the right (its flag: --ssl-lr sets fixmatch.py's
+# --lr). resolve() fills what neither the user nor the preset set from the stage
+# script's default; a stage script's refusal names dpt.py's flag (--ssl-steps, where
+# fixmatch.py would say --steps).
+CLASSIFIER_FLAGS = {  # fixmatch.py: stage 1, the baseline (and the oracle's recipe)
+    "dataset": "dataset", "data_dir": "data_dir", "labels": "labels", "seed": "seed", "compile": "compile",
+    "cuda_graphs": "cuda_graphs", "bf16": "bf16", "flip": "flip", "arch": "ssl_arch", "steps": "ssl_steps",
+    "batch": "ssl_batch", "uratio": "ssl_uratio", "lr": "ssl_lr", "lr_cosine": "ssl_lr_cosine", "ema": "ssl_ema",
+    "precise_bn": "ssl_precise_bn", "threshold": "ssl_threshold", "tau": "ssl_tau",
+    "freematch_start": "ssl_freematch_start", "fairness": "ssl_fairness", "eval_every": "ssl_eval_every",
+    "ckpt_every": "ssl_eval_every"}
+STAGE3_FLAGS = {**CLASSIFIER_FLAGS, "steps": "stage3_steps", "real_fraction": "stage3_real_fraction"}  # fixmatch.py
+DIFFUSION_FLAGS = {  # unet.py: stage 2
+    "dataset": "dataset", "data_dir": "data_dir", "seed": "seed", "compile": "compile", "cuda_graphs": "cuda_graphs",
+    "bf16": "bf16", "flip": "flip", "arch": "diffusion_arch", "size": "diffusion_size", "images": "diffusion_images",
+    "batch": "diffusion_batch", "micro_batch": "diffusion_micro_batch", "lr": "diffusion_lr",
+    "warmup": "diffusion_warmup", "ema_halflife": "diffusion_ema_halflife", "p_mean": "diffusion_p_mean",
+    "label_dropout": "diffusion_label_dropout", "augment": "diffusion_augment",
+    "confident": "diffusion_confident", "ckpt_every": "diffusion_ckpt_every"}
+SAMPLE_FLAGS = {  # sample.py: the samples
+    "seed": "seed", "bf16": "bf16", "per_class": "sample_per_class", "solver": "sample_solver",
+    "steps": "sample_steps", "guidance": "sample_guidance"}
+STAGE_SCRIPTS = ((fixmatch.FixMatchConfig, CLASSIFIER_FLAGS), (fixmatch.FixMatchConfig, STAGE3_FLAGS),
+                 (unet.DiffusionConfig, DIFFUSION_FLAGS), (sample.SampleConfig, SAMPLE_FLAGS))
+
+# Presets name only what they change from the stage scripts' defaults, which are
+# the paper's recipe (FixMatch on WRN-28-2 for 2^20 steps, EDM's DDPM++ for 200M
+# images, Heun with 35 evaluations); DPT's classifier is FreeMatch.
+PRESETS = {
+    # Two CPU cores, under 10 minutes, any dataset, and DPT must show. The tiny U-Net
+    # folds 2x2 pixels into channels (3.5x the images/s) and sees 48,000 images (80,000
+    # until the two reference models joined a run, each as long) at
+    # noise levels centred on sigma = 1, where the class decides the shape (EDM's
+    # -1.2 centres them on 0.3 and drew blobs of no class); guidance 3 makes the
+    # class plain in each sample; half of each stage-3 labeled batch stays real (the
+    # generated images carry stage 1's confusions; a quarter real lost on glyphs).
+    # The classifier ends where its curve has settled: 2,500 steps (at 1,500 stage 1
+    # still climbed by up to 3 points on glyphs; 2 unlabeled images per labeled one:
+    # as accurate as 3, a third faster), the learning rate decayed to 0, and the EMA
+    # model's BN statistics measured on clean images.
+    # Stage 1 is FreeMatch, as the paper's DPT: with one label per class FixMatch's fixed
+    # threshold confirms its early mistakes on real images (the digits of mnist5k: 38.9%
+    # against FreeMatch's 59.1%, labeled images alone 29.6%, three tuning seeds; RESULTS.md,
+    # "Stage 1 on real images"). Its global threshold starts at 1, not the paper's 1/C: from 1/C
+    # every unlabeled image is learned with the untrained network's guess from the first step, a
+    # lottery a run of 2,500 steps never unlearns (RESULTS.md, "A steadier stage 1"). The
+    # labeled-only baseline runs too (half a minute): a stage 1 that falls below it is a
+    # failed stage 1, whatever stage 3 gains over it.
+    # Stage 2 conditions on the surer half of each class's pseudo labels, the rest on
+    # the null class: at 40-80% right, each wrong condition draws wrong samples, and the
+    # surer half is right 1.5-14 points more often (RESULTS.md, "Stage 2 on the labels
+    # stage 1 is sure of"). RESULTS.md, "Results", measures each of these levers. Eager fp32: on 2 CPU cores
+    # compile only breaks even (13 s to compile) and neither pays for the U-Net
+    # (RESULTS.md, "Speed").
+    "tiny": dict(ssl_arch="small", ssl_threshold="freematch", ssl_freematch_start=1.0, ssl_steps=2500, ssl_batch=32,
+                 ssl_uratio=2, ssl_lr=0.05, ssl_lr_cosine=0.5,
+                 ssl_ema=0.99, ssl_precise_bn=2048, ssl_eval_every=100, stage3_steps=2500, stage3_real_fraction=0.5,
+                 diffusion_size="tiny", diffusion_images=48_000, diffusion_batch=32, diffusion_lr=2e-3,
+                 diffusion_warmup=1_000, diffusion_ema_halflife=4_000, diffusion_p_mean=0.0,
+                 diffusion_label_dropout=0.1, diffusion_augment=0.0, diffusion_confident=0.5,
+                 sample_per_class=50, sample_solver="dpmpp", sample_steps=10, sample_guidance=3.0,
+                 fid_reference=1000, compile=False, bf16=False, baseline=True),
+    # A few hours on one modern GPU: the paper's classifier, shorter; a smaller U-Net.
+    "fast": dict(ssl_threshold="freematch", ssl_steps=2 ** 17, stage3_steps=2 ** 17, diffusion_size="fast",
+                 diffusion_images=20_000_000, diffusion_warmup=2_000_000, diffusion_augment=0.0),
+    # The paper's CIFAR-10 recipe; EDM's batch of 512 in two passes of 256 on one GPU (DDPM++
+    # keeps about 120 MiB an image for backward: 60 GiB at once would crowd an 80 GB card).
+    "cifar": dict(ssl_threshold="freematch", diffusion_micro_batch=256),
+    # The paper's ImageNet 256x256 recipe (its sec. 5.2) as DPT's U-ViT-L/2 configs set it
+    # (accelerate_*_large.py; the paper's FIDs of 3.08 / 2.52 are likely its U-ViT-H/2's): on
+    # SD latents, batch 1024 for 300k steps, lr 2e-4 after 5k warm-up steps, EMA 0.9999 a
+    # step (a half-life of 6,931.1 steps, 7,097,472 images), labels dropped 15% of the time; 50 network
+    # evaluations of the sampler at guidance 1.4 (their 0.4), 128 images per class. RESULTS.md, "ImageNet",
+    # lists each point beside the official code's. The batch is 4 micro-batches of 256 on one GPU
+    # (the large U-ViT recomputes its blocks' activations in backward, as theirs does).
+    "imagenet": dict(diffusion_arch="uvit", diffusion_size="large", diffusion_images=300_000 * 1024,
+                     diffusion_batch=1024, diffusion_micro_batch=256, diffusion_lr=2e-4, diffusion_warmup=5_000 * 1024,
+                     diffusion_ema_halflife=7_097_472, diffusion_label_dropout=0.15, diffusion_augment=0.0,
+                     sample_per_class=128, sample_solver="dpmpp", sample_steps=50, sample_guidance=1.4),
+}
+
+
+def reads_folder(config):
+    """The imagenet preset reads a folder of images (latents and features), and is the only one that can."""
+    return config.preset == "imagenet"
+
+
+def resolve(config):
+    """Fill every field the user left out: from the preset, else from the stage
+    script's default; compile and bf16 as the stage scripts do (with CUDA only)
+    and FID against every training image."""
+    if not config.preset:
+        config.preset = "fast" if torch.cuda.is_available() else "tiny"
+        if not torch.cuda.is_available() and plumbing.dist_rank() == 0:
+            print("no CUDA device: running the tiny preset (give --preset to choose)", file=sys.stderr)
+    plumbing.check_fields(config, {"preset": plumbing.one_of(*PRESETS)})
+    if config.seeds and config.seed is not None:
+        raise UserError(f"--seed {config.seed} --seeds {config.seeds}: give one of them (--seeds runs each "
+                        "of its seeds in turn)")
+    config.seed = 0 if config.seed is None else config.seed
+    folder = config.dataset == "imagenet" or os.path.isdir(config.dataset)
+    if folder != reads_folder(config) and not config.bench:  # --bench reads no dataset
+        raise UserError(f"--dataset {config.dataset} --preset {config.preset}: "
+                        + ("a folder of images needs --preset imagenet" if folder else
+                           "--preset imagenet reads a folder in ImageNet's layout (FOLDER/train/CLASS/*.JPEG), "
+                           "or --dataset imagenet for DATA_DIR/imagenet"))
+    if not config.msn_size and reads_folder(config):
+        config.msn_size = "vitl7" if config.labels == 1 else "vitb4"
+    if os.path.isfile(config.dataset):  # one spelling of a file, so that a stage's checkpoint knows it again
+        config.dataset = os.path.realpath(config.dataset)
+    if config.flip is None:
+        config.flip = data.dataset_flips(config.dataset)
+    defaults = dict(compile=torch.cuda.is_available(), bf16=torch.cuda.is_available(), fid_reference=0,
+                    baseline=False)
+    defaults.update({ours: getattr(script_config, name) for script_config, flags in STAGE_SCRIPTS  # a stage's own
+                     for name, ours in flags.items() if ours != name})  # settings, named under its prefix
+    for name, value in {**defaults, **PRESETS[config.preset]}.items():
+        if getattr(config, name) is None:
+            setattr(config, name, value)
+
+
+# The stages, in the order they run; dpt.py's MADE_BY says what each leaves in the
+# run folder. The imagenet preset's encoding comes first, so that --redo stage1 (a
+# new labeled split) keeps it.
+STAGES = ("encode", "split", "stage1", "stage2", "sample", "stage3", "fid")
+REDO_STAGES = tuple(stage for stage in STAGES if stage != "split")  # --redo stage1 draws the split again
+
+# The stage each setting belongs to: a setting changed in a run folder is refused
+# unless --redo reruns that stage or an earlier one. The dataset is compared by its
+# contents (split.pt keeps them), not by how its name is spelled: ./glyphs.npz is
+# glyphs.npz, a regenerated glyphs.npz is not. FREE_TO_CHANGE's settings change
+# nothing a stage made.
+FIELD_STAGE = {
+    **dict.fromkeys(("image_size", "autoencoder", "autoencoder_size", "skip_bad_images", "msn_size", "msn_weights"),
+                    "encode"),
+    **dict.fromkeys(("labels", "seed", "label_subset"), "split"),
+    **dict.fromkeys(("bf16", "flip", "probe_lambda", "ssl_arch", "ssl_steps", "ssl_batch", "ssl_uratio", "ssl_lr",
+                     "ssl_lr_cosine", "ssl_ema", "ssl_precise_bn", "ssl_threshold", "ssl_tau",
+                     "ssl_freematch_start", "ssl_fairness"), "stage1"),
+    **dict.fromkeys(("diffusion_arch", "diffusion_size", "diffusion_images", "diffusion_batch", "diffusion_lr",
+                     "diffusion_warmup", "diffusion_ema_halflife", "diffusion_p_mean", "diffusion_label_dropout",
+                     "diffusion_augment", "diffusion_confident"), "stage2"),
+    **dict.fromkeys(("sample_per_class", "sample_solver", "sample_steps", "sample_guidance"), "sample"),
+    **dict.fromkeys(("stage3_steps", "stage3_real_fraction"), "stage3"),
+    "fid_reference": "fid",
+}
+# Settings added after run folders were made with dpt.py, each with the value that
+# does what the versions before it did: a folder without one was made with that value.
+ADDED_SINCE = {"diffusion_confident": 1.0, "ssl_freematch_start": 0.0, "ssl_fairness": 0.0, "flip": True}
+# The files a stage reads are settings by what they hold (plumbing.file_identity), not by
+# their path, so that a file replaced under its name is refused as another setting
+# would be; folders made before they were recorded take them as they are. The FID
+# stage's weights and reference statistics are recorded in each fid.json instead: they
+# may be found without a flag ($DPT_FID_WEIGHTS, torch's cache), or only later.
+FILE_SETTINGS = ("label_subset", "autoencoder", "msn_weights")
+FREE_TO_CHANGE = {"dataset", "data_dir", "out", "redo", "baseline", "fid_weights", "fid_stats", "compile",
+                  "cuda_graphs", "preset", "ssl_eval_every", "diffusion_micro_batch", "diffusion_ckpt_every",
+                  "bench", "report", "seeds"}
+
+
+def resolved(config):
+    """config, every field filled (resolve)."""
+    resolve(config)
+    return config
+
+
+def classifier_settings(config, stage, out=""):
+    """fixmatch.py's settings for stage 1, stage 3 or the baseline, and the flags
+    they come from. One recipe for all three: the baseline drops the unlabeled
+    loss (lambda_u = 0), which is what makes it train on the labeled images alone."""
+    flags = STAGE3_FLAGS if stage == "stage3" else CLASSIFIER_FLAGS
+    settings = {name: getattr(config, ours) for name, ours in flags.items()}
+    return fixmatch.FixMatchConfig(**settings, out=out, lambda_u=0.0 if stage == "baseline" else 1.0), flags
+
+
+def diffusion_settings(config, out="", labels_file=""):
+    """unet.py's settings for stage 2, and the flags they come from; unless
+    --diffusion-ckpt-every says otherwise, a checkpoint every 5% of the run (at most
+    2M images apart)."""
+    settings = {name: getattr(config, ours) for name, ours in DIFFUSION_FLAGS.items()}
+    settings["ckpt_every"] = settings["ckpt_every"] or min(max(config.diffusion_images // 20, 1), 2_000_000)
+    return unet.DiffusionConfig(**settings, out=out, labels_file=labels_file), DIFFUSION_FLAGS
+
+
+def sample_settings(config, out=""):
+    """sample.py's settings for the samples, and the flags they come from."""
+    settings = {name: getattr(config, ours) for name, ours in SAMPLE_FLAGS.items()}
+    return sample.SampleConfig(**settings, checkpoint="", out=out), SAMPLE_FLAGS
+
+
+MOST_SEEDS = 1000  # runs in one sweep: a typo such as 0-10000000000 is refused, not begun
+RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE,
+         "labels": plumbing.between(1, plumbing.MOST_IMAGES),
+         "seed": plumbing.SEED, "out": data.NOT_A_FILE,
+         "redo": ((lambda stage: stage in ("", *REDO_STAGES)), "one of " + ", ".join(REDO_STAGES)),
+         "fid_weights": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
+         "fid_reference": plumbing.between(0, plumbing.MOST_IMAGES),
+         "seeds": ((lambda text: not text or parse_seeds(text) is not None),
+                   f"A-B or A,B,C: at most {MOST_SEEDS:,} distinct seeds, each {plumbing.SEED[1]}"),
+         "image_size": ((lambda side: side > 0 and side % 16 == 0), "a positive multiple of 16 (latents of side / 8)"),
+         "autoencoder": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
+         "autoencoder_size": plumbing.one_of(*imagenet.AUTOENCODER_SIZES),
+         "msn_size": ((lambda size: size in ("", *imagenet.MSN_SIZES)), "one of " + ", ".join(imagenet.MSN_SIZES)),
+         "msn_weights": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
+         "probe_lambda": plumbing.POSITIVE,
+         "label_subset": ((lambda path: not path or os.path.isfile(path)), "an existing file, or empty"),
+         "fid_stats": ((lambda path: not path or os.path.isfile(path)), "an existing .npz file, or empty")}
+
+
+def check(config, world, side=None):
+    """Refuse a bad setting of any stage in one line naming its flag, before the
+    dataset loads (and again with the side of its images, before any stage runs):
+    the rules are dpt.py's own and the stage scripts', which check their own flags
+    the same way."""
+    plumbing.check_fields(config, RULES)
+    latent = reads_folder(config)
+    if latent:
+        imagenet.check_latent(config)
+    else:
+        given = [f"--{name.replace('_', '-')}" for name in imagenet.LATENT_FIELDS
+                 if getattr(config, name) != getattr(DPTConfig(), name)] + ["--redo encode"] * (config.redo == "encode")
+        if given:
+            raise UserError(f"{given[0]} is for --preset imagenet, which reads a folder of images; leave it out")
+    for stage in ("stage1", "stage3"):
+        settings, flags = classifier_settings(config, stage)
+        fixmatch.check(settings, world, flags)
+    settings, flags = diffusion_settings(config)
+    side = config.image_size // 8 if latent else side
+    unet.check(settings, world, flags, resolution=side)
+    sample.check(*sample_settings(config))
+    for flag, path, read in (("--fid-weights", config.fid_weights, fid.check_weights),
+                             ("--fid-stats", config.fid_stats, fid.read_stats)):
+        try:  # the files the last stage reads, read before the first: not a surprise after hours
+            if path:
+                read(path)
+        except fid.FIDError as error:
+            raise UserError(f"{flag} {error}") from None  # "--fid-weights PATH is not ..."
+    if config.sample_guidance != 1 and not config.diffusion_label_dropout:  # the null class never learned
+        raise UserError(f"--sample-guidance {config.sample_guidance}: guidance needs a diffusion model trained "
+                        "with --diffusion-label-dropout above 0; give --sample-guidance 1, or "
+                        "--diffusion-label-dropout 0.1 (with --redo stage2 in an existing run folder)")
+
+
+def parse_seeds(text):
+    """[A, ..., B] from "A-B", [A, B, C] from "A,B,C": at most MOST_SEEDS distinct
+    seeds, each one --seed takes; None when it is not."""
+    try:
+        if "-" in text:
+            first, last = (int(part) for part in text.split("-"))
+            if not 0 <= last - first < MOST_SEEDS:  # checked before the list is made: 0-10^11 allocates nothing
+                return None
+            seeds = list(range(first, last + 1))
+        else:
+            seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        return None
+    valid = seeds and len(seeds) <= MOST_SEEDS and len(set(seeds)) == len(seeds) and all(map(plumbing.SEED[0], seeds))
+    return seeds if valid else None

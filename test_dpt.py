@@ -4116,7 +4116,7 @@ BAD_SETTINGS = {
 
 def test_no_rule_admits_an_infinite_or_nan_number_or_a_seed_numpy_cannot_take():
     for script, config_class in ((fixmatch, fixmatch.FixMatchConfig), (unet, unet.DiffusionConfig),
-                                 (sample, sample.SampleConfig), (dpt, configuration.DPTConfig)):
+                                 (sample, sample.SampleConfig), (configuration, configuration.DPTConfig)):
         numbers = {field.name for field in dataclasses.fields(config_class) if field.type in (int, float)}
         for name, (valid, _) in script.RULES.items():
             if name in numbers:

@@ -416,9 +416,11 @@ def main():
         return bench.bench(config, device, arch=asked[0] or "wrn28_2", size=asked[1] or "cifar",
                            presets={name: configuration.resolved(configuration.DPTConfig(preset=name))
                                     for name in ("fast", "cifar")})
-    dataset = data.load_dataset(config.dataset, config.data_dir, folders=True)
     if configuration.reads_folder(config):
-        dataset = data.without_unreadable(dataset, config.skip_bad_images)
+        dataset = imagenet.without_unreadable(imagenet.load_folder(config.dataset, config.data_dir),
+                                              config.skip_bad_images)
+    else:
+        dataset = data.load_dataset(config.dataset, config.data_dir)
     check_dataset(config, world, dataset)
     if not config.seeds:
         return run_dpt(config, dataset, device, rank, world)
@@ -697,8 +699,8 @@ def check_kept(config, run, dataset, kept, removed):
         encoded = plumbing.read_artifact(path("encoded.pt"), "encode", mmap=True)
         records = {"train": dataset.train_files, "test": dataset.test_files}
         changes = "; ".join(f"{split}: {changed}" for split, files in records.items() if (
-            changed := data.folder_changes((encoded[split] or {}).get("files", []),
-                                           data.file_records(files, dataset.root))))
+            changed := imagenet.folder_changes((encoded[split] or {}).get("files", []),
+                                           imagenet.file_records(files, dataset.root))))
         if changes:  # never latents or features of other files than the folder's
             raise UserError(f"{dataset.root} changed since {run} encoded it ({changes}); add --redo encode "
                             "to encode it again, or put the files back")

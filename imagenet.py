@@ -1,15 +1,23 @@
-"""The imagenet preset's networks (the paper's sec. 5.2): ImageNet is learned
+"""The imagenet preset's latent path (the paper's sec. 5.2): ImageNet is learned
 through frozen networks, not from pixels. MSN's self-supervised ViT (Assran et
 al. 2022) gives every image a feature, on which stages 1 and 3 fit a linear
 probe; Stable Diffusion's KL-f8 autoencoder (Rombach et al. 2022) gives every
 image a latent, on which stage 2 trains a U-ViT, and decodes the samples. Both
-load their released checkpoints as they are. dpt.py's `--preset imagenet` uses
-them; the CIFAR path never does.
+load their released checkpoints as they are. A folder in ImageNet's layout is
+read here once, file by file, into those latents and features (the encoding
+stage), and the Probe is the preset's learner. dpt.py's `--preset imagenet`
+uses all of it; the CIFAR path none of it.
+
+    python dpt.py --dataset imagenet --preset imagenet --autoencoder autoencoder_kl.pth
 """
 
+import dataclasses
 import os
 import shutil
+import sys
+from functools import partial
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -400,6 +408,252 @@ def load_autoencoder(path, size="sd", device="cpu"):
 
 
 # -----------------------------------------------------------------------------
+# ImageNet, or any folder in its layout (FOLDER/train/CLASS/*.JPEG, FOLDER/val/CLASS/*):
+# too large to hold as pixels, so every image is read from its file once, by
+# encode_files, into what the stages need (latents and features), chunk by chunk.
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")  # ImageFolder's
+
+
+def class_images(folder, walked=None):
+    """The image files under a class folder at any depth, sorted, as torchvision's
+    ImageFolder finds them; a name starting with a dot (macOS's ._name.JPEG,
+    .ipynb_checkpoints) is never an image or a folder of them. Links are followed
+    (a class folder may live on another disk), but each file and folder is read
+    once: a folder or file that `walked` (what the split's other classes hold)
+    already holds under another name, a link cycle included, is refused, since it
+    would count the same images twice, or in two classes."""
+    walked = {} if walked is None else walked  # (device, inode) -> the path it was first found under
+    found = []
+
+    def visit(path, is_folder):
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:  # a broken link: a file that cannot be opened, named later as such
+            return
+        first = walked.setdefault((stat.st_dev, stat.st_ino), path)
+        if first != path:
+            what = "folder" if is_folder else "file"
+            raise UserError(f"{path} is the {what} {first} again (a link); it would be read twice, "
+                            "or in two classes: remove the link, or copy what it points to")
+    visit(folder, True)
+    for parent, folders, files in os.walk(folder, followlinks=True):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        for name in folders:
+            visit(os.path.join(parent, name), True)
+        images = [os.path.join(parent, name) for name in files
+                  if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)]
+        for path in images:
+            visit(path, False)
+        found += images
+    return sorted(found)
+
+
+def image_folder(root, split, classes=None):
+    """(paths, labels int64, class names) of root/split/CLASS/**, the classes sorted
+    by name, as torchvision's ImageFolder (ImageNet's wnids in their usual order);
+    given `classes` (the training split's), a class folder's label is its place there.
+    A training class folder without images is refused: it would be a class nothing teaches."""
+    folder = os.path.join(root, split)
+    found = sorted(entry.name for entry in os.scandir(folder)
+                   if entry.is_dir() and not entry.name.startswith(".")) if os.path.isdir(folder) else []
+    unknown = sorted(set(found) - set(classes or found))
+    if unknown:
+        raise UserError(f"{folder} holds classes the training images lack ({', '.join(unknown[:3])}); "
+                        "remove them, or give their training images")
+    paths, labels, walked = [], [], {}
+    for name in found:
+        files = class_images(os.path.join(folder, name), walked)
+        if not files and classes is None:
+            raise UserError(f"{os.path.join(folder, name)} holds no image ({', '.join(IMAGE_SUFFIXES)}); remove "
+                            "the folder, or put its class's images in it")
+        paths += files
+        labels += [(classes or found).index(name)] * len(files)
+    classes = tuple(classes or found)
+    if not paths:
+        raise UserError(f"{folder} holds no images in class folders; give a folder in ImageNet's layout "
+                        f"({root}/{split}/CLASS/*.JPEG)")
+    return paths, torch.tensor(labels), classes
+
+
+def load_folder(name, data_dir="./data"):
+    """A folder in ImageNet's layout as a Dataset of files: train/ and, where it
+    exists, val/ (the test set). --dataset imagenet is DATA_DIR/imagenet."""
+    root = os.path.join(data_dir, "imagenet") if name == "imagenet" else name
+    if not os.path.isdir(os.path.join(root, "train")):
+        raise UserError(f"{root} has no train/ folder; ImageNet cannot be downloaded for you: put its images in "
+                        f"{root}/train/CLASS/*.JPEG (and {root}/val/CLASS/*.JPEG), or give another folder")
+    train_files, train_y, classes = image_folder(root, "train")
+    has_val = os.path.isdir(os.path.join(root, "val"))
+    if not has_val and int(os.environ.get("RANK", 0)) == 0:
+        print(f"{root} has no val/ folder: no accuracy can be measured (put images in {root}/val/CLASS/ for it)",
+              file=sys.stderr)
+    test_files, test_y = image_folder(root, "val", classes)[:2] if has_val else ((), None)
+    return data.Dataset(os.path.basename(os.path.normpath(root)), None, train_y, None, test_y, len(classes), classes,
+                   tuple(train_files), tuple(test_files), root)
+
+
+def adm_center_crop(image, side):
+    """ADM's centre crop (Dhariwal & Nichol 2021, guided-diffusion's center_crop_arr),
+    which DPT's and U-ViT's latents use: halve with a box filter while the short
+    side is at least twice `side`, resize (bicubic) to a short side of `side`, then
+    crop the centre. A PIL image in, uint8 [3, side, side] out."""
+    from PIL import Image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grayscale: scaled to 8 bits, where RGB clips
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    image = image.convert("RGB")
+    while min(image.size) >= 2 * side:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = side / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    top, left = (pixels.shape[1] - side) // 2, (pixels.shape[2] - side) // 2
+    return pixels[:, top:top + side, left:left + side]
+
+
+def read_batch(read, files):
+    """(the images read(file) of `files` stacked, up to the first that cannot be
+    read, or None; that file named in words, or None): a worker process's exception
+    would reach the user as its traceback, without the file."""
+    images = []
+    for file in files:
+        try:
+            images.append(read(file))
+        except Exception as error:
+            return torch.stack(images) if images else None, f"{file} cannot be read ({type(error).__name__}: " \
+                                                            f"{plumbing.first_line(error)})"
+    return torch.stack(images), None
+
+
+def unreadable_images(paths, threads=16):
+    """(path, why) of each file among `paths` that PIL cannot open: their header
+    read, not decoded (cheap), in threads."""
+    from concurrent.futures import ThreadPoolExecutor
+    from PIL import Image
+
+    def problem(path):
+        try:
+            with Image.open(path) as image:
+                image.size
+        except Exception as error:
+            return path, type(error).__name__
+    with ThreadPoolExecutor(threads) as pool:
+        return [found for found in pool.map(problem, paths) if found]
+
+
+def without_unreadable(dataset, skip):
+    """The folder dataset with every image checked before hours of encoding: its
+    unreadable files named in one line (their count and the first few), or, with
+    skip, left out (in dataset.skipped)."""
+    bad = unreadable_images(dataset.train_files + dataset.test_files)
+    if bad and not skip:
+        raise UserError(f"{len(bad)} of {len(dataset.train_files) + len(dataset.test_files):,} images cannot be "
+                        f"opened: {', '.join(f'{path} ({why})' for path, why in bad[:3])}{', ...' * (len(bad) > 3)}; "
+                        "remove or replace them and run the same command again, or add --skip-bad-images to leave "
+                        "them out")
+    if not bad:
+        return dataset
+    left_out = {path for path, _ in bad}
+    train, test = ([i for i, file in enumerate(files) if file not in left_out]
+                   for files in (dataset.train_files, dataset.test_files))
+    return dataclasses.replace(dataset, train_files=tuple(dataset.train_files[i] for i in train),
+                               train_y=dataset.train_y[train], test_files=tuple(dataset.test_files[i] for i in test),
+                               test_y=None if dataset.test_y is None else dataset.test_y[test],
+                               skipped=tuple(sorted(left_out)))
+
+
+def file_records(paths, root):
+    """Each file as (its path under root, size in bytes, modification time in ns):
+    what tells that a file changed without reading it. The encoding pass keeps
+    them with what it encoded, and a rerun compares them with the folder's."""
+    def record(path):
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:  # a broken link: the link's own, a changed file
+            stat = os.lstat(path)
+        return os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns
+    return [record(path) for path in paths]
+
+
+def folder_changes(before, after, few=3):
+    """What turned file_records `before` into `after`, in words, a few examples
+    each: files added, removed, moved (the same name, size and time elsewhere)
+    and changed; "" when nothing did."""
+    old, new = ({path: (size, time) for path, size, time in records} for records in (before, after))
+    removed, added = [path for path in old if path not in new], [path for path in new if path not in old]
+    left = {(os.path.basename(path), old[path]): path for path in removed}
+    moved = [(left.pop((os.path.basename(path), new[path])), path) for path in added
+             if (os.path.basename(path), new[path]) in left]
+    removed, added = list(left.values()), [path for path in added if path not in {to for _, to in moved}]
+    changed = [path for path in old if path in new and old[path] != new[path]]
+    kinds = [("added", added), ("removed", removed), ("moved", [f"{a} to {b}" for a, b in moved]),
+             ("changed", changed)]
+    return "; ".join(f"{len(paths)} {kind} ({', '.join(paths[:few])}{', ...' * (len(paths) > few)})"
+                     for kind, paths in kinds if paths)
+
+
+def encode_files(paths, read, encode, folder, chunk=10_000, batch=256, progress=True, workers=0, rank=0, world=1,
+                 records=None):
+    """{name: tensor [len(paths), ...]} of encode(read(images)) for every file,
+    computed batch by batch and saved in chunks of `chunk` files
+    (folder/chunk-00000.pt, ...): a killed pass keeps every finished chunk and
+    the same call resumes at the first missing one. read(path) -> a tensor, in
+    `workers` processes (JPEG decoding is the CPU's work); encode(stacked
+    tensors) -> {name: tensor}, moved to the CPU here. Given the files' records
+    (file_records), a chunk keeps its files' and is encoded again when they
+    changed, and the whole comes back with them under "files". Process `rank` of
+    `world` encodes chunks rank, rank + world, ...; rank 0 returns the whole, the others None.
+    A file that cannot be read ends the pass naming it; what its chunk encoded before
+    it is kept (chunk-00000.part.pt), and the same call goes on from that file."""
+    from tqdm import tqdm
+    starts = range(0, len(paths), chunk)
+    names = [os.path.join(folder, f"chunk-{i // chunk:05d}.pt") for i in starts]
+    current = [os.path.exists(name) and (records is None or torch.load(name, mmap=True, weights_only=True).get(
+        "files") == records[start:start + chunk]) for start, name in zip(starts, names)]
+    if rank == 0 and progress and not all(current) and any(map(os.path.exists, names)):
+        print(f"encoding {sum(not done for done in current)} chunks of {chunk:,} files, {folder}: "
+              "those whose files changed since they were encoded again", file=sys.stderr)
+    bar = tqdm(total=len(paths), initial=min(chunk * sum(current), len(paths)), desc="encoding", unit="img",
+               disable=not progress or rank > 0)
+    for index, (start, name) in enumerate(zip(starts, names)):
+        if current[index] or index % world != rank:
+            continue
+        kept, parts = name.removesuffix(".pt") + ".part.pt", []
+        if os.path.exists(kept):
+            saved = torch.load(kept, weights_only=True)
+            files = saved.pop("files", None)
+            if records is None or files == records[start:start + len(files)]:
+                parts.append(saved)
+        done = len(next(iter(parts[0].values()))) if parts else 0
+        bar.update(done)
+        joined = lambda: {**{key: torch.cat([part[key] for part in parts]) for key in parts[0]},
+                          **({} if records is None else {"files": records[start:start + done]})}
+        loader = torch.utils.data.DataLoader(paths[start + done:start + chunk], batch_size=batch, num_workers=workers,
+                                             collate_fn=partial(read_batch, read))
+        for images, failure in loader:
+            if images is not None:
+                parts.append({key: value.cpu() for key, value in encode(images).items()})
+                bar.update(len(images))
+                done += len(images)
+            if failure:
+                if parts:
+                    plumbing.save_atomic(joined(), kept)
+                raise UserError(f"{failure}; remove or replace it and run the same command again (what was "
+                                "encoded before it is kept)")
+        plumbing.save_atomic(joined(), name)
+        if os.path.exists(kept):
+            os.remove(kept)
+    bar.close()
+    if dist.is_initialized():
+        dist.barrier()  # every rank's chunks are written
+    if rank > 0:
+        return None
+    chunks = [torch.load(name, map_location="cpu", weights_only=True) for name in names]
+    whole = {key: torch.cat([part[key] for part in chunks]) for key in chunks[0] if key != "files"}
+    return whole if records is None else {**whole, "files": records}
+
+
+# -----------------------------------------------------------------------------
 # The imagenet preset (the paper's sec. 5.2): ImageNet, or any folder in its
 # layout, too large to hold as pixels, is read once into Stable Diffusion's
 # latents (stage 2's data) and MSN's features (the probe's). Stages 1 and 3 fit
@@ -432,7 +686,7 @@ def msn_for(config, device):
 def read_image(config, file):
     from PIL import Image
     with Image.open(file) as image:
-        return data.adm_center_crop(image, config.image_size)
+        return adm_center_crop(image, config.image_size)
 
 
 def encoder(autoencoder, msn, bf16):
@@ -452,7 +706,7 @@ def stage_encode(config, run, dataset, device):
     feature: each file read once, in resumable chunks (encoded/) shared out among
     the processes, then encoded.pt."""
     path = os.path.join(run, "encoded.pt")
-    records = {split: data.file_records(files, dataset.root) for split, files in
+    records = {split: file_records(files, dataset.root) for split, files in
                (("train", dataset.train_files), ("test", dataset.test_files))}  # what each encoding comes from
 
     def make():
@@ -463,7 +717,7 @@ def stage_encode(config, run, dataset, device):
         workers = min(16, os.cpu_count() or 1) if device.type == "cuda" else 0  # JPEG decoding keeps a GPU fed
         folder = os.path.join(run, "encoded")
         passes = [("train", dataset.train_files, encode), ("test", dataset.test_files, lambda x: encode(x, False))]
-        train, test = (data.encode_files(files, read, how, os.path.join(folder, split), workers=workers, rank=rank,
+        train, test = (encode_files(files, read, how, os.path.join(folder, split), workers=workers, rank=rank,
                                          world=world, records=records[split]) if files else None
                        for split, files, how in passes)
         if rank == 0:

@@ -343,24 +343,24 @@ def write_image_folder(root, classes=("n01", "n02", "n00"), per_class=3, size=(4
 
 def test_an_image_folder_lists_its_images_with_classes_sorted_by_name(tmp_path):
     write_image_folder(tmp_path)
-    paths, labels, classes = data.image_folder(str(tmp_path), "train")
+    paths, labels, classes = imagenet.image_folder(str(tmp_path), "train")
     assert classes == ("n00", "n01", "n02") and labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
     assert all(path.endswith(".JPEG") and f"/{classes[label]}/" in path for path, label in zip(paths, labels))
     with pytest.raises(plumbing.UserError, match="ImageNet's layout"):
-        data.image_folder(str(tmp_path), "val")
+        imagenet.image_folder(str(tmp_path), "val")
 
 
 def test_adms_centre_crop_halves_with_a_box_filter_then_crops_the_centre():
     from PIL import Image
     image = lambda columns: Image.fromarray(np.tile(columns.astype(np.uint8), (400, 1))).convert("RGB")
-    crop = data.adm_center_crop(image(np.arange(1000) // 4), 100)  # column x holds x // 4
+    crop = imagenet.adm_center_crop(image(np.arange(1000) // 4), 100)  # column x holds x // 4
     assert crop.shape == (3, 100, 100) and crop.dtype == torch.uint8  # 1000x400 -> 500x200 -> 250x100, at 75
     assert torch.equal(crop[0], torch.arange(75, 175, dtype=torch.uint8).expand(100, 100))
     # Stripes 0, 120, 240, ...: a box of 4 columns from 4m holds a whole period and one more stripe,
     # (360 + 120 (m % 3)) / 4; one bicubic resize by 4 would blur them towards 120.
-    stripes = data.adm_center_crop(image(np.arange(1000) % 3 * 120), 100)
+    stripes = imagenet.adm_center_crop(image(np.arange(1000) % 3 * 120), 100)
     assert stripes[0, 0].tolist() == [90 + 30 * ((75 + k) % 3) for k in range(100)]
-    small = data.adm_center_crop(Image.new("RGB", (50, 40), (9, 99, 199)), 64)  # upscaled, never halved
+    small = imagenet.adm_center_crop(Image.new("RGB", (50, 40), (9, 99, 199)), 64)  # upscaled, never halved
     assert small.shape == (3, 64, 64) and small[:, 32, 32].tolist() == [9, 99, 199]
 
 
@@ -369,19 +369,19 @@ def logged_reader(tmp_path):
     the 8x8 ADM crop, and read_files lists every file read, in order."""
     from PIL import Image
     write_image_folder(tmp_path / "images", per_class=5)
-    paths, _, _ = data.image_folder(str(tmp_path / "images"), "train")
+    paths, _, _ = imagenet.image_folder(str(tmp_path / "images"), "train")
     read_files = []
 
     def read(path):
         read_files.append(path)
-        return data.adm_center_crop(Image.open(path), 8)
+        return imagenet.adm_center_crop(Image.open(path), 8)
     return paths, read, read_files
 
 
 def test_the_encoding_pass_resumes_at_its_first_missing_chunk_with_the_same_result(tmp_path, monkeypatch):
     paths, read, read_files = logged_reader(tmp_path)
     encode = lambda images: {"mean": images.float().mean((1, 2, 3)), "corner": images[:, :, 0, 0]}
-    whole = data.encode_files(paths, read, encode, str(tmp_path / "whole"), chunk=6, batch=4, progress=False)
+    whole = imagenet.encode_files(paths, read, encode, str(tmp_path / "whole"), chunk=6, batch=4, progress=False)
     assert whole["mean"].shape == (15,) and whole["corner"].shape == (15, 3)
 
     real_save, saved = plumbing.save_atomic, []
@@ -393,10 +393,10 @@ def test_the_encoding_pass_resumes_at_its_first_missing_chunk_with_the_same_resu
             raise KeyboardInterrupt  # killed after its second chunk
     monkeypatch.setattr(plumbing, "save_atomic", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        data.encode_files(paths, read, encode, str(tmp_path / "killed"), chunk=6, batch=4, progress=False)
+        imagenet.encode_files(paths, read, encode, str(tmp_path / "killed"), chunk=6, batch=4, progress=False)
     monkeypatch.setattr(plumbing, "save_atomic", real_save)
     read_files.clear()
-    resumed = data.encode_files(paths, read, encode, str(tmp_path / "killed"), chunk=6, batch=4, progress=False)
+    resumed = imagenet.encode_files(paths, read, encode, str(tmp_path / "killed"), chunk=6, batch=4, progress=False)
     assert read_files == paths[12:]  # only the last chunk's files were read again
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)
 
@@ -405,25 +405,25 @@ def test_a_chunk_whose_files_changed_is_encoded_again_and_the_rest_kept(tmp_path
     paths, read, read_files = logged_reader(tmp_path)
     encode = lambda images: {"mean": images.float().mean((1, 2, 3))}
     root = str(tmp_path / "images")
-    records = data.file_records(paths, root)
-    data.encode_files(paths, read, encode, str(tmp_path / "chunks"), chunk=6, progress=False, records=records)
+    records = imagenet.file_records(paths, root)
+    imagenet.encode_files(paths, read, encode, str(tmp_path / "chunks"), chunk=6, progress=False, records=records)
     Image.new("RGB", (40, 30), (250, 0, 0)).save(paths[7])  # an image of the second chunk rewritten
     os.utime(paths[7], ns=(1, 1))
-    records = data.file_records(paths, root)
-    assert data.folder_changes(records, records) == ""
+    records = imagenet.file_records(paths, root)
+    assert imagenet.folder_changes(records, records) == ""
     read_files.clear()
-    again = data.encode_files(paths, read, encode, str(tmp_path / "chunks"), chunk=6, progress=False,
+    again = imagenet.encode_files(paths, read, encode, str(tmp_path / "chunks"), chunk=6, progress=False,
                               records=records)
     assert read_files == paths[6:12]  # that chunk alone
-    clean = data.encode_files(paths, read, encode, str(tmp_path / "clean"), chunk=6, progress=False)
+    clean = imagenet.encode_files(paths, read, encode, str(tmp_path / "clean"), chunk=6, progress=False)
     assert torch.equal(again["mean"], clean["mean"]) and again["files"] == records
 
 
 def test_a_file_that_fails_in_the_pass_keeps_what_its_chunk_encoded_before_it(tmp_path):
     paths, read, read_files = logged_reader(tmp_path)
     encode = lambda images: {"mean": images.float().mean((1, 2, 3))}
-    records = data.file_records(paths, str(tmp_path / "images"))
-    whole = data.encode_files(paths, read, encode, str(tmp_path / "whole"), chunk=6, batch=2, progress=False)
+    records = imagenet.file_records(paths, str(tmp_path / "images"))
+    whole = imagenet.encode_files(paths, read, encode, str(tmp_path / "whole"), chunk=6, batch=2, progress=False)
 
     def fails_once(path):  # the ninth file cannot be read until it is replaced
         if path == paths[8] and paths[8] not in read_files:
@@ -432,10 +432,10 @@ def test_a_file_that_fails_in_the_pass_keeps_what_its_chunk_encoded_before_it(tm
         return read(path)
     read_files.clear()
     with pytest.raises(plumbing.UserError, match=f"{paths[8]} cannot be read .OSError: image file is truncated"):
-        data.encode_files(paths, fails_once, encode, str(tmp_path / "failed"), chunk=6, batch=2, progress=False,
+        imagenet.encode_files(paths, fails_once, encode, str(tmp_path / "failed"), chunk=6, batch=2, progress=False,
                           records=records)
     read_files.clear()
-    resumed = data.encode_files(paths, read, encode, str(tmp_path / "failed"), chunk=6, batch=2, progress=False,
+    resumed = imagenet.encode_files(paths, read, encode, str(tmp_path / "failed"), chunk=6, batch=2, progress=False,
                                 records=records)
     assert read_files == paths[8:]  # the first chunk and the second's first two files were kept
     assert torch.equal(resumed["mean"], whole["mean"]) and not list((tmp_path / "failed").glob("*.part.pt"))
@@ -444,7 +444,7 @@ def test_a_file_that_fails_in_the_pass_keeps_what_its_chunk_encoded_before_it(tm
 def test_folder_changes_name_what_was_added_removed_moved_and_changed():
     before = [("train/a/1.JPEG", 10, 1), ("train/a/2.JPEG", 20, 2), ("train/b/3.JPEG", 30, 3), ("val/a/4.JPEG", 40, 4)]
     after = [("train/a/1.JPEG", 11, 1), ("train/b/2.JPEG", 20, 2), ("train/b/5.JPEG", 50, 5)]
-    assert data.folder_changes(before, after) == (
+    assert imagenet.folder_changes(before, after) == (
         "1 added (train/b/5.JPEG); 2 removed (train/b/3.JPEG, val/a/4.JPEG); "
         "1 moved (train/a/2.JPEG to train/b/2.JPEG); 1 changed (train/a/1.JPEG)")
 
@@ -452,13 +452,13 @@ def test_folder_changes_name_what_was_added_removed_moved_and_changed():
 def test_the_encoding_pass_shares_its_chunks_among_processes_and_rank_0_returns_them_all(tmp_path):
     paths, read, read_files = logged_reader(tmp_path)
     encode = lambda images: {"mean": images.float().mean((1, 2, 3))}
-    whole = data.encode_files(paths, read, encode, str(tmp_path / "whole"), chunk=4, progress=False)
+    whole = imagenet.encode_files(paths, read, encode, str(tmp_path / "whole"), chunk=4, progress=False)
     read_files.clear()
     # Rank 1 of 2 first (without torch.distributed there is no barrier to wait at): chunks 1 and 3.
-    assert data.encode_files(paths, read, encode, str(tmp_path / "shared"), chunk=4, progress=False,
+    assert imagenet.encode_files(paths, read, encode, str(tmp_path / "shared"), chunk=4, progress=False,
                              rank=1, world=2) is None
     assert read_files == paths[4:8] + paths[12:]
-    shared = data.encode_files(paths, read, encode, str(tmp_path / "shared"), chunk=4, progress=False,
+    shared = imagenet.encode_files(paths, read, encode, str(tmp_path / "shared"), chunk=4, progress=False,
                                rank=0, world=2)
     assert read_files[7:] == paths[:4] + paths[8:12]  # rank 0: chunks 0 and 2, then all of them returned
     assert torch.equal(shared["mean"], whole["mean"])
@@ -4191,7 +4191,8 @@ def assert_refused_before_any_work(name, value, tmp_path, monkeypatch, capsys, w
     argv = [*before, *([f"{flag}=yes"] if value is None else [flag, value])]
     monkeypatch.chdir(tmp_path)  # where ./data and a default --out would land
     monkeypatch.setattr(sys, "argv", ["dpt.py", "--dataset", "shapes", "--preset", "tiny", "--out", "runs", *argv])
-    monkeypatch.setattr(data, "load_dataset", lambda *args: pytest.fail("the dataset loaded before the check"))
+    for module, loader in ((data, "load_dataset"), (imagenet, "load_folder")):
+        monkeypatch.setattr(module, loader, lambda *args: pytest.fail("the dataset loaded before the check"))
     with pytest.raises(SystemExit) as exit:
         plumbing.run_main(dpt.main)
     lines = capsys.readouterr().err.strip().splitlines()
@@ -4435,7 +4436,7 @@ def test_the_imagenet_preset_runs_end_to_end_on_a_folder_of_jpegs(imagenet_run):
     config = configuration.DPTConfig(**{**json.loads((run / "config.json").read_text()), "dataset": str(root / "folder")})
     autoencoder = imagenet.load_autoencoder(str(root / "autoencoder_kl.pth"), "tiny")
     msn = imagenet.load_msn("tiny", 56, str(root / "msn_tiny.pth.tar"))
-    dataset = data.load_dataset(str(root / "folder"), folders=True)
+    dataset = imagenet.load_folder(str(root / "folder"))
     # Encoding: every file once, as the networks see its ADM crop; the mirror its own latent.
     encoded = torch.load(run / "encoded.pt")
     crops = torch.stack([imagenet.read_image(config, file) for file in dataset.train_files])
@@ -4686,8 +4687,8 @@ def test_a_folder_changed_under_its_encodings_is_refused_and_the_advised_redo_en
     assert finished.returncode == 0, finished.stderr[-3000:]
     run = tmp_path / "out" / "folder-1l-s0"
     encoded = torch.load(run / "encoded.pt", weights_only=True)
-    dataset = data.load_dataset(str(folder), folders=True)
-    assert encoded["train"]["files"] == data.file_records(dataset.train_files, str(folder))
+    dataset = imagenet.load_folder(str(folder))
+    assert encoded["train"]["files"] == imagenet.file_records(dataset.train_files, str(folder))
     assert len(encoded["test"]["features"]) == len(dataset.test_files)
     assert (run / "results.json").exists()
 
@@ -4733,14 +4734,14 @@ def test_classes_are_the_folders_that_hold_images_at_any_depth_and_never_hidden_
     Image.new("RGB", (8, 8)).save(train / "n01" / "._x.JPEG")  # macOS's metadata beside a file
     os.makedirs(train / "n02" / "more")
     Image.new("RGB", (8, 8)).save(train / "n02" / "more" / "deeper.png")
-    dataset = data.load_folder(str(tmp_path))
+    dataset = imagenet.load_folder(str(tmp_path))
     assert dataset.classes == ("n00", "n01", "n02") and torch.bincount(dataset.train_y).tolist() == [2, 2, 3]
     assert str(train / "n02" / "more" / "deeper.png") in dataset.train_files
     assert "has no val/ folder: no accuracy can be measured" in capsys.readouterr().err
     os.makedirs(train / "n03")
     (train / "n03" / "only.txt").write_text("a note")
     with pytest.raises(plumbing.UserError, match=r"train/n03 holds no image \(.jpeg, .jpg, .png, .webp"):
-        data.load_folder(str(tmp_path))
+        imagenet.load_folder(str(tmp_path))
 
 
 @pytest.mark.parametrize("link", ["a loop to the split", "a class linked into another", "an image in two classes"])
@@ -4751,14 +4752,14 @@ def test_a_folder_holds_each_image_once_and_a_link_that_repeats_one_is_refused_n
     os.makedirs(tmp_path / "elsewhere" / "more")  # a link out of the folder is followed: one more image
     Image.new("RGB", (8, 8)).save(tmp_path / "elsewhere" / "more" / "far.png")
     os.symlink(tmp_path / "elsewhere" / "more", train / "n01" / "more")
-    dataset = data.load_folder(str(tmp_path))
+    dataset = imagenet.load_folder(str(tmp_path))
     assert torch.bincount(dataset.train_y).tolist() == [2, 3, 2]
     linked, target = {"a loop to the split": (train / "n00" / "loop", ".."),
                       "a class linked into another": (train / "n02" / "n00", train / "n00"),
                       "an image in two classes": (train / "n02" / "twice.png", train / "n00" / "n00_0.JPEG")}[link]
     os.symlink(target, linked)
     with pytest.raises(plumbing.UserError) as refusal:
-        data.load_folder(str(tmp_path))
+        imagenet.load_folder(str(tmp_path))
     assert "(a link)" in str(refusal.value) and "\n" not in str(refusal.value)
     assert str(linked) in str(refusal.value) or str(target) in str(refusal.value), refusal.value
 
@@ -4768,7 +4769,7 @@ def test_a_16_bit_grayscale_image_is_scaled_to_8_bits_not_clipped(tmp_path):
     Image.fromarray(levels).save(tmp_path / "deep.png")
     with Image.open(tmp_path / "deep.png") as image:
         assert image.mode.startswith("I")
-        crop = data.adm_center_crop(image, 16)
+        crop = imagenet.adm_center_crop(image, 16)
     expected = torch.from_numpy(np.round(levels / 257).astype(np.uint8))
     assert all(torch.equal(channel, expected) for channel in crop)
 
@@ -4842,7 +4843,7 @@ def test_a_label_subset_edited_after_a_run_is_refused_and_its_redo_is_a_fresh_ru
                         DPT_FID_WEIGHTS="/missing")
     fresh = run_script("dpt.py", *command, "--out", str(tmp_path / "fresh"), DPT_FID_WEIGHTS="/missing")
     assert redone.returncode == 0 and fresh.returncode == 0, redone.stderr[-2000:] + fresh.stderr[-2000:]
-    names = lambda folder: sorted(os.path.basename(data.load_folder(str(root / "folder")).train_files[i])
+    names = lambda folder: sorted(os.path.basename(imagenet.load_folder(str(root / "folder")).train_files[i])
                                   for i in torch.load(folder / "split.pt", weights_only=True)["indices"])
     assert names(run) == names(tmp_path / "fresh" / "folder-1l-s0") == ["n0a_4.JPEG", "n0b_2.JPEG", "n0c_5.JPEG"]
     results = [json.loads((folder / "results.json").read_text()) for folder in (run, tmp_path / "fresh" /
@@ -4853,7 +4854,7 @@ def test_a_label_subset_edited_after_a_run_is_refused_and_its_redo_is_a_fresh_ru
 
 def test_a_label_subset_file_names_the_labeled_images_as_msns_do(tmp_path):
     write_imagenet_like(tmp_path)
-    dataset = data.load_dataset(str(tmp_path / "folder"), folders=True)
+    dataset = imagenet.load_folder(str(tmp_path / "folder"))
     subset = tmp_path / "1imgs_class.txt"
     subset.write_text("n0c_4.JPEG\nn0a_2.JPEG\nn0b_0.JPEG\n")  # MSN's layout: a file name a line
     config = configuration.DPTConfig(dataset=str(tmp_path / "folder"), preset="imagenet", label_subset=str(subset))
@@ -4871,7 +4872,7 @@ def test_a_label_subset_matches_class_and_file_and_refuses_repeats_and_names_sev
         os.makedirs(tmp_path / "folder" / "train" / c)
         for i in range(2):
             Image.new("RGB", (8, 8)).save(tmp_path / "folder" / "train" / c / f"{i}.JPEG")
-    dataset = data.load_dataset(str(tmp_path / "folder"), folders=True)
+    dataset = imagenet.load_folder(str(tmp_path / "folder"))
     subset = tmp_path / "subset.txt"
     config = configuration.DPTConfig(dataset=str(tmp_path / "folder"), preset="imagenet", label_subset=str(subset))
     subset.write_text("n0b/0.JPEG\nn0a/1.JPEG\n")

@@ -122,31 +122,11 @@ STAGE_SCRIPTS = ((fixmatch.FixMatchConfig, CLASSIFIER_FLAGS), (fixmatch.FixMatch
 # the paper's recipe (FixMatch on WRN-28-2 for 2^20 steps, EDM's DDPM++ for 200M
 # images, Heun with 35 evaluations); DPT's classifier is FreeMatch.
 PRESETS = {
-    # Two CPU cores, under 10 minutes, any dataset, and DPT must show. The tiny U-Net
-    # folds 2x2 pixels into channels (3.5x the images/s) and sees 48,000 images (80,000
-    # until the two reference models joined a run, each as long) at
-    # noise levels centred on sigma = 1, where the class decides the shape (EDM's
-    # -1.2 centres them on 0.3 and drew blobs of no class); guidance 3 makes the
-    # class plain in each sample; half of each stage-3 labeled batch stays real (the
-    # generated images carry stage 1's confusions; a quarter real lost on glyphs).
-    # The classifier ends where its curve has settled: 2,500 steps (at 1,500 stage 1
-    # still climbed by up to 3 points on glyphs; 2 unlabeled images per labeled one:
-    # as accurate as 3, a third faster), the learning rate decayed to 0, and the EMA
-    # model's BN statistics measured on clean images.
-    # Stage 1 is FreeMatch, as the paper's DPT: with one label per class FixMatch's fixed
-    # threshold confirms its early mistakes on real images (the digits of mnist5k: 38.9%
-    # against FreeMatch's 59.1%, labeled images alone 29.6%, three tuning seeds; RESULTS.md,
-    # "Stage 1 on real images"). Its global threshold starts at 1, not the paper's 1/C: from 1/C
-    # every unlabeled image is learned with the untrained network's guess from the first step, a
-    # lottery a run of 2,500 steps never unlearns (RESULTS.md, "A steadier stage 1"). The
-    # labeled-only baseline runs too (half a minute): a stage 1 that falls below it is a
-    # failed stage 1, whatever stage 3 gains over it.
-    # Stage 2 conditions on the surer half of each class's pseudo labels, the rest on
-    # the null class: at 40-80% right, each wrong condition draws wrong samples, and the
-    # surer half is right 1.5-14 points more often (RESULTS.md, "Stage 2 on the labels
-    # stage 1 is sure of"). RESULTS.md, "Results", measures each of these levers. Eager fp32: on 2 CPU cores
-    # compile only breaks even (13 s to compile) and neither pays for the U-Net
-    # (RESULTS.md, "Speed").
+    # Two CPU cores, under 10 minutes, any dataset, and DPT must show: a small CNN trained with
+    # FreeMatch from a global threshold of 1 beside the labeled-only baseline, a tiny U-Net that
+    # folds 2x2 pixels into channels, trained at noise levels centred on sigma = 1 on the surer
+    # half of each class's pseudo labels, guidance 3, half of each stage-3 labeled batch real,
+    # eager fp32. Each choice and its measurement: RESULTS.md, "The tiny preset's recipe".
     "tiny": dict(ssl_arch="small", ssl_threshold="freematch", ssl_freematch_start=1.0, ssl_steps=2500, ssl_batch=32,
                  ssl_uratio=2, ssl_lr=0.05, ssl_lr_cosine=0.5,
                  ssl_ema=0.99, ssl_precise_bn=2048, ssl_eval_every=100, stage3_steps=2500, stage3_real_fraction=0.5,

@@ -190,16 +190,11 @@ class FreeMatchThreshold(nn.Module):
     """Self-adaptive thresholds (Wang et al. 2023, eq. 6-9): an EMA of the mean
     confidence sets the global threshold, an EMA of the mean class
     probabilities scales it per class, both starting at 1/C (the paper's eq. 6).
-    start > 0 starts the global threshold there instead: from 1/C every
-    unlabeled image passes from the first step with the untrained network's
-    guess as its label, which a run of 2^20 steps outgrows but a short one with
-    one label per class never unlearns (stage 1 on the real digits' seed-10
-    labels, three training seeds: 49.7 / 53.6 / 39.4% from 1/C, 63.9 / 57.5 /
-    58.4% from 1, the tiny preset's start; RESULTS.md, "A steadier stage 1").
-    From 1 the threshold falls towards the model's mean confidence as the EMA
-    forgets its start (USB, the FreeMatch authors' code, started it at 1 until
-    April 2023). Buffers updated in place: they stay on the device,
-    inside the compiled step, at fixed addresses that a CUDA graph can replay."""
+    start > 0 starts the global threshold there instead, as USB did until April
+    2023: from 1/C a short run with one label per class learns the untrained
+    network's guesses and never unlearns them (RESULTS.md, "A steadier stage 1").
+    Buffers updated in place: they stay on the device, inside the compiled step,
+    at fixed addresses that a CUDA graph can replay."""
 
     def __init__(self, num_classes, decay, start=0.0):
         super().__init__()

@@ -2837,6 +2837,56 @@ def test_every_scripts_help_prints_every_flag(script, capsys):
                if field.default is not dataclasses.MISSING)
 
 
+def documented_commands():
+    """(file, argv) of every command in every file's opening docstring, its
+    continuation lines joined and its comment dropped."""
+    import ast
+    commands = []
+    for file in sorted(name for name in os.listdir(HERE) if name.endswith(".py")):
+        lines = (ast.get_docstring(ast.parse(open(os.path.join(HERE, file)).read())) or "").splitlines()
+        for index, line in enumerate(lines):
+            command = line.strip()
+            if not command.startswith(("python ", "torchrun ")) or lines[index - 1].rstrip().endswith("\\"):
+                continue
+            while command.endswith("\\"):
+                index += 1
+                command = command[:-1] + " " + lines[index].strip()
+            commands.append((file, command.split("#")[0].split()))
+    return commands
+
+
+SCRIPT_CONFIGS = {"dpt.py": None, "fixmatch.py": fixmatch.FixMatchConfig, "unet.py": unet.DiffusionConfig,
+                  "sample.py": sample.SampleConfig, "data.py": data.DataConfig}
+
+
+@pytest.mark.parametrize("file, argv", documented_commands(), ids=lambda value: " ".join(value)
+                         if isinstance(value, list) else value)
+def test_every_files_documented_command_names_flags_its_script_takes_with_values_it_accepts(file, argv, tmp_path):
+    """Each command a file's docstring shows parses, and passes its script's
+    checks of every setting (the work itself is the tests' below, at test sizes)."""
+    world = int(argv[2]) if argv[0] == "torchrun" else 1  # torchrun --nproc_per_node N SCRIPT ...
+    script, args = (argv[3], argv[4:]) if argv[0] == "torchrun" else (argv[1], argv[2:])
+    if script == "-m":
+        assert args[0] == "pytest" and file == "test_dpt.py"
+        return
+    if script == "fid.py":  # argparse of its own: every flag shown is one it defines
+        source = open(os.path.join(HERE, "fid.py")).read()
+        assert all(f'"{flag}"' in source for flag in args if flag.startswith("--")), args
+        return
+    if script == "dpt.py":
+        config = plumbing.parse_config(configuration.DPTConfig, "", args)
+        if config.autoencoder:  # a file the command names: here, one that exists
+            config.autoencoder = A_FILE
+        configuration.resolve(config)
+        configuration.check(config, world)
+        return
+    config = plumbing.parse_config(SCRIPT_CONFIGS[script], "", args)
+    if script in ("fixmatch.py", "unet.py"):
+        {"fixmatch.py": fixmatch.check, "unet.py": unet.check}[script](config, world)
+    elif script == "sample.py":
+        sample.check(config)
+
+
 def test_stage_2_checkpoints_every_5_percent_of_its_images_unless_told_how_often():
     config = configuration.DPTConfig(dataset="shapes", preset="tiny", diffusion_images=200_000)
     configuration.resolve(config)

@@ -713,13 +713,6 @@ def training_rate(config, steps=12, images=None):
     return metrics["images_per_second"], metrics["warmup_seconds"]
 
 
-def flop_utilisation(model, rate, device):
-    """The share of the GPU's bf16 peak that training at `rate` images/s uses:
-    training costs about 3x the forward FLOPs (forward, and a backward of twice).
-    None where the peak is unknown (a CPU)."""
-    return plumbing.peak_share(3 * flops_per_image(model) * rate, device)
-
-
 def benchmark(config, steps=12):
     """Training images/s and model FLOP utilisation of every size of --arch."""
     _, _, device = plumbing.distributed_setup()
@@ -728,7 +721,8 @@ def benchmark(config, steps=12):
     for size in PIXEL_SIZES:
         model = make_diffusion(config.arch, size, 10, 32)
         rate, warmup = training_rate(replace(config, size=size, batch=batch), steps)
-        mfu = flop_utilisation(model, rate, device)
+        # training costs about 3x the forward FLOPs (forward, and a backward of twice)
+        mfu = plumbing.peak_share(3 * flops_per_image(model) * rate, device)
         print(f"{config.arch} {size}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{flops_per_image(model) / 1e9:.2f} GFLOP/image forward, batch {batch}: {rate:,.1f} images/s "
               f"after {warmup:.1f} s of warm-up"

@@ -36,10 +36,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
+import configuration
 import data
+import dpt
+import fid
+import fixmatch
 import imagenet
 import plumbing
 import report
+import sample
+import unet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -770,8 +776,6 @@ def test_imports_flow_one_way():
 # -----------------------------------------------------------------------------
 # FID and Inception Score, against pytorch-fid on the same (random) weights
 
-import fid  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def fid_weights(tmp_path_factory):
@@ -954,8 +958,6 @@ def test_fid_command_without_weights_offline_is_one_line_and_exit_code_2(tmp_pat
 
 # -----------------------------------------------------------------------------
 # FixMatch (stages 1 and 3)
-
-import fixmatch  # noqa: E402
 
 
 def test_wrn28_2_has_fixmatchs_1_47M_parameters():
@@ -1357,7 +1359,6 @@ def test_merged_statistics_of_parts_equal_the_statistics_of_the_whole(fid_weight
 # -----------------------------------------------------------------------------
 # unet.py: stage 2's networks, EDM preconditioning, loss and training
 
-import unet  # noqa: E402
 
 def shapes_16(n, seed=0):
     """n shapes images at 16x16 (a quarter of the pixels: CPU tests four times faster)."""
@@ -2510,7 +2511,6 @@ def test_load_diffusion_refuses_a_file_that_is_not_a_diffusion_model(tmp_path):
 # -----------------------------------------------------------------------------
 # sample.py: noise levels, samplers and guidance, on denoisers known in closed form
 
-import sample  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Data with exact denoisers
@@ -2798,8 +2798,6 @@ def test_sample_command_refuses_bad_input_with_one_line_and_exit_code_2(tmp_path
 # -----------------------------------------------------------------------------
 # dpt.py: the three stages in one resumable command
 
-import configuration  # noqa: E402
-import dpt  # noqa: E402
 
 # The tiny preset cut down to seconds: every stage runs, none learns much.
 QUICK = ["--dataset", SHAPES_FILE, "--labels", "1", "--preset", "tiny", "--ssl-steps", "12", "--stage3-steps", "12",

@@ -6,6 +6,7 @@ refuse a bad one in one line before any work.
 
 import os
 import sys
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,8 @@ from plumbing import UserError
 
 
 @dataclass
-class DPTConfig:
+class RunConfig:
+    """dpt.py's own settings; DPTConfig below adds every stage script's."""
     dataset: str = "cifar10"        # cifar10 | cifar100 | svhn | shapes | glyphs | .pt/.npz | imagenet | a folder
     data_dir: str = "./data"        # where torchvision datasets are downloaded to
     labels: int = 1                 # labeled images per class
@@ -42,44 +44,6 @@ class DPTConfig:
     cuda_graphs: bool = False       # with compile on one GPU: replay each training step as CUDA graphs
     bf16: bool = None               # bf16 autocast (unset: the preset's, else with CUDA only)
     flip: bool = None               # mirror images in augmentation (unset: the dataset's; not digits or glyphs)
-    # Each field below is a stage script's flag under its stage's prefix: --ssl-lr is
-    # fixmatch.py's --lr, --diffusion-warmup unet.py's --warmup. Unset, it is the
-    # preset's, else the stage script's default, which is the paper's recipe.
-    # stages 1 and 3: the classifier (fixmatch.py)
-    ssl_arch: str = None            # wrn28_2 | small
-    ssl_steps: int = None           # stage-1 optimizer steps
-    ssl_batch: int = None           # labeled images per step
-    ssl_uratio: int = None          # unlabeled images per labeled image
-    ssl_lr: float = None            # SGD learning rate
-    ssl_lr_cosine: float = None     # the learning rate decays as cos(ssl_lr_cosine pi k / K): 7/16 FixMatch, 1/2 to 0
-    ssl_ema: float = None           # EMA of the classifier's weights
-    ssl_precise_bn: int = None      # training images the EMA model's BN statistics are measured on (0: copied)
-    ssl_threshold: str = None       # fixmatch | freematch
-    ssl_tau: float = None           # FixMatch's confidence threshold
-    ssl_freematch_start: float = None  # FreeMatch's global threshold at step 0 (0: the paper's 1/C)
-    ssl_fairness: float = None      # weight of FreeMatch's self-adaptive fairness loss (0: none)
-    ssl_eval_every: int = None      # steps between test evaluations (and checkpoints)
-    stage3_steps: int = None        # stage-3 optimizer steps
-    stage3_real_fraction: float = None  # share of real images in a stage-3 labeled batch (-1: uniform)
-    # stage 2: the diffusion model (unet.py)
-    diffusion_arch: str = None      # unet | uvit
-    diffusion_size: str = None      # tiny | fast | cifar
-    diffusion_images: int = None    # training length in images
-    diffusion_batch: int = None     # images per step
-    diffusion_micro_batch: int = None  # images per forward pass on a process (0: its whole share of the batch)
-    diffusion_lr: float = None      # Adam learning rate
-    diffusion_warmup: int = None    # images of learning-rate warm-up
-    diffusion_ema_halflife: int = None  # half-life of the EMA of the weights, in images
-    diffusion_p_mean: float = None  # training noise levels ln(sigma) ~ N(p_mean, 1.2^2) (EDM: -1.2)
-    diffusion_label_dropout: float = None  # share of training labels replaced by the null class (for guidance)
-    diffusion_augment: float = None  # EDM's augmentation probability (its CIFAR-10 recipe: 0.12); 0: x-flips only
-    diffusion_confident: float = None  # share of each class's pseudo labels kept, the surest; the rest: null class
-    diffusion_ckpt_every: int = 0   # images between checkpoints (0: every 5% of the run, at most 2M apart)
-    # sampling (sample.py)
-    sample_per_class: int = None    # K: generated images per class
-    sample_solver: str = None       # heun | euler | dpmpp
-    sample_steps: int = None        # solver steps (Heun: 2 N - 1 network evaluations)
-    sample_guidance: float = None   # classifier-free guidance weight (1: none)
     # the imagenet preset: frozen networks read every image once, the learner is a linear probe
     image_size: int = 256           # ADM's centre crop of every image; the latents are a side of image_size / 8
     autoencoder: str = ""           # Stable Diffusion's autoencoder_kl.pth (no stable URL: see the README)
@@ -92,29 +56,61 @@ class DPTConfig:
     fid_stats: str = ""             # FID reference .npz (mu, sigma); empty: ADM's for imagenet, else training images
 
 
-# Each stage script's settings, written out: the stage script's field on the left,
-# the DPTConfig field that sets it on the right (its flag: --ssl-lr sets fixmatch.py's
-# --lr). resolve() fills what neither the user nor the preset set from the stage
-# script's default; a stage script's refusal names dpt.py's flag (--ssl-steps, where
-# fixmatch.py would say --steps).
-CLASSIFIER_FLAGS = {  # fixmatch.py: stage 1, the baseline (and the oracle's recipe)
-    "dataset": "dataset", "data_dir": "data_dir", "labels": "labels", "seed": "seed", "compile": "compile",
-    "cuda_graphs": "cuda_graphs", "bf16": "bf16", "flip": "flip", "arch": "ssl_arch", "steps": "ssl_steps",
-    "batch": "ssl_batch", "uratio": "ssl_uratio", "lr": "ssl_lr", "lr_cosine": "ssl_lr_cosine", "ema": "ssl_ema",
-    "precise_bn": "ssl_precise_bn", "threshold": "ssl_threshold", "tau": "ssl_tau",
-    "freematch_start": "ssl_freematch_start", "fairness": "ssl_fairness", "eval_every": "ssl_eval_every",
-    "ckpt_every": "ssl_eval_every"}
-STAGE3_FLAGS = {**CLASSIFIER_FLAGS, "steps": "stage3_steps", "real_fraction": "stage3_real_fraction"}  # fixmatch.py
-DIFFUSION_FLAGS = {  # unet.py: stage 2
-    "dataset": "dataset", "data_dir": "data_dir", "seed": "seed", "compile": "compile", "cuda_graphs": "cuda_graphs",
-    "bf16": "bf16", "flip": "flip", "arch": "diffusion_arch", "size": "diffusion_size", "images": "diffusion_images",
-    "batch": "diffusion_batch", "micro_batch": "diffusion_micro_batch", "lr": "diffusion_lr",
-    "warmup": "diffusion_warmup", "ema_halflife": "diffusion_ema_halflife", "p_mean": "diffusion_p_mean",
-    "label_dropout": "diffusion_label_dropout", "augment": "diffusion_augment",
-    "confident": "diffusion_confident", "ckpt_every": "diffusion_ckpt_every"}
-SAMPLE_FLAGS = {  # sample.py: the samples
-    "seed": "seed", "bf16": "bf16", "per_class": "sample_per_class", "solver": "sample_solver",
-    "steps": "sample_steps", "guidance": "sample_guidance"}
+# The settings of each stage script that dpt.py takes, each under its stage's prefix:
+# fixmatch.py's --lr is dpt.py's --ssl-lr, unet.py's --warmup its --diffusion-warmup.
+# A setting's type, default, help and rule are declared once, in its stage script;
+# here only its name. Unset, it is the preset's, else the stage script's default
+# (resolve). (prefix, the stage script's settings, the run folder's stage, the fields)
+STAGE_SETTINGS = (
+    ("ssl", fixmatch.FixMatchConfig, "stage1", ("arch", "steps", "batch", "uratio", "lr", "lr_cosine", "ema",
+                                                "precise_bn", "threshold", "tau", "freematch_start", "fairness",
+                                                "eval_every")),
+    ("stage3", fixmatch.FixMatchConfig, "stage3", ("steps", "real_fraction")),
+    ("diffusion", unet.DiffusionConfig, "stage2", ("arch", "size", "images", "batch", "micro_batch", "lr", "warmup",
+                                                   "ema_halflife", "p_mean", "label_dropout", "augment", "confident",
+                                                   "ckpt_every")),
+    ("sample", sample.SampleConfig, "sample", ("per_class", "solver", "steps", "guidance")),
+)
+# dpt.py's own settings that a stage script takes under the same name.
+SHARED = ("dataset", "data_dir", "labels", "seed", "compile", "cuda_graphs", "bf16", "flip")
+# Each stage script's name, and its settings that change nothing it makes.
+SCRIPTS = {fixmatch.FixMatchConfig: ("fixmatch.py", fixmatch.FREE_TO_CHANGE),
+           unet.DiffusionConfig: ("unet.py", unet.FREE_TO_CHANGE), sample.SampleConfig: ("sample.py", set())}
+
+
+def stage_field(prefix, script_config, name):
+    """The DPTConfig field of a stage script's setting: unset (None) until resolve,
+    its help the stage script's, with the flag it is there."""
+    declared = {field.name: field for field in dataclasses.fields(script_config)}[name]
+    help_text = (f"{plumbing.field_comments(script_config).get(name, '')} "
+                 f"({SCRIPTS[script_config][0]}'s --{name.replace('_', '-')})")
+    return f"{prefix}_{name}", declared.type, dataclasses.field(default=None, metadata={"help": help_text})
+
+
+DPTConfig = dataclasses.make_dataclass(
+    "DPTConfig", [stage_field(prefix, script_config, name) for prefix, script_config, _, names in STAGE_SETTINGS
+                  for name in names], bases=(RunConfig,))
+DPTConfig.__module__ = __name__  # made here, so that pickle and repr name it
+
+
+def script_flags(script_config, *prefixes):
+    """{stage script's field: the DPTConfig field that sets it}: the shared ones,
+    then each prefix's (a later prefix's replace an earlier's: stage 3's steps)."""
+    names = {field.name for field in dataclasses.fields(script_config)}
+    flags = {name: name for name in SHARED if name in names}
+    for prefix, _, _, fields in STAGE_SETTINGS:
+        if prefix in prefixes:
+            flags.update({name: f"{prefix}_{name}" for name in fields})
+    return flags
+
+
+# Each stage script's settings, its field on the left, the DPTConfig field that sets
+# it on the right; a stage script's refusal names dpt.py's flag (--ssl-steps, where
+# fixmatch.py would say --steps). The classifier checkpoints as often as it evaluates.
+CLASSIFIER_FLAGS = {**script_flags(fixmatch.FixMatchConfig, "ssl"), "ckpt_every": "ssl_eval_every"}  # stage 1
+STAGE3_FLAGS = {**script_flags(fixmatch.FixMatchConfig, "ssl", "stage3"), "ckpt_every": "ssl_eval_every"}
+DIFFUSION_FLAGS = script_flags(unet.DiffusionConfig, "diffusion")  # stage 2
+SAMPLE_FLAGS = script_flags(sample.SampleConfig, "sample")  # the samples
 STAGE_SCRIPTS = ((fixmatch.FixMatchConfig, CLASSIFIER_FLAGS), (fixmatch.FixMatchConfig, STAGE3_FLAGS),
                  (unet.DiffusionConfig, DIFFUSION_FLAGS), (sample.SampleConfig, SAMPLE_FLAGS))
 
@@ -209,15 +205,11 @@ FIELD_STAGE = {
     **dict.fromkeys(("image_size", "autoencoder", "autoencoder_size", "skip_bad_images", "msn_size", "msn_weights"),
                     "encode"),
     **dict.fromkeys(("labels", "seed", "label_subset"), "split"),
-    **dict.fromkeys(("bf16", "flip", "probe_lambda", "ssl_arch", "ssl_steps", "ssl_batch", "ssl_uratio", "ssl_lr",
-                     "ssl_lr_cosine", "ssl_ema", "ssl_precise_bn", "ssl_threshold", "ssl_tau",
-                     "ssl_freematch_start", "ssl_fairness"), "stage1"),
-    **dict.fromkeys(("diffusion_arch", "diffusion_size", "diffusion_images", "diffusion_batch", "diffusion_lr",
-                     "diffusion_warmup", "diffusion_ema_halflife", "diffusion_p_mean", "diffusion_label_dropout",
-                     "diffusion_augment", "diffusion_confident"), "stage2"),
-    **dict.fromkeys(("sample_per_class", "sample_solver", "sample_steps", "sample_guidance"), "sample"),
-    **dict.fromkeys(("stage3_steps", "stage3_real_fraction"), "stage3"),
+    **dict.fromkeys(("bf16", "flip", "probe_lambda"), "stage1"),
     "fid_reference": "fid",
+    # a stage script's setting belongs to its stage, unless the script says it changes nothing
+    **{f"{prefix}_{name}": stage for prefix, script_config, stage, names in STAGE_SETTINGS for name in names
+       if name not in SCRIPTS[script_config][1]},
 }
 # Settings added after run folders were made with dpt.py, each with the value that
 # does what the versions before it did: a folder without one was made with that value.
@@ -229,8 +221,9 @@ ADDED_SINCE = {"diffusion_confident": 1.0, "ssl_freematch_start": 0.0, "ssl_fair
 # may be found without a flag ($DPT_FID_WEIGHTS, torch's cache), or only later.
 FILE_SETTINGS = ("label_subset", "autoencoder", "msn_weights")
 FREE_TO_CHANGE = {"dataset", "data_dir", "out", "redo", "baseline", "fid_weights", "fid_stats", "compile",
-                  "cuda_graphs", "preset", "ssl_eval_every", "diffusion_micro_batch", "diffusion_ckpt_every",
-                  "bench", "report", "seeds"}
+                  "cuda_graphs", "preset", "bench", "report", "seeds",
+                  *(f"{prefix}_{name}" for prefix, script_config, _, names in STAGE_SETTINGS for name in names
+                    if name in SCRIPTS[script_config][1])}
 
 
 def resolved(config):
@@ -249,11 +242,8 @@ def classifier_settings(config, stage, out=""):
 
 
 def diffusion_settings(config, out="", labels_file=""):
-    """unet.py's settings for stage 2, and the flags they come from; unless
-    --diffusion-ckpt-every says otherwise, a checkpoint every 5% of the run (at most
-    2M images apart)."""
+    """unet.py's settings for stage 2, and the flags they come from."""
     settings = {name: getattr(config, ours) for name, ours in DIFFUSION_FLAGS.items()}
-    settings["ckpt_every"] = settings["ckpt_every"] or min(max(config.diffusion_images // 20, 1), 2_000_000)
     return unet.DiffusionConfig(**settings, out=out, labels_file=labels_file), DIFFUSION_FLAGS
 
 

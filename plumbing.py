@@ -112,15 +112,29 @@ def check_divisible(config, world, flags=None):
         raise UserError(f"{flag('batch', flags)} {config.batch}: must be divisible by the {world} processes")
 
 
+def field_comments(config_class):
+    """{field: the comment after it on its line} in the source of a @dataclass
+    (of its bases too); none for a class made at run time (make_dataclass)."""
+    comments = {}
+    for cls in reversed(config_class.__mro__[:-1]):
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            name, _, rest = line.strip().partition(":")
+            if "#" in rest and name.isidentifier():
+                comments[name] = rest.split("#", 1)[1].strip()
+    return comments
+
+
 def parse_config(config_class, description, argv=None):
     """Build a command line from a @dataclass: each field is a --flag with its
     default (a field without a default is a positional argument), and the
-    comment after the field is its help text."""
-    comments = {}
-    for line in inspect.getsource(config_class).splitlines():
-        name, _, rest = line.strip().partition(":")
-        if "#" in rest and name.isidentifier():
-            comments[name] = rest.split("#", 1)[1].strip()
+    comment after the field (or its metadata's "help") is its help text."""
+    comments = field_comments(config_class)
+    comments.update({field.name: field.metadata["help"] for field in dataclasses.fields(config_class)
+                     if "help" in field.metadata})
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     fields = dataclasses.fields(config_class)
     unset = "the preset's, else the stage script's" if "preset" in {field.name for field in fields} else "unset"

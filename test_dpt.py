@@ -2885,12 +2885,15 @@ def test_every_files_documented_command_names_flags_its_script_takes_with_values
         sample.check(config)
 
 
-def test_stage_2_checkpoints_every_5_percent_of_its_images_unless_told_how_often():
-    config = configuration.DPTConfig(dataset="shapes", preset="tiny", diffusion_images=200_000)
-    configuration.resolve(config)
-    assert configuration.diffusion_settings(config)[0].ckpt_every == 10_000
-    assert configuration.diffusion_settings(dataclasses.replace(config, diffusion_images=10 ** 9))[0].ckpt_every == 2_000_000
-    assert configuration.diffusion_settings(dataclasses.replace(config, diffusion_ckpt_every=100_000))[0].ckpt_every == 100_000
+def test_stage_2_checkpoints_every_5_percent_of_its_images_unless_told_how_often(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(plumbing, "save_atomic", lambda obj, path, writer=None: saved.append(obj["images_seen"]))
+    images, labels = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8), torch.arange(64) % 2
+    for every, expected in ((0, [2 * step for step in range(1, 21)]), (10, [10, 20, 30, 40])):
+        saved.clear()
+        unet.train(diffusion_config(tmp_path, images=40, batch=2, ckpt_every=every, augment=0.0), images, labels, 2,
+                   progress=False)
+        assert saved == expected, every
 
 
 def test_a_run_folder_made_before_a_flag_was_renamed_is_refused_not_misread(tmp_path):

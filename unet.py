@@ -7,10 +7,9 @@ U-Net (Song et al. 2021) or a U-ViT (Bao et al. 2023) as the network.
     python unet.py --dataset cifar10 --labels-file pseudo_labels.pt     # EDM's CIFAR-10 recipe: 200M images
     python unet.py --bench --arch uvit                                  # images/s and MFU of every size
 
-The first command (the tiny preset's stage 2, on true labels) takes under 5
-minutes on 2 CPU cores and draws the ten shapes, rough at the edges, with
-guidance 3 (sample.py, which needs the label dropout for it);
-the second took EDM ~2 days on 8 V100s.
+The first command (the tiny preset's stage 2, on true labels) draws the ten
+shapes, rough at the edges, with guidance 3 (sample.py; the label dropout makes
+it possible); the second is EDM's run of about 2 days on 8 V100s.
 
 Training lengths, warm-up, EMA half-life and the intervals are counted in
 images, as in EDM, so they do not change meaning with the batch size. Labels
@@ -72,7 +71,7 @@ class DiffusionConfig:
     p_mean: float = -1.2            # training noise levels: ln(sigma) ~ N(p_mean, p_std^2)
     p_std: float = 1.2              # (EDM's log-normal)
     seed: int = 0                   # seed of the initial weights and of training
-    ckpt_every: int = 5_000_000     # images between checkpoints
+    ckpt_every: int = 0             # images between checkpoints (0: every 5% of the run, at most 2M apart)
     compile: bool = None            # torch.compile the network and its loss (unset: with CUDA only)
     cuda_graphs: bool = False       # with compile on one GPU: replay the step's forward and backward as CUDA graphs
     bf16: bool = None               # bf16 autocast (unset: with CUDA only)
@@ -530,7 +529,7 @@ RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE, "out": data
          "ema_rampup": plumbing.at_least(0), "label_dropout": plumbing.FRACTION, "augment": plumbing.PROBABILITY,
          "confident": ((lambda value: 0 < value <= 1), "above 0 and at most 1"),
          "p_mean": plumbing.FINITE, "p_std": plumbing.POSITIVE, "seed": plumbing.SEED,
-         "ckpt_every": plumbing.between(1, plumbing.MOST_IMAGES)}
+         "ckpt_every": plumbing.between(0, plumbing.MOST_IMAGES)}
 
 
 def check(config, world=1, flags=None, resolution=None):
@@ -603,6 +602,7 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
     forward, step_loss = plumbing.for_training(model, edm_loss, world, device, compile, config.cuda_graphs)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=plumbing.on_cuda_unless_set(config.bf16, device))
 
+    ckpt_every = config.ckpt_every or min(max(config.images // 20, 1), 2_000_000)
     share = config.batch // world  # images a process puts through the network each step
     micro = min(config.micro_batch or share, share)  # ... in forward passes of this many
     steps_left = -(-(config.images - images_seen) // config.batch)
@@ -677,7 +677,7 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
         if preview is not None and rank == 0 and crossed(preview_every, images_seen - config.batch, images_seen):
             with torch.random.fork_rng(devices=[device] if on_cuda else []):  # training draws the same numbers
                 preview(ema_model, images_seen)
-        if crossed(config.ckpt_every, images_seen - config.batch, images_seen) or done:
+        if crossed(ckpt_every, images_seen - config.batch, images_seen) or done:
             rngs = plumbing.all_rng_states(world)
             if rank == 0:
                 plumbing.save_atomic({"model": model.state_dict(), "ema": ema_model.state_dict(),

@@ -2725,7 +2725,7 @@ def test_generate_under_several_processes_gives_every_process_all_images_in_orde
         shares[len(outputs) - 1 - len(shares)] = tensor.clone()
         for rank, output in shares.items():
             outputs[rank].copy_(output)
-    monkeypatch.setattr(data.dist, "all_gather", all_gather)
+    monkeypatch.setattr(torch.distributed, "all_gather", all_gather)
     for rank in reversed(range(world)):
         gathered, labels = sample.generate(model, 5, "euler", 3, rank=rank, world=world, progress=False)
     assert torch.equal(gathered, alone) and labels.tolist() == [0] * 5 + [1] * 5
@@ -4151,6 +4151,7 @@ A_FILE = os.path.join(HERE, "dpt.py")
 BAD_SETTINGS = {
     "dataset": "imagenet42", "data_dir": A_FILE, "labels": "0", "seed": "-1", "preset": "huge", "out": A_FILE,
     "redo": "stage9", "baseline": None, "fid_weights": "/missing/inception.pth", "bench": None, "compile": None,
+    "diffusion_ckpt_every": "-1",
     "cuda_graphs": None, "bf16": None, "flip": None, "report": "/missing/run",
     "ssl_arch": "vgg", "ssl_steps": "0", "stage3_steps": "0", "ssl_batch": "0", "ssl_uratio": "0", "ssl_lr": "0",
     "ssl_ema": "1", "ssl_threshold": "adaptive", "ssl_tau": "1.5", "ssl_freematch_start": "1.5",

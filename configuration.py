@@ -4,9 +4,9 @@ reaches its stage script (--ssl-lr is fixmatch.py's --lr), and the rules that
 refuse a bad one in one line before any work.
 """
 
+import dataclasses
 import os
 import sys
-import dataclasses
 from dataclasses import dataclass
 
 import torch

@@ -79,7 +79,7 @@ def stage_pseudo_labels(run, learner, model, dataset):
                          timed=(run, "stage1"))
 
 
-def stage_2(config, run, images, pseudo_labels, num_classes, mirrored=None):
+def stage_diffusion(config, run, images, pseudo_labels, num_classes, mirrored=None):
     """The class-conditional diffusion model, trained on every training image
     (pixels, or the imagenet preset's latents and their mirrors') with its pseudo
     label, or with the null class where stage 1 was among the least sure of a class."""
@@ -263,20 +263,31 @@ def oracle_settings(config, dataset):
 
 
 def stage_oracle(config, dataset, device, rank, world):
-    """The oracle, its metrics and its file: trained on first use (a run that
-    finds another training it waits), loaded afterwards."""
+    """The oracle, its metrics and its file: trained on first use, loaded afterwards."""
     settings = oracle_settings(config, dataset)
     path = os.path.join(settings.out, "classifier.pt")
-    if not os.path.exists(path):
-        with plumbing.folder_claimed(settings.out, rank, world, wait=True):
-            if not os.path.exists(path):  # not finished by the run we waited for
-                if rank == 0:
-                    print(f"training the oracle once for {dataset.name}: {settings.out}", file=sys.stderr)
-                model, metrics = fixmatch.train(settings, dataset, torch.arange(len(dataset.train_y)))
-                if rank == 0:
-                    fixmatch.save_classifier(model, settings, metrics, path)
-            plumbing.barrier()
+
+    def train():
+        model, metrics = fixmatch.train(settings, dataset, torch.arange(len(dataset.train_y)))
+        if rank == 0:
+            fixmatch.save_classifier(model, settings, metrics, path)
+    once_for_every_run(path, train, f"the oracle for {dataset.name}", rank, world)
     return (*fixmatch.load_classifier(path, device), path)
+
+
+def once_for_every_run(path, make, what, rank, world):
+    """What the runs on one dataset share (the oracle, the every-label model): made
+    by the first run that needs it, under its folder's lock, so that a run that
+    finds another making it waits, then finds it made."""
+    if os.path.exists(path):
+        return
+    folder = os.path.dirname(path)
+    with plumbing.folder_claimed(folder, rank, world, wait=True):
+        if not os.path.exists(path):  # not finished by the run we waited for
+            if rank == 0:
+                print(f"training {what} once: {folder}", file=sys.stderr)
+            make()
+        plumbing.barrier()
 
 
 # -----------------------------------------------------------------------------
@@ -319,15 +330,10 @@ def stage_references(config, run, dataset, labeled_index, images, device, rank, 
         dataset.train_y, labeled_index, dataset.num_classes), dataset.num_classes, mirrored)
     plumbing.once(os.path.join(few, "diffusion.pt"), train_few, timed=(run, "few_labels"))
     every = every_label_folder(config, dataset)
-    if not os.path.exists(os.path.join(every, "diffusion.pt")):
-        with plumbing.folder_claimed(every, rank, world, wait=True):
-            if not os.path.exists(os.path.join(every, "diffusion.pt")):  # not finished by the run we waited for
-                if rank == 0:
-                    print(f"training the every-label diffusion model once for {dataset.name}: {every}",
-                          file=sys.stderr)
-                train_diffusion(config, every, images, dataset.train_y, dataset.num_classes, mirrored,
-                                seed=EVERY_LABEL_SEED)
-            plumbing.barrier()
+    train_every = lambda: train_diffusion(config, every, images, dataset.train_y, dataset.num_classes, mirrored,
+                                          seed=EVERY_LABEL_SEED)
+    once_for_every_run(os.path.join(every, "diffusion.pt"), train_every,
+                       f"the every-label diffusion model for {dataset.name}", rank, world)
     timed = (run, "reference_samples")
     return {"few_labels": sample_into(config, os.path.join(few, "diffusion.pt"), few, device, rank, world, timed),
             "every_label": sample_into(config, os.path.join(every, "diffusion.pt"), os.path.join(run, "every_label"),
@@ -452,10 +458,10 @@ def run_stages(config, run, dataset, device, rank, world):
     stage1, stage1_metrics = learner.fit("stage1", labeled_index)
     pseudo_labels = stage_pseudo_labels(run, learner, stage1, dataset)
     if folder:  # stage 2 learns the latents of every image and of its mirror
-        stage_2(config, run, encoded["train"]["latents"], pseudo_labels, dataset.num_classes,
+        stage_diffusion(config, run, encoded["train"]["latents"], pseudo_labels, dataset.num_classes,
                 mirrored=encoded["train"]["flipped"])
     else:
-        stage_2(config, run, dataset.train_x, pseudo_labels, dataset.num_classes)
+        stage_diffusion(config, run, dataset.train_x, pseudo_labels, dataset.num_classes)
     samples = stage_sample(config, run, device, rank, world)
     _, stage3_metrics = learner.fit("stage3", labeled_index, samples)
     # The baselines of both halves: the classifier on the labeled images alone (the
@@ -481,19 +487,24 @@ def run_stages(config, run, dataset, device, rank, world):
         for name, measured in fid_results.items():
             generation[name].update(fid=measured and measured["fid"],
                                     inception_score=measured and measured["inception_score"])
-        write_results(config, run, dataset, device, samples, stage1_metrics=stage1_metrics,
-                      pseudo_labels=pseudo_labels, stage3_metrics=stage3_metrics, baseline_metrics=baseline_metrics,
-                      fid_result=fid_results["dpt"], believed=learner.predict_samples(stage1, samples),
-                      true=learner.predict_samples(oracle, samples), oracle_metrics=oracle_metrics,
-                      oracle_path=oracle_path, generation=generation)
+        results = collect_results(config, run, dataset, device, samples, stage1_metrics=stage1_metrics,
+                                  pseudo_labels=pseudo_labels, stage3_metrics=stage3_metrics,
+                                  baseline_metrics=baseline_metrics, fid_result=fid_results["dpt"],
+                                  believed=learner.predict_samples(stage1, samples),
+                                  true=learner.predict_samples(oracle, samples), oracle_metrics=oracle_metrics,
+                                  oracle_path=oracle_path, generation=generation)
+        plumbing.write_json(results, os.path.join(run, "results.json"))
+        finish_redo(run)
+        report.write_report(run)
+        report.print_summary(results, run)
     plumbing.barrier()
 
 
-def write_results(config, run, dataset, device, samples, *, stage1_metrics, pseudo_labels, stage3_metrics,
-                  baseline_metrics, fid_result, believed, true, oracle_metrics, oracle_path, generation):
-    """results.json from what the stages measured, the judges' labels of the
-    samples (believed: stage 1's, true: the oracle's) and the oracle's view of
-    each diffusion model's samples (generation), report.html, and the summary."""
+def collect_results(config, run, dataset, device, samples, *, stage1_metrics, pseudo_labels, stage3_metrics,
+                    baseline_metrics, fid_result, believed, true, oracle_metrics, oracle_path, generation):
+    """results.json's contents: what the stages measured, the judges' labels of the
+    samples (believed: stage 1's, true: the oracle's) and the oracle's view of each
+    diffusion model's samples (generation)."""
     believed, true = (report.sample_accuracy(judged, samples["labels"], dataset.num_classes)
                       for judged in (believed, true))
     results = {
@@ -523,15 +534,7 @@ def write_results(config, run, dataset, device, samples, *, stage1_metrics, pseu
         "device": plumbing.device_name(device),
         "skipped_images": len(dataset.skipped),  # unreadable, left out by --skip-bad-images
     }
-    plumbing.write_json(results, os.path.join(run, "results.json"))
-    if os.path.exists(os.path.join(run, "redo.json")):
-        os.remove(os.path.join(run, "redo.json"))  # the redo is done: the same command would redo it again
-    report.write_report(run)
-    print(report.verdict(results))
-    rows = report.summary_rows(results)
-    width = max(len(what) for what, _ in rows)
-    print("\n".join(f"  {what:<{width}}  {value}" for what, value in rows))
-    print(f"everything is in {run}: report.html (open it in a browser), results.json, samples.png, samples.pt")
+    return results
 
 
 # -----------------------------------------------------------------------------
@@ -685,6 +688,13 @@ def check_run_folder(config, run, dataset):
         if removed:
             plumbing.write_json({"redo": config.redo}, os.path.join(run, "redo.json"))
     plumbing.barrier()
+
+
+def finish_redo(run):
+    """The run is done: a --redo is no longer under way (redo.json), so the same
+    command will redo it again rather than resume it."""
+    if os.path.exists(os.path.join(run, "redo.json")):
+        os.remove(os.path.join(run, "redo.json"))
 
 
 def check_kept(config, run, dataset, kept, removed):

@@ -234,6 +234,15 @@ def minutes(results):
     return sum(results["wall_time_s"].values()) / 60
 
 
+def print_summary(results, run):
+    """The run's end on stdout: the verdict, the summary table, where everything is."""
+    print(verdict(results))
+    rows = summary_rows(results)
+    width = max(len(what) for what, _ in rows)
+    print("\n".join(f"  {what:<{width}}  {value}" for what, value in rows))
+    print(f"everything is in {run}: report.html (open it in a browser), results.json, samples.png, samples.pt")
+
+
 def summary_rows(results):
     """(what, value) rows of the summary that the command prints and the report shows."""
     points = lambda gain: "-" if gain is None else f"{100 * gain:+.2f} points"

@@ -13,23 +13,24 @@ import sys
 
 os.chdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 MUTATIONS = {  # issue 44: a refusal costs nothing, every input known by its contents, every count bounded
- "check after remove": ("dpt.py", "    check_kept(config, run, dataset, STAGES[:first], removed)\n", "", "refused_command_leaves"),
- "walk unshared": ("data.py", "        files = class_images(os.path.join(folder, name), walked)", "        files = class_images(os.path.join(folder, name))", "holds_each_image"),
+ "check after remove": ("dpt.py", "    check_kept(config, run, dataset, configuration.STAGES[:first], removed)\n", "", "refused_command_leaves"),
+ "walk unshared": ("imagenet.py", "        files = class_images(os.path.join(folder, name), walked)", "        files = class_images(os.path.join(folder, name))", "holds_each_image"),
  "no label bound": ("data.py", "    if num_classes > len(train_y):", "    if False:", "malformed_file and 10"),
- "seed range": ("dpt.py", "and all(map(plumbing.SEED[0], seeds))", "", "seeds_and"),
- "no fid check": ("dpt.py", "                read(path)\n", "                pass\n", "seeds_and"),
- "no memory bound": ("dpt.py", "        if held > plumbing.memory_bytes():", "        if False:", "more_samples"),
+ "seed range": ("configuration.py", "and all(map(plumbing.SEED[0], seeds))", "", "seeds_and"),
+ "no fid check": ("configuration.py", "                read(path)\n", "                pass\n", "seeds_and"),
+ "no memory bound": ("dpt.py", "    if held > plumbing.memory_bytes():", "    if False:", "more_samples"),
  "no sigterm": ("plumbing.py", "    default = signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))", "    default = signal.getsignal(signal.SIGTERM)", "sigterm"),
  "no temporaries removed": ("plumbing.py", "            remove_temporaries(folder)  #", "            pass  #", "sigkill"),
- "identity by path": ("dpt.py", "    return {**settings, **{name: plumbing.file_identity(getattr(config, name)) for name in FILE_SETTINGS}}", "    return {**settings, **{name: getattr(config, name) for name in FILE_SETTINGS}}", "input_files_are_known or label_subset_edited"),
+ "identity by path": ("dpt.py", "plumbing.file_identity(getattr(config, name)) for name in configuration.FILE_SETTINGS}}", "getattr(config, name) for name in configuration.FILE_SETTINGS}}", "input_files_are_known or label_subset_edited"),
  "no fid inputs": ("dpt.py", "        check_fid_inputs(config, [path(FID_FILES[name]) for name in FID_FILES])", "        pass", "refused_command_leaves and FID"),
- "no network check": ("dpt.py", "        load_msn(config, \"cpu\"), imagenet.load_autoencoder(config.autoencoder, config.autoencoder_size)", "        pass", "input_files_are_known"),
+ "no network check": ("dpt.py", "        imagenet.msn_for(config, \"cpu\"), imagenet.load_autoencoder(config.autoencoder, config.autoencoder_size)", "        pass", "input_files_are_known"),
  "uint16 advice": ("data.py", "if 255 < largest <= 65535", "if False", "malformed_file"),
  "config advice": ("dpt.py", 'advice="the settings its files were made with are unknown; delete the folder "', 'advice="the settings are unknown "', "refused_command_leaves and config"),
  # issue 45: the GPU path
  "gradients set to None": ("unet.py", "        plumbing.zero_grad(optimizer)", "        optimizer.zero_grad(set_to_none=True)", "accumulated_micro"),
  "no compiler reset": ("plumbing.py", "        torch.compiler.reset()", "        pass", "own_static_graph"),
- "rate timed after the checkpoint": ("fixmatch.py", "        if step == config.steps and timer is not None:", "        if False:", "training_rate_times and classifier"),
+ "a CPU's rate the mean step": ("plumbing.py", "min(self.seconds or math.inf, elapsed)", "elapsed", "step_clock"),
+ "a GPU waited for each step": ("plumbing.py", "        if self.on_cuda and not last:\n            return\n", "", "step_clock"),
  "RandAugment draws always": ("data.py", "    offset = int(torch.randint(len(names), ())) if n % len(names) or not n else 0", "    offset = int(torch.randint(len(names), ()))", "14_divides"),
  "download without timeout": ("fid.py", "            with download_timeout():\n                state_dict", "            if True:\n                state_dict", "gives_up_after"),
 }

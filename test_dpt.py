@@ -3,7 +3,11 @@
     python -m pytest -q -n 2     # two pytest-xdist workers; plain `python -m pytest -q` runs it in one
 
 Datasets and weights are never downloaded: tests write small files in the
-exact on-disk formats and run the real loading code on them.
+exact on-disk formats and run the real loading code on them. One section a file,
+in the order of the README's file table (the shared fixtures first): data.py,
+fixmatch.py, unet.py, imagenet.py, sample.py, fid.py, then dpt.py with the files
+it drives (configuration.py, bench.py, report.py); plumbing.py's tests sit with
+the behaviour they serve.
 """
 
 import base64
@@ -134,6 +138,9 @@ def assert_one_line_error(result, *words):
     for word in words:
         assert word in lines[0]
 
+
+# =============================================================================
+# data.py: datasets, the labeled split, augmentation, its command line; the imports of every file
 
 # -----------------------------------------------------------------------------
 # torchvision datasets, read from files in their exact on-disk formats
@@ -330,144 +337,6 @@ def test_malformed_file_is_refused_with_a_one_line_reason(tmp_path, case):
 def test_unreadable_file_is_one_line_and_exit_code_2_on_the_command_line(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"this is not a torch file")
     assert_one_line_error(run_script("data.py", "--dataset", str(tmp_path / "junk.pt")), "cannot read")
-
-
-# -----------------------------------------------------------------------------
-# ImageNet's layout: image folders, ADM's centre crop, the resumable encoding pass
-
-
-def write_image_folder(root, classes=("n01", "n02", "n00"), per_class=3, size=(40, 30)):
-    """JPEGs in ImageNet's layout: root/train/CLASS/*.JPEG; image i of class c is
-    a flat colour (c, i) so that every file is known by its pixels."""
-    from PIL import Image
-    for c, name in enumerate(classes):
-        os.makedirs(root / "train" / name)
-        for i in range(per_class):
-            Image.new("RGB", size, (80 * c, 60 * i, 128)).save(root / "train" / name / f"{name}_{i}.JPEG")
-        (root / "train" / name / "notes.txt").write_text("not an image")
-
-
-def test_an_image_folder_lists_its_images_with_classes_sorted_by_name(tmp_path):
-    write_image_folder(tmp_path)
-    paths, labels, classes = imagenet.image_folder(str(tmp_path), "train")
-    assert classes == ("n00", "n01", "n02") and labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
-    assert all(path.endswith(".JPEG") and f"/{classes[label]}/" in path for path, label in zip(paths, labels))
-    with pytest.raises(plumbing.UserError, match="ImageNet's layout"):
-        imagenet.image_folder(str(tmp_path), "val")
-
-
-def test_adms_centre_crop_halves_with_a_box_filter_then_crops_the_centre():
-    from PIL import Image
-    image = lambda columns: Image.fromarray(np.tile(columns.astype(np.uint8), (400, 1))).convert("RGB")
-    crop = imagenet.adm_center_crop(image(np.arange(1000) // 4), 100)  # column x holds x // 4
-    assert crop.shape == (3, 100, 100) and crop.dtype == torch.uint8  # 1000x400 -> 500x200 -> 250x100, at 75
-    assert torch.equal(crop[0], torch.arange(75, 175, dtype=torch.uint8).expand(100, 100))
-    # Stripes 0, 120, 240, ...: a box of 4 columns from 4m holds a whole period and one more stripe,
-    # (360 + 120 (m % 3)) / 4; one bicubic resize by 4 would blur them towards 120.
-    stripes = imagenet.adm_center_crop(image(np.arange(1000) % 3 * 120), 100)
-    assert stripes[0, 0].tolist() == [90 + 30 * ((75 + k) % 3) for k in range(100)]
-    small = imagenet.adm_center_crop(Image.new("RGB", (50, 40), (9, 99, 199)), 64)  # upscaled, never halved
-    assert small.shape == (3, 64, 64) and small[:, 32, 32].tolist() == [9, 99, 199]
-
-
-def logged_reader(tmp_path):
-    """(paths, read, read_files) of 15 JPEGs in ImageNet's layout: read(path) is
-    the 8x8 ADM crop, and read_files lists every file read, in order."""
-    from PIL import Image
-    write_image_folder(tmp_path / "images", per_class=5)
-    paths, _, _ = imagenet.image_folder(str(tmp_path / "images"), "train")
-    read_files = []
-
-    def read(path):
-        read_files.append(path)
-        return imagenet.adm_center_crop(Image.open(path), 8)
-    return paths, read, read_files
-
-
-def test_the_encoding_pass_resumes_at_its_first_missing_chunk_with_the_same_result(tmp_path, monkeypatch):
-    paths, read, read_files = logged_reader(tmp_path)
-    encode = lambda images: {"mean": images.float().mean((1, 2, 3)), "corner": images[:, :, 0, 0]}
-    whole = imagenet.encode_files(paths, read, encode, str(tmp_path / "whole"), chunk=6, batch=4, progress=False)
-    assert whole["mean"].shape == (15,) and whole["corner"].shape == (15, 3)
-
-    real_save, saved = plumbing.save_atomic, []
-
-    def save_then_die(obj, path, **kwargs):
-        real_save(obj, path, **kwargs)
-        saved.append(path)
-        if len(saved) == 2:
-            raise KeyboardInterrupt  # killed after its second chunk
-    monkeypatch.setattr(plumbing, "save_atomic", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        imagenet.encode_files(paths, read, encode, str(tmp_path / "killed"), chunk=6, batch=4, progress=False)
-    monkeypatch.setattr(plumbing, "save_atomic", real_save)
-    read_files.clear()
-    resumed = imagenet.encode_files(paths, read, encode, str(tmp_path / "killed"), chunk=6, batch=4, progress=False)
-    assert read_files == paths[12:]  # only the last chunk's files were read again
-    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
-
-
-def test_a_chunk_whose_files_changed_is_encoded_again_and_the_rest_kept(tmp_path, monkeypatch):
-    paths, read, read_files = logged_reader(tmp_path)
-    encode = lambda images: {"mean": images.float().mean((1, 2, 3))}
-    root = str(tmp_path / "images")
-    records = imagenet.file_records(paths, root)
-    imagenet.encode_files(paths, read, encode, str(tmp_path / "chunks"), chunk=6, progress=False, records=records)
-    Image.new("RGB", (40, 30), (250, 0, 0)).save(paths[7])  # an image of the second chunk rewritten
-    os.utime(paths[7], ns=(1, 1))
-    records = imagenet.file_records(paths, root)
-    assert imagenet.folder_changes(records, records) == ""
-    read_files.clear()
-    again = imagenet.encode_files(paths, read, encode, str(tmp_path / "chunks"), chunk=6, progress=False,
-                              records=records)
-    assert read_files == paths[6:12]  # that chunk alone
-    clean = imagenet.encode_files(paths, read, encode, str(tmp_path / "clean"), chunk=6, progress=False)
-    assert torch.equal(again["mean"], clean["mean"]) and again["files"] == records
-
-
-def test_a_file_that_fails_in_the_pass_keeps_what_its_chunk_encoded_before_it(tmp_path):
-    paths, read, read_files = logged_reader(tmp_path)
-    encode = lambda images: {"mean": images.float().mean((1, 2, 3))}
-    records = imagenet.file_records(paths, str(tmp_path / "images"))
-    whole = imagenet.encode_files(paths, read, encode, str(tmp_path / "whole"), chunk=6, batch=2, progress=False)
-
-    def fails_once(path):  # the ninth file cannot be read until it is replaced
-        if path == paths[8] and paths[8] not in read_files:
-            read_files.append(path)
-            raise OSError("image file is truncated")
-        return read(path)
-    read_files.clear()
-    with pytest.raises(plumbing.UserError, match=f"{paths[8]} cannot be read .OSError: image file is truncated"):
-        imagenet.encode_files(paths, fails_once, encode, str(tmp_path / "failed"), chunk=6, batch=2, progress=False,
-                          records=records)
-    read_files.clear()
-    resumed = imagenet.encode_files(paths, read, encode, str(tmp_path / "failed"), chunk=6, batch=2, progress=False,
-                                records=records)
-    assert read_files == paths[8:]  # the first chunk and the second's first two files were kept
-    assert torch.equal(resumed["mean"], whole["mean"]) and not list((tmp_path / "failed").glob("*.part.pt"))
-
-
-def test_folder_changes_name_what_was_added_removed_moved_and_changed():
-    before = [("train/a/1.JPEG", 10, 1), ("train/a/2.JPEG", 20, 2), ("train/b/3.JPEG", 30, 3), ("val/a/4.JPEG", 40, 4)]
-    after = [("train/a/1.JPEG", 11, 1), ("train/b/2.JPEG", 20, 2), ("train/b/5.JPEG", 50, 5)]
-    assert imagenet.folder_changes(before, after) == (
-        "1 added (train/b/5.JPEG); 2 removed (train/b/3.JPEG, val/a/4.JPEG); "
-        "1 moved (train/a/2.JPEG to train/b/2.JPEG); 1 changed (train/a/1.JPEG)")
-
-
-def test_the_encoding_pass_shares_its_chunks_among_processes_and_rank_0_returns_them_all(tmp_path):
-    paths, read, read_files = logged_reader(tmp_path)
-    encode = lambda images: {"mean": images.float().mean((1, 2, 3))}
-    whole = imagenet.encode_files(paths, read, encode, str(tmp_path / "whole"), chunk=4, progress=False)
-    read_files.clear()
-    # Rank 1 of 2 first (without torch.distributed there is no barrier to wait at): chunks 1 and 3.
-    assert imagenet.encode_files(paths, read, encode, str(tmp_path / "shared"), chunk=4, progress=False,
-                             rank=1, world=2) is None
-    assert read_files == paths[4:8] + paths[12:]
-    shared = imagenet.encode_files(paths, read, encode, str(tmp_path / "shared"), chunk=4, progress=False,
-                               rank=0, world=2)
-    assert read_files[7:] == paths[:4] + paths[8:12]  # rank 0: chunks 0 and 2, then all of them returned
-    assert torch.equal(shared["mean"], whole["mean"])
 
 
 # -----------------------------------------------------------------------------
@@ -773,191 +642,8 @@ def test_imports_flow_one_way():
         assert imported & set(ALLOWED_IMPORTS) <= allowed, (name, imported & set(ALLOWED_IMPORTS) - allowed)
 
 
-# -----------------------------------------------------------------------------
-# FID and Inception Score, against pytorch-fid on the same (random) weights
-
-
-@pytest.fixture(scope="module")
-def fid_weights(tmp_path_factory):
-    """Random weights in the FID state-dict layout, scaled so that activations
-    neither vanish nor explode through the 94 convolutions."""
-    torch.manual_seed(0)
-    model = fid.FIDInception()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.1, 0.1)
-            module.running_var.uniform_(0.5, 1.5)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.1, 0.1)
-    path = tmp_path_factory.mktemp("weights") / "pt_inception-random.pth"
-    torch.save(model.state_dict(), path)
-    return str(path)
-
-
-@pytest.fixture
-def pytorch_fid(monkeypatch, fid_weights):
-    """pytorch-fid, made to load our random weights file instead of downloading."""
-    inception = pytest.importorskip("pytorch_fid.inception")
-    import pytorch_fid.fid_score
-    monkeypatch.setattr(inception, "load_state_dict_from_url", lambda *args, **kwargs: torch.load(fid_weights))
-    return pytorch_fid.fid_score
-
-
-def write_pngs(folder, images):
-    os.makedirs(folder, exist_ok=True)
-    for i, image in enumerate(images):
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{i:04d}.png"))
-    return str(folder)
-
-
-def test_fid_weights_load_strictly_into_both_and_pool3_features_agree(pytorch_fid, fid_weights):
-    ours = fid.load_inception(fid_weights)  # strict load, then batch norms folded
-    theirs = pytorch_fid.InceptionV3([3]).eval()  # strict load into torchvision's Inception3
-    x = random_images(6)
-    with torch.no_grad():
-        our_features, _ = ours(x)
-        their_features = theirs(x.float() / 255)[0].flatten(1)
-    assert their_features.abs().mean() > 0.1  # the random weights give informative features
-    relative = (our_features - their_features).abs().max() / their_features.abs().max()
-    assert relative <= 1e-4
-
-
-def test_fid_of_two_folders_matches_pytorch_fid(pytorch_fid, fid_weights, tmp_path, capsys):
-    generator = torch.Generator().manual_seed(0)
-    bright = torch.randint(100, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    dark = torch.randint(0, 156, (12, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    folders = [write_pngs(tmp_path / "a", bright), write_pngs(tmp_path / "b", dark)]
-    theirs = pytorch_fid.calculate_fid_given_paths(folders, batch_size=12, device="cpu", dims=2048, num_workers=0)
-    fid.main([*folders, "--weights", fid_weights])
-    ours = float(capsys.readouterr().out.split("FID")[1])
-    assert theirs > 1 and abs(ours - theirs) <= 1e-3 * theirs
-
-
-def test_frechet_distance_matches_pytorch_fid_on_random_gaussians(pytorch_fid):
-    rng = np.random.RandomState(0)
-    dims = 64
-    a, b = rng.randn(dims, dims), rng.randn(dims, dims)
-    mu1, mu2, sigma1, sigma2 = (rng.randn(dims), rng.randn(dims),
-                                a @ a.T + 0.1 * np.eye(dims), b @ b.T + 0.1 * np.eye(dims))
-    theirs = pytorch_fid.calculate_frechet_distance(mu1, sigma1, mu2, sigma2)
-    assert abs(fid.frechet_distance(mu1, sigma1, mu2, sigma2) - theirs) <= 1e-6 * theirs
-
-
-def test_frechet_distance_has_the_closed_form_for_commuting_covariances():
-    # For diagonal covariances, Tr (S1 S2)^(1/2) = sum sqrt(a_i b_i): the
-    # distance is ||mu1 - mu2||^2 + sum (sqrt(a_i) - sqrt(b_i))^2.
-    rng = np.random.RandomState(1)
-    a, b, mu1, mu2 = rng.rand(50) + 0.1, rng.rand(50) + 0.1, rng.randn(50), rng.randn(50)
-    exact = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(exact, rel=1e-10)
-
-
-def test_streaming_statistics_equal_mean_and_covariance_of_all_features_at_once():
-    class Projection(torch.nn.Module):  # a stand-in for Inception: 2048 random features
-        def __init__(self):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.randn(3 * 8 * 8, 2048, generator=torch.Generator().manual_seed(0)))
-
-        def forward(self, batch):
-            return batch.float().flatten(1) @ self.weight / 100, None
-
-    project = Projection().requires_grad_(False)
-    images = random_images(50, side=8)
-    stats = fid.statistics(project, images.split(7))  # uneven batches
-    features = torch.cat([project(batch)[0] for batch in images.split(7)]).double().numpy()
-    np.testing.assert_allclose(stats["mu"], features.mean(0), rtol=1e-10)
-    np.testing.assert_allclose(stats["sigma"], np.cov(features, rowvar=False), rtol=1e-8, atol=1e-10)
-
-
-def test_fid_of_a_set_with_itself_is_zero(fid_weights):
-    stats = fid.statistics(fid.load_inception(fid_weights), random_images(8).split(4))
-    # 8 images give a covariance of rank 7: the square roots of its ~2040 zero
-    # eigenvalues, each a round-off of order 1e-16 of the largest, add up to
-    # about 1e-4 of the trace. With more images than 2048 this term vanishes.
-    assert (abs(fid.frechet_distance(stats["mu"], stats["sigma"], stats["mu"], stats["sigma"]))
-            < 1e-3 * np.trace(stats["sigma"]))
-
-
-def test_inception_score_is_the_number_of_classes_used_evenly_and_1_for_one_class():
-    confident = 50 * torch.eye(1008)[torch.arange(200) % 20]  # 20 classes, each image sure of its own
-    mean, std = fid.inception_score(confident, splits=1)
-    assert mean == pytest.approx(20, rel=1e-6) and std == 0
-    assert fid.inception_score(confident[:, :1].expand(-1, 1008).contiguous())[0] == pytest.approx(1.0)
-
-
-def test_inception_score_of_images_in_class_order_is_that_of_the_same_images_shuffled():
-    in_class_order = 50 * torch.eye(1008)[torch.arange(1000) // 100]  # as samples.pt: 100 of class 0, then class 1...
-    shuffled = in_class_order[torch.randperm(1000, generator=torch.Generator().manual_seed(1))]
-    mean = fid.inception_score(in_class_order)[0]
-    # A split of 100 confident images scores exp(entropy of its class counts): about
-    # 9.5 for 10 classes drawn evenly at random; 1 for a split of one class.
-    assert 9.0 < mean <= 10 and mean == pytest.approx(fid.inception_score(shuffled)[0], abs=0.3)
-
-
-def test_fid_features_stay_float32_inside_a_callers_bf16_autocast(fid_weights):
-    model = fid.load_inception(fid_weights)
-    images = random_images(4).split(2)
-    with torch.autocast("cpu", torch.bfloat16):
-        inside = fid.statistics(model, images)
-    outside = fid.statistics(model, images)
-    assert np.array_equal(inside["mu"], outside["mu"]) and np.array_equal(inside["sigma"], outside["sigma"])
-
-
-def test_fid_turns_tf32_off_and_leaves_the_precision_settings_as_it_found_them():
-    # torch 2.14's inductor aborts the process in a compiled CPU convolution once
-    # cuda.matmul.fp32_precision is left at "ieee" (the legacy allow_tf32 flags' restore did that).
-    settings = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    before = [setting.fp32_precision for setting in settings]
-    with fid.full_fp32():
-        assert [setting.fp32_precision for setting in settings] == ["ieee", "ieee"]
-    assert [setting.fp32_precision for setting in settings] == before
-
-
-def test_fid_command_saves_stats_and_reads_them_back_with_samples_pt(fid_weights, tmp_path, capsys):
-    samples = tmp_path / "samples.pt"
-    torch.save({"images": random_images(6), "labels": torch.arange(6)}, samples)
-    fid.main([str(samples), "--save-stats", str(tmp_path / "s.npz"), "--weights", fid_weights])
-    with np.load(tmp_path / "s.npz") as archive:
-        assert archive["mu"].shape == (2048,) and archive["sigma"].shape == (2048, 2048)
-    fid.main([str(samples), str(tmp_path / "s.npz"), "--weights", fid_weights, "--is"])
-    out = capsys.readouterr().out
-    assert "IS " in out and abs(float(out.split("FID")[1])) < 1e-3
-
-
-@pytest.mark.parametrize("case, words", [("one image", "at least 2 images"), ("float images", "must hold uint8"),
-                                         ("not images", "is neither a folder of images")])
-def test_fid_refuses_bad_inputs(tmp_path, fid_weights, case, words):
-    path = tmp_path / "x.pt"
-    if case == "one image":
-        torch.save(random_images(1), path)
-    elif case == "float images":
-        torch.save(torch.rand(4, 3, 32, 32), path)
-    else:
-        path = tmp_path / "x.txt"
-        path.write_text("hello")
-    with pytest.raises(fid.FIDError, match=words):
-        fid.main([str(path), str(path), "--weights", fid_weights])
-
-
-def test_fid_without_weights_offline_says_where_to_put_them(monkeypatch, tmp_path):
-    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(fid.FIDError) as error:
-        fid.load_inception()
-    assert fid.WEIGHTS_URL in str(error.value) and str(tmp_path / "hub" / "checkpoints") in str(error.value)
-
-
-def test_fid_command_without_weights_offline_is_one_line_and_exit_code_2(tmp_path):
-    torch.save(random_images(4), tmp_path / "a.pt")
-    result = run_script("fid.py", str(tmp_path / "a.pt"), str(tmp_path / "a.pt"),
-                        TORCH_HOME=str(tmp_path / "home"), **{fid.WEIGHTS_ENV: None})
-    assert_one_line_error(result, fid.WEIGHTS_URL)
-
-
-# -----------------------------------------------------------------------------
-# FixMatch (stages 1 and 3)
+# =============================================================================
+# fixmatch.py: FixMatch and FreeMatch (stages 1 and 3)
 
 
 def test_wrn28_2_has_fixmatchs_1_47M_parameters():
@@ -1356,7 +1042,7 @@ def test_merged_statistics_of_parts_equal_the_statistics_of_the_whole(fid_weight
     np.testing.assert_allclose(merged["sigma"], whole["sigma"], rtol=1e-9, atol=1e-12)
 
 
-# -----------------------------------------------------------------------------
+# =============================================================================
 # unet.py: stage 2's networks, EDM preconditioning, loss and training
 
 
@@ -2508,7 +2194,658 @@ def test_load_diffusion_refuses_a_file_that_is_not_a_diffusion_model(tmp_path):
         assert "\n" not in str(error.value)
 
 
+# =============================================================================
+# imagenet.py: folders in ImageNet's layout, and the imagenet preset end to end
+
 # -----------------------------------------------------------------------------
+# ImageNet's layout: image folders, ADM's centre crop, the resumable encoding pass
+
+
+def write_image_folder(root, classes=("n01", "n02", "n00"), per_class=3, size=(40, 30)):
+    """JPEGs in ImageNet's layout: root/train/CLASS/*.JPEG; image i of class c is
+    a flat colour (c, i) so that every file is known by its pixels."""
+    from PIL import Image
+    for c, name in enumerate(classes):
+        os.makedirs(root / "train" / name)
+        for i in range(per_class):
+            Image.new("RGB", size, (80 * c, 60 * i, 128)).save(root / "train" / name / f"{name}_{i}.JPEG")
+        (root / "train" / name / "notes.txt").write_text("not an image")
+
+
+def test_an_image_folder_lists_its_images_with_classes_sorted_by_name(tmp_path):
+    write_image_folder(tmp_path)
+    paths, labels, classes = imagenet.image_folder(str(tmp_path), "train")
+    assert classes == ("n00", "n01", "n02") and labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
+    assert all(path.endswith(".JPEG") and f"/{classes[label]}/" in path for path, label in zip(paths, labels))
+    with pytest.raises(plumbing.UserError, match="ImageNet's layout"):
+        imagenet.image_folder(str(tmp_path), "val")
+
+
+def test_adms_centre_crop_halves_with_a_box_filter_then_crops_the_centre():
+    from PIL import Image
+    image = lambda columns: Image.fromarray(np.tile(columns.astype(np.uint8), (400, 1))).convert("RGB")
+    crop = imagenet.adm_center_crop(image(np.arange(1000) // 4), 100)  # column x holds x // 4
+    assert crop.shape == (3, 100, 100) and crop.dtype == torch.uint8  # 1000x400 -> 500x200 -> 250x100, at 75
+    assert torch.equal(crop[0], torch.arange(75, 175, dtype=torch.uint8).expand(100, 100))
+    # Stripes 0, 120, 240, ...: a box of 4 columns from 4m holds a whole period and one more stripe,
+    # (360 + 120 (m % 3)) / 4; one bicubic resize by 4 would blur them towards 120.
+    stripes = imagenet.adm_center_crop(image(np.arange(1000) % 3 * 120), 100)
+    assert stripes[0, 0].tolist() == [90 + 30 * ((75 + k) % 3) for k in range(100)]
+    small = imagenet.adm_center_crop(Image.new("RGB", (50, 40), (9, 99, 199)), 64)  # upscaled, never halved
+    assert small.shape == (3, 64, 64) and small[:, 32, 32].tolist() == [9, 99, 199]
+
+
+def logged_reader(tmp_path):
+    """(paths, read, read_files) of 15 JPEGs in ImageNet's layout: read(path) is
+    the 8x8 ADM crop, and read_files lists every file read, in order."""
+    from PIL import Image
+    write_image_folder(tmp_path / "images", per_class=5)
+    paths, _, _ = imagenet.image_folder(str(tmp_path / "images"), "train")
+    read_files = []
+
+    def read(path):
+        read_files.append(path)
+        return imagenet.adm_center_crop(Image.open(path), 8)
+    return paths, read, read_files
+
+
+def test_the_encoding_pass_resumes_at_its_first_missing_chunk_with_the_same_result(tmp_path, monkeypatch):
+    paths, read, read_files = logged_reader(tmp_path)
+    encode = lambda images: {"mean": images.float().mean((1, 2, 3)), "corner": images[:, :, 0, 0]}
+    whole = imagenet.encode_files(paths, read, encode, str(tmp_path / "whole"), chunk=6, batch=4, progress=False)
+    assert whole["mean"].shape == (15,) and whole["corner"].shape == (15, 3)
+
+    real_save, saved = plumbing.save_atomic, []
+
+    def save_then_die(obj, path, **kwargs):
+        real_save(obj, path, **kwargs)
+        saved.append(path)
+        if len(saved) == 2:
+            raise KeyboardInterrupt  # killed after its second chunk
+    monkeypatch.setattr(plumbing, "save_atomic", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        imagenet.encode_files(paths, read, encode, str(tmp_path / "killed"), chunk=6, batch=4, progress=False)
+    monkeypatch.setattr(plumbing, "save_atomic", real_save)
+    read_files.clear()
+    resumed = imagenet.encode_files(paths, read, encode, str(tmp_path / "killed"), chunk=6, batch=4, progress=False)
+    assert read_files == paths[12:]  # only the last chunk's files were read again
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+
+
+def test_a_chunk_whose_files_changed_is_encoded_again_and_the_rest_kept(tmp_path, monkeypatch):
+    paths, read, read_files = logged_reader(tmp_path)
+    encode = lambda images: {"mean": images.float().mean((1, 2, 3))}
+    root = str(tmp_path / "images")
+    records = imagenet.file_records(paths, root)
+    imagenet.encode_files(paths, read, encode, str(tmp_path / "chunks"), chunk=6, progress=False, records=records)
+    Image.new("RGB", (40, 30), (250, 0, 0)).save(paths[7])  # an image of the second chunk rewritten
+    os.utime(paths[7], ns=(1, 1))
+    records = imagenet.file_records(paths, root)
+    assert imagenet.folder_changes(records, records) == ""
+    read_files.clear()
+    again = imagenet.encode_files(paths, read, encode, str(tmp_path / "chunks"), chunk=6, progress=False,
+                              records=records)
+    assert read_files == paths[6:12]  # that chunk alone
+    clean = imagenet.encode_files(paths, read, encode, str(tmp_path / "clean"), chunk=6, progress=False)
+    assert torch.equal(again["mean"], clean["mean"]) and again["files"] == records
+
+
+def test_a_file_that_fails_in_the_pass_keeps_what_its_chunk_encoded_before_it(tmp_path):
+    paths, read, read_files = logged_reader(tmp_path)
+    encode = lambda images: {"mean": images.float().mean((1, 2, 3))}
+    records = imagenet.file_records(paths, str(tmp_path / "images"))
+    whole = imagenet.encode_files(paths, read, encode, str(tmp_path / "whole"), chunk=6, batch=2, progress=False)
+
+    def fails_once(path):  # the ninth file cannot be read until it is replaced
+        if path == paths[8] and paths[8] not in read_files:
+            read_files.append(path)
+            raise OSError("image file is truncated")
+        return read(path)
+    read_files.clear()
+    with pytest.raises(plumbing.UserError, match=f"{paths[8]} cannot be read .OSError: image file is truncated"):
+        imagenet.encode_files(paths, fails_once, encode, str(tmp_path / "failed"), chunk=6, batch=2, progress=False,
+                          records=records)
+    read_files.clear()
+    resumed = imagenet.encode_files(paths, read, encode, str(tmp_path / "failed"), chunk=6, batch=2, progress=False,
+                                records=records)
+    assert read_files == paths[8:]  # the first chunk and the second's first two files were kept
+    assert torch.equal(resumed["mean"], whole["mean"]) and not list((tmp_path / "failed").glob("*.part.pt"))
+
+
+def test_folder_changes_name_what_was_added_removed_moved_and_changed():
+    before = [("train/a/1.JPEG", 10, 1), ("train/a/2.JPEG", 20, 2), ("train/b/3.JPEG", 30, 3), ("val/a/4.JPEG", 40, 4)]
+    after = [("train/a/1.JPEG", 11, 1), ("train/b/2.JPEG", 20, 2), ("train/b/5.JPEG", 50, 5)]
+    assert imagenet.folder_changes(before, after) == (
+        "1 added (train/b/5.JPEG); 2 removed (train/b/3.JPEG, val/a/4.JPEG); "
+        "1 moved (train/a/2.JPEG to train/b/2.JPEG); 1 changed (train/a/1.JPEG)")
+
+
+def test_the_encoding_pass_shares_its_chunks_among_processes_and_rank_0_returns_them_all(tmp_path):
+    paths, read, read_files = logged_reader(tmp_path)
+    encode = lambda images: {"mean": images.float().mean((1, 2, 3))}
+    whole = imagenet.encode_files(paths, read, encode, str(tmp_path / "whole"), chunk=4, progress=False)
+    read_files.clear()
+    # Rank 1 of 2 first (without torch.distributed there is no barrier to wait at): chunks 1 and 3.
+    assert imagenet.encode_files(paths, read, encode, str(tmp_path / "shared"), chunk=4, progress=False,
+                             rank=1, world=2) is None
+    assert read_files == paths[4:8] + paths[12:]
+    shared = imagenet.encode_files(paths, read, encode, str(tmp_path / "shared"), chunk=4, progress=False,
+                               rank=0, world=2)
+    assert read_files[7:] == paths[:4] + paths[8:12]  # rank 0: chunks 0 and 2, then all of them returned
+    assert torch.equal(shared["mean"], whole["mean"])
+
+
+# -----------------------------------------------------------------------------
+# The imagenet preset end to end on a CPU: a folder of JPEGs in ImageNet's layout,
+# and the same families of networks at their test sizes (--autoencoder-size,
+# --msn-size, --diffusion-size tiny), from weight files in the released layouts.
+
+def write_imagenet_like(root):
+    """3 classes of 6 training and 2 val JPEGs (80x72: cropped, not halved), each
+    class its own colour under noise; Stable Diffusion's autoencoder and MSN's ViT
+    at their test sizes, random weights in the released files' layouts."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 2)):
+        for c, name in enumerate(("n0a", "n0b", "n0c")):
+            os.makedirs(root / "folder" / split / name)
+            for i in range(count):
+                pixels = np.full((72, 80, 3), 20.0)
+                pixels[..., c] = 200
+                pixels = (pixels + rng.integers(0, 50, pixels.shape)).clip(0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / "folder" / split / name / f"{name}_{i}.JPEG")
+    torch.manual_seed(0)
+    torch.save(imagenet.AutoencoderKL(**imagenet.AUTOENCODER_SIZES["tiny"]).state_dict(), root / "autoencoder_kl.pth")
+    msn = imagenet.MSNViT(56, **imagenet.MSN_SIZES["tiny"])
+    weights = {"module." + name: value for name, value in msn.state_dict().items()}
+    weights.update({"module.norm.weight": torch.ones(64), "module.norm.bias": torch.zeros(64),
+                    "module.fc.weight": torch.zeros(8, 64)})  # in the release, dropped by the loader
+    torch.save({"target_encoder": weights}, root / "msn_tiny.pth.tar")
+
+
+def imagenet_command(root, *extra):
+    return ["--dataset", str(root / "folder"), "--preset", "imagenet",
+            "--autoencoder", str(root / "autoencoder_kl.pth"),
+            "--autoencoder-size", "tiny", "--msn-size", "tiny", "--msn-weights", str(root / "msn_tiny.pth.tar"),
+            "--image-size", "64", "--diffusion-size", "tiny", "--diffusion-images", "64", "--diffusion-batch", "8",
+            "--diffusion-warmup", "8", "--sample-per-class", "2", "--sample-steps", "2", *extra]
+
+
+@pytest.fixture(scope="module")
+def imagenet_run(tmp_path_factory, fid_weights):
+    root = tmp_path_factory.mktemp("imagenet")
+    write_imagenet_like(root)
+    result = run_script("dpt.py", *imagenet_command(root, "--out", str(root / "runs"), "--fid-weights", fid_weights,
+                                                    "--baseline"))  # the references: stage 1 is the probe's baseline
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, root / "runs" / "folder-1l-s0"
+
+
+def test_the_imagenet_preset_runs_end_to_end_on_a_folder_of_jpegs(imagenet_run):
+    root, run = imagenet_run
+    config = configuration.DPTConfig(**{**json.loads((run / "config.json").read_text()), "dataset": str(root / "folder")})
+    autoencoder = imagenet.load_autoencoder(str(root / "autoencoder_kl.pth"), "tiny")
+    msn = imagenet.load_msn("tiny", 56, str(root / "msn_tiny.pth.tar"))
+    dataset = imagenet.load_folder(str(root / "folder"))
+    # Encoding: every file once, as the networks see its ADM crop; the mirror its own latent.
+    encoded = torch.load(run / "encoded.pt")
+    crops = torch.stack([imagenet.read_image(config, file) for file in dataset.train_files])
+    x = crops.float() / 127.5 - 1
+    for name, images in (("latents", x), ("flipped", x.flip(3))):
+        expected = autoencoder.encode(images)[0] * imagenet.LATENT_SCALE * unet.SIGMA_DATA
+        assert encoded["train"][name].dtype == torch.float16 and encoded["train"][name].shape == (18, 4, 8, 8)
+        torch.testing.assert_close(encoded["train"][name].float(), expected, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(encoded["train"]["features"], imagenet.msn_features(msn, crops))
+    assert encoded["test"]["features"].shape == (6, 64) and set(encoded["test"]) == {"features", "files"}
+    assert not (run / "encoded").exists()  # the chunks, once joined
+    # Stage 1: the probe on the 3 labeled images' features; the pseudo labels are its argmax.
+    split = torch.load(run / "split.pt")["indices"]
+    stage1 = torch.load(run / "stage1" / "probe.pt")
+    assert stage1["metrics"]["images"] == 3 and dataset.train_y[split].tolist() == [0, 1, 2]
+    assert torch.equal(torch.load(run / "pseudo_labels.pt")["labels"],
+                       imagenet.probe_predict(stage1["weights"], encoded["train"]["features"])[0])
+    # Stage 2 on latents; the samples decoded to images, their features MSN's of those images.
+    diffusion = torch.load(run / "stage2" / "diffusion.pt", weights_only=False)
+    assert (diffusion["channels"], diffusion["resolution"], diffusion["config"]["arch"]) == (4, 8, "uvit")
+    decode = lambda latents: imagenet.decode_latents(autoencoder, latents)  # what the autoencoder alone makes of them
+    torch.testing.assert_close(decode(encoded["train"]["latents"][:4]),
+                               autoencoder.decode(autoencoder.encode(x[:4])[0] * imagenet.LATENT_SCALE), atol=2e-3,
+                               rtol=0)
+    samples = torch.load(run / "samples.pt")
+    assert samples["images"].dtype == torch.uint8 and samples["images"].shape == (6, 3, 64, 64)
+    again, _ = sample.generate(unet.load_diffusion(run / "stage2" / "diffusion.pt"), 2, "dpmpp", 2, guidance=1.4,
+                               decode=decode, progress=False)
+    assert torch.equal(again, samples["images"])  # the diffusion model's samples, decoded
+    torch.testing.assert_close(samples["features"], imagenet.msn_features(msn, samples["images"]))
+    # Stage 3: the labeled images' features and the 6 generated ones.
+    assert torch.load(run / "stage3" / "probe.pt")["metrics"]["images"] == 3 + 6
+    results = json.loads((run / "results.json").read_text())
+    for name in ("stage1_accuracy", "stage3_accuracy", "pseudo_label_accuracy", "sample_accuracy",
+                 "oracle_sample_accuracy", "oracle_accuracy", "fid"):
+        assert results[name] is not None, name
+    assert results["preset"] == "imagenet" and results["classes"] == ["n0a", "n0b", "n0c"]
+    assert json.loads((run / "fid.json").read_text())["reference_images"] == 18  # the folder's training images
+    # The references train on the same latents (few labels: the 3 labeled ones), their samples decoded and seen by
+    # MSN; the oracle's features are MSN's, which its probe reads. No classifier baseline: stage 1 is that.
+    assert results["baseline_accuracy"] is None and not (run / "baseline").exists()
+    oracle = torch.load(run / "oracle.pt")["weights"]
+    for name, file in (("few_labels", "few_labels/samples.pt"), ("every_label", "every_label/samples.pt")):
+        generated, judged = torch.load(run / file), results["generation"][name]
+        torch.testing.assert_close(generated["features"], imagenet.msn_features(msn, generated["images"]))
+        right = imagenet.probe_predict(oracle, generated["features"])[0] == generated["labels"]
+        assert judged["oracle_share"] == pytest.approx(right.float().mean().item()), name
+        expected = fid.feature_metrics(encoded["test"]["features"].float(), generated["features"].float())
+        assert {k: judged[k] for k in expected} == pytest.approx(expected) and judged["fid"] is not None, name
+    few = torch.load(run / "few_labels" / "diffusion.pt", weights_only=False)
+    assert (few["channels"], few["resolution"], few["config"]["arch"]) == (4, 8, "uvit")
+    page = (run / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 3 * 3 and "n0c" in page
+
+
+def test_the_imagenet_preset_killed_in_every_stage_resumes_to_an_uninterrupted_runs_results(imagenet_run, tmp_path):
+    root, reference = imagenet_run
+    command = imagenet_command(root, "--out", str(tmp_path))
+    run = tmp_path / "folder-1l-s0"
+    encoding = start_run(*command, stderr=subprocess.PIPE)  # killed as the encoding pass's bar appears
+    seen = b""
+    while b"encoding:" not in seen and encoding.poll() is None:
+        seen += os.read(encoding.stderr.fileno(), 4096)
+    encoding.send_signal(signal.SIGKILL)
+    encoding.wait()
+    assert b"encoding:" in seen and not (run / "encoded.pt").exists()
+    for name in ["encoded.pt", "stage1/probe.pt", "stage2/ckpt.pt", "samples.pt", "stage3/probe.pt"]:
+        kill_when(start_run(*command), run / name)  # killed the moment each stage's first file appears
+    assert not (run / "results.json").exists()
+    result = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("encoded.pt", "pseudo_labels.pt", "samples.pt", "stage1/probe.pt", "stage3/probe.pt", "oracle.pt"):
+        ours, theirs = torch.load(run / name), torch.load(reference / name)
+        flat = lambda tree: {k: v for k, v in tree.items()} if isinstance(tree, dict) else tree
+        for key, value in flat(theirs).items():
+            if torch.is_tensor(value):
+                assert torch.equal(ours[key], value), (name, key)
+            elif isinstance(value, dict):
+                assert all(torch.equal(ours[key][k], v) for k, v in value.items() if torch.is_tensor(v)), (name, key)
+    ours, theirs = (torch.load(folder / "stage2" / "diffusion.pt")["model"] for folder in (run, reference))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_imagenet_fid_takes_50_samples_a_class_against_reference_statistics_and_adms_by_default(
+        fid_weights, tmp_path, monkeypatch, capsys):
+    images = torch.randint(0, 256, (2 * 51, 3, 16, 16), dtype=torch.uint8)  # 51 a class: 50 of each count
+    samples = {"images": images, "labels": torch.arange(2).repeat_interleave(51)}
+    inception = fid.load_inception(fid_weights)
+    reference = fid.statistics(inception, torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8).split(8))
+    fid.save_stats(reference, str(tmp_path / "reference.npz"))
+    dataset = data.Dataset("folder", None, torch.zeros(2, dtype=torch.long), None, None, 2)
+    config = configuration.DPTConfig(dataset=str(tmp_path), preset="imagenet", fid_weights=fid_weights,
+                                     fid_stats=str(tmp_path / "reference.npz"))
+    score = dpt.stage_fid(config, str(tmp_path), dataset, {"dpt": (samples, str(tmp_path / "fid.json"))},
+                          torch.device("cpu"), 0, 1)["dpt"]
+    first_50 = images.unflatten(0, (2, 51))[:, :50].flatten(0, 1)
+    generated = fid.statistics(inception, first_50.split(50))
+    assert score["generated_images"] == 100 and score["reference_images"] is None
+    assert score["fid"] == pytest.approx(fid.frechet_distance(generated["mu"], generated["sigma"], reference["mu"],
+                                                              reference["sigma"]), rel=1e-6)
+    # --dataset imagenet without --fid-stats: ADM's statistics, downloaded once; offline, a notice naming them.
+    def offline(url, path, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    config = configuration.DPTConfig(dataset="imagenet", preset="imagenet", fid_weights=fid_weights)
+    assert dpt.stage_fid(config, str(tmp_path / "run"), dataset, {"dpt": (samples, str(tmp_path / "run" / "fid.json"))},
+                         torch.device("cpu"), 0, 1) == {"dpt": None}
+    notice = capsys.readouterr().err
+    assert "FID skipped" in notice and fid.ADM_IMAGENET256 in notice
+    assert str(tmp_path / "hub" / "checkpoints" / "VIRTUAL_imagenet256_labeled.npz") in notice
+
+
+def test_the_imagenet_preset_under_torchrun_encodes_and_fits_as_one_process_does(imagenet_run, tmp_path):
+    root, reference = imagenet_run
+    result = run_script(*TORCHRUN, "dpt.py",
+                        *imagenet_command(root, "--out", str(tmp_path)), DPT_FID_WEIGHTS="/missing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("stage 3: with generated images") == 1  # one rank reports
+    run = tmp_path / "folder-1l-s0"
+    ours, theirs = torch.load(run / "encoded.pt"), torch.load(reference / "encoded.pt")
+    assert ours["train"].pop("files") == theirs["train"].pop("files")
+    assert all(torch.equal(ours["train"][k], theirs["train"][k]) for k in theirs["train"])
+    pseudo = [torch.load(folder / "pseudo_labels.pt")["labels"] for folder in (run, reference)]
+    assert torch.equal(*pseudo)
+    samples = torch.load(run / "samples.pt")
+    assert samples["images"].shape == (6, 3, 64, 64) and samples["features"].shape == (6, 64)
+    msn = imagenet.load_msn("tiny", 56, str(root / "msn_tiny.pth.tar"))  # each rank saw its share: back in order
+    torch.testing.assert_close(samples["features"], imagenet.msn_features(msn, samples["images"]))
+
+
+@pytest.mark.parametrize("case", ["a folder with the tiny preset", "shapes with the imagenet preset",
+                                  "no autoencoder", "a crop MSN cannot patch", "a side MSN was not released for",
+                                  "a label subset of another folder",
+                                  "no train folder",
+                                  "a val class the training images lack", "an imagenet flag on shapes",
+                                  "redo encode on shapes"])
+def test_the_imagenet_preset_refuses_bad_input_in_one_line_before_any_work(tmp_path, case, monkeypatch, capsys):
+    write_imagenet_like(tmp_path)
+    os.makedirs(tmp_path / "empty" / "val")
+    os.makedirs(tmp_path / "folder" / "val" / "n0z")
+    Image.new("RGB", (64, 64)).save(tmp_path / "folder" / "val" / "n0z" / "x.JPEG")
+    good = imagenet_command(tmp_path)
+    without = lambda flag: [arg for i, arg in enumerate(good) if flag not in (arg, good[i - 1])]
+    argv, words = {
+        "a folder with the tiny preset": (good[:2] + ["--preset", "tiny"], "needs --preset imagenet"),
+        "shapes with the imagenet preset": (["--dataset", "shapes", "--preset", "imagenet"], "ImageNet's layout"),
+        "no autoencoder": (without("--autoencoder"), "--autoencoder PATH"),
+        "a crop MSN cannot patch": (good + ["--image-size", "48"], "--image-size 48"),
+        "a side MSN was not released for": (good + ["--msn-size", "vitl7"], "--image-size 64"),
+        "a label subset of another folder": (good + ["--label-subset", str(tmp_path / "subset.txt")], "n0q_1.JPEG"),
+        "no train folder": (["--dataset", str(tmp_path / "empty")] + good[2:], "no train/ folder"),
+        "a val class the training images lack": (good, "n0z"),
+        "an imagenet flag on shapes": (["--dataset", "shapes", "--preset", "tiny", "--image-size", "128"],
+                                       "--image-size is for"),
+        "redo encode on shapes": (["--dataset", "shapes", "--preset", "tiny", "--redo", "encode"],
+                                  "--redo encode is for")}[case]
+    (tmp_path / "subset.txt").write_text("n0q_1.JPEG\n")
+    if case != "a val class the training images lack":
+        shutil.rmtree(tmp_path / "folder" / "val" / "n0z")
+    monkeypatch.setattr(sys, "argv", ["dpt.py", *argv, "--out", str(tmp_path / "runs")])
+    with pytest.raises(SystemExit) as exit:
+        plumbing.run_main(dpt.main)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(lines) == 1 and words in lines[0], lines
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+# DPT's official ImageNet 256x256 code for U-ViT-L/2 (ML-GSAI/DPT's accelerate_*_large.py configs, on
+# U-ViT's train_ldm.py): SD latents, batch 1024 for 300k steps, AdamW lr 2e-4 after 5k warm-up steps,
+# EMA 0.9999 a step, label dropout 0.15; 50 evaluations of DPM-Solver at scale 0.4 (ours 1 + 0.4), 128
+# images a class; MSN ViT-L/7 for one label a class and ViT-B/4 for two (no config for more), the
+# probe's lambda 0.0025 / N; latents of 256x256 crops, MSN's features of their 224x224 centres.
+PAPER_IMAGENET = {
+    "diffusion": dict(arch="uvit", size="large", batch=1024, images=300_000 * 1024, lr=2e-4,
+                      warmup=5_000 * 1024, label_dropout=0.15, augment=0.0),
+    "sample": dict(per_class=128, steps=50, guidance=1.4),
+    "dpt": dict(image_size=256, autoencoder_size="sd", probe_lambda=0.0025)}
+
+
+def test_the_imagenet_preset_gives_each_stage_the_official_u_vit_l2_recipe(monkeypatch):
+    for labels, msn in ((1, "vitl7"), (2, "vitb4"), (5, "vitb4")):
+        config = configuration.DPTConfig(dataset="imagenet", preset="imagenet", labels=labels)
+        configuration.resolve(config)
+        assert config.msn_size == msn
+    diffusion, sampling = configuration.diffusion_settings(config)[0], configuration.sample_settings(config)[0]
+    for settings, recipe in ((diffusion, "diffusion"), (sampling, "sample"), (config, "dpt")):
+        assert {k: getattr(settings, k) for k in PAPER_IMAGENET[recipe]} == PAPER_IMAGENET[recipe], recipe
+    assert 0.5 ** (diffusion.batch / diffusion.ema_halflife) == pytest.approx(0.9999, abs=1e-9)  # a step's EMA
+    large = unet.SIZES["uvit"]["large"]
+    assert (large["width"], large["depth"], large["heads"], large["patch"]) == (1024, 20, 16, 2)
+    assert imagenet.msn_crop(256) == 224  # MSN's Resize(256), CenterCrop(224)
+    # SD's latent scale: the posterior's mean times 0.18215 (then EDM's sigma_data 0.5)
+    stub = torch.nn.Linear(1, 1)
+    stub.encode = lambda x: (x[:, :1, ::8, ::8] + 2, None)  # a mean that a wrong scale would show
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    latents, mirrored = imagenet.encode_latents(stub, images)
+    x = images.float() / 127.5 - 1
+    torch.testing.assert_close(latents.float(), ((x[:, :1, ::8, ::8] + 2) * 0.18215 * 0.5).half().float())
+    torch.testing.assert_close(mirrored.float(), ((x.flip(3)[:, :1, ::8, ::8] + 2) * 0.18215 * 0.5).half().float())
+    # the probe's penalty: lambda / N, N the images it is fit on (cyanure's mean loss + lambda/2 |W|^2)
+    penalties = []
+    monkeypatch.setattr(imagenet, "fit_probe", lambda features, labels, classes, lambd: penalties.append(lambd) or
+                        torch.zeros(classes, features.shape[1] + 1, dtype=torch.float64))
+    for count in (10, 40):
+        imagenet.train_probe(torch.randn(count, 6), torch.arange(count) % 2, 2, config.probe_lambda)
+    assert penalties == [pytest.approx(0.0025 / 10), pytest.approx(0.0025 / 40)]
+
+
+@pytest.mark.parametrize("damaged", ["encoded.pt", "stage1/probe.pt", "oracle.pt"])
+def test_a_damaged_imagenet_artifact_is_one_line_whose_advice_followed_literally_finishes_the_run(
+        imagenet_run, tmp_path, damaged):
+    root, reference = imagenet_run
+    run = tmp_path / "folder-1l-s0"
+    shutil.copytree(reference, run)
+    (run / damaged).write_bytes(b"half a file")
+    command = imagenet_command(root, "--out", str(tmp_path))
+    refused = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    assert_one_line_error(refused, damaged)
+    if damaged == "encoded.pt":  # it records the files it encoded: made again by its stage, with all after it
+        command += ["--redo", re.search(r"--redo (\w+)", refused.stderr).group(1)]
+    else:  # a probe is fit again alone
+        assert "remove it and run the same command again" in refused.stderr
+        (run / damaged).unlink()
+    finished = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert (run / "results.json").exists() and ("encoding" in finished.stderr) == (damaged == "encoded.pt")
+
+
+@pytest.mark.parametrize("change", ["a training image moved to another class", "a val image removed"])
+def test_a_folder_changed_under_its_encodings_is_refused_and_the_advised_redo_encodes_it_again(
+        imagenet_run, tmp_path, change):
+    root, reference = imagenet_run
+    shutil.copytree(root / "folder", tmp_path / "folder")
+    shutil.copytree(reference, tmp_path / "out" / "folder-1l-s0")
+    command = [*imagenet_command(root, "--out", str(tmp_path / "out"))]
+    command[command.index("--dataset") + 1] = str(tmp_path / "folder")
+    folder = tmp_path / "folder"
+    if change == "a val image removed":
+        os.remove(folder / "val" / "n0b" / "n0b_1.JPEG")
+        words = "1 removed (val/n0b/n0b_1.JPEG)"
+    else:
+        shutil.move(folder / "train" / "n0a" / "n0a_3.JPEG", folder / "train" / "n0c" / "n0a_3.JPEG")
+        words = "1 moved (train/n0a/n0a_3.JPEG to train/n0c/n0a_3.JPEG)"
+    refused = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    assert_one_line_error(refused, words, "--redo encode")
+    finished = run_script("dpt.py", *command, "--redo", "encode", DPT_FID_WEIGHTS="/missing")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    run = tmp_path / "out" / "folder-1l-s0"
+    encoded = torch.load(run / "encoded.pt", weights_only=True)
+    dataset = imagenet.load_folder(str(folder))
+    assert encoded["train"]["files"] == imagenet.file_records(dataset.train_files, str(folder))
+    assert len(encoded["test"]["features"]) == len(dataset.test_files)
+    assert (run / "results.json").exists()
+
+
+def test_unreadable_images_are_named_in_one_line_before_any_encoding(tmp_path):
+    write_imagenet_like(tmp_path)
+    train = tmp_path / "folder" / "train"
+    (train / "n0a" / "empty.JPEG").write_bytes(b"")
+    (train / "n0b" / "notes.JPEG").write_text("not an image")
+    os.symlink(tmp_path / "gone.JPEG", train / "n0c" / "gone.JPEG")
+    result = run_script("dpt.py", *imagenet_command(tmp_path, "--out", str(tmp_path / "out")),
+                        DPT_FID_WEIGHTS="/missing")
+    assert_one_line_error(result, "3 of 27 images cannot be opened", "empty.JPEG", "notes.JPEG", "gone.JPEG",
+                          "--skip-bad-images")
+    assert not (tmp_path / "out").exists()
+    result = run_script("dpt.py", *imagenet_command(tmp_path, "--out", str(tmp_path / "out"), "--skip-bad-images"),
+                        DPT_FID_WEIGHTS="/missing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"unreadable images left out \(--skip-bad-images\)\s+3\n", result.stdout), result.stdout
+    run = tmp_path / "out" / "folder-1l-s0"
+    assert json.loads((run / "results.json").read_text())["skipped_images"] == 3
+    assert len(torch.load(run / "encoded.pt", weights_only=True)["train"]["files"]) == 18  # the readable ones
+
+
+def test_an_image_that_fails_only_when_decoded_is_named_in_one_line(tmp_path):
+    write_imagenet_like(tmp_path)
+    image = tmp_path / "folder" / "train" / "n0b" / "n0b_2.JPEG"
+    whole = image.read_bytes()
+    image.write_bytes(whole[:len(whole) * 2 // 3])  # its header and two thirds of its pixels: it opens
+    result = run_script("dpt.py", *imagenet_command(tmp_path, "--out", str(tmp_path / "out")),
+                        DPT_FID_WEIGHTS="/missing")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == result.stderr.splitlines()[-1:], result.stderr  # after the progress bar, one line
+    assert errors[0].startswith(f"error: {image} cannot be read") and "truncated" in errors[0]
+
+
+def test_classes_are_the_folders_that_hold_images_at_any_depth_and_never_hidden_ones(tmp_path, capsys):
+    write_image_folder(tmp_path, per_class=2)
+    train = tmp_path / "train"
+    os.makedirs(train / ".ipynb_checkpoints")
+    Image.new("RGB", (8, 8)).save(train / ".ipynb_checkpoints" / "x.JPEG")
+    Image.new("RGB", (8, 8)).save(train / "n01" / "._x.JPEG")  # macOS's metadata beside a file
+    os.makedirs(train / "n02" / "more")
+    Image.new("RGB", (8, 8)).save(train / "n02" / "more" / "deeper.png")
+    dataset = imagenet.load_folder(str(tmp_path))
+    assert dataset.classes == ("n00", "n01", "n02") and torch.bincount(dataset.train_y).tolist() == [2, 2, 3]
+    assert str(train / "n02" / "more" / "deeper.png") in dataset.train_files
+    assert "has no val/ folder: no accuracy can be measured" in capsys.readouterr().err
+    os.makedirs(train / "n03")
+    (train / "n03" / "only.txt").write_text("a note")
+    with pytest.raises(plumbing.UserError, match=r"train/n03 holds no image \(.jpeg, .jpg, .png, .webp"):
+        imagenet.load_folder(str(tmp_path))
+
+
+@pytest.mark.parametrize("link", ["a loop to the split", "a class linked into another", "an image in two classes"])
+def test_a_folder_holds_each_image_once_and_a_link_that_repeats_one_is_refused_naming_it(tmp_path, link):
+    """os.walk follows a link back up without noticing: 12 images read as 492 once."""
+    write_image_folder(tmp_path, per_class=2)
+    train = tmp_path / "train"
+    os.makedirs(tmp_path / "elsewhere" / "more")  # a link out of the folder is followed: one more image
+    Image.new("RGB", (8, 8)).save(tmp_path / "elsewhere" / "more" / "far.png")
+    os.symlink(tmp_path / "elsewhere" / "more", train / "n01" / "more")
+    dataset = imagenet.load_folder(str(tmp_path))
+    assert torch.bincount(dataset.train_y).tolist() == [2, 3, 2]
+    linked, target = {"a loop to the split": (train / "n00" / "loop", ".."),
+                      "a class linked into another": (train / "n02" / "n00", train / "n00"),
+                      "an image in two classes": (train / "n02" / "twice.png", train / "n00" / "n00_0.JPEG")}[link]
+    os.symlink(target, linked)
+    with pytest.raises(plumbing.UserError) as refusal:
+        imagenet.load_folder(str(tmp_path))
+    assert "(a link)" in str(refusal.value) and "\n" not in str(refusal.value)
+    assert str(linked) in str(refusal.value) or str(target) in str(refusal.value), refusal.value
+
+
+def test_a_16_bit_grayscale_image_is_scaled_to_8_bits_not_clipped(tmp_path):
+    levels = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    Image.fromarray(levels).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as image:
+        assert image.mode.startswith("I")
+        crop = imagenet.adm_center_crop(image, 16)
+    expected = torch.from_numpy(np.round(levels / 257).astype(np.uint8))
+    assert all(torch.equal(channel, expected) for channel in crop)
+
+
+INPUT_REFUSALS = {  # a finished imagenet-preset run, then its command with a file replaced or these flags
+    "the autoencoder replaced under its name": ("autoencoder", [], "other settings (autoencoder); add --redo encode"),
+    "MSN's weights replaced under their name": ("msn", [], "other settings (msn_weights); add --redo encode"),
+    "--redo sample, the autoencoder MSN's file": ("autoencoder", ["--redo", "sample"], "--redo encode"),
+    "--redo encode, MSN's weights the autoencoder's file": ("msn", ["--redo", "encode"], "is not MSN's tiny"),
+    "--redo stage1, a training image removed": ("folder", ["--redo", "stage1"], "1 removed (train/n0a/n0a_3.JPEG)"),
+}
+
+
+@pytest.mark.parametrize("case", INPUT_REFUSALS)
+def test_the_imagenet_presets_input_files_are_known_by_contents_and_a_refusal_removes_nothing(
+        imagenet_run, tmp_path, case, monkeypatch):
+    """Each network file is a setting of the encoding by what it holds (another file
+    of the same name encodes otherwise), and the networks a redo will load are
+    loaded before it removes anything."""
+    root, reference = imagenet_run
+    replaced, flags, words = INPUT_REFUSALS[case]
+    run = tmp_path / "folder-1l-s0"
+    shutil.copytree(reference, run)
+    files = {"autoencoder": tmp_path / "autoencoder_kl.pth", "msn": tmp_path / "msn.pth.tar",
+             "folder": tmp_path / "folder"}
+    shutil.copy(root / "autoencoder_kl.pth", files["autoencoder"])
+    shutil.copy(root / "msn_tiny.pth.tar", files["msn"])
+    shutil.copytree(root / "folder", files["folder"])
+    command = imagenet_command(root, "--out", str(tmp_path), *flags)
+    for flag, name in (("--autoencoder", "autoencoder"), ("--msn-weights", "msn"), ("--dataset", "folder")):
+        command[command.index(flag) + 1] = str(files[name])
+    if case.endswith("under its name") or case.endswith("under their name"):
+        torch.manual_seed(1)  # other weights of the same network, written where the first were
+        if replaced == "autoencoder":
+            torch.save(imagenet.AutoencoderKL(**imagenet.AUTOENCODER_SIZES["tiny"]).state_dict(), files["autoencoder"])
+        else:
+            weights = torch.load(files["msn"], weights_only=True)
+            weights["target_encoder"] = {name: torch.randn_like(value)
+                                         for name, value in weights["target_encoder"].items()}
+            torch.save(weights, files["msn"])
+    elif replaced == "folder":
+        os.remove(files["folder"] / "train" / "n0a" / "n0a_3.JPEG")
+    else:  # the other network's file
+        shutil.copy(root / ("msn_tiny.pth.tar" if replaced == "autoencoder" else "autoencoder_kl.pth"),
+                    files[replaced])
+    monkeypatch.setenv("DPT_FID_WEIGHTS", "/missing")
+    monkeypatch.setattr(sys, "argv", ["dpt.py", *command])
+    before = folder_state(run)
+    with pytest.raises(plumbing.UserError, match=re.escape(words)):
+        dpt.main()
+    assert folder_state(run) == before
+
+
+def test_a_label_subset_edited_after_a_run_is_refused_and_its_redo_is_a_fresh_run(imagenet_run, tmp_path):
+    """The subset file is a setting of the split by what it holds, not by its path."""
+    root, reference = imagenet_run
+    subset = tmp_path / "1imgs_class.txt"
+    subset.write_text("n0a_0.JPEG\nn0b_0.JPEG\nn0c_0.JPEG\n")
+    shutil.copytree(reference, tmp_path / "redone" / "folder-1l-s0")
+    command = imagenet_command(root, "--label-subset", str(subset))
+    first = run_script("dpt.py", *command, "--out", str(tmp_path / "redone"), "--redo", "stage1",
+                       DPT_FID_WEIGHTS="/missing")
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "redone" / "folder-1l-s0"
+    before = folder_state(run)
+    subset.write_text("n0a_4.JPEG\nn0b_2.JPEG\nn0c_5.JPEG\n")  # edited: the same path, other images
+    refused = run_script("dpt.py", *command, "--out", str(tmp_path / "redone"), DPT_FID_WEIGHTS="/missing")
+    assert_one_line_error(refused, "other settings (label_subset)", "--redo stage1")
+    assert folder_state(run) == before
+    redone = run_script("dpt.py", *command, "--out", str(tmp_path / "redone"), "--redo", "stage1",
+                        DPT_FID_WEIGHTS="/missing")
+    fresh = run_script("dpt.py", *command, "--out", str(tmp_path / "fresh"), DPT_FID_WEIGHTS="/missing")
+    assert redone.returncode == 0 and fresh.returncode == 0, redone.stderr[-2000:] + fresh.stderr[-2000:]
+    names = lambda folder: sorted(os.path.basename(imagenet.load_folder(str(root / "folder")).train_files[i])
+                                  for i in torch.load(folder / "split.pt", weights_only=True)["indices"])
+    assert names(run) == names(tmp_path / "fresh" / "folder-1l-s0") == ["n0a_4.JPEG", "n0b_2.JPEG", "n0c_5.JPEG"]
+    results = [json.loads((folder / "results.json").read_text()) for folder in (run, tmp_path / "fresh" /
+                                                                                "folder-1l-s0")]
+    for key in ("stage1_accuracy", "pseudo_label_accuracy", "stage3_accuracy", "sample_accuracy", "generation"):
+        assert results[0][key] == results[1][key], key
+
+
+def test_a_label_subset_file_names_the_labeled_images_as_msns_do(tmp_path):
+    write_imagenet_like(tmp_path)
+    dataset = imagenet.load_folder(str(tmp_path / "folder"))
+    subset = tmp_path / "1imgs_class.txt"
+    subset.write_text("n0c_4.JPEG\nn0a_2.JPEG\nn0b_0.JPEG\n")  # MSN's layout: a file name a line
+    config = configuration.DPTConfig(dataset=str(tmp_path / "folder"), preset="imagenet", label_subset=str(subset))
+    index = dpt.labeled_split(config, dataset)
+    assert [os.path.basename(dataset.train_files[i]) for i in index] == ["n0a_2.JPEG", "n0b_0.JPEG", "n0c_4.JPEG"]
+    for text, words in (("n0a_2.JPEG\nn0b_0.JPEG\nn0z_1.JPEG\n", "n0z_1.JPEG"),  # not in this folder
+                        ("n0a_2.JPEG\nn0a_3.JPEG\nn0b_0.JPEG\nn0c_4.JPEG\n", "not --labels 1")):  # two of n0a
+        subset.write_text(text)
+        with pytest.raises(plumbing.UserError, match=words):
+            dpt.labeled_split(config, dataset)
+
+
+def test_a_label_subset_matches_class_and_file_and_refuses_repeats_and_names_several_classes_hold(tmp_path):
+    for c in ("n0a", "n0b"):  # every class names its files 0.JPEG, 1.JPEG
+        os.makedirs(tmp_path / "folder" / "train" / c)
+        for i in range(2):
+            Image.new("RGB", (8, 8)).save(tmp_path / "folder" / "train" / c / f"{i}.JPEG")
+    dataset = imagenet.load_folder(str(tmp_path / "folder"))
+    subset = tmp_path / "subset.txt"
+    config = configuration.DPTConfig(dataset=str(tmp_path / "folder"), preset="imagenet", label_subset=str(subset))
+    subset.write_text("n0b/0.JPEG\nn0a/1.JPEG\n")
+    assert [dataset.train_files[i][-10:] for i in dpt.labeled_split(config, dataset)] == ["n0a/1.JPEG", "n0b/0.JPEG"]
+    for text, words in (("0.JPEG\nn0b/1.JPEG\n", "names 0.JPEG, a file name that 2 classes hold; write its lines as "
+                                                 "CLASS/FILE"),
+                        ("n0a/1.JPEG\nn0a/1.JPEG\nn0b/0.JPEG\n", "names n0a/1.JPEG more than once"),
+                        ("n0a/9.JPEG\nn0b/0.JPEG\n", "1 of its images are not among the training images (e.g. n0a/9"),
+                        ("n0a/0.JPEG\nn0a/1.JPEG\n", "names 0 to 2 images a class, not --labels 1")):
+        subset.write_text(text)
+        with pytest.raises(plumbing.UserError, match=re.escape(words)):
+            dpt.labeled_split(config, dataset)
+
+
+def test_the_imagenet_bench_times_each_stage_and_projects_the_preset():
+    result = run_script("dpt.py", "--bench", "--preset", "imagenet", "--autoencoder-size", "tiny", "--msn-size", "tiny",
+                        "--image-size", "64", "--diffusion-size", "tiny", OMP_NUM_THREADS="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for words in ("encoding tiny + tiny at 64", "U-ViT tiny training, batch 2", "decoding tiny to 64",
+                  "sampling with decoding, 50 DPM-Solver++ steps", "imagenet preset here"):
+        assert words in result.stdout, (words, result.stdout)
+
+
+# =============================================================================
 # sample.py: noise levels, samplers and guidance, on denoisers known in closed form
 
 
@@ -2795,8 +3132,192 @@ def test_sample_command_refuses_bad_input_with_one_line_and_exit_code_2(tmp_path
     assert not (tmp_path / "out").exists()  # bad input writes nothing
 
 
-# -----------------------------------------------------------------------------
-# dpt.py: the three stages in one resumable command
+# =============================================================================
+# fid.py: FID and Inception Score, against pytorch-fid on the same (random) weights
+
+
+@pytest.fixture(scope="module")
+def fid_weights(tmp_path_factory):
+    """Random weights in the FID state-dict layout, scaled so that activations
+    neither vanish nor explode through the 94 convolutions."""
+    torch.manual_seed(0)
+    model = fid.FIDInception()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.1, 0.1)
+    path = tmp_path_factory.mktemp("weights") / "pt_inception-random.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture
+def pytorch_fid(monkeypatch, fid_weights):
+    """pytorch-fid, made to load our random weights file instead of downloading."""
+    inception = pytest.importorskip("pytorch_fid.inception")
+    import pytorch_fid.fid_score
+    monkeypatch.setattr(inception, "load_state_dict_from_url", lambda *args, **kwargs: torch.load(fid_weights))
+    return pytorch_fid.fid_score
+
+
+def write_pngs(folder, images):
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{i:04d}.png"))
+    return str(folder)
+
+
+def test_fid_weights_load_strictly_into_both_and_pool3_features_agree(pytorch_fid, fid_weights):
+    ours = fid.load_inception(fid_weights)  # strict load, then batch norms folded
+    theirs = pytorch_fid.InceptionV3([3]).eval()  # strict load into torchvision's Inception3
+    x = random_images(6)
+    with torch.no_grad():
+        our_features, _ = ours(x)
+        their_features = theirs(x.float() / 255)[0].flatten(1)
+    assert their_features.abs().mean() > 0.1  # the random weights give informative features
+    relative = (our_features - their_features).abs().max() / their_features.abs().max()
+    assert relative <= 1e-4
+
+
+def test_fid_of_two_folders_matches_pytorch_fid(pytorch_fid, fid_weights, tmp_path, capsys):
+    generator = torch.Generator().manual_seed(0)
+    bright = torch.randint(100, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    dark = torch.randint(0, 156, (12, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    folders = [write_pngs(tmp_path / "a", bright), write_pngs(tmp_path / "b", dark)]
+    theirs = pytorch_fid.calculate_fid_given_paths(folders, batch_size=12, device="cpu", dims=2048, num_workers=0)
+    fid.main([*folders, "--weights", fid_weights])
+    ours = float(capsys.readouterr().out.split("FID")[1])
+    assert theirs > 1 and abs(ours - theirs) <= 1e-3 * theirs
+
+
+def test_frechet_distance_matches_pytorch_fid_on_random_gaussians(pytorch_fid):
+    rng = np.random.RandomState(0)
+    dims = 64
+    a, b = rng.randn(dims, dims), rng.randn(dims, dims)
+    mu1, mu2, sigma1, sigma2 = (rng.randn(dims), rng.randn(dims),
+                                a @ a.T + 0.1 * np.eye(dims), b @ b.T + 0.1 * np.eye(dims))
+    theirs = pytorch_fid.calculate_frechet_distance(mu1, sigma1, mu2, sigma2)
+    assert abs(fid.frechet_distance(mu1, sigma1, mu2, sigma2) - theirs) <= 1e-6 * theirs
+
+
+def test_frechet_distance_has_the_closed_form_for_commuting_covariances():
+    # For diagonal covariances, Tr (S1 S2)^(1/2) = sum sqrt(a_i b_i): the
+    # distance is ||mu1 - mu2||^2 + sum (sqrt(a_i) - sqrt(b_i))^2.
+    rng = np.random.RandomState(1)
+    a, b, mu1, mu2 = rng.rand(50) + 0.1, rng.rand(50) + 0.1, rng.randn(50), rng.randn(50)
+    exact = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(exact, rel=1e-10)
+
+
+def test_streaming_statistics_equal_mean_and_covariance_of_all_features_at_once():
+    class Projection(torch.nn.Module):  # a stand-in for Inception: 2048 random features
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(3 * 8 * 8, 2048, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, batch):
+            return batch.float().flatten(1) @ self.weight / 100, None
+
+    project = Projection().requires_grad_(False)
+    images = random_images(50, side=8)
+    stats = fid.statistics(project, images.split(7))  # uneven batches
+    features = torch.cat([project(batch)[0] for batch in images.split(7)]).double().numpy()
+    np.testing.assert_allclose(stats["mu"], features.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(stats["sigma"], np.cov(features, rowvar=False), rtol=1e-8, atol=1e-10)
+
+
+def test_fid_of_a_set_with_itself_is_zero(fid_weights):
+    stats = fid.statistics(fid.load_inception(fid_weights), random_images(8).split(4))
+    # 8 images give a covariance of rank 7: the square roots of its ~2040 zero
+    # eigenvalues, each a round-off of order 1e-16 of the largest, add up to
+    # about 1e-4 of the trace. With more images than 2048 this term vanishes.
+    assert (abs(fid.frechet_distance(stats["mu"], stats["sigma"], stats["mu"], stats["sigma"]))
+            < 1e-3 * np.trace(stats["sigma"]))
+
+
+def test_inception_score_is_the_number_of_classes_used_evenly_and_1_for_one_class():
+    confident = 50 * torch.eye(1008)[torch.arange(200) % 20]  # 20 classes, each image sure of its own
+    mean, std = fid.inception_score(confident, splits=1)
+    assert mean == pytest.approx(20, rel=1e-6) and std == 0
+    assert fid.inception_score(confident[:, :1].expand(-1, 1008).contiguous())[0] == pytest.approx(1.0)
+
+
+def test_inception_score_of_images_in_class_order_is_that_of_the_same_images_shuffled():
+    in_class_order = 50 * torch.eye(1008)[torch.arange(1000) // 100]  # as samples.pt: 100 of class 0, then class 1...
+    shuffled = in_class_order[torch.randperm(1000, generator=torch.Generator().manual_seed(1))]
+    mean = fid.inception_score(in_class_order)[0]
+    # A split of 100 confident images scores exp(entropy of its class counts): about
+    # 9.5 for 10 classes drawn evenly at random; 1 for a split of one class.
+    assert 9.0 < mean <= 10 and mean == pytest.approx(fid.inception_score(shuffled)[0], abs=0.3)
+
+
+def test_fid_features_stay_float32_inside_a_callers_bf16_autocast(fid_weights):
+    model = fid.load_inception(fid_weights)
+    images = random_images(4).split(2)
+    with torch.autocast("cpu", torch.bfloat16):
+        inside = fid.statistics(model, images)
+    outside = fid.statistics(model, images)
+    assert np.array_equal(inside["mu"], outside["mu"]) and np.array_equal(inside["sigma"], outside["sigma"])
+
+
+def test_fid_turns_tf32_off_and_leaves_the_precision_settings_as_it_found_them():
+    # torch 2.14's inductor aborts the process in a compiled CPU convolution once
+    # cuda.matmul.fp32_precision is left at "ieee" (the legacy allow_tf32 flags' restore did that).
+    settings = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = [setting.fp32_precision for setting in settings]
+    with fid.full_fp32():
+        assert [setting.fp32_precision for setting in settings] == ["ieee", "ieee"]
+    assert [setting.fp32_precision for setting in settings] == before
+
+
+def test_fid_command_saves_stats_and_reads_them_back_with_samples_pt(fid_weights, tmp_path, capsys):
+    samples = tmp_path / "samples.pt"
+    torch.save({"images": random_images(6), "labels": torch.arange(6)}, samples)
+    fid.main([str(samples), "--save-stats", str(tmp_path / "s.npz"), "--weights", fid_weights])
+    with np.load(tmp_path / "s.npz") as archive:
+        assert archive["mu"].shape == (2048,) and archive["sigma"].shape == (2048, 2048)
+    fid.main([str(samples), str(tmp_path / "s.npz"), "--weights", fid_weights, "--is"])
+    out = capsys.readouterr().out
+    assert "IS " in out and abs(float(out.split("FID")[1])) < 1e-3
+
+
+@pytest.mark.parametrize("case, words", [("one image", "at least 2 images"), ("float images", "must hold uint8"),
+                                         ("not images", "is neither a folder of images")])
+def test_fid_refuses_bad_inputs(tmp_path, fid_weights, case, words):
+    path = tmp_path / "x.pt"
+    if case == "one image":
+        torch.save(random_images(1), path)
+    elif case == "float images":
+        torch.save(torch.rand(4, 3, 32, 32), path)
+    else:
+        path = tmp_path / "x.txt"
+        path.write_text("hello")
+    with pytest.raises(fid.FIDError, match=words):
+        fid.main([str(path), str(path), "--weights", fid_weights])
+
+
+def test_fid_without_weights_offline_says_where_to_put_them(monkeypatch, tmp_path):
+    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(fid.FIDError) as error:
+        fid.load_inception()
+    assert fid.WEIGHTS_URL in str(error.value) and str(tmp_path / "hub" / "checkpoints") in str(error.value)
+
+
+def test_fid_command_without_weights_offline_is_one_line_and_exit_code_2(tmp_path):
+    torch.save(random_images(4), tmp_path / "a.pt")
+    result = run_script("fid.py", str(tmp_path / "a.pt"), str(tmp_path / "a.pt"),
+                        TORCH_HOME=str(tmp_path / "home"), **{fid.WEIGHTS_ENV: None})
+    assert_one_line_error(result, fid.WEIGHTS_URL)
+
+
+# =============================================================================
+# dpt.py: the three stages in one resumable command, with configuration.py, bench.py
+# and report.py, which it drives
 
 
 # The tiny preset cut down to seconds: every stage runs, none learns much.
@@ -4436,513 +4957,3 @@ def test_two_processes_under_torchrun_run_every_stage_and_write_one_set_of_artif
     assert saved["fid"] == pytest.approx(fid.frechet_distance(generated["mu"], generated["sigma"], real["mu"],
                                                               real["sigma"]), rel=1e-6)
     assert saved["inception_score"] == pytest.approx(fid.inception_score(generated["logits"])[0], rel=1e-6)
-
-
-# -----------------------------------------------------------------------------
-# The imagenet preset end to end on a CPU: a folder of JPEGs in ImageNet's layout,
-# and the same families of networks at their test sizes (--autoencoder-size,
-# --msn-size, --diffusion-size tiny), from weight files in the released layouts.
-
-def write_imagenet_like(root):
-    """3 classes of 6 training and 2 val JPEGs (80x72: cropped, not halved), each
-    class its own colour under noise; Stable Diffusion's autoencoder and MSN's ViT
-    at their test sizes, random weights in the released files' layouts."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 6), ("val", 2)):
-        for c, name in enumerate(("n0a", "n0b", "n0c")):
-            os.makedirs(root / "folder" / split / name)
-            for i in range(count):
-                pixels = np.full((72, 80, 3), 20.0)
-                pixels[..., c] = 200
-                pixels = (pixels + rng.integers(0, 50, pixels.shape)).clip(0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(root / "folder" / split / name / f"{name}_{i}.JPEG")
-    torch.manual_seed(0)
-    torch.save(imagenet.AutoencoderKL(**imagenet.AUTOENCODER_SIZES["tiny"]).state_dict(), root / "autoencoder_kl.pth")
-    msn = imagenet.MSNViT(56, **imagenet.MSN_SIZES["tiny"])
-    weights = {"module." + name: value for name, value in msn.state_dict().items()}
-    weights.update({"module.norm.weight": torch.ones(64), "module.norm.bias": torch.zeros(64),
-                    "module.fc.weight": torch.zeros(8, 64)})  # in the release, dropped by the loader
-    torch.save({"target_encoder": weights}, root / "msn_tiny.pth.tar")
-
-
-def imagenet_command(root, *extra):
-    return ["--dataset", str(root / "folder"), "--preset", "imagenet",
-            "--autoencoder", str(root / "autoencoder_kl.pth"),
-            "--autoencoder-size", "tiny", "--msn-size", "tiny", "--msn-weights", str(root / "msn_tiny.pth.tar"),
-            "--image-size", "64", "--diffusion-size", "tiny", "--diffusion-images", "64", "--diffusion-batch", "8",
-            "--diffusion-warmup", "8", "--sample-per-class", "2", "--sample-steps", "2", *extra]
-
-
-@pytest.fixture(scope="module")
-def imagenet_run(tmp_path_factory, fid_weights):
-    root = tmp_path_factory.mktemp("imagenet")
-    write_imagenet_like(root)
-    result = run_script("dpt.py", *imagenet_command(root, "--out", str(root / "runs"), "--fid-weights", fid_weights,
-                                                    "--baseline"))  # the references: stage 1 is the probe's baseline
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root, root / "runs" / "folder-1l-s0"
-
-
-def test_the_imagenet_preset_runs_end_to_end_on_a_folder_of_jpegs(imagenet_run):
-    root, run = imagenet_run
-    config = configuration.DPTConfig(**{**json.loads((run / "config.json").read_text()), "dataset": str(root / "folder")})
-    autoencoder = imagenet.load_autoencoder(str(root / "autoencoder_kl.pth"), "tiny")
-    msn = imagenet.load_msn("tiny", 56, str(root / "msn_tiny.pth.tar"))
-    dataset = imagenet.load_folder(str(root / "folder"))
-    # Encoding: every file once, as the networks see its ADM crop; the mirror its own latent.
-    encoded = torch.load(run / "encoded.pt")
-    crops = torch.stack([imagenet.read_image(config, file) for file in dataset.train_files])
-    x = crops.float() / 127.5 - 1
-    for name, images in (("latents", x), ("flipped", x.flip(3))):
-        expected = autoencoder.encode(images)[0] * imagenet.LATENT_SCALE * unet.SIGMA_DATA
-        assert encoded["train"][name].dtype == torch.float16 and encoded["train"][name].shape == (18, 4, 8, 8)
-        torch.testing.assert_close(encoded["train"][name].float(), expected, atol=2e-3, rtol=2e-3)
-    torch.testing.assert_close(encoded["train"]["features"], imagenet.msn_features(msn, crops))
-    assert encoded["test"]["features"].shape == (6, 64) and set(encoded["test"]) == {"features", "files"}
-    assert not (run / "encoded").exists()  # the chunks, once joined
-    # Stage 1: the probe on the 3 labeled images' features; the pseudo labels are its argmax.
-    split = torch.load(run / "split.pt")["indices"]
-    stage1 = torch.load(run / "stage1" / "probe.pt")
-    assert stage1["metrics"]["images"] == 3 and dataset.train_y[split].tolist() == [0, 1, 2]
-    assert torch.equal(torch.load(run / "pseudo_labels.pt")["labels"],
-                       imagenet.probe_predict(stage1["weights"], encoded["train"]["features"])[0])
-    # Stage 2 on latents; the samples decoded to images, their features MSN's of those images.
-    diffusion = torch.load(run / "stage2" / "diffusion.pt", weights_only=False)
-    assert (diffusion["channels"], diffusion["resolution"], diffusion["config"]["arch"]) == (4, 8, "uvit")
-    decode = lambda latents: imagenet.decode_latents(autoencoder, latents)  # what the autoencoder alone makes of them
-    torch.testing.assert_close(decode(encoded["train"]["latents"][:4]),
-                               autoencoder.decode(autoencoder.encode(x[:4])[0] * imagenet.LATENT_SCALE), atol=2e-3,
-                               rtol=0)
-    samples = torch.load(run / "samples.pt")
-    assert samples["images"].dtype == torch.uint8 and samples["images"].shape == (6, 3, 64, 64)
-    again, _ = sample.generate(unet.load_diffusion(run / "stage2" / "diffusion.pt"), 2, "dpmpp", 2, guidance=1.4,
-                               decode=decode, progress=False)
-    assert torch.equal(again, samples["images"])  # the diffusion model's samples, decoded
-    torch.testing.assert_close(samples["features"], imagenet.msn_features(msn, samples["images"]))
-    # Stage 3: the labeled images' features and the 6 generated ones.
-    assert torch.load(run / "stage3" / "probe.pt")["metrics"]["images"] == 3 + 6
-    results = json.loads((run / "results.json").read_text())
-    for name in ("stage1_accuracy", "stage3_accuracy", "pseudo_label_accuracy", "sample_accuracy",
-                 "oracle_sample_accuracy", "oracle_accuracy", "fid"):
-        assert results[name] is not None, name
-    assert results["preset"] == "imagenet" and results["classes"] == ["n0a", "n0b", "n0c"]
-    assert json.loads((run / "fid.json").read_text())["reference_images"] == 18  # the folder's training images
-    # The references train on the same latents (few labels: the 3 labeled ones), their samples decoded and seen by
-    # MSN; the oracle's features are MSN's, which its probe reads. No classifier baseline: stage 1 is that.
-    assert results["baseline_accuracy"] is None and not (run / "baseline").exists()
-    oracle = torch.load(run / "oracle.pt")["weights"]
-    for name, file in (("few_labels", "few_labels/samples.pt"), ("every_label", "every_label/samples.pt")):
-        generated, judged = torch.load(run / file), results["generation"][name]
-        torch.testing.assert_close(generated["features"], imagenet.msn_features(msn, generated["images"]))
-        right = imagenet.probe_predict(oracle, generated["features"])[0] == generated["labels"]
-        assert judged["oracle_share"] == pytest.approx(right.float().mean().item()), name
-        expected = fid.feature_metrics(encoded["test"]["features"].float(), generated["features"].float())
-        assert {k: judged[k] for k in expected} == pytest.approx(expected) and judged["fid"] is not None, name
-    few = torch.load(run / "few_labels" / "diffusion.pt", weights_only=False)
-    assert (few["channels"], few["resolution"], few["config"]["arch"]) == (4, 8, "uvit")
-    page = (run / "report.html").read_text()
-    assert page.count('src="data:image/png;base64,') == 3 * 3 and "n0c" in page
-
-
-def test_the_imagenet_preset_killed_in_every_stage_resumes_to_an_uninterrupted_runs_results(imagenet_run, tmp_path):
-    root, reference = imagenet_run
-    command = imagenet_command(root, "--out", str(tmp_path))
-    run = tmp_path / "folder-1l-s0"
-    encoding = start_run(*command, stderr=subprocess.PIPE)  # killed as the encoding pass's bar appears
-    seen = b""
-    while b"encoding:" not in seen and encoding.poll() is None:
-        seen += os.read(encoding.stderr.fileno(), 4096)
-    encoding.send_signal(signal.SIGKILL)
-    encoding.wait()
-    assert b"encoding:" in seen and not (run / "encoded.pt").exists()
-    for name in ["encoded.pt", "stage1/probe.pt", "stage2/ckpt.pt", "samples.pt", "stage3/probe.pt"]:
-        kill_when(start_run(*command), run / name)  # killed the moment each stage's first file appears
-    assert not (run / "results.json").exists()
-    result = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
-    assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("encoded.pt", "pseudo_labels.pt", "samples.pt", "stage1/probe.pt", "stage3/probe.pt", "oracle.pt"):
-        ours, theirs = torch.load(run / name), torch.load(reference / name)
-        flat = lambda tree: {k: v for k, v in tree.items()} if isinstance(tree, dict) else tree
-        for key, value in flat(theirs).items():
-            if torch.is_tensor(value):
-                assert torch.equal(ours[key], value), (name, key)
-            elif isinstance(value, dict):
-                assert all(torch.equal(ours[key][k], v) for k, v in value.items() if torch.is_tensor(v)), (name, key)
-    ours, theirs = (torch.load(folder / "stage2" / "diffusion.pt")["model"] for folder in (run, reference))
-    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
-
-
-def test_imagenet_fid_takes_50_samples_a_class_against_reference_statistics_and_adms_by_default(
-        fid_weights, tmp_path, monkeypatch, capsys):
-    images = torch.randint(0, 256, (2 * 51, 3, 16, 16), dtype=torch.uint8)  # 51 a class: 50 of each count
-    samples = {"images": images, "labels": torch.arange(2).repeat_interleave(51)}
-    inception = fid.load_inception(fid_weights)
-    reference = fid.statistics(inception, torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8).split(8))
-    fid.save_stats(reference, str(tmp_path / "reference.npz"))
-    dataset = data.Dataset("folder", None, torch.zeros(2, dtype=torch.long), None, None, 2)
-    config = configuration.DPTConfig(dataset=str(tmp_path), preset="imagenet", fid_weights=fid_weights,
-                                     fid_stats=str(tmp_path / "reference.npz"))
-    score = dpt.stage_fid(config, str(tmp_path), dataset, {"dpt": (samples, str(tmp_path / "fid.json"))},
-                          torch.device("cpu"), 0, 1)["dpt"]
-    first_50 = images.unflatten(0, (2, 51))[:, :50].flatten(0, 1)
-    generated = fid.statistics(inception, first_50.split(50))
-    assert score["generated_images"] == 100 and score["reference_images"] is None
-    assert score["fid"] == pytest.approx(fid.frechet_distance(generated["mu"], generated["sigma"], reference["mu"],
-                                                              reference["sigma"]), rel=1e-6)
-    # --dataset imagenet without --fid-stats: ADM's statistics, downloaded once; offline, a notice naming them.
-    def offline(url, path, **kwargs):
-        raise OSError("no network")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    config = configuration.DPTConfig(dataset="imagenet", preset="imagenet", fid_weights=fid_weights)
-    assert dpt.stage_fid(config, str(tmp_path / "run"), dataset, {"dpt": (samples, str(tmp_path / "run" / "fid.json"))},
-                         torch.device("cpu"), 0, 1) == {"dpt": None}
-    notice = capsys.readouterr().err
-    assert "FID skipped" in notice and fid.ADM_IMAGENET256 in notice
-    assert str(tmp_path / "hub" / "checkpoints" / "VIRTUAL_imagenet256_labeled.npz") in notice
-
-
-def test_the_imagenet_preset_under_torchrun_encodes_and_fits_as_one_process_does(imagenet_run, tmp_path):
-    root, reference = imagenet_run
-    result = run_script(*TORCHRUN, "dpt.py",
-                        *imagenet_command(root, "--out", str(tmp_path)), DPT_FID_WEIGHTS="/missing")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("stage 3: with generated images") == 1  # one rank reports
-    run = tmp_path / "folder-1l-s0"
-    ours, theirs = torch.load(run / "encoded.pt"), torch.load(reference / "encoded.pt")
-    assert ours["train"].pop("files") == theirs["train"].pop("files")
-    assert all(torch.equal(ours["train"][k], theirs["train"][k]) for k in theirs["train"])
-    pseudo = [torch.load(folder / "pseudo_labels.pt")["labels"] for folder in (run, reference)]
-    assert torch.equal(*pseudo)
-    samples = torch.load(run / "samples.pt")
-    assert samples["images"].shape == (6, 3, 64, 64) and samples["features"].shape == (6, 64)
-    msn = imagenet.load_msn("tiny", 56, str(root / "msn_tiny.pth.tar"))  # each rank saw its share: back in order
-    torch.testing.assert_close(samples["features"], imagenet.msn_features(msn, samples["images"]))
-
-
-@pytest.mark.parametrize("case", ["a folder with the tiny preset", "shapes with the imagenet preset",
-                                  "no autoencoder", "a crop MSN cannot patch", "a side MSN was not released for",
-                                  "a label subset of another folder",
-                                  "no train folder",
-                                  "a val class the training images lack", "an imagenet flag on shapes",
-                                  "redo encode on shapes"])
-def test_the_imagenet_preset_refuses_bad_input_in_one_line_before_any_work(tmp_path, case, monkeypatch, capsys):
-    write_imagenet_like(tmp_path)
-    os.makedirs(tmp_path / "empty" / "val")
-    os.makedirs(tmp_path / "folder" / "val" / "n0z")
-    Image.new("RGB", (64, 64)).save(tmp_path / "folder" / "val" / "n0z" / "x.JPEG")
-    good = imagenet_command(tmp_path)
-    without = lambda flag: [arg for i, arg in enumerate(good) if flag not in (arg, good[i - 1])]
-    argv, words = {
-        "a folder with the tiny preset": (good[:2] + ["--preset", "tiny"], "needs --preset imagenet"),
-        "shapes with the imagenet preset": (["--dataset", "shapes", "--preset", "imagenet"], "ImageNet's layout"),
-        "no autoencoder": (without("--autoencoder"), "--autoencoder PATH"),
-        "a crop MSN cannot patch": (good + ["--image-size", "48"], "--image-size 48"),
-        "a side MSN was not released for": (good + ["--msn-size", "vitl7"], "--image-size 64"),
-        "a label subset of another folder": (good + ["--label-subset", str(tmp_path / "subset.txt")], "n0q_1.JPEG"),
-        "no train folder": (["--dataset", str(tmp_path / "empty")] + good[2:], "no train/ folder"),
-        "a val class the training images lack": (good, "n0z"),
-        "an imagenet flag on shapes": (["--dataset", "shapes", "--preset", "tiny", "--image-size", "128"],
-                                       "--image-size is for"),
-        "redo encode on shapes": (["--dataset", "shapes", "--preset", "tiny", "--redo", "encode"],
-                                  "--redo encode is for")}[case]
-    (tmp_path / "subset.txt").write_text("n0q_1.JPEG\n")
-    if case != "a val class the training images lack":
-        shutil.rmtree(tmp_path / "folder" / "val" / "n0z")
-    monkeypatch.setattr(sys, "argv", ["dpt.py", *argv, "--out", str(tmp_path / "runs")])
-    with pytest.raises(SystemExit) as exit:
-        plumbing.run_main(dpt.main)
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exit.value.code == 2 and len(lines) == 1 and words in lines[0], lines
-    assert not (tmp_path / "runs").exists()  # nothing written
-
-
-# DPT's official ImageNet 256x256 code for U-ViT-L/2 (ML-GSAI/DPT's accelerate_*_large.py configs, on
-# U-ViT's train_ldm.py): SD latents, batch 1024 for 300k steps, AdamW lr 2e-4 after 5k warm-up steps,
-# EMA 0.9999 a step, label dropout 0.15; 50 evaluations of DPM-Solver at scale 0.4 (ours 1 + 0.4), 128
-# images a class; MSN ViT-L/7 for one label a class and ViT-B/4 for two (no config for more), the
-# probe's lambda 0.0025 / N; latents of 256x256 crops, MSN's features of their 224x224 centres.
-PAPER_IMAGENET = {
-    "diffusion": dict(arch="uvit", size="large", batch=1024, images=300_000 * 1024, lr=2e-4,
-                      warmup=5_000 * 1024, label_dropout=0.15, augment=0.0),
-    "sample": dict(per_class=128, steps=50, guidance=1.4),
-    "dpt": dict(image_size=256, autoencoder_size="sd", probe_lambda=0.0025)}
-
-
-def test_the_imagenet_preset_gives_each_stage_the_official_u_vit_l2_recipe(monkeypatch):
-    for labels, msn in ((1, "vitl7"), (2, "vitb4"), (5, "vitb4")):
-        config = configuration.DPTConfig(dataset="imagenet", preset="imagenet", labels=labels)
-        configuration.resolve(config)
-        assert config.msn_size == msn
-    diffusion, sampling = configuration.diffusion_settings(config)[0], configuration.sample_settings(config)[0]
-    for settings, recipe in ((diffusion, "diffusion"), (sampling, "sample"), (config, "dpt")):
-        assert {k: getattr(settings, k) for k in PAPER_IMAGENET[recipe]} == PAPER_IMAGENET[recipe], recipe
-    assert 0.5 ** (diffusion.batch / diffusion.ema_halflife) == pytest.approx(0.9999, abs=1e-9)  # a step's EMA
-    large = unet.SIZES["uvit"]["large"]
-    assert (large["width"], large["depth"], large["heads"], large["patch"]) == (1024, 20, 16, 2)
-    assert imagenet.msn_crop(256) == 224  # MSN's Resize(256), CenterCrop(224)
-    # SD's latent scale: the posterior's mean times 0.18215 (then EDM's sigma_data 0.5)
-    stub = torch.nn.Linear(1, 1)
-    stub.encode = lambda x: (x[:, :1, ::8, ::8] + 2, None)  # a mean that a wrong scale would show
-    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
-    latents, mirrored = imagenet.encode_latents(stub, images)
-    x = images.float() / 127.5 - 1
-    torch.testing.assert_close(latents.float(), ((x[:, :1, ::8, ::8] + 2) * 0.18215 * 0.5).half().float())
-    torch.testing.assert_close(mirrored.float(), ((x.flip(3)[:, :1, ::8, ::8] + 2) * 0.18215 * 0.5).half().float())
-    # the probe's penalty: lambda / N, N the images it is fit on (cyanure's mean loss + lambda/2 |W|^2)
-    penalties = []
-    monkeypatch.setattr(imagenet, "fit_probe", lambda features, labels, classes, lambd: penalties.append(lambd) or
-                        torch.zeros(classes, features.shape[1] + 1, dtype=torch.float64))
-    for count in (10, 40):
-        imagenet.train_probe(torch.randn(count, 6), torch.arange(count) % 2, 2, config.probe_lambda)
-    assert penalties == [pytest.approx(0.0025 / 10), pytest.approx(0.0025 / 40)]
-
-
-@pytest.mark.parametrize("damaged", ["encoded.pt", "stage1/probe.pt", "oracle.pt"])
-def test_a_damaged_imagenet_artifact_is_one_line_whose_advice_followed_literally_finishes_the_run(
-        imagenet_run, tmp_path, damaged):
-    root, reference = imagenet_run
-    run = tmp_path / "folder-1l-s0"
-    shutil.copytree(reference, run)
-    (run / damaged).write_bytes(b"half a file")
-    command = imagenet_command(root, "--out", str(tmp_path))
-    refused = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
-    assert_one_line_error(refused, damaged)
-    if damaged == "encoded.pt":  # it records the files it encoded: made again by its stage, with all after it
-        command += ["--redo", re.search(r"--redo (\w+)", refused.stderr).group(1)]
-    else:  # a probe is fit again alone
-        assert "remove it and run the same command again" in refused.stderr
-        (run / damaged).unlink()
-    finished = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    assert (run / "results.json").exists() and ("encoding" in finished.stderr) == (damaged == "encoded.pt")
-
-
-@pytest.mark.parametrize("change", ["a training image moved to another class", "a val image removed"])
-def test_a_folder_changed_under_its_encodings_is_refused_and_the_advised_redo_encodes_it_again(
-        imagenet_run, tmp_path, change):
-    root, reference = imagenet_run
-    shutil.copytree(root / "folder", tmp_path / "folder")
-    shutil.copytree(reference, tmp_path / "out" / "folder-1l-s0")
-    command = [*imagenet_command(root, "--out", str(tmp_path / "out"))]
-    command[command.index("--dataset") + 1] = str(tmp_path / "folder")
-    folder = tmp_path / "folder"
-    if change == "a val image removed":
-        os.remove(folder / "val" / "n0b" / "n0b_1.JPEG")
-        words = "1 removed (val/n0b/n0b_1.JPEG)"
-    else:
-        shutil.move(folder / "train" / "n0a" / "n0a_3.JPEG", folder / "train" / "n0c" / "n0a_3.JPEG")
-        words = "1 moved (train/n0a/n0a_3.JPEG to train/n0c/n0a_3.JPEG)"
-    refused = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
-    assert_one_line_error(refused, words, "--redo encode")
-    finished = run_script("dpt.py", *command, "--redo", "encode", DPT_FID_WEIGHTS="/missing")
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    run = tmp_path / "out" / "folder-1l-s0"
-    encoded = torch.load(run / "encoded.pt", weights_only=True)
-    dataset = imagenet.load_folder(str(folder))
-    assert encoded["train"]["files"] == imagenet.file_records(dataset.train_files, str(folder))
-    assert len(encoded["test"]["features"]) == len(dataset.test_files)
-    assert (run / "results.json").exists()
-
-
-def test_unreadable_images_are_named_in_one_line_before_any_encoding(tmp_path):
-    write_imagenet_like(tmp_path)
-    train = tmp_path / "folder" / "train"
-    (train / "n0a" / "empty.JPEG").write_bytes(b"")
-    (train / "n0b" / "notes.JPEG").write_text("not an image")
-    os.symlink(tmp_path / "gone.JPEG", train / "n0c" / "gone.JPEG")
-    result = run_script("dpt.py", *imagenet_command(tmp_path, "--out", str(tmp_path / "out")),
-                        DPT_FID_WEIGHTS="/missing")
-    assert_one_line_error(result, "3 of 27 images cannot be opened", "empty.JPEG", "notes.JPEG", "gone.JPEG",
-                          "--skip-bad-images")
-    assert not (tmp_path / "out").exists()
-    result = run_script("dpt.py", *imagenet_command(tmp_path, "--out", str(tmp_path / "out"), "--skip-bad-images"),
-                        DPT_FID_WEIGHTS="/missing")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"unreadable images left out \(--skip-bad-images\)\s+3\n", result.stdout), result.stdout
-    run = tmp_path / "out" / "folder-1l-s0"
-    assert json.loads((run / "results.json").read_text())["skipped_images"] == 3
-    assert len(torch.load(run / "encoded.pt", weights_only=True)["train"]["files"]) == 18  # the readable ones
-
-
-def test_an_image_that_fails_only_when_decoded_is_named_in_one_line(tmp_path):
-    write_imagenet_like(tmp_path)
-    image = tmp_path / "folder" / "train" / "n0b" / "n0b_2.JPEG"
-    whole = image.read_bytes()
-    image.write_bytes(whole[:len(whole) * 2 // 3])  # its header and two thirds of its pixels: it opens
-    result = run_script("dpt.py", *imagenet_command(tmp_path, "--out", str(tmp_path / "out")),
-                        DPT_FID_WEIGHTS="/missing")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert errors == result.stderr.splitlines()[-1:], result.stderr  # after the progress bar, one line
-    assert errors[0].startswith(f"error: {image} cannot be read") and "truncated" in errors[0]
-
-
-def test_classes_are_the_folders_that_hold_images_at_any_depth_and_never_hidden_ones(tmp_path, capsys):
-    write_image_folder(tmp_path, per_class=2)
-    train = tmp_path / "train"
-    os.makedirs(train / ".ipynb_checkpoints")
-    Image.new("RGB", (8, 8)).save(train / ".ipynb_checkpoints" / "x.JPEG")
-    Image.new("RGB", (8, 8)).save(train / "n01" / "._x.JPEG")  # macOS's metadata beside a file
-    os.makedirs(train / "n02" / "more")
-    Image.new("RGB", (8, 8)).save(train / "n02" / "more" / "deeper.png")
-    dataset = imagenet.load_folder(str(tmp_path))
-    assert dataset.classes == ("n00", "n01", "n02") and torch.bincount(dataset.train_y).tolist() == [2, 2, 3]
-    assert str(train / "n02" / "more" / "deeper.png") in dataset.train_files
-    assert "has no val/ folder: no accuracy can be measured" in capsys.readouterr().err
-    os.makedirs(train / "n03")
-    (train / "n03" / "only.txt").write_text("a note")
-    with pytest.raises(plumbing.UserError, match=r"train/n03 holds no image \(.jpeg, .jpg, .png, .webp"):
-        imagenet.load_folder(str(tmp_path))
-
-
-@pytest.mark.parametrize("link", ["a loop to the split", "a class linked into another", "an image in two classes"])
-def test_a_folder_holds_each_image_once_and_a_link_that_repeats_one_is_refused_naming_it(tmp_path, link):
-    """os.walk follows a link back up without noticing: 12 images read as 492 once."""
-    write_image_folder(tmp_path, per_class=2)
-    train = tmp_path / "train"
-    os.makedirs(tmp_path / "elsewhere" / "more")  # a link out of the folder is followed: one more image
-    Image.new("RGB", (8, 8)).save(tmp_path / "elsewhere" / "more" / "far.png")
-    os.symlink(tmp_path / "elsewhere" / "more", train / "n01" / "more")
-    dataset = imagenet.load_folder(str(tmp_path))
-    assert torch.bincount(dataset.train_y).tolist() == [2, 3, 2]
-    linked, target = {"a loop to the split": (train / "n00" / "loop", ".."),
-                      "a class linked into another": (train / "n02" / "n00", train / "n00"),
-                      "an image in two classes": (train / "n02" / "twice.png", train / "n00" / "n00_0.JPEG")}[link]
-    os.symlink(target, linked)
-    with pytest.raises(plumbing.UserError) as refusal:
-        imagenet.load_folder(str(tmp_path))
-    assert "(a link)" in str(refusal.value) and "\n" not in str(refusal.value)
-    assert str(linked) in str(refusal.value) or str(target) in str(refusal.value), refusal.value
-
-
-def test_a_16_bit_grayscale_image_is_scaled_to_8_bits_not_clipped(tmp_path):
-    levels = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
-    Image.fromarray(levels).save(tmp_path / "deep.png")
-    with Image.open(tmp_path / "deep.png") as image:
-        assert image.mode.startswith("I")
-        crop = imagenet.adm_center_crop(image, 16)
-    expected = torch.from_numpy(np.round(levels / 257).astype(np.uint8))
-    assert all(torch.equal(channel, expected) for channel in crop)
-
-
-INPUT_REFUSALS = {  # a finished imagenet-preset run, then its command with a file replaced or these flags
-    "the autoencoder replaced under its name": ("autoencoder", [], "other settings (autoencoder); add --redo encode"),
-    "MSN's weights replaced under their name": ("msn", [], "other settings (msn_weights); add --redo encode"),
-    "--redo sample, the autoencoder MSN's file": ("autoencoder", ["--redo", "sample"], "--redo encode"),
-    "--redo encode, MSN's weights the autoencoder's file": ("msn", ["--redo", "encode"], "is not MSN's tiny"),
-    "--redo stage1, a training image removed": ("folder", ["--redo", "stage1"], "1 removed (train/n0a/n0a_3.JPEG)"),
-}
-
-
-@pytest.mark.parametrize("case", INPUT_REFUSALS)
-def test_the_imagenet_presets_input_files_are_known_by_contents_and_a_refusal_removes_nothing(
-        imagenet_run, tmp_path, case, monkeypatch):
-    """Each network file is a setting of the encoding by what it holds (another file
-    of the same name encodes otherwise), and the networks a redo will load are
-    loaded before it removes anything."""
-    root, reference = imagenet_run
-    replaced, flags, words = INPUT_REFUSALS[case]
-    run = tmp_path / "folder-1l-s0"
-    shutil.copytree(reference, run)
-    files = {"autoencoder": tmp_path / "autoencoder_kl.pth", "msn": tmp_path / "msn.pth.tar",
-             "folder": tmp_path / "folder"}
-    shutil.copy(root / "autoencoder_kl.pth", files["autoencoder"])
-    shutil.copy(root / "msn_tiny.pth.tar", files["msn"])
-    shutil.copytree(root / "folder", files["folder"])
-    command = imagenet_command(root, "--out", str(tmp_path), *flags)
-    for flag, name in (("--autoencoder", "autoencoder"), ("--msn-weights", "msn"), ("--dataset", "folder")):
-        command[command.index(flag) + 1] = str(files[name])
-    if case.endswith("under its name") or case.endswith("under their name"):
-        torch.manual_seed(1)  # other weights of the same network, written where the first were
-        if replaced == "autoencoder":
-            torch.save(imagenet.AutoencoderKL(**imagenet.AUTOENCODER_SIZES["tiny"]).state_dict(), files["autoencoder"])
-        else:
-            weights = torch.load(files["msn"], weights_only=True)
-            weights["target_encoder"] = {name: torch.randn_like(value)
-                                         for name, value in weights["target_encoder"].items()}
-            torch.save(weights, files["msn"])
-    elif replaced == "folder":
-        os.remove(files["folder"] / "train" / "n0a" / "n0a_3.JPEG")
-    else:  # the other network's file
-        shutil.copy(root / ("msn_tiny.pth.tar" if replaced == "autoencoder" else "autoencoder_kl.pth"),
-                    files[replaced])
-    monkeypatch.setenv("DPT_FID_WEIGHTS", "/missing")
-    monkeypatch.setattr(sys, "argv", ["dpt.py", *command])
-    before = folder_state(run)
-    with pytest.raises(plumbing.UserError, match=re.escape(words)):
-        dpt.main()
-    assert folder_state(run) == before
-
-
-def test_a_label_subset_edited_after_a_run_is_refused_and_its_redo_is_a_fresh_run(imagenet_run, tmp_path):
-    """The subset file is a setting of the split by what it holds, not by its path."""
-    root, reference = imagenet_run
-    subset = tmp_path / "1imgs_class.txt"
-    subset.write_text("n0a_0.JPEG\nn0b_0.JPEG\nn0c_0.JPEG\n")
-    shutil.copytree(reference, tmp_path / "redone" / "folder-1l-s0")
-    command = imagenet_command(root, "--label-subset", str(subset))
-    first = run_script("dpt.py", *command, "--out", str(tmp_path / "redone"), "--redo", "stage1",
-                       DPT_FID_WEIGHTS="/missing")
-    assert first.returncode == 0, first.stderr[-3000:]
-    run = tmp_path / "redone" / "folder-1l-s0"
-    before = folder_state(run)
-    subset.write_text("n0a_4.JPEG\nn0b_2.JPEG\nn0c_5.JPEG\n")  # edited: the same path, other images
-    refused = run_script("dpt.py", *command, "--out", str(tmp_path / "redone"), DPT_FID_WEIGHTS="/missing")
-    assert_one_line_error(refused, "other settings (label_subset)", "--redo stage1")
-    assert folder_state(run) == before
-    redone = run_script("dpt.py", *command, "--out", str(tmp_path / "redone"), "--redo", "stage1",
-                        DPT_FID_WEIGHTS="/missing")
-    fresh = run_script("dpt.py", *command, "--out", str(tmp_path / "fresh"), DPT_FID_WEIGHTS="/missing")
-    assert redone.returncode == 0 and fresh.returncode == 0, redone.stderr[-2000:] + fresh.stderr[-2000:]
-    names = lambda folder: sorted(os.path.basename(imagenet.load_folder(str(root / "folder")).train_files[i])
-                                  for i in torch.load(folder / "split.pt", weights_only=True)["indices"])
-    assert names(run) == names(tmp_path / "fresh" / "folder-1l-s0") == ["n0a_4.JPEG", "n0b_2.JPEG", "n0c_5.JPEG"]
-    results = [json.loads((folder / "results.json").read_text()) for folder in (run, tmp_path / "fresh" /
-                                                                                "folder-1l-s0")]
-    for key in ("stage1_accuracy", "pseudo_label_accuracy", "stage3_accuracy", "sample_accuracy", "generation"):
-        assert results[0][key] == results[1][key], key
-
-
-def test_a_label_subset_file_names_the_labeled_images_as_msns_do(tmp_path):
-    write_imagenet_like(tmp_path)
-    dataset = imagenet.load_folder(str(tmp_path / "folder"))
-    subset = tmp_path / "1imgs_class.txt"
-    subset.write_text("n0c_4.JPEG\nn0a_2.JPEG\nn0b_0.JPEG\n")  # MSN's layout: a file name a line
-    config = configuration.DPTConfig(dataset=str(tmp_path / "folder"), preset="imagenet", label_subset=str(subset))
-    index = dpt.labeled_split(config, dataset)
-    assert [os.path.basename(dataset.train_files[i]) for i in index] == ["n0a_2.JPEG", "n0b_0.JPEG", "n0c_4.JPEG"]
-    for text, words in (("n0a_2.JPEG\nn0b_0.JPEG\nn0z_1.JPEG\n", "n0z_1.JPEG"),  # not in this folder
-                        ("n0a_2.JPEG\nn0a_3.JPEG\nn0b_0.JPEG\nn0c_4.JPEG\n", "not --labels 1")):  # two of n0a
-        subset.write_text(text)
-        with pytest.raises(plumbing.UserError, match=words):
-            dpt.labeled_split(config, dataset)
-
-
-def test_a_label_subset_matches_class_and_file_and_refuses_repeats_and_names_several_classes_hold(tmp_path):
-    for c in ("n0a", "n0b"):  # every class names its files 0.JPEG, 1.JPEG
-        os.makedirs(tmp_path / "folder" / "train" / c)
-        for i in range(2):
-            Image.new("RGB", (8, 8)).save(tmp_path / "folder" / "train" / c / f"{i}.JPEG")
-    dataset = imagenet.load_folder(str(tmp_path / "folder"))
-    subset = tmp_path / "subset.txt"
-    config = configuration.DPTConfig(dataset=str(tmp_path / "folder"), preset="imagenet", label_subset=str(subset))
-    subset.write_text("n0b/0.JPEG\nn0a/1.JPEG\n")
-    assert [dataset.train_files[i][-10:] for i in dpt.labeled_split(config, dataset)] == ["n0a/1.JPEG", "n0b/0.JPEG"]
-    for text, words in (("0.JPEG\nn0b/1.JPEG\n", "names 0.JPEG, a file name that 2 classes hold; write its lines as "
-                                                 "CLASS/FILE"),
-                        ("n0a/1.JPEG\nn0a/1.JPEG\nn0b/0.JPEG\n", "names n0a/1.JPEG more than once"),
-                        ("n0a/9.JPEG\nn0b/0.JPEG\n", "1 of its images are not among the training images (e.g. n0a/9"),
-                        ("n0a/0.JPEG\nn0a/1.JPEG\n", "names 0 to 2 images a class, not --labels 1")):
-        subset.write_text(text)
-        with pytest.raises(plumbing.UserError, match=re.escape(words)):
-            dpt.labeled_split(config, dataset)
-
-
-def test_the_imagenet_bench_times_each_stage_and_projects_the_preset():
-    result = run_script("dpt.py", "--bench", "--preset", "imagenet", "--autoencoder-size", "tiny", "--msn-size", "tiny",
-                        "--image-size", "64", "--diffusion-size", "tiny", OMP_NUM_THREADS="1")
-    assert result.returncode == 0, result.stderr[-3000:]
-    for words in ("encoding tiny + tiny at 64", "U-ViT tiny training, batch 2", "decoding tiny to 64",
-                  "sampling with decoding, 50 DPM-Solver++ steps", "imagenet preset here"):
-        assert words in result.stdout, (words, result.stdout)

@@ -78,18 +78,19 @@ SCRIPTS = {fixmatch.FixMatchConfig: ("fixmatch.py", fixmatch.FREE_TO_CHANGE),
            unet.DiffusionConfig: ("unet.py", unet.FREE_TO_CHANGE), sample.SampleConfig: ("sample.py", set())}
 
 
-def stage_field(prefix, script_config, name):
-    """The DPTConfig field of a stage script's setting: unset (None) until resolve,
-    its help the stage script's, with the flag it is there."""
-    declared = {field.name: field for field in dataclasses.fields(script_config)}[name]
-    help_text = (f"{plumbing.field_comments(script_config).get(name, '')} "
-                 f"({SCRIPTS[script_config][0]}'s --{name.replace('_', '-')})")
-    return f"{prefix}_{name}", declared.type, dataclasses.field(default=None, metadata={"help": help_text})
+def stage_fields(prefix, script_config, names):
+    """The DPTConfig fields of a stage script's settings: unset (None) until resolve,
+    each with its type and help the stage script's, and the flag it is there."""
+    declared = {field.name: field for field in dataclasses.fields(script_config)}
+    comments = plumbing.field_comments(script_config)  # read from the source once a script, not once a field
+    return [(f"{prefix}_{name}", declared[name].type, dataclasses.field(default=None, metadata={
+        "help": f"{comments.get(name, '')} ({SCRIPTS[script_config][0]}'s --{name.replace('_', '-')})"}))
+        for name in names]
 
 
 DPTConfig = dataclasses.make_dataclass(
-    "DPTConfig", [stage_field(prefix, script_config, name) for prefix, script_config, _, names in STAGE_SETTINGS
-                  for name in names], bases=(RunConfig,))
+    "DPTConfig", [field for prefix, script_config, _, names in STAGE_SETTINGS
+                  for field in stage_fields(prefix, script_config, names)], bases=(RunConfig,))
 DPTConfig.__module__ = __name__  # made here, so that pickle and repr name it
 
 
@@ -272,11 +273,10 @@ RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE,
          "fid_stats": ((lambda path: not path or os.path.isfile(path)), "an existing .npz file, or empty")}
 
 
-def check(config, world, side=None):
+def check(config, world):
     """Refuse a bad setting of any stage in one line naming its flag, before the
-    dataset loads (and again with the side of its images, before any stage runs):
-    the rules are dpt.py's own and the stage scripts', which check their own flags
-    the same way."""
+    dataset loads (dpt.check_dataset checks the side of its images after): the rules
+    are dpt.py's own and the stage scripts', which check their own flags the same way."""
     plumbing.check_fields(config, RULES)
     latent = reads_folder(config)
     if latent:
@@ -290,8 +290,7 @@ def check(config, world, side=None):
         settings, flags = classifier_settings(config, stage)
         fixmatch.check(settings, world, flags)
     settings, flags = diffusion_settings(config)
-    side = config.image_size // 8 if latent else side
-    unet.check(settings, world, flags, resolution=side)
+    unet.check(settings, world, flags, resolution=config.image_size // 8 if latent else None)
     sample.check(*sample_settings(config))
     for flag, path, read in (("--fid-weights", config.fid_weights, fid.check_weights),
                              ("--fid-stats", config.fid_stats, fid.read_stats)):

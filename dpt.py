@@ -459,7 +459,7 @@ def run_stages(config, run, dataset, device, rank, world):
     pseudo_labels = stage_pseudo_labels(run, learner, stage1, dataset)
     if folder:  # stage 2 learns the latents of every image and of its mirror
         stage_diffusion(config, run, encoded["train"]["latents"], pseudo_labels, dataset.num_classes,
-                mirrored=encoded["train"]["flipped"])
+                        mirrored=encoded["train"]["flipped"])
     else:
         stage_diffusion(config, run, dataset.train_x, pseudo_labels, dataset.num_classes)
     samples = stage_sample(config, run, device, rank, world)
@@ -559,7 +559,9 @@ def check_dataset(config, world, dataset):
     """Refuse, before any stage runs, what the dataset makes impossible: every
     stage's settings against the side of its images, a --labels it cannot give, samples
     that would not fit in memory, and too few images for FID on each process."""
-    configuration.check(config, world, side=None if dataset.train_x is None else dataset.train_x.shape[-1])
+    if dataset.train_x is not None:  # every other setting was checked before the dataset loaded
+        settings, flags = configuration.diffusion_settings(config)
+        unet.check(settings, world, flags, resolution=dataset.train_x.shape[-1])
     labeled_split(config, dataset)  # an impossible --labels, or a subset file that does not fit
     # FID's covariances need 2 images on every process, of the reference and of the samples.
     reference = min(config.fid_reference or len(dataset.train_y), len(dataset.train_y))
@@ -710,7 +712,7 @@ def check_kept(config, run, dataset, kept, removed):
         records = {"train": dataset.train_files, "test": dataset.test_files}
         changes = "; ".join(f"{split}: {changed}" for split, files in records.items() if (
             changed := imagenet.folder_changes((encoded[split] or {}).get("files", []),
-                                           imagenet.file_records(files, dataset.root))))
+                                               imagenet.file_records(files, dataset.root))))
         if changes:  # never latents or features of other files than the folder's
             raise UserError(f"{dataset.root} changed since {run} encoded it ({changes}); add --redo encode "
                             "to encode it again, or put the files back")

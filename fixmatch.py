@@ -511,7 +511,6 @@ def sample_labeled(count, real_count, total, real_fraction, device):
                       torch.randint(real_count, total, (count - real,), device=device)])
 
 
-
 def save_classifier(model, config, metrics, path):
     """classifier.pt: the EMA weights (normalization included), config and metrics."""
     plumbing.save_atomic({"model": model.state_dict(), "config": asdict(config), "metrics": metrics}, path)

@@ -490,7 +490,7 @@ def load_folder(name, data_dir="./data"):
               file=sys.stderr)
     test_files, test_y = image_folder(root, "val", classes)[:2] if has_val else ((), None)
     return data.Dataset(os.path.basename(os.path.normpath(root)), None, train_y, None, test_y, len(classes), classes,
-                   tuple(train_files), tuple(test_files), root)
+                        tuple(train_files), tuple(test_files), root)
 
 
 def adm_center_crop(image, side):
@@ -718,7 +718,7 @@ def stage_encode(config, run, dataset, device):
         folder = os.path.join(run, "encoded")
         passes = [("train", dataset.train_files, encode), ("test", dataset.test_files, lambda x: encode(x, False))]
         train, test = (encode_files(files, read, how, os.path.join(folder, split), workers=workers, rank=rank,
-                                         world=world, records=records[split]) if files else None
+                                    world=world, records=records[split]) if files else None
                        for split, files, how in passes)
         if rank == 0:
             plumbing.save_atomic({"train": train, "test": test}, path)

@@ -329,8 +329,6 @@ def folder_claimed(folder, rank=0, world=1, wait=False):
             lock.close()
 
 
-
-
 # How long a process waits for the others at a collective before it gives up.
 # Rank 0 works alone for minutes at a time on ImageNet (joining the encoded chunks
 # into encoded.pt, fitting the probes on 1.28M features, the oracle, the report)

@@ -29,6 +29,7 @@ from plumbing import UserError
 # script, no network, the images inline), built from results.json and the run
 # folder's files alone, so `python dpt.py --report RUN` redraws an old run.
 
+
 def write_report(run):
     path = os.path.join(run, "report.html")
     plumbing.save_atomic(build_report(run), path, writer=lambda page, file: file.write(page.encode()))

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import fcntl
 import html
 import io
 import json
@@ -116,19 +117,63 @@ def run_script(*args, cwd=HERE, **environment):
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-# Scripts run as subprocesses read a small shapes set from a file instead of drawing
-# the 22,000 images of `--dataset shapes` again in each (1.6 s on 2 cores).
-SHAPES_FILE = os.path.join(tempfile.mkdtemp(prefix="dpt-tests-"), "shapes.pt")
+# What several tests read is made once, by the first pytest-xdist worker that asks, in
+# one folder the workers share (named by the test run's id): the shapes file below and
+# the quick run of dpt.py's section. The last worker to finish removes it.
+SHARED = os.path.join(tempfile.gettempdir(), "dpt-tests-" + os.environ.get("PYTEST_XDIST_TESTRUNUID",
+                                                                           f"{os.getpid()}-{time.time_ns()}"))
+
+
+@contextlib.contextmanager
+def shared_folder_locked():
+    os.makedirs(SHARED, exist_ok=True)
+    with open(os.path.join(SHARED, "lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield lock
+
+
+def made_once(name, make):
+    """SHARED/name, made by make(path) unless a worker made it already."""
+    path = os.path.join(SHARED, name)
+    with shared_folder_locked():
+        if not os.path.exists(path + ".made"):  # not made, or a make that failed left a part of it
+            shutil.rmtree(path, ignore_errors=True)
+            make(path)
+            open(path + ".made", "w").close()
+    return path
 
 
 @pytest.fixture(scope="session", autouse=True)
-def shapes_file():
+def shared_folder():
+    """Counts the workers using SHARED; the last one out removes it."""
+    def count(change):
+        with shared_folder_locked() as lock:
+            lock.seek(0)
+            users = int(lock.read() or 0) + change
+            lock.truncate(0)
+            lock.write(str(users))  # the file is open to append: written at its new end, 0
+        return users
+    count(+1)
+    yield SHARED
+    if count(-1) == 0:
+        shutil.rmtree(SHARED)
+
+
+# Scripts run as subprocesses read a small shapes set from a file instead of drawing
+# the 22,000 images of `--dataset shapes` again in each (1.6 s on 2 cores).
+SHAPES_FILE = os.path.join(SHARED, "shapes.pt")
+
+
+def write_shapes(path):
     train_x, train_y = data.make_shapes(2000, seed=0)
     test_x, test_y = data.make_shapes(500, seed=1)
     torch.save({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y,
-                "classes": list(data.SHAPES), "flips": True}, SHAPES_FILE)  # as --dataset shapes
-    yield SHAPES_FILE
-    shutil.rmtree(os.path.dirname(SHAPES_FILE))
+                "classes": list(data.SHAPES), "flips": True}, path)  # as --dataset shapes
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shapes_file(shared_folder):
+    return made_once("shapes.pt", write_shapes)
 
 
 def assert_one_line_error(result, *words):
@@ -3598,11 +3643,15 @@ def test_without_cuda_or_preset_the_tiny_preset_runs_and_says_so(capsys, monkeyp
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory, fid_weights):
-    out = tmp_path_factory.mktemp("runs")
-    result = run_script("dpt.py", *QUICK, "--baseline", "--out", str(out), "--fid-weights", fid_weights)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result, out / "shapes-1l-s0"
+def quick_run(fid_weights):
+    """QUICK's run with its baseline, made once for every worker (read it; copy it to change it):
+    (what the command printed on stdout, the run folder)."""
+    def run(out):
+        result = run_script("dpt.py", *QUICK, "--baseline", "--out", out, "--fid-weights", fid_weights)
+        assert result.returncode == 0, result.stderr[-3000:]
+        pathlib.Path(out + ".stdout").write_text(result.stdout)
+    out = made_once("quick-run", run)
+    return pathlib.Path(out + ".stdout").read_text(), pathlib.Path(out, "shapes-1l-s0")
 
 
 def test_on_the_gpu_the_whole_pipeline_compiled_in_bf16_reaches_report_html(cuda, tmp_path, fid_weights):
@@ -3639,7 +3688,7 @@ def test_the_pipeline_leaves_every_artifact_with_its_documented_shape(quick_run)
 
 
 def test_results_json_holds_every_metric_and_the_summary_shows_stage_3_next_to_stage_1(quick_run):
-    result, run = quick_run
+    stdout, run = quick_run
     results = json.loads((run / "results.json").read_text())
     # Every number equals what the file it comes from holds, recomputed where it can be.
     shapes = data.load_dataset(SHAPES_FILE)
@@ -3684,7 +3733,7 @@ def test_results_json_holds_every_metric_and_the_summary_shows_stage_3_next_to_s
         assert (judged["fid"], judged["inception_score"]) == (fid_file["fid"], fid_file["inception_score"]), name
     assert results["generation"]["dpt"]["oracle_share"] == results["oracle_sample_accuracy"]
     assert results["versions"]["torch"] == torch.__version__ and results["classes"] == list(data.SHAPES)
-    lines = result.stdout.splitlines()
+    lines = stdout.splitlines()
     stage1_line = next(i for i, line in enumerate(lines) if "stage 1: semi-supervised" in line)
     assert "generated images of the intended class, stage-1 judge" in lines[stage1_line + 2]
     assert f"{100 * results['sample_accuracy']:.2f}%" in lines[stage1_line + 2]
@@ -3818,10 +3867,10 @@ def test_report_html_shows_the_run_that_results_json_and_the_run_folder_hold(qui
 
 
 def test_report_and_terminal_open_with_the_verdict_of_the_run(quick_run):
-    result, run = quick_run
+    stdout, run = quick_run
     results = json.loads((run / "results.json").read_text())
     assert f'<p class="verdict">{html.escape(report.verdict(results))}</p>' in (run / "report.html").read_text()
-    assert report.verdict(results) in result.stdout.splitlines()
+    assert report.verdict(results) in stdout.splitlines()
 
 
 def verdict_of(baseline, stage1, stage3):
@@ -4089,7 +4138,7 @@ def test_every_artifact_comes_from_the_ema_weights_never_from_the_ones_the_optim
 
 def test_the_oracle_is_trained_once_per_dataset_and_changes_nothing_that_dpt_makes(quick_run, fid_weights,
                                                                                    tmp_path):
-    result, run = quick_run
+    stdout, run = quick_run
     results = json.loads((run / "results.json").read_text())
     oracle_path = pathlib.Path(results["oracle"])
     assert oracle_path.parent.parent == run.parent / "oracle"
@@ -4286,7 +4335,8 @@ def test_the_judge_counts_the_generated_images_it_puts_in_their_intended_class()
 
 
 def test_rerunning_a_finished_run_redoes_nothing(quick_run, fid_weights, tmp_path):
-    _, run = quick_run
+    shutil.copytree(quick_run[1].parent, tmp_path / "out")
+    run = tmp_path / "out" / quick_run[1].name
     before = {path: path.stat().st_mtime_ns for path in run.rglob("*.pt")}
     result = run_script("dpt.py", *QUICK, "--baseline", "--out", str(run.parent), "--fid-weights", fid_weights)
     assert result.returncode == 0, result.stderr[-3000:]

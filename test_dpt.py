@@ -17,6 +17,7 @@ import dataclasses
 import errno
 import fcntl
 import html
+import importlib
 import io
 import json
 import math
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import zlib
 from functools import partial
 
@@ -110,6 +112,31 @@ def run_script(*args, cwd=HERE, **environment):
     """Run a script as a user would (script_env says with what)."""
     return subprocess.run([sys.executable, *args], cwd=cwd, env=script_env(**environment), capture_output=True,
                           text=True, timeout=300)
+
+
+@pytest.fixture
+def in_process(monkeypatch, capsys):
+    """Run a script's main() in this process as run_script runs the script, for
+    refusals, which do no work: the same code from the command line on, without
+    the 2-3 s of starting Python and torch. A warning shows on stderr, as it would."""
+    def run(script, *args, **environment):
+        for name, value in environment.items():
+            monkeypatch.setenv(name, value) if value is not None else monkeypatch.delenv(name, raising=False)
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        capsys.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", hidden)  # as Python hides them from a script
+            try:
+                plumbing.run_main(importlib.import_module(script.removesuffix(".py")).main)
+                code = 0
+            except SystemExit as exit:
+                code = exit.code
+        out, err = capsys.readouterr()
+        err += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+        return subprocess.CompletedProcess([script, *args], code, out, err)
+    return run
 
 
 # Two processes, on a free port (two such tests at once would both take torchrun's default 29500);
@@ -287,13 +314,13 @@ def test_missing_dataset_offline_names_the_folder_and_the_url(tmp_path):
     assert "\n" not in message
 
 
-def test_missing_dataset_offline_is_one_line_and_exit_code_2_on_the_command_line(tmp_path):
-    result = run_script("data.py", "--dataset", "cifar10", "--data-dir", str(tmp_path))
+def test_missing_dataset_offline_is_one_line_and_exit_code_2_on_the_command_line(in_process, tmp_path):
+    result = in_process("data.py", "--dataset", "cifar10", "--data-dir", str(tmp_path))
     assert_one_line_error(result, "cifar-10-batches-py", "could not be downloaded")
 
 
-def test_unknown_dataset_is_one_line_and_exit_code_2(tmp_path):
-    assert_one_line_error(run_script("data.py", "--dataset", "imagenet7"),
+def test_unknown_dataset_is_one_line_and_exit_code_2(in_process, tmp_path):
+    assert_one_line_error(in_process("data.py", "--dataset", "imagenet7"),
                           "--dataset 'imagenet7': must be one of cifar10")
 
 
@@ -379,9 +406,9 @@ def test_malformed_file_is_refused_with_a_one_line_reason(tmp_path, case):
     assert reason in str(error.value) and "\n" not in str(error.value)
 
 
-def test_unreadable_file_is_one_line_and_exit_code_2_on_the_command_line(tmp_path):
+def test_unreadable_file_is_one_line_and_exit_code_2_on_the_command_line(in_process, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"this is not a torch file")
-    assert_one_line_error(run_script("data.py", "--dataset", str(tmp_path / "junk.pt")), "cannot read")
+    assert_one_line_error(in_process("data.py", "--dataset", str(tmp_path / "junk.pt")), "cannot read")
 
 
 # -----------------------------------------------------------------------------
@@ -1063,7 +1090,7 @@ def test_fixmatch_beats_training_on_the_labeled_images_alone_with_1_label_per_cl
     assert accuracy[1.0] >= accuracy[0.0] + 0.10, accuracy
 
 
-def test_fixmatch_refuses_generated_images_that_do_not_fit_the_dataset(tmp_path, small_shapes):
+def test_fixmatch_refuses_generated_images_that_do_not_fit_the_dataset(in_process, tmp_path, small_shapes):
     bad = tmp_path / "samples.pt"
     torch.save({"images": random_images(4, side=16), "labels": torch.arange(4)}, bad)
     with pytest.raises(plumbing.UserError, match="do not fit"):
@@ -1071,7 +1098,7 @@ def test_fixmatch_refuses_generated_images_that_do_not_fit_the_dataset(tmp_path,
     torch.save({"images": random_images(4), "labels": torch.arange(4) + 8}, bad)
     with pytest.raises(plumbing.UserError, match="labels must be int64 in 0..9"):
         fixmatch.load_generated(str(bad), small_shapes)
-    result = run_script("fixmatch.py", "--dataset", SHAPES_FILE, "--pseudo-images", str(tmp_path / "missing.pt"),
+    result = in_process("fixmatch.py", "--dataset", SHAPES_FILE, "--pseudo-images", str(tmp_path / "missing.pt"),
                         "--out", str(tmp_path / "out"))
     assert_one_line_error(result, "cannot read generated images")
 
@@ -2011,7 +2038,8 @@ def test_keep_confident_keeps_the_surest_share_of_each_class_and_makes_the_rest_
     assert unet.keep_confident(labels, confidence, 1.0, null_class=4) is labels
 
 
-def test_a_labels_file_read_with_confident_below_1_keeps_the_surest_labels_and_needs_their_confidence(tmp_path):
+def test_a_labels_file_read_with_confident_below_1_keeps_the_surest_labels_and_needs_their_confidence(
+        in_process, tmp_path):
     dataset = data.Dataset("tiny", torch.zeros(20, 3, 8, 8, dtype=torch.uint8), torch.arange(20) % 10, None, None, 10)
     labels, confidence = torch.arange(20) % 10, torch.linspace(0, 1, 20)
     torch.save({"labels": labels, "confidence": confidence}, tmp_path / "labels.pt")
@@ -2020,17 +2048,17 @@ def test_a_labels_file_read_with_confident_below_1_keeps_the_surest_labels_and_n
     torch.save({"labels": labels}, tmp_path / "labels.pt")
     assert torch.equal(unet.load_labels(str(tmp_path / "labels.pt"), dataset), labels)
     torch.save({"labels": torch.arange(2000) % 10}, tmp_path / "labels.pt")  # one a shape, no confidence
-    result = run_script("unet.py", "--dataset", SHAPES_FILE, "--labels-file", str(tmp_path / "labels.pt"),
+    result = in_process("unet.py", "--dataset", SHAPES_FILE, "--labels-file", str(tmp_path / "labels.pt"),
                         "--confident", "0.5", "--out", str(tmp_path / "out"))
     assert_one_line_error(result, "no 'confidence'", "--confident 1")
-    result = run_script("unet.py", "--dataset", SHAPES_FILE, "--confident", "0.5", "--out", str(tmp_path / "out"))
+    result = in_process("unet.py", "--dataset", SHAPES_FILE, "--confident", "0.5", "--out", str(tmp_path / "out"))
     assert_one_line_error(result, "--confident 0.5", "--labels-file")  # true labels have no confidence
     assert not (tmp_path / "out").exists()
 
 
-def test_a_labels_file_of_the_wrong_length_is_one_line_and_exit_code_2_on_the_command_line(tmp_path):
+def test_a_labels_file_of_the_wrong_length_is_one_line_and_exit_code_2_on_the_command_line(in_process, tmp_path):
     torch.save({"labels": torch.zeros(5, dtype=torch.long)}, tmp_path / "pseudo_labels.pt")
-    result = run_script("unet.py", "--dataset", SHAPES_FILE, "--labels-file", str(tmp_path / "pseudo_labels.pt"),
+    result = in_process("unet.py", "--dataset", SHAPES_FILE, "--labels-file", str(tmp_path / "pseudo_labels.pt"),
                         "--out", str(tmp_path))
     assert_one_line_error(result, "shape (2000,)")
 
@@ -2641,14 +2669,14 @@ def test_the_imagenet_preset_gives_each_stage_the_official_u_vit_l2_recipe(monke
 
 
 @pytest.mark.parametrize("damaged", ["encoded.pt", "stage1/probe.pt", "oracle.pt"])
-def test_a_damaged_imagenet_artifact_is_one_line_whose_advice_followed_literally_finishes_the_run(
+def test_a_damaged_imagenet_artifact_is_one_line_whose_advice_followed_literally_finishes_the_run(in_process, 
         imagenet_run, tmp_path, damaged):
     root, reference = imagenet_run
     run = tmp_path / "folder-1l-s0"
     shutil.copytree(reference, run)
     (run / damaged).write_bytes(b"half a file")
     command = imagenet_command(root, "--out", str(tmp_path))
-    refused = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    refused = in_process("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert_one_line_error(refused, damaged)
     if damaged == "encoded.pt":  # it records the files it encoded: made again by its stage, with all after it
         command += ["--redo", re.search(r"--redo (\w+)", refused.stderr).group(1)]
@@ -2661,7 +2689,7 @@ def test_a_damaged_imagenet_artifact_is_one_line_whose_advice_followed_literally
 
 
 @pytest.mark.parametrize("change", ["a training image moved to another class", "a val image removed"])
-def test_a_folder_changed_under_its_encodings_is_refused_and_the_advised_redo_encodes_it_again(
+def test_a_folder_changed_under_its_encodings_is_refused_and_the_advised_redo_encodes_it_again(in_process, 
         imagenet_run, tmp_path, change):
     root, reference = imagenet_run
     shutil.copytree(root / "folder", tmp_path / "folder")
@@ -2675,7 +2703,7 @@ def test_a_folder_changed_under_its_encodings_is_refused_and_the_advised_redo_en
     else:
         shutil.move(folder / "train" / "n0a" / "n0a_3.JPEG", folder / "train" / "n0c" / "n0a_3.JPEG")
         words = "1 moved (train/n0a/n0a_3.JPEG to train/n0c/n0a_3.JPEG)"
-    refused = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    refused = in_process("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert_one_line_error(refused, words, "--redo encode")
     finished = run_script("dpt.py", *command, "--redo", "encode", DPT_FID_WEIGHTS="/missing")
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -2687,13 +2715,13 @@ def test_a_folder_changed_under_its_encodings_is_refused_and_the_advised_redo_en
     assert (run / "results.json").exists()
 
 
-def test_unreadable_images_are_named_in_one_line_before_any_encoding(tmp_path):
+def test_unreadable_images_are_named_in_one_line_before_any_encoding(in_process, tmp_path):
     write_imagenet_like(tmp_path)
     train = tmp_path / "folder" / "train"
     (train / "n0a" / "empty.JPEG").write_bytes(b"")
     (train / "n0b" / "notes.JPEG").write_text("not an image")
     os.symlink(tmp_path / "gone.JPEG", train / "n0c" / "gone.JPEG")
-    result = run_script("dpt.py", *imagenet_command(tmp_path, "--out", str(tmp_path / "out")),
+    result = in_process("dpt.py", *imagenet_command(tmp_path, "--out", str(tmp_path / "out")),
                         DPT_FID_WEIGHTS="/missing")
     assert_one_line_error(result, "3 of 27 images cannot be opened", "empty.JPEG", "notes.JPEG", "gone.JPEG",
                           "--skip-bad-images")
@@ -2707,12 +2735,12 @@ def test_unreadable_images_are_named_in_one_line_before_any_encoding(tmp_path):
     assert len(torch.load(run / "encoded.pt", weights_only=True)["train"]["files"]) == 18  # the readable ones
 
 
-def test_an_image_that_fails_only_when_decoded_is_named_in_one_line(tmp_path):
+def test_an_image_that_fails_only_when_decoded_is_named_in_one_line(in_process, tmp_path):
     write_imagenet_like(tmp_path)
     image = tmp_path / "folder" / "train" / "n0b" / "n0b_2.JPEG"
     whole = image.read_bytes()
     image.write_bytes(whole[:len(whole) * 2 // 3])  # its header and two thirds of its pixels: it opens
-    result = run_script("dpt.py", *imagenet_command(tmp_path, "--out", str(tmp_path / "out")),
+    result = in_process("dpt.py", *imagenet_command(tmp_path, "--out", str(tmp_path / "out")),
                         DPT_FID_WEIGHTS="/missing")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
@@ -2817,7 +2845,7 @@ def test_the_imagenet_presets_input_files_are_known_by_contents_and_a_refusal_re
     assert folder_state(run) == before
 
 
-def test_a_label_subset_edited_after_a_run_is_refused_and_its_redo_is_a_fresh_run(imagenet_run, tmp_path):
+def test_a_label_subset_edited_after_a_run_is_refused_and_its_redo_is_a_fresh_run(in_process, imagenet_run, tmp_path):
     """The subset file is a setting of the split by what it holds, not by its path."""
     root, reference = imagenet_run
     subset = tmp_path / "1imgs_class.txt"
@@ -2830,7 +2858,7 @@ def test_a_label_subset_edited_after_a_run_is_refused_and_its_redo_is_a_fresh_ru
     run = tmp_path / "redone" / "folder-1l-s0"
     before = folder_state(run)
     subset.write_text("n0a_4.JPEG\nn0b_2.JPEG\nn0c_5.JPEG\n")  # edited: the same path, other images
-    refused = run_script("dpt.py", *command, "--out", str(tmp_path / "redone"), DPT_FID_WEIGHTS="/missing")
+    refused = in_process("dpt.py", *command, "--out", str(tmp_path / "redone"), DPT_FID_WEIGHTS="/missing")
     assert_one_line_error(refused, "other settings (label_subset)", "--redo stage1")
     assert folder_state(run) == before
     redone = run_script("dpt.py", *command, "--out", str(tmp_path / "redone"), "--redo", "stage1",
@@ -3134,9 +3162,9 @@ def test_sample_command_saves_k_images_per_class_and_a_grid(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock", "samples.png", "samples.pt"]
 
 
-def test_guidance_is_refused_for_a_diffusion_model_that_never_learned_its_null_class(tmp_path):
+def test_guidance_is_refused_for_a_diffusion_model_that_never_learned_its_null_class(in_process, tmp_path):
     # dpt.py, before any work: label dropout 0 (the fast and cifar presets) with guidance 3 (tiny's)
-    assert_one_line_error(run_script("dpt.py", *QUICK, "--diffusion-label-dropout", "0", "--out", str(tmp_path)),
+    assert_one_line_error(in_process("dpt.py", *QUICK, "--diffusion-label-dropout", "0", "--out", str(tmp_path)),
                           "--sample-guidance 3.0", "--diffusion-label-dropout")
     assert not list(tmp_path.iterdir())
     # sample.py, from the checkpoint's own config
@@ -3145,7 +3173,7 @@ def test_guidance_is_refused_for_a_diffusion_model_that_never_learned_its_null_c
     for dropout in (0.0, 0.1):
         unet.save_diffusion(model, unet.DiffusionConfig(size="tiny", label_dropout=dropout), {},
                             str(tmp_path / f"dropout{dropout}.pt"))
-    result = run_script("sample.py", str(tmp_path / "dropout0.0.pt"), "--guidance", "2", "--per-class", "1",
+    result = in_process("sample.py", str(tmp_path / "dropout0.0.pt"), "--guidance", "2", "--per-class", "1",
                         "--steps", "2", "--out", str(tmp_path / "out"))
     assert_one_line_error(result, "--guidance 2.0", "without label dropout")
     assert not (tmp_path / "out").exists()
@@ -3171,8 +3199,8 @@ def test_sample_refuses_settings_that_cannot_sample(flags, words):
     (["--solver", "ddim"], "--solver 'ddim'"),
     ([], "cannot read a diffusion model"),  # the checkpoint does not exist: unet.load_diffusion says so
 ])
-def test_sample_command_refuses_bad_input_with_one_line_and_exit_code_2(tmp_path, flags, words):
-    assert_one_line_error(run_script("sample.py", str(tmp_path / "diffusion.pt"), *flags,
+def test_sample_command_refuses_bad_input_with_one_line_and_exit_code_2(in_process, tmp_path, flags, words):
+    assert_one_line_error(in_process("sample.py", str(tmp_path / "diffusion.pt"), *flags,
                                      "--out", str(tmp_path / "out")), words)
     assert not (tmp_path / "out").exists()  # bad input writes nothing
 
@@ -4010,7 +4038,7 @@ def test_the_tiny_preset_runs_the_labeled_only_baseline_unless_told_not_to():
     assert config.baseline is False
 
 
-def test_a_non_finite_diffusion_loss_is_a_gap_in_the_report_not_an_error(quick_run, tmp_path):
+def test_a_non_finite_diffusion_loss_is_a_gap_in_the_report_not_an_error(in_process, quick_run, tmp_path):
     copy = tmp_path / quick_run[1].name
     shutil.copytree(quick_run[1], copy)
     diffusion = torch.load(copy / "stage2" / "diffusion.pt")
@@ -4018,7 +4046,7 @@ def test_a_non_finite_diffusion_loss_is_a_gap_in_the_report_not_an_error(quick_r
     history[1], history[2] = (64, float("nan")), (96, float("inf"))
     diffusion["metrics"]["history"] = history
     torch.save(diffusion, copy / "stage2" / "diffusion.pt")
-    result = run_script("dpt.py", "--report", str(copy))
+    result = in_process("dpt.py", "--report", str(copy))
     assert result.returncode == 0, result.stderr[-3000:]
     page = (copy / "report.html").read_text()
     lines = re.findall(r'<polyline data-series="loss" points="([^"]+)"', page)
@@ -4027,17 +4055,17 @@ def test_a_non_finite_diffusion_loss_is_a_gap_in_the_report_not_an_error(quick_r
     assert "2 non-finite values: gaps in the line" in page
 
 
-def test_report_flag_redraws_the_page_of_a_finished_run_without_training(quick_run, tmp_path):
+def test_report_flag_redraws_the_page_of_a_finished_run_without_training(in_process, quick_run, tmp_path):
     _, run = quick_run
     copy = tmp_path / run.name
     shutil.copytree(run, copy)
     (copy / "report.html").unlink()
     before = {path: path.stat().st_mtime_ns for path in copy.rglob("*")}
-    result = run_script("dpt.py", "--report", str(copy))
+    result = in_process("dpt.py", "--report", str(copy))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (copy / "report.html").read_text() == (run / "report.html").read_text()
     assert {path: path.stat().st_mtime_ns for path in copy.rglob("*") if path.name != "report.html"} == before
-    assert_one_line_error(run_script("dpt.py", "--report", str(tmp_path / "nothing")), "no results.json there")
+    assert_one_line_error(in_process("dpt.py", "--report", str(tmp_path / "nothing")), "no results.json there")
 
 
 def test_each_model_trains_on_its_labels_the_three_diffusion_models_sample_one_noise_and_stage_3_the_samples(
@@ -4136,8 +4164,7 @@ def test_every_artifact_comes_from_the_ema_weights_never_from_the_ones_the_optim
     assert not torch.equal(redrawn(model), samples["images"])
 
 
-def test_the_oracle_is_trained_once_per_dataset_and_changes_nothing_that_dpt_makes(quick_run, fid_weights,
-                                                                                   tmp_path):
+def test_the_oracle_is_trained_once_per_dataset_and_changes_nothing_that_dpt_makes(quick_run, tmp_path):
     stdout, run = quick_run
     results = json.loads((run / "results.json").read_text())
     oracle_path = pathlib.Path(results["oracle"])
@@ -4164,7 +4191,7 @@ def test_the_oracle_is_trained_once_per_dataset_and_changes_nothing_that_dpt_mak
     fixmatch.save_classifier(random_judge, fixmatch.FixMatchConfig(arch="small"), {"accuracy": 0.123, "history": []},
                              str(cached))
     before = cached.stat().st_mtime_ns
-    again = run_script("dpt.py", *QUICK, "--baseline", "--out", str(tmp_path), "--fid-weights", fid_weights)
+    again = run_script("dpt.py", *QUICK, "--baseline", "--out", str(tmp_path), DPT_FID_WEIGHTS="/missing")
     assert again.returncode == 0, again.stderr[-3000:]
     assert cached.stat().st_mtime_ns == before and "training the oracle" not in again.stderr
     rerun = json.loads((tmp_path / run.name / "results.json").read_text())
@@ -4192,13 +4219,13 @@ def test_each_oracle_recipe_has_its_own_folder_and_free_settings_share_one(small
                 folder(ssl_uratio=3)}) == 5  # uratio sets the oracle's batch
 
 
-def test_seeds_runs_one_folder_per_seed_resumes_them_and_summarizes_their_results(quick_run, fid_weights, tmp_path):
+def test_seeds_runs_one_folder_per_seed_resumes_them_and_summarizes_their_results(quick_run, tmp_path):
     shutil.copytree(quick_run[1], tmp_path / "shapes-1l-s0")  # seed 0 is finished already
     shutil.copytree(quick_run[1].parent / "oracle", tmp_path / "oracle")
     shutil.copytree(quick_run[1].parent / "every_label", tmp_path / "every_label")
     finished = {path: path.stat().st_mtime_ns for path in (tmp_path / "shapes-1l-s0").rglob("*.pt")}
-    command = ["dpt.py", *QUICK, "--baseline", "--seeds", "0-1", "--out", str(tmp_path), "--fid-weights", fid_weights]
-    result = run_script(*command)
+    command = ["dpt.py", *QUICK, "--baseline", "--seeds", "0-1", "--out", str(tmp_path)]
+    result = run_script(*command, DPT_FID_WEIGHTS="/missing")  # seed 1 without FID, seed 0 with it
     assert result.returncode == 0, result.stderr[-3000:]
     assert {path: path.stat().st_mtime_ns for path in (tmp_path / "shapes-1l-s0").rglob("*.pt")} == finished
     assert "training the every-label diffusion model" not in result.stderr  # seed 1 reuses seed 0's
@@ -4221,7 +4248,7 @@ def test_seeds_runs_one_folder_per_seed_resumes_them_and_summarizes_their_result
     assert f"{100 * summary['mean']['oracle_sample_accuracy']:.2f}" in page
     # The same command again trains nothing and writes the same summary.
     everything = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.pt")}
-    again = run_script(*command)
+    again = run_script(*command, DPT_FID_WEIGHTS="/missing")
     assert again.returncode == 0, again.stderr[-3000:]
     assert {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.pt")} == everything
     assert json.loads((tmp_path / "shapes-1l-seeds0-1.json").read_text()) == summary
@@ -4298,8 +4325,8 @@ def test_the_oracles_features_are_its_penultimate_layer_that_its_last_layer_clas
 
 
 @pytest.mark.parametrize("seeds", ["3-1", "x", "1,1", "-2"])
-def test_seeds_that_are_not_a_range_or_a_list_are_refused_before_any_work(tmp_path, seeds):
-    assert_one_line_error(run_script("dpt.py", *QUICK, "--seeds", seeds, "--out", str(tmp_path)), "--seeds")
+def test_seeds_that_are_not_a_range_or_a_list_are_refused_before_any_work(in_process, tmp_path, seeds):
+    assert_one_line_error(in_process("dpt.py", *QUICK, "--seeds", seeds, "--out", str(tmp_path)), "--seeds")
     assert not list(tmp_path.iterdir())
 
 
@@ -4343,10 +4370,10 @@ def test_rerunning_a_finished_run_redoes_nothing(quick_run, fid_weights, tmp_pat
     assert {path: path.stat().st_mtime_ns for path in run.rglob("*.pt")} == before
 
 
-def test_a_changed_setting_is_refused_unless_redo_reruns_its_stage(quick_run, tmp_path):
+def test_a_changed_setting_is_refused_unless_redo_reruns_its_stage(in_process, quick_run, tmp_path):
     run = tmp_path / "shapes-1l-s0"
     shutil.copytree(quick_run[1], run)
-    result = run_script("dpt.py", *QUICK, "--sample-guidance", "2", "--out", str(tmp_path), DPT_FID_WEIGHTS="/missing")
+    result = in_process("dpt.py", *QUICK, "--sample-guidance", "2", "--out", str(tmp_path), DPT_FID_WEIGHTS="/missing")
     assert_one_line_error(result, "other settings (sample_guidance)", "--redo sample")
     stage2 = (run / "stage2" / "diffusion.pt").stat().st_mtime_ns
     samples = (run / "samples.pt").stat().st_mtime_ns
@@ -4360,25 +4387,25 @@ def test_a_changed_setting_is_refused_unless_redo_reruns_its_stage(quick_run, tm
     assert '"sample_guidance": 2.0' in report and "<th>FID of the samples</th><td>-</td>" in report
 
 
-def test_a_run_folder_without_its_config_json_is_refused_not_adopted(quick_run, tmp_path):
+def test_a_run_folder_without_its_config_json_is_refused_not_adopted(in_process, quick_run, tmp_path):
     run = tmp_path / "shapes-1l-s0"
     shutil.copytree(quick_run[1], run)
     (run / "config.json").unlink()
     before = {path: path.stat().st_mtime_ns for path in run.rglob("*.pt")}
-    result = run_script("dpt.py", *QUICK, "--sample-guidance", "2", "--out", str(tmp_path))
+    result = in_process("dpt.py", *QUICK, "--sample-guidance", "2", "--out", str(tmp_path))
     assert_one_line_error(result, "no config.json", "delete the folder")
     assert {path: path.stat().st_mtime_ns for path in run.rglob("*.pt")} == before
     assert not (run / "config.json").exists()
 
 
-def test_redo_stage1_drops_the_old_baseline_from_timings_and_report_and_advice_names_a_valid_redo(quick_run,
+def test_redo_stage1_drops_the_old_baseline_from_timings_and_report_and_advice_names_a_valid_redo(in_process, quick_run,
                                                                                                   tmp_path):
     run = tmp_path / "shapes-1l-s0"
     shutil.copytree(quick_run[1], run)
     shutil.copytree(quick_run[1].parent / "oracle", tmp_path / "oracle")
     # The baseline's file, made unreadable: --report's advice must be a --redo that the rules accept.
     (run / "baseline" / "classifier.pt").write_bytes(b"garbage")
-    result = run_script("dpt.py", "--report", str(run))
+    result = in_process("dpt.py", "--report", str(run))
     assert_one_line_error(result, "--redo stage1")
     redo = result.stderr.split("--redo ")[1].split()[0]
     # Redone without the baseline (the tiny preset's is on unless --no-baseline): the old one is gone.
@@ -4508,7 +4535,7 @@ def test_no_stage_reads_a_setting_of_a_later_stage():
                 assert make(changed) == make(config), (name, earlier)
 
 
-def test_a_split_of_other_data_or_an_unreadable_split_is_refused_and_the_advised_redo_starts_over(
+def test_a_split_of_other_data_or_an_unreadable_split_is_refused_and_the_advised_redo_starts_over(in_process, 
         quick_run, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(quick_run[1].parent, out)
@@ -4519,7 +4546,7 @@ def test_a_split_of_other_data_or_an_unreadable_split_is_refused_and_the_advised
     torch.save({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y,
                 "classes": list(data.SHAPES), "flips": True}, other)
     command = [*QUICK, "--dataset", str(other), "--out", str(out)]
-    refused = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    refused = in_process("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert_one_line_error(refused, str(run), "other data", "--redo stage1")
     redone = run_script("dpt.py", *command, "--redo", "stage1", DPT_FID_WEIGHTS="/missing")
     assert redone.returncode == 0, redone.stderr[-3000:]
@@ -4528,7 +4555,7 @@ def test_a_split_of_other_data_or_an_unreadable_split_is_refused_and_the_advised
     assert not torch.equal(indices, torch.load(quick_run[1] / "split.pt")["indices"])
 
     (run / "split.pt").write_bytes(b"half a split")
-    unreadable = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    unreadable = in_process("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert_one_line_error(unreadable, "split.pt", "--redo stage1")
     advised = run_script("dpt.py", *command, "--redo", "stage1", DPT_FID_WEIGHTS="/missing")
     assert advised.returncode == 0, advised.stderr[-3000:]
@@ -4586,7 +4613,7 @@ def test_every_network_dpt_loads_goes_to_the_runs_device(quick_run, fid_weights,
 
 @pytest.mark.parametrize("damaged", ["stage1/classifier.pt", "pseudo_labels.pt", "stage2/diffusion.pt",
                                      "samples.pt", "stage3/classifier.pt", "fid.json", "timings.json"])
-def test_a_damaged_artifact_is_one_line_whose_advice_followed_literally_remakes_it_alone(
+def test_a_damaged_artifact_is_one_line_whose_advice_followed_literally_remakes_it_alone(in_process, 
         quick_run, tmp_path, damaged):
     """The cheapest true fix: a file that the files before it make again is
     removed and made again alone, the same as before (a redo would rerun every
@@ -4597,7 +4624,7 @@ def test_a_damaged_artifact_is_one_line_whose_advice_followed_literally_remakes_
     whole = folder_state(run)
     (run / damaged).write_bytes(b"half a file")
     command = [*QUICK, "--out", str(out)]
-    refused = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    refused = in_process("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert_one_line_error(refused, damaged, "remove it and run the same command again")
     (run / damaged).unlink()
     finished = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
@@ -4681,14 +4708,14 @@ def test_a_library_user_can_call_dpt_main_again_after_it_refused_a_setting(quick
     assert not [lock for lock in plumbing.HELD_LOCKS if lock.name.startswith(str(out))]  # and let go again
 
 
-def test_a_second_run_into_the_folder_of_a_live_one_stops_at_once_naming_it(tmp_path):
+def test_a_second_run_into_the_folder_of_a_live_one_stops_at_once_naming_it(in_process, tmp_path):
     command = [*QUICK, "--ssl-steps", "3000", "--out", str(tmp_path)]  # the first outlives the second's start
     run = tmp_path / "shapes-1l-s0"
     first = start_run(*command)
     try:
         while first.poll() is None and f"process {first.pid} " not in read_or_empty(run / "run.lock"):
             time.sleep(0.05)
-        second = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+        second = in_process("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
         assert_one_line_error(second, str(run), f"process {first.pid} ")
         assert first.poll() is None  # the first run goes on
     finally:
@@ -4701,7 +4728,7 @@ def read_or_empty(path):
 
 
 @pytest.mark.parametrize("script", ["fixmatch.py", "unet.py", "sample.py"])
-def test_a_stage_script_refuses_a_held_out_folder_and_the_lock_dies_with_its_holder(tmp_path, script):
+def test_a_stage_script_refuses_a_held_out_folder_and_the_lock_dies_with_its_holder(in_process, tmp_path, script):
     holder = subprocess.Popen([sys.executable, "-c", "import plumbing, sys, time; plumbing.claim_folder(sys.argv[1]); "
                                "print('held', flush=True); time.sleep(120)", str(tmp_path)],
                               cwd=HERE, stdout=subprocess.PIPE, text=True)
@@ -4710,7 +4737,7 @@ def test_a_stage_script_refuses_a_held_out_folder_and_the_lock_dies_with_its_hol
     unet.save_diffusion(unet.make_diffusion("unet", "tiny", 2, 8), unet.DiffusionConfig(size="tiny"), {}, diffusion)
     args = {"fixmatch.py": ["--dataset", SHAPES_FILE], "unet.py": ["--dataset", SHAPES_FILE],
             "sample.py": [diffusion]}[script]
-    assert_one_line_error(run_script(script, *args, "--out", str(tmp_path)), f"process {holder.pid} ")
+    assert_one_line_error(in_process(script, *args, "--out", str(tmp_path)), f"process {holder.pid} ")
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     plumbing.claim_folder(str(tmp_path))  # free again: the kernel dropped the lock with its holder
@@ -4828,7 +4855,7 @@ def assert_refused_before_any_work(name, value, tmp_path, monkeypatch, capsys, w
 @pytest.mark.parametrize("case", ["labels 0", "too many labels", "unknown dataset", "unreadable file",
                                   "malformed file", "offline", "unknown preset", "unknown redo", "unknown solver",
                                   "one FID reference image", "one generated image"])
-def test_bad_input_is_one_line_and_exit_code_2_before_any_work(tmp_path, case):
+def test_bad_input_is_one_line_and_exit_code_2_before_any_work(in_process, tmp_path, case):
     args = {"labels 0": ["--dataset", SHAPES_FILE, "--labels", "0"],
             "too many labels": ["--dataset", SHAPES_FILE, "--labels", "100000"],
             "unknown dataset": ["--dataset", "imagenet42"],
@@ -4844,12 +4871,12 @@ def test_bad_input_is_one_line_and_exit_code_2_before_any_work(tmp_path, case):
     (tmp_path / "garbage.pt").write_bytes(b"not a tensor file")
     np.savez(tmp_path / "floats.npz", train_x=np.zeros((4, 8, 8, 3), np.float32), train_y=np.zeros(4, np.int64))
     np.savez(tmp_path / "one.npz", train_x=np.zeros((4, 32, 32), np.uint8), train_y=np.zeros(4, np.int64))
-    result = run_script("dpt.py", "--preset", "tiny", *args, "--out", str(tmp_path / "runs"))
+    result = in_process("dpt.py", "--preset", "tiny", *args, "--out", str(tmp_path / "runs"))
     assert_one_line_error(result, *(["fewer than 2 images"] if "FID" in case or "generated" in case else []))
     assert not (tmp_path / "runs").exists()  # nothing written
 
 
-def test_a_corrupt_checkpoint_is_refused_and_kept(tmp_path):
+def test_a_corrupt_checkpoint_is_refused_and_kept(in_process, tmp_path):
     checkpoint = tmp_path / "shapes-1l-s0" / "stage1" / "ckpt.pt"
     checkpoint.parent.parent.mkdir()
     config = plumbing.parse_config(configuration.DPTConfig, "", [*QUICK, "--out", str(tmp_path)])
@@ -4858,7 +4885,7 @@ def test_a_corrupt_checkpoint_is_refused_and_kept(tmp_path):
     dpt.check_run_folder(config, str(checkpoint.parent.parent), data.load_dataset(SHAPES_FILE))
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(b"half a checkpoint")
-    result = run_script("dpt.py", *QUICK, "--out", str(tmp_path))
+    result = in_process("dpt.py", *QUICK, "--out", str(tmp_path))
     assert_one_line_error(result, str(checkpoint), "damaged", "remove it")
     assert checkpoint.read_bytes() == b"half a checkpoint"  # never silently trained over
 

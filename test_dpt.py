@@ -2444,12 +2444,17 @@ def imagenet_command(root, *extra):
 
 
 @pytest.fixture(scope="module")
-def imagenet_run(tmp_path_factory, fid_weights):
-    root = tmp_path_factory.mktemp("imagenet")
-    write_imagenet_like(root)
-    result = run_script("dpt.py", *imagenet_command(root, "--out", str(root / "runs"), "--fid-weights", fid_weights,
-                                                    "--baseline"))  # the references: stage 1 is the probe's baseline
-    assert result.returncode == 0, result.stderr[-3000:]
+def imagenet_run(fid_weights):
+    """The folder and weights of write_imagenet_like and a run of the imagenet preset on
+    them, made once for every worker (read them; copy them to change them)."""
+    def run(root):
+        root = pathlib.Path(root)
+        root.mkdir()
+        write_imagenet_like(root)
+        result = run_script("dpt.py", *imagenet_command(root, "--out", str(root / "runs"), "--fid-weights",
+                                                        fid_weights, "--baseline"))  # the references too
+        assert result.returncode == 0, result.stderr[-3000:]
+    root = pathlib.Path(made_once("imagenet", run))
     return root, root / "runs" / "folder-1l-s0"
 
 

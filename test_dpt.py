@@ -2557,10 +2557,14 @@ def test_imagenet_fid_takes_50_samples_a_class_against_reference_statistics_and_
     dataset = data.Dataset("folder", None, torch.zeros(2, dtype=torch.long), None, None, 2)
     config = configuration.DPTConfig(dataset=str(tmp_path), preset="imagenet", fid_weights=fid_weights,
                                      fid_stats=str(tmp_path / "reference.npz"))
+    measured = []  # (images, their statistics) of each set stage_fid measures
+    split_statistics = dpt.split_statistics
+    monkeypatch.setattr(dpt, "split_statistics", lambda model, images, *args, **kwargs: measured.append(
+        (images, split_statistics(model, images, *args, **kwargs))) or measured[-1][1])
     score = dpt.stage_fid(config, str(tmp_path), dataset, {"dpt": (samples, str(tmp_path / "fid.json"))},
                           torch.device("cpu"), 0, 1)["dpt"]
-    first_50 = images.unflatten(0, (2, 51))[:, :50].flatten(0, 1)
-    generated = fid.statistics(inception, first_50.split(50))
+    (measured_images, generated), = measured  # the reference's statistics are the file's
+    assert torch.equal(measured_images, images.unflatten(0, (2, 51))[:, :50].flatten(0, 1))  # the first 50 a class
     assert score["generated_images"] == 100 and score["reference_images"] is None
     assert score["fid"] == pytest.approx(fid.frechet_distance(generated["mu"], generated["sigma"], reference["mu"],
                                                               reference["sigma"]), rel=1e-6)

@@ -3592,13 +3592,23 @@ def test_the_cifar_preset_gives_each_stage_the_papers_recipe():
     assert {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.001}
 
 
-def test_bench_prints_every_stage_beside_eager_fp32_and_the_presets_projected_time():
-    result = run_script("dpt.py", "--bench", "--diffusion-size", "tiny")  # WRN-28-2 at small batches, the tiny U-Net
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+@pytest.fixture(scope="module")
+def gpu_check_dry_run(tmp_path_factory):
+    """.ci/gpu's CPU dry run: what it wrote under $OUT, and the completed process."""
+    out = tmp_path_factory.mktemp("gpu-check")
+    result = subprocess.run(["bash", os.path.join(HERE, ".ci", "gpu")], env=script_env(
+        DPT_DEVICE="cpu", OUT=str(out), DPT_FID_WEIGHTS="/missing"), capture_output=True, text=True, timeout=600)
+    return out, result
+
+
+def test_bench_prints_every_stage_beside_eager_fp32_and_the_presets_projected_time(gpu_check_dry_run):
+    out, _ = gpu_check_dry_run  # whose bench part ran `dpt.py --bench --diffusion-size tiny`: WRN-28-2, the tiny U-Net
+    log = (out / "bench.log").read_text()
+    assert re.search(r"^bench: exit 0 ", (out / "summary.txt").read_text(), re.M), log[-3000:]
+    lines = log.splitlines()
     rows = {name: line for name in ("augmentation", "FixMatch wrn28_2", "U-Net tiny training",
                                     "Heun, 35 evaluations", "FID features") for line in lines if name in line}
-    assert len(rows) == 5, result.stdout
+    assert len(rows) == 5, log
     for name, line in rows.items():  # rate, eager fp32 rate, ratio (on a CPU both are eager fp32), warm-up
         rate, eager, ratio, warmup = re.search(r"([\d,.]+)\s+([\d,.]+)\s+([\d.]+)x\s+\S+\s+(-|[\d.]+ s)\s",
                                                line).groups()
@@ -3645,21 +3655,19 @@ def test_a_training_rate_times_its_steps_and_not_the_checkpoint_written_after_th
     assert written and rate > 0.1, (written, rate)
 
 
-def test_the_gpu_check_dry_runs_every_part_on_the_cpu(tmp_path):
+def test_the_gpu_check_dry_runs_every_part_on_the_cpu(gpu_check_dry_run):
     """.ci/gpu is what a lent GPU runs, minutes of device time; its CPU dry run keeps
     it from rotting while no GPU is lent: every part ends well, the smoke run was
     killed in stage 2 and resumed to its report, and the profiler printed its table."""
-    result = subprocess.run(["bash", os.path.join(HERE, ".ci", "gpu")], env=script_env(
-        DPT_DEVICE="cpu", OUT=str(tmp_path), DPT_FID_WEIGHTS="/missing"), capture_output=True, text=True, timeout=600)
-    summary = (tmp_path / "summary.txt").read_text()
+    out, result = gpu_check_dry_run
+    summary = (out / "summary.txt").read_text()
     assert result.returncode == 0, summary + result.stderr[-2000:]
     for part in ("environment", "cuda_tests", "bench", "smoke", "profile"):
         assert re.search(rf"^{part}: exit 0 after \d+ s \(limit \d+ s\)$", summary, re.M), summary
-    smoke = (tmp_path / "smoke.log").read_text()
+    smoke = (out / "smoke.log").read_text()
     assert "=== killed in stage 2 (its checkpoint there: " in smoke and "resuming" in smoke
-    assert (tmp_path / "smoke-runs" / "shapes-1l-s0" / "report.html").exists()
-    assert "Self CPU" in (tmp_path / "profile.log").read_text()
-    assert "FixMatch wrn28_2" in (tmp_path / "bench.log").read_text()
+    assert (out / "smoke-runs" / "shapes-1l-s0" / "report.html").exists()
+    assert "Self CPU" in (out / "profile.log").read_text()
 
 
 def test_the_share_of_the_peak_is_taken_against_the_named_gpus_own_peak(monkeypatch):

@@ -4452,12 +4452,14 @@ def kill_when(process, path, timeout=240):
     assert path.exists(), f"{path} never appeared"
 
 
-def test_a_run_killed_inside_stage_1_and_inside_stage_2_resumes_each_to_an_uninterrupted_runs_results(
-        quick_run, tmp_path):
+def test_a_run_killed_inside_each_training_resumes_each_to_an_uninterrupted_runs_results(quick_run, tmp_path):
+    """Killed in stage 1, in stage 2, in the few-label diffusion model and in the
+    every-label one, then run to its end: every file as in a run never killed."""
     # A checkpoint every 3 steps (--ssl-eval-every is free to change), so a kill at the
     # first leaves 9 of stage 1's 12 steps to resume; stage 2 saves one every step.
-    command = [*QUICK, "--ssl-eval-every", "3", "--out", str(tmp_path)]
-    run = tmp_path / "shapes-1l-s0"
+    command = [*QUICK, "--ssl-eval-every", "3", "--out", str(tmp_path)]  # the tiny preset: --baseline, the references
+    run, reference = tmp_path / "shapes-1l-s0", quick_run[1]
+    every = tmp_path / "every_label" / next((reference.parent / "every_label").iterdir()).name  # the same recipe
     kill_when(start_run(*command), run / "stage1" / "ckpt.pt")
     assert not (run / "stage1" / "classifier.pt").exists()
     stage1_step = torch.load(run / "stage1" / "ckpt.pt", weights_only=False)["step"]
@@ -4466,24 +4468,9 @@ def test_a_run_killed_inside_stage_1_and_inside_stage_2_resumes_each_to_an_unint
     assert not (run / "stage2" / "diffusion.pt").exists()
     assert f"resuming {run / 'stage1' / 'ckpt.pt'} at step {stage1_step} of 12" in (tmp_path / "stderr").read_text()
     stage2_images = torch.load(run / "stage2" / "ckpt.pt")["images_seen"]
-    result = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming {run / 'stage2' / 'ckpt.pt'} at {stage2_images} of 256 images" in result.stderr
-    reference = quick_run[1]  # the same settings, never killed
-    for name in ("pseudo_labels.pt", "samples.pt"):
-        ours, theirs = torch.load(run / name), torch.load(reference / name)
-        assert all(torch.equal(ours[k], theirs[k]) for k in theirs if torch.is_tensor(theirs[k])), name
-    for name in ("stage1/classifier.pt", "stage2/diffusion.pt", "stage3/classifier.pt"):
-        ours, theirs = torch.load(run / name, weights_only=False), torch.load(reference / name, weights_only=False)
-        assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in theirs["model"]), name
-
-
-def test_a_run_killed_inside_each_reference_diffusion_model_resumes_to_an_uninterrupted_runs_samples(
-        quick_run, tmp_path):
-    command = [*QUICK, "--out", str(tmp_path)]  # the tiny preset: --baseline, so the references too
-    run, reference = tmp_path / "shapes-1l-s0", quick_run[1]
-    every = tmp_path / "every_label" / next((reference.parent / "every_label").iterdir()).name  # the same recipe
-    kill_when(start_run(*command), run / "few_labels" / "ckpt.pt")
+    with open(tmp_path / "stderr", "w") as stderr:
+        kill_when(start_run(*command, stderr=stderr), run / "few_labels" / "ckpt.pt")
+    assert f"resuming {run / 'stage2' / 'ckpt.pt'} at {stage2_images} of 256 images" in (tmp_path / "stderr").read_text()
     assert not (run / "few_labels" / "diffusion.pt").exists()
     few_images = torch.load(run / "few_labels" / "ckpt.pt")["images_seen"]
     kill_when(start_run(*command), every / "ckpt.pt")
@@ -4493,11 +4480,12 @@ def test_a_run_killed_inside_each_reference_diffusion_model_resumes_to_an_uninte
     result = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming {every / 'ckpt.pt'} at {every_images} of 256 images" in result.stderr
-    for name in ("few_labels/samples.pt", "every_label/samples.pt"):
+    for name in ("pseudo_labels.pt", "samples.pt", "few_labels/samples.pt", "every_label/samples.pt"):
         ours, theirs = torch.load(run / name), torch.load(reference / name)
-        assert torch.equal(ours["images"], theirs["images"]) and torch.equal(ours["labels"], theirs["labels"]), name
-    ours, theirs = (torch.load(folder / "few_labels" / "diffusion.pt") for folder in (run, reference))
-    assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in theirs["model"])
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs if torch.is_tensor(theirs[k])), name
+    for name in ("stage1/classifier.pt", "stage2/diffusion.pt", "stage3/classifier.pt", "few_labels/diffusion.pt"):
+        ours, theirs = torch.load(run / name, weights_only=False), torch.load(reference / name, weights_only=False)
+        assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in theirs["model"]), name
 
 
 def test_the_same_redo_command_after_a_kill_resumes_the_redone_stage_and_redoes_it_again_once_finished(

@@ -139,6 +139,43 @@ def in_process(monkeypatch, capsys):
     return run
 
 
+def start_script(*args, stderr=subprocess.DEVNULL):
+    """A script in the background, as run_script runs it."""
+    return subprocess.Popen([sys.executable, *args], cwd=HERE, env=script_env(DPT_FID_WEIGHTS="/missing"),
+                            stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def start_run(*args, stderr=subprocess.DEVNULL):
+    """dpt.py in the background, as a user would start it in a terminal."""
+    return start_script("dpt.py", *args, stderr=stderr)
+
+
+def kill_when(process, path, timeout=240):
+    """SIGKILL the process and every process it started (torchrun's workers, which
+    leave its process group) the moment `path` appears (a checkpoint: mid-stage)."""
+    deadline = time.time() + timeout
+    while not path.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    for pid in process_tree(process.pid):
+        with contextlib.suppress(ProcessLookupError):  # ended already
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+    assert path.exists(), f"{path} never appeared"
+
+
+def process_tree(pid):
+    """pid and its descendants, from Linux's /proc."""
+    children = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # a process that ended while we looked
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after "pid (name) state"
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    tree = [pid]
+    for member in tree:
+        tree += children.get(member, [])
+    return tree
+
+
 # Two processes, on a free port (two such tests at once would both take torchrun's default 29500);
 # gloo on the CPU, as the test's device is.
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -1036,40 +1073,21 @@ def test_stage_3_learns_the_labels_of_the_generated_images(tmp_path, shapes16):
     assert accuracy["wrong"] < 0.3, accuracy  # it learned the moved labels, not the one real label per class
 
 
-# fixmatch.py whose processes all stop, as if killed, once its step-2 checkpoint is written:
-# the second gathering of the generators' states comes at step 4, after that write.
-STOP_AFTER_FIRST_CHECKPOINT = """
-import os, sys
-import fixmatch, plumbing
-gathered = []
-real_gather = plumbing.all_rng_states
-def gather_or_stop(world):
-    gathered.append(world)
-    if len(gathered) == 2:
-        os._exit(0)
-    return real_gather(world)
-plumbing.all_rng_states = gather_or_stop
-plumbing.run_main(fixmatch.main)
-"""
-
-
 def test_two_processes_under_torchrun_train_write_one_set_of_files_and_resume_each_its_own_stream(tmp_path):
-    torchrun = TORCHRUN
-    args = ["--dataset", SHAPES_FILE, "--labels", "2", "--arch", "small", "--steps", "4", "--batch", "8", "--uratio",
-            "2", "--eval-every", "4", "--ckpt-every", "2", "--threshold", "freematch"]
-    result = run_script(*torchrun, "fixmatch.py", *args, "--out", str(tmp_path / "whole"))
+    args = ["--dataset", SHAPES_FILE, "--labels", "2", "--arch", "small", "--steps", "40", "--batch", "8", "--uratio",
+            "2", "--eval-every", "40", "--ckpt-every", "2", "--threshold", "freematch"]
+    result = run_script(*TORCHRUN, "fixmatch.py", *args, "--out", str(tmp_path / "whole"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(os.listdir(tmp_path / "whole")) == ["ckpt.pt", "classifier.pt", "pseudo_labels.pt", "run.lock"]
     checkpoint = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=False)
-    assert checkpoint["step"] == 4 and len(checkpoint["rng"]) == 2  # every rank's generators, for resuming
+    assert checkpoint["step"] == 40 and len(checkpoint["rng"]) == 2  # every rank's generators, for resuming
     assert torch.load(tmp_path / "whole" / "pseudo_labels.pt")["labels"].shape == (2_000,)
-    # Killed after step 2, then resumed: each rank must draw on from its own stream.
-    (tmp_path / "stop.py").write_text(STOP_AFTER_FIRST_CHECKPOINT)
-    result = run_script(*torchrun, str(tmp_path / "stop.py"), *args, "--out", str(tmp_path / "resumed"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=False)["step"] == 2
-    result = run_script(*torchrun, "fixmatch.py", *args, "--out", str(tmp_path / "resumed"))
-    assert result.returncode == 0 and "at step 2 of 4" in result.stderr, result.stderr[-2000:]
+    # Every process killed once a checkpoint is written, then resumed: each rank must draw on from its own stream.
+    killed = tmp_path / "resumed" / "ckpt.pt"
+    kill_when(start_script(*TORCHRUN, "fixmatch.py", *args, "--out", str(killed.parent)), killed)
+    step = torch.load(killed, weights_only=False)["step"]
+    result = run_script(*TORCHRUN, "fixmatch.py", *args, "--out", str(killed.parent))
+    assert result.returncode == 0 and f"at step {step} of 40" in result.stderr and step < 40, result.stderr[-2000:]
     whole, resumed = (torch.load(tmp_path / run / "classifier.pt", weights_only=False)["model"]
                       for run in ("whole", "resumed"))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
@@ -3404,7 +3422,7 @@ def test_fid_command_without_weights_offline_is_one_line_and_exit_code_2(tmp_pat
 
 # The tiny preset cut down to seconds: every stage runs, none learns much.
 QUICK = ["--dataset", SHAPES_FILE, "--labels", "1", "--preset", "tiny", "--ssl-steps", "12", "--stage3-steps", "12",
-         "--ssl-eval-every", "4", "--diffusion-images", "256", "--diffusion-batch", "32", "--sample-per-class", "3",
+         "--ssl-eval-every", "4", "--diffusion-images", "128", "--diffusion-batch", "32", "--sample-per-class", "3",
          "--sample-steps", "3", "--fid-reference", "24"]
 
 
@@ -4435,21 +4453,6 @@ def test_redo_stage1_drops_the_old_baseline_from_timings_and_report_and_advice_n
     assert 'data-series="stage 1"' in page
 
 
-def start_run(*args, stderr=subprocess.DEVNULL):
-    """dpt.py in the background, as a user would start it in a terminal."""
-    env = script_env(DPT_FID_WEIGHTS="/missing")
-    return subprocess.Popen([sys.executable, "dpt.py", *args], cwd=HERE, env=env, stdout=subprocess.DEVNULL,
-                            stderr=stderr)
-
-
-def kill_when(process, path, timeout=240):
-    """SIGKILL the process the moment `path` appears (a checkpoint: mid-stage)."""
-    deadline = time.time() + timeout
-    while not path.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert path.exists(), f"{path} never appeared"
 
 
 def test_a_run_killed_inside_each_training_resumes_each_to_an_uninterrupted_runs_results(quick_run, tmp_path):
@@ -4470,16 +4473,16 @@ def test_a_run_killed_inside_each_training_resumes_each_to_an_uninterrupted_runs
     stage2_images = torch.load(run / "stage2" / "ckpt.pt")["images_seen"]
     with open(tmp_path / "stderr", "w") as stderr:
         kill_when(start_run(*command, stderr=stderr), run / "few_labels" / "ckpt.pt")
-    assert f"resuming {run / 'stage2' / 'ckpt.pt'} at {stage2_images} of 256 images" in (tmp_path / "stderr").read_text()
+    assert f"resuming {run / 'stage2' / 'ckpt.pt'} at {stage2_images} of 128 images" in (tmp_path / "stderr").read_text()
     assert not (run / "few_labels" / "diffusion.pt").exists()
     few_images = torch.load(run / "few_labels" / "ckpt.pt")["images_seen"]
     kill_when(start_run(*command), every / "ckpt.pt")
     assert (run / "few_labels" / "diffusion.pt").exists() and not (every / "diffusion.pt").exists()
     every_images = torch.load(every / "ckpt.pt")["images_seen"]
-    assert few_images < 256 and every_images < 256
+    assert few_images < 128 and every_images < 128
     result = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming {every / 'ckpt.pt'} at {every_images} of 256 images" in result.stderr
+    assert f"resuming {every / 'ckpt.pt'} at {every_images} of 128 images" in result.stderr
     for name in ("pseudo_labels.pt", "samples.pt", "few_labels/samples.pt", "every_label/samples.pt"):
         ours, theirs = torch.load(run / name), torch.load(reference / name)
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs if torch.is_tensor(theirs[k])), name
@@ -5021,9 +5024,8 @@ def test_a_run_that_fills_a_real_disk_stops_in_one_line_and_resumes_once_space_i
 
 
 def test_two_processes_under_torchrun_run_every_stage_and_write_one_set_of_artifacts(tmp_path, fid_weights):
-    result = run_script(*TORCHRUN, "dpt.py", *QUICK,
-                        "--ssl-batch", "8", "--diffusion-images", "128", "--out", str(tmp_path),
-                        "--fid-weights", fid_weights)
+    result = run_script(*TORCHRUN, "dpt.py", *QUICK, "--ssl-batch", "8", "--out", str(tmp_path), "--fid-weights",
+                        fid_weights)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "shapes-1l-s0"
     assert result.stdout.count("stage 3: with generated images") == 1  # one rank reports

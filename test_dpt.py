@@ -1745,7 +1745,8 @@ def test_every_stage_of_one_process_compiles_its_own_static_graph_with_no_recomp
     monkeypatch.setattr(torch, "compile", lambda fn, **options: real_compile(fn, **{**options, "backend": keep,
                                                                                     "mode": None}))
     monkeypatch.setenv("DPT_FID_WEIGHTS", "/missing")
-    monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--baseline", "--compile", "--out", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--baseline", "--compile", "--out", str(tmp_path),
+                                      "--ssl-steps", "4", "--stage3-steps", "4", "--diffusion-images", "64"])
     with torch._dynamo.config.patch(error_on_recompile=True):
         dpt.main()
     assert len(traced) == 7  # stage 1, stage 2, stage 3, the baseline, the few-label and every-label models, oracle

@@ -200,7 +200,7 @@ def stage_fid(config, run, dataset, sample_sets, device, rank, world):
 
     def make():
         try:
-            model = fid.load_inception(config.fid_weights or None, device)
+            model = fid.load_inception(config.fid_weights or None, device, flag="--fid-weights")
             stats = config.fid_stats or config.dataset == "imagenet" and fid.download_stats(fid.ADM_IMAGENET256)
             real = fid.read_stats(stats) if stats else None
         except fid.FIDError as error:

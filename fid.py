@@ -270,7 +270,9 @@ def check_weights(path):
         raise FIDError(f"{path} is not pytorch-fid's Inception weights ({wrong[0]} differs); download {WEIGHTS_URL}")
 
 
-def load_inception(weights=None, device="cpu"):
+def load_inception(weights=None, device="cpu", flag="--weights"):
+    """pytorch-fid's Inception from `weights`, $DPT_FID_WEIGHTS or the download
+    cache; `flag` is what the error tells the user to pass (dpt.py's --fid-weights)."""
     weights = weights or os.environ.get(WEIGHTS_ENV)
     if weights:
         if not os.path.isfile(weights):
@@ -282,7 +284,7 @@ def load_inception(weights=None, device="cpu"):
                 state_dict = torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location="cpu", check_hash=True)
         except Exception as error:  # offline, refused, or a download that fails its hash
             raise FIDError(f"cannot get the FID weights ({type(error).__name__}); download {WEIGHTS_URL} to "
-                           f"{cached_weights()}, or pass --weights PATH or set {WEIGHTS_ENV}") from None
+                           f"{cached_weights()}, or pass {flag} PATH or set {WEIGHTS_ENV}") from None
     model = FIDInception()
     try:
         model.load_state_dict(state_dict)

@@ -3409,6 +3409,18 @@ def test_fid_without_weights_offline_says_where_to_put_them(monkeypatch, tmp_pat
     assert fid.WEIGHTS_URL in str(error.value) and str(tmp_path / "hub" / "checkpoints") in str(error.value)
 
 
+def test_dpt_without_fid_weights_offline_skips_fid_with_a_notice_naming_its_own_flag(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    samples = {"images": random_images(2), "labels": torch.arange(2)}
+    dataset = data.Dataset("shapes", None, torch.zeros(2, dtype=torch.long), None, None, 2)
+    config = configuration.DPTConfig(dataset="shapes", preset="tiny")
+    assert dpt.stage_fid(config, str(tmp_path), dataset, {"dpt": (samples, str(tmp_path / "fid.json"))},
+                         torch.device("cpu"), 0, 1) == {"dpt": None}
+    notice = capsys.readouterr().err
+    assert notice.startswith("FID skipped: ") and "pass --fid-weights PATH" in notice and fid.WEIGHTS_URL in notice
+
+
 def test_fid_command_without_weights_offline_is_one_line_and_exit_code_2(tmp_path):
     torch.save(random_images(4), tmp_path / "a.pt")
     result = run_script("fid.py", str(tmp_path / "a.pt"), str(tmp_path / "a.pt"),

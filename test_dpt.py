@@ -4212,8 +4212,8 @@ def test_every_artifact_comes_from_the_ema_weights_never_from_the_ones_the_optim
     assert not torch.equal(redrawn(model), samples["images"])
 
 
-def test_the_oracle_is_trained_once_per_dataset_and_changes_nothing_that_dpt_makes(quick_run, tmp_path):
-    stdout, run = quick_run
+def test_the_oracle_is_trained_on_every_true_label_and_judges_the_samples_class_by_class(quick_run):
+    _, run = quick_run
     results = json.loads((run / "results.json").read_text())
     oracle_path = pathlib.Path(results["oracle"])
     assert oracle_path.parent.parent == run.parent / "oracle"
@@ -4226,33 +4226,6 @@ def test_the_oracle_is_trained_once_per_dataset_and_changes_nothing_that_dpt_mak
     assert results["oracle_sample_accuracy"] == pytest.approx(right.float().mean().item())
     assert results["oracle_sample_accuracy_per_class"] == pytest.approx(
         [right[samples["labels"] == c].float().mean().item() for c in range(10)])
-    # A later run on the same dataset reuses the cached oracle, whatever it holds: here one that
-    # puts every image in one class (one the stage-1 judge does not approve wholly, so that the two
-    # judges' figures differ class by class) and a made-up accuracy. Everything DPT makes is the same
-    # as with the real one, and each judge's figures are its own: handed to the other's place, they fail.
-    cached = tmp_path / "oracle" / oracle_path.parent.name / "classifier.pt"
-    random_judge = fixmatch.make_classifier("small", 10, [0.5] * 3, [0.25] * 3).eval()
-    chosen = next(c for c, share in enumerate(results["sample_accuracy_per_class"]) if share < 1)
-    with torch.no_grad():
-        random_judge.fc.weight.zero_()
-        random_judge.fc.bias.copy_(torch.where(torch.arange(10) == chosen, 10.0, -10.0))
-    fixmatch.save_classifier(random_judge, fixmatch.FixMatchConfig(arch="small"), {"accuracy": 0.123, "history": []},
-                             str(cached))
-    before = cached.stat().st_mtime_ns
-    again = run_script("dpt.py", *QUICK, "--baseline", "--out", str(tmp_path), DPT_FID_WEIGHTS="/missing")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert cached.stat().st_mtime_ns == before and "training the oracle" not in again.stderr
-    rerun = json.loads((tmp_path / run.name / "results.json").read_text())
-    assert rerun["oracle_accuracy"] == 0.123 and rerun["oracle_sample_accuracy"] == pytest.approx(
-        (fixmatch.predict(random_judge, samples["images"])[0] == samples["labels"]).float().mean().item())
-    assert rerun["oracle_sample_accuracy_per_class"] == [float(c == chosen) for c in range(10)]
-    assert rerun["sample_accuracy_per_class"] == results["sample_accuracy_per_class"]  # the stage-1 judge's
-    for name in ("pseudo_labels.pt", "samples.pt", "stage3/classifier.pt"):
-        first, second = torch.load(run / name), torch.load(tmp_path / run.name / name)
-        first, second = (first.get("model", first), second.get("model", second))
-        assert all(torch.equal(first[key], second[key]) for key in first if torch.is_tensor(first[key])), name
-    assert (rerun["stage1_accuracy"], rerun["stage3_accuracy"]) == (results["stage1_accuracy"],
-                                                                    results["stage3_accuracy"])
 
 
 def test_each_oracle_recipe_has_its_own_folder_and_free_settings_share_one(small_shapes):
@@ -4468,14 +4441,35 @@ def test_redo_stage1_drops_the_old_baseline_from_timings_and_report_and_advice_n
 
 
 
-def test_a_run_killed_inside_each_training_resumes_each_to_an_uninterrupted_runs_results(quick_run, tmp_path):
+def one_class_judge(results):
+    """A classifier that puts every image in one class, one the stage-1 judge of
+    `results` does not approve wholly, so that the two judges' figures differ class by class."""
+    judge = fixmatch.make_classifier("small", 10, [0.5] * 3, [0.25] * 3).eval()
+    chosen = next(c for c, share in enumerate(results["sample_accuracy_per_class"]) if share < 1)
+    with torch.no_grad():
+        judge.fc.weight.zero_()
+        judge.fc.bias.copy_(torch.where(torch.arange(10) == chosen, 10.0, -10.0))
+    return judge, chosen
+
+
+def test_a_run_killed_in_each_training_with_another_oracle_cached_ends_as_the_uninterrupted_run_with_that_judge(
+        quick_run, tmp_path):
     """Killed in stage 1, in stage 2, in the few-label diffusion model and in the
-    every-label one, then run to its end: every file as in a run never killed."""
-    # A checkpoint every 3 steps (--ssl-eval-every is free to change), so a kill at the
-    # first leaves 9 of stage 1's 12 steps to resume; stage 2 saves one every step.
+    every-label one, then run to its end: every file as in a run never killed. The
+    oracle is trained once per dataset: a run reuses the cached one, whatever it
+    holds (here one_class_judge, with a made-up accuracy), and nothing DPT makes
+    changes with it; each judge's figures are its own."""
     command = [*QUICK, "--ssl-eval-every", "3", "--out", str(tmp_path)]  # the tiny preset: --baseline, the references
     run, reference = tmp_path / "shapes-1l-s0", quick_run[1]
+    results = json.loads((reference / "results.json").read_text())
+    cached = tmp_path / "oracle" / pathlib.Path(results["oracle"]).parent.name / "classifier.pt"
+    judge, chosen = one_class_judge(results)
+    fixmatch.save_classifier(judge, fixmatch.FixMatchConfig(arch="small"), {"accuracy": 0.123, "history": []},
+                             str(cached))
+    before = cached.stat().st_mtime_ns
     every = tmp_path / "every_label" / next((reference.parent / "every_label").iterdir()).name  # the same recipe
+    # A checkpoint every 3 steps (--ssl-eval-every is free to change), so a kill at the
+    # first leaves 9 of stage 1's 12 steps to resume; stage 2 saves one every step.
     kill_when(start_run(*command), run / "stage1" / "ckpt.pt")
     assert not (run / "stage1" / "classifier.pt").exists()
     stage1_step = torch.load(run / "stage1" / "ckpt.pt", weights_only=False)["step"]
@@ -4502,6 +4496,14 @@ def test_a_run_killed_inside_each_training_resumes_each_to_an_uninterrupted_runs
     for name in ("stage1/classifier.pt", "stage2/diffusion.pt", "stage3/classifier.pt", "few_labels/diffusion.pt"):
         ours, theirs = torch.load(run / name, weights_only=False), torch.load(reference / name, weights_only=False)
         assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in theirs["model"]), name
+    # The cached oracle judged, untouched; the stage-1 judge's figures and the stages' are the uninterrupted run's.
+    assert cached.stat().st_mtime_ns == before and "training the oracle" not in result.stderr
+    ours, samples = json.loads((run / "results.json").read_text()), torch.load(run / "samples.pt")
+    assert ours["oracle_accuracy"] == 0.123 and ours["oracle_sample_accuracy"] == pytest.approx(
+        (fixmatch.predict(judge, samples["images"])[0] == samples["labels"]).float().mean().item())
+    assert ours["oracle_sample_accuracy_per_class"] == [float(c == chosen) for c in range(10)]
+    assert ours["sample_accuracy_per_class"] == results["sample_accuracy_per_class"]
+    assert (ours["stage1_accuracy"], ours["stage3_accuracy"]) == (results["stage1_accuracy"], results["stage3_accuracy"])
 
 
 def test_the_same_redo_command_after_a_kill_resumes_the_redone_stage_and_redoes_it_again_once_finished(

@@ -91,6 +91,7 @@ POSITIVE = (lambda value: 0 < value < math.inf), "a positive number"
 FINITE = (lambda value: math.isfinite(value)), "a finite number"
 FRACTION = (lambda value: 0 <= value < 1), "at least 0 and below 1"
 PROBABILITY = (lambda value: 0 <= value <= 1), "between 0 and 1"
+FILE_OR_EMPTY = (lambda path: not path or os.path.isfile(path)), "an existing file, or empty"
 
 
 def flag(name, flags=None):

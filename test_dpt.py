@@ -1557,6 +1557,10 @@ def test_unknown_sizes_and_unfit_resolutions_are_refused_in_one_line():
             unet.check(unet.DiffusionConfig(**changes), resolution=resolution)
         assert "\n" not in str(error.value)
     unet.check(unet.DiffusionConfig(size="tiny"), resolution=32)  # 32 = 4 x 8 fits
+    shape = unet.SIZES["unet"]["tiny"]  # a library user building the network itself is refused too
+    with pytest.raises(ValueError, match="a side of 28 is not a multiple of patch \\* 2\\^\\(levels-1\\) = 8"):
+        unet.UNet(28, 3, 10, **shape)
+    assert unet.UNet(24, 3, 10, **shape)(torch.randn(1, 3, 24, 24), torch.zeros(1), torch.tensor([10])).shape[-1] == 24
 
 
 # -----------------------------------------------------------------------------

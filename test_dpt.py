@@ -2542,7 +2542,8 @@ def test_the_imagenet_preset_runs_end_to_end_on_a_folder_of_jpegs(imagenet_run):
     assert page.count('src="data:image/png;base64,') == 3 * 3 and "n0c" in page
 
 
-def test_the_imagenet_preset_killed_in_every_stage_resumes_to_an_uninterrupted_runs_results(imagenet_run, tmp_path):
+def test_the_imagenet_preset_killed_in_every_stage_resumes_to_an_uninterrupted_runs_results(in_process, imagenet_run,
+                                                                                             tmp_path):
     root, reference = imagenet_run
     command = imagenet_command(root, "--out", str(tmp_path))
     run = tmp_path / "folder-1l-s0"
@@ -2556,7 +2557,7 @@ def test_the_imagenet_preset_killed_in_every_stage_resumes_to_an_uninterrupted_r
     for name in ["encoded.pt", "stage1/probe.pt", "stage2/ckpt.pt", "samples.pt", "stage3/probe.pt"]:
         kill_when(start_run(*command), run / name)  # killed the moment each stage's first file appears
     assert not (run / "results.json").exists()
-    result = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    result = in_process("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("encoded.pt", "pseudo_labels.pt", "samples.pt", "stage1/probe.pt", "stage3/probe.pt", "oracle.pt"):
         ours, theirs = torch.load(run / name), torch.load(reference / name)
@@ -2715,7 +2716,7 @@ def test_a_damaged_imagenet_artifact_is_one_line_whose_advice_followed_literally
     else:  # a probe is fit again alone
         assert "remove it and run the same command again" in refused.stderr
         (run / damaged).unlink()
-    finished = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    finished = in_process("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert (run / "results.json").exists() and ("encoding" in finished.stderr) == (damaged == "encoded.pt")
 
@@ -2737,7 +2738,7 @@ def test_a_folder_changed_under_its_encodings_is_refused_and_the_advised_redo_en
         words = "1 moved (train/n0a/n0a_3.JPEG to train/n0c/n0a_3.JPEG)"
     refused = in_process("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert_one_line_error(refused, words, "--redo encode")
-    finished = run_script("dpt.py", *command, "--redo", "encode", DPT_FID_WEIGHTS="/missing")
+    finished = in_process("dpt.py", *command, "--redo", "encode", DPT_FID_WEIGHTS="/missing")
     assert finished.returncode == 0, finished.stderr[-3000:]
     run = tmp_path / "out" / "folder-1l-s0"
     encoded = torch.load(run / "encoded.pt", weights_only=True)
@@ -2758,7 +2759,7 @@ def test_unreadable_images_are_named_in_one_line_before_any_encoding(in_process,
     assert_one_line_error(result, "3 of 27 images cannot be opened", "empty.JPEG", "notes.JPEG", "gone.JPEG",
                           "--skip-bad-images")
     assert not (tmp_path / "out").exists()
-    result = run_script("dpt.py", *imagenet_command(tmp_path, "--out", str(tmp_path / "out"), "--skip-bad-images"),
+    result = in_process("dpt.py", *imagenet_command(tmp_path, "--out", str(tmp_path / "out"), "--skip-bad-images"),
                         DPT_FID_WEIGHTS="/missing")
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"unreadable images left out \(--skip-bad-images\)\s+3\n", result.stdout), result.stdout
@@ -2884,7 +2885,7 @@ def test_a_label_subset_edited_after_a_run_is_refused_and_its_redo_is_a_fresh_ru
     subset.write_text("n0a_0.JPEG\nn0b_0.JPEG\nn0c_0.JPEG\n")
     shutil.copytree(reference, tmp_path / "redone" / "folder-1l-s0")
     command = imagenet_command(root, "--label-subset", str(subset))
-    first = run_script("dpt.py", *command, "--out", str(tmp_path / "redone"), "--redo", "stage1",
+    first = in_process("dpt.py", *command, "--out", str(tmp_path / "redone"), "--redo", "stage1",
                        DPT_FID_WEIGHTS="/missing")
     assert first.returncode == 0, first.stderr[-3000:]
     run = tmp_path / "redone" / "folder-1l-s0"
@@ -2893,9 +2894,9 @@ def test_a_label_subset_edited_after_a_run_is_refused_and_its_redo_is_a_fresh_ru
     refused = in_process("dpt.py", *command, "--out", str(tmp_path / "redone"), DPT_FID_WEIGHTS="/missing")
     assert_one_line_error(refused, "other settings (label_subset)", "--redo stage1")
     assert folder_state(run) == before
-    redone = run_script("dpt.py", *command, "--out", str(tmp_path / "redone"), "--redo", "stage1",
+    redone = in_process("dpt.py", *command, "--out", str(tmp_path / "redone"), "--redo", "stage1",
                         DPT_FID_WEIGHTS="/missing")
-    fresh = run_script("dpt.py", *command, "--out", str(tmp_path / "fresh"), DPT_FID_WEIGHTS="/missing")
+    fresh = in_process("dpt.py", *command, "--out", str(tmp_path / "fresh"), DPT_FID_WEIGHTS="/missing")
     assert redone.returncode == 0 and fresh.returncode == 0, redone.stderr[-2000:] + fresh.stderr[-2000:]
     names = lambda folder: sorted(os.path.basename(imagenet.load_folder(str(root / "folder")).train_files[i])
                                   for i in torch.load(folder / "split.pt", weights_only=True)["indices"])
@@ -4386,11 +4387,11 @@ def test_the_judge_counts_the_generated_images_it_puts_in_their_intended_class()
     assert fidelity["per_class"] == [1.0, 0.75, 0.0, None]
 
 
-def test_rerunning_a_finished_run_redoes_nothing(quick_run, fid_weights, tmp_path):
+def test_rerunning_a_finished_run_redoes_nothing(in_process, quick_run, fid_weights, tmp_path):
     shutil.copytree(quick_run[1].parent, tmp_path / "out")
     run = tmp_path / "out" / quick_run[1].name
     before = {path: path.stat().st_mtime_ns for path in run.rglob("*.pt")}
-    result = run_script("dpt.py", *QUICK, "--baseline", "--out", str(run.parent), "--fid-weights", fid_weights)
+    result = in_process("dpt.py", *QUICK, "--baseline", "--out", str(run.parent), "--fid-weights", fid_weights)
     assert result.returncode == 0, result.stderr[-3000:]
     assert {path: path.stat().st_mtime_ns for path in run.rglob("*.pt")} == before
 
@@ -4402,7 +4403,7 @@ def test_a_changed_setting_is_refused_unless_redo_reruns_its_stage(in_process, q
     assert_one_line_error(result, "other settings (sample_guidance)", "--redo sample")
     stage2 = (run / "stage2" / "diffusion.pt").stat().st_mtime_ns
     samples = (run / "samples.pt").stat().st_mtime_ns
-    result = run_script("dpt.py", *QUICK, "--sample-guidance", "2", "--redo", "sample", "--out", str(tmp_path),
+    result = in_process("dpt.py", *QUICK, "--sample-guidance", "2", "--redo", "sample", "--out", str(tmp_path),
                         DPT_FID_WEIGHTS="/missing")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "stage2" / "diffusion.pt").stat().st_mtime_ns == stage2  # earlier stages are kept
@@ -4434,7 +4435,7 @@ def test_redo_stage1_drops_the_old_baseline_from_timings_and_report_and_advice_n
     assert_one_line_error(result, "--redo stage1")
     redo = result.stderr.split("--redo ")[1].split()[0]
     # Redone without the baseline (the tiny preset's is on unless --no-baseline): the old one is gone.
-    result = run_script("dpt.py", *QUICK, "--no-baseline", "--redo", redo, "--out", str(tmp_path),
+    result = in_process("dpt.py", *QUICK, "--no-baseline", "--redo", redo, "--out", str(tmp_path),
                         DPT_FID_WEIGHTS="/missing")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "baseline" not in json.loads((run / "timings.json").read_text()) and not (run / "baseline").exists()
@@ -4457,7 +4458,7 @@ def one_class_judge(results):
 
 
 def test_a_run_killed_in_each_training_with_another_oracle_cached_ends_as_the_uninterrupted_run_with_that_judge(
-        quick_run, tmp_path):
+        in_process, quick_run, tmp_path):
     """Killed in stage 1, in stage 2, in the few-label diffusion model and in the
     every-label one, then run to its end: every file as in a run never killed. The
     oracle is trained once per dataset: a run reuses the cached one, whatever it
@@ -4491,7 +4492,7 @@ def test_a_run_killed_in_each_training_with_another_oracle_cached_ends_as_the_un
     assert (run / "few_labels" / "diffusion.pt").exists() and not (every / "diffusion.pt").exists()
     every_images = torch.load(every / "ckpt.pt")["images_seen"]
     assert few_images < 128 and every_images < 128
-    result = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    result = in_process("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming {every / 'ckpt.pt'} at {every_images} of 128 images" in result.stderr
     for name in ("pseudo_labels.pt", "samples.pt", "few_labels/samples.pt", "every_label/samples.pt"):
@@ -4511,7 +4512,7 @@ def test_a_run_killed_in_each_training_with_another_oracle_cached_ends_as_the_un
 
 
 def test_the_same_redo_command_after_a_kill_resumes_the_redone_stage_and_redoes_it_again_once_finished(
-        quick_run, tmp_path):
+        in_process, quick_run, tmp_path):
     run = tmp_path / "shapes-1l-s0"
     shutil.copytree(quick_run[1], run)
     (run / "stage3" / "ckpt.pt").unlink()  # the finished run's last checkpoint: wait for the redo's first
@@ -4519,23 +4520,23 @@ def test_the_same_redo_command_after_a_kill_resumes_the_redone_stage_and_redoes_
     kill_when(start_run(*command), run / "stage3" / "ckpt.pt")
     assert not (run / "stage3" / "classifier.pt").exists()
     step = torch.load(run / "stage3" / "ckpt.pt", weights_only=False)["step"]
-    result = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    result = in_process("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming the --redo stage3" in result.stderr
     assert f"resuming {run / 'stage3' / 'ckpt.pt'} at step {step} of 12" in result.stderr
     ours = torch.load(run / "stage3" / "classifier.pt", weights_only=False)["model"]
     theirs = torch.load(quick_run[1] / "stage3" / "classifier.pt", weights_only=False)["model"]
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)  # as if never killed
-    again = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")  # finished: the same command redoes it
+    again = in_process("dpt.py", *command, DPT_FID_WEIGHTS="/missing")  # finished: the same command redoes it
     assert again.returncode == 0 and "resuming" not in again.stderr, again.stderr[-3000:]
     assert "fixmatch:" in again.stderr  # stage 3 trained again: the only classifier this command trains
 
 
-def test_one_file_spelled_another_way_is_the_same_run_and_trains_nothing(quick_run, tmp_path):
+def test_one_file_spelled_another_way_is_the_same_run_and_trains_nothing(in_process, quick_run, tmp_path):
     shutil.copytree(quick_run[1].parent, tmp_path / "out")
     folder, name = os.path.split(SHAPES_FILE)
     respelled = os.path.join(folder, "..", os.path.basename(folder), ".", name)
-    result = run_script("dpt.py", *QUICK, "--dataset", respelled, "--out", str(tmp_path / "out"),
+    result = in_process("dpt.py", *QUICK, "--dataset", respelled, "--out", str(tmp_path / "out"),
                         DPT_FID_WEIGHTS="/missing")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test accuracy" not in result.stderr and "images/s" not in result.stderr  # every stage was done
@@ -4575,7 +4576,7 @@ def test_a_split_of_other_data_or_an_unreadable_split_is_refused_and_the_advised
     command = [*QUICK, "--dataset", str(other), "--out", str(out)]
     refused = in_process("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert_one_line_error(refused, str(run), "other data", "--redo stage1")
-    redone = run_script("dpt.py", *command, "--redo", "stage1", DPT_FID_WEIGHTS="/missing")
+    redone = in_process("dpt.py", *command, "--redo", "stage1", DPT_FID_WEIGHTS="/missing")
     assert redone.returncode == 0, redone.stderr[-3000:]
     indices = torch.load(run / "split.pt")["indices"]
     assert torch.equal(indices, data.labeled_split(train_y, 1, seed=0))
@@ -4654,7 +4655,7 @@ def test_a_damaged_artifact_is_one_line_whose_advice_followed_literally_remakes_
     refused = in_process("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert_one_line_error(refused, damaged, "remove it and run the same command again")
     (run / damaged).unlink()
-    finished = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    finished = in_process("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert finished.returncode == 0, finished.stderr[-3000:]
     remade = folder_state(run)
     written = {"results.json", "report.html", "timings.json"}  # by every finished command
@@ -5023,11 +5024,11 @@ def test_a_real_full_disk_at_any_write_is_one_line_and_leaves_the_earlier_file_w
     assert torch.load(path) == {"version": 1} and os.listdir(disk) == [f"artifact.{kind}"]  # no temporary file
 
 
-def test_a_run_that_fills_a_real_disk_stops_in_one_line_and_resumes_once_space_is_freed(small_disk):
+def test_a_run_that_fills_a_real_disk_stops_in_one_line_and_resumes_once_space_is_freed(in_process, small_disk):
     disk, resize = small_disk
     assert resize("30m")  # holds stage 2's first 20 MB checkpoint, not a second one beside it
     command = [*QUICK, "--out", str(disk)]
-    result = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    result = in_process("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert errors == result.stderr.splitlines()[-1:], result.stderr  # after the progress bars, one line
@@ -5036,7 +5037,7 @@ def test_a_run_that_fills_a_real_disk_stops_in_one_line_and_resumes_once_space_i
     assert not list(disk.rglob("*.tmp*"))
     checkpoint = torch.load(run / "stage2" / "ckpt.pt")  # the previous checkpoint, whole
     assert resize("200m")  # stage 2, the few-label and the every-label models: three of them now
-    result = run_script("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
+    result = in_process("dpt.py", *command, DPT_FID_WEIGHTS="/missing")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming {run / 'stage2' / 'ckpt.pt'} at {checkpoint['images_seen']} of" in result.stderr
     assert (run / "results.json").exists()

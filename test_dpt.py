@@ -2571,24 +2571,35 @@ def test_the_imagenet_preset_killed_in_every_stage_resumes_to_an_uninterrupted_r
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+class MeanColourInception(torch.nn.Module):
+    """A stand-in for Inception where which images FID measures is the claim, not
+    their features: 2048 features and 1008 logits, each a fixed mix of an image's
+    three mean colours."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = torch.nn.Linear(3, 2048 + 1008)
+
+    def forward(self, images):
+        out = self.mix(images.float().mean((2, 3)))
+        return out[:, :2048], out[:, 2048:]
+
+
 def test_imagenet_fid_takes_50_samples_a_class_against_reference_statistics_and_adms_by_default(
-        fid_weights, tmp_path, monkeypatch, capsys):
+        tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    inception = MeanColourInception()
+    monkeypatch.setattr(fid, "load_inception", lambda *args, **kwargs: inception)
     images = torch.randint(0, 256, (2 * 51, 3, 16, 16), dtype=torch.uint8)  # 51 a class: 50 of each count
     samples = {"images": images, "labels": torch.arange(2).repeat_interleave(51)}
-    inception = fid.load_inception(fid_weights)
     reference = fid.statistics(inception, torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8).split(8))
     fid.save_stats(reference, str(tmp_path / "reference.npz"))
     dataset = data.Dataset("folder", None, torch.zeros(2, dtype=torch.long), None, None, 2)
-    config = configuration.DPTConfig(dataset=str(tmp_path), preset="imagenet", fid_weights=fid_weights,
-                                     fid_stats=str(tmp_path / "reference.npz"))
-    measured = []  # (images, their statistics) of each set stage_fid measures
-    split_statistics = dpt.split_statistics
-    monkeypatch.setattr(dpt, "split_statistics", lambda model, images, *args, **kwargs: measured.append(
-        (images, split_statistics(model, images, *args, **kwargs))) or measured[-1][1])
+    config = configuration.DPTConfig(dataset=str(tmp_path), preset="imagenet", fid_stats=str(tmp_path / "reference.npz"))
     score = dpt.stage_fid(config, str(tmp_path), dataset, {"dpt": (samples, str(tmp_path / "fid.json"))},
                           torch.device("cpu"), 0, 1)["dpt"]
-    (measured_images, generated), = measured  # the reference's statistics are the file's
-    assert torch.equal(measured_images, images.unflatten(0, (2, 51))[:, :50].flatten(0, 1))  # the first 50 a class
+    first_50 = images.unflatten(0, (2, 51))[:, :50].flatten(0, 1)
+    generated = fid.statistics(inception, first_50.split(50))
     assert score["generated_images"] == 100 and score["reference_images"] is None
     assert score["fid"] == pytest.approx(fid.frechet_distance(generated["mu"], generated["sigma"], reference["mu"],
                                                               reference["sigma"]), rel=1e-6)
@@ -2597,7 +2608,7 @@ def test_imagenet_fid_takes_50_samples_a_class_against_reference_statistics_and_
         raise OSError("no network")
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    config = configuration.DPTConfig(dataset="imagenet", preset="imagenet", fid_weights=fid_weights)
+    config = configuration.DPTConfig(dataset="imagenet", preset="imagenet")
     assert dpt.stage_fid(config, str(tmp_path / "run"), dataset, {"dpt": (samples, str(tmp_path / "run" / "fid.json"))},
                          torch.device("cpu"), 0, 1) == {"dpt": None}
     notice = capsys.readouterr().err

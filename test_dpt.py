@@ -116,9 +116,10 @@ def run_script(*args, cwd=HERE, **environment):
 
 @pytest.fixture
 def in_process(monkeypatch, capsys):
-    """Run a script's main() in this process as run_script runs the script, for
-    refusals, which do no work: the same code from the command line on, without
-    the 2-3 s of starting Python and torch. A warning shows on stderr, as it would."""
+    """Run a script's main() in this process as run_script runs the script: the
+    same code from the command line on, without the 2-3 s of starting Python and
+    torch. For refusals and the runs that finish what a refusal or a kill left (a
+    kill needs a process of its own). A warning shows on stderr, as it would."""
     def run(script, *args, **environment):
         for name, value in environment.items():
             monkeypatch.setenv(name, value) if value is not None else monkeypatch.delenv(name, raising=False)

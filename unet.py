@@ -319,7 +319,7 @@ class UNet(nn.Module):
     and decoder: every encoder output is concatenated to one decoder block."""
 
     def __init__(self,
-                 resolution,            # side of the (square) images: a multiple of patch * 2^(levels-1)
+                 resolution,            # side of the images: unet.check's multiple (unread: the U-ViT's signature)
                  channels,              # colour channels in and out
                  num_classes,           # class labels 0..num_classes-1, and num_classes = none
                  model_channels,        # channels of the first level, and of the noise embedding
@@ -330,9 +330,6 @@ class UNet(nn.Module):
                  patch=1,               # the first level works on patch x patch pixels folded into channels
                  augment_dim=0):        # size of the augmentation labels it is told (0: none)
         super().__init__()
-        if resolution % (patch * 2 ** (len(channel_mult) - 1)):  # else a skip and its decoder input part in size
-            raise ValueError(f"a side of {resolution} is not a multiple of patch * 2^(levels-1) = "
-                             f"{patch * 2 ** (len(channel_mult) - 1)}")
         self.model_channels, self.patch = model_channels, patch
         emb_channels = 4 * model_channels
         # Class c adds row c to the noise embedding; the null class's row starts at

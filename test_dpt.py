@@ -1312,10 +1312,12 @@ def test_the_null_class_ignores_the_label_and_a_real_class_does_not(arch):
 # their layout: .ci/reference_outputs.py EDM UVIT MSN (clones) prints REFERENCE_OUTPUTS.
 # An output is kept as its projections on 8 fixed waves and its mean square.
 
+REFERENCE_SIDE = 8  # of the images the pixel networks are compared on
 REFERENCE_NETWORKS = {
-    "unet": dict(resolution=8, channels=3, num_classes=4, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+    "unet": dict(channels=3, num_classes=4, model_channels=16, channel_mult=(1, 2), num_blocks=1,
                  attention_levels=(1,), dropout=0.1, augment_dim=unet.AUGMENT_DIM),
-    "uvit": dict(resolution=8, channels=3, num_classes=4, width=32, depth=3, heads=2, patch=2, dropout=0.0),
+    "uvit": dict(resolution=REFERENCE_SIDE, channels=3, num_classes=4, width=32, depth=3, heads=2, patch=2,
+                 dropout=0.0),
     "autoencoder": dict(channels=32, channel_mult=(1, 2, 2), num_blocks=1),  # images of 16 -> latents of 4
     "msn": dict(resolution=16, patch=4, width=32, depth=2, heads=2),
 }
@@ -1371,7 +1373,7 @@ def fixed_inputs(arch):
     """x [3, C, H, W], c_noise [3], labels (two classes and the null class) and
     augmentation labels (for the U-Net, which EDM tells them)."""
     shape = REFERENCE_NETWORKS[arch]
-    side, channels, classes = shape["resolution"], shape["channels"], shape["num_classes"]
+    side, channels, classes = REFERENCE_SIDE, shape["channels"], shape["num_classes"]
     x = wave(3 * channels * side * side, 0.37).view(3, channels, side, side)
     c_noise = torch.tensor([-0.5, 0.1, 0.8], dtype=torch.float64)
     augment = wave(3 * unet.AUGMENT_DIM, 1.3).view(3, -1) if shape.get("augment_dim") else None
@@ -1544,8 +1546,8 @@ def test_the_gpu_sizes_denoise_one_image_on_cpu(arch, size):
 def test_a_patch_of_2_keeps_the_image_size_and_quarters_the_work():
     # patch=2 folds each 2x2 square into channels: every level runs at half the side.
     shape = dict(unet.SIZES["unet"]["tiny"], patch=1)
-    full = unet.EDMPrecond(unet.UNet(32, 3, 10, **shape), 10, 32, 3)
-    folded = unet.EDMPrecond(unet.UNet(32, 3, 10, **dict(shape, patch=2)), 10, 32, 3)
+    full = unet.EDMPrecond(unet.UNet(3, 10, **shape), 10, 32, 3)
+    folded = unet.EDMPrecond(unet.UNet(3, 10, **dict(shape, patch=2)), 10, 32, 3)
     assert folded(torch.randn(2, 3, 32, 32), 1.0, torch.tensor([0, 10])).shape == (2, 3, 32, 32)
     assert unet.flops_per_image(folded) < 0.3 * unet.flops_per_image(full)
 

@@ -319,8 +319,7 @@ class UNet(nn.Module):
     and decoder: every encoder output is concatenated to one decoder block."""
 
     def __init__(self,
-                 resolution,            # side of the images: unet.check's multiple (unread: the U-ViT's signature)
-                 channels,              # colour channels in and out
+                 channels,              # colour channels in and out (any side that unet.check admits)
                  num_classes,           # class labels 0..num_classes-1, and num_classes = none
                  model_channels,        # channels of the first level, and of the noise embedding
                  channel_mult,          # channels of each level, in units of model_channels
@@ -489,7 +488,8 @@ ARCHITECTURES = {"unet": UNet, "uvit": UViT}
 def make_diffusion(arch, size, num_classes, resolution, channels=3, dropout=None, augment_dim=0):
     """An EDMPrecond around a fresh network of SIZES[arch][size]."""
     shape = dict(SIZES[arch][size], augment_dim=augment_dim, **({} if dropout is None else {"dropout": dropout}))
-    return EDMPrecond(ARCHITECTURES[arch](resolution, channels, num_classes, **shape),
+    side = {"resolution": resolution} if arch == "uvit" else {}  # its position table has a row a patch
+    return EDMPrecond(ARCHITECTURES[arch](channels=channels, num_classes=num_classes, **side, **shape),
                       num_classes, resolution, channels)
 
 

@@ -48,8 +48,8 @@ def edm_song_unet(edm_clone):
         return torch.cat([x.cos(), x.sin()], dim=1)
     networks.PositionalEmbedding.forward = positional
     ours = test_dpt.REFERENCE_NETWORKS["unet"]
-    attention = [ours["resolution"] >> level for level in ours["attention_levels"]]
-    return networks.SongUNet(img_resolution=ours["resolution"], in_channels=ours["channels"],
+    attention = [test_dpt.REFERENCE_SIDE >> level for level in ours["attention_levels"]]
+    return networks.SongUNet(img_resolution=test_dpt.REFERENCE_SIDE, in_channels=ours["channels"],
                              out_channels=ours["channels"], label_dim=ours["num_classes"],
                              augment_dim=ours["augment_dim"], model_channels=ours["model_channels"],
                              channel_mult=list(ours["channel_mult"]), num_blocks=ours["num_blocks"],

@@ -27,6 +27,7 @@ import sys
 import time
 import zlib
 from dataclasses import asdict, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -63,10 +64,11 @@ def stage_split(config, run, dataset):
     from, which check_kept compares with the dataset's: a run folder never goes on
     with another dataset than the one it began."""
     path = os.path.join(run, "split.pt")
-    make = lambda: plumbing.save_atomic({"indices": labeled_split(config, dataset), "seed": config.seed,
-                                         "dataset": dataset.name, "size": len(dataset.train_y),
-                                         "contents": contents_crc(dataset)}, path)  # read only to draw a split
-    split = plumbing.once(path, make, lambda path: plumbing.read_artifact(path, "stage1"), every_rank=False,
+
+    def make():  # the dataset's contents are read only to draw a split
+        plumbing.save_atomic({"indices": labeled_split(config, dataset), "seed": config.seed, "dataset": dataset.name,
+                              "size": len(dataset.train_y), "contents": contents_crc(dataset)}, path)
+    split = plumbing.once(path, make, partial(plumbing.read_artifact, redo="stage1"), every_rank=False,
                           timed=(run, "split"))
     return split["indices"]  # one kept from an earlier command: of this data (check_kept)
 
@@ -74,36 +76,36 @@ def stage_split(config, run, dataset):
 def stage_pseudo_labels(run, learner, model, dataset):
     """Stage 1's last step: its learner's label and confidence for every training image."""
     path = os.path.join(run, "pseudo_labels.pt")
-    make = lambda: plumbing.save_atomic(fixmatch.pseudo_labels(learner.predict_training(model), dataset.train_y), path)
-    return plumbing.once(path, make, lambda path: plumbing.read_artifact(path, "stage1"), every_rank=False,
+
+    def make():
+        plumbing.save_atomic(fixmatch.pseudo_labels(learner.predict_training(model), dataset.train_y), path)
+    return plumbing.once(path, make, partial(plumbing.read_artifact, redo="stage1"), every_rank=False,
                          timed=(run, "stage1"))
 
 
-def stage_diffusion(config, run, images, pseudo_labels, num_classes, mirrored=None):
+def stage_diffusion(config, run, images, dataset, mirrored=None):
     """The class-conditional diffusion model, trained on every training image
     (pixels, or the imagenet preset's latents and their mirrors') with its pseudo
-    label, or with the null class where stage 1 was among the least sure of a class."""
+    label, or with the null class where stage 1 was among the least sure of a
+    class: the labels `python unet.py --labels-file pseudo_labels.pt` trains on."""
     out = os.path.join(run, "stage2")
+    settings = configuration.diffusion_settings(config, out=out, labels_file=os.path.join(run, "pseudo_labels.pt"))[0]
 
     def make():
-        labels = unet.keep_confident(pseudo_labels["labels"], pseudo_labels["confidence"], config.diffusion_confident,
-                                     num_classes)
-        train_diffusion(config, out, images, labels, num_classes, mirrored,
-                        labels_file=os.path.join(run, "pseudo_labels.pt"))
+        train_diffusion(settings, images, unet.training_labels(settings, dataset), dataset.num_classes, mirrored)
     plumbing.once(os.path.join(out, "diffusion.pt"), make, timed=(run, "stage2"))
 
 
-def train_diffusion(config, out, images, labels, num_classes, mirrored=None, labels_file="", seed=None):
-    """Stage 2's recipe on these labels (the null class: num_classes) into
-    out/diffusion.pt, resumed from out/ckpt.pt; a preview grid halfway and at the end."""
-    settings, _ = configuration.diffusion_settings(config, out=out, labels_file=labels_file)
-    settings = settings if seed is None else replace(settings, seed=seed)
+def train_diffusion(settings, images, labels, num_classes, mirrored=None):
+    """unet.py's training on these labels (the null class: num_classes) into
+    settings.out/diffusion.pt, resumed from its ckpt.pt; a preview grid halfway and at the end."""
+    def preview(model, images_seen):
+        sample.preview_grid(model, os.path.join(settings.out, "grid.png"), per_class=4, steps=8)
     pixels = images.dtype == torch.uint8  # latents would need decoding first: no preview
-    preview = lambda model, images_seen: sample.preview_grid(model, os.path.join(out, "grid.png"), per_class=4, steps=8)
     model, metrics = unet.train(settings, images, labels, num_classes, preview=preview if pixels else None,
-                                preview_every=max(config.diffusion_images // 2, 1), mirrored=mirrored)
+                                preview_every=max(settings.images // 2, 1), mirrored=mirrored)
     if plumbing.dist_rank() == 0:
-        unet.save_diffusion(model, settings, metrics, os.path.join(out, "diffusion.pt"))
+        unet.save_diffusion(model, settings, metrics, os.path.join(settings.out, "diffusion.pt"))
 
 
 def stage_sample(config, run, device, rank, world):
@@ -126,7 +128,7 @@ def sample_into(config, checkpoint, folder, device, rank, world, timed=None):
         decode = None
         if configuration.reads_folder(config):
             autoencoder = imagenet.load_autoencoder(config.autoencoder, config.autoencoder_size, device)
-            decode = lambda latents: imagenet.decode_latents(autoencoder, latents)
+            decode = partial(imagenet.decode_latents, autoencoder)
         # Decoded images (the imagenet preset's: 25 GB) are gathered to process 0 alone, with their features.
         images, labels = sample.generate(model, settings.per_class, solver=settings.solver, steps=settings.steps,
                                          guidance=settings.guidance, seed=settings.seed, device=device, rank=rank,
@@ -142,7 +144,7 @@ def sample_into(config, checkpoint, folder, device, rank, world, timed=None):
         if rank == 0:
             plumbing.save_atomic(artifact, path)
             sample.save_grid(images, labels, os.path.join(folder, "samples.png"))
-    return plumbing.once(path, make, lambda path: plumbing.read_artifact(path, "sample", mmap=True), timed=timed)
+    return plumbing.once(path, make, partial(plumbing.read_artifact, redo="sample", mmap=True), timed=timed)
 
 
 def fid_inputs(config):
@@ -210,8 +212,7 @@ def stage_fid(config, run, dataset, sample_sets, device, rank, world):
         if real is None and dataset.train_x is None:  # a folder: a fixed random subset of its files
             order = torch.randperm(len(dataset.train_files), generator=torch.Generator().manual_seed(0))
             files = [dataset.train_files[i] for i in order[:config.fid_reference or None]]
-            read = lambda file: imagenet.read_image(config, file)
-            real = split_statistics(model, files, False, rank, world, read=read)
+            real = split_statistics(model, files, False, rank, world, read=partial(imagenet.read_image, config))
         elif real is None:
             real = split_statistics(model, dataset.train_x[:config.fid_reference or None], False, rank, world)
         for name, (samples, path) in missing.items():
@@ -326,12 +327,17 @@ def stage_references(config, run, dataset, labeled_index, images, device, rank, 
     """{"few_labels": samples, "every_label": samples}: each reference trained
     (or loaded) and sampled into the run folder."""
     few = os.path.join(run, "few_labels")
-    train_few = lambda: train_diffusion(config, few, images, few_label_conditions(
-        dataset.train_y, labeled_index, dataset.num_classes), dataset.num_classes, mirrored)
-    plumbing.once(os.path.join(few, "diffusion.pt"), train_few, timed=(run, "few_labels"))
     every = every_label_folder(config, dataset)
-    train_every = lambda: train_diffusion(config, every, images, dataset.train_y, dataset.num_classes, mirrored,
-                                          seed=EVERY_LABEL_SEED)
+
+    def train_few():
+        conditions = few_label_conditions(dataset.train_y, labeled_index, dataset.num_classes)
+        train_diffusion(configuration.diffusion_settings(config, out=few)[0], images, conditions, dataset.num_classes,
+                        mirrored)
+
+    def train_every():
+        settings = replace(configuration.diffusion_settings(config, out=every)[0], seed=EVERY_LABEL_SEED)
+        train_diffusion(settings, images, dataset.train_y, dataset.num_classes, mirrored)
+    plumbing.once(os.path.join(few, "diffusion.pt"), train_few, timed=(run, "few_labels"))
     once_for_every_run(os.path.join(every, "diffusion.pt"), train_every,
                        f"the every-label diffusion model for {dataset.name}", rank, world)
     timed = (run, "reference_samples")
@@ -385,7 +391,7 @@ class Classifier:
             model, metrics = fixmatch.train(settings, self.dataset, labeled_index, generated)
             if plumbing.dist_rank() == 0:
                 fixmatch.save_classifier(model, settings, metrics, path)
-        return plumbing.once(path, make, lambda path: fixmatch.load_classifier(path, self.device),
+        return plumbing.once(path, make, partial(fixmatch.load_classifier, device=self.device),
                              timed=(self.run, stage))
 
     def predict_training(self, model):
@@ -458,10 +464,9 @@ def run_stages(config, run, dataset, device, rank, world):
     stage1, stage1_metrics = learner.fit("stage1", labeled_index)
     pseudo_labels = stage_pseudo_labels(run, learner, stage1, dataset)
     if folder:  # stage 2 learns the latents of every image and of its mirror
-        stage_diffusion(config, run, encoded["train"]["latents"], pseudo_labels, dataset.num_classes,
-                        mirrored=encoded["train"]["flipped"])
+        stage_diffusion(config, run, encoded["train"]["latents"], dataset, mirrored=encoded["train"]["flipped"])
     else:
-        stage_diffusion(config, run, dataset.train_x, pseudo_labels, dataset.num_classes)
+        stage_diffusion(config, run, dataset.train_x, dataset)
     samples = stage_sample(config, run, device, rank, world)
     _, stage3_metrics = learner.fit("stage3", labeled_index, samples)
     # The baselines of both halves: the classifier on the labeled images alone (the
@@ -735,8 +740,9 @@ def check_kept(config, run, dataset, kept, removed):
                 plumbing.read_json(file)
     plumbing.read_json(path("timings.json"), advice="remove it and run the same command again (the wall times of "
                        "the stages done are lost)")
-    made_again = lambda name: not os.path.exists(path(name)) or any(
-        name == made or name.startswith(made + "/") for stage in removed for made in MADE_BY[stage])
+    def made_again(name):
+        return not os.path.exists(path(name)) or any(name == made or name.startswith(made + "/")
+                                                     for stage in removed for made in MADE_BY[stage])
     decoded = ["samples.pt"] + ["few_labels/samples.pt", "every_label/samples.pt"] * bool(config.baseline)
     if configuration.reads_folder(config) and any(made_again(name) for name in ["encoded.pt", *decoded]):
         imagenet.msn_for(config, "cpu"), imagenet.load_autoencoder(config.autoencoder, config.autoencoder_size)

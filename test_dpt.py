@@ -2043,7 +2043,7 @@ def test_a_labels_file_that_does_not_fit_the_dataset_is_refused(tmp_path, case):
         torch.save(torch.zeros(3) if labels is None else {"labels": labels}, tmp_path / "labels.pt")
     dataset = data.Dataset("tiny", torch.zeros(20, 3, 8, 8, dtype=torch.uint8), torch.arange(20) % 10, None, None, 10)
     with pytest.raises(plumbing.UserError, match=words) as error:
-        unet.load_labels(str(tmp_path / "labels.pt"), dataset)
+        unet.training_labels(unet.DiffusionConfig(labels_file=str(tmp_path / "labels.pt")), dataset)
     assert "\n" not in str(error.value)
 
 
@@ -2067,10 +2067,11 @@ def test_a_labels_file_read_with_confident_below_1_keeps_the_surest_labels_and_n
     dataset = data.Dataset("tiny", torch.zeros(20, 3, 8, 8, dtype=torch.uint8), torch.arange(20) % 10, None, None, 10)
     labels, confidence = torch.arange(20) % 10, torch.linspace(0, 1, 20)
     torch.save({"labels": labels, "confidence": confidence}, tmp_path / "labels.pt")
-    kept = unet.load_labels(str(tmp_path / "labels.pt"), dataset, confident=0.5)
+    config = unet.DiffusionConfig(labels_file=str(tmp_path / "labels.pt"), confident=0.5)
+    kept = unet.training_labels(config, dataset)
     assert torch.equal(kept, torch.where(torch.arange(20) >= 10, labels, 10))  # the later of each pair is surer
     torch.save({"labels": labels}, tmp_path / "labels.pt")
-    assert torch.equal(unet.load_labels(str(tmp_path / "labels.pt"), dataset), labels)
+    assert torch.equal(unet.training_labels(dataclasses.replace(config, confident=1.0), dataset), labels)
     torch.save({"labels": torch.arange(2000) % 10}, tmp_path / "labels.pt")  # one a shape, no confidence
     result = in_process("unet.py", "--dataset", SHAPES_FILE, "--labels-file", str(tmp_path / "labels.pt"),
                         "--confident", "0.5", "--out", str(tmp_path / "out"))

@@ -183,7 +183,8 @@ def augment(images, p, scale_std=0.2, aniso_std=0.2, translate_std=0.125, flip=T
     by 0.125 n of the side; n ~ N(0, 1) each; no x-flip without flip. Returns the images and the labels
     [N, AUGMENT_DIM], zero wherever nothing was applied."""
     n, device = len(images), images.device
-    drawn = lambda: (torch.rand(n, device=device) < p).float()  # whether image i gets this op
+    def drawn():  # whether image i gets this op
+        return (torch.rand(n, device=device) < p).float()
     xflip = torch.randint(2, (n,), device=device).float() * (p > 0 and flip)
     yflip = torch.randint(2, (n,), device=device).float() * drawn()
     images = torch.where(xflip.view(-1, 1, 1, 1) > 0, images.flip(3), images)
@@ -195,16 +196,22 @@ def augment(images, p, scale_std=0.2, aniso_std=0.2, translate_std=0.125, flip=T
     shift = torch.randn(n, 2, device=device) * drawn()[:, None]
     # Each output pixel q reads the input at M (q - t), in pixels about the centre (EDM's G_inv):
     # M = scale^-1 . rotation . aniso^-1 and t the translation.
-    rotation = lambda a: torch.stack([a.cos(), -a.sin(), a.sin(), a.cos()], 1).view(n, 2, 2)
-    diagonal = lambda x, y: torch.diag_embed(torch.stack([x, y], 1))
-    matrix = (diagonal(*[2 ** (-scale_std * scale)] * 2) @ rotation(angle) @ rotation(-axis)
-              @ diagonal(2 ** (-aniso_std * aniso), 2 ** (aniso_std * aniso)) @ rotation(axis))
+    matrix = (scaling(2 ** (-scale_std * scale), 2 ** (-scale_std * scale)) @ rotation(angle) @ rotation(-axis)
+              @ scaling(2 ** (-aniso_std * aniso), 2 ** (aniso_std * aniso)) @ rotation(axis))
     moved = (scale != 0) | (angle != 0) | (aniso != 0) | (shift != 0).any(1)
     warped = warp(images, matrix, shift * translate_std * images.shape[-1])
     images = torch.where(moved.view(-1, 1, 1, 1), warped, images)
     labels = torch.stack([xflip, yflip, scale, angle.cos() - 1, angle.sin(), aniso * axis.cos(), aniso * axis.sin(),
                           shift[:, 0], shift[:, 1]], 1)
     return images, labels
+
+
+def rotation(angle):  # [N, 2, 2] matrices that turn by each angle
+    return torch.stack([angle.cos(), -angle.sin(), angle.sin(), angle.cos()], 1).view(-1, 2, 2)
+
+
+def scaling(x, y):  # [N, 2, 2] matrices that scale by x along the first axis and by y along the second
+    return torch.diag_embed(torch.stack([x, y], 1))
 
 
 def warp(images, matrix, shift):
@@ -267,9 +274,8 @@ def positional_embedding(c_noise, channels):
     return torch.cat([angles.sin(), angles.cos()], 1)  # EDM concatenates cos first: a permutation, same network
 
 
-RESAMPLE = {None: lambda x: x,
-            "down": lambda x: F.avg_pool2d(x, 2),                       # DDPM++'s [1, 1] filter
-            "up": lambda x: F.interpolate(x, scale_factor=2, mode="nearest")}
+RESAMPLE = {None: nn.Identity(), "down": partial(F.avg_pool2d, kernel_size=2),  # DDPM++'s [1, 1] filter
+            "up": partial(F.interpolate, scale_factor=2, mode="nearest")}
 SKIP_SCALE = math.sqrt(0.5)  # a sum of two unit-variance branches, scaled back to unit variance
 
 
@@ -342,7 +348,7 @@ class UNet(nn.Module):
         self.map_layer0 = xavier(nn.Linear(model_channels, emb_channels))
         self.map_layer1 = xavier(nn.Linear(emb_channels, emb_channels))
 
-        block = lambda c_in, c_out, **kwargs: UNetBlock(c_in, c_out, emb_channels, dropout=dropout, **kwargs)
+        block = partial(UNetBlock, emb_channels=emb_channels, dropout=dropout)
         # patch > 1 folds each patch x patch square into channels (pixel unshuffle) before the
         # stem and unfolds the output: every level then works at 1/patch of the side, for
         # patch^2 fewer FLOPs, while the model still denoises full-resolution images.
@@ -464,7 +470,7 @@ class UViT(nn.Module):
         # U-ViT's use_checkpoint, as its ImageNet models train: a block keeps only its
         # input for backward and recomputes the rest (about a third more compute).
         run = (partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-               if self.checkpoint and torch.is_grad_enabled() else lambda block, *inputs: block(*inputs))
+               if self.checkpoint and torch.is_grad_enabled() else nn.Module.__call__)
         skips = []
         for block in self.in_blocks:
             x = run(block, x)
@@ -551,6 +557,56 @@ def check(config, world=1, flags=None, resolution=None):
     if resolution is not None and resolution % multiple:
         raise UserError(f"{plumbing.flag('size', flags)} {config.size!r}: the {config.size} {config.arch} needs "
                         f"images whose side is a multiple of {multiple}, not {resolution}; choose another size")
+
+
+def training_labels(config, dataset):
+    """The labels stage 2 trains on: the dataset's, or --labels-file's pseudo labels
+    (fixmatch.py's pseudo_labels.pt, one per training image) of which each class keeps
+    the --confident share stage 1 is surest of (keep_confident); dpt.py's stage 2 too."""
+    if not config.labels_file:
+        if config.confident < 1:  # true labels have no confidence to choose by
+            raise UserError(f"--confident {config.confident}: keeps the pseudo labels stage 1 is surest of, and "
+                            "needs them: add --labels-file pseudo_labels.pt, or leave --confident out")
+        return dataset.train_y
+    path = config.labels_file
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"cannot read labels from {path} ({type(error).__name__}); "
+                        "expected the pseudo_labels.pt of fixmatch.py") from None
+    if not isinstance(saved, dict) or "labels" not in saved:
+        raise UserError(f"{path} holds no 'labels'; expected the pseudo_labels.pt of fixmatch.py")
+    labels = saved["labels"]
+    if not torch.is_tensor(labels) or labels.dtype != torch.int64 or labels.shape != dataset.train_y.shape:
+        raise UserError(f"{path}: labels must be int64 of shape ({len(dataset.train_y)},), one per training "
+                        f"image of {dataset.name}, not {getattr(labels, 'dtype', type(labels).__name__)} "
+                        f"{tuple(getattr(labels, 'shape', ()))}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= dataset.num_classes):
+        raise UserError(f"{path}: labels must lie in 0..{dataset.num_classes - 1}, "
+                        f"found {int(labels.min())}..{int(labels.max())}")
+    if config.confident == 1:
+        return labels
+    confidence = saved.get("confidence")
+    if not torch.is_tensor(confidence) or confidence.shape != labels.shape:
+        raise UserError(f"--confident {config.confident}: {path} holds no 'confidence' of shape ({len(labels)},), "
+                        "one per label as fixmatch.py writes it; give --confident 1")
+    return keep_confident(labels, confidence, config.confident, dataset.num_classes)
+
+
+def keep_confident(labels, confidence, share, null_class):
+    """Each class keeps the `share` of its pseudo labels that stage 1 is surest of
+    (at least one); the others become the null class. Their images still teach the
+    unconditional model that guidance steers from, but no class they may not be:
+    with one label a class, stage 1's surest half of a class is right 1.5-14 points more
+    often than the whole (RESULTS.md), and each wrong condition becomes wrong samples in stage 3."""
+    if share >= 1:
+        return labels
+    kept = torch.full_like(labels, null_class)
+    for label in labels.unique():
+        members = (labels == label).nonzero().squeeze(1)
+        surest = confidence[members].topk(max(1, round(share * len(members)))).indices
+        kept[members[surest]] = label
+    return kept
 
 
 def crossed(every, before, after):
@@ -731,60 +787,14 @@ def benchmark(config, steps=12):
               f"bf16={plumbing.on_cuda_unless_set(config.bf16, device)})")
 
 
-def load_labels(path, dataset, confident=1.0):
-    """Stage 1's pseudo_labels.pt: int64 labels, one per training image, in 0..C-1,
-    each class's least confident ones made the null class (keep_confident)."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"cannot read labels from {path} ({type(error).__name__}); "
-                        "expected the pseudo_labels.pt of fixmatch.py") from None
-    if not isinstance(saved, dict) or "labels" not in saved:
-        raise UserError(f"{path} holds no 'labels'; expected the pseudo_labels.pt of fixmatch.py")
-    labels = saved["labels"]
-    if not torch.is_tensor(labels) or labels.dtype != torch.int64 or labels.shape != dataset.train_y.shape:
-        raise UserError(f"{path}: labels must be int64 of shape ({len(dataset.train_y)},), one per training "
-                        f"image of {dataset.name}, not {getattr(labels, 'dtype', type(labels).__name__)} "
-                        f"{tuple(getattr(labels, 'shape', ()))}")
-    if len(labels) and (labels.min() < 0 or labels.max() >= dataset.num_classes):
-        raise UserError(f"{path}: labels must lie in 0..{dataset.num_classes - 1}, "
-                        f"found {int(labels.min())}..{int(labels.max())}")
-    if confident == 1:
-        return labels
-    confidence = saved.get("confidence")
-    if not torch.is_tensor(confidence) or confidence.shape != labels.shape:
-        raise UserError(f"--confident {confident}: {path} holds no 'confidence' of shape ({len(labels)},), "
-                        "one per label as fixmatch.py writes it; give --confident 1")
-    return keep_confident(labels, confidence, confident, dataset.num_classes)
-
-
-def keep_confident(labels, confidence, share, null_class):
-    """Each class keeps the `share` of its pseudo labels that stage 1 is surest of
-    (at least one); the others become the null class. Their images still teach the
-    unconditional model that guidance steers from, but no class they may not be:
-    with one label a class, stage 1's surest half of a class is right 1.5-14 points more
-    often than the whole (RESULTS.md), and each wrong condition becomes wrong samples in stage 3."""
-    if share >= 1:
-        return labels
-    kept = torch.full_like(labels, null_class)
-    for label in labels.unique():
-        members = (labels == label).nonzero().squeeze(1)
-        surest = confidence[members].topk(max(1, round(share * len(members)))).indices
-        kept[members[surest]] = label
-    return kept
-
-
 def main():
     config = plumbing.parse_config(DiffusionConfig, __doc__)
     if config.bench:
         return benchmark(config)
     rank, world, _ = plumbing.distributed_setup()
     check(config, world)
-    if config.confident < 1 and not config.labels_file:  # true labels have no confidence to choose by
-        raise UserError(f"--confident {config.confident}: keeps the pseudo labels stage 1 is surest of, and "
-                        "needs them: add --labels-file pseudo_labels.pt, or leave --confident out")
     dataset = data.load_dataset(config.dataset, config.data_dir)
-    labels = load_labels(config.labels_file, dataset, config.confident) if config.labels_file else dataset.train_y
+    labels = training_labels(config, dataset)
     plumbing.claim_folder(config.out, rank, world)  # after the input is read: bad input writes nothing
     config = replace(config, flip=dataset.flips if config.flip is None else config.flip)
     model, metrics = train(config, dataset.train_x, labels, dataset.num_classes)

@@ -42,11 +42,16 @@ def first_line(error, limit=200):
     return (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0] if lines else "")[:limit]
 
 
+def exit_unwinding(number, frame):
+    """A signal handler that raises SystemExit, so that finally blocks run, as after Ctrl-C."""
+    sys.exit(128 + number)
+
+
 def run_main(main):
     """Run a script's main(); a UserError ends it with one line and exit code 2.
     Under torchrun, the process group ends with the script. SIGTERM (kill, a
     scheduler's time limit) ends it as Ctrl-C does, so no half-written file stays."""
-    default = signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+    default = signal.signal(signal.SIGTERM, exit_unwinding)
     try:
         main()
         if dist.is_initialized():  # end together: a rank leaving the gloo group while another still
@@ -66,19 +71,30 @@ def run_main(main):
 # A rule is (test of a value, what a valid value is). Each script keeps the rules
 # of its own config in RULES; dpt.py checks its stages with the same rules, naming
 # the flags the user typed there (--ssl-steps where fixmatch.py has --steps).
+# A constructor's words, where given, say what the range means for the setting.
 def one_of(*options):
-    return (lambda value: value in options), "one of " + ", ".join(options)
+    def is_option(value):
+        return value in options
+    return is_option, "one of " + ", ".join(options)
 
 
-def at_least(low):
-    return (lambda value: low <= value < math.inf), f"at least {low}, finite"  # NaN fails every comparison
+def at_least(low, words=None):
+    def is_at_least(value):
+        return low <= value < math.inf  # NaN fails every comparison
+    return is_at_least, words or f"at least {low}, finite"
 
 
-def between(low, high):
-    return (lambda value: low <= value <= high), f"from {low:,} to {high:,}"
+def between(low, high, words=None):
+    def is_between(value):
+        return low <= value <= high
+    return is_between, words or f"from {low:,} to {high:,}"
 
 
-SEED = (lambda value: 0 <= value < 2 ** 31), "from 0 to 2^31 - 1"  # numpy's RandomState takes 32 bits
+def is_seed(value):
+    return 0 <= value < 2 ** 31  # numpy's RandomState takes 32 bits
+
+
+SEED = is_seed, "from 0 to 2^31 - 1"
 # Every count has a ceiling far above any recipe (the paper's: 2^20 classifier steps,
 # 307M diffusion images, batches of 1,024), so that a typo such as 1e20 is refused
 # at once instead of after hours of the stages before the one it reaches.
@@ -87,11 +103,23 @@ MOST_IMAGES = 10 ** 12
 MOST_BATCH = 2 ** 20
 
 
-POSITIVE = (lambda value: 0 < value < math.inf), "a positive number"
-FINITE = (lambda value: math.isfinite(value)), "a finite number"
-FRACTION = (lambda value: 0 <= value < 1), "at least 0 and below 1"
-PROBABILITY = (lambda value: 0 <= value <= 1), "between 0 and 1"
-FILE_OR_EMPTY = (lambda path: not path or os.path.isfile(path)), "an existing file, or empty"
+def is_positive(value):
+    return 0 < value < math.inf
+
+
+def is_fraction(value):
+    return 0 <= value < 1
+
+
+def is_file_or_empty(path):
+    return not path or os.path.isfile(path)
+
+
+POSITIVE = is_positive, "a positive number"
+FINITE = math.isfinite, "a finite number"
+FRACTION = is_fraction, "at least 0 and below 1"
+PROBABILITY = between(0, 1, "between 0 and 1")
+FILE_OR_EMPTY = is_file_or_empty, "an existing file, or empty"
 
 
 def flag(name, flags=None):
@@ -201,8 +229,22 @@ def read_json(path, advice=AGAIN):
         raise UserError(f"{path} is damaged ({type(error).__name__}); {advice}") from None
 
 
+def json_writer(obj, file):
+    """save_atomic's writer of obj as JSON indented by two spaces."""
+    file.write(json.dumps(obj, indent=2).encode())
+
+
 def write_json(obj, path):
-    save_atomic(obj, path, writer=lambda obj, file: file.write(json.dumps(obj, indent=2).encode()))
+    save_atomic(obj, path, writer=json_writer)
+
+
+def text_writer(text, file):
+    """save_atomic's writer of a str, in UTF-8."""
+    file.write(text.encode())
+
+
+def write_text(text, path):
+    save_atomic(text, path, writer=text_writer)
 
 
 def read_artifact(path, redo=None, mmap=False):

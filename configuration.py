@@ -255,22 +255,39 @@ def sample_settings(config, out=""):
 
 
 MOST_SEEDS = 1000  # runs in one sweep: a typo such as 0-10000000000 is refused, not begun
+
+
+def is_redo_stage(stage):
+    return stage in ("", *REDO_STAGES)  # "": redo nothing
+
+
+def is_seed_list(text):
+    return not text or parse_seeds(text) is not None
+
+
+def is_latent_side(side):
+    return side > 0 and side % 16 == 0
+
+
+def is_msn_size(size):
+    return size in ("", *imagenet.MSN_SIZES)  # "": chosen by the labels per class
+
+
 RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE,
          "labels": plumbing.between(1, plumbing.MOST_IMAGES),
          "seed": plumbing.SEED, "out": data.NOT_A_FILE,
-         "redo": ((lambda stage: stage in ("", *REDO_STAGES)), "one of " + ", ".join(REDO_STAGES)),
+         "redo": (is_redo_stage, "one of " + ", ".join(REDO_STAGES)),
          "fid_weights": plumbing.FILE_OR_EMPTY,
          "fid_reference": plumbing.between(0, plumbing.MOST_IMAGES),
-         "seeds": ((lambda text: not text or parse_seeds(text) is not None),
-                   f"A-B or A,B,C: at most {MOST_SEEDS:,} distinct seeds, each {plumbing.SEED[1]}"),
-         "image_size": ((lambda side: side > 0 and side % 16 == 0), "a positive multiple of 16 (latents of side / 8)"),
+         "seeds": (is_seed_list, f"A-B or A,B,C: at most {MOST_SEEDS:,} distinct seeds, each {plumbing.SEED[1]}"),
+         "image_size": (is_latent_side, "a positive multiple of 16 (latents of side / 8)"),
          "autoencoder": plumbing.FILE_OR_EMPTY,
          "autoencoder_size": plumbing.one_of(*imagenet.AUTOENCODER_SIZES),
-         "msn_size": ((lambda size: size in ("", *imagenet.MSN_SIZES)), "one of " + ", ".join(imagenet.MSN_SIZES)),
+         "msn_size": (is_msn_size, "one of " + ", ".join(imagenet.MSN_SIZES)),
          "msn_weights": plumbing.FILE_OR_EMPTY,
          "probe_lambda": plumbing.POSITIVE,
          "label_subset": plumbing.FILE_OR_EMPTY,
-         "fid_stats": ((lambda path: not path or os.path.isfile(path)), "an existing .npz file, or empty")}
+         "fid_stats": (plumbing.is_file_or_empty, "an existing .npz file, or empty")}
 
 
 def check(config, world):

@@ -332,18 +332,22 @@ def precise_batch_norm(model, images, count, batch=512):
 # Training
 
 
+def is_real_fraction(value):
+    return value == -1 or 0 <= value <= 1  # -1: uniform over all labeled images, generated ones included
+
+
 RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE, "labels": plumbing.at_least(1),
          "seed": plumbing.SEED, "out": data.NOT_A_FILE, "arch": plumbing.one_of(*ARCHITECTURES),
          "steps": plumbing.between(1, plumbing.MOST_STEPS),
          "batch": plumbing.between(1, plumbing.MOST_BATCH), "uratio": plumbing.between(1, 1024),
          "lr": plumbing.POSITIVE,
-         "lr_cosine": ((lambda value: 0 <= value <= 0.5), "between 0 and 0.5"), "momentum": plumbing.FRACTION,
+         "lr_cosine": plumbing.between(0, 0.5, "between 0 and 0.5"), "momentum": plumbing.FRACTION,
          "weight_decay": plumbing.at_least(0), "ema": plumbing.FRACTION,
          "precise_bn": plumbing.between(0, plumbing.MOST_IMAGES), "lambda_u": plumbing.at_least(0),
          "threshold": plumbing.one_of("fixmatch", "freematch"), "tau": plumbing.PROBABILITY,
          "freematch_ema": plumbing.FRACTION,
          "freematch_start": plumbing.PROBABILITY, "fairness": plumbing.at_least(0),
-         "real_fraction": ((lambda value: value == -1 or 0 <= value <= 1), "-1 (uniform) or between 0 and 1"),
+         "real_fraction": (is_real_fraction, "-1 (uniform) or between 0 and 1"),
          "eval_every": plumbing.between(1, plumbing.MOST_STEPS), "ckpt_every": plumbing.between(1, plumbing.MOST_STEPS)}
 
 

@@ -17,6 +17,7 @@ the same noise for any batch size and any number of processes.
 import math
 import os
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -109,8 +110,8 @@ SOLVERS = {"heun": heun, "euler": euler, "dpmpp": dpmpp}
 
 
 RULES = {"per_class": plumbing.between(1, plumbing.MOST_IMAGES), "solver": plumbing.one_of(*SOLVERS),
-         "steps": ((lambda value: 2 <= value <= 1000), "from 2 (the noise levels sigma_max and sigma_min) to 1,000"),
-         "guidance": ((lambda value: 0 <= value < math.inf), "at least 0 (1 is no guidance, 0 unconditional)"),
+         "steps": plumbing.between(2, 1000, "from 2 (the noise levels sigma_max and sigma_min) to 1,000"),
+         "guidance": plumbing.at_least(0, "at least 0 (1 is no guidance, 0 unconditional)"),
          "seed": plumbing.SEED, "batch": plumbing.between(1, plumbing.MOST_BATCH), "out": data.NOT_A_FILE}
 
 
@@ -162,7 +163,7 @@ def generate(model, per_class, solver="heun", steps=18, guidance=1.0, seed=0, ba
     shape = (model.channels, model.resolution, model.resolution)
     labels = torch.arange(model.num_classes).repeat_interleave(per_class)
     mine = torch.arange(rank, len(labels), world)
-    decode = decode or (lambda x: x)
+    decode = decode or torch.nn.Identity()
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=plumbing.on_cuda_unless_set(bf16, device))
     with autocast:
         image_shape = decode(torch.zeros((1, *shape), device=device)).shape[1:]  # the decoder's output side
@@ -215,10 +216,10 @@ def heun_rate(model, per_class, device, guidance=1.0, bf16=None, steps=18, batch
     """Images/s of Heun with 35 network evaluations (18 steps): the best of 3
     runs after a warm-up batch of 2 steps; with fewer steps, the time is scaled
     to 35 evaluations (each costs the same)."""
-    run = lambda: generate(model, per_class, "heun", steps, guidance, batch=batch, device=device, bf16=bf16,
-                           progress=False)
-    generate(model, per_class, "heun", 2, guidance, batch=batch, device=device, bf16=bf16, progress=False)
-    return plumbing.rate(run, per_class * model.num_classes, device, repeats=3) * (2 * steps - 1) / 35
+    heun = partial(generate, model, per_class, "heun", guidance=guidance, batch=batch, device=device, bf16=bf16,
+                   progress=False)
+    heun(2)
+    return plumbing.rate(partial(heun, steps), per_class * model.num_classes, device, repeats=3) * (2 * steps - 1) / 35
 
 
 def benchmark(model, config, device):

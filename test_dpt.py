@@ -130,7 +130,7 @@ def in_process(monkeypatch, capsys):
             for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
                 warnings.simplefilter("ignore", hidden)  # as Python hides them from a script
             try:
-                plumbing.run_main(importlib.import_module(script.removesuffix(".py")).main)
+                plumbing.run_main(importlib.import_module(os.path.basename(script).removesuffix(".py")).main)
                 code = 0
             except SystemExit as exit:
                 code = exit.code
@@ -241,6 +241,56 @@ def write_shapes(path):
 @pytest.fixture(scope="session", autouse=True)
 def shapes_file(shared_folder):
     return made_once("shapes.pt", write_shapes)
+
+
+# Every command a file's opening docstring shows is run by a test at a test size:
+# the command as written, then flags that make it small (argparse takes a flag's
+# last value). test_every_documented_command_is_run_at_a_test_size checks each has
+# its test.
+
+
+def documented_commands():
+    """(file, argv) of every command in every file's opening docstring, its
+    continuation lines joined and its comment dropped."""
+    import ast
+    commands = []
+    for file in sorted(name for name in os.listdir(HERE) if name.endswith(".py")):
+        lines = (ast.get_docstring(ast.parse(open(os.path.join(HERE, file)).read())) or "").splitlines()
+        for index, line in enumerate(lines):
+            command = line.strip()
+            if not command.startswith(("python ", "torchrun ")) or lines[index - 1].rstrip().endswith("\\"):
+                continue
+            while command.endswith("\\"):
+                index += 1
+                command = command[:-1] + " " + lines[index].strip()
+            commands.append((file, command.split("#")[0].split()))
+    return commands
+
+
+DOCUMENTED = {" ".join(argv) for _, argv in documented_commands()}
+# What a test may add to a documented command: smaller data (a file of the same kind, the
+# CIFAR-10 files written in their format into --data-dir), smaller networks, fewer steps,
+# images, samples and seeds; files in place of downloads; where it writes. --baseline adds
+# the reference models (which the imagenet preset's test checks too), --no-baseline leaves
+# them to the runs that check them. Anything else would make it another command.
+TEST_SIZE_FLAGS = {"--dataset", "--data-dir", "--out", "--fid-weights", "--weights", "--autoencoder",
+                   "--msn-weights", "--autoencoder-size", "--msn-size", "--image-size", "--arch", "--ssl-arch",
+                   "--size", "--diffusion-size", "--steps", "--ssl-steps", "--stage3-steps", "--eval-every",
+                   "--ssl-eval-every", "--batch", "--ssl-batch", "--uratio", "--ssl-uratio", "--images",
+                   "--diffusion-images", "--diffusion-batch", "--warmup", "--diffusion-warmup", "--ema-halflife",
+                   "--per-class", "--sample-per-class", "--sample-steps", "--fid-reference", "--seeds",
+                   "--batch-size", "--baseline", "--no-baseline"}
+
+
+def at_test_size(command, *flags):
+    """The argv of `command`, one of the files' documented commands, from its
+    script (its full path, for any folder) on, with `flags` after its own; a
+    torchrun command on 2 processes."""
+    assert command in DOCUMENTED, f"not a command of a file's docstring: {command}"
+    assert all(flag in TEST_SIZE_FLAGS for flag in flags if flag.startswith("--")), flags
+    words = command.split()
+    torchrun, (script, *args) = (TORCHRUN, words[3:]) if words[0] == "torchrun" else ([], words[1:])
+    return [*torchrun, os.path.join(HERE, script), *args, *flags]
 
 
 def assert_one_line_error(result, *words):
@@ -724,11 +774,19 @@ def test_config_flags_come_from_the_dataclass():
 
 
 def test_data_command_prints_class_counts_and_saves_a_preview(tmp_path):
-    result = run_script("data.py", "--dataset", "shapes", "--out", str(tmp_path / "preview.png"))
+    result = run_script(*at_test_size("python data.py --dataset shapes", "--out", str(tmp_path / "preview.png")))
     assert result.returncode == 0, result.stderr
     assert "train: 20000 images" in result.stdout and "test: 2000 images" in result.stdout
     width, height = Image.open(tmp_path / "preview.png").size
     assert width > height > 0  # 10 columns, 5 rows
+
+
+def test_data_bench_prints_the_rate_of_each_augmentation(in_process, monkeypatch):
+    monkeypatch.setattr(data.benchmark, "__defaults__", ((("cpu", 64), ("cuda", 64)),))  # a test size
+    result = in_process(*at_test_size("python data.py --bench"))
+    assert result.returncode == 0, result.stderr
+    for name in ("weak", "strong"):
+        assert re.search(rf"{name} augmentation, 32x32, batch 64, cpu.*: [\d,]+ images/s", result.stdout), result.stdout
 
 
 # The files a module may import, anywhere in it (inside a function too): plumbing
@@ -1094,6 +1152,25 @@ def test_two_processes_under_torchrun_train_write_one_set_of_files_and_resume_ea
     whole, resumed = (torch.load(tmp_path / run / "classifier.pt", weights_only=False)["model"]
                       for run in ("whole", "resumed"))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_fixmatchs_commands_train_on_shapes_and_on_cifar_10s_files_and_bench_wrn(in_process, tmp_path, skip_md5):
+    write_cifar(tmp_path, "cifar10")
+    test_size = ["--steps", "3", "--batch", "4", "--uratio", "1", "--eval-every", "3"]
+    runs = {"shapes": at_test_size("python fixmatch.py --dataset shapes --labels 4 --arch small --steps 700 --batch 32 "
+                                   "--uratio 3 --ema 0.99 --lr 0.05", "--dataset", SHAPES_FILE, *test_size),
+            "cifar10": at_test_size("python fixmatch.py --dataset cifar10 --labels 4 --threshold freematch",
+                                    "--data-dir", str(tmp_path), "--arch", "small", *test_size)}
+    for name, argv in runs.items():
+        result = in_process(*argv, "--out", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "pseudo labels of" in result.stdout and "test accuracy" in result.stdout
+        saved = torch.load(tmp_path / name / "classifier.pt", weights_only=False)
+        assert saved["config"]["labels"] == 4 and saved["config"]["steps"] == 3
+    assert saved["config"]["threshold"] == "freematch"  # cifar10's
+    result = in_process(*at_test_size("python fixmatch.py --bench", "--arch", "small", "--batch", "2", "--uratio", "1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"small, batch 2 \+ 2 x 2: [\d.]+ steps/s after", result.stdout), result.stdout
 
 
 def test_fixmatch_beats_training_on_the_labeled_images_alone_with_1_label_per_class(tmp_path, shapes16):
@@ -2241,7 +2318,8 @@ def test_a_latents_flip_is_its_mirror_images_latent_drawn_half_the_time(tmp_path
     assert latents.eq(0.25).all()  # a flip replaced rows of the batch, never of the latents
 
 
-def test_two_processes_under_torchrun_train_the_diffusion_model_and_write_one_set_of_files(tmp_path):
+def test_two_processes_under_torchrun_train_the_diffusion_model_and_write_one_set_of_files_that_they_sample(
+        tmp_path):
     result = run_script(*TORCHRUN, "unet.py", "--dataset", SHAPES_FILE,
                         "--size", "tiny", "--images", "16", "--batch", "8", "--ckpt-every", "8",
                         "--out", str(tmp_path))
@@ -2249,27 +2327,68 @@ def test_two_processes_under_torchrun_train_the_diffusion_model_and_write_one_se
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "diffusion.pt", "run.lock"]
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert checkpoint["images_seen"] == 16 and len(checkpoint["rng"]) == 2  # every rank's generators, for resuming
+    # sample.py under torchrun: each process samples a share, and the file holds every image of one process's run
+    shutil.copy(tmp_path / "diffusion.pt", tmp_path / "CKPT")
+    result = run_script(*at_test_size("torchrun --nproc_per_node 8 sample.py CKPT --per-class 1000", "--per-class", "3",
+                                      "--steps", "2", "--out", str(tmp_path / "samples")), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    images = torch.load(tmp_path / "samples" / "samples.pt")["images"]
+    expected = sample.generate(unet.load_diffusion(str(tmp_path / "CKPT")), 3, steps=2, progress=False)[0]
+    assert images.shape == (30, 3, 32, 32) and (images.int() - expected.int()).abs().max() <= 1
 
 
 def test_the_command_writes_a_diffusion_pt_that_load_diffusion_and_sample_py_read(tmp_path):
-    result = run_script("unet.py", "--dataset", SHAPES_FILE, "--size", "tiny", "--images", "8", "--batch", "4",
-                        "--out", str(tmp_path))
+    test_size = ["--dataset", SHAPES_FILE, "--images", "8", "--batch", "4", "--warmup", "8", "--ema-halflife", "8"]
+    result = run_script(*at_test_size("python unet.py --dataset shapes --size tiny --images 48000 --batch 32 --lr 2e-3 "
+                                      "--warmup 1000 --ema-halflife 4000 --p-mean 0 --label-dropout 0.1 --augment 0",
+                                      *test_size, "--out", str(tmp_path)))
     assert result.returncode == 0, result.stderr[-2000:]
     saved = torch.load(tmp_path / "diffusion.pt", weights_only=True)
-    assert (saved["config"]["size"] == "tiny"
+    assert (saved["config"]["size"] == "tiny" and saved["config"]["label_dropout"] == 0.1
             and (saved["num_classes"], saved["resolution"], saved["channels"]) == (10, 32, 3))
     for path in ("diffusion.pt", "ckpt.pt"):  # the final EMA weights, from either file
         model = unet.load_diffusion(str(tmp_path / path))
         assert isinstance(model, unet.EDMPrecond) and not model.training
         for name, value in model.state_dict().items():
             assert torch.equal(value, saved["model"][name]), name
-    # and sample.py samples from it, as a user would run the two commands
-    result = run_script("sample.py", str(tmp_path / "diffusion.pt"), "--per-class", "2", "--steps", "2",
-                        "--solver", "dpmpp", "--out", str(tmp_path / "samples"))
+    # and sample.py samples from it, as a user would run the two commands: at runs/..., and guided
+    (tmp_path / "runs" / "cifar10-1l-s0" / "stage2").mkdir(parents=True)
+    shutil.copy(tmp_path / "diffusion.pt", tmp_path / "runs" / "cifar10-1l-s0" / "stage2" / "diffusion.pt")
+    shutil.copy(tmp_path / "diffusion.pt", tmp_path / "CKPT")
+    test_size = ["--per-class", "2", "--steps", "2", "--out", "samples"]
+    for argv, expected in (
+            (at_test_size("python sample.py runs/cifar10-1l-s0/stage2/diffusion.pt --per-class 1000 --out "
+                          "runs/cifar10-1l-s0", *test_size), dict(solver="heun", guidance=1.0)),
+            (at_test_size("python sample.py CKPT --per-class 1000 --solver dpmpp --steps 15 --guidance 1.4",
+                          *test_size), dict(solver="dpmpp", guidance=1.4))):
+        result = run_script(*argv, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        samples = torch.load(tmp_path / "samples" / "samples.pt")
+        assert samples["images"].shape == (20, 3, 32, 32) and samples["labels"].tolist() == sorted(list(range(10)) * 2)
+        assert {name: samples["config"][name] for name in expected} == expected
+        assert (tmp_path / "samples" / "samples.png").exists()
+        shutil.rmtree(tmp_path / "samples")
+    result = run_script(*at_test_size("python sample.py CKPT --bench", "--batch", "10"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    samples = torch.load(tmp_path / "samples" / "samples.pt")
-    assert samples["images"].shape == (20, 3, 32, 32) and samples["labels"].tolist() == sorted(list(range(10)) * 2)
-    assert (tmp_path / "samples" / "samples.png").exists()
+    assert re.search(r"heun, 35 evaluations, batch 10, guidance 1.0: [\d.]+ images/s", result.stdout), result.stdout
+
+
+def test_unets_commands_train_on_cifar_10s_files_with_pseudo_labels_and_bench_every_size(in_process, tmp_path,
+                                                                                           skip_md5, monkeypatch):
+    write_cifar(tmp_path, "cifar10")
+    labels = torch.arange(100) % 10
+    torch.save({"labels": labels, "confidence": torch.rand(100)}, tmp_path / "pseudo_labels.pt")
+    monkeypatch.chdir(tmp_path)
+    result = in_process(*at_test_size("python unet.py --dataset cifar10 --labels-file pseudo_labels.pt", "--data-dir",
+                                      str(tmp_path), "--size", "tiny", "--images", "8", "--batch", "4"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = torch.load(tmp_path / "runs" / "diffusion" / "diffusion.pt", weights_only=True)
+    assert saved["config"]["labels_file"] == "pseudo_labels.pt" and saved["config"]["augment"] == 0.12  # EDM's
+    monkeypatch.setattr(unet, "PIXEL_SIZES", ("tiny", "fast"))  # of tiny, fast and cifar: a test size
+    result = in_process(*at_test_size("python unet.py --bench --arch uvit"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.findall(r"uvit (\w+): [\d.]+M parameters, [\d.]+ GFLOP/image forward, batch 4: [\d,.]+ images/s",
+                      result.stdout) == ["tiny", "fast"], result.stdout
 
 
 def test_sample_py_guides_a_saved_model_by_the_asked_weight(tmp_path, monkeypatch):
@@ -2461,11 +2580,13 @@ def write_imagenet_like(root):
 
 
 def imagenet_command(root, *extra):
-    return ["--dataset", str(root / "folder"), "--preset", "imagenet",
-            "--autoencoder", str(root / "autoencoder_kl.pth"),
-            "--autoencoder-size", "tiny", "--msn-size", "tiny", "--msn-weights", str(root / "msn_tiny.pth.tar"),
-            "--image-size", "64", "--diffusion-size", "tiny", "--diffusion-images", "64", "--diffusion-batch", "8",
-            "--diffusion-warmup", "8", "--sample-per-class", "2", "--sample-steps", "2", *extra]
+    """dpt.py's and imagenet.py's command at a test size, on write_imagenet_like's files; then `extra`."""
+    return [*at_test_size("python dpt.py --dataset imagenet --preset imagenet --autoencoder autoencoder_kl.pth",
+                          "--dataset", str(root / "folder"), "--autoencoder", str(root / "autoencoder_kl.pth"),
+                          "--autoencoder-size", "tiny", "--msn-size", "tiny", "--msn-weights",
+                          str(root / "msn_tiny.pth.tar"), "--image-size", "64", "--diffusion-size", "tiny",
+                          "--diffusion-images", "64", "--diffusion-batch", "8", "--diffusion-warmup", "8",
+                          "--sample-per-class", "2", "--sample-steps", "2")[1:], *extra]
 
 
 @pytest.fixture(scope="module")
@@ -2957,8 +3078,9 @@ def test_a_label_subset_matches_class_and_file_and_refuses_repeats_and_names_sev
 
 
 def test_the_imagenet_bench_times_each_stage_and_projects_the_preset():
-    result = run_script("dpt.py", "--bench", "--preset", "imagenet", "--autoencoder-size", "tiny", "--msn-size", "tiny",
-                        "--image-size", "64", "--diffusion-size", "tiny", OMP_NUM_THREADS="1")
+    result = run_script(*at_test_size("python dpt.py --bench --preset imagenet", "--autoencoder-size", "tiny",
+                                      "--msn-size", "tiny", "--image-size", "64", "--diffusion-size", "tiny"),
+                        OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stderr[-3000:]
     for words in ("encoding tiny + tiny at 64", "U-ViT tiny training, batch 2", "decoding tiny to 64",
                   "sampling with decoding, 50 DPM-Solver++ steps", "imagenet preset here"):
@@ -3303,15 +3425,18 @@ def test_fid_weights_load_strictly_into_both_and_pool3_features_agree(pytorch_fi
     assert relative <= 1e-4
 
 
-def test_fid_of_two_folders_matches_pytorch_fid(pytorch_fid, fid_weights, tmp_path, capsys):
+def test_fid_of_two_folders_matches_pytorch_fid(pytorch_fid, fid_weights, tmp_path, capsys, monkeypatch):
     generator = torch.Generator().manual_seed(0)
     bright = torch.randint(100, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=generator)
     dark = torch.randint(0, 156, (12, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    folders = [write_pngs(tmp_path / "a", bright), write_pngs(tmp_path / "b", dark)]
+    folders = [write_pngs(tmp_path / "folder_a", bright), write_pngs(tmp_path / "folder_b", dark)]
     theirs = pytorch_fid.calculate_fid_given_paths(folders, batch_size=12, device="cpu", dims=2048, num_workers=0)
-    fid.main([*folders, "--weights", fid_weights])
-    ours = float(capsys.readouterr().out.split("FID")[1])
+    monkeypatch.chdir(tmp_path)
+    fid.main(at_test_size("python fid.py folder_a folder_b --is", "--weights", fid_weights)[1:])
+    out = capsys.readouterr().out
+    ours = float(out.split("FID")[1])
     assert theirs > 1 and abs(ours - theirs) <= 1e-3 * theirs
+    assert 1 <= float(out.split("IS")[1].split()[0]) <= 12  # at most the number of images (a test of its own below)
 
 
 def test_frechet_distance_matches_pytorch_fid_on_random_gaussians(pytorch_fid):
@@ -3394,15 +3519,25 @@ def test_fid_turns_tf32_off_and_leaves_the_precision_settings_as_it_found_them()
     assert [setting.fp32_precision for setting in settings] == before
 
 
-def test_fid_command_saves_stats_and_reads_them_back_with_samples_pt(fid_weights, tmp_path, capsys):
-    samples = tmp_path / "samples.pt"
-    torch.save({"images": random_images(6), "labels": torch.arange(6)}, samples)
-    fid.main([str(samples), "--save-stats", str(tmp_path / "s.npz"), "--weights", fid_weights])
-    with np.load(tmp_path / "s.npz") as archive:
+def test_fid_command_saves_stats_and_reads_them_back_with_samples_pt(fid_weights, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"images": random_images(6), "labels": torch.arange(6)}, "images.pt")
+    fid.main(at_test_size("python fid.py images.pt --save-stats images.npz", "--weights", fid_weights)[1:])
+    with np.load("images.npz") as archive:
         assert archive["mu"].shape == (2048,) and archive["sigma"].shape == (2048, 2048)
-    fid.main([str(samples), str(tmp_path / "s.npz"), "--weights", fid_weights, "--is"])
+    os.mkdir("runs")
+    os.rename("images.npz", "runs/cifar10_train.npz")
+    os.rename("images.pt", "samples.pt")
+    fid.main(at_test_size("python fid.py samples.pt runs/cifar10_train.npz", "--weights", fid_weights)[1:])
+    assert abs(float(capsys.readouterr().out.split("FID")[1])) < 1e-3
+
+
+def test_fid_bench_times_ours_beside_pytorch_fid(capsys):
+    fid.main(at_test_size("python fid.py --bench", "--batch-size", "2")[1:])
     out = capsys.readouterr().out
-    assert "IS " in out and abs(float(out.split("FID")[1])) < 1e-3
+    for name in ("pytorch-fid", "ours"):
+        assert re.search(rf"{name}: +[\d.]+ images/s \(32x32 inputs, batch 2", out), out
+    assert "speed-up: " in out
 
 
 @pytest.mark.parametrize("case, words", [("one image", "at least 2 images"), ("float images", "must hold uint8"),
@@ -3452,10 +3587,10 @@ def test_fid_command_without_weights_offline_is_one_line_and_exit_code_2(tmp_pat
 # and report.py, which it drives
 
 
-# The tiny preset cut down to seconds: every stage runs, none learns much.
-QUICK = ["--dataset", SHAPES_FILE, "--labels", "1", "--preset", "tiny", "--ssl-steps", "12", "--stage3-steps", "12",
-         "--ssl-eval-every", "4", "--diffusion-images", "128", "--diffusion-batch", "32", "--sample-per-class", "3",
-         "--sample-steps", "3", "--fid-reference", "24"]
+# A preset cut down to seconds: every stage runs, none learns much.
+SECONDS = ["--ssl-steps", "12", "--stage3-steps", "12", "--ssl-eval-every", "4", "--diffusion-images", "128",
+           "--diffusion-batch", "32", "--sample-per-class", "3", "--sample-steps", "3", "--fid-reference", "24"]
+QUICK = at_test_size("python dpt.py --dataset shapes --preset tiny", "--dataset", SHAPES_FILE, *SECONDS)[1:]
 
 
 def test_every_setting_belongs_to_one_stage_or_is_free_to_change():
@@ -3488,24 +3623,6 @@ def test_every_scripts_help_prints_every_flag(script, capsys):
                if field.default is not dataclasses.MISSING)
 
 
-def documented_commands():
-    """(file, argv) of every command in every file's opening docstring, its
-    continuation lines joined and its comment dropped."""
-    import ast
-    commands = []
-    for file in sorted(name for name in os.listdir(HERE) if name.endswith(".py")):
-        lines = (ast.get_docstring(ast.parse(open(os.path.join(HERE, file)).read())) or "").splitlines()
-        for index, line in enumerate(lines):
-            command = line.strip()
-            if not command.startswith(("python ", "torchrun ")) or lines[index - 1].rstrip().endswith("\\"):
-                continue
-            while command.endswith("\\"):
-                index += 1
-                command = command[:-1] + " " + lines[index].strip()
-            commands.append((file, command.split("#")[0].split()))
-    return commands
-
-
 SCRIPT_CONFIGS = {"dpt.py": None, "fixmatch.py": fixmatch.FixMatchConfig, "unet.py": unet.DiffusionConfig,
                   "sample.py": sample.SampleConfig, "data.py": data.DataConfig}
 
@@ -3536,6 +3653,17 @@ def test_every_files_documented_command_names_flags_its_script_takes_with_values
         {"fixmatch.py": fixmatch.check, "unet.py": unet.check}[script](config, world)
     elif script == "sample.py":
         sample.check(config)
+
+
+def test_every_documented_command_is_run_at_a_test_size():
+    """By a test of this file through at_test_size, or by .ci/gpu (whose dry run
+    is a test here) or .ci/run (CI's: the suite itself)."""
+    import ast
+    tested = {node.args[0].value for node in ast.walk(ast.parse(open(__file__).read()))
+              if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "at_test_size"
+              and isinstance(node.args[0], ast.Constant)}
+    scripts = "".join(open(os.path.join(HERE, ".ci", name)).read() for name in ("gpu", "run"))
+    assert {command for command in DOCUMENTED if command not in tested and command not in scripts} == set()
 
 
 def test_stage_2_checkpoints_every_5_percent_of_its_images_unless_told_how_often(tmp_path, monkeypatch):
@@ -3746,11 +3874,33 @@ def quick_run(fid_weights):
     """QUICK's run with its baseline, made once for every worker (read it; copy it to change it):
     (what the command printed on stdout, the run folder)."""
     def run(out):
-        result = run_script("dpt.py", *QUICK, "--baseline", "--out", out, "--fid-weights", fid_weights)
+        result = run_script("dpt.py", *QUICK, "--out", out, "--fid-weights", fid_weights)
         assert result.returncode == 0, result.stderr[-3000:]
         pathlib.Path(out + ".stdout").write_text(result.stdout)
     out = made_once("quick-run", run)
     return pathlib.Path(out + ".stdout").read_text(), pathlib.Path(out, "shapes-1l-s0")
+
+
+def test_the_first_command_runs_on_cifar_10s_files_and_its_redo_samples_again_and_remakes_what_follows(
+        in_process, tmp_path, skip_md5, fid_weights):
+    write_cifar(tmp_path, "cifar10")
+    test_size = ["--data-dir", str(tmp_path), *SECONDS, "--no-baseline", "--out", str(tmp_path / "runs"),
+                 "--fid-weights", fid_weights]
+    result = in_process(*at_test_size("python dpt.py --labels 1", *test_size))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "running the tiny preset" in result.stderr  # this machine's: no CUDA
+    run = tmp_path / "runs" / "cifar10-1l-s0"
+    first = json.loads((run / "results.json").read_text())
+    assert first["dataset"] == "cifar10" and first["preset"] == "tiny" and math.isfinite(first["fid"])
+    made = {path: path.stat().st_mtime_ns for path in run.rglob("*.pt")}
+    result = in_process(*at_test_size("python dpt.py --labels 1 --redo sample --sample-per-class 2000", *test_size,
+                                      "--sample-per-class", "4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.bincount(torch.load(run / "samples.pt")["labels"]).tolist() == [4] * 10
+    again = {path: path.stat().st_mtime_ns for path in run.rglob("*.pt")}
+    remade = {path.relative_to(run).parts[0] for path in made if again[path] != made[path]}
+    assert remade == {"samples.pt", "stage3"}, remade  # the split, stage 1 and stage 2 are kept
+    assert json.loads((run / "results.json").read_text())["fid"] != first["fid"]
 
 
 def test_on_the_gpu_the_whole_pipeline_compiled_in_bf16_reaches_report_html(cuda, tmp_path, fid_weights):
@@ -4126,13 +4276,15 @@ def test_a_non_finite_diffusion_loss_is_a_gap_in_the_report_not_an_error(in_proc
     assert "2 non-finite values: gaps in the line" in page
 
 
-def test_report_flag_redraws_the_page_of_a_finished_run_without_training(in_process, quick_run, tmp_path):
+def test_report_flag_redraws_the_page_of_a_finished_run_without_training(in_process, quick_run, tmp_path,
+                                                                           monkeypatch):
     _, run = quick_run
-    copy = tmp_path / run.name
+    copy = tmp_path / "runs" / run.name
     shutil.copytree(run, copy)
     (copy / "report.html").unlink()
     before = {path: path.stat().st_mtime_ns for path in copy.rglob("*")}
-    result = in_process("dpt.py", "--report", str(copy))
+    monkeypatch.chdir(tmp_path)
+    result = in_process(*at_test_size("python dpt.py --report runs/shapes-1l-s0"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (copy / "report.html").read_text() == (run / "report.html").read_text()
     assert {path: path.stat().st_mtime_ns for path in copy.rglob("*") if path.name != "report.html"} == before
@@ -4268,7 +4420,8 @@ def test_seeds_runs_one_folder_per_seed_resumes_them_and_summarizes_their_result
     shutil.copytree(quick_run[1].parent / "oracle", tmp_path / "oracle")
     shutil.copytree(quick_run[1].parent / "every_label", tmp_path / "every_label")
     finished = {path: path.stat().st_mtime_ns for path in (tmp_path / "shapes-1l-s0").rglob("*.pt")}
-    command = ["dpt.py", *QUICK, "--baseline", "--seeds", "0-1", "--out", str(tmp_path)]
+    command = at_test_size("python dpt.py --dataset shapes --labels 1 --seeds 0-4", "--dataset", SHAPES_FILE, *SECONDS,
+                           "--seeds", "0-1", "--out", str(tmp_path))
     result = run_script(*command, DPT_FID_WEIGHTS="/missing")  # seed 1 without FID, seed 0 with it
     assert result.returncode == 0, result.stderr[-3000:]
     assert {path: path.stat().st_mtime_ns for path in (tmp_path / "shapes-1l-s0").rglob("*.pt")} == finished
@@ -5064,10 +5217,13 @@ def test_a_run_that_fills_a_real_disk_stops_in_one_line_and_resumes_once_space_i
 
 
 def test_two_processes_under_torchrun_run_every_stage_and_write_one_set_of_artifacts(tmp_path, fid_weights):
-    result = run_script(*TORCHRUN, "dpt.py", *QUICK, "--ssl-batch", "8", "--out", str(tmp_path), "--fid-weights",
-                        fid_weights)
+    result = run_script(*at_test_size("torchrun --nproc_per_node 4 dpt.py --labels 4 --preset cifar", "--dataset",
+                                      SHAPES_FILE, "--ssl-arch", "small", "--ssl-batch", "8", "--ssl-uratio", "2",
+                                      "--diffusion-size", "tiny", *SECONDS, "--baseline", "--out", str(tmp_path),
+                                      "--fid-weights", fid_weights))
     assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "shapes-1l-s0"
+    run = tmp_path / "shapes-4l-s0"
+    assert json.loads((run / "config.json").read_text())["ssl_threshold"] == "freematch"  # the cifar preset's
     assert result.stdout.count("stage 3: with generated images") == 1  # one rank reports
     samples = torch.load(run / "samples.pt")
     assert torch.bincount(samples["labels"]).tolist() == [3] * 10

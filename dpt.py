@@ -130,9 +130,7 @@ def sample_into(config, checkpoint, folder, device, rank, world, timed=None):
             autoencoder = imagenet.load_autoencoder(config.autoencoder, config.autoencoder_size, device)
             decode = partial(imagenet.decode_latents, autoencoder)
         # Decoded images (the imagenet preset's: 25 GB) are gathered to process 0 alone, with their features.
-        images, labels = sample.generate(model, settings.per_class, solver=settings.solver, steps=settings.steps,
-                                         guidance=settings.guidance, seed=settings.seed, device=device, rank=rank,
-                                         world=world, bf16=settings.bf16, decode=decode, gather=decode is None)
+        images, labels = sample.sample_images(settings, model, device, rank, world, decode, gather=decode is None)
         artifact = {"images": images, "labels": labels}
         if decode is not None:  # each process sees its share, as it sampled them
             artifact["features"] = imagenet.msn_features(imagenet.msn_for(config, device), images, config.bf16)

@@ -185,6 +185,12 @@ def generate(model, per_class, solver="heun", steps=18, guidance=1.0, seed=0, ba
     return images.cpu(), labels
 
 
+def sample_images(config, model, device, rank=0, world=1, decode=None, gather=True):
+    """generate() with a SampleConfig's settings: this script's samples, and dpt.py's."""
+    return generate(model, config.per_class, config.solver, config.steps, config.guidance, config.seed, config.batch,
+                    device, rank, world, config.bf16, decode=decode, gather=gather)
+
+
 # -----------------------------------------------------------------------------
 # Grids of samples
 
@@ -243,8 +249,7 @@ def main():
     if config.bench:
         return benchmark(model, config, device)
     plumbing.claim_folder(config.out, rank, world)  # after the input is read: bad input writes nothing
-    images, labels = generate(model, config.per_class, config.solver, config.steps, config.guidance, config.seed,
-                              config.batch, device, rank, world, config.bf16)
+    images, labels = sample_images(config, model, device, rank, world)
     if rank == 0:
         plumbing.save_atomic({"images": images, "labels": labels, "config": asdict(config)},
                              os.path.join(config.out, "samples.pt"))

@@ -55,6 +55,8 @@ import sample
 import unet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".ci"))
+import reference_outputs as reference  # noqa: E402  (the networks, weights and inputs compared with the original code)
 
 
 @pytest.fixture(autouse=True)
@@ -1381,23 +1383,13 @@ def test_the_null_class_ignores_the_label_and_a_real_class_does_not(arch):
     assert (before_3 - before_null).abs().max() > 1e-3
 
 
-# Equality with the original code. Small networks of each family, with fixed
-# weights (a formula, no random numbers) and fixed inputs; their outputs were
-# computed once, in float64, by EDM's training/networks.py (SongUNet, DDPM++
+# Equality with the original code. The small networks of each family, with fixed
+# weights and fixed inputs, are .ci/reference_outputs.py's (`reference`); their outputs
+# were computed once, in float64, by EDM's training/networks.py (SongUNet, DDPM++
 # options), U-ViT's libs/uvit.py, LDM's KL autoencoder (U-ViT's and DPT's
 # libs/autoencoder.py) and MSN's src/deit.py with the same weights mapped into
 # their layout: .ci/reference_outputs.py EDM UVIT MSN (clones) prints REFERENCE_OUTPUTS.
-# An output is kept as its projections on 8 fixed waves and its mean square.
 
-REFERENCE_SIDE = 8  # of the images the pixel networks are compared on
-REFERENCE_NETWORKS = {
-    "unet": dict(channels=3, num_classes=4, model_channels=16, channel_mult=(1, 2), num_blocks=1,
-                 attention_levels=(1,), dropout=0.1, augment_dim=unet.AUGMENT_DIM),
-    "uvit": dict(resolution=REFERENCE_SIDE, channels=3, num_classes=4, width=32, depth=3, heads=2, patch=2,
-                 dropout=0.0),
-    "autoencoder": dict(channels=32, channel_mult=(1, 2, 2), num_blocks=1),  # images of 16 -> latents of 4
-    "msn": dict(resolution=16, patch=4, width=32, depth=2, heads=2),
-}
 REFERENCE_OUTPUTS = {  # printed by .ci/reference_outputs.py (EDM and U-ViT at their clones of 2026-11-30)
     "unet-eval": [17.415508454778205, -19.6745503714822, 2.276125428845822, -5.443533456541033, 2.6539757954418626,
                   -4.49645304887358, 4.461924368321794, -0.33121078563674944, 1.2286986227651433],
@@ -1424,104 +1416,41 @@ REFERENCE_OUTPUTS = {  # printed by .ci/reference_outputs.py (EDM and U-ViT at t
 CHECKPOINT_LAYOUTS = {"autoencoder sd": 1521825151, "msn vitl7": 2467259783, "msn vitb4": 2184295607}
 
 
-def wave(count, frequency, phase=0.0):
-    return torch.sin(torch.arange(count, dtype=torch.float64) * frequency + phase)
-
-
-def fixed_network(arch):
-    """REFERENCE_NETWORKS[arch] in float64 with weights from a formula: weight
-    matrices at a unit-gain scale, norm scales near 1, tables and biases small."""
-    build = {"autoencoder": imagenet.AutoencoderKL, "msn": imagenet.MSNViT, **unet.ARCHITECTURES}[arch]
-    network = build(**REFERENCE_NETWORKS[arch]).double()
-    with torch.no_grad():
-        for index, (name, tensor) in enumerate(network.state_dict().items()):
-            values = wave(tensor.numel(), 0.7, index).view_as(tensor)
-            if tensor.dim() >= 2 and name not in ("label_embedding.weight", "pos_embed", "cls_token"):
-                values = values * math.sqrt(3 / tensor[0].numel())
-            elif "norm" in name and name.endswith("weight"):
-                values = 1 + 0.1 * values
-            else:
-                values = 0.3 * values
-            tensor.copy_(values)
-    return network
-
-
-def fixed_inputs(arch):
-    """x [3, C, H, W], c_noise [3], labels (two classes and the null class) and
-    augmentation labels (for the U-Net, which EDM tells them)."""
-    shape = REFERENCE_NETWORKS[arch]
-    side, channels, classes = REFERENCE_SIDE, shape["channels"], shape["num_classes"]
-    x = wave(3 * channels * side * side, 0.37).view(3, channels, side, side)
-    c_noise = torch.tensor([-0.5, 0.1, 0.8], dtype=torch.float64)
-    augment = wave(3 * unet.AUGMENT_DIM, 1.3).view(3, -1) if shape.get("augment_dim") else None
-    return x, c_noise, torch.tensor([1, 3, classes]), augment
-
-
-class FixedDropout:
-    """torch.nn.functional.dropout with masks from a formula, so that two codebases
-    drop the same units wherever they call it in the same order (random masks
-    would not do: SDPA on the CPU draws from the generator, EDM's attention does
-    not). Call k keeps the units where wave(k) >= 2p - 1."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, x, p=0.5, training=True, inplace=False):
-        if not training or p == 0:
-            return x
-        self.calls += 1
-        keep = wave(x.numel(), 0.91, self.calls).view_as(x) >= 2 * p - 1
-        return x * keep / (1 - p)
-
-
-def fixed_autoencoder_inputs():
-    """Images [2, 3, 16, 16] in [-1, 1] and scaled latents [2, 4, 4, 4]."""
-    return wave(2 * 3 * 16 * 16, 0.37).view(2, 3, 16, 16), wave(2 * 4 * 4 * 4, 0.53).view(2, 4, 4, 4)
-
-
-def layout_checksum(network):
-    """A checksum of every state-dict name and shape."""
-    return zlib.crc32("\n".join(f"{name} {tuple(t.shape)}" for name, t in network.state_dict().items()).encode())
-
-
-def fingerprint(output):
-    flat = output.detach().flatten().double()
-    return [float(flat @ wave(len(flat), 0.05 + 0.1 * k)) for k in range(8)] + [float(flat.square().mean())]
-
-
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("arch", ["unet", "uvit"])
 def test_the_networks_compute_what_edms_songunet_and_u_vits_uvit_compute(arch, mode, monkeypatch):
-    network = fixed_network(arch).train(mode == "train")
-    monkeypatch.setattr(torch.nn.functional, "dropout", FixedDropout())  # the masks the original code was given
-    x, c_noise, labels, augment = fixed_inputs(arch)
+    network = reference.fixed_network(arch).train(mode == "train")
+    monkeypatch.setattr(torch.nn.functional, "dropout", reference.FixedDropout())  # the original code's masks
+    x, c_noise, labels, augment = reference.fixed_inputs(arch)
     with torch.no_grad():
         output = network(x, c_noise, labels, augment)
-    assert fingerprint(output) == pytest.approx(REFERENCE_OUTPUTS[f"{arch}-{mode}"], rel=1e-10, abs=1e-12)
+    expected = REFERENCE_OUTPUTS[f"{arch}-{mode}"]
+    assert reference.fingerprint(output) == pytest.approx(expected, rel=1e-10, abs=1e-12)
 
 
 def test_the_autoencoder_computes_what_ldms_autoencoder_kl_computes_and_has_the_checkpoints_layout():
-    network = fixed_network("autoencoder")
-    images, latents = fixed_autoencoder_inputs()
+    network = reference.fixed_network("autoencoder")
+    images, latents = reference.fixed_autoencoder_inputs()
     with torch.no_grad():
         outputs = {"encode": torch.cat(network.encode(images)), "decode": network.decode(latents)}
     for name, output in outputs.items():
-        assert fingerprint(output) == pytest.approx(REFERENCE_OUTPUTS[f"autoencoder-{name}"], rel=1e-10, abs=1e-12)
+        expected = REFERENCE_OUTPUTS[f"autoencoder-{name}"]
+        assert reference.fingerprint(output) == pytest.approx(expected, rel=1e-10, abs=1e-12)
     with torch.device("meta"):  # names and shapes only
         stable_diffusion = imagenet.AutoencoderKL(**imagenet.AUTOENCODER_SIZES["sd"])
-    assert layout_checksum(stable_diffusion) == CHECKPOINT_LAYOUTS["autoencoder sd"]
+    assert reference.layout_checksum(stable_diffusion) == CHECKPOINT_LAYOUTS["autoencoder sd"]
     assert sum(p.numel() for p in stable_diffusion.parameters()) == 83_653_863
 
 
 def test_the_msn_vit_computes_msns_feature_and_has_the_layout_of_its_checkpoints():
-    network = fixed_network("msn")
+    network = reference.fixed_network("msn")
     with torch.no_grad():
-        feature = network(fixed_autoencoder_inputs()[0])
-    assert fingerprint(feature) == pytest.approx(REFERENCE_OUTPUTS["msn"], rel=1e-10, abs=1e-12)
+        feature = network(reference.fixed_autoencoder_inputs()[0])
+    assert reference.fingerprint(feature) == pytest.approx(REFERENCE_OUTPUTS["msn"], rel=1e-10, abs=1e-12)
     for size in ("vitl7", "vitb4"):
         with torch.device("meta"):
             released = imagenet.MSNViT(224, **imagenet.MSN_SIZES[size])
-        assert layout_checksum(released) == CHECKPOINT_LAYOUTS[f"msn {size}"]
+        assert reference.layout_checksum(released) == CHECKPOINT_LAYOUTS[f"msn {size}"]
 
 
 def test_the_released_msn_and_autoencoder_checkpoints_load_from_files_in_their_layout(tmp_path, monkeypatch):
@@ -1866,9 +1795,9 @@ def test_bf16_autocast_trains_every_network_on_cpu_close_to_float32(kind, arch, 
 @pytest.mark.parametrize("part", ["encode", "decode", "msn"])
 def test_the_frozen_imagenet_networks_compile_whole_and_run_in_bf16_close_to_float32(part):
     torch.manual_seed(0)  # PyTorch's initialization: activations of a realistic scale for bf16
-    autoencoder = imagenet.AutoencoderKL(**REFERENCE_NETWORKS["autoencoder"]).eval()
-    msn = imagenet.MSNViT(**REFERENCE_NETWORKS["msn"]).eval()
-    images, latents = (tensor.float() for tensor in fixed_autoencoder_inputs())
+    autoencoder = imagenet.AutoencoderKL(**reference.REFERENCE_NETWORKS["autoencoder"]).eval()
+    msn = imagenet.MSNViT(**reference.REFERENCE_NETWORKS["msn"]).eval()
+    images, latents = (tensor.float() for tensor in reference.fixed_autoencoder_inputs())
     function, inputs = {"encode": (lambda x: autoencoder.encode(x)[0], images), "decode": (autoencoder.decode, latents),
                         "msn": (msn, images)}[part]
     torch._dynamo.reset()

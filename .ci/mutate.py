@@ -19,7 +19,7 @@ MUTATIONS = {  # issue 44: a refusal costs nothing, every input known by its con
  "seed range": ("configuration.py", "and all(map(plumbing.SEED[0], seeds))", "", "seeds_and"),
  "no fid check": ("configuration.py", "                read(path)\n", "                pass\n", "seeds_and"),
  "no memory bound": ("dpt.py", "    if held > plumbing.memory_bytes():", "    if False:", "more_samples"),
- "no sigterm": ("plumbing.py", "    default = signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))", "    default = signal.getsignal(signal.SIGTERM)", "sigterm"),
+ "no sigterm": ("plumbing.py", "    default = signal.signal(signal.SIGTERM, exit_unwinding)", "    default = signal.getsignal(signal.SIGTERM)", "sigterm"),
  "no temporaries removed": ("plumbing.py", "            remove_temporaries(folder)  #", "            pass  #", "sigkill"),
  "identity by path": ("dpt.py", "plumbing.file_identity(getattr(config, name)) for name in configuration.FILE_SETTINGS}}", "getattr(config, name) for name in configuration.FILE_SETTINGS}}", "input_files_are_known or label_subset_edited"),
  "no fid inputs": ("dpt.py", "        check_fid_inputs(config, [path(FID_FILES[name]) for name in FID_FILES])", "        pass", "refused_command_leaves and FID"),

@@ -2800,8 +2800,7 @@ def test_a_folder_changed_under_its_encodings_is_refused_and_the_advised_redo_en
     root, reference = imagenet_run
     shutil.copytree(root / "folder", tmp_path / "folder")
     shutil.copytree(reference, tmp_path / "out" / "folder-1l-s0")
-    command = [*imagenet_command(root, "--out", str(tmp_path / "out"))]
-    command[command.index("--dataset") + 1] = str(tmp_path / "folder")
+    command = imagenet_command(root, "--out", str(tmp_path / "out"), "--dataset", str(tmp_path / "folder"))
     folder = tmp_path / "folder"
     if change == "a val image removed":
         os.remove(folder / "val" / "n0b" / "n0b_1.JPEG")
@@ -2926,9 +2925,8 @@ def test_the_imagenet_presets_input_files_are_known_by_contents_and_a_refusal_re
     shutil.copy(root / "autoencoder_kl.pth", files["autoencoder"])
     shutil.copy(root / "msn_tiny.pth.tar", files["msn"])
     shutil.copytree(root / "folder", files["folder"])
-    command = imagenet_command(root, "--out", str(tmp_path), *flags)
-    for flag, name in (("--autoencoder", "autoencoder"), ("--msn-weights", "msn"), ("--dataset", "folder")):
-        command[command.index(flag) + 1] = str(files[name])
+    command = imagenet_command(root, "--out", str(tmp_path), *flags, "--autoencoder", str(files["autoencoder"]),
+                               "--msn-weights", str(files["msn"]), "--dataset", str(files["folder"]))
     if case.endswith("under its name") or case.endswith("under their name"):
         torch.manual_seed(1)  # other weights of the same network, written where the first were
         if replaced == "autoencoder":
@@ -4826,8 +4824,7 @@ def test_a_refused_command_leaves_every_file_of_the_run_folder_as_it_was(quick_r
     elif "damaged" in case:
         (run / re.search(r"\w+\.(pt|json)", case).group(0)).write_bytes(b"half a file")
     monkeypatch.setenv("DPT_FID_WEIGHTS", weights)
-    monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--out", str(tmp_path), *flags])
-    sys.argv[sys.argv.index("--dataset") + 1] = dataset
+    monkeypatch.setattr(sys, "argv", ["dpt.py", *QUICK, "--out", str(tmp_path), *flags, "--dataset", dataset])
     before = folder_state(run)
     with pytest.raises(plumbing.UserError) as refusal:
         dpt.main()

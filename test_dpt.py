@@ -2710,13 +2710,14 @@ def test_the_imagenet_preset_refuses_bad_input_in_one_line_before_any_work(tmp_p
     good = imagenet_command(tmp_path)
     without = lambda flag: [arg for i, arg in enumerate(good) if flag not in (arg, good[i - 1])]
     argv, words = {
-        "a folder with the tiny preset": (good[:2] + ["--preset", "tiny"], "needs --preset imagenet"),
+        "a folder with the tiny preset": (["--dataset", str(tmp_path / "folder"), "--preset", "tiny"],
+                                          "needs --preset imagenet"),
         "shapes with the imagenet preset": (["--dataset", "shapes", "--preset", "imagenet"], "ImageNet's layout"),
         "no autoencoder": (without("--autoencoder"), "--autoencoder PATH"),
         "a crop MSN cannot patch": (good + ["--image-size", "48"], "--image-size 48"),
         "a side MSN was not released for": (good + ["--msn-size", "vitl7"], "--image-size 64"),
         "a label subset of another folder": (good + ["--label-subset", str(tmp_path / "subset.txt")], "n0q_1.JPEG"),
-        "no train folder": (["--dataset", str(tmp_path / "empty")] + good[2:], "no train/ folder"),
+        "no train folder": (good + ["--dataset", str(tmp_path / "empty")], "no train/ folder"),
         "a val class the training images lack": (good, "n0z"),
         "an imagenet flag on shapes": (["--dataset", "shapes", "--preset", "tiny", "--image-size", "128"],
                                        "--image-size is for"),

@@ -32,7 +32,7 @@ from plumbing import UserError
 
 def write_report(run):
     path = os.path.join(run, "report.html")
-    plumbing.save_atomic(build_report(run), path, writer=lambda page, file: file.write(page.encode()))
+    plumbing.write_text(build_report(run), path)
     return path
 
 
@@ -61,7 +61,9 @@ def build_report(run):
     if results is None:
         raise UserError(f"--report {run}: no results.json there; give a finished run folder, or finish "
                         "the run first (its command resumes it)")
-    load = lambda name, redo: plumbing.read_artifact(os.path.join(run, name), redo, mmap=True)
+
+    def load(name, redo):
+        return plumbing.read_artifact(os.path.join(run, name), redo, mmap=True)
     loss = [("loss", thin(load("stage2/diffusion.pt", "stage2")["metrics"]["history"], 400))]
     generation = results.get("generation") or {}
     references = "few_labels" in generation
@@ -87,11 +89,17 @@ def build_report(run):
         timings=svg_bars(results["wall_time_s"]), details=html.escape(details, quote=False)))
 
 
+def summary_heading(what):
+    """A summary row's heading cell; one indented is under the row before it."""
+    if what.startswith(" "):
+        return f'<th class="sub">{html.escape(what.strip())}</th>'
+    return f"<th>{html.escape(what)}</th>"
+
+
 def summary_table(results):
     """The rows of the summary the command prints, as HTML table rows."""
-    heading = lambda what: (f'<th class="sub">{html.escape(what.strip())}</th>' if what.startswith(" ") else
-                            f"<th>{html.escape(what)}</th>")  # a row indented under the one before it
-    return "".join(f"<tr>{heading(what)}<td>{html.escape(value)}</td></tr>" for what, value in summary_rows(results))
+    return "".join(f"<tr>{summary_heading(what)}<td>{html.escape(value)}</td></tr>"
+                   for what, value in summary_rows(results))
 
 
 def accuracy_curves(run, results, load):
@@ -113,6 +121,19 @@ MODELS = (("few_labels", "labeled images alone", "few_labels/samples.pt"),
 SAMPLE_FILES = {name: file for name, _, file in MODELS}
 
 
+def thumbnail(images):
+    """uint8 images at most 64 pixels high, shrunk by averaging where they are larger."""
+    return images if images.shape[-1] <= 64 else F.interpolate(images.float(), size=64, mode="area").round().byte()
+
+
+def judge_cell(share):
+    """A judge's share of a row's images in their class, as a bar and a percentage; "-" where it did not judge."""
+    if share is None:
+        return "<td class=\"judge\">-</td>"
+    return (f'<td class="judge"><span class="track"><span style="width:{100 * share:.1f}%"></span>'
+            f'</span>{100 * share:.0f}%</td>')
+
+
 def sample_rows(results, sample_sets):
     """(HTML rows, classes shown, classes): for each class (50 spread over them
     at most) its name, and a row per diffusion model in sample_sets: its first
@@ -121,10 +142,6 @@ def sample_rows(results, sample_sets):
     DPT's alone)."""
     names = results.get("classes") or [f"class {c}" for c in range(len(results["sample_accuracy_per_class"]))]
     shown = range(len(names)) if len(names) <= 50 else torch.linspace(0, len(names) - 1, 50).round().int().tolist()
-    thumbnail = lambda x: x if x.shape[-1] <= 64 else F.interpolate(x.float(), size=64, mode="area").round().byte()
-    bar = lambda share: ("<td class=\"judge\">-</td>" if share is None else
-                         f'<td class="judge"><span class="track"><span style="width:{100 * share:.1f}%"></span>'
-                         f'</span>{100 * share:.0f}%</td>')
     generation = results.get("generation") or {}
     models = [(name, called) for name, called, _ in MODELS if name in sample_sets]
 
@@ -136,8 +153,8 @@ def sample_rows(results, sample_sets):
         head = (f'<th rowspan="{len(models)}">{html.escape(str(names[c]))}</th>' if name == models[0][0] else "")
         return (f'<tr class="{"first" if head else "next"}">{head}<td class="model">{called}</td><td><img alt="'
                 f'{html.escape(str(names[c]))}, {called}" src="data:image/png;base64,'
-                f'{png_row(thumbnail(samples["images"][samples["labels"] == c][:10]))}"></td>{bar(believed)}'
-                f'{bar(true)}</tr>')
+                f'{png_row(thumbnail(samples["images"][samples["labels"] == c][:10]))}"></td>'
+                f'{judge_cell(believed)}{judge_cell(true)}</tr>')
     rows = "<tr><th></th><th></th><th></th><th>stage-1 judge</th><th>oracle judge</th></tr>" + "".join(
         row(c, name, called) for c in shown for name, called in models)
     return rows, len(shown), len(names)
@@ -157,6 +174,11 @@ def copies_note(generation):
             "images would.</p>\n")
 
 
+def points_apart(difference):
+    """How far one accuracy lies from another, as "2.50 points above" (or below)."""
+    return f"{100 * abs(difference):.2f} points {'above' if difference >= 0 else 'below'}"
+
+
 def verdict(results):
     """One sentence: did this run show DPT's claim? Stage 3 against stage 1 and
     against the labeled images alone; a stage 1 below the labeled images alone is
@@ -165,17 +187,16 @@ def verdict(results):
     if gain is None:
         return "No test set: the gain of stage 3 over stage 1 cannot be measured."
     stage1, stage3 = results["stage1_accuracy"], results["stage3_accuracy"]
-    than = lambda difference: f"{100 * abs(difference):.2f} points {'above' if difference >= 0 else 'below'}"
-    versus_labeled = "" if baseline is None else f"{than(stage3 - baseline)} the labeled images alone"
+    versus_labeled = "" if baseline is None else f"{points_apart(stage3 - baseline)} the labeled images alone"
     if baseline is not None and stage1 < baseline:
-        return (f"Stage 1 fell {than(stage1 - baseline)} the labeled images alone: the semi-supervised stage "
+        return (f"Stage 1 fell {points_apart(stage1 - baseline)} the labeled images alone: the semi-supervised stage "
                 f"failed, so stage 3's {100 * gain:+.2f} points over it are no success of DPT (stage 3 is "
-                f"{than(stage3 - baseline)} the labeled images alone)." + generation_verdict(results))
+                f"{points_apart(stage3 - baseline)} the labeled images alone)." + generation_verdict(results))
     if gain > 0:
-        return (f"DPT worked: stage 3 is {than(gain)} stage 1{versus_labeled and ' and ' + versus_labeled}."
-                + generation_verdict(results))
-    return (f"Stage 3 is {than(gain)} stage 1{versus_labeled and ' (' + versus_labeled + ')'}: this run does not "
-            "show DPT's gain." + generation_verdict(results))
+        return (f"DPT worked: stage 3 is {points_apart(gain)} stage 1"
+                f"{versus_labeled and ' and ' + versus_labeled}." + generation_verdict(results))
+    return (f"Stage 3 is {points_apart(gain)} stage 1{versus_labeled and ' (' + versus_labeled + ')'}: this run does "
+            "not show DPT's gain." + generation_verdict(results))
 
 
 def generation_verdict(results):
@@ -187,7 +208,6 @@ def generation_verdict(results):
     few, dpt, every = generation.get("few_labels"), generation.get("dpt"), generation.get("every_label")
     if few is None:
         return ""
-    share = lambda model: f"{100 * model['oracle_share']:.2f}%"
     distances = few["feature_fd"] is not None
     more, closer = dpt["oracle_share"] > few["oracle_share"], distances and dpt["feature_fd"] < few["feature_fd"]
     if more and (closer or not distances):
@@ -200,11 +220,12 @@ def generation_verdict(results):
                    "their class less often")
     else:
         opening = "DPT's samples do not beat those of the labeled images alone"
-    fd = lambda model: f"{model['feature_fd']:.2f}"
-    text = f" {opening}: the oracle puts {share(dpt)} of them in their class against {share(few)}"
-    text += f", at a Fréchet distance in its features of {fd(dpt)} against {fd(few)}" if distances else ""
+    share = {name: percent(model["oracle_share"]) for name, model in generation.items()}
+    fd = {name: formatted(model["feature_fd"], ".2f") for name, model in generation.items()}
+    text = f" {opening}: the oracle puts {share['dpt']} of them in their class against {share['few_labels']}"
+    text += f", at a Fréchet distance in its features of {fd['dpt']} against {fd['few_labels']}" if distances else ""
     if every is not None:
-        text += f"; with every label, {share(every)}" + (f" at {fd(every)}" if distances else "")
+        text += f"; with every label, {share['every_label']}" + (f" at {fd['every_label']}" if distances else "")
     return text + "."
 
 
@@ -226,8 +247,17 @@ def last_moves(history, count=3):
     return max(values) - min(values) if len(values) == count else None
 
 
+def formatted(value, spec, scale=1, unit=""):
+    """A figure as text: value times scale in the format spec, then its unit; "-" where it was not measured."""
+    return "-" if value is None else f"{scale * value:{spec}}{unit}"
+
+
 def percent(value):
-    return "-" if value is None else f"{100 * value:.2f}%"
+    return formatted(value, ".2f", 100, "%")
+
+
+def signed_points(gain):
+    return formatted(gain, "+.2f", 100, " points")
 
 
 def minutes(results):
@@ -246,30 +276,29 @@ def print_summary(results, run):
 
 def summary_rows(results):
     """(what, value) rows of the summary that the command prints and the report shows."""
-    points = lambda gain: "-" if gain is None else f"{100 * gain:+.2f} points"
     rows = [("labeled images only (--baseline)", percent(results["baseline_accuracy"])),
             ("stage 1: semi-supervised", percent(results["stage1_accuracy"])),
             ("pseudo labels of the training images", percent(results["pseudo_label_accuracy"])),
             ("generated images of the intended class, stage-1 judge", percent(results["sample_accuracy"])),
             ("generated images of the intended class, oracle judge", percent(results["oracle_sample_accuracy"])),
             ("stage 3: with generated images", percent(results["stage3_accuracy"])),
-            ("gain of stage 3 over stage 1", points(results["stage3_gain"]))]
+            ("gain of stage 3 over stage 1", signed_points(results["stage3_gain"]))]
     if results["baseline_accuracy"] is not None and results["stage3_accuracy"] is not None:
         rows.append(("gain of stage 3 over the labeled images only",
-                     points(results["stage3_accuracy"] - results["baseline_accuracy"])))
+                     signed_points(results["stage3_accuracy"] - results["baseline_accuracy"])))
     for name, stage in (("stage 1", "stage1"), ("stage 3", "stage3")):  # settled: at most a point
-        rows.append((f"{name}: moved over its last 3 evaluations", points(results[f"{stage}_last_moves"]).lstrip("+")))
+        rows.append((f"{name}: moved over its last 3 evaluations",
+                     formatted(results[f"{stage}_last_moves"], ".2f", 100, " points")))
     rows += [("oracle (every true label): test accuracy", percent(results["oracle_accuracy"])),
-             ("FID of the samples", "-" if results["fid"] is None else f"{results['fid']:.2f}")]
+             ("FID of the samples", formatted(results["fid"], ".2f"))]
     generation = results.get("generation") or {}
     if "few_labels" in generation:  # one row per diffusion model, as the oracle judges its samples
         rows.append(("diffusion models, judged by the oracle",
                      "class share · Fréchet distance · precision · recall"))
-        number = lambda value, digits: "-" if value is None else f"{value:.{digits}f}"
         for name, called, _ in MODELS:
             model = generation[name]
-            rows.append((f"  {called}", f"{percent(model['oracle_share'])} · {number(model['feature_fd'], 2)} · "
-                         f"{number(model['precision'], 2)} · {number(model['recall'], 2)}"
+            rows.append((f"  {called}", f"{percent(model['oracle_share'])} · {formatted(model['feature_fd'], '.2f')}"
+                         f" · {formatted(model['precision'], '.2f')} · {formatted(model['recall'], '.2f')}"
                          + ("" if model.get("fid") is None else f" · FID {model['fid']:.2f}")))
     rows.append(("wall time", f"{minutes(results):.1f} min"))
     if results.get("skipped_images"):
@@ -343,15 +372,21 @@ def sweep_summary(runs):
     return summary
 
 
+def sweep_figure(value, is_percent):
+    """A cell of a sweep's table: a share in % to 2 decimals, other figures (minutes, a distance) to 1."""
+    return formatted(value, ".2f", 100) if is_percent else formatted(value, ".1f")
+
+
 def sweep_table(summary, columns=SWEEP_COLUMNS):
     """The summary as text rows: a heading, one row per seed, mean +- std."""
-    show = lambda value, is_percent: "-" if value is None else f"{100 * value:.2f}" if is_percent else f"{value:.1f}"
     header = ["seed"] + [heading for heading, _, _ in columns]
-    rows = [[str(row["seed"])] + [show(row[field], is_percent) for _, field, is_percent in columns]
+    rows = [[str(row["seed"])] + [sweep_figure(row[field], is_percent) for _, field, is_percent in columns]
             for row in summary["runs"]]
-    spread = lambda std, is_percent: "" if std is None else " ± " + show(std, is_percent)  # one seed has no spread
-    rows.append(["mean ± std"] + [show(summary["mean"][field], is_percent) + spread(summary["std"][field], is_percent)
-                                  for _, field, is_percent in columns])
+
+    def mean_and_spread(field, is_percent):
+        mean, std = sweep_figure(summary["mean"][field], is_percent), summary["std"][field]
+        return mean if std is None else mean + " ± " + sweep_figure(std, is_percent)  # one seed has no spread
+    rows.append(["mean ± std"] + [mean_and_spread(field, is_percent) for _, field, is_percent in columns])
     return [header] + rows
 
 
@@ -364,6 +399,11 @@ def gain_lines(summary):
         return (f"{name}: {scale * gain['mean']:+.2f}{unit}{interval} (95% CI, paired over seeds), "
                 f"above in {gain['above']} of {gain['runs']} runs")
     return [line(name, gain) for name, gain in summary["gains"].items()]
+
+
+def html_cells(row, tag):
+    """Each text of row escaped, as an HTML cell <tag>."""
+    return "".join(f"<{tag}>{html.escape(cell)}</{tag}>" for cell in row)
 
 
 def write_sweep(runs, path, title):
@@ -385,17 +425,17 @@ def write_sweep(runs, path, title):
               "the oracle: its class share, precision (P) and recall (R) in %, the Fréchet distance (FD) in its "
               "features")
     print("\n".join("  " + line for line in gain_lines(summary)))
-    cells = lambda row, tag: "".join(f"<{tag}>{html.escape(cell)}</{tag}>" for cell in row)
     folder = os.path.dirname(path)
     links = [f'<a href="{html.escape(os.path.relpath(row["run"], folder))}/report.html">{row["seed"]}</a>'
              for row in summary["runs"]]
     bars = [(name, [None if row[field] is None else 100 * row[field] for row in summary["runs"]])
             for name, field in (("baseline", "baseline_accuracy"), ("stage 1", "stage1_accuracy"),
                                 ("stage 3", "stage3_accuracy"))]
-    html_table = lambda rows: (f"<table class=\"sweep\"><tr>{cells(rows[0], 'th')}</tr>"
-                               + "".join(f"<tr><td>{link}</td>{cells(row[1:], 'td')}</tr>"
-                                         for link, row in zip(links, rows[1:]))
-                               + f"<tr><th>{rows[-1][0]}</th>{cells(rows[-1][1:], 'th')}</tr></table>")
+
+    def html_table(rows):  # the heading, a row per seed led by the link to its report, the mean
+        return (f"<table class=\"sweep\"><tr>{html_cells(rows[0], 'th')}</tr>"
+                + "".join(f"<tr><td>{link}</td>{html_cells(row[1:], 'td')}</tr>" for link, row in zip(links, rows[1:]))
+                + f"<tr><th>{rows[-1][0]}</th>{html_cells(rows[-1][1:], 'th')}</tr></table>")
     body = (html_table(table)
             + ("" if generation_table is None else
                "<h2>The diffusion models, judged by the oracle</h2><p>Stage 2's recipe and noise on the labeled "
@@ -414,7 +454,7 @@ def write_sweep(runs, path, title):
             "gain with its 95% confidence interval, Student's t over the seeds' paired differences. The stage-1 "
             "judge is the share of generated images the stage-1 classifier puts in their intended class, the "
             "oracle judge the same share by a classifier trained on every true label.</p>")
-    plumbing.save_atomic(page(title, body), path + ".html", writer=lambda text, file: file.write(text.encode()))
+    plumbing.write_text(page(title, body), path + ".html")
     return path + ".html"
 
 
@@ -454,6 +494,11 @@ def thin(points, most):
     return points[::step] + ([points[-1]] if (len(points) - 1) % step else [])
 
 
+def png_chunk(kind, body):
+    """A PNG chunk (PNG spec, sec. 5.3): the body's length, the kind, the body, the CRC of kind and body."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
 def png_row(images):
     """uint8 images [N, C, H, W] (C = 1 or 3) side by side as a base64 PNG, written
     here (PNG spec, sec. 5 and 11: one IHDR, the rows zlib-compressed, each after a
@@ -461,11 +506,9 @@ def png_row(images):
     of a script's start and whose encode_png is deprecated."""
     row = torch.cat(list(images), dim=2).permute(1, 2, 0).contiguous().numpy()  # H, W, C
     height, width, channels = row.shape
-    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body
-                                + struct.pack(">I", zlib.crc32(kind + body)))
     header = struct.pack(">IIBBBBB", width, height, 8, {1: 0, 3: 2}[channels], 0, 0, 0)  # 8 bits, grey or RGB
     pixels = zlib.compress(b"".join(b"\x00" + line.tobytes() for line in row))
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    png = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", pixels) + png_chunk(b"IEND", b"")
     return base64.b64encode(png).decode()
 
 
@@ -496,8 +539,12 @@ def svg_plot(series, x_label, y_label, width=500, height=280):
     margin = 0.05 * (y_high - y_low) or 1  # a flat line is drawn across the middle
     x_low, x_high, y_low, y_high = min(x_low, 0), max(x_high, 1), y_low - margin, y_high + margin
     left, right, top, bottom = 60, 110, 10, 45
-    to_x = lambda x: left + (x - x_low) / (x_high - x_low) * (width - left - right)
-    to_y = lambda y: height - bottom - (y - y_low) / (y_high - y_low) * (height - top - bottom)
+
+    def to_x(x):
+        return left + (x - x_low) / (x_high - x_low) * (width - left - right)
+
+    def to_y(y):
+        return height - bottom - (y - y_low) / (y_high - y_low) * (height - top - bottom)
     svg = [f'<svg width="{width}" height="{height}" font-size="12" role="img" aria-label="{y_label}">',
            f'<path d="M{left},{top}V{height - bottom}H{width - right}" stroke="#444" fill="none"/>']
     for x in ticks(x_low, x_high):
@@ -530,7 +577,9 @@ def svg_seed_bars(seeds, series, height=280):
     left, right, top, bottom, group = 60, 110, 10, 45, 16 * len(series) + 12
     width = left + right + group * len(seeds)
     high = max([value for _, values in series for value in values if value is not None] + [1])
-    to_y = lambda y: height - bottom - y / high * (height - top - bottom)
+
+    def to_y(y):
+        return height - bottom - y / high * (height - top - bottom)
     svg = [f'<svg width="{width}" height="{height}" font-size="12" role="img" aria-label="test accuracy by seed">',
            f'<path d="M{left},{top}V{height - bottom}H{width - right}" stroke="#444" fill="none"/>']
     for y in ticks(0, high):
@@ -564,7 +613,9 @@ def svg_intervals(gains, width=560):
     low, high = min(ends), max(ends)
     margin = 0.1 * (high - low) or 1
     low, high = low - margin, high + margin
-    to_x = lambda x: left + (x - low) / (high - low) * (width - left - right)
+
+    def to_x(x):
+        return left + (x - low) / (high - low) * (width - left - right)
     height = row_height * len(gains) + 30
     svg = [f'<svg width="{width}" height="{height}" font-size="12" role="img" aria-label="mean gains">',
            f'<path d="M{to_x(0):.1f},4V{height - 26}" stroke="#444" stroke-dasharray="3,3"/>']

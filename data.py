@@ -16,6 +16,7 @@ import itertools
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -91,11 +92,19 @@ def load_dataset(name, data_dir="./data"):
 
 
 # The rules every script's RULES shares for --dataset, --data-dir and --out.
-KNOWN_DATASET = ((lambda name: name in (*TORCHVISION_DATASETS, "shapes", "glyphs", "imagenet")
-                  or name.endswith((".pt", ".npz")) or os.path.isdir(name)),
+def is_known_dataset(name):
+    return (name in (*TORCHVISION_DATASETS, "shapes", "glyphs", "imagenet") or name.endswith((".pt", ".npz"))
+            or os.path.isdir(name))
+
+
+def is_not_a_file(path):
+    return not os.path.isfile(path)
+
+
+KNOWN_DATASET = (is_known_dataset,
                  f"one of {', '.join(TORCHVISION_DATASETS)}, shapes, glyphs, the path of a .pt/.npz file with "
                  "train_x and train_y, imagenet, or a folder in its layout")
-NOT_A_FILE = (lambda path: not os.path.isfile(path)), "a folder, not a file"
+NOT_A_FILE = is_not_a_file, "a folder, not a file"
 
 
 def load_torchvision(name, data_dir):
@@ -105,27 +114,26 @@ def load_torchvision(name, data_dir):
     import torchvision.datasets as tv
     if name == "svhn":
         url, folder = tv.SVHN.split_list["train"][0], data_dir
-        get = lambda train: tv.SVHN(data_dir, split="train" if train else "test", download=True)
+        train_split, test_split = partial(tv.SVHN, split="train"), partial(tv.SVHN, split="test")
     else:
         cls = tv.CIFAR10 if name == "cifar10" else tv.CIFAR100
         url, folder = cls.url, os.path.join(data_dir, cls.base_folder)
-        get = lambda train: cls(data_dir, train=train, download=True)
+        train_split, test_split = partial(cls, train=True), partial(cls, train=False)
     try:
         with plumbing.download_timeout():
-            train, test = get(True), get(False)
+            train, test = train_split(data_dir, download=True), test_split(data_dir, download=True)
     except Exception as error:  # urllib, socket and torchvision's own errors all mean the same here
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"{name} is missing or corrupt in {folder} and could not be downloaded ({reason}); "
                         f"download {url} and extract it into {data_dir}, or pass --data-dir") from None
-    if name == "svhn":  # torchvision keeps SVHN as N x 3 x H x W, CIFAR as N x H x W x 3
-        images = lambda split: torch.from_numpy(split.data)
-        labels = lambda split: torch.from_numpy(split.labels).long()
-    else:
-        images = lambda split: torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous()
-        labels = lambda split: torch.tensor(split.targets, dtype=torch.long)
+
+    def tensors(split):  # (images, labels); torchvision keeps SVHN as N x 3 x H x W, CIFAR as N x H x W x 3
+        if name == "svhn":
+            return torch.from_numpy(split.data), torch.from_numpy(split.labels).long()
+        return (torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous(),
+                torch.tensor(split.targets, dtype=torch.long))
     classes = tuple(map(str, range(10))) if name == "svhn" else tuple(train.classes)  # SVHN: digits, 0 as 0
-    return Dataset(name, images(train), labels(train), images(test), labels(test), len(classes), classes,
-                   flips=dataset_flips(name))
+    return Dataset(name, *tensors(train), *tensors(test), len(classes), classes, flips=dataset_flips(name))
 
 
 def load_file(path):
@@ -260,7 +268,7 @@ def make_shapes(n, seed, side=32, chunk=1000):
     """n images of random shapes (class, size, position, rotation) with pixel
     noise; the same images for the same seed everywhere."""
     g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.rand(*shape, generator=g)
+    rand = partial(torch.rand, generator=g)
     labels = torch.randint(len(SHAPES), (n,), generator=g)
     radius = side * (0.22 + 0.16 * rand(n))
     center = radius[:, None] + (side - 2 * radius[:, None]) * rand(n, 2)
@@ -298,11 +306,16 @@ def make_shapes(n, seed, side=32, chunk=1000):
 # tuned on shapes can be checked on data it was not tuned on: `--dataset glyphs`,
 # or a .npz of them for other tools (`python data.py --write-glyphs glyphs.npz`).
 
+
+def ellipse(cx, cy, rx, ry, points=14):
+    """An ellipse as a closed polyline of `points` segments."""
+    return [(cx + rx * math.cos(2 * math.pi * i / points), cy + ry * math.sin(2 * math.pi * i / points))
+            for i in range(points + 1)]
+
+
 # Ten digit-like glyphs as polylines in a box from -1 to 1 (x right, y down).
-_loop = lambda cx, cy, rx, ry, points=14: [(cx + rx * math.cos(2 * math.pi * i / points),
-                                            cy + ry * math.sin(2 * math.pi * i / points)) for i in range(points + 1)]
 GLYPHS = (
-    [_loop(0, 0, 0.6, 0.9)],
+    [ellipse(0, 0, 0.6, 0.9)],
     [[(-0.35, -0.6), (0.1, -0.95), (0.1, 0.95)]],
     [[(-0.55, -0.5), (-0.3, -0.85), (0.2, -0.9), (0.55, -0.55), (0.45, -0.1), (-0.6, 0.9), (0.65, 0.9)]],
     [[(-0.55, -0.8), (0.4, -0.85), (0.5, -0.45), (0.0, -0.05), (0.55, 0.35), (0.4, 0.85), (-0.55, 0.85)]],
@@ -310,8 +323,8 @@ GLYPHS = (
     [[(0.55, -0.9), (-0.45, -0.9), (-0.5, -0.1), (0.3, -0.15), (0.6, 0.35), (0.35, 0.85), (-0.55, 0.8)]],
     [[(0.45, -0.9), (-0.3, -0.3), (-0.55, 0.4), (-0.3, 0.9), (0.35, 0.85), (0.55, 0.35), (0.2, 0.0), (-0.5, 0.3)]],
     [[(-0.6, -0.9), (0.6, -0.9), (-0.1, 0.95)]],
-    [_loop(0, -0.5, 0.4, 0.4), _loop(0, 0.45, 0.5, 0.48)],
-    [_loop(0.05, -0.45, 0.45, 0.45), [(0.5, -0.45), (0.3, 0.95)]],
+    [ellipse(0, -0.5, 0.4, 0.4), ellipse(0, 0.45, 0.5, 0.48)],
+    [ellipse(0.05, -0.45, 0.45, 0.45), [(0.5, -0.45), (0.3, 0.95)]],
 )
 
 
@@ -319,7 +332,7 @@ def make_glyphs(n, seed, side=28, chunk=1000):
     """n grayscale uint8 [n, side, side] glyphs, each under its own random affine
     map (size, rotation, shear, shift), stroke width and brightness, with noise."""
     g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.rand(*shape, generator=g)
+    rand = partial(torch.rand, generator=g)
     labels = torch.randint(len(GLYPHS), (n,), generator=g)
     scale = side * (0.28 + 0.1 * rand(n, 1, 1))                       # pixels per glyph unit
     angle, shear = 0.3 * (2 * rand(n, 1, 1) - 1), 0.3 * (2 * rand(n, 1, 1) - 1)
@@ -353,12 +366,17 @@ def make_glyphs(n, seed, side=28, chunk=1000):
 GLYPH_NAMES = tuple(str(digit) for digit in range(len(GLYPHS)))
 
 
+def npz_writer(arrays, file):
+    """save_atomic's writer of a dict of arrays as a .npz."""
+    np.savez(file, **arrays)
+
+
 def write_glyphs(path, train=20_000, test=2_000):
     """The glyphs dataset as a .npz that load_dataset reads like any user's file."""
     (train_x, train_y), (test_x, test_y) = make_glyphs(train, seed=0), make_glyphs(test, seed=1)
     plumbing.save_atomic({"train_x": train_x.numpy(), "train_y": train_y.numpy(), "test_x": test_x.numpy(),
                           "test_y": test_y.numpy(), "classes": np.array(GLYPH_NAMES)},
-                         path, writer=lambda arrays, file: np.savez(file, **arrays))
+                         path, writer=npz_writer)
 
 
 # -----------------------------------------------------------------------------
@@ -385,12 +403,16 @@ def labeled_split(train_y, labels_per_class, seed):
 # mirror image can be of another class (FixMatch's SVHN; a mirrored 5 is near a 2).
 
 
+def reflect(i, size):
+    """Indices mirrored back into 0 .. size - 1 where they fall off either edge."""
+    return (size - 1) - ((size - 1) - i.abs()).abs()
+
+
 def weak_augment(x, pad=4, flip=True):
     """uint8 [N, C, H, W] -> uint8 [N, C, H, W], on x's device."""
     n, c, h, w = x.shape
     shift = torch.randint(-pad, pad + 1, (n, 2), device=x.device)
     flip = (torch.rand(n, 1, device=x.device) < 0.5) & flip
-    reflect = lambda i, size: (size - 1) - ((size - 1) - i.abs()).abs()  # mirror indices that fall off either edge
     cols = torch.arange(w, device=x.device).expand(n, w)
     rows = reflect(torch.arange(h, device=x.device) + shift[:, :1], h)
     cols = reflect(torch.where(flip, w - 1 - cols, cols) + shift[:, 1:], w)
@@ -597,8 +619,8 @@ def save_image_rows(rows, path):
     import torchvision.utils
     grid = torch.cat(rows).float() / 255
     grid = F.interpolate(grid, scale_factor=max(1, 64 // grid.shape[-1]), mode="nearest")
-    plumbing.save_atomic(grid, path, writer=lambda grid, file: torchvision.utils.save_image(
-        grid, file, nrow=len(rows[0]), padding=2, pad_value=1.0, format="PNG"))
+    plumbing.save_atomic(grid, path, writer=partial(torchvision.utils.save_image, nrow=len(rows[0]), padding=2,
+                                                    pad_value=1.0, format="PNG"))
 
 
 def save_preview(data, path, columns=10, strong_rows=3):
@@ -612,7 +634,7 @@ def save_preview(data, path, columns=10, strong_rows=3):
 def augmentation_rate(augment, n, device, repeats=5):
     """Images/s of augment on a batch of n random 32x32 images on device."""
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, device=device)
-    return plumbing.rate(lambda: augment(x), n, device, repeats)
+    return plumbing.rate(partial(augment, x), n, device, repeats)
 
 
 def benchmark(sizes=(("cpu", 1024), ("cuda", 65536))):

@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -427,6 +428,11 @@ def covered(points, centres, radii, batch=1024):
     return torch.cat([(torch.cdist(part, centres) <= radii).any(1) for part in points.split(batch)])
 
 
+def fixed_subset(points, size):
+    """`size` of the points, drawn by a generator seeded with 0: the same subset every time."""
+    return points[torch.randperm(len(points), generator=torch.Generator().manual_seed(0))[:size]]
+
+
 def precision_recall(real, generated, k=3, most=10_000):
     """Improved precision and recall (Kynkäänniemi et al. 2019, sec. 3): the
     manifold of a set is the union of balls around its points, each reaching its
@@ -439,8 +445,7 @@ def precision_recall(real, generated, k=3, most=10_000):
     (the distances are all pairs, in float64 on the CPU; the paper uses 50,000)."""
     real, generated = (torch.as_tensor(x).double().cpu() for x in (real, generated))
     size = min(len(real), len(generated), most)
-    subset = lambda x: x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:size]]
-    real, generated = (x if len(x) == size else subset(x) for x in (real, generated))
+    real, generated = (x if len(x) == size else fixed_subset(x, size) for x in (real, generated))
     if min(len(real), len(generated)) <= k:
         raise FIDError(f"precision and recall with k = {k} need more than {k} points in each set, "
                        f"got {len(real)} and {len(generated)}")
@@ -565,13 +570,19 @@ def benchmark(batch_size, repeats=5):
     candidates = {}
     try:
         import pytorch_fid.inception
-        pytorch_fid.inception.load_state_dict_from_url = lambda *args, **kwargs: ours.state_dict()  # no download
+
+        def our_weights(*args, **kwargs):  # in place of pytorch-fid's download
+            return ours.state_dict()
+        pytorch_fid.inception.load_state_dict_from_url = our_weights
         theirs = pytorch_fid.inception.InceptionV3([3]).eval().to(device)
-        candidates["pytorch-fid"] = lambda: theirs(x.float() / 255)
+
+        def run_theirs():  # pytorch-fid takes floats in [0, 1]
+            return theirs(x.float() / 255)
+        candidates["pytorch-fid"] = run_theirs
     except ImportError:
         print("pytorch-fid is not installed: pip install pytorch-fid to compare")
     ours = for_inference(ours, device)
-    candidates["ours"] = lambda: ours(x)
+    candidates["ours"] = partial(ours, x)
     rates = feature_rates(candidates, batch_size, device, repeats)
     for name, rate in rates.items():
         print(f"{name:>12}: {rate:8.1f} images/s (32x32 inputs, batch {batch_size}, {where})")

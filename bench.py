@@ -8,6 +8,8 @@ Each row times the work it names and nothing else (training rows: their steps,
 never the checkpoint after them); measured figures are in RESULTS.md.
 """
 
+from functools import partial
+
 import torch
 
 import data
@@ -25,6 +27,11 @@ import unet
 PAPER_STEP_IMAGES = 64 * (1 + 2 * 7)
 # ImageNet-1k's 1,281,167 training and 50,000 validation images, all of which the imagenet preset encodes.
 IMAGENET_IMAGES = 1_281_167 + 50_000
+
+
+def weak_then_strong(images):
+    """FixMatch's strong view: RandAugment and Cutout on the weak view's flip and crop."""
+    return data.strong_augment(data.weak_augment(images))
 
 
 def bench(config, device, arch, size, presets):
@@ -52,7 +59,6 @@ def bench(config, device, arch, size, presets):
 
     # One function a row: its rate with the options that apply to it (bench_rows) on or off.
     def augmentation():
-        weak_then_strong = lambda images: data.strong_augment(data.weak_augment(images))
         return data.augmentation_rate(weak_then_strong, 65536 if on_cuda else 1024, device.type)
 
     def classifier_training(compile, bf16):
@@ -73,7 +79,7 @@ def bench(config, device, arch, size, presets):
     def fid_features():
         images = torch.randint(0, 256, (100 if on_cuda else 8, 3, 32, 32), dtype=torch.uint8, device=device)
         with torch.inference_mode(), fid.full_fp32():
-            return plumbing.rate(lambda: inception(images), len(images), device)
+            return plumbing.rate(partial(inception, images), len(images), device)
 
     # FLOPs of one unit of each row's rate: a training image costs 3x its forward (a backward of twice),
     # a sampled image 35 forward evaluations, a classifier step its images'.
@@ -163,12 +169,16 @@ def bench_latent(config, device):
     model = unet.make_diffusion("uvit", config.diffusion_size, 1000, latent, imagenet.LATENT_CHANNELS).to(device).eval()
     model.requires_grad_(False)
     denoise = sample.guided(model, config.sample_guidance)
-    x, classes = torch.randn(batch, imagenet.LATENT_CHANNELS, latent, latent, device=device), torch.arange(batch) % 1000
-    autocast = lambda bf16: torch.autocast(device.type, torch.bfloat16, enabled=bool(bf16))
+    x = torch.randn(batch, imagenet.LATENT_CHANNELS, latent, latent, device=device)
+    classes = torch.arange(batch, device=device) % 1000
+
+    def autocast(bf16):
+        return torch.autocast(device.type, torch.bfloat16, enabled=bool(bf16))
 
     # One function a row, as bench's.
     def encoding(bf16):
-        return plumbing.rate(lambda: imagenet.encoder(autoencoder, msn, bf16)(images), batch, device, repeats=2)
+        encode = imagenet.encoder(autoencoder, msn, bf16)
+        return plumbing.rate(partial(encode, images), batch, device, repeats=2)
 
     def training(compile, bf16):
         return unet.training_rate(unet.DiffusionConfig(arch="uvit", size=config.diffusion_size, **step, augment=0.0,
@@ -176,11 +186,11 @@ def bench_latent(config, device):
 
     def evaluation(bf16):
         with autocast(bf16):
-            return plumbing.rate(lambda: denoise(x, 1.0, classes.to(device)), batch, device, repeats=2)
+            return plumbing.rate(partial(denoise, x, 1.0, classes), batch, device, repeats=2)
 
     def decoding(bf16):
         with autocast(bf16):
-            return plumbing.rate(lambda: imagenet.decode_latents(autoencoder, x), batch, device, repeats=2)
+            return plumbing.rate(partial(imagenet.decode_latents, autoencoder, x), batch, device, repeats=2)
     forward = unet.flops_per_image(model)  # an evaluation under guidance runs the network twice
     rows = [(f"encoding {config.msn_size} + {config.autoencoder_size} at {side}, batch {batch}", encoding, "images/s",
              ("bf16",), None),

@@ -592,6 +592,13 @@ def folder_changes(before, after, few=3):
                      for kind, paths in kinds if paths)
 
 
+def joined_chunk(parts, records, start, done):
+    """A chunk's encoded parts as one {name: tensor}, with the records of its `done`
+    files from `start` under "files" (none without records)."""
+    return {**{key: torch.cat([part[key] for part in parts]) for key in parts[0]},
+            **({} if records is None else {"files": records[start:start + done]})}
+
+
 def encode_files(paths, read, encode, folder, chunk=10_000, batch=256, progress=True, workers=0, rank=0, world=1,
                  records=None):
     """{name: tensor [len(paths), ...]} of encode(read(images)) for every file,
@@ -626,8 +633,6 @@ def encode_files(paths, read, encode, folder, chunk=10_000, batch=256, progress=
                 parts.append(saved)
         done = len(next(iter(parts[0].values()))) if parts else 0
         bar.update(done)
-        joined = lambda: {**{key: torch.cat([part[key] for part in parts]) for key in parts[0]},
-                          **({} if records is None else {"files": records[start:start + done]})}
         loader = torch.utils.data.DataLoader(paths[start + done:start + chunk], batch_size=batch, num_workers=workers,
                                              collate_fn=partial(read_batch, read))
         for images, failure in loader:
@@ -637,10 +642,10 @@ def encode_files(paths, read, encode, folder, chunk=10_000, batch=256, progress=
                 done += len(images)
             if failure:
                 if parts:
-                    plumbing.save_atomic(joined(), kept)
+                    plumbing.save_atomic(joined_chunk(parts, records, start, done), kept)
                 raise UserError(f"{failure}; remove or replace it and run the same command again (what was "
                                 "encoded before it is kept)")
-        plumbing.save_atomic(joined(), name)
+        plumbing.save_atomic(joined_chunk(parts, records, start, done), name)
         if os.path.exists(kept):
             os.remove(kept)
     bar.close()
@@ -713,10 +718,10 @@ def stage_encode(config, run, dataset, device):
         rank, world = plumbing.dist_rank(), dist.get_world_size() if dist.is_initialized() else 1
         encode = encoder(load_autoencoder(config.autoencoder, config.autoencoder_size, device),
                          msn_for(config, device), config.bf16)
-        read = lambda file: read_image(config, file)
+        read = partial(read_image, config)
         workers = min(16, os.cpu_count() or 1) if device.type == "cuda" else 0  # JPEG decoding keeps a GPU fed
         folder = os.path.join(run, "encoded")
-        passes = [("train", dataset.train_files, encode), ("test", dataset.test_files, lambda x: encode(x, False))]
+        passes = [("train", dataset.train_files, encode), ("test", dataset.test_files, partial(encode, latents=False))]
         train, test = (encode_files(files, read, how, os.path.join(folder, split), workers=workers, rank=rank,
                                     world=world, records=records[split]) if files else None
                        for split, files, how in passes)
@@ -724,8 +729,7 @@ def stage_encode(config, run, dataset, device):
             plumbing.save_atomic({"train": train, "test": test}, path)
             shutil.rmtree(folder)
     # One kept from an earlier command was made from the folder's files as they are (check_kept).
-    return plumbing.once(path, make, lambda path: plumbing.read_artifact(path, "encode", mmap=True),
-                         timed=(run, "encode"))
+    return plumbing.once(path, make, partial(plumbing.read_artifact, redo="encode", mmap=True), timed=(run, "encode"))
 
 
 class Probe:
@@ -753,8 +757,7 @@ class Probe:
             weights, metrics = train_probe(features, labels, self.dataset.num_classes,
                                            self.config.probe_lambda, test, self.device)
             plumbing.save_atomic({"weights": weights, "metrics": metrics}, path)
-        saved = plumbing.once(path, make, lambda path: plumbing.read_artifact(path, redo), every_rank=False,
-                              timed=timed)
+        saved = plumbing.once(path, make, partial(plumbing.read_artifact, redo=redo), every_rank=False, timed=timed)
         return saved["weights"], saved["metrics"]
 
     def predict_training(self, weights):

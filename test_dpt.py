@@ -773,6 +773,91 @@ def test_augmentations_run_on_the_batch_device(cuda):
 
 
 # -----------------------------------------------------------------------------
+# EDM's augmentation (the diffusion model's)
+
+
+def smooth_image(side=32):
+    """A test image that is a known function of position, and that function."""
+    f = lambda x, y: torch.sin(0.3 * x + 0.1 * y) + torch.cos(0.2 * y)
+    ys, xs = torch.meshgrid(torch.arange(side) - (side - 1) / 2, torch.arange(side) - (side - 1) / 2, indexing="ij")
+    return f(xs, ys)[None, None], f, xs, ys
+
+
+def rotation(angle):
+    angle = torch.as_tensor(angle)
+    return torch.tensor([[angle.cos(), -angle.sin()], [angle.sin(), angle.cos()]])
+
+
+@pytest.mark.parametrize("name, matrix, shift", [
+    ("rotation by 0.5 rad", rotation(0.5), (0.0, 0.0)),
+    ("isotropic scaling by 2^0.3", torch.eye(2) * 2 ** -0.3, (0.0, 0.0)),
+    ("anisotropic scaling along 30 degrees", rotation(-0.52) @ torch.diag(torch.tensor([0.8, 1.25])) @ rotation(0.52),
+     (0.0, 0.0)),
+    ("translation by (2.5, -1.5)", torch.eye(2), (2.5, -1.5)),
+])
+def test_each_geometric_op_matches_its_closed_form_on_a_smooth_image(name, matrix, shift):
+    image, f, xs, ys = smooth_image()
+    out = data.warp(image, matrix[None], torch.tensor([shift]))
+    source = torch.stack([xs - shift[0], ys - shift[1]], -1) @ matrix.T  # output q reads the input at M (q - t)
+    error = (out[0, 0] - f(source[..., 0], source[..., 1])).abs()[8:-8, 8:-8]  # away from the reflected border
+    assert error.max() < 0.03, name  # the 2 x 2 sub-pixel average blurs a function of amplitude 2 that little
+
+
+def test_the_identity_and_integer_shifts_keep_every_pixel_even_of_a_checkerboard():
+    checkerboard = ((torch.arange(16)[:, None] + torch.arange(16)) % 2).float().expand(2, 3, 16, 16)
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for images in (checkerboard, noise):
+        same = data.warp(images, torch.eye(2).expand(2, 2, 2), torch.zeros(2, 2))
+        assert torch.allclose(same, images, atol=1e-5)
+        moved = data.warp(images, torch.eye(2).expand(2, 2, 2), torch.tensor([[3.0, -2.0], [3.0, -2.0]]))
+        # output (x, y) reads the input at (x - 3, y + 2): away from the reflected border, a plain shift
+        assert torch.allclose(moved[..., 2:-2, 3:], images[..., 4:, :-3], atol=1e-5)
+
+
+def test_augmentation_at_p_0_is_the_identity_and_labels_are_zero_where_nothing_was_applied():
+    torch.manual_seed(0)
+    images = torch.randn(300, 3, 16, 16)
+    same, labels = data.edm_augment(images, 0.0)
+    assert torch.equal(same, images) and not labels.any() and labels.shape == (300, data.AUGMENT_DIM)
+    out, labels = data.edm_augment(images, 0.2)
+    plain = ~labels.any(1)
+    assert torch.equal(out[plain], images[plain]) and (out[~plain] != images[~plain]).flatten(1).any(1).all()
+    # x-flips are drawn for every image (EDM: xflip=1e8), the others with p = 0.2 each
+    assert labels[:, 0].mean().item() == pytest.approx(0.5, abs=0.1)
+    assert (labels[:, 2] != 0).float().mean().item() == pytest.approx(0.2, abs=0.06)
+
+
+def test_each_augmented_image_is_the_transform_its_labels_describe():
+    torch.manual_seed(1)
+    images = torch.randn(64, 3, 16, 16)
+    out, labels = data.edm_augment(images, 0.5)
+    xflip, yflip, scale, cos, sin, aniso_x, aniso_y, tx, ty = labels.T
+    flipped = torch.where(xflip.view(-1, 1, 1, 1) > 0, images.flip(3), images)
+    flipped = torch.where(yflip.view(-1, 1, 1, 1) > 0, flipped.flip(2), flipped)
+    angle = torch.atan2(sin, cos + 1)
+    # The anisotropy label (w cos r, w sin r) is also (-w) at r + pi, a stretch along the other
+    # axis (EDM's labels share this): an image must be one of the two readings.
+    readings = []
+    for sign in (1, -1):
+        aniso, axis = sign * torch.hypot(aniso_x, aniso_y), torch.atan2(sign * aniso_y, sign * aniso_x)
+        matrix = torch.stack([(torch.eye(2) * 2 ** (-0.2 * s)) @ rotation(a) @ rotation(-r)
+                              @ torch.diag(torch.stack([2 ** (-0.2 * w), 2 ** (0.2 * w)])) @ rotation(r)
+                              for s, a, r, w in zip(scale, angle, axis, aniso)])
+        readings.append(data.warp(flipped, matrix, torch.stack([tx, ty], 1) * 0.125 * 16))
+    moved = labels[:, 2:].any(1)
+    assert moved.sum() > 30 and torch.equal(out[~moved], flipped[~moved])
+    for i in moved.nonzero().flatten():
+        assert any(torch.allclose(out[i], reading[i], atol=1e-4) for reading in readings), i
+
+
+def test_the_warps_largest_singular_value_in_closed_form_is_linalgs_in_float64():
+    matrices = torch.cat([torch.randn(1000, 2, 2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)[None],
+                          torch.tensor([[[2.0, 4.0], [1.0, 2.0]]], dtype=torch.float64)])  # identity, singular
+    expected = torch.linalg.matrix_norm(matrices, ord=2)
+    assert torch.allclose(data.largest_singular_value(matrices), expected, rtol=1e-12, atol=1e-12)
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
@@ -1323,14 +1408,14 @@ def test_label_dropout_replaces_the_asked_share_of_labels_by_the_null_class():
 
 @pytest.mark.parametrize("augment", [0.0, 0.5])
 def test_diffusion_training_mirrors_images_only_with_flip(tmp_path, monkeypatch, augment):
-    seen, told, noise, pipeline = [], [], unet.edm_noise, unet.augment
+    seen, told, noise, pipeline = [], [], unet.edm_noise, data.edm_augment
     monkeypatch.setattr(unet, "edm_noise", lambda x, *args: (seen.append(x.clone()), noise(x, *args))[1])
 
     def told_augment(*args, **kwargs):  # EDM's pipeline changes more than the flip: read what it says it did
         images, labels = pipeline(*args, **kwargs)
         told.append(labels[:, 0] > 0)
         return images, labels
-    monkeypatch.setattr(unet, "augment", told_augment)
+    monkeypatch.setattr(data, "edm_augment", told_augment)
     images, labels = shapes_16(1)
     images, labels = images.expand(64, -1, -1, -1), labels.expand(64)  # one asymmetric image
     image = images[:1].float() / 127.5 - 1
@@ -1353,7 +1438,7 @@ def test_training_drops_labels_to_the_null_class_the_sampler_uses_and_tells_the_
                progress=False)
     dropped = torch.cat([labels == null for labels, null in seen])
     assert all(null == 10 for _, null in seen) and dropped.float().mean().item() == pytest.approx(0.5, abs=0.1)
-    assert all(labels.shape == (64, unet.AUGMENT_DIM) and labels[:, 2:].any() for labels in told)
+    assert all(labels.shape == (64, data.AUGMENT_DIM) and labels[:, 2:].any() for labels in told)
     # guidance's unconditional half asks the same null class, and sampling tells no augmentation
     seen.clear()
     told.clear()
@@ -1577,101 +1662,16 @@ def test_unknown_sizes_and_unfit_resolutions_are_refused_in_one_line():
     unet.check(unet.DiffusionConfig(size="tiny"), resolution=32)  # 32 = 4 x 8 fits
 
 
-# -----------------------------------------------------------------------------
-# EDM's augmentation
-
-
-def smooth_image(side=32):
-    """A test image that is a known function of position, and that function."""
-    f = lambda x, y: torch.sin(0.3 * x + 0.1 * y) + torch.cos(0.2 * y)
-    ys, xs = torch.meshgrid(torch.arange(side) - (side - 1) / 2, torch.arange(side) - (side - 1) / 2, indexing="ij")
-    return f(xs, ys)[None, None], f, xs, ys
-
-
-def rotation(angle):
-    angle = torch.as_tensor(angle)
-    return torch.tensor([[angle.cos(), -angle.sin()], [angle.sin(), angle.cos()]])
-
-
-@pytest.mark.parametrize("name, matrix, shift", [
-    ("rotation by 0.5 rad", rotation(0.5), (0.0, 0.0)),
-    ("isotropic scaling by 2^0.3", torch.eye(2) * 2 ** -0.3, (0.0, 0.0)),
-    ("anisotropic scaling along 30 degrees", rotation(-0.52) @ torch.diag(torch.tensor([0.8, 1.25])) @ rotation(0.52),
-     (0.0, 0.0)),
-    ("translation by (2.5, -1.5)", torch.eye(2), (2.5, -1.5)),
-])
-def test_each_geometric_op_matches_its_closed_form_on_a_smooth_image(name, matrix, shift):
-    image, f, xs, ys = smooth_image()
-    out = unet.warp(image, matrix[None], torch.tensor([shift]))
-    source = torch.stack([xs - shift[0], ys - shift[1]], -1) @ matrix.T  # output q reads the input at M (q - t)
-    error = (out[0, 0] - f(source[..., 0], source[..., 1])).abs()[8:-8, 8:-8]  # away from the reflected border
-    assert error.max() < 0.03, name  # the 2 x 2 sub-pixel average blurs a function of amplitude 2 that little
-
-
-def test_the_identity_and_integer_shifts_keep_every_pixel_even_of_a_checkerboard():
-    checkerboard = ((torch.arange(16)[:, None] + torch.arange(16)) % 2).float().expand(2, 3, 16, 16)
-    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    for images in (checkerboard, noise):
-        same = unet.warp(images, torch.eye(2).expand(2, 2, 2), torch.zeros(2, 2))
-        assert torch.allclose(same, images, atol=1e-5)
-        moved = unet.warp(images, torch.eye(2).expand(2, 2, 2), torch.tensor([[3.0, -2.0], [3.0, -2.0]]))
-        # output (x, y) reads the input at (x - 3, y + 2): away from the reflected border, a plain shift
-        assert torch.allclose(moved[..., 2:-2, 3:], images[..., 4:, :-3], atol=1e-5)
-
-
-def test_augmentation_at_p_0_is_the_identity_and_labels_are_zero_where_nothing_was_applied():
-    torch.manual_seed(0)
-    images = torch.randn(300, 3, 16, 16)
-    same, labels = unet.augment(images, 0.0)
-    assert torch.equal(same, images) and not labels.any() and labels.shape == (300, unet.AUGMENT_DIM)
-    out, labels = unet.augment(images, 0.2)
-    plain = ~labels.any(1)
-    assert torch.equal(out[plain], images[plain]) and (out[~plain] != images[~plain]).flatten(1).any(1).all()
-    # x-flips are drawn for every image (EDM: xflip=1e8), the others with p = 0.2 each
-    assert labels[:, 0].mean().item() == pytest.approx(0.5, abs=0.1)
-    assert (labels[:, 2] != 0).float().mean().item() == pytest.approx(0.2, abs=0.06)
-
-
-def test_each_augmented_image_is_the_transform_its_labels_describe():
-    torch.manual_seed(1)
-    images = torch.randn(64, 3, 16, 16)
-    out, labels = unet.augment(images, 0.5)
-    xflip, yflip, scale, cos, sin, aniso_x, aniso_y, tx, ty = labels.T
-    flipped = torch.where(xflip.view(-1, 1, 1, 1) > 0, images.flip(3), images)
-    flipped = torch.where(yflip.view(-1, 1, 1, 1) > 0, flipped.flip(2), flipped)
-    angle = torch.atan2(sin, cos + 1)
-    # The anisotropy label (w cos r, w sin r) is also (-w) at r + pi, a stretch along the other
-    # axis (EDM's labels share this): an image must be one of the two readings.
-    readings = []
-    for sign in (1, -1):
-        aniso, axis = sign * torch.hypot(aniso_x, aniso_y), torch.atan2(sign * aniso_y, sign * aniso_x)
-        matrix = torch.stack([(torch.eye(2) * 2 ** (-0.2 * s)) @ rotation(a) @ rotation(-r)
-                              @ torch.diag(torch.stack([2 ** (-0.2 * w), 2 ** (0.2 * w)])) @ rotation(r)
-                              for s, a, r, w in zip(scale, angle, axis, aniso)])
-        readings.append(unet.warp(flipped, matrix, torch.stack([tx, ty], 1) * 0.125 * 16))
-    moved = labels[:, 2:].any(1)
-    assert moved.sum() > 30 and torch.equal(out[~moved], flipped[~moved])
-    for i in moved.nonzero().flatten():
-        assert any(torch.allclose(out[i], reading[i], atol=1e-4) for reading in readings), i
-
-
-def test_the_warps_largest_singular_value_in_closed_form_is_linalgs_in_float64():
-    matrices = torch.cat([torch.randn(1000, 2, 2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)[None],
-                          torch.tensor([[[2.0, 4.0], [1.0, 2.0]]], dtype=torch.float64)])  # identity, singular
-    expected = torch.linalg.matrix_norm(matrices, ord=2)
-    assert torch.allclose(unet.largest_singular_value(matrices), expected, rtol=1e-12, atol=1e-12)
-
-
 def test_the_cifar_unet_told_of_augmentation_has_edms_parameter_count():
     # EDM's ddpmpp with augment_dim 9 adds map_augment, Linear(9, 128) without bias: 55,734,147 + 1,152.
-    model = unet.make_diffusion("unet", "cifar", 10, 32, augment_dim=unet.AUGMENT_DIM)
+    model = unet.make_diffusion("unet", "cifar", 10, 32, augment_dim=data.AUGMENT_DIM)
     assert sum(p.numel() for p in model.parameters()) == 55_735_299
     # and it is told: the same noisy image with other augment labels gives another output
-    model = randomized(unet.make_diffusion("unet", "tiny", 10, 16, augment_dim=unet.AUGMENT_DIM))
+    model = randomized(unet.make_diffusion("unet", "tiny", 10, 16, augment_dim=data.AUGMENT_DIM))
     x, sigma, label = torch.randn(1, 3, 16, 16), torch.tensor([1.0]), torch.tensor([2])
-    plain = model(x, sigma, label, torch.zeros(1, unet.AUGMENT_DIM))
+    plain = model(x, sigma, label, torch.zeros(1, data.AUGMENT_DIM))
     assert torch.equal(plain, model(x, sigma, label))  # zero labels are no labels (sampling)
-    assert not torch.allclose(plain, model(x, sigma, label, torch.ones(1, unet.AUGMENT_DIM)))
+    assert not torch.allclose(plain, model(x, sigma, label, torch.ones(1, data.AUGMENT_DIM)))
 
 
 # -----------------------------------------------------------------------------
@@ -1901,14 +1901,14 @@ def test_a_diffusion_training_step_queues_all_its_work_on_the_device_and_reads_n
     # As the classifier's test: the pixel path's step (EDM's augmentation, noise, loss, backward, the
     # gradients' clean-up, Adam (unfused on meta, as above), EMA).
     device = request.getfixturevalue("cuda") if device == "cuda" else torch.device(device)
-    model = unet.make_diffusion(arch, "tiny", 10, 16, augment_dim=unet.AUGMENT_DIM).to(device)
+    model = unet.make_diffusion(arch, "tiny", 10, 16, augment_dim=data.AUGMENT_DIM).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type == "cuda")
     images, labels = torch.zeros(8, 3, 16, 16, device=device), torch.zeros(8, dtype=torch.long, device=device)
     _, step_loss = plumbing.for_training(model, unet.edm_loss, 1, device, compile=False)
 
     def step():
-        x, augment_labels = unet.augment(images, 0.5)
+        x, augment_labels = data.edm_augment(images, 0.5)
         noisy, sigma, conditions = unet.edm_noise(x, labels, 10, unet.DiffusionConfig())
         step_loss(x, noisy, sigma, conditions, augment_labels).backward()
         for param in model.parameters():
@@ -1920,7 +1920,7 @@ def test_a_diffusion_training_step_queues_all_its_work_on_the_device_and_reads_n
         step()  # libraries' first calls (cuDNN's algorithm search) may wait once
     with no_host_device_traffic(device):
         x, augment_labels = step()
-    assert x.shape == images.shape and augment_labels.shape == (8, unet.AUGMENT_DIM)
+    assert x.shape == images.shape and augment_labels.shape == (8, data.AUGMENT_DIM)
 
 
 @pytest.mark.parametrize("kind, arch", [NETWORKS[0], NETWORKS[2]], ids=["classifier", "unet"])

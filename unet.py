@@ -132,7 +132,7 @@ class EDMPrecond(nn.Module):
     def forward(self, x, sigma, class_labels, augment_labels=None):
         """x: float [N, C, H, W] in [-1, 1] units, plus noise; sigma: [N] or one
         value; class_labels: int64 [N], num_classes for none; augment_labels:
-        [N, AUGMENT_DIM] in training with augmentation, else None. Returns float32."""
+        [N, data.AUGMENT_DIM] in training with augmentation, else None. Returns float32."""
         x = x.float()
         sigma = (torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
                  .flatten().expand(len(x)).reshape(-1, 1, 1, 1))
@@ -163,89 +163,6 @@ def edm_loss(net, images, noisy, sigma, labels, augment_labels=None):
     weight = (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
     denoised = net(noisy, sigma.flatten(), labels, augment_labels)
     return (weight * (denoised - images) ** 2).mean()
-
-
-# -----------------------------------------------------------------------------
-# EDM's augmentation (Karras et al. 2022, Appendix C.4, after ADA, Karras et al.
-# 2020): each training image draws its own transformation and the network is told
-# what was drawn, so it learns the plain images as the zero-labels case instead
-# of leaking augmented images into its samples (sampling passes no labels).
-
-AUGMENT_DIM = 9  # x-flip, y-flip, scale, rotation (cos - 1, sin), anisotropy (2), translation (2)
-
-
-def augment(images, p, scale_std=0.2, aniso_std=0.2, translate_std=0.125, flip=True):
-    """EDM's CIFAR-10 pipeline (its train.py: xflip=1e8, yflip, scale, rotate_frac,
-    aniso, translate_frac at p) on float images [N, C, H, W]: an x-flip drawn for
-    every image when p > 0, and each of the others with probability p: y-flip,
-    scaling by 2^(0.2 n), rotation by a uniform angle, scaling by 2^(0.2 n) and
-    2^(-0.2 n) along a random axis (half the time, else the x axis), translation
-    by 0.125 n of the side; n ~ N(0, 1) each; no x-flip without flip. Returns the images and the labels
-    [N, AUGMENT_DIM], zero wherever nothing was applied."""
-    n, device = len(images), images.device
-    def drawn():  # whether image i gets this op
-        return (torch.rand(n, device=device) < p).float()
-    xflip = torch.randint(2, (n,), device=device).float() * (p > 0 and flip)
-    yflip = torch.randint(2, (n,), device=device).float() * drawn()
-    images = torch.where(xflip.view(-1, 1, 1, 1) > 0, images.flip(3), images)
-    images = torch.where(yflip.view(-1, 1, 1, 1) > 0, images.flip(2), images)
-    scale = torch.randn(n, device=device) * drawn()
-    angle = (torch.rand(n, device=device) * 2 - 1) * math.pi * drawn()
-    aniso = torch.randn(n, device=device) * drawn()
-    axis = (torch.rand(n, device=device) * 2 - 1) * math.pi * (torch.rand(n, device=device) < 0.5)
-    shift = torch.randn(n, 2, device=device) * drawn()[:, None]
-    # Each output pixel q reads the input at M (q - t), in pixels about the centre (EDM's G_inv):
-    # M = scale^-1 . rotation . aniso^-1 and t the translation.
-    matrix = (scaling(2 ** (-scale_std * scale), 2 ** (-scale_std * scale)) @ rotation(angle) @ rotation(-axis)
-              @ scaling(2 ** (-aniso_std * aniso), 2 ** (aniso_std * aniso)) @ rotation(axis))
-    moved = (scale != 0) | (angle != 0) | (aniso != 0) | (shift != 0).any(1)
-    warped = warp(images, matrix, shift * translate_std * images.shape[-1])
-    images = torch.where(moved.view(-1, 1, 1, 1), warped, images)
-    labels = torch.stack([xflip, yflip, scale, angle.cos() - 1, angle.sin(), aniso * axis.cos(), aniso * axis.sin(),
-                          shift[:, 0], shift[:, 1]], 1)
-    return images, labels
-
-
-def rotation(angle):  # [N, 2, 2] matrices that turn by each angle
-    return torch.stack([angle.cos(), -angle.sin(), angle.sin(), angle.cos()], 1).view(-1, 2, 2)
-
-
-def scaling(x, y):  # [N, 2, 2] matrices that scale by x along the first axis and by y along the second
-    return torch.diag_embed(torch.stack([x, y], 1))
-
-
-def warp(images, matrix, shift):
-    """Output pixel q = input at matrix (q - shift) (pixels, about the image
-    centre), bilinear, reflected at the border. Where the warp shrinks the image
-    (matrix stretches a pixel step past one pixel), each output pixel averages its
-    2 x 2 sub-pixel readings so that minification does not alias (EDM filters with
-    2x wavelet up- and down-sampling to the same end); elsewhere it reads once, at
-    its centre, so that the identity and integer shifts keep every pixel."""
-    shrinks = largest_singular_value(matrix) > 1 + 1e-6
-    return torch.where(shrinks.view(-1, 1, 1, 1), read(images, matrix, shift, 2), read(images, matrix, shift, 1))
-
-
-def largest_singular_value(matrix):
-    """Of each 2 x 2 matrix [N, 2, 2], in closed form: s^2 = (F + sqrt(F^2 - 4 det^2)) / 2,
-    F the squared Frobenius norm. torch.linalg's SVD would synchronize a GPU with
-    the host (its documentation says so) in every training step."""
-    frobenius = matrix.square().sum((1, 2))
-    determinant = matrix[:, 0, 0] * matrix[:, 1, 1] - matrix[:, 0, 1] * matrix[:, 1, 0]
-    return ((frobenius + (frobenius ** 2 - 4 * determinant ** 2).clamp_min(0).sqrt()) / 2).sqrt()
-
-
-def read(images, matrix, shift, sub):
-    """The bilinear readings of warp() at sub x sub points a pixel, averaged."""
-    n, _, h, w = images.shape
-    # sub-pixel centres (the pixel centre for sub = 1), in pixels about the image centre
-    ys = (torch.arange(sub * h, device=images.device) + 0.5) / sub - h / 2
-    xs = (torch.arange(sub * w, device=images.device) + 0.5) / sub - w / 2
-    q = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).view(1, -1, 2) - shift[:, None, :]
-    p = q @ matrix.transpose(1, 2)  # [N, sub^2 HW, (x, y)]
-    # to grid_sample's [-1, 1] (align_corners=False)
-    grid = torch.stack([p[..., 0] / (w / 2), p[..., 1] / (h / 2)], -1).view(n, sub * h, sub * w, 2)
-    sampled = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    return F.avg_pool2d(sampled, sub)
 
 
 # -----------------------------------------------------------------------------
@@ -512,7 +429,7 @@ def load_diffusion(path, device="cpu"):
         weights = saved["ema"] if "ema" in saved else saved["model"]
         told = any("augment_embedding" in name for name in weights)  # trained with augmentation labels
         model = make_diffusion(saved["config"]["arch"], saved["config"]["size"], saved["num_classes"],
-                               saved["resolution"], saved["channels"], augment_dim=AUGMENT_DIM if told else 0)
+                               saved["resolution"], saved["channels"], augment_dim=data.AUGMENT_DIM if told else 0)
         model.load_state_dict(weights)
         model.label_dropout = saved["config"]["label_dropout"]  # guidance needs a learned null class
     except Exception as error:
@@ -525,15 +442,23 @@ def load_diffusion(path, device="cpu"):
 # Training
 
 
+def is_dropout(value):  # negative: the size's own
+    return -math.inf < value < 1
+
+
+def is_share(value):
+    return 0 < value <= 1
+
+
 RULES = {"dataset": data.KNOWN_DATASET, "data_dir": data.NOT_A_FILE, "out": data.NOT_A_FILE,
          "arch": plumbing.one_of(*SIZES),
          "size": plumbing.one_of(*SIZES["uvit"]),  # the U-Net's sizes are the U-ViT's pixel sizes
-         "dropout": ((lambda value: -math.inf < value < 1), "below 1 (negative: the size's own)"),
+         "dropout": (is_dropout, "below 1 (negative: the size's own)"),
          "images": plumbing.between(1, plumbing.MOST_IMAGES), "batch": plumbing.between(1, plumbing.MOST_BATCH),
          "micro_batch": plumbing.between(0, plumbing.MOST_BATCH), "lr": plumbing.POSITIVE,
          "warmup": plumbing.between(0, plumbing.MOST_IMAGES), "ema_halflife": plumbing.between(0, plumbing.MOST_IMAGES),
          "ema_rampup": plumbing.at_least(0), "label_dropout": plumbing.FRACTION, "augment": plumbing.PROBABILITY,
-         "confident": ((lambda value: 0 < value <= 1), "above 0 and at most 1"),
+         "confident": (is_share, "above 0 and at most 1"),
          "p_mean": plumbing.FINITE, "p_std": plumbing.POSITIVE, "seed": plumbing.SEED,
          "ckpt_every": plumbing.between(0, plumbing.MOST_IMAGES)}
 
@@ -633,7 +558,7 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
                         "give --augment 0")
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = make_diffusion(config.arch, config.size, num_classes, images.shape[-1], images.shape[1],
-                           None if config.dropout < 0 else config.dropout, AUGMENT_DIM if config.augment else 0)
+                           None if config.dropout < 0 else config.dropout, data.AUGMENT_DIM if config.augment else 0)
     model.to(device, memory_format=torch.channels_last)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
@@ -689,7 +614,7 @@ def train(config, images, labels, num_classes, progress=True, preview=None, prev
                 x[flipped] = mirrored[pick[flipped]]
             x = x.to(device, non_blocking=True).float()
         elif config.augment:
-            x, augment_labels = augment(images[pick].float() / 127.5 - 1, config.augment, flip=flip)
+            x, augment_labels = data.edm_augment(images[pick].float() / 127.5 - 1, config.augment, flip=flip)
         else:  # horizontal flips, which a network need not be told of
             x = images[pick].float() / 127.5 - 1
             x = torch.where((torch.rand(share, 1, 1, 1, device=device) < 0.5) & flip, x.flip(3), x)

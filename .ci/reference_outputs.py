@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import data  # noqa: E402
 import imagenet  # noqa: E402
 import unet  # noqa: E402
 
@@ -43,7 +44,7 @@ import unet  # noqa: E402
 REFERENCE_SIDE = 8  # of the images the pixel networks are compared on
 REFERENCE_NETWORKS = {
     "unet": dict(channels=3, num_classes=4, model_channels=16, channel_mult=(1, 2), num_blocks=1,
-                 attention_levels=(1,), dropout=0.1, augment_dim=unet.AUGMENT_DIM),
+                 attention_levels=(1,), dropout=0.1, augment_dim=data.AUGMENT_DIM),
     "uvit": dict(resolution=REFERENCE_SIDE, channels=3, num_classes=4, width=32, depth=3, heads=2, patch=2,
                  dropout=0.0),
     "autoencoder": dict(channels=32, channel_mult=(1, 2, 2), num_blocks=1),  # images of 16 -> latents of 4
@@ -80,7 +81,7 @@ def fixed_inputs(arch):
     side, channels, classes = REFERENCE_SIDE, shape["channels"], shape["num_classes"]
     x = wave(3 * channels * side * side, 0.37).view(3, channels, side, side)
     c_noise = torch.tensor([-0.5, 0.1, 0.8], dtype=torch.float64)
-    augment = wave(3 * unet.AUGMENT_DIM, 1.3).view(3, -1) if shape.get("augment_dim") else None
+    augment = wave(3 * data.AUGMENT_DIM, 1.3).view(3, -1) if shape.get("augment_dim") else None
     return x, c_noise, torch.tensor([1, 3, classes]), augment
 
 

@@ -2304,6 +2304,8 @@ def test_the_command_writes_a_diffusion_pt_that_load_diffusion_and_sample_py_rea
         samples = torch.load(tmp_path / "samples" / "samples.pt")
         assert samples["images"].shape == (20, 3, 32, 32) and samples["labels"].tolist() == sorted(list(range(10)) * 2)
         assert {name: samples["config"][name] for name in expected} == expected
+        drawn = sample.generate(unet.load_diffusion("CKPT"), 2, steps=2, progress=False, **expected)[0]
+        assert torch.equal(samples["images"], drawn)  # with the solver and guidance it says
         assert (tmp_path / "samples" / "samples.png").exists()
         shutil.rmtree(tmp_path / "samples")
     result = in_process(*at_test_size("python sample.py CKPT --bench", "--batch", "10"))

@@ -1,7 +1,7 @@
 """Prove that tests can fail: break the code on purpose, one mutation at a time,
 run the tests that should catch it, report CAUGHT or MISSED, and restore the file.
 
-    python .ci/mutate.py                      # every mutation (about 10 minutes on 2 cores)
+    python .ci/mutate.py                      # every mutation (about 11 minutes on 2 cores)
     python .ci/mutate.py "no label bound"     # one
 
 Each mutation is (file, text, replacement, pytest -k expression). A mutation whose
@@ -32,6 +32,10 @@ MUTATIONS = {  # issue 44: a refusal costs nothing, every input known by its con
  "a CPU's rate the mean step": ("plumbing.py", "min(self.seconds or math.inf, elapsed)", "elapsed", "step_clock"),
  "a GPU waited for each step": ("plumbing.py", "        if self.on_cuda and not last:\n            return\n", "", "step_clock"),
  "RandAugment draws always": ("data.py", "    offset = int(torch.randint(len(names), ())) if n % len(names) or not n else 0", "    offset = int(torch.randint(len(names), ()))", "14_divides"),
+ # issue 46: one route a setting, every documented command run
+ "stage 2 keeps every label": ("unet.py", "    return keep_confident(labels, confidence, config.confident, dataset.num_classes)", "    return labels", "three_diffusion_models"),
+ "samples ignore the solver": ("sample.py", "config.per_class, config.solver, config.steps", "config.per_class, \"heun\", config.steps", "command_writes_a_diffusion or three_diffusion_models"),
+ "an undocumented command": ("test_dpt.py", 'in_process(*at_test_size("python data.py --bench"))', 'in_process("data.py", "--bench")', "documented_command_is_run"),
  "download without timeout": ("fid.py", "            with download_timeout():\n                state_dict", "            if True:\n                state_dict", "gives_up_after"),
 }
 names = sys.argv[1:] or list(MUTATIONS)

@@ -21,6 +21,7 @@ import importlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import pathlib
 import pickle
@@ -4866,19 +4867,27 @@ def read_or_empty(path):
     return path.read_text() if path.exists() else ""
 
 
+def hold_folder(folder, held):
+    """Another process that holds the folder as a run does, until it is killed."""
+    plumbing.claim_folder(folder)
+    held.set()
+    time.sleep(120)
+
+
 @pytest.mark.parametrize("script", ["fixmatch.py", "unet.py", "sample.py"])
 def test_a_stage_script_refuses_a_held_out_folder_and_the_lock_dies_with_its_holder(in_process, tmp_path, script):
-    holder = subprocess.Popen([sys.executable, "-c", "import plumbing, sys, time; plumbing.claim_folder(sys.argv[1]); "
-                               "print('held', flush=True); time.sleep(120)", str(tmp_path)],
-                              cwd=HERE, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline() == "held\n"
+    processes = multiprocessing.get_context("fork")
+    held = processes.Event()
+    holder = processes.Process(target=hold_folder, args=(str(tmp_path), held), daemon=True)
+    holder.start()
+    assert held.wait(60)
     diffusion = str(tmp_path / "diffusion.pt")  # a real stage-2 artifact for sample.py to read
     unet.save_diffusion(unet.make_diffusion("unet", "tiny", 2, 8), unet.DiffusionConfig(size="tiny"), {}, diffusion)
     args = {"fixmatch.py": ["--dataset", SHAPES_FILE], "unet.py": ["--dataset", SHAPES_FILE],
             "sample.py": [diffusion]}[script]
     assert_one_line_error(in_process(script, *args, "--out", str(tmp_path)), f"process {holder.pid} ")
-    holder.send_signal(signal.SIGKILL)
-    holder.wait()
+    holder.kill()  # SIGKILL
+    holder.join()
     plumbing.claim_folder(str(tmp_path))  # free again: the kernel dropped the lock with its holder
     plumbing.HELD_LOCKS.pop().close()
 

@@ -303,6 +303,133 @@ def quick_rates(monkeypatch):
     monkeypatch.setattr(plumbing.rate, "__defaults__", (1, 0.0))
 
 
+# -----------------------------------------------------------------------------
+# The fixtures of the sections below, in one place with the shared ones
+
+
+@pytest.fixture
+def skip_md5(monkeypatch):
+    """The md5 sums of the real archives are the one thing small fake files
+    cannot match; everything else torchvision checks still runs."""
+    import torchvision.datasets.cifar
+    import torchvision.datasets.svhn
+    import torchvision.datasets.utils
+    exists = lambda path, md5=None: os.path.isfile(path)
+    for module in (torchvision.datasets.cifar, torchvision.datasets.svhn, torchvision.datasets.utils):
+        monkeypatch.setattr(module, "check_integrity", exists)
+
+
+@pytest.fixture(scope="module")
+def small_shapes():
+    train_x, train_y = data.make_shapes(400, seed=0)
+    test_x, test_y = data.make_shapes(100, seed=1)
+    return data.Dataset("shapes", train_x, train_y, test_x, test_y, 10)
+
+
+@pytest.fixture(scope="module")
+def shapes16():
+    """16 x 16 shapes: a learning test of the small CNN in about a minute of CPU."""
+    train_x, train_y = data.make_shapes(4000, seed=0, side=16)
+    test_x, test_y = data.make_shapes(1000, seed=1, side=16)
+    return data.Dataset("shapes16", train_x, train_y, test_x, test_y, 10)
+
+
+@pytest.fixture(scope="module")
+def imagenet_run(fid_weights):
+    """The folder and weights of write_imagenet_like and a run of the imagenet preset on
+    them, made once for every worker (read them; copy them to change them)."""
+    def run(root):
+        root = pathlib.Path(root)
+        root.mkdir()
+        write_imagenet_like(root)
+        result = run_script("dpt.py", *imagenet_command(root, "--out", str(root / "runs"), "--fid-weights",
+                                                        fid_weights, "--baseline"))  # the references too
+        assert result.returncode == 0, result.stderr[-3000:]
+    root = pathlib.Path(made_once("imagenet", run))
+    return root, root / "runs" / "folder-1l-s0"
+
+
+@pytest.fixture
+def one_thread():
+    """The samplers below run thousands of small tensor ops, where a second
+    thread only adds hand-offs, and on a busy machine waits for a core (one
+    forward of GaussianClasses: 1 ms on one thread, 150 ms on two with the
+    cores taken)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fid_weights(tmp_path_factory):
+    """Random weights in the FID state-dict layout, scaled so that activations
+    neither vanish nor explode through the 94 convolutions."""
+    torch.manual_seed(0)
+    model = fid.FIDInception()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.1, 0.1)
+    path = tmp_path_factory.mktemp("weights") / "pt_inception-random.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture
+def pytorch_fid(monkeypatch, fid_weights):
+    """pytorch-fid, made to load our random weights file instead of downloading."""
+    inception = pytest.importorskip("pytorch_fid.inception")
+    import pytorch_fid.fid_score
+    monkeypatch.setattr(inception, "load_state_dict_from_url", lambda *args, **kwargs: torch.load(fid_weights))
+    return pytorch_fid.fid_score
+
+
+@pytest.fixture(scope="module")
+def gpu_check_dry_run():
+    """.ci/gpu's CPU dry run, made once for every worker: what it wrote under $OUT, and
+    its exit code and the end of its stderr."""
+    def run(out):
+        result = subprocess.run(["bash", os.path.join(HERE, ".ci", "gpu")], env=script_env(
+            DPT_DEVICE="cpu", OUT=out, DPT_FID_WEIGHTS="/missing"), capture_output=True, text=True, timeout=600)
+        pathlib.Path(out + ".exit").write_text(f"{result.returncode}\n{result.stderr[-2000:]}")
+    out = made_once("gpu-check", run)
+    code, stderr = pathlib.Path(out + ".exit").read_text().split("\n", 1)
+    return pathlib.Path(out), subprocess.CompletedProcess(["bash", ".ci/gpu"], int(code), "", stderr)
+
+
+@pytest.fixture(scope="module")
+def quick_run(fid_weights):
+    """QUICK's run with its baseline, made once for every worker (read it; copy it to change it):
+    (what the command printed on stdout, the run folder)."""
+    def run(out):
+        result = run_script("dpt.py", *QUICK, "--out", out, "--fid-weights", fid_weights)
+        assert result.returncode == 0, result.stderr[-3000:]
+        pathlib.Path(out + ".stdout").write_text(result.stdout)
+    out = made_once("quick-run", run)
+    return pathlib.Path(out + ".stdout").read_text(), pathlib.Path(out, "shapes-1l-s0")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real filesystem of 1 MiB (a tmpfs), and a function that resizes it; skips
+    where mount is refused (it needs root)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+
+    def mount(size, *options):
+        return subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([*options, f"size={size}"]), "tmpfs",
+                               str(folder)], capture_output=True).returncode == 0
+    if not mount("1m"):
+        pytest.skip("mount refused: a real small filesystem needs root")
+    yield folder, lambda size: mount(size, "remount")
+    subprocess.run(["umount", str(folder)])
+
+
 def assert_one_line_error(result, *words):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -316,18 +443,6 @@ def assert_one_line_error(result, *words):
 
 # -----------------------------------------------------------------------------
 # torchvision datasets, read from files in their exact on-disk formats
-
-
-@pytest.fixture
-def skip_md5(monkeypatch):
-    """The md5 sums of the real archives are the one thing small fake files
-    cannot match; everything else torchvision checks still runs."""
-    import torchvision.datasets.cifar
-    import torchvision.datasets.svhn
-    import torchvision.datasets.utils
-    exists = lambda path, md5=None: os.path.isfile(path)
-    for module in (torchvision.datasets.cifar, torchvision.datasets.svhn, torchvision.datasets.utils):
-        monkeypatch.setattr(module, "check_integrity", exists)
 
 
 def write_cifar(root, name, per_file=20):
@@ -1042,13 +1157,6 @@ def tiny_config(tmp_path, **changes):
     return fixmatch.FixMatchConfig(**settings)
 
 
-@pytest.fixture(scope="module")
-def small_shapes():
-    train_x, train_y = data.make_shapes(400, seed=0)
-    test_x, test_y = data.make_shapes(100, seed=1)
-    return data.Dataset("shapes", train_x, train_y, test_x, test_y, 10)
-
-
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path, small_shapes, monkeypatch,
                                                                           request, device):
@@ -1200,14 +1308,6 @@ def test_stage_3_batches_hold_the_asked_share_of_real_images():
     assert (picks < 10).sum() == 10 and ((picks >= 10) & (picks < 110)).sum() == 30
     uniform = fixmatch.sample_labeled(10_000, real_count=10, total=110, real_fraction=-1, device="cpu")
     assert (uniform < 10).float().mean() == pytest.approx(10 / 110, abs=0.01)
-
-
-@pytest.fixture(scope="module")
-def shapes16():
-    """16 x 16 shapes: a learning test of the small CNN in about a minute of CPU."""
-    train_x, train_y = data.make_shapes(4000, seed=0, side=16)
-    test_x, test_y = data.make_shapes(1000, seed=1, side=16)
-    return data.Dataset("shapes16", train_x, train_y, test_x, test_y, 10)
 
 
 def test_stage_3_learns_the_labels_of_the_generated_images(tmp_path, shapes16):
@@ -2530,21 +2630,6 @@ def imagenet_command(root, *extra):
                           "--sample-per-class", "2", "--sample-steps", "2")[1:], *extra]
 
 
-@pytest.fixture(scope="module")
-def imagenet_run(fid_weights):
-    """The folder and weights of write_imagenet_like and a run of the imagenet preset on
-    them, made once for every worker (read them; copy them to change them)."""
-    def run(root):
-        root = pathlib.Path(root)
-        root.mkdir()
-        write_imagenet_like(root)
-        result = run_script("dpt.py", *imagenet_command(root, "--out", str(root / "runs"), "--fid-weights",
-                                                        fid_weights, "--baseline"))  # the references too
-        assert result.returncode == 0, result.stderr[-3000:]
-    root = pathlib.Path(made_once("imagenet", run))
-    return root, root / "runs" / "folder-1l-s0"
-
-
 def test_the_imagenet_preset_runs_end_to_end_on_a_folder_of_jpegs(imagenet_run):
     root, run = imagenet_run
     config = configuration.DPTConfig(**{**json.loads((run / "config.json").read_text()), "dataset": str(root / "folder")})
@@ -3035,18 +3120,6 @@ def test_the_imagenet_bench_times_each_stage_and_projects_the_preset():
 # Data with exact denoisers
 
 
-@pytest.fixture
-def one_thread():
-    """The samplers below run thousands of small tensor ops, where a second
-    thread only adds hand-offs, and on a busy machine waits for a core (one
-    forward of GaussianClasses: 1 ms on one thread, 150 ms on two with the
-    cores taken)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gaussian_denoiser(mean, std):
     """D(x; sigma) = E[x_0 | x] for x_0 ~ N(mean, std^2) in every pixel and x = x_0 + sigma n."""
     return lambda x, sigma, labels: mean + std ** 2 / (std ** 2 + sigma ** 2) * (x - mean)
@@ -3316,34 +3389,6 @@ def test_sample_command_refuses_bad_input_with_one_line_and_exit_code_2(in_proce
 
 # =============================================================================
 # fid.py: FID and Inception Score, against pytorch-fid on the same (random) weights
-
-
-@pytest.fixture(scope="module")
-def fid_weights(tmp_path_factory):
-    """Random weights in the FID state-dict layout, scaled so that activations
-    neither vanish nor explode through the 94 convolutions."""
-    torch.manual_seed(0)
-    model = fid.FIDInception()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.1, 0.1)
-            module.running_var.uniform_(0.5, 1.5)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.1, 0.1)
-    path = tmp_path_factory.mktemp("weights") / "pt_inception-random.pth"
-    torch.save(model.state_dict(), path)
-    return str(path)
-
-
-@pytest.fixture
-def pytorch_fid(monkeypatch, fid_weights):
-    """pytorch-fid, made to load our random weights file instead of downloading."""
-    inception = pytest.importorskip("pytorch_fid.inception")
-    import pytorch_fid.fid_score
-    monkeypatch.setattr(inception, "load_state_dict_from_url", lambda *args, **kwargs: torch.load(fid_weights))
-    return pytorch_fid.fid_score
 
 
 def write_pngs(folder, images):
@@ -3710,19 +3755,6 @@ def test_the_cifar_preset_gives_each_stage_the_papers_recipe():
     assert {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.001}
 
 
-@pytest.fixture(scope="module")
-def gpu_check_dry_run():
-    """.ci/gpu's CPU dry run, made once for every worker: what it wrote under $OUT, and
-    its exit code and the end of its stderr."""
-    def run(out):
-        result = subprocess.run(["bash", os.path.join(HERE, ".ci", "gpu")], env=script_env(
-            DPT_DEVICE="cpu", OUT=out, DPT_FID_WEIGHTS="/missing"), capture_output=True, text=True, timeout=600)
-        pathlib.Path(out + ".exit").write_text(f"{result.returncode}\n{result.stderr[-2000:]}")
-    out = made_once("gpu-check", run)
-    code, stderr = pathlib.Path(out + ".exit").read_text().split("\n", 1)
-    return pathlib.Path(out), subprocess.CompletedProcess(["bash", ".ci/gpu"], int(code), "", stderr)
-
-
 def test_bench_prints_every_stage_beside_eager_fp32_and_the_presets_projected_time(gpu_check_dry_run):
     out, _ = gpu_check_dry_run  # whose bench part ran `dpt.py --bench --diffusion-size tiny`: WRN-28-2, the tiny U-Net
     log = (out / "bench.log").read_text()
@@ -3807,18 +3839,6 @@ def test_without_cuda_or_preset_the_tiny_preset_runs_and_says_so(capsys, monkeyp
     configuration.resolve(config)
     assert config.preset == "tiny" and "tiny preset" in capsys.readouterr().err
     assert config.ssl_steps == 7 and config.ssl_arch == configuration.PRESETS["tiny"]["ssl_arch"]  # a flag beats the preset
-
-
-@pytest.fixture(scope="module")
-def quick_run(fid_weights):
-    """QUICK's run with its baseline, made once for every worker (read it; copy it to change it):
-    (what the command printed on stdout, the run folder)."""
-    def run(out):
-        result = run_script("dpt.py", *QUICK, "--out", out, "--fid-weights", fid_weights)
-        assert result.returncode == 0, result.stderr[-3000:]
-        pathlib.Path(out + ".stdout").write_text(result.stdout)
-    out = made_once("quick-run", run)
-    return pathlib.Path(out + ".stdout").read_text(), pathlib.Path(out, "shapes-1l-s0")
 
 
 def test_the_first_command_runs_on_cifar_10s_files_and_its_redo_samples_again_and_remakes_what_follows(
@@ -4555,8 +4575,6 @@ def test_redo_stage1_drops_the_old_baseline_from_timings_and_report_and_advice_n
     assert 'data-series="stage 1"' in page
 
 
-
-
 def one_class_judge(results):
     """A classifier that puts every image in one class, one the stage-1 judge of
     `results` does not approve wholly, so that the two judges' figures differ class by class."""
@@ -5102,22 +5120,6 @@ def test_only_a_full_disk_is_told_to_free_space_and_a_bug_met_while_writing_stay
         plumbing.save_atomic({}, path)
     assert "Read-only file system" in str(error.value) and "free some space" not in str(error.value)
     assert os.listdir(tmp_path) == []
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real filesystem of 1 MiB (a tmpfs), and a function that resizes it; skips
-    where mount is refused (it needs root)."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-
-    def mount(size, *options):
-        return subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([*options, f"size={size}"]), "tmpfs",
-                               str(folder)], capture_output=True).returncode == 0
-    if not mount("1m"):
-        pytest.skip("mount refused: a real small filesystem needs root")
-    yield folder, lambda size: mount(size, "remount")
-    subprocess.run(["umount", str(folder)])
 
 
 def write_big(kind, path):

@@ -650,7 +650,8 @@ def warp(images, matrix, shift):
     2x wavelet up- and down-sampling to the same end); elsewhere it reads once, at
     its centre, so that the identity and integer shifts keep every pixel."""
     shrinks = largest_singular_value(matrix) > 1 + 1e-6
-    return torch.where(shrinks.view(-1, 1, 1, 1), warp_readings(images, matrix, shift, 2), warp_readings(images, matrix, shift, 1))
+    return torch.where(shrinks.view(-1, 1, 1, 1), warp_readings(images, matrix, shift, 2),
+                       warp_readings(images, matrix, shift, 1))
 
 
 def largest_singular_value(matrix):

@@ -738,6 +738,7 @@ def check_kept(config, run, dataset, kept, removed):
                 plumbing.read_json(file)
     plumbing.read_json(path("timings.json"), advice="remove it and run the same command again (the wall times of "
                        "the stages done are lost)")
+
     def made_again(name):
         return not os.path.exists(path(name)) or any(name == made or name.startswith(made + "/")
                                                      for stage in removed for made in MADE_BY[stage])

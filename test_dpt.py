@@ -10,6 +10,7 @@ it drives (configuration.py, bench.py, report.py); plumbing.py's tests sit with
 the behaviour they serve.
 """
 
+import ast
 import base64
 import contextlib
 import copy
@@ -255,7 +256,6 @@ def shapes_file(shared_folder):
 def documented_commands():
     """(file, argv) of every command in every file's opening docstring, its
     continuation lines joined and its comment dropped."""
-    import ast
     commands = []
     for file in sorted(name for name in os.listdir(HERE) if name.endswith(".py")):
         lines = (ast.get_docstring(ast.parse(open(os.path.join(HERE, file)).read())) or "").splitlines()
@@ -1012,7 +1012,6 @@ ALLOWED_IMPORTS = {"plumbing": set(), "data": {"plumbing"}, "fid": set(), "fixma
 
 
 def test_imports_flow_one_way():
-    import ast
     for name, allowed in ALLOWED_IMPORTS.items():
         tree = ast.parse(open(os.path.join(HERE, name + ".py")).read())
         imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
@@ -3643,7 +3642,6 @@ def test_every_files_documented_command_names_flags_its_script_takes_with_values
 def test_every_documented_command_is_run_at_a_test_size():
     """By a test of this file through at_test_size, or by .ci/gpu (whose dry run
     is a test here) or .ci/run (CI's: the suite itself)."""
-    import ast
     tested = {node.args[0].value for node in ast.walk(ast.parse(open(__file__).read()))
               if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "at_test_size"
               and isinstance(node.args[0], ast.Constant)}

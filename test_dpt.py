@@ -2424,6 +2424,8 @@ def test_unets_commands_train_on_cifar_10s_files_with_pseudo_labels_and_bench_ev
     assert result.returncode == 0, result.stderr[-2000:]
     saved = torch.load(tmp_path / "runs" / "diffusion" / "diffusion.pt", weights_only=True)
     assert saved["config"]["labels_file"] == "pseudo_labels.pt" and saved["config"]["augment"] == 0.12  # EDM's
+    checkpoint = torch.load(tmp_path / "runs" / "diffusion" / "ckpt.pt", weights_only=True)
+    assert checkpoint["labels_crc"] == zlib.crc32(labels.numpy().tobytes())  # it trained on the file's labels
     monkeypatch.setattr(unet, "PIXEL_SIZES", ("tiny",))  # of tiny, fast and cifar: a test size
     result = in_process(*at_test_size("python unet.py --bench --arch uvit"))
     assert result.returncode == 0, result.stderr[-2000:]

@@ -35,6 +35,10 @@ MUTATIONS = {  # issue 44: a refusal costs nothing, every input known by its con
  # issue 46: one route a setting, every documented command run
  "stage 2 keeps every label": ("unet.py", "    return keep_confident(labels, confidence, config.confident, dataset.num_classes)", "    return labels", "three_diffusion_models"),
  "samples ignore the solver": ("sample.py", "config.per_class, config.solver, config.steps", "config.per_class, \"heun\", config.steps", "command_writes_a_diffusion or three_diffusion_models"),
+ "unet.py ignores --labels-file": ("unet.py", "    labels = training_labels(config, dataset)\n", "    labels = dataset.train_y\n", "unets_commands"),
+ "data.py --bench without its strong row": ("data.py", '("strong", strong_augment)', '("weak", strong_augment)', "data_bench"),
+ "fid.py --bench without pytorch-fid": ("fid.py", '        candidates["pytorch-fid"] = run_theirs\n', "", "fid_bench"),
+ "torchrun samples not gathered": ("sample.py", "    if world > 1 and gather:", "    if False:", "torchrun_train_the_diffusion"),
  "an undocumented command": ("test_dpt.py", 'in_process(*at_test_size("python data.py --bench"))', 'in_process("data.py", "--bench")', "documented_command_is_run"),
  "download without timeout": ("fid.py", "            with download_timeout():\n                state_dict", "            if True:\n                state_dict", "gives_up_after"),
 }
